@@ -1,0 +1,131 @@
+//! The request body sent upstream, and whether it can be sent twice.
+//!
+//! A replay after a 401 needs the body again, so bodies up to `retry_body_limit` are buffered
+//! (most are a few KiB, and GETs have none). A larger body, or one of unknown length that turns
+//! out larger, streams through untouched and is not replayed: the client then gets the 401.
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+/// A request body on its way upstream.
+#[derive(Debug)]
+pub enum RequestBody {
+    /// Buffered whole; may be cloned for a replay.
+    Full(Option<Bytes>),
+    /// Streams from the client; `prefix` holds what was read while deciding.
+    Stream {
+        prefix: Option<Bytes>,
+        rest: Incoming,
+    },
+}
+
+impl RequestBody {
+    pub fn full(bytes: Bytes) -> Self {
+        RequestBody::Full(Some(bytes).filter(|b| !b.is_empty()))
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            RequestBody::Stream { prefix, rest } => match prefix.take() {
+                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                None => Pin::new(rest).poll_frame(cx),
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Full(bytes) => bytes.is_none(),
+            RequestBody::Stream { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Full(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            RequestBody::Stream { prefix, rest } => {
+                let extra = prefix.as_ref().map_or(0, |b| b.len() as u64);
+                let inner = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(inner.lower() + extra);
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper + extra);
+                }
+                hint
+            }
+        }
+    }
+}
+
+/// A body ready to send, with a copy for a replay when it was small enough to keep.
+pub struct Prepared {
+    pub body: RequestBody,
+    pub replay: Option<Bytes>,
+}
+
+/// Read up to `limit` bytes of `body` to decide whether it can be replayed.
+pub async fn prepare(mut body: Incoming, limit: u64) -> Result<Prepared, hyper::Error> {
+    if body.is_end_stream() {
+        return Ok(Prepared {
+            body: RequestBody::Full(None),
+            replay: Some(Bytes::new()),
+        });
+    }
+    if body.size_hint().lower() > limit {
+        return Ok(Prepared {
+            body: RequestBody::Stream {
+                prefix: None,
+                rest: body,
+            },
+            replay: None,
+        });
+    }
+    let mut first: Option<Bytes> = None;
+    let mut buf = BytesMut::new();
+    let mut read = 0u64;
+    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+        let Ok(data) = frame?.into_data() else {
+            // Trailers: the body is over; requests with trailers are rare and not replayed.
+            break;
+        };
+        read += data.len() as u64;
+        // One frame is kept as it is; only several frames are copied together.
+        match first.take() {
+            None if buf.is_empty() => first = Some(data),
+            Some(f) => {
+                buf.extend_from_slice(&f);
+                buf.extend_from_slice(&data);
+            }
+            None => buf.extend_from_slice(&data),
+        }
+        if read > limit {
+            let prefix = first.unwrap_or_else(|| buf.freeze());
+            return Ok(Prepared {
+                body: RequestBody::Stream {
+                    prefix: Some(prefix),
+                    rest: body,
+                },
+                replay: None,
+            });
+        }
+    }
+    let all = first.unwrap_or_else(|| buf.freeze());
+    Ok(Prepared {
+        body: RequestBody::full(all.clone()),
+        replay: Some(all),
+    })
+}

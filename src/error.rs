@@ -1,0 +1,141 @@
+//! Errors of the request path and the one place that turns them into HTTP responses:
+//! `application/problem+json` (RFC 9457) with `type`, `title`, `status`, `detail`.
+//!
+//! Each error knows its side — the client, the upstream API, the identity server, or tollgate
+//! itself — which decides the status. Messages never contain a secret: token errors are built
+//! from [`TokenError`], which holds only descriptions and fingerprints.
+
+use crate::token::TokenError;
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::{Either, Full};
+use std::time::Duration;
+
+/// The body of every response the proxy sends: the upstream's, streamed, or one of its own.
+pub type ProxyBody = Either<hyper::body::Incoming, Full<Bytes>>;
+
+/// Something that stopped a request before or while it was forwarded.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The request itself is not acceptable (client side).
+    #[error("{0}")]
+    BadRequest(&'static str),
+    /// CONNECT and other methods a reverse proxy does not serve.
+    #[error("method {0} is not supported by a reverse proxy")]
+    MethodNotAllowed(http::Method),
+    /// No token could be had (identity-server side or configuration).
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// The upstream could not be reached or broke the connection.
+    #[error("the upstream API could not be reached: {0}")]
+    UpstreamUnreachable(String),
+    /// The upstream did not answer within `timeout`.
+    #[error("the upstream API did not answer within {0:?}")]
+    UpstreamTimeout(Duration),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::Token(TokenError::Store(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::Token(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    fn kind(&self) -> (&'static str, &'static str) {
+        match self {
+            ProxyError::BadRequest(_) => ("bad-request", "Request refused by tollgate"),
+            ProxyError::MethodNotAllowed(_) => ("method-not-allowed", "Method not allowed"),
+            ProxyError::Token(TokenError::Unavailable { .. }) => {
+                ("identity-unavailable", "Identity server unavailable")
+            }
+            ProxyError::Token(TokenError::NeedsLogin(_)) => ("login-required", "Login required"),
+            ProxyError::Token(TokenError::Refused(_)) => {
+                ("client-refused", "Identity server refused the client")
+            }
+            ProxyError::Token(TokenError::Store(_)) => ("state-store", "State store failure"),
+            ProxyError::UpstreamUnreachable(_) => ("upstream-unreachable", "Upstream unreachable"),
+            ProxyError::UpstreamTimeout(_) => ("upstream-timeout", "Upstream timeout"),
+        }
+    }
+
+    /// The problem+json response for this error.
+    pub fn into_response(self, upstream: &str) -> Response<ProxyBody> {
+        let status = self.status();
+        let (slug, title) = self.kind();
+        let mut response = problem(status, slug, title, &self.to_string(), upstream);
+        match &self {
+            ProxyError::Token(TokenError::Unavailable { retry_after, .. }) => {
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after.as_secs().max(1)),
+                );
+            }
+            ProxyError::MethodNotAllowed(_) => {
+                response.headers_mut().insert(
+                    header::ALLOW,
+                    HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+                );
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+/// Build an RFC 9457 problem response.
+pub fn problem(
+    status: StatusCode,
+    slug: &str,
+    title: &str,
+    detail: &str,
+    upstream: &str,
+) -> Response<ProxyBody> {
+    let body = serde_json::json!({
+        "type": format!("urn:tollgate:problem:{slug}"),
+        "title": title,
+        "status": status.as_u16(),
+        "detail": detail,
+        "upstream": upstream,
+    });
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from(body.to_string()))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn unavailable_is_503_problem_json_with_retry_after() {
+        let e = ProxyError::Token(TokenError::Unavailable {
+            reason: "token endpoint answered HTTP 503".into(),
+            retry_after: Duration::from_secs(4),
+        });
+        let r = e.into_response("api");
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "4");
+        assert_eq!(
+            r.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["status"], 503);
+        assert_eq!(v["type"], "urn:tollgate:problem:identity-unavailable");
+        assert!(v["detail"].as_str().unwrap().contains("HTTP 503"));
+    }
+}

@@ -1,0 +1,460 @@
+//! Sending a request to the upstream API: the URI rewrite (base path + incoming path + query),
+//! the header rewrite (Host, hop-by-hop, Via, Authorization), and the pooled HTTPS client.
+//!
+//! The checks that keep the proxy a *reverse* proxy live here too: no CONNECT, no absolute-form
+//! request for another host, no path that leaves the base path. They run before anything is
+//! sent, so a refused request never reaches the upstream.
+
+use crate::body::RequestBody;
+use crate::config::UpstreamConfig;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::{Method, Request, Response, Version};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why a request target is refused before forwarding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetError {
+    Connect,
+    ForeignHost,
+    PathEscape,
+    BadPath,
+}
+
+impl TargetError {
+    pub fn message(self) -> &'static str {
+        match self {
+            TargetError::Connect => "CONNECT",
+            TargetError::ForeignHost => {
+                "tollgate is a reverse proxy, not a forward proxy: send the path only (GET /path), not a URL for another host"
+            }
+            TargetError::PathEscape => {
+                "the path would leave the upstream's base path ('..', '%2e%2e' or an encoded slash)"
+            }
+            TargetError::BadPath => "the request target is not a path",
+        }
+    }
+}
+
+/// Where requests go: the upstream URL split into the parts the rewrite needs.
+#[derive(Debug, Clone)]
+pub struct Target {
+    scheme: Scheme,
+    authority: Authority,
+    /// Base path without a trailing `/`; empty when the URL has no path.
+    base_path: String,
+    host: HeaderValue,
+}
+
+impl Target {
+    pub fn new(url: &url::Url) -> Result<Target, String> {
+        let uri: Uri = url
+            .as_str()
+            .parse()
+            .map_err(|e| format!("upstream url {url} is not a valid URI: {e}"))?;
+        let authority = uri.authority().cloned().ok_or("upstream url has no host")?;
+        let host = HeaderValue::from_str(authority.as_str()).map_err(|e| e.to_string())?;
+        Ok(Target {
+            scheme: uri.scheme().cloned().unwrap_or(Scheme::HTTPS),
+            base_path: uri.path().trim_end_matches('/').to_owned(),
+            authority,
+            host,
+        })
+    }
+
+    /// The upstream URI for an incoming request, or why it is refused.
+    ///
+    /// `local` is the listener's own address: an absolute-form request naming it is accepted
+    /// (some clients send that), one naming any other host is not.
+    pub fn rewrite(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        version: Version,
+        local: SocketAddr,
+    ) -> Result<Uri, TargetError> {
+        if method == Method::CONNECT {
+            return Err(TargetError::Connect);
+        }
+        // HTTP/2 always carries an authority (it replaces Host); HTTP/1 carries one only in
+        // absolute-form, which is how forward-proxy requests look.
+        if version < Version::HTTP_2 {
+            if let Some(authority) = uri.authority() {
+                if !names_listener(authority, local) {
+                    return Err(TargetError::ForeignHost);
+                }
+            }
+        }
+        let path = uri.path();
+        if !path.starts_with('/') {
+            return Err(TargetError::BadPath);
+        }
+        check_path(path)?;
+        let path_and_query = if self.base_path.is_empty() {
+            match uri.path_and_query() {
+                Some(pq) => pq.clone(),
+                None => PathAndQuery::from_static("/"),
+            }
+        } else {
+            let query = uri.query();
+            let mut joined = String::with_capacity(
+                self.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1),
+            );
+            joined.push_str(&self.base_path);
+            joined.push_str(path);
+            if let Some(q) = query {
+                joined.push('?');
+                joined.push_str(q);
+            }
+            PathAndQuery::from_maybe_shared(Bytes::from(joined))
+                .map_err(|_| TargetError::BadPath)?
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(path_and_query);
+        Uri::from_parts(parts).map_err(|_| TargetError::BadPath)
+    }
+}
+
+fn names_listener(authority: &Authority, local: SocketAddr) -> bool {
+    let port = authority.port_u16().unwrap_or(80);
+    if port != local.port() {
+        return false;
+    }
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip == local.ip() || (local.ip().is_unspecified() && ip.is_loopback()))
+}
+
+/// Refuse paths whose segments would climb out of the base path once the upstream decodes
+/// them: `.` and `..` (also percent-encoded), encoded `/` and `\`, and NUL.
+pub fn check_path(path: &str) -> Result<(), TargetError> {
+    if !path.contains(['.', '%', '\\']) {
+        return Ok(());
+    }
+    if path.contains('\\') {
+        return Err(TargetError::PathEscape);
+    }
+    for segment in path.split('/') {
+        let mut len = 0;
+        let mut bytes = segment.bytes();
+        let mut dots_only = true;
+        while let Some(b) = bytes.next() {
+            let c = if b == b'%' {
+                let hi = bytes.next().and_then(hex);
+                let lo = bytes.next().and_then(hex);
+                match (hi, lo) {
+                    (Some(h), Some(l)) => h << 4 | l,
+                    _ => return Err(TargetError::BadPath),
+                }
+            } else {
+                b
+            };
+            if c == b'/' || c == b'\\' || c == 0 {
+                return Err(TargetError::PathEscape);
+            }
+            dots_only &= c == b'.';
+            len += 1;
+        }
+        if dots_only && (len == 1 || len == 2) {
+            return Err(TargetError::PathEscape);
+        }
+    }
+    Ok(())
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy ones proxies drop.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Remove hop-by-hop headers, including every header named in `Connection`.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(connection) = headers.get(header::CONNECTION) {
+        // Only collect (and allocate) when Connection names other headers.
+        let named: Vec<HeaderName> = connection
+            .to_str()
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .filter(|n| *n != "close" && *n != "keep-alive")
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+fn via(version: Version) -> HeaderValue {
+    HeaderValue::from_static(match version {
+        Version::HTTP_09 => "0.9 tollgate",
+        Version::HTTP_10 => "1.0 tollgate",
+        Version::HTTP_2 => "2 tollgate",
+        Version::HTTP_3 => "3 tollgate",
+        _ => "1.1 tollgate",
+    })
+}
+
+/// Rewrite the client's headers for the upstream: the client's credentials go, the token comes.
+pub fn rewrite_request_headers(
+    headers: &mut HeaderMap,
+    version: Version,
+    target: &Target,
+    authorization: &HeaderValue,
+) {
+    remove_hop_by_hop(headers);
+    headers.insert(header::HOST, target.host.clone());
+    headers.insert(header::AUTHORIZATION, authorization.clone());
+    headers.append(header::VIA, via(version));
+}
+
+/// The pooled client to one upstream.
+pub struct Upstream {
+    pub target: Target,
+    client: Client<HttpsConnector<HttpConnector>, RequestBody>,
+    timeout: Duration,
+}
+
+/// What went wrong sending upstream.
+#[derive(Debug)]
+pub enum SendError {
+    Unreachable(String),
+    Timeout(Duration),
+}
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig, extra_roots: Option<&[u8]>) -> Result<Upstream, String> {
+        let mut roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        if let Some(pem) = extra_roots {
+            add_pem_roots(&mut roots, pem)?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.timeout.min(Duration::from_secs(10))));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(https);
+        Ok(Upstream {
+            target: Target::new(&config.url)?,
+            client,
+            timeout: config.timeout,
+        })
+    }
+
+    /// Send one request and wait for the response head.
+    pub async fn send(
+        &self,
+        mut request: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, SendError> {
+        // The pooled client picks HTTP/1.1 or h2 by ALPN; the client's version does not apply.
+        *request.version_mut() = Version::HTTP_11;
+        match tokio::time::timeout(self.timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => Err(SendError::Unreachable(describe_client_error(&e))),
+            Err(_) => Err(SendError::Timeout(self.timeout)),
+        }
+    }
+}
+
+fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {
+    use std::error::Error;
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Parse PEM certificates into `roots`; an empty or unreadable file is an error.
+pub fn add_pem_roots(roots: &mut rustls::RootCertStore, pem: &[u8]) -> Result<(), String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let mut added = 0;
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| format!("ca_file is not valid PEM: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("ca_file holds a certificate rustls cannot use: {e}"))?;
+        added += 1;
+    }
+    if added == 0 {
+        return Err("ca_file holds no PEM certificate".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(url: &str) -> Target {
+        Target::new(&url::Url::parse(url).unwrap()).unwrap()
+    }
+
+    const LOCAL: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8080);
+
+    fn rewrite(t: &Target, uri: &str) -> Result<String, TargetError> {
+        t.rewrite(&Method::GET, &uri.parse().unwrap(), Version::HTTP_11, LOCAL)
+            .map(|u| u.to_string())
+    }
+
+    #[test]
+    fn joins_base_path_path_and_query() {
+        let t = target("https://api.example.com/api/v1/");
+        assert_eq!(
+            rewrite(&t, "/Style/1?x=1&y=%20").unwrap(),
+            "https://api.example.com/api/v1/Style/1?x=1&y=%20"
+        );
+        assert_eq!(rewrite(&t, "/").unwrap(), "https://api.example.com/api/v1/");
+        let t = target("http://127.0.0.1:9000");
+        assert_eq!(rewrite(&t, "/a?b").unwrap(), "http://127.0.0.1:9000/a?b");
+    }
+
+    #[test]
+    fn refuses_escapes() {
+        let t = target("https://api.example.com/api");
+        for bad in [
+            "/../x",
+            "/a/..",
+            "/a/%2e%2e/x",
+            "/a/%2E%2e",
+            "/a/.%2e/",
+            "/a/%2e./",
+            "/./x",
+            "/a%2fb",
+            "/a%2F..",
+            "/a%5cb",
+            "/a\\..\\b",
+            "/a%00",
+            "/a%zz",
+            "/a%2",
+        ] {
+            assert!(rewrite(&t, bad).is_err(), "{bad} should be refused");
+        }
+        for good in [
+            "/a..b",
+            "/...",
+            "/a/.well-known/x",
+            "/file.txt",
+            "/%41",
+            "/a%20b",
+        ] {
+            assert!(rewrite(&t, good).is_ok(), "{good} should pass");
+        }
+    }
+
+    #[test]
+    fn refuses_connect_and_foreign_absolute_form() {
+        let t = target("https://api.example.com");
+        let connect = t.rewrite(
+            &Method::CONNECT,
+            &"api.example.com:443".parse().unwrap(),
+            Version::HTTP_11,
+            LOCAL,
+        );
+        assert_eq!(connect.unwrap_err(), TargetError::Connect);
+        assert_eq!(
+            rewrite(&t, "http://evil.example/x").unwrap_err(),
+            TargetError::ForeignHost
+        );
+        assert_eq!(
+            rewrite(&t, "http://127.0.0.1:9999/x").unwrap_err(),
+            TargetError::ForeignHost
+        );
+        assert!(rewrite(&t, "http://127.0.0.1:8080/x").is_ok());
+        assert!(rewrite(&t, "http://localhost:8080/x").is_ok());
+        // HTTP/2 requests always carry an authority.
+        let h2 = t.rewrite(
+            &Method::GET,
+            &"http://anything:1/x".parse().unwrap(),
+            Version::HTTP_2,
+            LOCAL,
+        );
+        assert!(h2.is_ok());
+    }
+
+    #[test]
+    fn header_rewrite_drops_hop_by_hop_and_client_credentials() {
+        let t = target("https://api.example.com/base");
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, "Bearer client-own".parse().unwrap());
+        h.insert(
+            header::CONNECTION,
+            "keep-alive, X-Secret-Hop".parse().unwrap(),
+        );
+        h.insert("x-secret-hop", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert(header::TE, "trailers".parse().unwrap());
+        h.insert(header::PROXY_AUTHORIZATION, "Basic abc".parse().unwrap());
+        h.insert(header::HOST, "127.0.0.1:8080".parse().unwrap());
+        h.insert("continuepath", "/next".parse().unwrap());
+        rewrite_request_headers(
+            &mut h,
+            Version::HTTP_11,
+            &t,
+            &HeaderValue::from_static("Bearer T"),
+        );
+        assert_eq!(h[header::AUTHORIZATION], "Bearer T");
+        assert_eq!(h.get_all(header::AUTHORIZATION).iter().count(), 1);
+        assert_eq!(h[header::HOST], "api.example.com");
+        assert_eq!(h[header::VIA], "1.1 tollgate");
+        assert_eq!(h["continuepath"], "/next");
+        for gone in [
+            "connection",
+            "x-secret-hop",
+            "keep-alive",
+            "te",
+            "proxy-authorization",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} should be removed");
+        }
+    }
+}

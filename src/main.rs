@@ -1,0 +1,119 @@
+//! The `tollgate` command: parse arguments, set up logging, call into the library.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tollgate::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "An authenticating reverse proxy for OAuth2 APIs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "pretty")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// Config file.
+    #[arg(short, long, env = "TOLLGATE_CONFIG", default_value = tollgate::config::DEFAULT_PATH)]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Serve(ConfigArg),
+    /// Validate the config and print the resolved settings (secrets redacted).
+    Check(ConfigArg),
+    /// Start a simulated identity server and API with a proxy in front, and print curl lines.
+    Demo,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Pretty => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load(arg: &ConfigArg) -> Result<Config, ExitCode> {
+    Config::load(&arg.config).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(2)
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Check(arg) => {
+                let config = match load(&arg) {
+                    Ok(c) => c,
+                    Err(code) => return Ok(code),
+                };
+                println!("{}: OK\n", arg.config.display());
+                print!("{}", config.describe());
+                for w in config.warnings() {
+                    eprintln!("warning: {w}");
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Serve(arg) => {
+                let config = match load(&arg) {
+                    Ok(c) => c,
+                    Err(code) => return Ok(code),
+                };
+                for w in config.warnings() {
+                    tracing::warn!("{w}");
+                }
+                tollgate::run(&config, shutdown_signal())
+                    .await
+                    .context("tollgate could not start")?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Demo => {
+                tollgate::demo::run(shutdown_signal()).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    });
+    result.unwrap_or_else(|e: anyhow::Error| {
+        eprintln!("error: {e:#}");
+        ExitCode::FAILURE
+    })
+}

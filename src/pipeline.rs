@@ -1,0 +1,168 @@
+//! The request path of one upstream, in order:
+//!
+//! ```text
+//! target check ─► token ─► forward ─► on retry_on status: refresh that generation, replay once
+//!              ─► respond (hop-by-hop headers removed, body streamed)
+//! ```
+//!
+//! Each stage is one function below, called in that order by [`Pipeline::proxy`]. The inbound
+//! key check and the quota stage slot in before the token stage.
+
+use crate::body::{self, RequestBody};
+use crate::config::UpstreamConfig;
+use crate::error::{ProxyBody, ProxyError};
+use crate::forward::{self, SendError, TargetError, Upstream};
+use crate::token::{AccessToken, TokenCache};
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, Uri, Version};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Everything one listener needs to serve requests for its upstream.
+pub struct Pipeline {
+    name: String,
+    local: SocketAddr,
+    upstream: Upstream,
+    pub tokens: Arc<TokenCache>,
+    retry_on: Vec<u16>,
+    retry_body_limit: u64,
+}
+
+/// The parts of a request kept for a possible replay.
+struct Replay {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Pipeline {
+    pub fn new(
+        config: &UpstreamConfig,
+        local: SocketAddr,
+        upstream: Upstream,
+        tokens: Arc<TokenCache>,
+    ) -> Pipeline {
+        Pipeline {
+            name: config.name.clone(),
+            local,
+            upstream,
+            tokens,
+            retry_on: config.retry_on.clone(),
+            retry_body_limit: config.retry_body_limit,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Serve one request; errors become problem+json responses here and nowhere else.
+    pub async fn handle(&self, request: Request<Incoming>) -> Response<ProxyBody> {
+        match self.proxy(request).await {
+            Ok(response) => response,
+            Err(e) => {
+                tracing::debug!(upstream = %self.name, error = %e, "request refused");
+                e.into_response(&self.name)
+            }
+        }
+    }
+
+    async fn proxy(&self, request: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+        let (mut parts, body) = request.into_parts();
+        let uri = self.target(&parts.method, &parts.uri, parts.version)?;
+        let token = self.tokens.get().await?;
+        forward::rewrite_request_headers(
+            &mut parts.headers,
+            parts.version,
+            &self.upstream.target,
+            &token.header,
+        );
+
+        let retry = !self.retry_on.is_empty();
+        let (body, replay) = if retry {
+            let prepared = body::prepare(body, self.retry_body_limit)
+                .await
+                .map_err(|_| ProxyError::BadRequest("the request body could not be read"))?;
+            let replay = prepared.replay.map(|body| Replay {
+                method: parts.method.clone(),
+                uri: uri.clone(),
+                headers: parts.headers.clone(),
+                body,
+            });
+            (prepared.body, replay)
+        } else {
+            (
+                RequestBody::Stream {
+                    prefix: None,
+                    rest: body,
+                },
+                None,
+            )
+        };
+
+        let mut request = Request::new(body);
+        *request.method_mut() = parts.method;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = parts.headers;
+        let response = self.send(request).await?;
+
+        let response = match replay {
+            Some(replay) if self.retry_on.contains(&response.status().as_u16()) => {
+                self.replay(response, replay, &token).await?
+            }
+            _ => response,
+        };
+        Ok(respond(response))
+    }
+
+    /// Stage 1: is this a request for our upstream, and where does it go?
+    fn target(&self, method: &Method, uri: &Uri, version: Version) -> Result<Uri, ProxyError> {
+        self.upstream
+            .target
+            .rewrite(method, uri, version, self.local)
+            .map_err(|e| match e {
+                TargetError::Connect => ProxyError::MethodNotAllowed(method.clone()),
+                other => ProxyError::BadRequest(other.message()),
+            })
+    }
+
+    /// Stage 3: send upstream.
+    async fn send(&self, request: Request<RequestBody>) -> Result<Response<Incoming>, ProxyError> {
+        self.upstream.send(request).await.map_err(|e| match e {
+            SendError::Unreachable(reason) => {
+                tracing::warn!(upstream = %self.name, %reason, "upstream unreachable");
+                ProxyError::UpstreamUnreachable(reason)
+            }
+            SendError::Timeout(d) => ProxyError::UpstreamTimeout(d),
+        })
+    }
+
+    /// Stage 4: the upstream refused the token; get a newer one and send the request again, once.
+    async fn replay(
+        &self,
+        refused: Response<Incoming>,
+        replay: Replay,
+        token: &AccessToken,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        tracing::info!(upstream = %self.name, status = refused.status().as_u16(), generation = token.generation, token = %token.fingerprint, "upstream refused the token; refreshing and replaying once");
+        drop(refused);
+        let fresh = self.tokens.replace_rejected(token.generation).await?;
+        let mut headers = replay.headers;
+        headers.insert(http::header::AUTHORIZATION, fresh.header.clone());
+        let mut request = Request::new(RequestBody::full(replay.body));
+        *request.method_mut() = replay.method;
+        *request.uri_mut() = replay.uri;
+        *request.headers_mut() = headers;
+        self.send(request).await
+    }
+}
+
+/// Stage 5: hand the upstream's response to the client, without its hop-by-hop headers.
+fn respond(response: Response<Incoming>) -> Response<ProxyBody> {
+    let (mut parts, body) = response.into_parts();
+    forward::remove_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, Either::Left(body))
+}

@@ -1,0 +1,1072 @@
+//! A simulated OAuth2 token endpoint, strict per RFC 6749 §§2.3, 3.2, 4.4, 5 and 6.
+//!
+//! Owns: the grants, refresh tokens and access tokens it issued; the token endpoint's
+//! request checks (method, content type, repeated parameters, client authentication);
+//! fault injection (failures, delays, garbage answers); and counters for tests.
+//!
+//! Must not: accept anything a strict identity server would refuse. A proxy that passes
+//! against this simulator should pass against real servers, so when in doubt it says no.
+//! Its `Mutex` is never held across an `.await`.
+//!
+//! Two choices worth knowing:
+//! - Access tokens stay valid until they expire, even after their grant is revoked, the way
+//!   self-contained JWTs from real identity servers do. Use
+//!   [`IdentitySim::expire_access_tokens`] to force the proxy back to the token endpoint.
+//! - Injected faults answer *instead of* processing the request, so a failed or garbled
+//!   refresh never rotates the refresh token.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use bytes::Bytes;
+use http::header::{ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, PRAGMA, WWW_AUTHENTICATE};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use rand::RngCore;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use super::{bind_loopback, empty_body, full_body, SimBody, SimServer};
+
+/// Largest token request body accepted; more gets 413 so a client cannot exhaust memory.
+const BODY_LIMIT: usize = 64 * 1024;
+
+/// Which client authentication methods (RFC 6749 §2.3.1) the endpoint accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuthRule {
+    /// `client_id` and `client_secret` in the form body only (client_secret_post).
+    Post,
+    /// HTTP Basic only (client_secret_basic).
+    Basic,
+    /// Either one, but never both in the same request.
+    Either,
+}
+
+/// What a refresh does to the refresh token that was presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rotation {
+    /// Every refresh returns a new refresh token and retires the old one. Presenting a
+    /// retired token is treated as theft: the whole grant is revoked.
+    Strict,
+    /// The same refresh token comes back every time.
+    Reuse,
+}
+
+/// How the simulated identity server behaves.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    pub client_id: String,
+    pub client_secret: String,
+    pub client_auth: ClientAuthRule,
+    /// Path of the token endpoint, e.g. `/token`.
+    pub token_path: String,
+    pub access_lifetime: Duration,
+    pub rotation: Rotation,
+    /// Send `expires_in` as a JSON string (`"3600"`), as WinBooks does.
+    pub expires_in_as_string: bool,
+    pub token_type: String,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            client_id: "tollgate-test".to_owned(),
+            client_secret: "s3cret".to_owned(),
+            client_auth: ClientAuthRule::Either,
+            token_path: "/token".to_owned(),
+            access_lifetime: Duration::from_secs(3600),
+            rotation: Rotation::Strict,
+            expires_in_as_string: false,
+            token_type: "Bearer".to_owned(),
+        }
+    }
+}
+
+/// What the token endpoint has seen so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IdentityCounters {
+    /// Every request to the token path, whatever its outcome.
+    pub token_requests: u64,
+    /// Successful token responses.
+    pub issued: u64,
+    /// Successful `refresh_token` grants.
+    pub refreshes: u64,
+    /// Successful `client_credentials` grants.
+    pub client_credentials: u64,
+    /// Answers replaced by `fail_next` or `garbage_next`.
+    pub failures_injected: u64,
+    /// Times a refresh token that had been rotated away was presented.
+    pub reuse_detected: u64,
+    /// Grants revoked, by reuse detection or `revoke_all`.
+    pub grants_revoked: u64,
+}
+
+/// The simulated identity server. Cloning is cheap and shares state.
+#[derive(Debug, Clone)]
+pub struct IdentitySim {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: IdentityConfig,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    addr: Option<SocketAddr>,
+    /// Indexed by grant id.
+    grants: Vec<Grant>,
+    refresh_tokens: HashMap<String, RefreshToken>,
+    access_tokens: HashMap<String, Instant>,
+    faults: Faults,
+    counters: IdentityCounters,
+}
+
+#[derive(Debug)]
+struct Grant {
+    revoked: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct RefreshToken {
+    grant: usize,
+    rotated_away: bool,
+}
+
+#[derive(Debug, Default)]
+struct Faults {
+    fail_left: u32,
+    fail_status: u16,
+    delay_left: u32,
+    delay: Duration,
+    garbage_left: u32,
+}
+
+enum Fault {
+    Fail(u16),
+    Garbage,
+}
+
+impl IdentitySim {
+    pub fn new(config: IdentityConfig) -> IdentitySim {
+        IdentitySim {
+            inner: Arc::new(Inner {
+                config,
+                state: Mutex::new(State::default()),
+            }),
+        }
+    }
+
+    /// Creates a simulator and serves it on a fresh loopback port.
+    pub async fn start(config: IdentityConfig) -> (IdentitySim, SimServer) {
+        let sim = IdentitySim::new(config);
+        let server = sim.serve(bind_loopback().await).await;
+        (sim, server)
+    }
+
+    /// Serves the token endpoint on `listener`; any other path answers 404.
+    pub async fn serve(&self, listener: TcpListener) -> SimServer {
+        let sim = self.clone();
+        let service = service_fn(move |request| {
+            let sim = sim.clone();
+            async move { Ok::<_, Infallible>(sim.handle(request).await) }
+        });
+        let server = SimServer::start(listener, service).await;
+        self.state().addr = Some(server.addr);
+        server
+    }
+
+    pub fn config(&self) -> &IdentityConfig {
+        &self.inner.config
+    }
+
+    /// Full URL of the token endpoint.
+    ///
+    /// # Panics
+    /// If [`serve`](Self::serve) has not been called yet.
+    pub fn token_url(&self) -> String {
+        let addr = self
+            .state()
+            .addr
+            .expect("IdentitySim::token_url called before serve");
+        format!("http://{addr}{}", self.inner.config.token_path)
+    }
+
+    /// Creates a new grant and returns its first refresh token: what a user gets from a login.
+    pub fn issue_refresh_token(&self) -> String {
+        let mut state = self.state();
+        state.grants.push(Grant { revoked: false });
+        let grant = state.grants.len() - 1;
+        state.new_refresh_token(grant)
+    }
+
+    /// Ok if this simulator issued `token` and it has not expired.
+    pub fn validate_access(&self, token: &str) -> Result<(), &'static str> {
+        match self.state().access_tokens.get(token) {
+            None => Err("unknown access token"),
+            Some(expires_at) if Instant::now() >= *expires_at => Err("access token expired"),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Expires every access token issued so far (tests use this instead of sleeping).
+    pub fn expire_access_tokens(&self) {
+        let now = Instant::now();
+        for expires_at in self.state().access_tokens.values_mut() {
+            *expires_at = now;
+        }
+    }
+
+    /// Revokes every grant: the next refresh with any existing token gets `invalid_grant`.
+    pub fn revoke_all(&self) {
+        let mut state = self.state();
+        for grant in 0..state.grants.len() {
+            state.revoke(grant);
+        }
+    }
+
+    /// The next `n` token requests answer `status` (JSON `temporarily_unavailable` for 4xx,
+    /// plain text for anything else) without being processed. Replaces an earlier call.
+    pub fn fail_next(&self, n: u32, status: u16) {
+        let mut state = self.state();
+        state.faults.fail_left = n;
+        state.faults.fail_status = status;
+    }
+
+    /// The next `n` token requests wait `delay` before being handled.
+    pub fn delay_next(&self, n: u32, delay: Duration) {
+        let mut state = self.state();
+        state.faults.delay_left = n;
+        state.faults.delay = delay;
+    }
+
+    /// The next `n` token requests get 200 with an HTML body instead of JSON. A pending
+    /// `fail_next` goes first.
+    pub fn garbage_next(&self, n: u32) {
+        self.state().faults.garbage_left = n;
+    }
+
+    pub fn counters(&self) -> IdentityCounters {
+        self.state().counters
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A test that panicked while holding the lock must not take every other test down.
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    async fn handle(self, request: Request<Incoming>) -> Response<SimBody> {
+        if request.uri().path() != self.inner.config.token_path {
+            return status_only(StatusCode::NOT_FOUND);
+        }
+        let (delay, fault) = self.take_faults();
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
+        if let Some(fault) = fault {
+            return fault_response(fault);
+        }
+        match self.token_endpoint(request).await {
+            Ok(response) => response,
+            Err(error) => error.into_response(),
+        }
+    }
+
+    /// Counts the request and decides, under one lock, which injected faults apply to it.
+    fn take_faults(&self) -> (Option<Duration>, Option<Fault>) {
+        let mut state = self.state();
+        state.counters.token_requests += 1;
+        let faults = &mut state.faults;
+        let delay = take_one(&mut faults.delay_left).then_some(faults.delay);
+        let fault = if take_one(&mut faults.fail_left) {
+            Some(Fault::Fail(faults.fail_status))
+        } else if take_one(&mut faults.garbage_left) {
+            Some(Fault::Garbage)
+        } else {
+            None
+        };
+        if fault.is_some() {
+            state.counters.failures_injected += 1;
+        }
+        (delay, fault)
+    }
+
+    async fn token_endpoint(
+        &self,
+        request: Request<Incoming>,
+    ) -> Result<Response<SimBody>, OAuthError> {
+        if request.method() != Method::POST {
+            return Err(OAuthError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request",
+                "the token endpoint accepts POST only",
+            ));
+        }
+        check_content_type(request.headers())?;
+        let (parts, body) = request.into_parts();
+        let body = read_body(body).await?;
+        let params = parse_form(&body)?;
+        authenticate_client(&self.inner.config, &parts.headers, &params)?;
+        match params.get("grant_type").map(String::as_str) {
+            None => Err(invalid_request("grant_type is required")),
+            Some("refresh_token") => self.refresh(&params),
+            Some("client_credentials") => Ok(self.client_credentials(&params)),
+            Some(other) => Err(OAuthError::new(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                format!("grant_type {other:?} is not supported"),
+            )),
+        }
+    }
+
+    /// RFC 6749 §6.
+    fn refresh(&self, params: &Params) -> Result<Response<SimBody>, OAuthError> {
+        let presented = params
+            .get("refresh_token")
+            .ok_or_else(|| invalid_request("refresh_token is required"))?;
+        let mut state = self.state();
+        let Some(entry) = state.refresh_tokens.get(presented).copied() else {
+            return Err(invalid_grant("unknown refresh token"));
+        };
+        if entry.rotated_away {
+            // A retired token coming back means two parties hold the grant: revoke it all.
+            state.counters.reuse_detected += 1;
+            state.revoke(entry.grant);
+            return Err(invalid_grant(
+                "refresh token was already used; grant revoked",
+            ));
+        }
+        if state.grants[entry.grant].revoked {
+            return Err(invalid_grant("grant revoked"));
+        }
+        let refresh_token = match self.inner.config.rotation {
+            Rotation::Reuse => presented.clone(),
+            Rotation::Strict => {
+                if let Some(old) = state.refresh_tokens.get_mut(presented) {
+                    old.rotated_away = true;
+                }
+                state.new_refresh_token(entry.grant)
+            }
+        };
+        let access_token = state.new_access_token(self.inner.config.access_lifetime);
+        state.counters.refreshes += 1;
+        state.counters.issued += 1;
+        drop(state);
+        Ok(self.token_response(access_token, Some(refresh_token), params.get("scope")))
+    }
+
+    /// RFC 6749 §4.4: no refresh token in the answer.
+    fn client_credentials(&self, params: &Params) -> Response<SimBody> {
+        let mut state = self.state();
+        let access_token = state.new_access_token(self.inner.config.access_lifetime);
+        state.counters.client_credentials += 1;
+        state.counters.issued += 1;
+        drop(state);
+        self.token_response(access_token, None, params.get("scope"))
+    }
+
+    /// RFC 6749 §5.1.
+    fn token_response(
+        &self,
+        access_token: String,
+        refresh_token: Option<String>,
+        scope: Option<&String>,
+    ) -> Response<SimBody> {
+        let config = &self.inner.config;
+        let seconds = config.access_lifetime.as_secs();
+        let expires_in = if config.expires_in_as_string {
+            json!(seconds.to_string())
+        } else {
+            json!(seconds)
+        };
+        let mut body = json!({
+            "access_token": access_token,
+            "token_type": config.token_type,
+            "expires_in": expires_in,
+        });
+        if let Some(refresh_token) = refresh_token {
+            body["refresh_token"] = json!(refresh_token);
+        }
+        if let Some(scope) = scope {
+            body["scope"] = json!(scope);
+        }
+        json_response(StatusCode::OK, &body)
+    }
+}
+
+impl State {
+    fn new_refresh_token(&mut self, grant: usize) -> String {
+        let token = random_token("rt_");
+        let entry = RefreshToken {
+            grant,
+            rotated_away: false,
+        };
+        self.refresh_tokens.insert(token.clone(), entry);
+        token
+    }
+
+    fn new_access_token(&mut self, lifetime: Duration) -> String {
+        let token = random_token("at_");
+        self.access_tokens
+            .insert(token.clone(), Instant::now() + lifetime);
+        token
+    }
+
+    fn revoke(&mut self, grant: usize) {
+        if !self.grants[grant].revoked {
+            self.grants[grant].revoked = true;
+            self.counters.grants_revoked += 1;
+        }
+    }
+}
+
+/// Decrements `left` and says whether there was one to take.
+fn take_one(left: &mut u32) -> bool {
+    let had_one = *left > 0;
+    *left = left.saturating_sub(1);
+    had_one
+}
+
+/// `prefix` followed by 256 random bits, base64url without padding (43 characters).
+fn random_token(prefix: &str) -> String {
+    let mut bytes = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    format!("{prefix}{}", URL_SAFE_NO_PAD.encode(bytes))
+}
+
+type Params = HashMap<String, String>;
+
+/// An error answer per RFC 6749 §5.2.
+#[derive(Debug)]
+struct OAuthError {
+    status: StatusCode,
+    code: &'static str,
+    description: String,
+}
+
+impl OAuthError {
+    fn new(status: StatusCode, code: &'static str, description: impl Into<String>) -> Self {
+        OAuthError {
+            status,
+            code,
+            description: description.into(),
+        }
+    }
+
+    fn into_response(self) -> Response<SimBody> {
+        let body = json!({"error": self.code, "error_description": self.description});
+        json_response(self.status, &body)
+    }
+}
+
+fn invalid_request(description: impl Into<String>) -> OAuthError {
+    OAuthError::new(StatusCode::BAD_REQUEST, "invalid_request", description)
+}
+
+fn invalid_grant(description: &str) -> OAuthError {
+    OAuthError::new(StatusCode::BAD_REQUEST, "invalid_grant", description)
+}
+
+/// 401 `invalid_client`; the challenge is added by [`json_response`].
+fn unauthorized_client(description: &str) -> OAuthError {
+    OAuthError::new(StatusCode::UNAUTHORIZED, "invalid_client", description)
+}
+
+/// JSON with the headers every token endpoint answer carries. Headers that HTTP requires for
+/// a status (a challenge on 401, `Allow` on 405) are added here so no path can forget them.
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<SimBody> {
+    let mut response = Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, "application/json")
+        .header(CACHE_CONTROL, "no-store")
+        .header(PRAGMA, "no-cache");
+    if status == StatusCode::UNAUTHORIZED {
+        response = response.header(WWW_AUTHENTICATE, r#"Basic realm="sim""#);
+    }
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        response = response.header(ALLOW, "POST");
+    }
+    response
+        .body(full_body(body.to_string()))
+        .expect("static headers are valid")
+}
+
+fn status_only(status: StatusCode) -> Response<SimBody> {
+    let mut response = Response::new(empty_body());
+    *response.status_mut() = status;
+    response
+}
+
+fn fault_response(fault: Fault) -> Response<SimBody> {
+    match fault {
+        Fault::Garbage => Response::builder()
+            .header(CONTENT_TYPE, "text/html")
+            .body(full_body(
+                "<html><body>Service temporarily unavailable</body></html>",
+            ))
+            .expect("static headers are valid"),
+        Fault::Fail(status) => {
+            let status = StatusCode::from_u16(status)
+                .ok()
+                .filter(|s| !s.is_informational())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            if status.is_client_error() {
+                let error = OAuthError::new(status, "temporarily_unavailable", "injected failure");
+                return error.into_response();
+            }
+            // Gateways in front of identity servers answer 5xx with text or HTML, not JSON.
+            Response::builder()
+                .status(status)
+                .header(CONTENT_TYPE, "text/plain")
+                .body(full_body("injected failure\n"))
+                .expect("static headers are valid")
+        }
+    }
+}
+
+/// RFC 6749 §3.2 requires `application/x-www-form-urlencoded`; parameters such as
+/// `charset` are allowed after it.
+fn check_content_type(headers: &HeaderMap) -> Result<(), OAuthError> {
+    let mut values = headers.get_all(CONTENT_TYPE).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return Err(invalid_request(
+            "exactly one Content-Type header is required",
+        ));
+    };
+    let media_type = value
+        .to_str()
+        .unwrap_or_default()
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim();
+    if media_type.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        Ok(())
+    } else {
+        Err(invalid_request(
+            "Content-Type must be application/x-www-form-urlencoded",
+        ))
+    }
+}
+
+async fn read_body(body: Incoming) -> Result<Bytes, OAuthError> {
+    match Limited::new(body, BODY_LIMIT).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(OAuthError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request",
+            format!("request body exceeds {BODY_LIMIT} bytes"),
+        )),
+        Err(_) => Err(invalid_request("could not read the request body")),
+    }
+}
+
+/// Parses the form body. RFC 6749 §3.2: a parameter may not appear twice, and one sent
+/// without a value counts as omitted.
+fn parse_form(body: &[u8]) -> Result<Params, OAuthError> {
+    let mut params = Params::new();
+    for (name, value) in form_urlencoded::parse(body) {
+        if params
+            .insert(name.to_string(), value.into_owned())
+            .is_some()
+        {
+            return Err(invalid_request(format!("parameter {name:?} is repeated")));
+        }
+    }
+    params.retain(|_, value| !value.is_empty());
+    Ok(params)
+}
+
+/// RFC 6749 §2.3: exactly one authentication method, and the one the config allows.
+fn authenticate_client(
+    config: &IdentityConfig,
+    headers: &HeaderMap,
+    params: &Params,
+) -> Result<(), OAuthError> {
+    let basic = basic_header(headers)?;
+    let body_secret = params.get("client_secret");
+    if basic.is_some() && body_secret.is_some() {
+        return Err(invalid_request(
+            "the client authenticated with both HTTP Basic and the request body",
+        ));
+    }
+    if let Some(encoded) = basic {
+        if config.client_auth == ClientAuthRule::Post {
+            return Err(unauthorized_client(
+                "HTTP Basic client authentication is not allowed",
+            ));
+        }
+        let (id, secret) = decode_basic(encoded)?;
+        if params
+            .get("client_id")
+            .is_some_and(|body_id| *body_id != id)
+        {
+            return Err(invalid_request(
+                "client_id in the body differs from HTTP Basic",
+            ));
+        }
+        if id != config.client_id || secret != config.client_secret {
+            return Err(unauthorized_client("client authentication failed"));
+        }
+        return Ok(());
+    }
+    let Some(secret) = body_secret else {
+        // RFC 6749 §5.2: 401 only when the client could have used the Authorization header.
+        return Err(match config.client_auth {
+            ClientAuthRule::Post => OAuthError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_client",
+                "no client authentication",
+            ),
+            _ => unauthorized_client("no client authentication"),
+        });
+    };
+    if config.client_auth == ClientAuthRule::Basic {
+        return Err(unauthorized_client(
+            "client credentials in the request body are not allowed",
+        ));
+    }
+    let id = params
+        .get("client_id")
+        .ok_or_else(|| invalid_request("client_secret without client_id"))?;
+    if *id != config.client_id || *secret != config.client_secret {
+        return Err(OAuthError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_client",
+            "client authentication failed",
+        ));
+    }
+    Ok(())
+}
+
+/// The base64 part of an `Authorization: Basic ...` header, if there is one. Other schemes
+/// are not client authentication and are ignored.
+fn basic_header(headers: &HeaderMap) -> Result<Option<&str>, OAuthError> {
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(invalid_request("more than one Authorization header"));
+    }
+    let value = value
+        .to_str()
+        .map_err(|_| invalid_request("Authorization header is not ASCII"))?;
+    match value.split_once(' ') {
+        Some((scheme, encoded)) if scheme.eq_ignore_ascii_case("basic") => Ok(Some(encoded.trim())),
+        _ => Ok(None),
+    }
+}
+
+/// RFC 6749 §2.3.1: base64, split at the first ':', then form-url-decode each half.
+fn decode_basic(encoded: &str) -> Result<(String, String), OAuthError> {
+    let malformed = || unauthorized_client("malformed HTTP Basic credentials");
+    let decoded = STANDARD.decode(encoded).map_err(|_| malformed())?;
+    let decoded = String::from_utf8(decoded).map_err(|_| malformed())?;
+    let (id, secret) = decoded.split_once(':').ok_or_else(malformed)?;
+    Ok((
+        form_decode(id).ok_or_else(malformed)?,
+        form_decode(secret).ok_or_else(malformed)?,
+    ))
+}
+
+/// `application/x-www-form-urlencoded` decoding of one value: `+` is a space, then
+/// percent-decoding. None if the result is not UTF-8.
+fn form_decode(value: &str) -> Option<String> {
+    let spaced = value.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8()
+        .ok()
+        .map(|decoded| decoded.into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::*;
+    use super::*;
+    use http::header::HeaderValue;
+    use http_body_util::Full;
+
+    /// The form-encoding RFC 6749 §2.3.1 asks for before base64.
+    fn form_encode(value: &str) -> String {
+        form_urlencoded::byte_serialize(value.as_bytes()).collect()
+    }
+
+    fn basic(id: &str, secret: &str) -> String {
+        let joined = format!("{}:{}", form_encode(id), form_encode(secret));
+        format!("Basic {}", STANDARD.encode(joined))
+    }
+
+    fn post_credentials() -> &'static str {
+        "client_id=tollgate-test&client_secret=s3cret"
+    }
+
+    fn form_request(sim: &IdentitySim) -> http::request::Builder {
+        Request::post(sim.token_url()).header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+    }
+
+    struct Answer {
+        status: StatusCode,
+        headers: HeaderMap,
+        json: serde_json::Value,
+        text: String,
+    }
+
+    async fn call(request: Request<Full<Bytes>>) -> Answer {
+        let (parts, body) = send(&client(), request).await;
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            json: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+            text: String::from_utf8_lossy(&body).into_owned(),
+        }
+    }
+
+    /// POSTs `form` with the default client's credentials in the body.
+    async fn post(sim: &IdentitySim, form: &str) -> Answer {
+        let body = format!("{form}&{}", post_credentials());
+        call(form_request(sim).body(Full::from(body)).unwrap()).await
+    }
+
+    async fn refresh(sim: &IdentitySim, refresh_token: &str) -> Answer {
+        post(
+            sim,
+            &format!("grant_type=refresh_token&refresh_token={refresh_token}"),
+        )
+        .await
+    }
+
+    async fn start(config: IdentityConfig) -> (IdentitySim, SimServer) {
+        IdentitySim::start(config).await
+    }
+
+    /// Strict rotation: each refresh gives a new token, the old one is refused, and presenting
+    /// it revokes the grant so even the newest token fails.
+    #[tokio::test]
+    async fn strict_rotation_revokes_grant_on_reuse() {
+        let (sim, _server) = start(IdentityConfig::default()).await;
+        let seed = sim.issue_refresh_token();
+        assert!(seed.starts_with("rt_") && seed.len() >= 35);
+
+        let first = refresh(&sim, &seed).await;
+        assert_eq!(first.status, 200, "{}", first.text);
+        let newer = first.json["refresh_token"].as_str().unwrap().to_owned();
+        assert_ne!(newer, seed);
+        let access = first.json["access_token"].as_str().unwrap();
+        assert!(access.starts_with("at_"));
+        assert_eq!(sim.validate_access(access), Ok(()));
+
+        let reused = refresh(&sim, &seed).await;
+        assert_eq!(reused.status, 400);
+        assert_eq!(reused.json["error"], "invalid_grant");
+
+        let newest = refresh(&sim, &newer).await;
+        assert_eq!(newest.status, 400);
+        assert_eq!(newest.json["error"], "invalid_grant");
+
+        let counters = sim.counters();
+        assert_eq!(counters.reuse_detected, 1);
+        assert_eq!(counters.grants_revoked, 1);
+        assert_eq!(counters.refreshes, 1);
+        assert_eq!(counters.issued, 1);
+        assert_eq!(counters.token_requests, 3);
+    }
+
+    /// Reuse mode hands back the same refresh token, which keeps working.
+    #[tokio::test]
+    async fn reuse_mode_returns_same_refresh_token() {
+        let config = IdentityConfig {
+            rotation: Rotation::Reuse,
+            ..IdentityConfig::default()
+        };
+        let (sim, _server) = start(config).await;
+        let seed = sim.issue_refresh_token();
+        for _ in 0..3 {
+            let answer = refresh(&sim, &seed).await;
+            assert_eq!(answer.status, 200, "{}", answer.text);
+            assert_eq!(answer.json["refresh_token"], seed.as_str());
+        }
+        assert_eq!(sim.counters().refreshes, 3);
+        assert_eq!(sim.counters().reuse_detected, 0);
+    }
+
+    /// A success carries the RFC 6749 §5.1 fields and cache headers; expires_in is a number.
+    #[tokio::test]
+    async fn success_has_no_store_headers_and_numeric_expiry() {
+        let (sim, _server) = start(IdentityConfig::default()).await;
+        let answer = refresh(&sim, &sim.issue_refresh_token()).await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.headers[CONTENT_TYPE], "application/json");
+        assert_eq!(answer.headers[CACHE_CONTROL], "no-store");
+        assert_eq!(answer.headers[PRAGMA], "no-cache");
+        assert_eq!(answer.json["token_type"], "Bearer");
+        assert_eq!(answer.json["expires_in"], 3600);
+        assert!(answer.json.get("scope").is_none());
+    }
+
+    /// expires_in_as_string sends "900" instead of 900, as WinBooks does.
+    #[tokio::test]
+    async fn expires_in_as_string() {
+        let config = IdentityConfig {
+            expires_in_as_string: true,
+            access_lifetime: Duration::from_secs(900),
+            token_type: "bearer".to_owned(),
+            ..IdentityConfig::default()
+        };
+        let (sim, _server) = start(config).await;
+        let answer = refresh(&sim, &sim.issue_refresh_token()).await;
+        assert_eq!(answer.json["expires_in"], "900");
+        assert_eq!(answer.json["token_type"], "bearer");
+    }
+
+    /// client_credentials issues an access token and no refresh token; scope is echoed.
+    #[tokio::test]
+    async fn client_credentials_has_no_refresh_token() {
+        let (sim, _server) = start(IdentityConfig::default()).await;
+        let answer = post(&sim, "grant_type=client_credentials&scope=read+update").await;
+        assert_eq!(answer.status, 200, "{}", answer.text);
+        assert!(answer.json.get("refresh_token").is_none());
+        assert_eq!(answer.json["scope"], "read update");
+        assert_eq!(sim.counters().client_credentials, 1);
+    }
+
+    /// Basic and body credentials in one request are refused as invalid_request.
+    #[tokio::test]
+    async fn both_auth_methods_is_invalid_request() {
+        let (sim, _server) = start(IdentityConfig::default()).await;
+        let body = format!("grant_type=client_credentials&{}", post_credentials());
+        let request = form_request(&sim)
+            .header(AUTHORIZATION, basic("tollgate-test", "s3cret"))
+            .body(Full::from(body))
+            .unwrap();
+        let answer = call(request).await;
+        assert_eq!(answer.status, 400);
+        assert_eq!(answer.json["error"], "invalid_request");
+    }
+
+    /// A parameter sent twice is invalid_request (RFC 6749 §3.2).
+    #[tokio::test]
+    async fn duplicate_parameter_is_invalid_request() {
+        let (sim, _server) = start(IdentityConfig::default()).await;
+        let answer = post(&sim, "grant_type=client_credentials&scope=a&scope=b").await;
+        assert_eq!(answer.status, 400);
+        assert_eq!(answer.json["error"], "invalid_request");
+        assert_eq!(answer.headers[CONTENT_TYPE], "application/json");
+    }
+
+    /// JSON or a missing Content-Type is refused; a charset parameter is fine.
+    #[tokio::test]
+    async fn wrong_content_type_is_invalid_request() {
+        let (sim, _server) = start(IdentityConfig::default()).await;
+        let body = format!("grant_type=client_credentials&{}", post_credentials());
+        for content_type in [Some("application/json"), None] {
+            let mut request = Request::post(sim.token_url());
+            if let Some(content_type) = content_type {
+                request = request.header(CONTENT_TYPE, content_type);
+            }
+            let answer = call(request.body(Full::from(body.clone())).unwrap()).await;
+            assert_eq!(answer.status, 400, "{content_type:?}");
+            assert_eq!(answer.json["error"], "invalid_request");
+        }
+        let request = Request::post(sim.token_url())
+            .header(
+                CONTENT_TYPE,
+                "application/x-www-form-urlencoded; charset=UTF-8",
+            )
+            .body(Full::from(body))
+            .unwrap();
+        assert_eq!(call(request).await.status, 200);
+    }
+
+    /// Basic credentials are form-decoded after base64 (RFC 6749 §2.3.1); sending them
+    /// unencoded fails with 401 and a Basic challenge.
+    #[tokio::test]
+    async fn basic_auth_form_decodes_credentials() {
+        let config = IdentityConfig {
+            client_id: "my.app/first".to_owned(),
+            client_secret: "a+b/c%d&e=f".to_owned(),
+            client_auth: ClientAuthRule::Basic,
+            ..IdentityConfig::default()
+        };
+        let (sim, _server) = start(config).await;
+        let encoded = basic("my.app/first", "a+b/c%d&e=f");
+        assert_eq!(
+            encoded,
+            format!(
+                "Basic {}",
+                STANDARD.encode("my.app%2Ffirst:a%2Bb%2Fc%25d%26e%3Df")
+            )
+        );
+        let form = "grant_type=client_credentials";
+        let request = form_request(&sim)
+            .header(AUTHORIZATION, encoded)
+            .body(Full::from(form))
+            .unwrap();
+        let answer = call(request).await;
+        assert_eq!(answer.status, 200, "{}", answer.text);
+
+        let naive = format!("Basic {}", STANDARD.encode("my.app/first:a+b/c%d&e=f"));
+        let request = form_request(&sim)
+            .header(AUTHORIZATION, naive)
+            .body(Full::from(form))
+            .unwrap();
+        let answer = call(request).await;
+        assert_eq!(answer.status, 401);
+        assert_eq!(answer.json["error"], "invalid_client");
+        assert_eq!(answer.headers[WWW_AUTHENTICATE], r#"Basic realm="sim""#);
+    }
+
+    /// Wrong body credentials give 400 invalid_client; a disallowed method gives 401.
+    #[tokio::test]
+    async fn client_auth_failures() {
+        let (sim, _server) = start(IdentityConfig {
+            client_auth: ClientAuthRule::Post,
+            ..IdentityConfig::default()
+        })
+        .await;
+        let form = "grant_type=client_credentials&client_id=tollgate-test&client_secret=nope";
+        let answer = call(form_request(&sim).body(Full::from(form)).unwrap()).await;
+        assert_eq!(answer.status, 400);
+        assert_eq!(answer.json["error"], "invalid_client");
+
+        let form = "grant_type=client_credentials";
+        let request = form_request(&sim)
+            .header(AUTHORIZATION, basic("tollgate-test", "s3cret"))
+            .body(Full::from(form))
+            .unwrap();
+        let answer = call(request).await;
+        assert_eq!(answer.status, 401);
+        assert_eq!(answer.json["error"], "invalid_client");
+    }
+
+    /// Unknown grant types, missing parameters and non-POST methods get the RFC's errors.
+    #[tokio::test]
+    async fn grant_and_method_errors() {
+        let (sim, _server) = start(IdentityConfig::default()).await;
+        let answer = post(&sim, "grant_type=password&username=a&password=b").await;
+        assert_eq!(answer.json["error"], "unsupported_grant_type");
+        let answer = post(&sim, "grant_type=refresh_token").await;
+        assert_eq!(answer.json["error"], "invalid_request");
+        let answer = post(&sim, "scope=x").await;
+        assert_eq!(answer.json["error"], "invalid_request");
+        let answer = refresh(&sim, "rt_unknown").await;
+        assert_eq!(answer.json["error"], "invalid_grant");
+
+        let answer = call(Request::get(sim.token_url()).body(Full::default()).unwrap()).await;
+        assert_eq!(answer.status, 405);
+        assert_eq!(answer.headers[ALLOW], "POST");
+    }
+
+    /// A body over the limit is refused with 413 before it is parsed.
+    #[tokio::test]
+    async fn oversized_body_is_413() {
+        let (sim, _server) = start(IdentityConfig::default()).await;
+        let form = format!(
+            "grant_type=client_credentials&pad={}",
+            "x".repeat(BODY_LIMIT)
+        );
+        let answer = post(&sim, &form).await;
+        assert_eq!(answer.status, 413);
+    }
+
+    /// fail_next answers the given status n times without touching the grant, then recovers.
+    #[tokio::test]
+    async fn fail_next_then_recovers() {
+        let (sim, _server) = start(IdentityConfig::default()).await;
+        let seed = sim.issue_refresh_token();
+        sim.fail_next(2, 503);
+        for _ in 0..2 {
+            let answer = refresh(&sim, &seed).await;
+            assert_eq!(answer.status, 503);
+            assert_eq!(answer.headers[CONTENT_TYPE], "text/plain");
+        }
+        sim.fail_next(1, 429);
+        let answer = refresh(&sim, &seed).await;
+        assert_eq!(answer.status, 429);
+        assert_eq!(answer.json["error"], "temporarily_unavailable");
+        // The seed was never consumed, so it still works.
+        assert_eq!(refresh(&sim, &seed).await.status, 200);
+        assert_eq!(sim.counters().failures_injected, 3);
+    }
+
+    /// garbage_next answers 200 with a body that is not JSON.
+    #[tokio::test]
+    async fn garbage_next_is_not_json() {
+        let (sim, _server) = start(IdentityConfig::default()).await;
+        sim.garbage_next(1);
+        let answer = post(&sim, "grant_type=client_credentials").await;
+        assert_eq!(answer.status, 200);
+        assert!(answer.json.is_null());
+        assert!(answer.text.starts_with("<html>"));
+        assert_eq!(
+            post(&sim, "grant_type=client_credentials").await.status,
+            200
+        );
+    }
+
+    /// delay_next holds the answer back for the given time.
+    #[tokio::test]
+    async fn delay_next_delays() {
+        let (sim, _server) = start(IdentityConfig::default()).await;
+        sim.delay_next(1, Duration::from_millis(150));
+        let started = Instant::now();
+        assert_eq!(
+            post(&sim, "grant_type=client_credentials").await.status,
+            200
+        );
+        assert!(started.elapsed() >= Duration::from_millis(150));
+    }
+
+    /// expire_access_tokens and revoke_all do what tests rely on.
+    #[tokio::test]
+    async fn expire_and_revoke() {
+        let (sim, _server) = start(IdentityConfig::default()).await;
+        let seed = sim.issue_refresh_token();
+        let answer = refresh(&sim, &seed).await;
+        let access = answer.json["access_token"].as_str().unwrap();
+        let newer = answer.json["refresh_token"].as_str().unwrap();
+        assert_eq!(sim.validate_access(access), Ok(()));
+        assert!(sim.validate_access("at_forged").is_err());
+        sim.expire_access_tokens();
+        assert_eq!(sim.validate_access(access), Err("access token expired"));
+
+        sim.revoke_all();
+        assert_eq!(refresh(&sim, newer).await.json["error"], "invalid_grant");
+        assert_eq!(sim.counters().grants_revoked, 1);
+        assert_eq!(sim.counters().reuse_detected, 0);
+    }
+
+    /// Other paths are 404, and the endpoint also answers over h2c.
+    #[tokio::test]
+    async fn other_paths_404_and_h2c_works() {
+        let (sim, server) = start(IdentityConfig::default()).await;
+        let request = Request::get(format!("{}/other", server.url()))
+            .body(Full::default())
+            .unwrap();
+        assert_eq!(send(&client(), request).await.0.status, 404);
+
+        let body = format!("grant_type=client_credentials&{}", post_credentials());
+        let request = Request::post(sim.token_url())
+            .header(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/x-www-form-urlencoded"),
+            )
+            .body(Full::from(body))
+            .unwrap();
+        let (parts, _) = send(&h2c_client(), request).await;
+        assert_eq!(parts.status, 200);
+        assert_eq!(parts.version, http::Version::HTTP_2);
+    }
+}

@@ -1,0 +1,334 @@
+//! `file:<dir>` — the embedded state store. One JSON document per upstream, replaced atomically:
+//! written to a temp file (0600), fsynced, renamed over the old one, then the directory fsynced,
+//! so after a crash the file is either the old record or the new one, never a torn mix.
+//! `flock` on `<name>.lock` serialises refreshes across processes on the same directory.
+
+use super::{RefreshLock, StateStore, StoreError, TokenRecord};
+use async_trait::async_trait;
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The file store rooted at one directory.
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    dir: PathBuf,
+}
+
+impl FileStore {
+    /// Create the directory (0700) if needed and tighten it if it is readable by others.
+    pub fn open(dir: &Path) -> Result<FileStore, StoreError> {
+        let io = |source| StoreError::Io {
+            path: dir.display().to_string(),
+            source,
+        };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io)?;
+        let mode = fs::metadata(dir).map_err(io)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(dir = %dir.display(), "state directory was readable by others; setting it to 0700");
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io)?;
+        }
+        Ok(FileStore {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn token_path(&self, upstream: &str) -> PathBuf {
+        self.dir.join(format!("{upstream}.token.json"))
+    }
+
+    fn quota_path(&self, upstream: &str) -> PathBuf {
+        self.dir.join(format!("{upstream}.quota.json"))
+    }
+
+    fn lock_path(&self, upstream: &str, what: &str) -> PathBuf {
+        self.dir.join(format!("{upstream}.{what}.lock"))
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Read and parse a JSON document; `None` when it does not exist.
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreError> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| StoreError::Corrupt {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })
+}
+
+/// Replace `path` with `bytes` so that a crash leaves either the old or the new content.
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
+    let tmp = dir.join(format!(
+        ".{name}.{}.{}.tmp",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(io_err(path))
+}
+
+/// Take an exclusive flock on `path`, polling until `wait` runs out.
+async fn flock(path: PathBuf, upstream: &str, wait: Duration) -> Result<File, StoreError> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    let start = Instant::now();
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(TryLockError::WouldBlock) if start.elapsed() < wait => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(TryLockError::WouldBlock) => {
+                return Err(StoreError::LockTimeout {
+                    upstream: upstream.to_owned(),
+                    waited: wait,
+                })
+            }
+            Err(TryLockError::Error(e)) => return Err(io_err(&path)(e)),
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
+#[async_trait]
+impl StateStore for FileStore {
+    async fn load_token(&self, upstream: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let path = self.token_path(upstream);
+        blocking(move || read_json(&path)).await
+    }
+
+    async fn save_token(
+        &self,
+        upstream: &str,
+        record: &TokenRecord,
+        _lock: &RefreshLock,
+    ) -> Result<(), StoreError> {
+        let path = self.token_path(upstream);
+        let bytes = serde_json::to_vec_pretty(record).expect("a token record always serialises");
+        blocking(move || write_durably(&path, &bytes)).await
+    }
+
+    async fn lock_refresh(
+        &self,
+        upstream: &str,
+        wait: Duration,
+    ) -> Result<RefreshLock, StoreError> {
+        let file = flock(self.lock_path(upstream, "refresh"), upstream, wait).await?;
+        Ok(RefreshLock::new(0, Box::new(file)))
+    }
+
+    async fn reserve_quota(
+        &self,
+        upstream: &str,
+        window: &str,
+        limit: u64,
+        want: u64,
+    ) -> Result<u64, StoreError> {
+        let lock = flock(
+            self.lock_path(upstream, "quota"),
+            upstream,
+            Duration::from_secs(10),
+        )
+        .await?;
+        let path = self.quota_path(upstream);
+        let window = window.to_owned();
+        blocking(move || {
+            let mut used: BTreeMap<String, u64> = read_json(&path)?.unwrap_or_default();
+            // Keep only the window in use: old windows are over and need no record.
+            used.retain(|k, _| *k == window);
+            let spent = used.get(&window).copied().unwrap_or(0);
+            let granted = want.min(limit.saturating_sub(spent));
+            if granted > 0 {
+                used.insert(window, spent + granted);
+                let bytes = serde_json::to_vec_pretty(&used).expect("a map always serialises");
+                write_durably(&path, &bytes)?;
+            }
+            drop(lock);
+            Ok(granted)
+        })
+        .await
+    }
+
+    async fn quota_used(&self, upstream: &str, window: &str) -> Result<u64, StoreError> {
+        let path = self.quota_path(upstream);
+        let window = window.to_owned();
+        blocking(move || {
+            let used: BTreeMap<String, u64> = read_json(&path)?.unwrap_or_default();
+            Ok(used.get(&window).copied().unwrap_or(0))
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+
+    fn record(generation: u64) -> TokenRecord {
+        TokenRecord {
+            seed_hash: "h".into(),
+            refresh_token: Some(Secret::from(format!("rt-{generation}"))),
+            access_token: Some(Secret::from("at")),
+            issued_at: 1,
+            expires_at: 2,
+            generation,
+        }
+    }
+
+    #[tokio::test]
+    async fn saves_atomically_with_private_permissions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        let store = FileStore::open(&dir).unwrap();
+        assert_eq!(
+            fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        assert!(store.load_token("api").await.unwrap().is_none());
+
+        let lock = store
+            .lock_refresh("api", Duration::from_secs(1))
+            .await
+            .unwrap();
+        store.save_token("api", &record(1), &lock).await.unwrap();
+        store.save_token("api", &record(2), &lock).await.unwrap();
+        let back = store.load_token("api").await.unwrap().unwrap();
+        assert_eq!(back, record(2));
+        let file = dir.join("api.token.json");
+        assert_eq!(
+            fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // No temp files left behind.
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(
+            names.iter().all(|n| !n.to_string_lossy().ends_with(".tmp")),
+            "{names:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn tightens_a_world_readable_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        FileStore::open(tmp.path()).unwrap();
+        assert_eq!(
+            fs::metadata(tmp.path()).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+    }
+
+    #[tokio::test]
+    async fn a_damaged_record_is_an_error_not_a_silent_reset() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FileStore::open(tmp.path()).unwrap();
+        fs::write(tmp.path().join("api.token.json"), b"{not json").unwrap();
+        let err = store.load_token("api").await.unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn refresh_lock_excludes_a_second_holder_until_dropped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = FileStore::open(tmp.path()).unwrap();
+        let b = FileStore::open(tmp.path()).unwrap();
+        let held = a.lock_refresh("api", Duration::from_secs(1)).await.unwrap();
+        let err = b
+            .lock_refresh("api", Duration::from_millis(100))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, StoreError::LockTimeout { .. }));
+        // Another upstream is independent.
+        b.lock_refresh("other", Duration::from_millis(100))
+            .await
+            .unwrap();
+        drop(held);
+        b.lock_refresh("api", Duration::from_millis(500))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn quota_reservations_never_exceed_the_limit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FileStore::open(tmp.path()).unwrap();
+        assert_eq!(
+            store.reserve_quota("api", "day:1", 25, 10).await.unwrap(),
+            10
+        );
+        assert_eq!(
+            store.reserve_quota("api", "day:1", 25, 10).await.unwrap(),
+            10
+        );
+        assert_eq!(
+            store.reserve_quota("api", "day:1", 25, 10).await.unwrap(),
+            5
+        );
+        assert_eq!(
+            store.reserve_quota("api", "day:1", 25, 10).await.unwrap(),
+            0
+        );
+        assert_eq!(store.quota_used("api", "day:1").await.unwrap(), 25);
+        // A new window starts from zero and forgets the old one.
+        assert_eq!(
+            store.reserve_quota("api", "day:2", 25, 10).await.unwrap(),
+            10
+        );
+        assert_eq!(store.quota_used("api", "day:1").await.unwrap(), 0);
+    }
+}

@@ -1,0 +1,136 @@
+//! The state store: what must survive a restart. Per upstream, the token record (the newest
+//! refresh token of its lineage, the current access token, its expiry and generation), a lock
+//! that makes refreshes of one lineage one-at-a-time across processes, and quota leases.
+//!
+//! The store never decides anything: the token cache and the quota code do, and call it on their
+//! slow paths only. `file:` is the embedded default ([`FileStore`]); a shared store for several
+//! replicas implements the same trait, using [`RefreshLock::fence`] for compare-and-set.
+
+mod file;
+
+pub use file::FileStore;
+
+use crate::config::StoreLocation;
+use crate::secret::Secret;
+use async_trait::async_trait;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The persisted token state of one upstream.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// SHA-256 of the seed this lineage grew from; a different seed in the config wins.
+    pub seed_hash: String,
+    /// The newest refresh token of the lineage, if the grant has one.
+    #[serde(
+        default,
+        serialize_with = "ser_opt_secret",
+        deserialize_with = "de_opt_secret"
+    )]
+    pub refresh_token: Option<Secret<String>>,
+    #[serde(
+        default,
+        serialize_with = "ser_opt_secret",
+        deserialize_with = "de_opt_secret"
+    )]
+    pub access_token: Option<Secret<String>>,
+    /// When the access token was issued and when it expires, in Unix seconds.
+    #[serde(default)]
+    pub issued_at: u64,
+    #[serde(default)]
+    pub expires_at: u64,
+    /// Counts refreshes of this lineage; the cache uses it to tell tokens apart.
+    pub generation: u64,
+}
+
+impl fmt::Debug for TokenRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenRecord")
+            .field("seed_hash", &self.seed_hash)
+            .field("refresh_token", &self.refresh_token)
+            .field("access_token", &self.access_token)
+            .field("issued_at", &self.issued_at)
+            .field("expires_at", &self.expires_at)
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
+fn ser_opt_secret<S: Serializer>(v: &Option<Secret<String>>, s: S) -> Result<S::Ok, S::Error> {
+    v.as_ref().map(|secret| secret.expose()).serialize(s)
+}
+
+fn de_opt_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(|o| o.map(Secret::new))
+}
+
+/// Held while one process redeems a refresh token; released on drop.
+pub struct RefreshLock {
+    /// Increases every time the lock is taken; a shared store rejects writes with an old fence.
+    pub fence: u64,
+    _held: Box<dyn Send + Sync>,
+}
+
+impl RefreshLock {
+    pub fn new(fence: u64, held: Box<dyn Send + Sync>) -> Self {
+        RefreshLock { fence, _held: held }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store I/O on {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("state file {path} is damaged ({reason}); restore it from a backup or remove it and run `tollgate login`")]
+    Corrupt { path: String, reason: String },
+    #[error(
+        "the refresh lock of `{upstream}` is held by another process for more than {waited:?}"
+    )]
+    LockTimeout { upstream: String, waited: Duration },
+}
+
+/// Persistent state shared by every tollgate process that uses the same store.
+#[async_trait]
+pub trait StateStore: Send + Sync {
+    /// The token record of `upstream`, if one was ever saved.
+    async fn load_token(&self, upstream: &str) -> Result<Option<TokenRecord>, StoreError>;
+
+    /// Durably replace the token record of `upstream`. Returns only once the record would
+    /// survive a crash. Must be called while holding `lock`.
+    async fn save_token(
+        &self,
+        upstream: &str,
+        record: &TokenRecord,
+        lock: &RefreshLock,
+    ) -> Result<(), StoreError>;
+
+    /// Wait (up to `wait`) for the right to redeem `upstream`'s refresh token.
+    async fn lock_refresh(&self, upstream: &str, wait: Duration)
+        -> Result<RefreshLock, StoreError>;
+
+    /// Reserve up to `want` requests of `window` (e.g. `day:2026-11-23`) whose limit is `limit`.
+    /// Returns how many were granted (0 when the window is spent). Reserved counts are spent
+    /// even if the process dies, so a crash can only under-admit.
+    async fn reserve_quota(
+        &self,
+        upstream: &str,
+        window: &str,
+        limit: u64,
+        want: u64,
+    ) -> Result<u64, StoreError>;
+
+    /// How many requests of `window` have been reserved by every process so far.
+    async fn quota_used(&self, upstream: &str, window: &str) -> Result<u64, StoreError>;
+}
+
+/// Open the store that `state.store` names.
+pub fn open(location: &StoreLocation) -> Result<Arc<dyn StateStore>, StoreError> {
+    match location {
+        StoreLocation::File(dir) => Ok(Arc::new(FileStore::open(dir)?)),
+    }
+}

@@ -1,0 +1,451 @@
+//! Calls to the token endpoint: one function per grant, one place for client authentication
+//! (RFC 6749 §2.3.1), and the parsing of token responses and errors (§5.1, §5.2).
+//!
+//! It knows nothing of caches, stores or retries: it sends one request and says what came back,
+//! sorted into "final" answers (the grant or client is refused) and transient failures.
+
+use crate::config::{AuthConfig, ClientAuth, Grant};
+use crate::secret::Secret;
+use base64::Engine;
+use serde::Deserialize;
+use std::time::Duration;
+use url::Url;
+
+/// Largest token response we read; real ones are a few KiB.
+const MAX_RESPONSE: usize = 256 * 1024;
+
+/// A successful token response.
+pub struct Issued {
+    pub access_token: Secret<String>,
+    pub expires_in: Duration,
+    /// Present when the server issued (or rotated) a refresh token.
+    pub refresh_token: Option<Secret<String>>,
+}
+
+/// Why a token request did not produce a token.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GrantError {
+    /// `invalid_grant` (or a 401 `invalid_token` from the token endpoint): the refresh token is
+    /// dead. Only a new login or a new seed helps.
+    #[error("the identity server rejected the grant ({code}{})", describe(.description))]
+    InvalidGrant {
+        code: String,
+        description: Option<String>,
+    },
+    /// The client itself is refused (`invalid_client`, `unauthorized_client`, ...): the config
+    /// needs fixing.
+    #[error("the identity server refused the request ({code}{})", describe(.description))]
+    Refused {
+        code: String,
+        description: Option<String>,
+    },
+    /// Network trouble, 5xx, 429, or an answer that could not be read: worth retrying.
+    #[error("{reason}")]
+    Transient {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+}
+
+fn describe(description: &Option<String>) -> String {
+    match description {
+        Some(d) => format!(": {d}"),
+        None => String::new(),
+    }
+}
+
+impl GrantError {
+    pub fn is_final(&self) -> bool {
+        !matches!(self, GrantError::Transient { .. })
+    }
+
+    fn transient(reason: impl Into<String>) -> Self {
+        GrantError::Transient {
+            reason: reason.into(),
+            retry_after: None,
+        }
+    }
+}
+
+/// The token endpoint of one upstream, with its client credentials.
+pub struct TokenEndpoint {
+    http: reqwest::Client,
+    url: Url,
+    grant: Grant,
+    client_id: String,
+    client_secret: Option<Secret<String>>,
+    client_auth: ClientAuth,
+    scope: Option<String>,
+    params: Vec<(String, String)>,
+    default_expires_in: Duration,
+}
+
+impl TokenEndpoint {
+    /// `extra_roots`: PEM certificates trusted besides the public roots (`ca_file`).
+    pub fn new(auth: &AuthConfig, extra_roots: Option<&[u8]>) -> Result<Self, String> {
+        let mut builder = reqwest::Client::builder()
+            .timeout(auth.timeout)
+            .connect_timeout(auth.timeout.min(Duration::from_secs(10)))
+            // A redirect would carry client credentials to another host.
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")));
+        if let Some(pem) = extra_roots {
+            for cert in reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| format!("cannot read ca_file: {e}"))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        Ok(TokenEndpoint {
+            http: builder
+                .build()
+                .map_err(|e| format!("cannot build the token client: {e}"))?,
+            url: auth.token_url.clone(),
+            grant: auth.grant,
+            client_id: auth.client_id.clone(),
+            client_secret: auth.client_secret.clone(),
+            client_auth: auth.client_auth,
+            scope: auth.scope.clone(),
+            params: auth
+                .params
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            default_expires_in: auth.default_expires_in,
+        })
+    }
+
+    pub fn grant(&self) -> Grant {
+        self.grant
+    }
+
+    /// Ask for a new access token: with `refresh_token` when given, else by the configured
+    /// grant's own means (client credentials).
+    pub async fn request(
+        &self,
+        refresh_token: Option<&Secret<String>>,
+    ) -> Result<Issued, GrantError> {
+        let mut fields: Vec<(&str, &str)> = Vec::with_capacity(6 + self.params.len());
+        match (self.grant, refresh_token) {
+            (_, Some(rt)) => {
+                fields.push(("grant_type", "refresh_token"));
+                fields.push(("refresh_token", rt.expose()));
+            }
+            (Grant::ClientCredentials, None) => {
+                fields.push(("grant_type", "client_credentials"));
+                if let Some(scope) = &self.scope {
+                    fields.push(("scope", scope));
+                }
+            }
+            (Grant::RefreshToken, None) => {
+                return Err(GrantError::InvalidGrant {
+                    code: "no_refresh_token".into(),
+                    description: Some("there is no refresh token to redeem".into()),
+                })
+            }
+        }
+        for (k, v) in &self.params {
+            fields.push((k, v));
+        }
+        self.post(fields).await
+    }
+
+    /// Add client authentication (exactly one method) and send the form.
+    async fn post(&self, mut fields: Vec<(&str, &str)>) -> Result<Issued, GrantError> {
+        let mut request = self
+            .http
+            .post(self.url.clone())
+            .header(http::header::ACCEPT, "application/json");
+        let secret = self.client_secret.as_ref().map(|s| s.expose().as_str());
+        match self.client_auth {
+            ClientAuth::Post => {
+                fields.push(("client_id", &self.client_id));
+                fields.push(("client_secret", secret.unwrap_or_default()));
+            }
+            ClientAuth::Basic => {
+                request = request.header(
+                    http::header::AUTHORIZATION,
+                    basic_credentials(&self.client_id, secret.unwrap_or_default()),
+                );
+            }
+            ClientAuth::None => fields.push(("client_id", &self.client_id)),
+        }
+        let body = encode_form(&fields);
+        let response = request
+            .header(
+                http::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| {
+                GrantError::transient(format!("token endpoint unreachable: {}", e.without_url()))
+            })?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body = read_capped(response).await?;
+        parse_response(status.as_u16(), &body, retry_after, self.default_expires_in)
+    }
+}
+
+/// `application/x-www-form-urlencoded` encoding of `fields`.
+pub fn encode_form(fields: &[(&str, &str)]) -> String {
+    let mut form = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in fields {
+        form.append_pair(k, v);
+    }
+    form.finish()
+}
+
+/// `Authorization: Basic` value per RFC 6749 §2.3.1: form-encode id and secret, then base64.
+pub fn basic_credentials(id: &str, secret: &str) -> http::HeaderValue {
+    let user: String = form_urlencoded::byte_serialize(id.as_bytes()).collect();
+    let pass: String = form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+    let mut value = http::HeaderValue::from_str(&format!("Basic {encoded}"))
+        .expect("base64 is always a valid header value");
+    value.set_sensitive(true);
+    value
+}
+
+async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, GrantError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| {
+        GrantError::transient(format!("token response cut off: {}", e.without_url()))
+    })? {
+        if body.len() + chunk.len() > MAX_RESPONSE {
+            return Err(GrantError::transient(
+                "token response is larger than 256 KiB",
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+#[derive(Deserialize)]
+struct Success {
+    access_token: String,
+    token_type: Option<String>,
+    expires_in: Option<serde_json::Value>,
+    refresh_token: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Failure {
+    error: String,
+    error_description: Option<String>,
+}
+
+/// Sort a token endpoint answer into a token, a final refusal, or a transient failure.
+pub fn parse_response(
+    status: u16,
+    body: &[u8],
+    retry_after: Option<Duration>,
+    default_expires_in: Duration,
+) -> Result<Issued, GrantError> {
+    match status {
+        200 => parse_success(body, default_expires_in),
+        400 | 401 => match serde_json::from_slice::<Failure>(body) {
+            Ok(f) => {
+                let description = f.error_description.map(|d| d.chars().take(200).collect());
+                // Spring answers an expired refresh token with 401 invalid_token.
+                if f.error == "invalid_grant" || (status == 401 && f.error == "invalid_token") {
+                    Err(GrantError::InvalidGrant {
+                        code: f.error,
+                        description,
+                    })
+                } else {
+                    Err(GrantError::Refused {
+                        code: f.error,
+                        description,
+                    })
+                }
+            }
+            Err(_) if status == 401 => Err(GrantError::Refused {
+                code: "invalid_client".into(),
+                description: Some("HTTP 401 without an OAuth2 error body".into()),
+            }),
+            Err(_) => Err(GrantError::transient(
+                "token endpoint answered 400 without an OAuth2 error body",
+            )),
+        },
+        429 | 408 | 500..=599 => Err(GrantError::Transient {
+            reason: format!("token endpoint answered HTTP {status}"),
+            retry_after,
+        }),
+        _ => Err(GrantError::transient(format!(
+            "token endpoint answered HTTP {status}"
+        ))),
+    }
+}
+
+fn parse_success(body: &[u8], default_expires_in: Duration) -> Result<Issued, GrantError> {
+    let ok: Success = serde_json::from_slice(body).map_err(|_| {
+        GrantError::transient(
+            "token endpoint answered 200 with a body that is not a token response",
+        )
+    })?;
+    if let Some(kind) = &ok.token_type {
+        if !kind.eq_ignore_ascii_case("bearer") {
+            return Err(GrantError::Refused {
+                code: "unsupported_token_type".into(),
+                description: Some(format!("token_type `{kind}` is not Bearer")),
+            });
+        }
+    }
+    if ok.access_token.is_empty() || http::HeaderValue::from_str(&ok.access_token).is_err() {
+        return Err(GrantError::transient(
+            "token endpoint answered an access token that cannot be sent in a header",
+        ));
+    }
+    let expires_in = match ok.expires_in {
+        None | Some(serde_json::Value::Null) => default_expires_in,
+        Some(v) => parse_expires_in(&v).ok_or_else(|| {
+            GrantError::transient(
+                "token endpoint answered an expires_in that is not a positive number",
+            )
+        })?,
+    };
+    Ok(Issued {
+        access_token: Secret::new(ok.access_token),
+        expires_in,
+        refresh_token: ok.refresh_token.filter(|t| !t.is_empty()).map(Secret::new),
+    })
+}
+
+/// `expires_in` as a JSON number or a numeric string (WinBooks sends `"900"`).
+fn parse_expires_in(v: &serde_json::Value) -> Option<Duration> {
+    let secs = match v {
+        serde_json::Value::Number(n) => n.as_f64()?,
+        serde_json::Value::String(s) => s.trim().parse::<f64>().ok()?,
+        _ => return None,
+    };
+    (secs.is_finite() && secs >= 1.0).then(|| Duration::from_secs(secs as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn expires_in_as_number_or_string_and_token_type_in_any_case() {
+        let a = parse_response(
+            200,
+            br#"{"access_token":"a","token_type":"bearer","expires_in":"900"}"#,
+            None,
+            HOUR,
+        )
+        .ok()
+        .unwrap();
+        assert_eq!(a.expires_in, Duration::from_secs(900));
+        let b = parse_response(
+            200,
+            br#"{"access_token":"a","token_type":"BEARER","expires_in":43199,"refresh_token":"r"}"#,
+            None,
+            HOUR,
+        )
+        .ok()
+        .unwrap();
+        assert_eq!(b.expires_in, Duration::from_secs(43199));
+        assert_eq!(b.refresh_token.unwrap().expose(), "r");
+        let c = parse_response(
+            200,
+            br#"{"access_token":"a","token_type":"Bearer"}"#,
+            None,
+            HOUR,
+        )
+        .ok()
+        .unwrap();
+        assert_eq!(c.expires_in, HOUR);
+        assert!(c.refresh_token.is_none());
+    }
+
+    #[test]
+    fn classifies_errors() {
+        let e = parse_response(400, br#"{"error":"invalid_grant"}"#, None, HOUR)
+            .err()
+            .unwrap();
+        assert!(matches!(e, GrantError::InvalidGrant { .. }) && e.is_final());
+        let e = parse_response(
+            401,
+            br#"{"error":"invalid_token","error_description":"expired"}"#,
+            None,
+            HOUR,
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(e, GrantError::InvalidGrant { .. }));
+        let e = parse_response(400, br#"{"error":"invalid_client"}"#, None, HOUR)
+            .err()
+            .unwrap();
+        assert!(matches!(e, GrantError::Refused { .. }) && e.is_final());
+        let e = parse_response(503, b"oops", Some(Duration::from_secs(7)), HOUR)
+            .err()
+            .unwrap();
+        assert!(
+            matches!(e, GrantError::Transient { retry_after: Some(d), .. } if d.as_secs() == 7)
+        );
+        let e = parse_response(200, b"<html>proxy error</html>", None, HOUR)
+            .err()
+            .unwrap();
+        assert!(!e.is_final());
+        let e = parse_response(
+            200,
+            br#"{"access_token":"a","token_type":"mac"}"#,
+            None,
+            HOUR,
+        )
+        .err()
+        .unwrap();
+        assert!(e.is_final());
+        let e = parse_response(
+            200,
+            br#"{"access_token":"a\nb","token_type":"bearer"}"#,
+            None,
+            HOUR,
+        )
+        .err()
+        .unwrap();
+        assert!(!e.is_final());
+        let e = parse_response(
+            200,
+            br#"{"access_token":"a","expires_in":"soon"}"#,
+            None,
+            HOUR,
+        )
+        .err()
+        .unwrap();
+        assert!(!e.is_final());
+    }
+
+    #[test]
+    fn basic_credentials_form_encode_before_base64() {
+        let v = basic_credentials("my.app/first", "a+b/c%d&e=f g");
+        let b64 = v.to_str().unwrap().strip_prefix("Basic ").unwrap();
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(raw).unwrap(),
+            "my.app%2Ffirst:a%2Bb%2Fc%25d%26e%3Df+g"
+        );
+        assert!(v.is_sensitive());
+    }
+
+    #[test]
+    fn error_text_never_contains_the_token() {
+        let e = parse_response(200, br#"{"access_token":"SECRET\u0001TOKEN"}"#, None, HOUR)
+            .err()
+            .unwrap();
+        assert!(!e.to_string().contains("SECRET"));
+    }
+}

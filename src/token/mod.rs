@@ -1,0 +1,587 @@
+//! The access token of each upstream: a lock-free cache on the hot path, one refresh in flight
+//! at a time (single flight), refresh ahead of expiry, and invalidation of one generation after
+//! the upstream refuses it.
+//!
+//! Durability rule: a refresh token that came back from the identity server is written to the
+//! state store *before* the access token that came with it is published, and every redemption
+//! happens under the store's refresh lock after re-reading the store, so no two processes (or
+//! two refreshes) ever redeem the same refresh token.
+//!
+//! Token endpoint calls live in [`grant`]; this module decides when to make them.
+
+pub mod grant;
+
+use crate::config::{Grant, UpstreamConfig};
+use crate::secret::{fingerprint, sha256_hex, Secret};
+use crate::store::{StateStore, StoreError, TokenRecord};
+use arc_swap::ArcSwapOption;
+use grant::{GrantError, Issued, TokenEndpoint};
+use http::HeaderValue;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+
+/// How long a refresh waits for another process holding the store's refresh lock.
+const LOCK_WAIT: Duration = Duration::from_secs(30);
+
+/// An access token ready to be put on requests.
+pub struct AccessToken {
+    /// `Bearer <token>`, marked sensitive.
+    pub header: HeaderValue,
+    pub generation: u64,
+    /// Short fingerprint for logs.
+    pub fingerprint: String,
+    /// Past this instant the token is not injected any more (a margin before its expiry).
+    pub usable_until: Instant,
+    /// When the refresh-ahead task replaces it.
+    pub refresh_at: Instant,
+    pub expires_at: SystemTime,
+}
+
+impl AccessToken {
+    pub fn is_usable(&self, now: Instant) -> bool {
+        now < self.usable_until
+    }
+}
+
+impl std::fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessToken")
+            .field("generation", &self.generation)
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why no token could be had. Cloned to every request that waited on the same refresh.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TokenError {
+    /// The identity server is failing; try again after `retry_after`.
+    #[error("the identity server is unavailable: {reason}")]
+    Unavailable {
+        reason: String,
+        retry_after: Duration,
+    },
+    /// The refresh token is dead, or there is none: a new login is needed.
+    #[error("{0}")]
+    NeedsLogin(String),
+    /// The identity server refuses the client: the config needs fixing.
+    #[error("{0}")]
+    Refused(String),
+    /// The state store failed; refreshing without it could lose a rotated refresh token.
+    #[error("the state store failed: {0}")]
+    Store(String),
+}
+
+/// What a refresh is for; decides whether a still-usable token may be kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// No usable token: a request is waiting.
+    Missing,
+    /// The upstream refused this generation.
+    Rejected(u64),
+    /// The refresh-ahead task: the token is still usable but due.
+    Ahead,
+}
+
+/// Refresh counters, for logs and status.
+#[derive(Debug, Default)]
+pub struct RefreshStats {
+    pub succeeded: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+/// Capped exponential backoff with jitter ("equal jitter": half fixed, half random).
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Backoff {
+            initial,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// The nominal (un-jittered) next delay.
+    pub fn peek(&self) -> Duration {
+        let factor = 1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX);
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let nominal = self.peek();
+        self.attempt = self.attempt.saturating_add(1);
+        let half = nominal / 2;
+        half + half.mul_f64(rand::random::<f64>())
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// The result of the last refresh, shared with the requests that waited for it.
+struct Flight {
+    /// Bumped when a refresh ends, so waiters can tell that one ended while they waited.
+    epoch: u64,
+    last_error: Option<TokenError>,
+    /// A final failure, with the store generation it happened on; cleared when the store holds
+    /// a newer record (a `tollgate login`) or the process restarts with a new seed.
+    final_failure: Option<(TokenError, u64)>,
+    /// A record the identity server issued but the store did not accept yet. It is saved before
+    /// anything else is redeemed, so a rotated refresh token is never lost to a disk hiccup.
+    unsaved: Option<TokenRecord>,
+}
+
+/// The token cache of one upstream.
+pub struct TokenCache {
+    name: String,
+    current: ArcSwapOption<AccessToken>,
+    flight: tokio::sync::Mutex<Flight>,
+    /// Mirrors `Flight::epoch` for reading before the flight lock is taken.
+    epoch: AtomicU64,
+    endpoint: TokenEndpoint,
+    store: Arc<dyn StateStore>,
+    seed: Option<Secret<String>>,
+    seed_hash: String,
+    refresh_before: Option<Duration>,
+    refresh_wait: Duration,
+    backoff_initial: Duration,
+    backoff_max: Duration,
+    published: watch::Sender<u64>,
+    pub stats: RefreshStats,
+    /// The last refresh failure, for readiness and status; cleared by a success.
+    last_failure: Mutex<Option<String>>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl TokenCache {
+    pub fn new(
+        upstream: &UpstreamConfig,
+        store: Arc<dyn StateStore>,
+        extra_roots: Option<&[u8]>,
+    ) -> Result<Self, String> {
+        let auth = &upstream.auth;
+        let endpoint = TokenEndpoint::new(auth, extra_roots)?;
+        let seed = match auth.grant {
+            Grant::RefreshToken => auth.refresh_token.clone(),
+            Grant::ClientCredentials => None,
+        };
+        Ok(TokenCache {
+            name: upstream.name.clone(),
+            current: ArcSwapOption::empty(),
+            flight: tokio::sync::Mutex::new(Flight {
+                epoch: 0,
+                last_error: None,
+                final_failure: None,
+                unsaved: None,
+            }),
+            epoch: AtomicU64::new(0),
+            seed_hash: seed_hash(auth.grant, &auth.client_id, seed.as_ref()),
+            seed,
+            endpoint,
+            store,
+            refresh_before: auth.refresh_before,
+            refresh_wait: auth.refresh_wait,
+            backoff_initial: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+            published: watch::channel(0).0,
+            stats: RefreshStats::default(),
+            last_failure: Mutex::new(None),
+        })
+    }
+
+    /// Shorten the retry backoff (tests).
+    pub fn with_backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.backoff_initial = initial;
+        self.backoff_max = max;
+        self
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Why there is no usable token, or `None` when there is one.
+    pub fn unready_reason(&self) -> Option<String> {
+        if self.cached().is_some() {
+            return None;
+        }
+        let failure = self
+            .last_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        Some(failure.unwrap_or_else(|| "no token yet".to_owned()))
+    }
+
+    /// The current token, if it may still be injected. Lock-free; the hot path.
+    #[inline]
+    pub fn cached(&self) -> Option<Arc<AccessToken>> {
+        let guard = self.current.load();
+        match &*guard {
+            Some(t) if t.is_usable(Instant::now()) => Some(Arc::clone(t)),
+            _ => None,
+        }
+    }
+
+    /// A usable token: the cached one, or the result of a refresh.
+    pub async fn get(&self) -> Result<Arc<AccessToken>, TokenError> {
+        match self.cached() {
+            Some(t) => Ok(t),
+            None => self.refresh(Purpose::Missing).await,
+        }
+    }
+
+    /// The upstream refused `generation`: drop it and get a newer one. A request that carried an
+    /// older generation than the current one simply gets the current one.
+    pub async fn replace_rejected(&self, generation: u64) -> Result<Arc<AccessToken>, TokenError> {
+        self.current.rcu(|cur| match cur {
+            Some(t) if t.generation == generation => None,
+            other => other.clone(),
+        });
+        self.refresh(Purpose::Rejected(generation)).await
+    }
+
+    /// A token that this refresh may hand out instead of redeeming again.
+    fn good_enough(&self, purpose: Purpose) -> Option<Arc<AccessToken>> {
+        let now = Instant::now();
+        let t = self.current.load_full()?;
+        let ok = t.is_usable(now)
+            && match purpose {
+                Purpose::Missing => true,
+                Purpose::Rejected(g) => t.generation > g,
+                Purpose::Ahead => now < t.refresh_at,
+            };
+        ok.then_some(t)
+    }
+
+    async fn refresh(&self, purpose: Purpose) -> Result<Arc<AccessToken>, TokenError> {
+        let seen_epoch = self.epoch.load(Ordering::Acquire);
+        let mut flight = self.flight.lock().await;
+        if let Some(t) = self.good_enough(purpose) {
+            return Ok(t);
+        }
+        // A refresh ended while this one waited for the lock: share its failure instead of
+        // hammering a failing identity server once per waiting request.
+        if flight.epoch != seen_epoch {
+            if let Some(e) = &flight.last_error {
+                return Err(e.clone());
+            }
+        }
+        let result = self.refresh_locked(&mut flight, purpose).await;
+        flight.epoch += 1;
+        self.epoch.store(flight.epoch, Ordering::Release);
+        *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) =
+            result.as_ref().err().map(|e| e.to_string());
+        match &result {
+            Ok(_) => {
+                flight.last_error = None;
+                self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                flight.last_error = Some(e.clone());
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        result
+    }
+
+    /// Redeem with retries, under the flight lock.
+    async fn refresh_locked(
+        &self,
+        flight: &mut Flight,
+        purpose: Purpose,
+    ) -> Result<Arc<AccessToken>, TokenError> {
+        let deadline = Instant::now() + self.refresh_wait;
+        let mut backoff = Backoff::new(self.backoff_initial, self.backoff_max);
+        loop {
+            let error = match self.redeem(flight, purpose).await {
+                Ok(t) => return Ok(t),
+                Err(e) => e,
+            };
+            let (reason, hint) = match &error {
+                Attempt::Final(e) => return Err(e.clone()),
+                Attempt::Retry { reason, hint } => (reason.clone(), *hint),
+            };
+            let delay = backoff.next_delay().max(hint.unwrap_or_default());
+            let retry_after = Duration::from_secs(delay.as_secs_f64().ceil().max(1.0) as u64);
+            // A still-usable token keeps serving; the refresh-ahead task tries again later.
+            let keep_current = purpose == Purpose::Ahead && self.cached().is_some();
+            if keep_current || Instant::now() + delay > deadline {
+                tracing::warn!(upstream = %self.name, %reason, "token refresh failed");
+                return Err(TokenError::Unavailable {
+                    reason,
+                    retry_after,
+                });
+            }
+            tracing::info!(upstream = %self.name, %reason, retry_in = ?delay, "token refresh failed; retrying");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// One attempt: take the store lock, adopt a newer record if another process made one,
+    /// else redeem, save durably, then publish.
+    async fn redeem(
+        &self,
+        flight: &mut Flight,
+        purpose: Purpose,
+    ) -> Result<Arc<AccessToken>, Attempt> {
+        let lock = self
+            .store
+            .lock_refresh(&self.name, LOCK_WAIT)
+            .await
+            .map_err(Attempt::store)?;
+        if let Some(record) = flight.unsaved.take() {
+            if let Err(e) = self.store.save_token(&self.name, &record, &lock).await {
+                flight.unsaved = Some(record);
+                return Err(Attempt::store(e));
+            }
+            tracing::info!(upstream = %self.name, "saved the token record that an earlier store failure held back");
+        }
+        let stored = self
+            .store
+            .load_token(&self.name)
+            .await
+            .map_err(Attempt::store)?
+            .filter(|r| r.seed_hash == self.seed_hash);
+        let stored_generation = stored.as_ref().map_or(0, |r| r.generation);
+
+        if let Some((error, generation)) = &flight.final_failure {
+            if stored_generation <= *generation {
+                return Err(Attempt::Final(error.clone()));
+            }
+            flight.final_failure = None;
+        }
+        if let Some(record) = &stored {
+            if let Some(token) = self.adoptable(record, purpose) {
+                tracing::info!(upstream = %self.name, generation = token.generation, token = %token.fingerprint, "using the token another process refreshed");
+                return Ok(self.publish(token));
+            }
+        }
+
+        let refresh_token = match self.endpoint.grant() {
+            Grant::RefreshToken => stored
+                .as_ref()
+                .and_then(|r| r.refresh_token.clone())
+                .or_else(|| self.seed.clone()),
+            Grant::ClientCredentials => None,
+        };
+        if self.endpoint.grant() == Grant::RefreshToken && refresh_token.is_none() {
+            let e = TokenError::NeedsLogin(format!(
+                "upstream `{0}` has no refresh token: set auth.refresh_token in the config or run `tollgate login {0}`",
+                self.name
+            ));
+            flight.final_failure = Some((e.clone(), stored_generation));
+            return Err(Attempt::Final(e));
+        }
+
+        let issued = match self.endpoint.request(refresh_token.as_ref()).await {
+            Ok(issued) => issued,
+            Err(e) => return Err(self.classify(e, flight, stored_generation)),
+        };
+        let record = self.record_from(
+            issued,
+            refresh_token,
+            stored_generation.max(self.generation()),
+        );
+        if let Err(e) = self.store.save_token(&self.name, &record, &lock).await {
+            // The identity server may have rotated the refresh token: keep the new one in
+            // memory and save it before any further redemption.
+            flight.unsaved = Some(record);
+            return Err(Attempt::store(e));
+        }
+        drop(lock);
+        let token = self.token_from(&record).ok_or_else(|| Attempt::Retry {
+            reason: "the identity server issued a token that expires at once".into(),
+            hint: None,
+        })?;
+        tracing::info!(upstream = %self.name, generation = token.generation, token = %token.fingerprint, "token refreshed");
+        Ok(self.publish(token))
+    }
+
+    fn classify(&self, e: GrantError, flight: &mut Flight, generation: u64) -> Attempt {
+        match e {
+            GrantError::InvalidGrant { .. } => {
+                let error = TokenError::NeedsLogin(format!(
+                    "the identity server no longer accepts the refresh token of upstream `{0}` ({e}); run `tollgate login {0}` or put a new refresh token in the config, then restart",
+                    self.name
+                ));
+                tracing::error!(upstream = %self.name, "{error}");
+                flight.final_failure = Some((error.clone(), generation));
+                Attempt::Final(error)
+            }
+            GrantError::Refused { .. } => {
+                let error = TokenError::Refused(format!(
+                    "{e}; check client_id, client_secret, client_auth and scope of upstream `{}`",
+                    self.name
+                ));
+                tracing::error!(upstream = %self.name, "{error}");
+                flight.final_failure = Some((error.clone(), generation));
+                Attempt::Final(error)
+            }
+            GrantError::Transient {
+                reason,
+                retry_after,
+            } => Attempt::Retry {
+                reason,
+                hint: retry_after,
+            },
+        }
+    }
+
+    /// The stored record's token, if it is newer than what this refresh must replace.
+    fn adoptable(&self, record: &TokenRecord, purpose: Purpose) -> Option<AccessToken> {
+        let token = self.token_from(record)?;
+        let now = Instant::now();
+        let newer = match purpose {
+            Purpose::Missing => true,
+            Purpose::Rejected(g) => token.generation > g,
+            Purpose::Ahead => now < token.refresh_at,
+        };
+        (newer && token.is_usable(now)).then_some(token)
+    }
+
+    fn generation(&self) -> u64 {
+        self.current.load().as_ref().map_or(0, |t| t.generation)
+    }
+
+    fn record_from(
+        &self,
+        issued: Issued,
+        redeemed: Option<Secret<String>>,
+        previous_generation: u64,
+    ) -> TokenRecord {
+        let now = unix_now();
+        TokenRecord {
+            seed_hash: self.seed_hash.clone(),
+            // Keep whatever came back; a server that does not rotate sends none.
+            refresh_token: issued.refresh_token.or(redeemed),
+            access_token: Some(issued.access_token),
+            issued_at: now,
+            expires_at: now + issued.expires_in.as_secs(),
+            generation: previous_generation + 1,
+        }
+    }
+
+    /// Turn a stored record into a cache entry, placing its deadlines on the monotonic clock.
+    fn token_from(&self, record: &TokenRecord) -> Option<AccessToken> {
+        let access = record.access_token.as_ref()?;
+        let now_unix = unix_now();
+        let now = Instant::now();
+        let lifetime = Duration::from_secs(record.expires_at.saturating_sub(record.issued_at));
+        let left = Duration::from_secs(record.expires_at.saturating_sub(now_unix));
+        // Stop injecting a little before expiry: the request still has to reach the API.
+        let margin = (lifetime / 20).min(Duration::from_secs(10));
+        let usable_until = now + left.checked_sub(margin)?;
+        let elapsed = Duration::from_secs(now_unix.saturating_sub(record.issued_at));
+        let mut ahead = lifetime.mul_f64(0.8);
+        if let Some(before) = self.refresh_before {
+            // Never earlier than half the lifetime, or a long refresh_before would refresh
+            // short-lived tokens in a loop.
+            ahead = ahead.min(lifetime.saturating_sub(before)).max(lifetime / 2);
+        }
+        let refresh_at = now + ahead.saturating_sub(elapsed);
+        let mut header = HeaderValue::from_str(&format!("Bearer {}", access.expose())).ok()?;
+        header.set_sensitive(true);
+        Some(AccessToken {
+            header,
+            generation: record.generation,
+            fingerprint: fingerprint(access.expose()),
+            usable_until,
+            refresh_at,
+            expires_at: UNIX_EPOCH + Duration::from_secs(record.expires_at),
+        })
+    }
+
+    fn publish(&self, token: AccessToken) -> Arc<AccessToken> {
+        let token = Arc::new(token);
+        self.current.store(Some(Arc::clone(&token)));
+        self.published.send_replace(token.generation);
+        token
+    }
+
+    /// Refresh ahead of expiry until `shutdown` resolves. Fetches the first token at once, so
+    /// the first request does not wait for it.
+    pub async fn refresh_ahead(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut published = self.published.subscribe();
+        let mut backoff = Backoff::new(self.backoff_initial, self.backoff_max);
+        let mut wake_at = Instant::now();
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tokio::time::sleep_until(wake_at.into()) => {}
+                _ = published.changed() => {
+                    wake_at = self.next_wake();
+                    continue;
+                }
+            }
+            let purpose = if self.cached().is_some() {
+                Purpose::Ahead
+            } else {
+                Purpose::Missing
+            };
+            match self.refresh(purpose).await {
+                Ok(_) => {
+                    backoff.reset();
+                    wake_at = self.next_wake();
+                }
+                Err(TokenError::NeedsLogin(_) | TokenError::Refused(_)) => {
+                    // Final until the store changes; look again now and then for a login.
+                    wake_at = Instant::now() + Duration::from_secs(30);
+                }
+                Err(TokenError::Unavailable { .. } | TokenError::Store(_)) => {
+                    wake_at = Instant::now() + backoff.next_delay();
+                }
+            }
+        }
+    }
+
+    fn next_wake(&self) -> Instant {
+        match self.current.load().as_ref() {
+            Some(t) => t.refresh_at,
+            None => Instant::now(),
+        }
+    }
+}
+
+/// The outcome of one redemption attempt that did not produce a token.
+enum Attempt {
+    Final(TokenError),
+    Retry {
+        reason: String,
+        hint: Option<Duration>,
+    },
+}
+
+impl Attempt {
+    fn store(e: StoreError) -> Attempt {
+        match e {
+            StoreError::LockTimeout { .. } => Attempt::Retry {
+                reason: e.to_string(),
+                hint: None,
+            },
+            other => Attempt::Final(TokenError::Store(other.to_string())),
+        }
+    }
+}
+
+/// Identifies a token lineage's origin: a new seed (a new login) starts a new lineage.
+fn seed_hash(grant: Grant, client_id: &str, seed: Option<&Secret<String>>) -> String {
+    let seed = seed.map(|s| s.expose().as_str()).unwrap_or("");
+    sha256_hex(&format!("{}\n{client_id}\n{seed}", grant.as_str()))
+}
