@@ -220,8 +220,8 @@ mod tests {
             seed_hash: "h".into(),
             refresh_token: Some(Secret::from(format!("rt-{generation}"))),
             access_token: Some(Secret::from("at")),
-            issued_at: 1,
-            expires_at: 2,
+            issued_at_ms: 1,
+            expires_at_ms: 2,
             generation,
         }
     }

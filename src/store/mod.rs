@@ -36,11 +36,11 @@ pub struct TokenRecord {
         deserialize_with = "de_opt_secret"
     )]
     pub access_token: Option<Secret<String>>,
-    /// When the access token was issued and when it expires, in Unix seconds.
+    /// When the access token was issued and when it expires, in Unix milliseconds.
     #[serde(default)]
-    pub issued_at: u64,
+    pub issued_at_ms: u64,
     #[serde(default)]
-    pub expires_at: u64,
+    pub expires_at_ms: u64,
     /// Counts refreshes of this lineage; the cache uses it to tell tokens apart.
     pub generation: u64,
 }
@@ -51,8 +51,8 @@ impl fmt::Debug for TokenRecord {
             .field("seed_hash", &self.seed_hash)
             .field("refresh_token", &self.refresh_token)
             .field("access_token", &self.access_token)
-            .field("issued_at", &self.issued_at)
-            .field("expires_at", &self.expires_at)
+            .field("issued_at_ms", &self.issued_at_ms)
+            .field("expires_at_ms", &self.expires_at_ms)
             .field("generation", &self.generation)
             .finish()
     }

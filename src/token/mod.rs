@@ -147,6 +147,8 @@ pub struct TokenCache {
     flight: tokio::sync::Mutex<Flight>,
     /// Mirrors `Flight::epoch` for reading before the flight lock is taken.
     epoch: AtomicU64,
+    /// The newest generation the upstream refused; it and older ones are never used again.
+    refused: AtomicU64,
     endpoint: TokenEndpoint,
     store: Arc<dyn StateStore>,
     seed: Option<Secret<String>>,
@@ -161,10 +163,11 @@ pub struct TokenCache {
     last_failure: Mutex<Option<String>>,
 }
 
-fn unix_now() -> u64 {
+/// Wall-clock milliseconds: stored deadlines must survive a restart, which `Instant` does not.
+fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
@@ -190,6 +193,7 @@ impl TokenCache {
                 unsaved: None,
             }),
             epoch: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
             seed_hash: seed_hash(auth.grant, &auth.client_id, seed.as_ref()),
             seed,
             endpoint,
@@ -249,6 +253,7 @@ impl TokenCache {
     /// The upstream refused `generation`: drop it and get a newer one. A request that carried an
     /// older generation than the current one simply gets the current one.
     pub async fn replace_rejected(&self, generation: u64) -> Result<Arc<AccessToken>, TokenError> {
+        self.refused.fetch_max(generation, Ordering::AcqRel);
         self.current.rcu(|cur| match cur {
             Some(t) if t.generation == generation => None,
             other => other.clone(),
@@ -443,16 +448,20 @@ impl TokenCache {
         }
     }
 
-    /// The stored record's token, if it is newer than what this refresh must replace.
+    /// The stored record's token, if another process made it after the one this refresh must
+    /// replace (so redeeming again would waste, or with strict rotation break, the lineage).
     fn adoptable(&self, record: &TokenRecord, purpose: Purpose) -> Option<AccessToken> {
+        let floor = match purpose {
+            Purpose::Missing => 0,
+            Purpose::Rejected(g) => g,
+            Purpose::Ahead => self.generation(),
+        };
+        if record.generation <= floor.max(self.refused.load(Ordering::Acquire)) {
+            return None;
+        }
         let token = self.token_from(record)?;
         let now = Instant::now();
-        let newer = match purpose {
-            Purpose::Missing => true,
-            Purpose::Rejected(g) => token.generation > g,
-            Purpose::Ahead => now < token.refresh_at,
-        };
-        (newer && token.is_usable(now)).then_some(token)
+        (token.is_usable(now) && now < token.refresh_at).then_some(token)
     }
 
     fn generation(&self) -> u64 {
@@ -465,14 +474,14 @@ impl TokenCache {
         redeemed: Option<Secret<String>>,
         previous_generation: u64,
     ) -> TokenRecord {
-        let now = unix_now();
+        let now = unix_ms();
         TokenRecord {
             seed_hash: self.seed_hash.clone(),
             // Keep whatever came back; a server that does not rotate sends none.
             refresh_token: issued.refresh_token.or(redeemed),
             access_token: Some(issued.access_token),
-            issued_at: now,
-            expires_at: now + issued.expires_in.as_secs(),
+            issued_at_ms: now,
+            expires_at_ms: now + issued.expires_in.as_millis() as u64,
             generation: previous_generation + 1,
         }
     }
@@ -480,14 +489,15 @@ impl TokenCache {
     /// Turn a stored record into a cache entry, placing its deadlines on the monotonic clock.
     fn token_from(&self, record: &TokenRecord) -> Option<AccessToken> {
         let access = record.access_token.as_ref()?;
-        let now_unix = unix_now();
+        let now_unix = unix_ms();
         let now = Instant::now();
-        let lifetime = Duration::from_secs(record.expires_at.saturating_sub(record.issued_at));
-        let left = Duration::from_secs(record.expires_at.saturating_sub(now_unix));
+        let lifetime =
+            Duration::from_millis(record.expires_at_ms.saturating_sub(record.issued_at_ms));
+        let left = Duration::from_millis(record.expires_at_ms.saturating_sub(now_unix));
         // Stop injecting a little before expiry: the request still has to reach the API.
         let margin = (lifetime / 20).min(Duration::from_secs(10));
         let usable_until = now + left.checked_sub(margin)?;
-        let elapsed = Duration::from_secs(now_unix.saturating_sub(record.issued_at));
+        let elapsed = Duration::from_millis(now_unix.saturating_sub(record.issued_at_ms));
         let mut ahead = lifetime.mul_f64(0.8);
         if let Some(before) = self.refresh_before {
             // Never earlier than half the lifetime, or a long refresh_before would refresh
@@ -503,7 +513,7 @@ impl TokenCache {
             fingerprint: fingerprint(access.expose()),
             usable_until,
             refresh_at,
-            expires_at: UNIX_EPOCH + Duration::from_secs(record.expires_at),
+            expires_at: UNIX_EPOCH + Duration::from_millis(record.expires_at_ms),
         })
     }
 

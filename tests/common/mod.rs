@@ -1,0 +1,199 @@
+//! Shared test harness: simulated identity server and API, a proxy in front, a client.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use std::path::{Path, PathBuf};
+use tollgate::config::Config;
+use tollgate::sim::api::ApiSim;
+use tollgate::sim::identity::{IdentityConfig, IdentitySim};
+use tollgate::sim::{bind_loopback, SimServer};
+use tollgate::Proxy;
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// A response, collected.
+pub struct Answer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// The echoed request header `name` (the API sim echoes what it received).
+    pub fn echoed_header(&self, name: &str) -> Vec<String> {
+        self.json()["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|pair| pair[0].as_str().unwrap().eq_ignore_ascii_case(name))
+            .map(|pair| pair[1].as_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+pub async fn collect(response: Response<hyper::body::Incoming>) -> Answer {
+    let (parts, body) = response.into_parts();
+    Answer {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: body.collect().await.expect("response body").to_bytes(),
+    }
+}
+
+/// Knobs of a test setup; `extra_upstream` and `extra_auth` are TOML lines.
+pub struct Setup {
+    pub identity: IdentityConfig,
+    pub base_path: &'static str,
+    pub extra_upstream: String,
+    pub extra_auth: String,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            identity: IdentityConfig::default(),
+            base_path: "/api/v1",
+            extra_upstream: String::new(),
+            extra_auth: String::new(),
+        }
+    }
+}
+
+/// Simulators plus a proxy; the state directory lives as long as the harness.
+pub struct Harness {
+    pub identity: IdentitySim,
+    pub identity_server: Option<SimServer>,
+    pub api: ApiSim,
+    pub api_server: SimServer,
+    pub proxy: Option<Proxy>,
+    pub state: tempfile::TempDir,
+    pub seed: String,
+    pub config_text: String,
+    pub client: TestClient,
+}
+
+impl Harness {
+    pub async fn start(setup: Setup) -> Harness {
+        let identity = IdentitySim::new(setup.identity.clone());
+        let identity_server = identity.serve(bind_loopback().await).await;
+        let api = ApiSim::new(identity.clone());
+        let api_server = api.serve(bind_loopback().await).await;
+        let state = tempfile::tempdir().unwrap();
+        let seed = identity.issue_refresh_token();
+        let config_text = config_text(
+            &setup,
+            &state.path().join("state"),
+            &identity.token_url(),
+            &format!("{}{}", api_server.url(), setup.base_path),
+            &seed,
+        );
+        let mut harness = Harness {
+            identity,
+            identity_server: Some(identity_server),
+            api,
+            api_server,
+            proxy: None,
+            state,
+            seed,
+            config_text,
+            client: client(),
+        };
+        harness.start_proxy().await;
+        harness
+    }
+
+    pub fn config(&self) -> Config {
+        Config::parse(&self.config_text, "test.toml", |_| None).expect("test config is valid")
+    }
+
+    pub async fn start_proxy(&mut self) {
+        assert!(self.proxy.is_none());
+        self.proxy = Some(Proxy::start(&self.config()).await.expect("proxy starts"));
+    }
+
+    pub async fn stop_proxy(&mut self) {
+        self.proxy.take().expect("proxy running").shutdown().await;
+    }
+
+    pub fn proxy(&self) -> &Proxy {
+        self.proxy.as_ref().expect("proxy running")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.proxy().addr("api").unwrap(), path)
+    }
+
+    pub async fn get(&self, path: &str) -> Answer {
+        self.send(Request::get(self.url(path)).body(Full::default()).unwrap())
+            .await
+    }
+
+    pub async fn post(&self, path: &str, body: impl Into<Bytes>) -> Answer {
+        let request = Request::post(self.url(path))
+            .header("content-type", "application/octet-stream")
+            .body(Full::new(body.into()))
+            .unwrap();
+        self.send(request).await
+    }
+
+    pub async fn send(&self, request: Request<Full<Bytes>>) -> Answer {
+        collect(self.client.request(request).await.expect("proxy answers")).await
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.state.path().join("state")
+    }
+
+    /// The stored token record of upstream `api`.
+    pub fn stored(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(self.state_dir().join("api.token.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+}
+
+pub fn config_text(
+    setup: &Setup,
+    state: &Path,
+    token_url: &str,
+    api_url: &str,
+    seed: &str,
+) -> String {
+    format!(
+        r#"
+[state]
+store = "file:{state}"
+
+[[upstream]]
+name = "api"
+listen = "127.0.0.1:0"
+url = "{api_url}"
+{extra_upstream}
+
+[upstream.auth]
+grant = "refresh_token"
+token_url = "{token_url}"
+client_id = "{client_id}"
+client_secret = "{client_secret}"
+refresh_token = "{seed}"
+{extra_auth}
+"#,
+        state = state.display(),
+        client_id = setup.identity.client_id,
+        client_secret = setup.identity.client_secret,
+        extra_upstream = setup.extra_upstream,
+        extra_auth = setup.extra_auth,
+    )
+}

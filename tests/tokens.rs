@@ -1,0 +1,281 @@
+//! Token lifecycle through the proxy: refresh ahead, replay after 401, single flight under
+//! load with strict rotation, and identity-server failures.
+
+mod common;
+
+use common::{Harness, Setup};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tollgate::sim::identity::IdentityConfig;
+
+fn lifetime(d: Duration) -> IdentityConfig {
+    IdentityConfig {
+        access_lifetime: d,
+        ..IdentityConfig::default()
+    }
+}
+
+/// With 2 s tokens, requests over 4.5 s never meet an expired token: the proxy refreshes
+/// ahead of expiry, so the API never answers 401.
+#[tokio::test]
+async fn refreshes_ahead_of_expiry() {
+    let h = Harness::start(Setup {
+        identity: lifetime(Duration::from_secs(2)),
+        ..Setup::default()
+    })
+    .await;
+    let start = Instant::now();
+    let mut generations = std::collections::BTreeSet::new();
+    while start.elapsed() < Duration::from_millis(4500) {
+        let a = h.get("/poll").await;
+        assert_eq!(a.status, 200, "{:?}", a.body);
+        generations.insert(a.echoed_header("authorization")[0].clone());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        h.api.counters().rejected,
+        0,
+        "no request met an expired token"
+    );
+    assert!(
+        generations.len() >= 3,
+        "two refreshes ahead of expiry: {}",
+        generations.len()
+    );
+    assert!(h.identity.counters().refreshes >= 3);
+}
+
+/// A forced 401 on a POST: one refresh, and the body arrives intact on the replay.
+#[tokio::test]
+async fn replays_a_post_once_after_401() {
+    let h = Harness::start(Setup::default()).await;
+    assert_eq!(h.get("/warm").await.status, 200);
+    let refreshes = h.identity.counters().refreshes;
+    let body: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    h.api.reject_next(1);
+    let a = h.post("/upload?x=1", body.clone()).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.json()["body_len"], body.len());
+    assert_eq!(a.json()["body_sha256"], sha256(&body));
+    assert_eq!(a.json()["method"], "POST");
+    assert_eq!(
+        h.identity.counters().refreshes,
+        refreshes + 1,
+        "exactly one refresh"
+    );
+    assert_eq!(h.api.counters().rejected, 1);
+}
+
+/// A body above retry_body_limit streams through and is not replayed: the client gets the
+/// upstream's 401 and no refresh is spent on a replay that cannot happen.
+#[tokio::test]
+async fn large_body_is_not_replayed() {
+    let h = Harness::start(Setup {
+        extra_upstream: "retry_body_limit = \"1KiB\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    assert_eq!(h.get("/warm").await.status, 200);
+    h.api.reject_next(1);
+    let a = h.post("/upload", vec![7u8; 4096]).await;
+    assert_eq!(a.status, 401);
+    assert!(a.headers["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .contains("invalid_token"));
+    // Small bodies still replay.
+    h.api.reject_next(1);
+    assert_eq!(h.post("/upload", vec![7u8; 512]).await.status, 200);
+}
+
+/// 200 concurrent clients across two natural expiries and two forced invalidations: every
+/// request succeeds, refreshes stay one per event (not one per request), and no refresh token
+/// is ever redeemed twice — the strict simulator would have revoked the grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_one_refresh_per_generation() {
+    let h = Arc::new(
+        Harness::start(Setup {
+            identity: lifetime(Duration::from_secs(2)),
+            ..Setup::default()
+        })
+        .await,
+    );
+    assert_eq!(h.get("/warm").await.status, 200);
+    let start = Instant::now();
+    let run_for = Duration::from_millis(4500);
+    let mut clients = Vec::new();
+    for i in 0..200 {
+        let h = Arc::clone(&h);
+        clients.push(tokio::spawn(async move {
+            let mut ok = 0u32;
+            while start.elapsed() < run_for {
+                let a = h.post(&format!("/c/{i}"), format!("client {i}")).await;
+                assert_eq!(
+                    a.status,
+                    200,
+                    "client {i}: {}",
+                    String::from_utf8_lossy(&a.body)
+                );
+                assert_eq!(a.json()["body"], format!("client {i}"));
+                ok += 1;
+            }
+            ok
+        }));
+    }
+    for at in [1000, 3000] {
+        tokio::time::sleep_until((start + Duration::from_millis(at)).into()).await;
+        h.identity.expire_access_tokens();
+    }
+    let mut total = 0;
+    for c in clients {
+        total += c.await.unwrap();
+    }
+    let ids = h.identity.counters();
+    assert!(total > 400, "load ran: {total} requests");
+    assert_eq!(ids.reuse_detected, 0, "no refresh token redeemed twice");
+    assert_eq!(ids.grants_revoked, 0);
+    assert!(
+        h.api.counters().rejected >= 2,
+        "the forced invalidations were seen"
+    );
+    // 1 initial + 2 natural expiries + 2 invalidations; allow one refresh-ahead overlapping.
+    assert!(
+        (4..=6).contains(&ids.refreshes),
+        "refreshes: {}",
+        ids.refreshes
+    );
+    assert_eq!(
+        h.stored()["generation"],
+        ids.refreshes,
+        "one generation per refresh"
+    );
+}
+
+/// The identity server fails three times: the request waits through the backoff and succeeds.
+#[tokio::test]
+async fn recovers_after_identity_failures() {
+    let h = Harness::start(Setup::default()).await;
+    assert_eq!(h.get("/warm").await.status, 200);
+    h.identity.fail_next(3, 503);
+    h.identity.expire_access_tokens();
+    let a = h.get("/after").await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(h.identity.counters().failures_injected, 3);
+}
+
+/// Garbage from the identity server is a transient failure, not a lost refresh token.
+#[tokio::test]
+async fn garbage_token_response_is_retried_and_loses_nothing() {
+    let h = Harness::start(Setup::default()).await;
+    assert_eq!(h.get("/warm").await.status, 200);
+    let stored = h.stored()["refresh_token"].clone();
+    h.identity.garbage_next(2);
+    h.identity.expire_access_tokens();
+    assert_eq!(h.get("/after").await.status, 200);
+    assert_ne!(
+        h.stored()["refresh_token"],
+        stored,
+        "rotated once the server answered properly"
+    );
+    assert_eq!(h.identity.counters().reuse_detected, 0);
+}
+
+/// With the identity server down, a still-valid token keeps serving; once it expires the
+/// proxy answers 503 problem+json with Retry-After and sends nothing upstream.
+#[tokio::test]
+async fn identity_down_serves_valid_token_then_503_when_expired() {
+    let mut h = Harness::start(Setup {
+        identity: lifetime(Duration::from_secs(3)),
+        extra_auth: "refresh_wait = \"500ms\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    assert_eq!(h.get("/warm").await.status, 200);
+    h.identity_server.take().unwrap().shutdown().await;
+    assert_eq!(
+        h.get("/still").await.status,
+        200,
+        "valid token still served"
+    );
+
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let before = h.api.counters().requests;
+    let a = h.get("/expired").await;
+    assert_eq!(a.status, 503, "{:?}", a.body);
+    assert_eq!(a.headers["content-type"], "application/problem+json");
+    let retry: u64 = a.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry >= 1);
+    assert_eq!(
+        a.json()["type"],
+        "urn:tollgate:problem:identity-unavailable"
+    );
+    assert_eq!(
+        h.api.counters().requests,
+        before,
+        "an expired token is never injected"
+    );
+}
+
+/// invalid_grant is final: 503 saying to run `tollgate login`, and the identity server is not
+/// asked again on every request.
+#[tokio::test]
+async fn invalid_grant_is_final_and_says_what_to_do() {
+    let h = Harness::start(Setup::default()).await;
+    assert_eq!(h.get("/warm").await.status, 200);
+    h.identity.revoke_all();
+    h.identity.expire_access_tokens();
+    let a = h.get("/x").await;
+    assert_eq!(a.status, 503);
+    let detail = a.json()["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("tollgate login api"), "{detail}");
+    assert_eq!(a.json()["type"], "urn:tollgate:problem:login-required");
+    let asked = h.identity.counters().token_requests;
+    for _ in 0..5 {
+        assert_eq!(h.get("/x").await.status, 503);
+    }
+    assert_eq!(
+        h.identity.counters().token_requests,
+        asked,
+        "no hammering after invalid_grant"
+    );
+}
+
+/// A client_credentials upstream asks again when its token is refused.
+#[tokio::test]
+async fn client_credentials_grant() {
+    let mut setup = Setup::default();
+    setup.extra_auth = String::new();
+    let h = Harness::start(setup).await;
+    let text = h.config_text.replace(
+        "grant = \"refresh_token\"",
+        "grant = \"client_credentials\"",
+    );
+    let text = text
+        .lines()
+        .filter(|l| !l.starts_with("refresh_token"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let config = tollgate::config::Config::parse(&text, "t", |_| None).unwrap();
+    let proxy = tollgate::Proxy::start(&config).await.unwrap();
+    let url = format!("http://{}/cc", proxy.addr("api").unwrap());
+    let get = || async {
+        let req = http::Request::get(&url)
+            .body(http_body_util::Full::default())
+            .unwrap();
+        common::collect(h.client.request(req).await.unwrap()).await
+    };
+    assert_eq!(get().await.status, 200);
+    let before = h.identity.counters().client_credentials;
+    h.identity.expire_access_tokens();
+    assert_eq!(get().await.status, 200);
+    assert_eq!(h.identity.counters().client_credentials, before + 1);
+    proxy.shutdown().await;
+}
+
+fn sha256(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
