@@ -243,9 +243,7 @@ async fn invalid_grant_is_final_and_says_what_to_do() {
 /// A client_credentials upstream asks again when its token is refused.
 #[tokio::test]
 async fn client_credentials_grant() {
-    let mut setup = Setup::default();
-    setup.extra_auth = String::new();
-    let h = Harness::start(setup).await;
+    let h = Harness::start(Setup::default()).await;
     let text = h.config_text.replace(
         "grant = \"refresh_token\"",
         "grant = \"client_credentials\"",

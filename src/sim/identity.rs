@@ -259,6 +259,17 @@ impl IdentitySim {
         self.state().counters
     }
 
+    /// Every access and refresh token this server ever issued (for leak tests).
+    pub fn issued_tokens(&self) -> Vec<String> {
+        let state = self.state();
+        state
+            .access_tokens
+            .keys()
+            .chain(state.refresh_tokens.keys())
+            .cloned()
+            .collect()
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         // A test that panicked while holding the lock must not take every other test down.
         self.inner

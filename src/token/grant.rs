@@ -27,14 +27,14 @@ pub struct Issued {
 pub enum GrantError {
     /// `invalid_grant` (or a 401 `invalid_token` from the token endpoint): the refresh token is
     /// dead. Only a new login or a new seed helps.
-    #[error("the identity server rejected the grant ({code}{})", describe(.description))]
+    #[error("{code}{}", describe(.description))]
     InvalidGrant {
         code: String,
         description: Option<String>,
     },
     /// The client itself is refused (`invalid_client`, `unauthorized_client`, ...): the config
     /// needs fixing.
-    #[error("the identity server refused the request ({code}{})", describe(.description))]
+    #[error("{code}{}", describe(.description))]
     Refused {
         code: String,
         description: Option<String>,

@@ -208,13 +208,6 @@ impl TokenCache {
         })
     }
 
-    /// Shorten the retry backoff (tests).
-    pub fn with_backoff(mut self, initial: Duration, max: Duration) -> Self {
-        self.backoff_initial = initial;
-        self.backoff_max = max;
-        self
-    }
-
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -431,7 +424,7 @@ impl TokenCache {
             }
             GrantError::Refused { .. } => {
                 let error = TokenError::Refused(format!(
-                    "{e}; check client_id, client_secret, client_auth and scope of upstream `{}`",
+                    "the identity server refused the client of upstream `{}` ({e}); check client_id, client_secret, client_auth and scope",
                     self.name
                 ));
                 tracing::error!(upstream = %self.name, "{error}");

@@ -1,0 +1,106 @@
+//! No secret or token ever appears in logs, error responses, `check` output or Debug output.
+//! (One test in this binary: it installs the process-wide log subscriber.)
+
+mod common;
+
+use common::{Harness, Setup};
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tollgate::sim::identity::IdentityConfig;
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A full run at trace level for every crate — refreshes, a replay after 401, rotations,
+/// identity failures, invalid_grant, a restart — then every token the identity server ever
+/// issued, the client secret and the seed are searched for in everything the proxy printed
+/// or answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_or_token_in_logs_errors_or_debug() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .init();
+
+    let mut h = Harness::start(Setup {
+        identity: IdentityConfig {
+            client_secret: "very-secret-client-credential".into(),
+            access_lifetime: Duration::from_secs(2),
+            ..IdentityConfig::default()
+        },
+        extra_auth: "refresh_wait = \"300ms\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    let mut answers = Vec::new();
+    for i in 0..5 {
+        answers.push(h.get(&format!("/a/{i}")).await);
+    }
+    h.api.reject_next(1);
+    answers.push(h.post("/replay", "payload").await);
+    tokio::time::sleep(Duration::from_millis(1800)).await; // one refresh ahead
+    answers.push(h.get("/after-ahead").await);
+    h.identity.fail_next(2, 500);
+    h.identity.garbage_next(1);
+    h.identity.expire_access_tokens();
+    answers.push(h.get("/after-failures").await);
+    h.stop_proxy().await;
+    h.start_proxy().await;
+    answers.push(h.get("/after-restart").await);
+    h.identity.revoke_all();
+    h.identity.expire_access_tokens();
+    let refused = h.get("/after-revoke").await;
+    assert_eq!(refused.status, 503);
+    answers.push(refused);
+
+    let config = h.config();
+    let printed = format!("{}\n{:?}\n{:#?}", config.describe(), config, config);
+    let log_text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(log_text.contains("token refreshed"), "logs were captured");
+    assert!(log_text.contains("TRACE") || log_text.contains("DEBUG"));
+
+    let mut secrets = h.identity.issued_tokens();
+    assert!(secrets.len() >= 8, "tokens issued: {}", secrets.len());
+    secrets.push("very-secret-client-credential".into());
+    secrets.push(h.seed.clone());
+    // Error responses are tollgate's own words; echoed API answers legitimately hold the
+    // token the API received, so only tollgate-made answers are searched.
+    let own_answers: String = answers
+        .iter()
+        .filter(|a| {
+            a.headers
+                .get("content-type")
+                .is_some_and(|c| c == "application/problem+json")
+        })
+        .map(|a| String::from_utf8_lossy(&a.body).into_owned())
+        .collect();
+    assert!(!own_answers.is_empty());
+    for secret in &secrets {
+        assert!(
+            !log_text.contains(secret.as_str()),
+            "a secret leaked into the logs"
+        );
+        assert!(
+            !printed.contains(secret.as_str()),
+            "a secret leaked into check/Debug output"
+        );
+        assert!(
+            !own_answers.contains(secret.as_str()),
+            "a secret leaked into an error response"
+        );
+    }
+}

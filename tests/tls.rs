@@ -1,0 +1,110 @@
+//! HTTPS upstreams: a private CA given through `ca_file` is trusted, and without it the
+//! upstream's certificate is refused (502), so tokens never go to an unverified host.
+
+mod common;
+
+use common::{Harness, Setup};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+struct TestCa {
+    ca_pem: String,
+    cert_der: Vec<u8>,
+    key_der: Vec<u8>,
+}
+
+fn make_ca() -> TestCa {
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "tollgate test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let mut leaf = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    leaf.subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf_cert = leaf.signed_by(&leaf_key, &ca_cert, &ca_key).unwrap();
+    TestCa {
+        ca_pem: ca_cert.pem(),
+        cert_der: leaf_cert.der().to_vec(),
+        key_der: leaf_key.serialize_der(),
+    }
+}
+
+/// Terminate TLS on a loopback port and pass the plain bytes to `backend`.
+async fn tls_front(ca: &TestCa, backend: std::net::SocketAddr) -> std::net::SocketAddr {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![ca.cert_der.clone().into()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(ca.key_der.clone().into()),
+        )
+        .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let mut plain = tokio::net::TcpStream::connect(backend).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    addr
+}
+
+/// With the test CA in `ca_file`, requests reach the HTTPS upstream with the token; without
+/// it, the certificate is not trusted and the client gets 502.
+#[tokio::test]
+async fn https_upstream_with_private_ca() {
+    let ca = make_ca();
+    let h = Harness::start(Setup::default()).await;
+    let front = tls_front(&ca, h.api_server.addr).await;
+    let ca_path = h.state.path().join("ca.pem");
+    std::fs::write(&ca_path, &ca.ca_pem).unwrap();
+    let plain_url = format!("{}/api/v1", h.api_server.url());
+    let https_url = format!("https://localhost:{}/api/v1", front.port());
+    let trusted = h.config_text.replace(&plain_url, &https_url).replace(
+        "[upstream.auth]",
+        &format!("ca_file = \"{}\"\n\n[upstream.auth]", ca_path.display()),
+    );
+    let untrusted = h.config_text.replace(&plain_url, &https_url);
+
+    for (text, expect) in [(trusted, 200), (untrusted, 502)] {
+        let config = tollgate::config::Config::parse(&text, "t", |_| None).unwrap();
+        let proxy = tollgate::Proxy::start(&config).await.unwrap();
+        let url = format!("http://{}/secure?x=1", proxy.addr("api").unwrap());
+        let req = http::Request::get(url)
+            .body(http_body_util::Full::default())
+            .unwrap();
+        let a = common::collect(h.client.request(req).await.unwrap()).await;
+        assert_eq!(a.status, expect, "{}", String::from_utf8_lossy(&a.body));
+        if expect == 200 {
+            assert_eq!(a.json()["path"], "/api/v1/secure");
+            assert_eq!(
+                a.echoed_header("host"),
+                vec![format!("localhost:{}", front.port())]
+            );
+            assert!(a.echoed_header("authorization")[0].starts_with("Bearer at_"));
+        } else {
+            assert!(
+                a.json()["detail"].as_str().unwrap().contains("certificate"),
+                "{:?}",
+                a.json()
+            );
+        }
+        proxy.shutdown().await;
+    }
+}
