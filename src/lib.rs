@@ -60,18 +60,38 @@ pub struct Proxy {
     tokens: BTreeMap<String, Arc<TokenCache>>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// One upstream's listener(s) and what each needs to build its pipeline.
+struct Bound {
+    config: config::UpstreamConfig,
+    tokens: Arc<TokenCache>,
+    roots: Option<Vec<u8>>,
+    local: SocketAddr,
+    listeners: Vec<std::net::TcpListener>,
 }
 
 impl Proxy {
-    /// Bind the listeners of `config` and start serving.
+    /// Bind the listeners of `config` and serve on the caller's runtime (tests, embedding).
     pub async fn start(config: &Config) -> Result<Proxy, StartError> {
+        Proxy::start_with_workers(config, 1).await
+    }
+
+    /// Bind the listeners of `config` and serve them on `workers` threads.
+    ///
+    /// With more than one worker, each is an OS thread with its own single-threaded runtime,
+    /// its own `SO_REUSEPORT` listener per upstream and its own upstream connection pool, so a
+    /// request is accepted, forwarded and answered on one thread without cross-thread wakeups
+    /// (the event-loop-per-core model nginx uses). The token caches are shared and lock-free.
+    pub async fn start_with_workers(config: &Config, workers: usize) -> Result<Proxy, StartError> {
+        let workers = workers.max(1);
         let location =
             StoreLocation::parse(&config.state.store).map_err(StartError::StoreLocation)?;
         let store = store::open(&location)?;
         let (stop, stopped) = watch::channel(false);
         let mut tasks = JoinSet::new();
-        let mut addrs = BTreeMap::new();
-        let mut caches = BTreeMap::new();
+        let mut bound = Vec::new();
         for up in &config.upstreams {
             let fail = |reason: String| StartError::Upstream {
                 upstream: up.name.clone(),
@@ -86,34 +106,91 @@ impl Proxy {
                 };
             let tokens =
                 Arc::new(TokenCache::new(up, Arc::clone(&store), roots.as_deref()).map_err(&fail)?);
-            let upstream = forward::Upstream::new(up, roots.as_deref()).map_err(&fail)?;
-            let listener = tokio::net::TcpListener::bind(up.listen)
-                .await
-                .map_err(|source| StartError::Bind {
-                    upstream: up.name.clone(),
-                    addr: up.listen,
-                    source,
-                })?;
-            let local = listener.local_addr().map_err(|source| StartError::Bind {
+            // Fail on a bad upstream URL or CA before binding anything.
+            forward::Upstream::new(up, roots.as_deref()).map_err(&fail)?;
+            let bind_error = |source| StartError::Bind {
                 upstream: up.name.clone(),
                 addr: up.listen,
                 source,
-            })?;
-            let pipeline = Arc::new(Pipeline::new(up, local, upstream, Arc::clone(&tokens)));
+            };
+            let listeners = server::bind(up.listen, workers).map_err(bind_error)?;
+            let local = listeners[0].local_addr().map_err(bind_error)?;
+            let mut stop_refresh = stopped.clone();
+            tasks.spawn(Arc::clone(&tokens).refresh_ahead(async move {
+                server::stopped(&mut stop_refresh).await;
+            }));
+            tracing::info!(upstream = %up.name, listen = %local, url = %up.url, workers, "listening");
+            bound.push(Bound {
+                config: up.clone(),
+                tokens,
+                roots,
+                local,
+                listeners,
+            });
+        }
+
+        // Worker i serves the i-th listener of every upstream.
+        let mut per_worker: Vec<Vec<(tokio::net::TcpListener, Arc<Pipeline>)>> =
+            (0..workers).map(|_| Vec::new()).collect();
+        let mut std_per_worker: Vec<Vec<(std::net::TcpListener, Arc<Pipeline>)>> =
+            (0..workers).map(|_| Vec::new()).collect();
+        for b in &mut bound {
+            for (i, listener) in b.listeners.drain(..).enumerate() {
+                let upstream =
+                    forward::Upstream::new(&b.config, b.roots.as_deref()).expect("checked above");
+                let pipeline = Arc::new(Pipeline::new(
+                    &b.config,
+                    b.local,
+                    upstream,
+                    Arc::clone(&b.tokens),
+                ));
+                if workers == 1 {
+                    let listener =
+                        tokio::net::TcpListener::from_std(listener).map_err(|source| {
+                            StartError::Bind {
+                                upstream: b.config.name.clone(),
+                                addr: b.local,
+                                source,
+                            }
+                        })?;
+                    per_worker[i].push((listener, pipeline));
+                } else {
+                    std_per_worker[i].push((listener, pipeline));
+                }
+            }
+        }
+        for (listener, pipeline) in per_worker.into_iter().flatten() {
             tasks.spawn(server::serve(
                 listener,
                 pipeline,
                 stopped.clone(),
                 SHUTDOWN_GRACE,
             ));
-            let mut stop_refresh = stopped.clone();
-            tasks.spawn(Arc::clone(&tokens).refresh_ahead(async move {
-                server::stopped(&mut stop_refresh).await;
-            }));
-            tracing::info!(upstream = %up.name, listen = %local, url = %up.url, "listening");
-            addrs.insert(up.name.clone(), local);
-            caches.insert(up.name.clone(), tokens);
         }
+        let mut threads = Vec::new();
+        for (i, set) in std_per_worker.into_iter().enumerate() {
+            if set.is_empty() {
+                continue;
+            }
+            let stopped = stopped.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("tollgate-worker-{i}"))
+                .spawn(move || server::run_worker(set, stopped, SHUTDOWN_GRACE))
+                .map_err(|e| StartError::Upstream {
+                    upstream: "*".into(),
+                    reason: format!("cannot start worker thread: {e}"),
+                })?;
+            threads.push(thread);
+        }
+
+        let caches: BTreeMap<String, Arc<TokenCache>> = bound
+            .iter()
+            .map(|b| (b.config.name.clone(), Arc::clone(&b.tokens)))
+            .collect();
+        let addrs = bound
+            .iter()
+            .map(|b| (b.config.name.clone(), b.local))
+            .collect();
         let admin_addr = match &config.admin {
             Some(admin) => {
                 let listener =
@@ -143,6 +220,7 @@ impl Proxy {
             tokens: caches,
             stop,
             tasks,
+            workers: threads,
         })
     }
 
@@ -164,12 +242,26 @@ impl Proxy {
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
+        let workers = std::mem::take(&mut self.workers);
+        let _ = tokio::task::spawn_blocking(move || {
+            for w in workers {
+                let _ = w.join();
+            }
+        })
+        .await;
     }
 }
 
-/// Run the proxy until `shutdown` resolves, then shut down gracefully.
-pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    let proxy = Proxy::start(config).await?;
+/// Run the proxy on `workers` threads (default: one per CPU) until `shutdown` resolves, then
+/// shut down gracefully.
+pub async fn run(
+    config: &Config,
+    workers: Option<usize>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let workers =
+        workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let proxy = Proxy::start_with_workers(config, workers).await?;
     shutdown.await;
     tracing::info!("shutting down: finishing in-flight requests");
     proxy.shutdown().await;

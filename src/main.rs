@@ -36,7 +36,13 @@ struct ConfigArg {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy.
-    Serve(ConfigArg),
+    Serve {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Worker threads serving requests (default: one per CPU).
+        #[arg(long, env = "TOLLGATE_WORKERS")]
+        workers: Option<usize>,
+    },
     /// Validate the config and print the resolved settings (secrets redacted).
     Check(ConfigArg),
     /// Start a simulated identity server and API with a proxy in front, and print curl lines.
@@ -75,7 +81,10 @@ async fn shutdown_signal() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    // Requests are served on worker threads of their own (see `tollgate::run`); this runtime
+    // only runs signals, refresh-ahead tasks and the admin listener.
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .expect("tokio runtime");
@@ -93,7 +102,10 @@ fn main() -> ExitCode {
                 }
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Serve(arg) => {
+            Command::Serve {
+                config: arg,
+                workers,
+            } => {
                 let config = match load(&arg) {
                     Ok(c) => c,
                     Err(code) => return Ok(code),
@@ -101,7 +113,7 @@ fn main() -> ExitCode {
                 for w in config.warnings() {
                     tracing::warn!("{w}");
                 }
-                tollgate::run(&config, shutdown_signal())
+                tollgate::run(&config, workers, shutdown_signal())
                     .await
                     .context("tollgate could not start")?;
                 Ok(ExitCode::SUCCESS)

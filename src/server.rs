@@ -11,6 +11,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -91,4 +92,58 @@ pub async fn serve<H: Handler>(
 /// Resolves once `shutdown` says stop (or its sender is gone).
 pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Bind `count` listeners on `addr` with `SO_REUSEPORT`, so each worker accepts on its own
+/// socket and the kernel spreads connections between them. Port 0 binds once, then the rest
+/// join the port the first one got.
+pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut listeners = Vec::with_capacity(count);
+    let mut addr = addr;
+    for _ in 0..count {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        if count > 1 {
+            socket.set_reuseport(true)?;
+        }
+        socket.bind(addr)?;
+        let listener = socket.listen(1024)?.into_std()?;
+        addr = listener.local_addr()?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// Body of a worker thread: a single-threaded runtime serving its share of the listeners.
+pub fn run_worker<H: Handler>(
+    listeners: Vec<(std::net::TcpListener, Arc<H>)>,
+    stop: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start a worker runtime");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let mut served = tokio::task::JoinSet::new();
+        for (listener, handler) in listeners {
+            match TcpListener::from_std(listener) {
+                Ok(listener) => {
+                    served.spawn(serve(listener, handler, stop.clone(), grace));
+                }
+                Err(e) => tracing::error!(error = %e, "cannot register a listener"),
+            }
+        }
+        while served.join_next().await.is_some() {}
+    });
 }

@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# tollgate vs nginx, doing the same job on the same machine.
+#
+#   needs:  apt-get install nginx wrk      (and a Rust toolchain)
+#   run:    benches/compare.sh [ROUNDS] [SECONDS]     (defaults: 3 rounds of 10 s each)
+#
+# One fast upstream (nginx, 1 worker, `return 200`), and two reverse proxies in front of it,
+# each with upstream keep-alive and an Authorization header on every request:
+#   - nginx: proxy_set_header Authorization "Bearer <static>"
+#   - tollgate: the token it got from the simulated identity server, from its cache
+# wrk -t2 -c50 hits each proxy in alternating rounds. Prints req/s, p50 and p99 per round,
+# non-2xx counts, tollgate's peak RSS under load, and the median ratios.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${1:-3}
+SECONDS_PER_ROUND=${2:-10}
+CONNECTIONS=${CONNECTIONS:-50}
+UPSTREAM_PORT=${UPSTREAM_PORT:-18080}
+NGINX_PORT=${NGINX_PORT:-18081}
+TOLLGATE_PORT=${TOLLGATE_PORT:-18082}
+IDENTITY_PORT=${IDENTITY_PORT:-18083}
+EXTRA_UPSTREAM_TOML=${EXTRA_UPSTREAM_TOML:-}
+
+for tool in nginx wrk; do
+  command -v "$tool" >/dev/null || { echo "needs $tool: apt-get install nginx wrk" >&2; exit 1; }
+done
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$work/upstream.pid" ] && kill "$(cat "$work/upstream.pid")" 2>/dev/null || true
+  [ -f "$work/proxy.pid" ] && kill "$(cat "$work/proxy.pid")" 2>/dev/null || true
+  sleep 0.2
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+echo "building tollgate (release)..." >&2
+cargo build --release --quiet --bin tollgate --example sim
+
+# The upstream: answers every request at once, keeps connections open.
+cat > "$work/upstream.conf" <<CONF
+worker_processes 1;
+pid $work/upstream.pid;
+error_log $work/upstream-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  server {
+    listen 127.0.0.1:$UPSTREAM_PORT reuseport;
+    keepalive_requests 1000000;
+    location / { return 200 '{"ok":true}\n'; }
+  }
+}
+CONF
+
+# nginx as the reverse proxy: static bearer header, pooled upstream connections.
+cat > "$work/proxy.conf" <<CONF
+worker_processes 2;
+pid $work/proxy.pid;
+error_log $work/proxy-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream api { server 127.0.0.1:$UPSTREAM_PORT; keepalive 64; keepalive_requests 1000000; }
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    keepalive_requests 1000000;
+    location / {
+      proxy_pass http://api;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host 127.0.0.1:$UPSTREAM_PORT;
+      proxy_set_header Authorization "Bearer static-token-of-similar-length-aaaaaaaaaaaaaaa";
+      proxy_buffering on;
+    }
+  }
+}
+CONF
+
+nginx -c "$work/upstream.conf" -e "$work/upstream-error.log"
+nginx -c "$work/proxy.conf" -e "$work/proxy-error.log"
+
+./target/release/examples/sim --identity "127.0.0.1:$IDENTITY_PORT" > "$work/sim.out" &
+pids+=($!)
+for _ in $(seq 50); do grep -q '^seed ' "$work/sim.out" 2>/dev/null && break; sleep 0.1; done
+client_id=$(awk '/^client_id /{print $2}' "$work/sim.out")
+client_secret=$(awk '/^client_secret /{print $2}' "$work/sim.out")
+
+cat > "$work/tollgate.toml" <<CONF
+[state]
+store = "file:$work/state"
+
+[[upstream]]
+name = "bench"
+listen = "127.0.0.1:$TOLLGATE_PORT"
+url = "http://127.0.0.1:$UPSTREAM_PORT"
+$EXTRA_UPSTREAM_TOML
+
+[upstream.auth]
+grant = "client_credentials"
+token_url = "http://127.0.0.1:$IDENTITY_PORT/token"
+client_id = "$client_id"
+client_secret = "$client_secret"
+CONF
+RUST_LOG=warn ./target/release/tollgate serve -c "$work/tollgate.toml" 2> "$work/tollgate.log" &
+tollgate_pid=$!
+pids+=("$tollgate_pid")
+for _ in $(seq 50); do curl -fs "http://127.0.0.1:$TOLLGATE_PORT/" >/dev/null 2>&1 && break; sleep 0.1; done
+curl -fs "http://127.0.0.1:$NGINX_PORT/" >/dev/null
+curl -fs "http://127.0.0.1:$TOLLGATE_PORT/" >/dev/null || { echo "tollgate did not come up:" >&2; cat "$work/tollgate.log" >&2; exit 1; }
+
+# Latency in wrk's units (us, ms, s) to milliseconds.
+to_ms() { awk '{ v=$1; if (v ~ /us$/) { sub(/us$/,"",v); v/=1000 } else if (v ~ /ms$/) { sub(/ms$/,"",v) } else if (v ~ /s$/) { sub(/s$/,"",v); v*=1000 } printf "%.3f", v }'; }
+
+peak_rss_kib=0
+run() { # name port -> "rps p50 p99 non2xx"
+  local port=$2 out
+  if [ "$1" = tollgate ]; then
+    ( while kill -0 "$tollgate_pid" 2>/dev/null; do
+        awk '/^VmRSS:/{print $2}' "/proc/$tollgate_pid/status" >> "$work/rss"; sleep 0.5; done ) &
+    local sampler=$!
+  fi
+  out=$(wrk -t2 -c"$CONNECTIONS" -d"${SECONDS_PER_ROUND}s" --latency "http://127.0.0.1:$port/api/items?id=1")
+  [ "$1" = tollgate ] && kill "$sampler" 2>/dev/null
+  local rps p50 p99 bad
+  rps=$(awk '/^Requests\/sec:/{print $2}' <<<"$out")
+  p50=$(awk '$1=="50%"{print $2}' <<<"$out" | to_ms)
+  p99=$(awk '$1=="99%"{print $2}' <<<"$out" | to_ms)
+  bad=$(awk '/Non-2xx or 3xx responses:/{print $5}' <<<"$out")
+  errors=$(awk '/Socket errors:/{print}' <<<"$out")
+  [ -n "$errors" ] && echo "  $1: $errors" >&2
+  echo "$rps $p50 $p99 ${bad:-0}"
+}
+
+median() { sort -g | awk '{a[NR]=$1} END { if (NR%2) print a[(NR+1)/2]; else printf "%.3f\n", (a[NR/2]+a[NR/2+1])/2 }'; }
+
+echo "warm-up..." >&2
+wrk -t2 -c"$CONNECTIONS" -d2s "http://127.0.0.1:$NGINX_PORT/" >/dev/null
+wrk -t2 -c"$CONNECTIONS" -d2s "http://127.0.0.1:$TOLLGATE_PORT/" >/dev/null
+
+printf '\nwrk -t2 -c%s -d%ss, %s rounds, %s cores\n\n' "$CONNECTIONS" "$SECONDS_PER_ROUND" "$ROUNDS" "$(nproc)"
+printf '%-6s %-9s %12s %10s %10s %8s\n' round proxy req/s p50_ms p99_ms non2xx
+: > "$work/nginx.txt"; : > "$work/tollgate.txt"
+for r in $(seq "$ROUNDS"); do
+  # Alternate who goes first, so neither always runs on a warmer machine.
+  if [ $((r % 2)) -eq 1 ]; then order="nginx tollgate"; else order="tollgate nginx"; fi
+  for who in $order; do
+    port=$NGINX_PORT; [ "$who" = tollgate ] && port=$TOLLGATE_PORT
+    read -r rps p50 p99 bad < <(run "$who" "$port")
+    echo "$rps $p50 $p99 $bad" >> "$work/$who.txt"
+    printf '%-6s %-9s %12s %10s %10s %8s\n' "$r" "$who" "$rps" "$p50" "$p99" "$bad"
+  done
+done
+
+col() { awk -v c="$1" '{print $c}' "$work/$2.txt" | median; }
+n_rps=$(col 1 nginx); t_rps=$(col 1 tollgate)
+n_p50=$(col 2 nginx); t_p50=$(col 2 tollgate)
+n_p99=$(col 3 nginx); t_p99=$(col 3 tollgate)
+bad_total=$(awk '{s+=$4} END {print s+0}' "$work/nginx.txt" "$work/tollgate.txt")
+peak_rss_kib=$(sort -n "$work/rss" | tail -1)
+
+printf '\nmedians      nginx %10s req/s  p50 %s ms  p99 %s ms\n' "$n_rps" "$n_p50" "$n_p99"
+printf '             tollgate %7s req/s  p50 %s ms  p99 %s ms\n' "$t_rps" "$t_p50" "$t_p99"
+awk -v a="$t_rps" -v b="$n_rps" 'BEGIN { printf "throughput   tollgate / nginx = %.3f  (target >= 1.0)\n", a/b }'
+awk -v a="$t_p99" -v b="$n_p99" 'BEGIN { printf "p99 latency  tollgate / nginx = %.3f  (target <= 1.0)\n", a/b }'
+awk -v a="$t_p50" -v b="$n_p50" 'BEGIN { printf "p50 latency  tollgate / nginx = %.3f\n", a/b }'
+awk -v k="$peak_rss_kib" 'BEGIN { printf "tollgate peak RSS under load: %.1f MiB  (target <= 30)\n", k/1024 }'
+echo "non-2xx responses, all rounds: $bad_total  (target 0)"

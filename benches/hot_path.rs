@@ -1,0 +1,107 @@
+//! criterion benches of the per-request pieces of the proxy: the URI rewrite, the header
+//! rewrite, and the token read from the cache.
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use http::{HeaderMap, HeaderValue, Method, Uri, Version};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tollgate::config::Config;
+use tollgate::forward::{self, Target};
+use tollgate::sim::identity::{IdentityConfig, IdentitySim};
+use tollgate::token::TokenCache;
+
+fn uri_rewrite(c: &mut Criterion) {
+    let local: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+    let uri: Uri = "/api/acme/Style/Header/42?fields=name&x=1".parse().unwrap();
+    let at_root = Target::new(&"https://developers.beproduct.com".parse().unwrap()).unwrap();
+    let with_base = Target::new(&"https://erp.example/api/domain/odata".parse().unwrap()).unwrap();
+    c.bench_function("uri_rewrite/no_base_path", |b| {
+        b.iter(|| {
+            at_root
+                .rewrite(&Method::GET, black_box(&uri), Version::HTTP_11, local)
+                .unwrap()
+        })
+    });
+    c.bench_function("uri_rewrite/base_path", |b| {
+        b.iter(|| {
+            with_base
+                .rewrite(&Method::GET, black_box(&uri), Version::HTTP_11, local)
+                .unwrap()
+        })
+    });
+    let dotted: Uri = "/api/acme/files/report.v2.pdf?x=%20y".parse().unwrap();
+    c.bench_function("uri_rewrite/path_with_dots_and_escapes", |b| {
+        b.iter(|| {
+            at_root
+                .rewrite(&Method::GET, black_box(&dotted), Version::HTTP_11, local)
+                .unwrap()
+        })
+    });
+}
+
+fn header_rewrite(c: &mut Criterion) {
+    let target = Target::new(&"https://developers.beproduct.com".parse().unwrap()).unwrap();
+    let mut token =
+        HeaderValue::from_static("Bearer eyJhbGciOiJSUzI1NiIsImtpZCI6IjEifQ.payload.signature");
+    token.set_sensitive(true);
+    let mut template = HeaderMap::new();
+    for (k, v) in [
+        ("host", "127.0.0.1:8080"),
+        ("user-agent", "curl/8.0"),
+        ("accept", "application/json"),
+        ("content-type", "application/json"),
+        ("authorization", "Bearer client-own"),
+        ("connection", "keep-alive"),
+    ] {
+        template.insert(k, v.parse().unwrap());
+    }
+    c.bench_function("header_rewrite/typical_request", |b| {
+        b.iter_batched_ref(
+            || template.clone(),
+            |h| forward::rewrite_request_headers(h, Version::HTTP_11, &target, &token),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+}
+
+fn token_read(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (cache, _identity, _server, _state) = runtime.block_on(async {
+        let (identity, server) = IdentitySim::start(IdentityConfig::default()).await;
+        let state = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[state]\nstore = \"file:{}\"\n[[upstream]]\nname = \"b\"\nlisten = \"127.0.0.1:0\"\nurl = \"http://127.0.0.1:1\"\n[upstream.auth]\ngrant = \"client_credentials\"\ntoken_url = \"{}\"\nclient_id = \"tollgate-test\"\nclient_secret = \"s3cret\"\n",
+            state.path().display(),
+            identity.token_url()
+        );
+        let config = Config::parse(&text, "bench", |_| None).unwrap();
+        let store = tollgate::store::open(&tollgate::config::StoreLocation::parse(&config.state.store).unwrap()).unwrap();
+        let cache = Arc::new(TokenCache::new(&config.upstreams[0], store, None).unwrap());
+        cache.get().await.unwrap();
+        (cache, identity, server, state)
+    });
+    c.bench_function("token_read/cached_one_thread", |b| {
+        b.iter(|| black_box(cache.cached()).unwrap())
+    });
+    // Two threads reading at once: the read takes no lock, so it must not collapse.
+    c.bench_function("token_read/cached_two_threads", |b| {
+        b.iter_custom(|iters| {
+            let other = Arc::clone(&cache);
+            let handle = std::thread::spawn(move || {
+                for _ in 0..iters {
+                    black_box(other.cached()).unwrap();
+                }
+            });
+            let start = std::time::Instant::now();
+            for _ in 0..iters {
+                black_box(cache.cached()).unwrap();
+            }
+            let elapsed = start.elapsed();
+            handle.join().unwrap();
+            elapsed
+        })
+    });
+}
+
+criterion_group!(benches, uri_rewrite, header_rewrite, token_read);
+criterion_main!(benches);
