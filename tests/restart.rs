@@ -4,8 +4,6 @@
 mod common;
 
 use common::{Harness, Setup};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// After several strict rotations, a restarted proxy works from the state directory although
@@ -52,43 +50,6 @@ async fn a_new_seed_in_the_config_wins() {
     assert_eq!(h.stored()["generation"], 1, "a new lineage starts");
 }
 
-/// A tollgate process spawned from the binary.
-struct Spawned {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn_serve(config_path: &std::path::Path) -> Spawned {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["serve", "--log-format", "json", "-c"])
-        .arg(config_path)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn tollgate");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let addr = loop {
-        assert!(Instant::now() < deadline, "tollgate did not start");
-        let line = lines.next().expect("tollgate exited early").unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["fields"]["message"] == "listening" {
-            break v["fields"]["listen"].as_str().unwrap().to_owned();
-        }
-    };
-    // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Spawned { child, addr }
-}
-
 /// Two tollgate processes (one spawned from the binary, one in-process) share a state
 /// directory while tokens are invalidated over and over under load: the strict identity server
 /// never sees a refresh token twice, and every request succeeds.
@@ -97,7 +58,7 @@ async fn two_processes_on_one_state_directory_never_double_redeem() {
     let h = Harness::start(Setup::default()).await;
     let config_path = h.state.path().join("tollgate.toml");
     std::fs::write(&config_path, &h.config_text).unwrap();
-    let other = spawn_serve(&config_path);
+    let other = common::spawn_serve(&config_path);
     let urls = [h.url(""), format!("http://{}", other.addr)];
 
     let start = Instant::now();

@@ -1,0 +1,100 @@
+//! The real binary under signals: SIGTERM drains in-flight requests, and SIGKILL in the
+//! middle of a refresh loses no refresh token.
+
+mod common;
+
+use common::{Harness, Setup};
+use std::time::{Duration, Instant};
+
+fn signal(pid: u32, name: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+async fn get(url: String) -> common::Answer {
+    let req = http::Request::get(url)
+        .body(http_body_util::Full::default())
+        .unwrap();
+    common::collect(common::client().request(req).await.unwrap()).await
+}
+
+/// SIGTERM while a slow request is in flight: the request still gets its 200, then the
+/// process exits 0.
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests() {
+    let h = Harness::start(Setup::default()).await;
+    let path = h.state.path().join("tollgate.toml");
+    std::fs::write(&path, &h.config_text).unwrap();
+    let mut spawned = common::spawn_serve(&path);
+    let base = format!("http://{}", spawned.addr);
+    assert_eq!(get(format!("{base}/warm")).await.status, 200);
+    let seen = h.api.counters().requests;
+    let slow = tokio::spawn(get(format!("{base}/slow?sim_delay_ms=800")));
+    while h.api.counters().requests == seen {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    signal(spawned.child.id(), "TERM");
+    assert_eq!(
+        slow.await.unwrap().status,
+        200,
+        "in-flight request finished"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = spawned.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tollgate did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+/// SIGKILL while a refresh is waiting on the identity server: a new process on the same state
+/// directory redeems the stored refresh token, which the strict identity server still accepts.
+#[tokio::test]
+async fn sigkill_during_a_refresh_loses_no_refresh_token() {
+    let h = Harness::start(Setup::default()).await;
+    let path = h.state.path().join("tollgate.toml");
+    std::fs::write(&path, &h.config_text).unwrap();
+    // Let the in-process proxy rotate a few times first, then stop it.
+    for _ in 0..3 {
+        h.identity.expire_access_tokens();
+        assert_eq!(h.get("/rotate").await.status, 200);
+    }
+    let mut h = h;
+    h.stop_proxy().await;
+
+    let spawned = common::spawn_serve(&path);
+    let base = format!("http://{}", spawned.addr);
+    assert_eq!(get(format!("{base}/warm")).await.status, 200);
+    let asked = h.identity.counters().token_requests;
+    h.identity.delay_next(1, Duration::from_secs(5));
+    h.identity.expire_access_tokens();
+    let pending = tokio::spawn(async move {
+        let req = http::Request::get(format!("{base}/needs-refresh"))
+            .body(http_body_util::Full::default())
+            .unwrap();
+        common::client().request(req).await
+    });
+    while h.identity.counters().token_requests == asked {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(spawned); // SIGKILL, mid-refresh
+    assert!(
+        pending.await.unwrap().is_err(),
+        "the client saw the connection die"
+    );
+
+    h.start_proxy().await;
+    let a = h.get("/after-crash").await;
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    assert_eq!(h.identity.counters().reuse_detected, 0);
+    assert_eq!(h.identity.counters().grants_revoked, 0);
+}
