@@ -252,6 +252,30 @@ impl Proxy {
     }
 }
 
+/// A valid access token for upstream `name`: the stored one while it is fresh, else a new one,
+/// redeemed under the store's refresh lock — safe beside a running `serve`.
+pub async fn access_token(config: &Config, name: &str) -> Result<secret::Secret<String>, String> {
+    let up = config.upstream(name).ok_or_else(|| {
+        let names: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
+        format!(
+            "no upstream named `{name}`; the config has: {}",
+            names.join(", ")
+        )
+    })?;
+    let location = StoreLocation::parse(&config.state.store)?;
+    let store = store::open(&location).map_err(|e| e.to_string())?;
+    let roots = match &up.ca_file {
+        Some(path) => Some(
+            std::fs::read(path)
+                .map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    let cache = TokenCache::new(up, store, roots.as_deref())?;
+    let token = cache.get().await.map_err(|e| e.to_string())?;
+    Ok(token.bearer())
+}
+
 /// Run the proxy on `workers` threads (default: one per CPU) until `shutdown` resolves, then
 /// shut down gracefully.
 pub async fn run(

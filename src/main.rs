@@ -47,6 +47,13 @@ enum Command {
     Check(ConfigArg),
     /// Start a simulated identity server and API with a proxy in front, and print curl lines.
     Demo,
+    /// Print a valid access token of upstream NAME to stdout (for scripts).
+    Token {
+        /// The upstream's `name` in the config.
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -117,6 +124,22 @@ fn main() -> ExitCode {
                     .await
                     .context("tollgate could not start")?;
                 Ok(ExitCode::SUCCESS)
+            }
+            Command::Token { name, config: arg } => {
+                let config = match load(&arg) {
+                    Ok(c) => c,
+                    Err(code) => return Ok(code),
+                };
+                match tollgate::access_token(&config, &name).await {
+                    Ok(token) => {
+                        println!("{}", token.expose());
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        Ok(ExitCode::FAILURE)
+                    }
+                }
             }
             Command::Demo => {
                 tollgate::demo::run(shutdown_signal()).await?;

@@ -98,3 +98,64 @@ async fn sigkill_during_a_refresh_loses_no_refresh_token() {
     assert_eq!(h.identity.counters().reuse_detected, 0);
     assert_eq!(h.identity.counters().grants_revoked, 0);
 }
+
+/// `tollgate token NAME` beside a running proxy on a strictly rotating identity server: it
+/// prints only a token the API accepts, and no refresh token is ever redeemed twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_command_beside_serve_never_double_redeems() {
+    let h = Harness::start(Setup::default()).await;
+    let path = h.state.path().join("tollgate.toml");
+    std::fs::write(&path, &h.config_text).unwrap();
+    assert_eq!(h.get("/warm").await.status, 200);
+    for round in 0..4 {
+        h.identity.expire_access_tokens();
+        // The proxy and the command race to refresh.
+        let proxy = h.get("/race");
+        let path = path.clone();
+        let command = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+                .args(["token", "api", "-c"])
+                .arg(&path)
+                .env("RUST_LOG", "off")
+                .output()
+                .unwrap()
+        });
+        assert_eq!(proxy.await.status, 200, "round {round}");
+        let out = command.await.unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines.len(), 1, "only the token on stdout: {stdout:?}");
+        // The printed token may be one the API already expired in this round; it must at
+        // least be one the identity server issued.
+        assert!(h.identity.issued_tokens().contains(&lines[0].to_owned()));
+    }
+    assert_eq!(h.identity.counters().reuse_detected, 0);
+    assert_eq!(h.identity.counters().grants_revoked, 0);
+
+    // Quiet now: the printed token is one the API accepts.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["token", "api", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let token = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        h.identity.validate_access(token.trim_end()).is_ok(),
+        "{token:?}"
+    );
+
+    // Unknown name: a clear error, non-zero.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["token", "nope", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no upstream named `nope`"));
+    assert!(out.stdout.is_empty());
+}

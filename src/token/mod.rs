@@ -43,6 +43,12 @@ impl AccessToken {
     pub fn is_usable(&self, now: Instant) -> bool {
         now < self.usable_until
     }
+
+    /// The token itself, without the `Bearer ` prefix (for `tollgate token`).
+    pub fn bearer(&self) -> Secret<String> {
+        let value = self.header.to_str().unwrap_or_default();
+        Secret::new(value.strip_prefix("Bearer ").unwrap_or(value).to_owned())
+    }
 }
 
 impl std::fmt::Debug for AccessToken {
