@@ -58,6 +58,11 @@ pub struct AdminConfig {
 pub struct UpstreamConfig {
     pub name: String,
     pub listen: SocketAddr,
+    /// `beproduct` | `erpnet` | `winbooks` | `spring`: fills the keys below that are not set.
+    pub preset: Option<String>,
+    /// The keys the preset filled (for `check`).
+    #[serde(skip)]
+    pub preset_filled: Vec<String>,
     #[serde(deserialize_with = "de_http_url")]
     pub url: Url,
     /// Upstream statuses that mean "this token was refused": refresh once and replay once.
@@ -72,6 +77,25 @@ pub struct UpstreamConfig {
     /// Extra CA certificates (PEM) trusted for the upstream and the token endpoint.
     pub ca_file: Option<PathBuf>,
     pub auth: AuthConfig,
+    pub login: Option<LoginConfig>,
+}
+
+/// Where a login sends the browser (authorization code + PKCE). The `login` command that uses
+/// it is not built yet; presets fill it so `check` shows the provider's URLs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginConfig {
+    #[serde(deserialize_with = "de_http_url")]
+    pub authorize_url: Url,
+    #[serde(default = "default_redirect_uri", deserialize_with = "de_http_url")]
+    pub redirect_uri: Url,
+    /// Extra authorize-URL parameters (`prompt`, ...).
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+}
+
+fn default_redirect_uri() -> Url {
+    Url::parse("http://127.0.0.1:8765/callback").expect("a valid URL")
 }
 
 /// How tokens are obtained from the identity server.
@@ -81,12 +105,20 @@ pub struct AuthConfig {
     pub grant: Grant,
     #[serde(deserialize_with = "de_http_url")]
     pub token_url: Url,
+    /// The client id; for `winbooks_exchange` it is not used (the e-mail authenticates).
+    #[serde(default)]
     pub client_id: String,
     pub client_secret: Option<Secret<String>>,
     #[serde(default)]
     pub client_auth: ClientAuth,
     /// The seed refresh token (grant = refresh_token). The state store keeps its descendants.
     pub refresh_token: Option<Secret<String>>,
+    /// The user for `password`; the e-mail for `winbooks_exchange`.
+    pub username: Option<String>,
+    /// The password for `password`.
+    pub password: Option<Secret<String>>,
+    /// The long-lived exchange token for `winbooks_exchange`.
+    pub exchange_token: Option<Secret<String>>,
     pub scope: Option<String>,
     /// Refresh this long before expiry, if that comes before 80% of the lifetime.
     #[serde(default, deserialize_with = "de_opt_duration")]
@@ -110,6 +142,10 @@ pub struct AuthConfig {
 pub enum Grant {
     RefreshToken,
     ClientCredentials,
+    /// Resource-owner password; refreshes while the refresh token works, then logs in again.
+    Password,
+    /// WinBooks on Web: an exchange token traded for tokens, Basic(e-mail) client auth.
+    WinbooksExchange,
 }
 
 impl Grant {
@@ -117,6 +153,8 @@ impl Grant {
         match self {
             Grant::RefreshToken => "refresh_token",
             Grant::ClientCredentials => "client_credentials",
+            Grant::Password => "password",
+            Grant::WinbooksExchange => "winbooks_exchange",
         }
     }
 }
@@ -265,7 +303,12 @@ impl Config {
             return Err(fail(locate(text, problems)));
         }
 
-        let config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+        let filled = apply_presets(&mut value, &mut problems);
+        if !problems.is_empty() {
+            return Err(fail(locate(text, problems)));
+        }
+
+        let mut config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
             let key = render_path(e.path());
             let message = redact(&e.inner().to_string(), &secrets);
             fail(locate(
@@ -277,6 +320,9 @@ impl Config {
                 }],
             ))
         })?;
+        for (up, filled) in config.upstreams.iter_mut().zip(filled) {
+            up.preset_filled = filled;
+        }
         let problems = config.validate();
         if problems.is_empty() {
             Ok(config)
@@ -335,7 +381,25 @@ impl Config {
                     ),
                 );
             }
-            if !listens.insert(up.listen) {
+            if !up.listen.ip().is_loopback() {
+                report(
+                    key("listen"),
+                    format!(
+                        "{} is reachable from other machines, and anyone who reaches it would call the API with your token; listen on 127.0.0.1 (inbound keys for other addresses are not available yet)",
+                        up.listen
+                    ),
+                );
+            }
+            if up.timeout.is_zero() || up.auth.timeout.is_zero() {
+                let k = if up.timeout.is_zero() {
+                    "timeout"
+                } else {
+                    "auth.timeout"
+                };
+                report(key(k), "must be more than 0s".into());
+            }
+            // Port 0 asks the system for a free port: two of them never clash.
+            if up.listen.port() != 0 && !listens.insert(up.listen) {
                 report(
                     key("listen"),
                     format!(
@@ -372,23 +436,66 @@ impl Config {
                 .client_secret
                 .as_ref()
                 .is_some_and(|s| !s.expose().is_empty());
-            match auth.client_auth {
-                ClientAuth::Post | ClientAuth::Basic if !has_secret => report(
-                    key("auth.client_secret"),
-                    format!(
-                        "is required with client_auth = \"{}\"; set it, or use client_auth = \"none\" for a public client",
-                        auth.client_auth.as_str()
-                    ),
-                ),
-                ClientAuth::None if auth.client_secret.is_some() => report(
-                    key("auth.client_secret"),
-                    "is set but client_auth = \"none\" would not send it; use \"post\" or \"basic\""
-                        .into(),
-                ),
-                _ => {}
+            let mut require = |set: bool, k: &str, why: &str| {
+                if !set {
+                    report(
+                        key(k),
+                        format!(
+                            "is required with grant = \"{}\"; {why}",
+                            auth.grant.as_str()
+                        ),
+                    );
+                }
+            };
+            match auth.grant {
+                Grant::WinbooksExchange => {
+                    require(
+                        auth.username.is_some(),
+                        "auth.username",
+                        "set it to the e-mail of the WinBooks account",
+                    );
+                    require(
+                        auth.exchange_token.is_some(),
+                        "auth.exchange_token",
+                        "set it to the exchange token from WinBooks on Web",
+                    );
+                }
+                Grant::Password => {
+                    require(
+                        auth.username.is_some(),
+                        "auth.username",
+                        "set the user to log in as",
+                    );
+                    require(
+                        auth.password.is_some(),
+                        "auth.password",
+                        "set it, from the environment: password = \"${VAR}\"",
+                    );
+                }
+                Grant::ClientCredentials | Grant::RefreshToken => {}
             }
-            if auth.client_id.is_empty() {
-                report(key("auth.client_id"), "must not be empty".into());
+            if auth.grant != Grant::WinbooksExchange {
+                match auth.client_auth {
+                    ClientAuth::Post | ClientAuth::Basic if !has_secret => report(
+                        key("auth.client_secret"),
+                        format!(
+                            "is required with client_auth = \"{}\"; set it, or use client_auth = \"none\" for a public client",
+                            auth.client_auth.as_str()
+                        ),
+                    ),
+                    ClientAuth::None if auth.client_secret.is_some() => report(
+                        key("auth.client_secret"),
+                        "is set but client_auth = \"none\" would not send it; use \"post\" or \"basic\""
+                            .into(),
+                    ),
+                    _ => {}
+                }
+                if auth.client_id.is_empty() {
+                    report(
+                        key("auth.client_id"),
+                        "is required: the client id the identity server issued".into(),
+                    );
+                }
             }
             if auth.grant == Grant::ClientCredentials {
                 if auth.client_auth == ClientAuth::None {
@@ -444,6 +551,19 @@ impl Config {
             let mut line = |k: &str, v: String| {
                 let _ = writeln!(out, "  {k:<24} {v}");
             };
+            if let Some(preset) = &up.preset {
+                line(
+                    "preset",
+                    format!(
+                        "{preset} (filled: {})",
+                        if up.preset_filled.is_empty() {
+                            "nothing".into()
+                        } else {
+                            up.preset_filled.join(", ")
+                        }
+                    ),
+                );
+            }
             line("listen", up.listen.to_string());
             line("url", up.url.to_string());
             line("retry_on", format!("{:?}", up.retry_on));
@@ -460,16 +580,25 @@ impl Config {
             }
             line("auth.grant", a.grant.as_str().into());
             line("auth.token_url", a.token_url.to_string());
-            line("auth.client_id", a.client_id.clone());
-            line("auth.client_auth", a.client_auth.as_str().into());
-            line("auth.client_secret", redacted(a.client_secret.is_some()));
+            if a.grant == Grant::WinbooksExchange {
+                line("auth.username", a.username.clone().unwrap_or_default());
+                line("auth.exchange_token", redacted(a.exchange_token.is_some()));
+            } else {
+                line("auth.client_id", a.client_id.clone());
+                line("auth.client_auth", a.client_auth.as_str().into());
+                line("auth.client_secret", redacted(a.client_secret.is_some()));
+            }
+            if a.grant == Grant::Password {
+                line("auth.username", a.username.clone().unwrap_or_default());
+                line("auth.password", redacted(a.password.is_some()));
+            }
             if a.grant == Grant::RefreshToken {
                 line(
                     "auth.refresh_token",
                     match &a.refresh_token {
                         Some(_) => "[redacted]".into(),
                         None => format!(
-                            "(none: the state store must hold one; run `tollgate login {}`)",
+                            "(none: the state store must hold one for upstream `{}`)",
                             up.name
                         ),
                     },
@@ -478,8 +607,9 @@ impl Config {
             if let Some(scope) = &a.scope {
                 line("auth.scope", scope.clone());
             }
-            for (k, v) in &a.params {
-                line(&format!("auth.params.{k}"), v.clone());
+            for k in a.params.keys() {
+                // Values may be credentials (client assertions and the like).
+                line(&format!("auth.params.{k}"), "[redacted]".into());
             }
             let refresh = match a.refresh_before {
                 Some(d) => format!(
@@ -556,6 +686,29 @@ impl StoreLocation {
             ))
         }
     }
+}
+
+/// Apply each upstream's `preset`; returns, per upstream, the keys it filled.
+fn apply_presets(value: &mut toml::Value, problems: &mut Vec<Problem>) -> Vec<Vec<String>> {
+    let Some(upstreams) = value.get_mut("upstream").and_then(|u| u.as_array_mut()) else {
+        return Vec::new();
+    };
+    let mut all = Vec::new();
+    for (i, up) in upstreams.iter_mut().enumerate() {
+        let filled = match up.as_table_mut() {
+            Some(table) => crate::provider::apply(table).unwrap_or_else(|message| {
+                problems.push(Problem {
+                    key: format!("upstream[{i}].preset"),
+                    line: None,
+                    message,
+                });
+                Vec::new()
+            }),
+            None => Vec::new(),
+        };
+        all.push(filled);
+    }
+    all
 }
 
 /// Replace `${NAME}` in every string of the document, recording where it failed.
@@ -800,6 +953,10 @@ pub fn parse_http_url(text: &str) -> Result<Url, String> {
     if url.host_str().is_none_or(str::is_empty) {
         return Err(format!("`{text}` has no host"));
     }
+    if !url.username().is_empty() || url.password().is_some() {
+        // Credentials in a URL end up in logs, in `check` output and in Host headers.
+        return Err("must not contain user:password@; use the auth keys for credentials".into());
+    }
     Ok(url)
 }
 
@@ -922,6 +1079,24 @@ params = { resource = "urn:x" }
         let err = error_of(&GOOD.replace("\"refresh_token\"\n", "\"magic\"\n"));
         assert!(err.contains("upstream[0].auth.grant"), "{err}");
         assert!(err.contains("client_credentials"), "{err}");
+    }
+
+    #[test]
+    fn remote_listen_and_url_credentials_are_refused() {
+        let err = error_of(&GOOD.replace("127.0.0.1:8080", "0.0.0.0:8080"));
+        assert!(
+            err.contains("upstream[0].listen") && err.contains("reachable from other machines"),
+            "{err}"
+        );
+        let err = error_of(&GOOD.replace(
+            "https://api.example.com/v1",
+            "https://u:${SECRET}@api.example.com/v1",
+        ));
+        assert!(
+            err.contains("upstream[0].url") && err.contains("user:password"),
+            "{err}"
+        );
+        assert!(!err.contains("s3cr3t-value"), "{err}");
     }
 
     #[test]

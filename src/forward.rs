@@ -141,7 +141,8 @@ fn names_listener(authority: &Authority, local: SocketAddr) -> bool {
 }
 
 /// Refuse paths whose segments would climb out of the base path once the upstream decodes
-/// them: `.` and `..` (also percent-encoded), encoded `/` and `\`, and NUL.
+/// them: `.` and `..` (also percent-encoded, and also followed by `;params`, which servlet
+/// containers strip before resolving dots), encoded `/` and `\`, and NUL.
 pub fn check_path(path: &str) -> Result<(), TargetError> {
     if !path.contains(['.', '%', '\\']) {
         return Ok(());
@@ -153,6 +154,7 @@ pub fn check_path(path: &str) -> Result<(), TargetError> {
         let mut len = 0;
         let mut bytes = segment.bytes();
         let mut dots_only = true;
+        let mut in_params = false;
         while let Some(b) = bytes.next() {
             let c = if b == b'%' {
                 let hi = bytes.next().and_then(hex);
@@ -167,8 +169,12 @@ pub fn check_path(path: &str) -> Result<(), TargetError> {
             if c == b'/' || c == b'\\' || c == 0 {
                 return Err(TargetError::PathEscape);
             }
-            dots_only &= c == b'.';
-            len += 1;
+            if c == b';' {
+                in_params = true;
+            } else if !in_params {
+                dots_only &= c == b'.';
+                len += 1;
+            }
         }
         if dots_only && (len == 1 || len == 2) {
             return Err(TargetError::PathEscape);
@@ -195,12 +201,12 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Remove hop-by-hop headers, including every header named in `Connection`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    if let Some(connection) = headers.get(header::CONNECTION) {
-        // Only collect (and allocate) when Connection names other headers.
-        let named: Vec<HeaderName> = connection
-            .to_str()
-            .unwrap_or("")
-            .split(',')
+    if headers.contains_key(header::CONNECTION) {
+        // Every Connection header counts; collect (and allocate) only when there is one.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("").split(','))
             .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
             .filter(|n| *n != "close" && *n != "keep-alive")
             .collect();
@@ -376,10 +382,16 @@ mod tests {
             "/a%00",
             "/a%zz",
             "/a%2",
+            "/..;/x",
+            "/a/%2e%2e;a/x",
+            "/a/.;x/",
+            "/a/..%3b/x",
         ] {
             assert!(rewrite(&t, bad).is_err(), "{bad} should be refused");
         }
         for good in [
+            "/a;v=1/b",
+            "/x.y;z",
             "/a..b",
             "/...",
             "/a/.well-known/x",

@@ -16,6 +16,7 @@ pub mod demo;
 pub mod error;
 pub mod forward;
 pub mod pipeline;
+pub mod provider;
 pub mod secret;
 pub mod server;
 pub mod sim;

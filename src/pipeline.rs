@@ -1,7 +1,7 @@
 //! The request path of one upstream, in order:
 //!
 //! ```text
-//! target check ─► token ─► forward ─► on retry_on status: refresh that generation, replay once
+//! target check ─► body ─► token ─► forward ─► on retry_on status: refresh that generation, replay once
 //!              ─► respond (hop-by-hop headers removed, body streamed)
 //! ```
 //!
@@ -73,6 +73,9 @@ impl Pipeline {
     async fn proxy(&self, request: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut parts, body) = request.into_parts();
         let uri = self.target(&parts.method, &parts.uri, parts.version)?;
+        let (body, replay) = self.body(body).await?;
+        // The token is taken after the body was read, so it cannot expire while a slow client
+        // uploads (the body read is capped at retry_body_limit).
         let token = self.tokens.get().await?;
         forward::rewrite_request_headers(
             &mut parts.headers,
@@ -80,28 +83,12 @@ impl Pipeline {
             &self.upstream.target,
             &token.header,
         );
-
-        let retry = !self.retry_on.is_empty();
-        let (body, replay) = if retry {
-            let prepared = body::prepare(body, self.retry_body_limit)
-                .await
-                .map_err(|_| ProxyError::BadRequest("the request body could not be read"))?;
-            let replay = prepared.replay.map(|body| Replay {
-                method: parts.method.clone(),
-                uri: uri.clone(),
-                headers: parts.headers.clone(),
-                body,
-            });
-            (prepared.body, replay)
-        } else {
-            (
-                RequestBody::Stream {
-                    prefix: None,
-                    rest: body,
-                },
-                None,
-            )
-        };
+        let replay = replay.map(|body| Replay {
+            method: parts.method.clone(),
+            uri: uri.clone(),
+            headers: parts.headers.clone(),
+            body,
+        });
 
         let mut request = Request::new(body);
         *request.method_mut() = parts.method;
@@ -127,6 +114,21 @@ impl Pipeline {
                 TargetError::Connect => ProxyError::MethodNotAllowed(method.clone()),
                 other => ProxyError::BadRequest(other.message()),
             })
+    }
+
+    /// Stage 2: the request body, kept for a replay when it is small enough.
+    async fn body(&self, body: Incoming) -> Result<(RequestBody, Option<Bytes>), ProxyError> {
+        if self.retry_on.is_empty() {
+            let stream = RequestBody::Stream {
+                prefix: None,
+                rest: body,
+            };
+            return Ok((stream, None));
+        }
+        let prepared = body::prepare(body, self.retry_body_limit)
+            .await
+            .map_err(|_| ProxyError::BadRequest("the request body could not be read"))?;
+        Ok((prepared.body, prepared.replay))
     }
 
     /// Stage 3: send upstream.

@@ -100,6 +100,11 @@ pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
     let mut listeners = Vec::with_capacity(count);
     let mut addr = addr;
+    if count > 1 && addr.port() != 0 {
+        // SO_REUSEPORT would let a second tollgate share the port and take half the
+        // connections; a plain bind first proves the port is free.
+        drop(std::net::TcpListener::bind(addr)?);
+    }
     for _ in 0..count {
         let socket = if addr.is_ipv4() {
             tokio::net::TcpSocket::new_v4()?

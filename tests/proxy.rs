@@ -199,3 +199,11 @@ async fn serves_h2c() {
     assert_eq!(a.json()["path"], "/api/v1/h2");
     assert!(a.echoed_header("authorization")[0].starts_with("Bearer at_"));
 }
+
+/// A second `serve` cannot silently share a port with a running one through SO_REUSEPORT.
+#[tokio::test]
+async fn a_busy_port_is_an_error_not_a_shared_listener() {
+    let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = tollgate::server::bind(taken.local_addr().unwrap(), 2).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+}

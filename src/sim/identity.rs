@@ -1,6 +1,7 @@
-//! A simulated OAuth2 token endpoint, strict per RFC 6749 §§2.3, 3.2, 4.4, 5 and 6.
+//! A simulated OAuth2 token endpoint, strict per RFC 6749 §§2.3, 3.2, 4.3, 4.4, 5 and 6,
+//! with switches for the dialects of the providers in `PROVIDERS.md`.
 //!
-//! Owns: the grants, refresh tokens and access tokens it issued; the token endpoint's
+//! Owns: the grants, refresh, access and exchange tokens it issued; the token endpoint's
 //! request checks (method, content type, repeated parameters, client authentication);
 //! fault injection (failures, delays, garbage answers); and counters for tests.
 //!
@@ -14,6 +15,15 @@
 //!   [`IdentitySim::expire_access_tokens`] to force the proxy back to the token endpoint.
 //! - Injected faults answer *instead of* processing the request, so a failed or garbled
 //!   refresh never rotates the refresh token.
+//!
+//! Dialects (all off by default, which is plain RFC 6749):
+//! - `spring_errors`: an expired refresh token is 401 `invalid_token` with a Bearer
+//!   challenge, as Spring Security OAuth2 answers; like Spring, the description and the
+//!   challenge echo the token, so a proxy that logs token-endpoint errors leaks it.
+//! - `winbooks`: client authentication is `Basic base64(EMAIL)` with no colon,
+//!   `Accept: application/json` is required, and only the `exchange_token` and
+//!   `refresh_token` grants exist, both taking their token in the `code` field.
+//! - `all_errors_400`: every error answer is 400, `invalid_client` included (ERP.net).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -24,8 +34,10 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use bytes::Bytes;
-use http::header::{ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, PRAGMA, WWW_AUTHENTICATE};
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http::header::{
+    ACCEPT, ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, PRAGMA, WWW_AUTHENTICATE,
+};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -72,6 +84,18 @@ pub struct IdentityConfig {
     /// Send `expires_in` as a JSON string (`"3600"`), as WinBooks does.
     pub expires_in_as_string: bool,
     pub token_type: String,
+    /// `(username, password)` pairs; a non-empty list enables the password grant (§4.3).
+    pub users: Vec<(String, String)>,
+    /// Age at which a refresh token expires; None means never.
+    pub refresh_lifetime: Option<Duration>,
+    /// Answer an expired refresh token as Spring Security OAuth2 does: 401 `invalid_token`
+    /// with `WWW-Authenticate: Bearer ...`. Off: 400 `invalid_grant`.
+    pub spring_errors: bool,
+    /// The WinBooks on Web dialect (see the module docs). Overrides `client_auth`,
+    /// `token_type` (`bearer`) and `expires_in_as_string` (always a string).
+    pub winbooks: bool,
+    /// Every error answer is HTTP 400, `invalid_client` included (ERP.net).
+    pub all_errors_400: bool,
 }
 
 impl Default for IdentityConfig {
@@ -85,6 +109,11 @@ impl Default for IdentityConfig {
             rotation: Rotation::Strict,
             expires_in_as_string: false,
             token_type: "Bearer".to_owned(),
+            users: Vec::new(),
+            refresh_lifetime: None,
+            spring_errors: false,
+            winbooks: false,
+            all_errors_400: false,
         }
     }
 }
@@ -100,6 +129,10 @@ pub struct IdentityCounters {
     pub refreshes: u64,
     /// Successful `client_credentials` grants.
     pub client_credentials: u64,
+    /// Successful `password` grants.
+    pub password_grants: u64,
+    /// Successful WinBooks `exchange_token` grants.
+    pub exchanges: u64,
     /// Answers replaced by `fail_next` or `garbage_next`.
     pub failures_injected: u64,
     /// Times a refresh token that had been rotated away was presented.
@@ -127,6 +160,8 @@ struct State {
     grants: Vec<Grant>,
     refresh_tokens: HashMap<String, RefreshToken>,
     access_tokens: HashMap<String, Instant>,
+    /// WinBooks exchange tokens; the value says whether the token was revoked.
+    exchange_tokens: HashMap<String, bool>,
     faults: Faults,
     counters: IdentityCounters,
 }
@@ -140,6 +175,8 @@ struct Grant {
 struct RefreshToken {
     grant: usize,
     rotated_away: bool,
+    /// None: never expires.
+    expires_at: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -204,9 +241,23 @@ impl IdentitySim {
     /// Creates a new grant and returns its first refresh token: what a user gets from a login.
     pub fn issue_refresh_token(&self) -> String {
         let mut state = self.state();
-        state.grants.push(Grant { revoked: false });
-        let grant = state.grants.len() - 1;
-        state.new_refresh_token(grant)
+        let grant = state.new_grant();
+        state.new_refresh_token(grant, self.inner.config.refresh_lifetime)
+    }
+
+    /// A new, valid WinBooks exchange token (`ex_...`), as a user copies it from the WinBooks
+    /// web site. It stays valid until [`revoke_exchange_tokens`](Self::revoke_exchange_tokens).
+    pub fn issue_exchange_token(&self) -> String {
+        let token = random_token("ex_");
+        self.state().exchange_tokens.insert(token.clone(), false);
+        token
+    }
+
+    /// Revokes every exchange token issued so far. Grants already obtained with them stay.
+    pub fn revoke_exchange_tokens(&self) {
+        for revoked in self.state().exchange_tokens.values_mut() {
+            *revoked = true;
+        }
     }
 
     /// Ok if this simulator issued `token` and it has not expired.
@@ -223,6 +274,15 @@ impl IdentitySim {
         let now = Instant::now();
         for expires_at in self.state().access_tokens.values_mut() {
             *expires_at = now;
+        }
+    }
+
+    /// Expires every refresh token issued so far, whatever `refresh_lifetime` says (tests use
+    /// this instead of sleeping). Tokens issued afterwards are not affected.
+    pub fn expire_refresh_tokens(&self) {
+        let now = Instant::now();
+        for entry in self.state().refresh_tokens.values_mut() {
+            entry.expires_at = Some(now);
         }
     }
 
@@ -259,13 +319,14 @@ impl IdentitySim {
         self.state().counters
     }
 
-    /// Every access and refresh token this server ever issued (for leak tests).
+    /// Every access, refresh and exchange token this server ever issued (for leak tests).
     pub fn issued_tokens(&self) -> Vec<String> {
         let state = self.state();
         state
             .access_tokens
             .keys()
             .chain(state.refresh_tokens.keys())
+            .chain(state.exchange_tokens.keys())
             .cloned()
             .collect()
     }
@@ -291,6 +352,7 @@ impl IdentitySim {
         }
         match self.token_endpoint(request).await {
             Ok(response) => response,
+            Err(error) if self.inner.config.all_errors_400 => error.into_400().into_response(),
             Err(error) => error.into_response(),
         }
     }
@@ -326,27 +388,54 @@ impl IdentitySim {
             ));
         }
         check_content_type(request.headers())?;
+        let config = &self.inner.config;
+        if config.winbooks {
+            check_accepts_json(request.headers())?;
+        }
         let (parts, body) = request.into_parts();
         let body = read_body(body).await?;
         let params = parse_form(&body)?;
-        authenticate_client(&self.inner.config, &parts.headers, &params)?;
+        if config.winbooks {
+            authenticate_winbooks(config, &parts.headers, &params)?;
+            return match params.get("grant_type").map(String::as_str) {
+                None => Err(invalid_request("grant_type is required")),
+                Some("exchange_token") => self.exchange(&params),
+                Some("refresh_token") => {
+                    if params.contains_key("refresh_token") {
+                        return Err(invalid_request(
+                            "WinBooks takes the refresh token in the code field",
+                        ));
+                    }
+                    let presented = params
+                        .get("code")
+                        .ok_or_else(|| invalid_request("code is required"))?;
+                    self.refresh(presented, None)
+                }
+                Some(other) => Err(unsupported_grant_type(other)),
+            };
+        }
+        authenticate_client(config, &parts.headers, &params)?;
         match params.get("grant_type").map(String::as_str) {
             None => Err(invalid_request("grant_type is required")),
-            Some("refresh_token") => self.refresh(&params),
+            Some("refresh_token") => {
+                let presented = params
+                    .get("refresh_token")
+                    .ok_or_else(|| invalid_request("refresh_token is required"))?;
+                self.refresh(presented, params.get("scope"))
+            }
             Some("client_credentials") => Ok(self.client_credentials(&params)),
-            Some(other) => Err(OAuthError::new(
-                StatusCode::BAD_REQUEST,
-                "unsupported_grant_type",
-                format!("grant_type {other:?} is not supported"),
-            )),
+            Some("password") if !config.users.is_empty() => self.password(&params),
+            Some(other) => Err(unsupported_grant_type(other)),
         }
     }
 
     /// RFC 6749 §6.
-    fn refresh(&self, params: &Params) -> Result<Response<SimBody>, OAuthError> {
-        let presented = params
-            .get("refresh_token")
-            .ok_or_else(|| invalid_request("refresh_token is required"))?;
+    fn refresh(
+        &self,
+        presented: &str,
+        scope: Option<&String>,
+    ) -> Result<Response<SimBody>, OAuthError> {
+        let config = &self.inner.config;
         let mut state = self.state();
         let Some(entry) = state.refresh_tokens.get(presented).copied() else {
             return Err(invalid_grant("unknown refresh token"));
@@ -362,20 +451,84 @@ impl IdentitySim {
         if state.grants[entry.grant].revoked {
             return Err(invalid_grant("grant revoked"));
         }
-        let refresh_token = match self.inner.config.rotation {
-            Rotation::Reuse => presented.clone(),
+        if entry
+            .expires_at
+            .is_some_and(|expires_at| Instant::now() >= expires_at)
+        {
+            return Err(if config.spring_errors {
+                // Spring's DefaultTokenServices puts the token itself in the message, and its
+                // exception translator copies the message into the challenge.
+                let description = format!("Invalid refresh token (expired): {presented}");
+                let challenge =
+                    format!(r#"Bearer error="invalid_token", error_description="{description}""#);
+                OAuthError::new(StatusCode::UNAUTHORIZED, "invalid_token", description)
+                    .with_challenge(challenge)
+            } else {
+                invalid_grant("refresh token expired")
+            });
+        }
+        let refresh_token = match config.rotation {
+            Rotation::Reuse => presented.to_owned(),
             Rotation::Strict => {
                 if let Some(old) = state.refresh_tokens.get_mut(presented) {
                     old.rotated_away = true;
                 }
-                state.new_refresh_token(entry.grant)
+                state.new_refresh_token(entry.grant, config.refresh_lifetime)
             }
         };
-        let access_token = state.new_access_token(self.inner.config.access_lifetime);
+        let access_token = state.new_access_token(config.access_lifetime);
         state.counters.refreshes += 1;
         state.counters.issued += 1;
         drop(state);
+        Ok(self.token_response(access_token, Some(refresh_token), scope))
+    }
+
+    /// RFC 6749 §4.3: right credentials start a new grant.
+    fn password(&self, params: &Params) -> Result<Response<SimBody>, OAuthError> {
+        let config = &self.inner.config;
+        let username = params
+            .get("username")
+            .ok_or_else(|| invalid_request("username is required"))?;
+        let password = params
+            .get("password")
+            .ok_or_else(|| invalid_request("password is required"))?;
+        if !config
+            .users
+            .iter()
+            .any(|(user, secret)| user == username && secret == password)
+        {
+            return Err(invalid_grant("Bad credentials"));
+        }
+        let mut state = self.state();
+        let grant = state.new_grant();
+        let refresh_token = state.new_refresh_token(grant, config.refresh_lifetime);
+        let access_token = state.new_access_token(config.access_lifetime);
+        state.counters.password_grants += 1;
+        state.counters.issued += 1;
+        drop(state);
         Ok(self.token_response(access_token, Some(refresh_token), params.get("scope")))
+    }
+
+    /// WinBooks: a valid exchange token in `code` starts a new grant. The exchange token
+    /// stays valid.
+    fn exchange(&self, params: &Params) -> Result<Response<SimBody>, OAuthError> {
+        let config = &self.inner.config;
+        let presented = params
+            .get("code")
+            .ok_or_else(|| invalid_request("code is required"))?;
+        let mut state = self.state();
+        match state.exchange_tokens.get(presented) {
+            None => return Err(invalid_grant("unknown exchange token")),
+            Some(true) => return Err(invalid_grant("exchange token revoked")),
+            Some(false) => {}
+        }
+        let grant = state.new_grant();
+        let refresh_token = state.new_refresh_token(grant, config.refresh_lifetime);
+        let access_token = state.new_access_token(config.access_lifetime);
+        state.counters.exchanges += 1;
+        state.counters.issued += 1;
+        drop(state);
+        Ok(self.token_response(access_token, Some(refresh_token), None))
     }
 
     /// RFC 6749 §4.4: no refresh token in the answer.
@@ -397,20 +550,27 @@ impl IdentitySim {
     ) -> Response<SimBody> {
         let config = &self.inner.config;
         let seconds = config.access_lifetime.as_secs();
-        let expires_in = if config.expires_in_as_string {
+        let expires_in = if config.expires_in_as_string || config.winbooks {
             json!(seconds.to_string())
         } else {
             json!(seconds)
         };
+        let token_type = if config.winbooks {
+            "bearer"
+        } else {
+            &config.token_type
+        };
         let mut body = json!({
             "access_token": access_token,
-            "token_type": config.token_type,
+            "token_type": token_type,
             "expires_in": expires_in,
         });
         if let Some(refresh_token) = refresh_token {
             body["refresh_token"] = json!(refresh_token);
         }
-        if let Some(scope) = scope {
+        if config.winbooks {
+            body["scope"] = serde_json::Value::Null;
+        } else if let Some(scope) = scope {
             body["scope"] = json!(scope);
         }
         json_response(StatusCode::OK, &body)
@@ -418,11 +578,17 @@ impl IdentitySim {
 }
 
 impl State {
-    fn new_refresh_token(&mut self, grant: usize) -> String {
+    fn new_grant(&mut self) -> usize {
+        self.grants.push(Grant { revoked: false });
+        self.grants.len() - 1
+    }
+
+    fn new_refresh_token(&mut self, grant: usize, lifetime: Option<Duration>) -> String {
         let token = random_token("rt_");
         let entry = RefreshToken {
             grant,
             rotated_away: false,
+            expires_at: lifetime.map(|lifetime| Instant::now() + lifetime),
         };
         self.refresh_tokens.insert(token.clone(), entry);
         token
@@ -465,6 +631,8 @@ struct OAuthError {
     status: StatusCode,
     code: &'static str,
     description: String,
+    /// A `WWW-Authenticate` value replacing the default one [`json_response`] adds on 401.
+    challenge: Option<String>,
 }
 
 impl OAuthError {
@@ -473,12 +641,30 @@ impl OAuthError {
             status,
             code,
             description: description.into(),
+            challenge: None,
         }
+    }
+
+    fn with_challenge(mut self, challenge: String) -> Self {
+        self.challenge = Some(challenge);
+        self
+    }
+
+    /// The same error answered with 400 and no challenge, as ERP.net does.
+    fn into_400(mut self) -> Self {
+        self.status = StatusCode::BAD_REQUEST;
+        self.challenge = None;
+        self
     }
 
     fn into_response(self) -> Response<SimBody> {
         let body = json!({"error": self.code, "error_description": self.description});
-        json_response(self.status, &body)
+        let mut response = json_response(self.status, &body);
+        if let Some(challenge) = self.challenge {
+            let value = HeaderValue::try_from(challenge).expect("challenges are visible ASCII");
+            response.headers_mut().insert(WWW_AUTHENTICATE, value);
+        }
+        response
     }
 }
 
@@ -488,6 +674,14 @@ fn invalid_request(description: impl Into<String>) -> OAuthError {
 
 fn invalid_grant(description: &str) -> OAuthError {
     OAuthError::new(StatusCode::BAD_REQUEST, "invalid_grant", description)
+}
+
+fn unsupported_grant_type(grant_type: &str) -> OAuthError {
+    OAuthError::new(
+        StatusCode::BAD_REQUEST,
+        "unsupported_grant_type",
+        format!("grant_type {grant_type:?} is not supported"),
+    )
 }
 
 /// 401 `invalid_client`; the challenge is added by [`json_response`].
@@ -569,6 +763,23 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), OAuthError> {
         Err(invalid_request(
             "Content-Type must be application/x-www-form-urlencoded",
         ))
+    }
+}
+
+/// WinBooks answers JSON only to a request that asks for it: some `Accept` header must list
+/// `application/json` (wildcards do not count).
+fn check_accepts_json(headers: &HeaderMap) -> Result<(), OAuthError> {
+    let accepts_json = headers
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|range| range.split(';').next())
+        .any(|media_type| media_type.trim().eq_ignore_ascii_case("application/json"));
+    if accepts_json {
+        Ok(())
+    } else {
+        Err(invalid_request("Accept: application/json is required"))
     }
 }
 
@@ -662,6 +873,44 @@ fn authenticate_client(
     Ok(())
 }
 
+/// WinBooks: `Authorization: Basic base64(EMAIL)`, the e-mail alone and not form-encoded,
+/// equal to `client_id`. A `user:password` pair (what a standard Basic helper sends, even
+/// with an empty password) is refused, and so are credentials in the body.
+fn authenticate_winbooks(
+    config: &IdentityConfig,
+    headers: &HeaderMap,
+    params: &Params,
+) -> Result<(), OAuthError> {
+    if params.contains_key("client_secret") {
+        return Err(invalid_request(
+            "WinBooks clients authenticate with HTTP Basic only",
+        ));
+    }
+    let Some(encoded) = basic_header(headers)? else {
+        return Err(unauthorized_client("no client authentication"));
+    };
+    let malformed = || unauthorized_client("malformed HTTP Basic credentials");
+    let decoded = STANDARD.decode(encoded).map_err(|_| malformed())?;
+    let email = String::from_utf8(decoded).map_err(|_| malformed())?;
+    if email.contains(':') {
+        return Err(unauthorized_client(
+            "HTTP Basic must carry the e-mail alone, without a colon",
+        ));
+    }
+    if params
+        .get("client_id")
+        .is_some_and(|body_id| *body_id != email)
+    {
+        return Err(invalid_request(
+            "client_id in the body differs from HTTP Basic",
+        ));
+    }
+    if email != config.client_id {
+        return Err(unauthorized_client("client authentication failed"));
+    }
+    Ok(())
+}
+
 /// The base64 part of an `Authorization: Basic ...` header, if there is one. Other schemes
 /// are not client authentication and are ignored.
 fn basic_header(headers: &HeaderMap) -> Result<Option<&str>, OAuthError> {
@@ -707,7 +956,6 @@ fn form_decode(value: &str) -> Option<String> {
 mod tests {
     use super::super::testing::*;
     use super::*;
-    use http::header::HeaderValue;
     use http_body_util::Full;
 
     /// The form-encoding RFC 6749 §2.3.1 asks for before base64.
@@ -1057,6 +1305,322 @@ mod tests {
         assert_eq!(refresh(&sim, newer).await.json["error"], "invalid_grant");
         assert_eq!(sim.counters().grants_revoked, 1);
         assert_eq!(sim.counters().reuse_detected, 0);
+    }
+
+    /// The password grant: right credentials start a new grant with a working refresh token;
+    /// wrong ones are 400 invalid_grant "Bad credentials"; missing fields are invalid_request.
+    #[tokio::test]
+    async fn password_grant_right_and_wrong() {
+        let config = IdentityConfig {
+            users: vec![("ann@example.com".to_owned(), "p+ss w%rd".to_owned())],
+            ..IdentityConfig::default()
+        };
+        let (sim, _server) = start(config).await;
+        let right = format!(
+            "grant_type=password&username={}&password={}&scope=read+write",
+            form_encode("ann@example.com"),
+            form_encode("p+ss w%rd")
+        );
+        let answer = post(&sim, &right).await;
+        assert_eq!(answer.status, 200, "{}", answer.text);
+        assert_eq!(answer.json["scope"], "read write");
+        let access = answer.json["access_token"].as_str().unwrap();
+        assert_eq!(sim.validate_access(access), Ok(()));
+        let refresh_token = answer.json["refresh_token"].as_str().unwrap();
+        assert!(refresh_token.starts_with("rt_"));
+        assert_eq!(refresh(&sim, refresh_token).await.status, 200);
+
+        let wrong = "grant_type=password&username=ann%40example.com&password=nope";
+        let answer = post(&sim, wrong).await;
+        assert_eq!(answer.status, 400);
+        assert_eq!(answer.json["error"], "invalid_grant");
+        assert_eq!(answer.json["error_description"], "Bad credentials");
+        let answer = post(&sim, "grant_type=password&username=nobody&password=p").await;
+        assert_eq!(answer.json["error_description"], "Bad credentials");
+        let answer = post(&sim, "grant_type=password&username=ann%40example.com").await;
+        assert_eq!(answer.json["error"], "invalid_request");
+        let answer = post(&sim, "grant_type=implicit").await;
+        assert_eq!(answer.json["error"], "unsupported_grant_type");
+
+        let counters = sim.counters();
+        assert_eq!(counters.password_grants, 1);
+        assert_eq!(counters.refreshes, 1);
+        assert_eq!(counters.issued, 2);
+    }
+
+    /// The password grant needs client authentication like the other grants.
+    #[tokio::test]
+    async fn password_grant_authenticates_client() {
+        let config = IdentityConfig {
+            users: vec![("ann".to_owned(), "pw".to_owned())],
+            client_auth: ClientAuthRule::Basic,
+            ..IdentityConfig::default()
+        };
+        let (sim, _server) = start(config).await;
+        let form = "grant_type=password&username=ann&password=pw";
+        let answer = call(form_request(&sim).body(Full::from(form)).unwrap()).await;
+        assert_eq!(answer.status, 401);
+        assert_eq!(answer.json["error"], "invalid_client");
+        let request = form_request(&sim)
+            .header(AUTHORIZATION, basic("tollgate-test", "s3cret"))
+            .body(Full::from(form))
+            .unwrap();
+        assert_eq!(call(request).await.status, 200);
+        assert_eq!(sim.counters().password_grants, 1);
+    }
+
+    /// spring_errors: an expired refresh token is 401 invalid_token with a Bearer challenge,
+    /// and the message echoes the token as Spring does.
+    #[tokio::test]
+    async fn spring_expired_refresh_is_401_invalid_token() {
+        let config = IdentityConfig {
+            spring_errors: true,
+            rotation: Rotation::Reuse,
+            refresh_lifetime: Some(Duration::from_secs(30 * 24 * 3600)),
+            ..IdentityConfig::default()
+        };
+        let (sim, _server) = start(config).await;
+        let seed = sim.issue_refresh_token();
+        assert_eq!(refresh(&sim, &seed).await.status, 200);
+        sim.expire_refresh_tokens();
+        let answer = refresh(&sim, &seed).await;
+        assert_eq!(answer.status, 401, "{}", answer.text);
+        assert_eq!(answer.json["error"], "invalid_token");
+        assert_eq!(
+            answer.json["error_description"],
+            format!("Invalid refresh token (expired): {seed}")
+        );
+        let challenge = answer.headers[WWW_AUTHENTICATE].to_str().unwrap();
+        assert!(
+            challenge.starts_with(r#"Bearer error="invalid_token""#),
+            "{challenge}"
+        );
+        assert_eq!(answer.headers.get_all(WWW_AUTHENTICATE).iter().count(), 1);
+        // An unknown token is still 400 invalid_grant in this mode.
+        let answer = refresh(&sim, "rt_unknown").await;
+        assert_eq!(answer.status, 400);
+        assert_eq!(answer.json["error"], "invalid_grant");
+        assert_eq!(sim.counters().refreshes, 1);
+    }
+
+    /// Without spring_errors an expired refresh token is 400 invalid_grant; refresh_lifetime
+    /// expires tokens by age, and tokens issued later are fresh.
+    #[tokio::test]
+    async fn expired_refresh_is_400_invalid_grant() {
+        let config = IdentityConfig {
+            refresh_lifetime: Some(Duration::from_millis(100)),
+            ..IdentityConfig::default()
+        };
+        let (sim, _server) = start(config).await;
+        let old = sim.issue_refresh_token();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let answer = refresh(&sim, &old).await;
+        assert_eq!(answer.status, 400);
+        assert_eq!(answer.json["error"], "invalid_grant");
+        assert!(answer.headers.get(WWW_AUTHENTICATE).is_none());
+
+        let (sim, _server) = start(IdentityConfig::default()).await;
+        let seed = sim.issue_refresh_token();
+        sim.expire_refresh_tokens();
+        let answer = refresh(&sim, &seed).await;
+        assert_eq!(answer.status, 400);
+        assert_eq!(answer.json["error"], "invalid_grant");
+        assert_eq!(refresh(&sim, &sim.issue_refresh_token()).await.status, 200);
+    }
+
+    fn winbooks_config() -> IdentityConfig {
+        IdentityConfig {
+            client_id: "ann+books@example.com".to_owned(),
+            winbooks: true,
+            access_lifetime: Duration::from_secs(900),
+            ..IdentityConfig::default()
+        }
+    }
+
+    /// A WinBooks token request: Basic with the e-mail alone, Accept: application/json.
+    fn winbooks_request(sim: &IdentityConfig, url: &str, form: &str) -> Request<Full<Bytes>> {
+        Request::post(url)
+            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(ACCEPT, "application/json")
+            .header(
+                AUTHORIZATION,
+                format!("Basic {}", STANDARD.encode(&sim.client_id)),
+            )
+            .body(Full::from(form.to_owned()))
+            .unwrap()
+    }
+
+    /// WinBooks: exchange token for access + refresh token, then refresh with `code`; answers
+    /// have token_type bearer, scope null and expires_in as a string.
+    #[tokio::test]
+    async fn winbooks_exchange_then_refresh_with_code() {
+        let (sim, _server) = start(winbooks_config()).await;
+        let url = sim.token_url();
+        let exchange_token = sim.issue_exchange_token();
+        assert!(exchange_token.starts_with("ex_"));
+
+        let form = format!("grant_type=exchange_token&code={exchange_token}");
+        let answer = call(winbooks_request(sim.config(), &url, &form)).await;
+        assert_eq!(answer.status, 200, "{}", answer.text);
+        assert_eq!(answer.json["token_type"], "bearer");
+        assert_eq!(answer.json["expires_in"], "900");
+        assert!(answer.json["scope"].is_null());
+        assert!(answer.json.as_object().unwrap().contains_key("scope"));
+        let first = answer.json["refresh_token"].as_str().unwrap().to_owned();
+
+        let form = format!("grant_type=refresh_token&code={first}");
+        let answer = call(winbooks_request(sim.config(), &url, &form)).await;
+        assert_eq!(answer.status, 200, "{}", answer.text);
+        assert_eq!(answer.json["expires_in"], "900");
+        assert!(answer.json["scope"].is_null());
+        let second = answer.json["refresh_token"].as_str().unwrap();
+        assert_ne!(second, first, "strict rotation by default");
+        assert_eq!(
+            sim.validate_access(answer.json["access_token"].as_str().unwrap()),
+            Ok(())
+        );
+
+        // The exchange token is long-lived until revoked.
+        let form = format!("grant_type=exchange_token&code={exchange_token}");
+        assert_eq!(
+            call(winbooks_request(sim.config(), &url, &form))
+                .await
+                .status,
+            200
+        );
+        sim.revoke_exchange_tokens();
+        let answer = call(winbooks_request(sim.config(), &url, &form)).await;
+        assert_eq!(answer.status, 400);
+        assert_eq!(answer.json["error"], "invalid_grant");
+        let form = "grant_type=exchange_token&code=ex_unknown";
+        let answer = call(winbooks_request(sim.config(), &url, form)).await;
+        assert_eq!(answer.json["error"], "invalid_grant");
+        // Other grants do not exist in this dialect.
+        let form = "grant_type=client_credentials";
+        let answer = call(winbooks_request(sim.config(), &url, form)).await;
+        assert_eq!(answer.json["error"], "unsupported_grant_type");
+
+        let counters = sim.counters();
+        assert_eq!(counters.exchanges, 2);
+        assert_eq!(counters.refreshes, 1);
+        assert_eq!(counters.issued, 3);
+        assert!(sim.issued_tokens().contains(&exchange_token));
+    }
+
+    /// WinBooks: Basic(email) without a colon is accepted; `email:` (a standard Basic helper
+    /// with an empty password), a different e-mail or no Basic at all are 401 invalid_client.
+    #[tokio::test]
+    async fn winbooks_basic_email_without_colon() {
+        let (sim, _server) = start(winbooks_config()).await;
+        let url = sim.token_url();
+        let exchange_token = sim.issue_exchange_token();
+        let form = format!("grant_type=exchange_token&code={exchange_token}");
+        assert_eq!(
+            call(winbooks_request(sim.config(), &url, &form))
+                .await
+                .status,
+            200
+        );
+
+        for credentials in [
+            "ann+books@example.com:",
+            "ann+books@example.com:s3cret",
+            "bob@example.com",
+        ] {
+            let mut request = winbooks_request(sim.config(), &url, &form);
+            let header = format!("Basic {}", STANDARD.encode(credentials));
+            request
+                .headers_mut()
+                .insert(AUTHORIZATION, header.parse().unwrap());
+            let answer = call(request).await;
+            assert_eq!(answer.status, 401, "{credentials}");
+            assert_eq!(answer.json["error"], "invalid_client");
+        }
+        let mut request = winbooks_request(sim.config(), &url, &form);
+        request.headers_mut().remove(AUTHORIZATION);
+        let answer = call(request).await;
+        assert_eq!(answer.status, 401);
+        assert_eq!(answer.json["error"], "invalid_client");
+
+        // Body credentials are not the WinBooks way.
+        let with_secret = format!("{form}&{}", post_credentials());
+        let answer = call(winbooks_request(sim.config(), &url, &with_secret)).await;
+        assert_eq!(answer.status, 400);
+        assert_eq!(answer.json["error"], "invalid_request");
+        assert_eq!(sim.counters().exchanges, 1);
+    }
+
+    /// WinBooks: a `refresh_token` field is refused (the token goes in `code`), and so is a
+    /// request without `Accept: application/json`; neither consumes the refresh token.
+    #[tokio::test]
+    async fn winbooks_refuses_refresh_token_field_and_missing_accept() {
+        let (sim, _server) = start(winbooks_config()).await;
+        let url = sim.token_url();
+        let seed = sim.issue_refresh_token();
+
+        let form = format!("grant_type=refresh_token&refresh_token={seed}");
+        let answer = call(winbooks_request(sim.config(), &url, &form)).await;
+        assert_eq!(answer.status, 400);
+        assert_eq!(answer.json["error"], "invalid_request");
+        let form = format!("grant_type=refresh_token&code={seed}&refresh_token={seed}");
+        let answer = call(winbooks_request(sim.config(), &url, &form)).await;
+        assert_eq!(answer.json["error"], "invalid_request");
+
+        let form = format!("grant_type=refresh_token&code={seed}");
+        for accept in [None, Some("*/*"), Some("text/xml")] {
+            let mut request = winbooks_request(sim.config(), &url, &form);
+            request.headers_mut().remove(ACCEPT);
+            if let Some(accept) = accept {
+                request
+                    .headers_mut()
+                    .insert(ACCEPT, HeaderValue::from_static(accept));
+            }
+            let answer = call(request).await;
+            assert_eq!(answer.status, 400, "{accept:?}");
+            assert_eq!(answer.json["error"], "invalid_request");
+        }
+        let mut request = winbooks_request(sim.config(), &url, &form);
+        request.headers_mut().insert(
+            ACCEPT,
+            HeaderValue::from_static("text/plain, Application/JSON; q=0.9"),
+        );
+        let answer = call(request).await;
+        assert_eq!(answer.status, 200, "{}", answer.text);
+        assert_eq!(answer.json["expires_in"], "900");
+        assert_eq!(sim.counters().refreshes, 1);
+        assert_eq!(sim.counters().reuse_detected, 0);
+    }
+
+    /// all_errors_400: invalid_client (and the method check) answer 400, never 401 or 405.
+    #[tokio::test]
+    async fn all_errors_400_makes_invalid_client_400() {
+        let config = IdentityConfig {
+            client_id: "my.trusted.app/first".to_owned(),
+            all_errors_400: true,
+            ..IdentityConfig::default()
+        };
+        let (sim, _server) = start(config).await;
+        let request = form_request(&sim)
+            .header(AUTHORIZATION, basic("my.trusted.app/first", "wrong"))
+            .body(Full::from("grant_type=client_credentials"))
+            .unwrap();
+        let answer = call(request).await;
+        assert_eq!(answer.status, 400);
+        assert_eq!(answer.json["error"], "invalid_client");
+        assert!(answer.headers.get(WWW_AUTHENTICATE).is_none());
+
+        let form = "grant_type=client_credentials";
+        let answer = call(form_request(&sim).body(Full::from(form)).unwrap()).await;
+        assert_eq!(answer.status, 400);
+        assert_eq!(answer.json["error"], "invalid_client");
+
+        let answer = call(Request::get(sim.token_url()).body(Full::default()).unwrap()).await;
+        assert_eq!(answer.status, 400);
+
+        let form =
+            "grant_type=client_credentials&client_id=my.trusted.app%2Ffirst&client_secret=s3cret";
+        let answer = call(form_request(&sim).body(Full::from(form)).unwrap()).await;
+        assert_eq!(answer.status, 200, "{}", answer.text);
     }
 
     /// Other paths are 404, and the endpoint also answers over h2c.

@@ -25,11 +25,21 @@ impl FileStore {
             path: dir.display().to_string(),
             source,
         };
+        let existed = dir.is_dir();
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .map_err(io)?;
+        if !existed {
+            // Make the new directory's own entry durable, or a power cut could lose it with
+            // the first rotated refresh token inside.
+            let parent = dir
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            File::open(parent).and_then(|d| d.sync_all()).map_err(io)?;
+        }
         let mode = fs::metadata(dir).map_err(io)?.permissions().mode();
         if mode & 0o077 != 0 {
             tracing::warn!(dir = %dir.display(), "state directory was readable by others; setting it to 0700");

@@ -86,7 +86,7 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
-    #[error("state file {path} is damaged ({reason}); restore it from a backup or remove it and run `tollgate login`")]
+    #[error("state file {path} is damaged ({reason}); restore it from a backup, or remove it and set a new refresh token in the config")]
     Corrupt { path: String, reason: String },
     #[error(
         "the refresh lock of `{upstream}` is held by another process for more than {waited:?}"

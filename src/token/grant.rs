@@ -20,6 +20,9 @@ pub struct Issued {
     pub expires_in: Duration,
     /// Present when the server issued (or rotated) a refresh token.
     pub refresh_token: Option<Secret<String>>,
+    /// Obtained by logging in again (password, exchange) after the refresh token was refused:
+    /// the refused refresh token must not be kept.
+    pub logged_in: bool,
 }
 
 /// Why a token request did not produce a token.
@@ -76,6 +79,9 @@ pub struct TokenEndpoint {
     client_secret: Option<Secret<String>>,
     client_auth: ClientAuth,
     scope: Option<String>,
+    username: Option<String>,
+    password: Option<Secret<String>>,
+    exchange_token: Option<Secret<String>>,
     params: Vec<(String, String)>,
     default_expires_in: Duration,
 }
@@ -106,6 +112,9 @@ impl TokenEndpoint {
             client_secret: auth.client_secret.clone(),
             client_auth: auth.client_auth,
             scope: auth.scope.clone(),
+            username: auth.username.clone(),
+            password: auth.password.clone(),
+            exchange_token: auth.exchange_token.clone(),
             params: auth
                 .params
                 .iter()
@@ -119,31 +128,77 @@ impl TokenEndpoint {
         self.grant
     }
 
-    /// Ask for a new access token: with `refresh_token` when given, else by the configured
-    /// grant's own means (client credentials).
-    pub async fn request(
+    /// Get a new access token. `refresh_token` is the newest one the store holds, if any.
+    ///
+    /// `refresh_token` and `client_credentials` make one request. `password` and
+    /// `winbooks_exchange` refresh while the refresh token works; when the identity server
+    /// refuses it, they log in again with their own credentials — once, never in a loop.
+    pub async fn obtain(
         &self,
         refresh_token: Option<&Secret<String>>,
     ) -> Result<Issued, GrantError> {
-        let mut fields: Vec<(&str, &str)> = Vec::with_capacity(6 + self.params.len());
         match (self.grant, refresh_token) {
-            (_, Some(rt)) => {
-                fields.push(("grant_type", "refresh_token"));
-                fields.push(("refresh_token", rt.expose()));
-            }
-            (Grant::ClientCredentials, None) => {
-                fields.push(("grant_type", "client_credentials"));
-                if let Some(scope) = &self.scope {
-                    fields.push(("scope", scope));
+            (Grant::ClientCredentials, _) => self.send(self.login_fields()).await,
+            (Grant::RefreshToken, Some(rt)) => self.send(self.refresh_fields(rt)).await,
+            (Grant::RefreshToken, None) => Err(GrantError::InvalidGrant {
+                code: "no_refresh_token".into(),
+                description: Some("there is no refresh token to redeem".into()),
+            }),
+            (Grant::Password | Grant::WinbooksExchange, Some(rt)) => {
+                match self.send(self.refresh_fields(rt)).await {
+                    Err(GrantError::InvalidGrant { code, .. }) => {
+                        tracing::info!(grant = self.grant.as_str(), %code, "refresh token refused; logging in again");
+                        self.login_again().await
+                    }
+                    other => other,
                 }
             }
-            (Grant::RefreshToken, None) => {
-                return Err(GrantError::InvalidGrant {
-                    code: "no_refresh_token".into(),
-                    description: Some("there is no refresh token to redeem".into()),
-                })
-            }
+            (Grant::Password | Grant::WinbooksExchange, None) => self.login_again().await,
         }
+    }
+
+    async fn login_again(&self) -> Result<Issued, GrantError> {
+        let mut issued = self.send(self.login_fields()).await?;
+        issued.logged_in = true;
+        Ok(issued)
+    }
+
+    /// The form of a refresh. WinBooks puts the refresh token in `code`.
+    fn refresh_fields<'a>(&'a self, rt: &'a Secret<String>) -> Vec<(&'a str, &'a str)> {
+        let field = match self.grant {
+            Grant::WinbooksExchange => "code",
+            _ => "refresh_token",
+        };
+        vec![("grant_type", "refresh_token"), (field, rt.expose())]
+    }
+
+    /// The form of a request made with the grant's own credentials.
+    fn login_fields(&self) -> Vec<(&str, &str)> {
+        let mut fields = Vec::with_capacity(4);
+        match self.grant {
+            Grant::ClientCredentials => fields.push(("grant_type", "client_credentials")),
+            Grant::Password => {
+                fields.push(("grant_type", "password"));
+                fields.push(("username", self.username.as_deref().unwrap_or_default()));
+                let password = self.password.as_ref().map(|p| p.expose().as_str());
+                fields.push(("password", password.unwrap_or_default()));
+            }
+            Grant::WinbooksExchange => {
+                fields.push(("grant_type", "exchange_token"));
+                let token = self.exchange_token.as_ref().map(|t| t.expose().as_str());
+                fields.push(("code", token.unwrap_or_default()));
+            }
+            Grant::RefreshToken => {}
+        }
+        if let (Grant::ClientCredentials | Grant::Password, Some(scope)) = (self.grant, &self.scope)
+        {
+            fields.push(("scope", scope));
+        }
+        fields
+    }
+
+    /// Add the extra `params`, then client authentication, and send.
+    async fn send(&self, mut fields: Vec<(&str, &str)>) -> Result<Issued, GrantError> {
         for (k, v) in &self.params {
             fields.push((k, v));
         }
@@ -157,19 +212,44 @@ impl TokenEndpoint {
             .post(self.url.clone())
             .header(http::header::ACCEPT, "application/json");
         let secret = self.client_secret.as_ref().map(|s| s.expose().as_str());
-        match self.client_auth {
-            ClientAuth::Post => {
-                fields.push(("client_id", &self.client_id));
-                fields.push(("client_secret", secret.unwrap_or_default()));
+        if self.grant == Grant::WinbooksExchange {
+            // WinBooks: Basic base64(e-mail), no colon, no password.
+            let email = self.username.as_deref().unwrap_or_default();
+            let mut value = http::HeaderValue::from_str(&format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(email)
+            ))
+            .map_err(|_| GrantError::Refused {
+                code: "invalid_username".into(),
+                description: Some("the e-mail cannot be sent in a header".into()),
+            })?;
+            value.set_sensitive(true);
+            request = request.header(http::header::AUTHORIZATION, value);
+        } else {
+            match self.client_auth {
+                ClientAuth::Post => {
+                    fields.push(("client_id", &self.client_id));
+                    fields.push(("client_secret", secret.unwrap_or_default()));
+                }
+                ClientAuth::Basic => {
+                    request = request.header(
+                        http::header::AUTHORIZATION,
+                        basic_credentials(&self.client_id, secret.unwrap_or_default()),
+                    );
+                }
+                ClientAuth::None => fields.push(("client_id", &self.client_id)),
             }
-            ClientAuth::Basic => {
-                request = request.header(
-                    http::header::AUTHORIZATION,
-                    basic_credentials(&self.client_id, secret.unwrap_or_default()),
-                );
-            }
-            ClientAuth::None => fields.push(("client_id", &self.client_id)),
         }
+        // Identity servers echo what they were sent (Spring puts the refresh token in its
+        // error_description): every secret of this request is cut from the error text.
+        let mut secrets: Vec<&str> = fields
+            .iter()
+            .filter(|(k, _)| !matches!(*k, "grant_type" | "scope" | "username" | "client_id"))
+            .map(|(_, v)| *v)
+            .chain(secret)
+            .filter(|v| v.len() >= 4)
+            .collect();
+        secrets.sort_unstable_by_key(|v| std::cmp::Reverse(v.len()));
         let body = encode_form(&fields);
         let response = request
             .header(
@@ -191,6 +271,30 @@ impl TokenEndpoint {
             .map(Duration::from_secs);
         let body = read_capped(response).await?;
         parse_response(status.as_u16(), &body, retry_after, self.default_expires_in)
+            .map_err(|e| scrub(e, &secrets))
+    }
+}
+
+/// Remove every secret from the description of a refusal.
+fn scrub(error: GrantError, secrets: &[&str]) -> GrantError {
+    let clean = |d: Option<String>| {
+        d.map(|mut d| {
+            for s in secrets {
+                d = d.replace(s, "[redacted]");
+            }
+            d
+        })
+    };
+    match error {
+        GrantError::InvalidGrant { code, description } => GrantError::InvalidGrant {
+            code,
+            description: clean(description),
+        },
+        GrantError::Refused { code, description } => GrantError::Refused {
+            code,
+            description: clean(description),
+        },
+        other => other,
     }
 }
 
@@ -261,6 +365,27 @@ pub fn parse_response(
                         code: f.error,
                         description,
                     })
+                } else if matches!(
+                    f.error.as_str(),
+                    "temporarily_unavailable" | "server_error" | "slow_down"
+                ) {
+                    Err(GrantError::Transient {
+                        reason: format!("token endpoint answered {}", f.error),
+                        retry_after,
+                    })
+                } else if !matches!(
+                    f.error.as_str(),
+                    "invalid_client"
+                        | "unauthorized_client"
+                        | "unsupported_grant_type"
+                        | "invalid_scope"
+                        | "invalid_request"
+                ) {
+                    // An error code RFC 6749 does not define: not proof the client is wrong.
+                    Err(GrantError::Transient {
+                        reason: format!("token endpoint answered HTTP {status} {}", f.error),
+                        retry_after,
+                    })
                 } else {
                     Err(GrantError::Refused {
                         code: f.error,
@@ -268,13 +393,10 @@ pub fn parse_response(
                     })
                 }
             }
-            Err(_) if status == 401 => Err(GrantError::Refused {
-                code: "invalid_client".into(),
-                description: Some("HTTP 401 without an OAuth2 error body".into()),
-            }),
-            Err(_) => Err(GrantError::transient(
-                "token endpoint answered 400 without an OAuth2 error body",
-            )),
+            // A gateway's page, not the identity server's verdict.
+            Err(_) => Err(GrantError::transient(format!(
+                "token endpoint answered {status} without an OAuth2 error body"
+            ))),
         },
         429 | 408 | 500..=599 => Err(GrantError::Transient {
             reason: format!("token endpoint answered HTTP {status}"),
@@ -317,6 +439,7 @@ fn parse_success(body: &[u8], default_expires_in: Duration) -> Result<Issued, Gr
         access_token: Secret::new(ok.access_token),
         expires_in,
         refresh_token: ok.refresh_token.filter(|t| !t.is_empty()).map(Secret::new),
+        logged_in: false,
     })
 }
 
@@ -388,6 +511,14 @@ mod tests {
             .err()
             .unwrap();
         assert!(matches!(e, GrantError::Refused { .. }) && e.is_final());
+        let e = parse_response(400, br#"{"error":"temporarily_unavailable"}"#, None, HOUR)
+            .err()
+            .unwrap();
+        assert!(!e.is_final());
+        let e = parse_response(401, b"<html>gateway</html>", None, HOUR)
+            .err()
+            .unwrap();
+        assert!(!e.is_final());
         let e = parse_response(503, b"oops", Some(Duration::from_secs(7)), HOUR)
             .err()
             .unwrap();
@@ -439,6 +570,19 @@ mod tests {
             "my.app%2Ffirst:a%2Bb%2Fc%25d%26e%3Df+g"
         );
         assert!(v.is_sensitive());
+    }
+
+    #[test]
+    fn scrub_removes_echoed_secrets() {
+        let e = GrantError::InvalidGrant {
+            code: "invalid_token".into(),
+            description: Some("Invalid refresh token (expired): rt_abcdef".into()),
+        };
+        let e = scrub(e, &["rt_abcdef"]);
+        assert_eq!(
+            e.to_string(),
+            "invalid_token: Invalid refresh token (expired): [redacted]"
+        );
     }
 
     #[test]

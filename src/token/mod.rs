@@ -34,6 +34,8 @@ pub struct AccessToken {
     pub fingerprint: String,
     /// Past this instant the token is not injected any more (a margin before its expiry).
     pub usable_until: Instant,
+    /// The same deadline on the wall clock: the monotonic clock stops while a machine sleeps.
+    usable_until_wall: SystemTime,
     /// When the refresh-ahead task replaces it.
     pub refresh_at: Instant,
     pub expires_at: SystemTime,
@@ -41,7 +43,7 @@ pub struct AccessToken {
 
 impl AccessToken {
     pub fn is_usable(&self, now: Instant) -> bool {
-        now < self.usable_until
+        now < self.usable_until && SystemTime::now() < self.usable_until_wall
     }
 
     /// The token itself, without the `Bearer ` prefix (for `tollgate token`).
@@ -139,11 +141,16 @@ struct Flight {
     epoch: u64,
     last_error: Option<TokenError>,
     /// A final failure, with the store generation it happened on; cleared when the store holds
-    /// a newer record (a `tollgate login`) or the process restarts with a new seed.
+    /// a newer record or the process restarts with a new seed.
     final_failure: Option<(TokenError, u64)>,
     /// A record the identity server issued but the store did not accept yet. It is saved before
     /// anything else is redeemed, so a rotated refresh token is never lost to a disk hiccup.
     unsaved: Option<TokenRecord>,
+    /// The identity server asked (Retry-After) not to be called before this instant.
+    not_before: Option<Instant>,
+    /// This process has used a record of its own lineage; a different lineage appearing in the
+    /// store later means another process logged in anew, and this one must not redeem.
+    lineage_used: bool,
 }
 
 /// The token cache of one upstream.
@@ -185,8 +192,16 @@ impl TokenCache {
     ) -> Result<Self, String> {
         let auth = &upstream.auth;
         let endpoint = TokenEndpoint::new(auth, extra_roots)?;
+        // Only a refresh_token grant redeems the config's seed; the others log in with their
+        // own credentials, which also name their lineage.
         let seed = match auth.grant {
             Grant::RefreshToken => auth.refresh_token.clone(),
+            _ => None,
+        };
+        let lineage = match auth.grant {
+            Grant::RefreshToken => auth.refresh_token.clone(),
+            Grant::WinbooksExchange => auth.exchange_token.clone(),
+            Grant::Password => auth.username.clone().map(Secret::new),
             Grant::ClientCredentials => None,
         };
         Ok(TokenCache {
@@ -197,10 +212,12 @@ impl TokenCache {
                 last_error: None,
                 final_failure: None,
                 unsaved: None,
+                not_before: None,
+                lineage_used: false,
             }),
             epoch: AtomicU64::new(0),
             refused: AtomicU64::new(0),
-            seed_hash: seed_hash(auth.grant, &auth.client_id, seed.as_ref()),
+            seed_hash: seed_hash(auth.grant, &auth.client_id, lineage.as_ref()),
             seed,
             endpoint,
             store,
@@ -313,7 +330,20 @@ impl TokenCache {
         let deadline = Instant::now() + self.refresh_wait;
         let mut backoff = Backoff::new(self.backoff_initial, self.backoff_max);
         loop {
-            let error = match self.redeem(flight, purpose).await {
+            if let Some(not_before) = flight.not_before.filter(|t| *t > Instant::now()) {
+                let keep_current = purpose == Purpose::Ahead && self.cached().is_some();
+                if keep_current || not_before > deadline {
+                    return Err(TokenError::Unavailable {
+                        reason: "the identity server asked to wait (Retry-After)".into(),
+                        retry_after: whole_seconds(not_before - Instant::now()),
+                    });
+                }
+                tokio::time::sleep_until(not_before.into()).await;
+            }
+            let lock_wait = deadline
+                .saturating_duration_since(Instant::now())
+                .clamp(Duration::from_secs(1), LOCK_WAIT);
+            let error = match self.redeem(flight, purpose, lock_wait).await {
                 Ok(t) => return Ok(t),
                 Err(e) => e,
             };
@@ -321,8 +351,11 @@ impl TokenCache {
                 Attempt::Final(e) => return Err(e.clone()),
                 Attempt::Retry { reason, hint } => (reason.clone(), *hint),
             };
+            if let Some(wait) = hint {
+                flight.not_before = Some(Instant::now() + wait);
+            }
             let delay = backoff.next_delay().max(hint.unwrap_or_default());
-            let retry_after = Duration::from_secs(delay.as_secs_f64().ceil().max(1.0) as u64);
+            let retry_after = whole_seconds(delay);
             // A still-usable token keeps serving; the refresh-ahead task tries again later.
             let keep_current = purpose == Purpose::Ahead && self.cached().is_some();
             if keep_current || Instant::now() + delay > deadline {
@@ -343,25 +376,45 @@ impl TokenCache {
         &self,
         flight: &mut Flight,
         purpose: Purpose,
+        lock_wait: Duration,
     ) -> Result<Arc<AccessToken>, Attempt> {
         let lock = self
             .store
-            .lock_refresh(&self.name, LOCK_WAIT)
+            .lock_refresh(&self.name, lock_wait)
             .await
             .map_err(Attempt::store)?;
-        if let Some(record) = flight.unsaved.take() {
-            if let Err(e) = self.store.save_token(&self.name, &record, &lock).await {
-                flight.unsaved = Some(record);
-                return Err(Attempt::store(e));
-            }
-            tracing::info!(upstream = %self.name, "saved the token record that an earlier store failure held back");
-        }
-        let stored = self
+        let mut stored = self
             .store
             .load_token(&self.name)
             .await
-            .map_err(Attempt::store)?
-            .filter(|r| r.seed_hash == self.seed_hash);
+            .map_err(Attempt::store)?;
+        if let Some(record) = flight.unsaved.take() {
+            // Save it only if the store has not moved past it meanwhile (another process could
+            // have redeemed it and saved a newer one, which must not be overwritten).
+            let newer_exists = stored.as_ref().is_some_and(|s| {
+                s.seed_hash == record.seed_hash && s.generation >= record.generation
+            });
+            if !newer_exists {
+                if let Err(e) = self.store.save_token(&self.name, &record, &lock).await {
+                    flight.unsaved = Some(record);
+                    return Err(Attempt::store(e));
+                }
+                tracing::info!(upstream = %self.name, "saved the token record that an earlier store failure held back");
+                stored = Some(record);
+            }
+        }
+        if let Some(foreign) = stored.as_ref().filter(|r| r.seed_hash != self.seed_hash) {
+            if flight.lineage_used {
+                let e = TokenError::NeedsLogin(format!(
+                    "the state store now holds a newer login for upstream `{}` (a new seed in another process's config); restart this tollgate to use it",
+                    self.name
+                ));
+                tracing::error!(upstream = %self.name, generation = foreign.generation, "{e}");
+                flight.final_failure = Some((e.clone(), 0));
+                return Err(Attempt::Final(e));
+            }
+        }
+        let stored = stored.filter(|r| r.seed_hash == self.seed_hash);
         let stored_generation = stored.as_ref().map_or(0, |r| r.generation);
 
         if let Some((error, generation)) = &flight.final_failure {
@@ -373,27 +426,25 @@ impl TokenCache {
         if let Some(record) = &stored {
             if let Some(token) = self.adoptable(record, purpose) {
                 tracing::info!(upstream = %self.name, generation = token.generation, token = %token.fingerprint, "using the token another process refreshed");
+                flight.lineage_used = true;
                 return Ok(self.publish(token));
             }
         }
 
-        let refresh_token = match self.endpoint.grant() {
-            Grant::RefreshToken => stored
-                .as_ref()
-                .and_then(|r| r.refresh_token.clone())
-                .or_else(|| self.seed.clone()),
-            Grant::ClientCredentials => None,
-        };
+        let refresh_token = stored
+            .as_ref()
+            .and_then(|r| r.refresh_token.clone())
+            .or_else(|| self.seed.clone());
         if self.endpoint.grant() == Grant::RefreshToken && refresh_token.is_none() {
             let e = TokenError::NeedsLogin(format!(
-                "upstream `{0}` has no refresh token: set auth.refresh_token in the config or run `tollgate login {0}`",
+                "upstream `{0}` has no refresh token: log in to the provider once, set auth.refresh_token to the refresh token you got, then restart",
                 self.name
             ));
             flight.final_failure = Some((e.clone(), stored_generation));
             return Err(Attempt::Final(e));
         }
 
-        let issued = match self.endpoint.request(refresh_token.as_ref()).await {
+        let issued = match self.endpoint.obtain(refresh_token.as_ref()).await {
             Ok(issued) => issued,
             Err(e) => return Err(self.classify(e, flight, stored_generation)),
         };
@@ -409,6 +460,7 @@ impl TokenCache {
             return Err(Attempt::store(e));
         }
         drop(lock);
+        flight.lineage_used = true;
         let token = self.token_from(&record).ok_or_else(|| Attempt::Retry {
             reason: "the identity server issued a token that expires at once".into(),
             hint: None,
@@ -420,10 +472,20 @@ impl TokenCache {
     fn classify(&self, e: GrantError, flight: &mut Flight, generation: u64) -> Attempt {
         match e {
             GrantError::InvalidGrant { .. } => {
-                let error = TokenError::NeedsLogin(format!(
-                    "the identity server no longer accepts the refresh token of upstream `{0}` ({e}); run `tollgate login {0}` or put a new refresh token in the config, then restart",
-                    self.name
-                ));
+                let error = TokenError::NeedsLogin(match self.endpoint.grant() {
+                    Grant::Password => format!(
+                        "the identity server refused the username and password of upstream `{}` ({e}); fix auth.username and auth.password, then restart",
+                        self.name
+                    ),
+                    Grant::WinbooksExchange => format!(
+                        "the identity server refused the exchange token of upstream `{}` ({e}); create a new exchange token in WinBooks on Web, set auth.exchange_token, then restart",
+                        self.name
+                    ),
+                    _ => format!(
+                        "the identity server no longer accepts the refresh token of upstream `{0}` ({e}); log in to the provider again, set auth.refresh_token to the new refresh token, then restart",
+                        self.name
+                    ),
+                });
                 tracing::error!(upstream = %self.name, "{error}");
                 flight.final_failure = Some((error.clone(), generation));
                 Attempt::Final(error)
@@ -476,8 +538,13 @@ impl TokenCache {
         let now = unix_ms();
         TokenRecord {
             seed_hash: self.seed_hash.clone(),
-            // Keep whatever came back; a server that does not rotate sends none.
-            refresh_token: issued.refresh_token.or(redeemed),
+            // Keep whatever came back; a server that does not rotate sends none. After a new
+            // login the redeemed token was refused, so it is not kept.
+            refresh_token: if issued.logged_in {
+                issued.refresh_token
+            } else {
+                issued.refresh_token.or(redeemed)
+            },
             access_token: Some(issued.access_token),
             issued_at_ms: now,
             expires_at_ms: now + issued.expires_in.as_millis() as u64,
@@ -495,7 +562,8 @@ impl TokenCache {
         let left = Duration::from_millis(record.expires_at_ms.saturating_sub(now_unix));
         // Stop injecting a little before expiry: the request still has to reach the API.
         let margin = (lifetime / 20).min(Duration::from_secs(10));
-        let usable_until = now + left.checked_sub(margin)?;
+        let usable = left.checked_sub(margin)?;
+        let usable_until = now + usable;
         let elapsed = Duration::from_millis(now_unix.saturating_sub(record.issued_at_ms));
         let mut ahead = lifetime.mul_f64(0.8);
         if let Some(before) = self.refresh_before {
@@ -511,6 +579,7 @@ impl TokenCache {
             generation: record.generation,
             fingerprint: fingerprint(access.expose()),
             usable_until,
+            usable_until_wall: SystemTime::now() + usable,
             refresh_at,
             expires_at: UNIX_EPOCH + Duration::from_millis(record.expires_at_ms),
         })
@@ -587,6 +656,11 @@ impl Attempt {
             other => Attempt::Final(TokenError::Store(other.to_string())),
         }
     }
+}
+
+/// A duration as a `Retry-After` value: whole seconds, at least 1.
+fn whole_seconds(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs_f64().ceil().max(1.0) as u64)
 }
 
 /// Identifies a token lineage's origin: a new seed (a new login) starts a new lineage.

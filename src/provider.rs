@@ -1,0 +1,191 @@
+//! Presets for the providers in PROVIDERS.md: `beproduct`, `erpnet`, `winbooks`, `spring`.
+//!
+//! A preset fills the keys a user would otherwise copy from the provider's documentation —
+//! token URL, grant, client authentication, scope, login URLs — into the upstream's TOML table
+//! before it is read, and only where the user did not set them: every key stays overridable.
+//! It returns the keys it filled, so `tollgate check` can show them.
+//! Quota defaults (ERP.net: 600/minute, 1 concurrent, queue 5) are named here for the quota
+//! code; they are not enforced by this module.
+
+use toml::{Table, Value};
+use url::Url;
+
+/// The presets a config may name.
+pub const PRESETS: &[&str] = &["beproduct", "erpnet", "winbooks", "spring"];
+
+const BEPRODUCT_SCOPE: &str = "openid profile email roles offline_access BeProductPublicApi";
+const ERPNET_LOGIN_SCOPE: &str = "openid profile offline_access DomainApi";
+
+/// Fill the missing keys of one `[[upstream]]` table from its `preset`. Returns the filled
+/// keys as paths relative to the upstream (`auth.token_url`), or why the preset cannot apply.
+pub fn apply(upstream: &mut Table) -> Result<Vec<String>, String> {
+    let Some(preset) = upstream.get("preset") else {
+        return Ok(Vec::new());
+    };
+    let preset = preset
+        .as_str()
+        .ok_or("must be a string: one of beproduct, erpnet, winbooks, spring")?
+        .to_owned();
+    let mut filled = Vec::new();
+    let mut fill = |table: &mut Table, section: &str, key: &str, value: &str| {
+        if !table.contains_key(key) {
+            table.insert(key.to_owned(), Value::String(value.to_owned()));
+            filled.push(if section.is_empty() {
+                key.to_owned()
+            } else {
+                format!("{section}.{key}")
+            });
+        }
+    };
+    match preset.as_str() {
+        "beproduct" => {
+            fill(upstream, "", "url", "https://developers.beproduct.com");
+            let auth = section(upstream, "auth")?;
+            fill(auth, "auth", "grant", "refresh_token");
+            fill(
+                auth,
+                "auth",
+                "token_url",
+                "https://id.winks.io/ids/connect/token",
+            );
+            fill(auth, "auth", "client_auth", "post");
+            fill(auth, "auth", "scope", BEPRODUCT_SCOPE);
+            if upstream.contains_key("login") {
+                let login = section(upstream, "login")?;
+                fill(
+                    login,
+                    "login",
+                    "authorize_url",
+                    "https://id.winks.io/ids/connect/authorize",
+                );
+            }
+        }
+        "erpnet" => {
+            let origin = origin_of(upstream, "erpnet")?;
+            let auth = section(upstream, "auth")?;
+            fill(auth, "auth", "grant", "refresh_token");
+            fill(
+                auth,
+                "auth",
+                "token_url",
+                &format!("{origin}/id/connect/token"),
+            );
+            fill(auth, "auth", "client_auth", "post");
+            let scope = match auth.get("grant").and_then(Value::as_str) {
+                Some("client_credentials") => "read update",
+                _ => ERPNET_LOGIN_SCOPE,
+            };
+            fill(auth, "auth", "scope", scope);
+            if upstream.contains_key("login") {
+                let login = section(upstream, "login")?;
+                fill(
+                    login,
+                    "login",
+                    "authorize_url",
+                    &format!("{origin}/id/connect/authorize"),
+                );
+            }
+        }
+        "winbooks" => {
+            fill(upstream, "", "url", "https://rapi.winbooksonweb.be");
+            let auth = section(upstream, "auth")?;
+            fill(auth, "auth", "grant", "winbooks_exchange");
+            fill(
+                auth,
+                "auth",
+                "token_url",
+                "https://rapi.winbooksonweb.be/OAuth20/Token",
+            );
+        }
+        "spring" => {
+            let origin = origin_of(upstream, "spring")?;
+            let auth = section(upstream, "auth")?;
+            fill(auth, "auth", "grant", "password");
+            fill(auth, "auth", "token_url", &format!("{origin}/oauth/token"));
+            fill(auth, "auth", "client_auth", "basic");
+            fill(auth, "auth", "scope", "read write");
+        }
+        other => {
+            return Err(format!(
+                "`{other}` is not a preset; use one of {}",
+                PRESETS.join(", ")
+            ))
+        }
+    }
+    Ok(filled)
+}
+
+/// `[upstream.NAME]`, created empty when missing so the preset can fill it.
+fn section<'a>(upstream: &'a mut Table, name: &str) -> Result<&'a mut Table, String> {
+    upstream
+        .entry(name.to_owned())
+        .or_insert_with(|| Value::Table(Table::new()))
+        .as_table_mut()
+        .ok_or_else(|| format!("`{name}` must be a table ([upstream.{name}])"))
+}
+
+/// `scheme://host[:port]` of the upstream's `url`, which these presets derive URLs from.
+fn origin_of(upstream: &Table, preset: &str) -> Result<String, String> {
+    let url = upstream
+        .get("url")
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("preset `{preset}` needs `url`, the address of your instance"))?;
+    let url = Url::parse(url).map_err(|e| format!("`url` is not a URL ({e})"))?;
+    Ok(url.origin().ascii_serialization())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(text: &str) -> Table {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn beproduct_fills_and_keeps_what_is_set() {
+        let mut t = table("preset = \"beproduct\"\n[auth]\nclient_auth = \"basic\"\n");
+        let filled = apply(&mut t).unwrap();
+        assert_eq!(t["url"].as_str(), Some("https://developers.beproduct.com"));
+        assert_eq!(
+            t["auth"]["token_url"].as_str(),
+            Some("https://id.winks.io/ids/connect/token")
+        );
+        assert_eq!(
+            t["auth"]["client_auth"].as_str(),
+            Some("basic"),
+            "user value kept"
+        );
+        assert!(filled.contains(&"auth.token_url".to_owned()));
+        assert!(!filled.contains(&"auth.client_auth".to_owned()));
+    }
+
+    #[test]
+    fn erpnet_and_spring_derive_from_the_instance_url() {
+        let mut t = table("preset = \"erpnet\"\nurl = \"https://acme.my.erp.net/api/domain/odata\"\n[auth]\ngrant = \"client_credentials\"\n");
+        apply(&mut t).unwrap();
+        assert_eq!(
+            t["auth"]["token_url"].as_str(),
+            Some("https://acme.my.erp.net/id/connect/token")
+        );
+        assert_eq!(t["auth"]["scope"].as_str(), Some("read update"));
+        let mut t = table("preset = \"spring\"\nurl = \"http://127.0.0.1:9000/api\"\n");
+        apply(&mut t).unwrap();
+        assert_eq!(
+            t["auth"]["token_url"].as_str(),
+            Some("http://127.0.0.1:9000/oauth/token")
+        );
+        assert_eq!(t["auth"]["grant"].as_str(), Some("password"));
+        assert_eq!(t["auth"]["client_auth"].as_str(), Some("basic"));
+    }
+
+    #[test]
+    fn unknown_preset_and_missing_url_are_explained() {
+        assert!(apply(&mut table("preset = \"sap\""))
+            .unwrap_err()
+            .contains("beproduct, erpnet"));
+        assert!(apply(&mut table("preset = \"erpnet\""))
+            .unwrap_err()
+            .contains("needs `url`"));
+    }
+}
