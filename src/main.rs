@@ -47,6 +47,19 @@ enum Command {
     Check(ConfigArg),
     /// Start a simulated identity server and API with a proxy in front, and print curl lines.
     Demo,
+    /// Log in once (authorization code + PKCE) and store the refresh token for upstream NAME.
+    Login {
+        /// The upstream's `name` in the config.
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print the URL only; do not try to open a browser.
+        #[arg(long)]
+        no_browser: bool,
+        /// How long to wait for the browser to come back.
+        #[arg(long, default_value = "5m", value_parser = tollgate::config::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Print a valid access token of upstream NAME to stdout (for scripts).
     Token {
         /// The upstream's `name` in the config.
@@ -82,6 +95,55 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+async fn login(
+    config: &Config,
+    name: &str,
+    no_browser: bool,
+    timeout: std::time::Duration,
+) -> ExitCode {
+    use tollgate::token::login::Login;
+    let login = match Login::prepare(config, name).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!(
+        "Open this URL in a browser and log in:\n\n  {}\n",
+        login.authorize_url
+    );
+    if !no_browser {
+        let opened = std::process::Command::new("xdg-open")
+            .arg(login.authorize_url.as_str())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .or_else(|_| {
+                std::process::Command::new("open")
+                    .arg(login.authorize_url.as_str())
+                    .spawn()
+            });
+        if opened.is_err() {
+            eprintln!("(no browser could be opened; copy the URL)");
+        }
+    }
+    eprintln!(
+        "Waiting for the browser (up to {})...",
+        humantime::format_duration(timeout)
+    );
+    match login.finish(timeout).await {
+        Ok(()) => {
+            eprintln!("Logged in: the refresh token of `{name}` is in the state store. A running serve picks it up at its next refresh.");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -140,6 +202,18 @@ fn main() -> ExitCode {
                         Ok(ExitCode::FAILURE)
                     }
                 }
+            }
+            Command::Login {
+                name,
+                config: arg,
+                no_browser,
+                timeout,
+            } => {
+                let config = match load(&arg) {
+                    Ok(c) => c,
+                    Err(code) => return Ok(code),
+                };
+                Ok(login(&config, &name, no_browser, timeout).await)
             }
             Command::Demo => {
                 tollgate::demo::run(shutdown_signal()).await?;

@@ -157,6 +157,22 @@ impl TokenEndpoint {
         }
     }
 
+    /// Redeem an authorization code (RFC 6749 §4.1.3, with the PKCE verifier of RFC 7636).
+    pub async fn exchange_code(
+        &self,
+        code: &str,
+        redirect_uri: &str,
+        verifier: &Secret<String>,
+    ) -> Result<Issued, GrantError> {
+        let fields = vec![
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("redirect_uri", redirect_uri),
+            ("code_verifier", verifier.expose().as_str()),
+        ];
+        self.send(fields).await
+    }
+
     async fn login_again(&self) -> Result<Issued, GrantError> {
         let mut issued = self.send(self.login_fields()).await?;
         issued.logged_in = true;

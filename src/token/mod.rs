@@ -10,6 +10,7 @@
 //! Token endpoint calls live in [`grant`]; this module decides when to make them.
 
 pub mod grant;
+pub mod login;
 
 use crate::config::{Grant, UpstreamConfig};
 use crate::secret::{fingerprint, sha256_hex, Secret};
@@ -198,12 +199,7 @@ impl TokenCache {
             Grant::RefreshToken => auth.refresh_token.clone(),
             _ => None,
         };
-        let lineage = match auth.grant {
-            Grant::RefreshToken => auth.refresh_token.clone(),
-            Grant::WinbooksExchange => auth.exchange_token.clone(),
-            Grant::Password => auth.username.clone().map(Secret::new),
-            Grant::ClientCredentials => None,
-        };
+
         Ok(TokenCache {
             name: upstream.name.clone(),
             current: ArcSwapOption::empty(),
@@ -217,7 +213,7 @@ impl TokenCache {
             }),
             epoch: AtomicU64::new(0),
             refused: AtomicU64::new(0),
-            seed_hash: seed_hash(auth.grant, &auth.client_id, lineage.as_ref()),
+            seed_hash: lineage_hash(auth),
             seed,
             endpoint,
             store,
@@ -448,7 +444,8 @@ impl TokenCache {
             Ok(issued) => issued,
             Err(e) => return Err(self.classify(e, flight, stored_generation)),
         };
-        let record = self.record_from(
+        let record = new_record(
+            &self.seed_hash,
             issued,
             refresh_token,
             stored_generation.max(self.generation()),
@@ -527,29 +524,6 @@ impl TokenCache {
 
     fn generation(&self) -> u64 {
         self.current.load().as_ref().map_or(0, |t| t.generation)
-    }
-
-    fn record_from(
-        &self,
-        issued: Issued,
-        redeemed: Option<Secret<String>>,
-        previous_generation: u64,
-    ) -> TokenRecord {
-        let now = unix_ms();
-        TokenRecord {
-            seed_hash: self.seed_hash.clone(),
-            // Keep whatever came back; a server that does not rotate sends none. After a new
-            // login the redeemed token was refused, so it is not kept.
-            refresh_token: if issued.logged_in {
-                issued.refresh_token
-            } else {
-                issued.refresh_token.or(redeemed)
-            },
-            access_token: Some(issued.access_token),
-            issued_at_ms: now,
-            expires_at_ms: now + issued.expires_in.as_millis() as u64,
-            generation: previous_generation + 1,
-        }
     }
 
     /// Turn a stored record into a cache entry, placing its deadlines on the monotonic clock.
@@ -658,13 +632,48 @@ impl Attempt {
     }
 }
 
+/// The record to store after the identity server issued `issued` in exchange for `redeemed`.
+pub(crate) fn new_record(
+    seed_hash: &str,
+    issued: Issued,
+    redeemed: Option<Secret<String>>,
+    previous_generation: u64,
+) -> TokenRecord {
+    let now = unix_ms();
+    TokenRecord {
+        seed_hash: seed_hash.to_owned(),
+        // Keep whatever came back; a server that does not rotate sends none. After a new
+        // login the redeemed token was refused, so it is not kept.
+        refresh_token: if issued.logged_in {
+            issued.refresh_token
+        } else {
+            issued.refresh_token.or(redeemed)
+        },
+        access_token: Some(issued.access_token),
+        issued_at_ms: now,
+        expires_at_ms: now + issued.expires_in.as_millis() as u64,
+        generation: previous_generation + 1,
+    }
+}
+
 /// A duration as a `Retry-After` value: whole seconds, at least 1.
 fn whole_seconds(d: Duration) -> Duration {
     Duration::from_secs(d.as_secs_f64().ceil().max(1.0) as u64)
 }
 
-/// Identifies a token lineage's origin: a new seed (a new login) starts a new lineage.
-fn seed_hash(grant: Grant, client_id: &str, seed: Option<&Secret<String>>) -> String {
-    let seed = seed.map(|s| s.expose().as_str()).unwrap_or("");
-    sha256_hex(&format!("{}\n{client_id}\n{seed}", grant.as_str()))
+/// Identifies a token lineage's origin: a new seed in the config (or new credentials for the
+/// grants that log in by themselves) starts a new lineage, which wins over the stored one.
+pub fn lineage_hash(auth: &crate::config::AuthConfig) -> String {
+    let origin = match auth.grant {
+        Grant::RefreshToken => auth.refresh_token.as_ref().map(|s| s.expose().as_str()),
+        Grant::WinbooksExchange => auth.exchange_token.as_ref().map(|s| s.expose().as_str()),
+        Grant::Password => auth.username.as_deref(),
+        Grant::ClientCredentials => None,
+    };
+    let origin = origin.unwrap_or("");
+    sha256_hex(&format!(
+        "{}\n{}\n{origin}",
+        auth.grant.as_str(),
+        auth.client_id
+    ))
 }

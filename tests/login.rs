@@ -1,0 +1,156 @@
+//! `tollgate login`: authorization code + PKCE against the simulated identity server, driven
+//! by a test client in place of the browser; then `serve` uses the stored token.
+
+mod common;
+
+use common::{Harness, Setup};
+use std::time::Duration;
+use tollgate::config::Config;
+use tollgate::sim::identity::IdentityConfig;
+use tollgate::token::login::{Login, LoginError};
+
+/// A free loopback port for the redirect URI (registered with the identity server up front).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn setup() -> (Harness, String) {
+    let redirect = format!("http://127.0.0.1:{}/callback", free_port());
+    let h = Harness::start(Setup {
+        identity: IdentityConfig {
+            redirect_uris: vec![redirect.clone()],
+            ..IdentityConfig::default()
+        },
+        ..Setup::default()
+    })
+    .await;
+    (h, redirect)
+}
+
+/// The harness config without a seed, with an [upstream.login] section.
+fn login_config(h: &Harness, redirect: &str) -> Config {
+    let authorize = h.identity.token_url().replace("/token", "/authorize");
+    let text: String = h
+        .config_text
+        .lines()
+        .filter(|l| !l.starts_with("refresh_token"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let text = format!(
+        "{text}scope = \"openid offline_access\"\n\n[upstream.login]\nauthorize_url = \"{authorize}\"\nredirect_uri = \"{redirect}\"\nparams = {{ prompt = \"consent\" }}\n"
+    );
+    Config::parse(&text, "t", |_| None).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Play the browser: GET the authorize URL, then follow its redirect to the callback,
+/// optionally tampering with the redirect first.
+async fn browse(url: &str, tamper: impl Fn(String) -> String) -> u16 {
+    let client = common::client();
+    let req = http::Request::get(url)
+        .body(http_body_util::Full::default())
+        .unwrap();
+    let a = common::collect(client.request(req).await.unwrap()).await;
+    assert_eq!(a.status, 302, "{}", String::from_utf8_lossy(&a.body));
+    let location = tamper(a.headers["location"].to_str().unwrap().to_owned());
+    let req = http::Request::get(location)
+        .body(http_body_util::Full::default())
+        .unwrap();
+    common::collect(client.request(req).await.unwrap())
+        .await
+        .status
+}
+
+/// Login stores a refresh token that `serve` then uses, although the config has no seed; the
+/// authorize URL carries PKCE S256, state, scope and the extra params.
+#[tokio::test]
+async fn login_then_serve_uses_the_stored_token() {
+    let (mut h, redirect) = setup().await;
+    h.stop_proxy().await;
+    let config = login_config(&h, &redirect);
+    let login = Login::prepare(&config, "api").await.unwrap();
+    let url = login.authorize_url.to_string();
+    let finished = tokio::spawn(login.finish(Duration::from_secs(10)));
+    assert_eq!(browse(&url, |l| l).await, 200);
+    finished.await.unwrap().unwrap();
+
+    let params = h.identity.last_authorize_params();
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    assert_eq!(get("code_challenge_method").as_deref(), Some("S256"));
+    assert_eq!(get("prompt").as_deref(), Some("consent"));
+    assert_eq!(get("scope").as_deref(), Some("openid offline_access"));
+    assert_eq!(get("redirect_uri").as_deref(), Some(redirect.as_str()));
+    assert_eq!(h.identity.counters().authorization_codes, 1);
+
+    let proxy = tollgate::Proxy::start(&config).await.unwrap();
+    let req = http::Request::get(format!("http://{}/after-login", proxy.addr("api").unwrap()))
+        .body(http_body_util::Full::default())
+        .unwrap();
+    assert_eq!(
+        common::collect(h.client.request(req).await.unwrap())
+            .await
+            .status,
+        200
+    );
+    // And a refresh works from the stored refresh token.
+    h.identity.expire_access_tokens();
+    let req = http::Request::get(format!("http://{}/refresh", proxy.addr("api").unwrap()))
+        .body(http_body_util::Full::default())
+        .unwrap();
+    assert_eq!(
+        common::collect(h.client.request(req).await.unwrap())
+            .await
+            .status,
+        200
+    );
+    assert_eq!(h.identity.counters().reuse_detected, 0);
+    proxy.shutdown().await;
+}
+
+/// A redirect whose `state` was tampered with ends the login with a clear error, and nothing
+/// is stored.
+#[tokio::test]
+async fn wrong_state_is_refused() {
+    let (h, redirect) = setup().await;
+    let config = login_config(&h, &redirect);
+    let login = Login::prepare(&config, "api").await.unwrap();
+    let url = login.authorize_url.to_string();
+    let finished = tokio::spawn(login.finish(Duration::from_secs(10)));
+    let status = browse(&url, |l| {
+        let at = l.find("state=").unwrap();
+        format!("{}state=forged", &l[..at])
+    })
+    .await;
+    assert_eq!(status, 400);
+    let err = finished.await.unwrap().unwrap_err();
+    assert!(matches!(err, LoginError::StateMismatch), "{err}");
+    assert_eq!(h.identity.counters().authorization_codes, 0);
+}
+
+/// `?error=access_denied` ends the login with the identity server's word.
+#[tokio::test]
+async fn access_denied_is_reported() {
+    let (h, redirect) = setup().await;
+    let config = login_config(&h, &redirect);
+    h.identity.deny_next_authorization();
+    let login = Login::prepare(&config, "api").await.unwrap();
+    let url = login.authorize_url.to_string();
+    let finished = tokio::spawn(login.finish(Duration::from_secs(10)));
+    browse(&url, |l| l).await;
+    let err = finished.await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("access_denied"), "{err}");
+}
+
+/// Nobody comes back: the login gives up after its timeout with a message saying so.
+#[tokio::test]
+async fn timeout_is_reported() {
+    let (h, redirect) = setup().await;
+    let config = login_config(&h, &redirect);
+    let login = Login::prepare(&config, "api").await.unwrap();
+    let err = login.finish(Duration::from_millis(200)).await.unwrap_err();
+    assert!(matches!(err, LoginError::Timeout(_)), "{err}");
+    assert!(err.to_string().contains("run the login again"));
+}
