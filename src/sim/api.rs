@@ -138,7 +138,7 @@ impl ApiSim {
             .clone()
     }
 
-    async fn handle(self, request: Request<Incoming>) -> Response<SimBody> {
+    pub(crate) async fn handle(self, request: Request<Incoming>) -> Response<SimBody> {
         self.inner.requests.fetch_add(1, Ordering::SeqCst);
         let _in_flight = InFlight::enter(self.inner.clone());
         self.remember_authorization(request.headers());

@@ -420,7 +420,17 @@ impl IdentitySim {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    async fn handle(self, request: Request<Incoming>) -> Response<SimBody> {
+    /// Whether `path` is one of this server's endpoints (for sharing an origin with an API).
+    pub(crate) fn serves(&self, path: &str) -> bool {
+        path == self.inner.config.token_path || path == self.inner.config.authorize_path
+    }
+
+    /// Record the address it is reachable at when served by someone else's listener.
+    pub(crate) fn set_addr(&self, addr: SocketAddr) {
+        self.state().addr = Some(addr);
+    }
+
+    pub(crate) async fn handle(self, request: Request<Incoming>) -> Response<SimBody> {
         if request.uri().path() == self.inner.config.authorize_path {
             return self.authorize(&request);
         }

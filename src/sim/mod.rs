@@ -23,6 +23,7 @@
 
 pub mod api;
 pub mod identity;
+pub mod provider;
 
 use std::convert::Infallible;
 use std::error::Error as StdError;
@@ -98,6 +99,30 @@ impl Drop for SimServer {
             task.abort();
         }
     }
+}
+
+/// Serve the identity endpoints and the API on one origin, as ERP.net, WinBooks and Spring
+/// backends do: the token and authorize paths go to `identity`, every other path to `api`.
+pub async fn serve_together(
+    identity: &identity::IdentitySim,
+    api: &api::ApiSim,
+    listener: TcpListener,
+) -> SimServer {
+    let routes = (identity.clone(), api.clone());
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let (identity, api) = routes.clone();
+        async move {
+            let response = if identity.serves(request.uri().path()) {
+                identity.handle(request).await
+            } else {
+                api.handle(request).await
+            };
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let server = SimServer::start(listener, service).await;
+    identity.set_addr(server.addr);
+    server
 }
 
 /// Binds `127.0.0.1:0`, so tests never fight over fixed ports.
