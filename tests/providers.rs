@@ -174,3 +174,80 @@ async fn awkward_client_credentials_survive_post_and_basic() {
     }
     assert_eq!(h.identity.counters().client_credentials, 2);
 }
+
+/// WinBooks' `ContinuePath` paging header passes through both ways untouched.
+#[tokio::test]
+async fn continue_path_passes_both_ways() {
+    let h = Harness::start(Setup::default()).await;
+    let req = http::Request::get(h.url("/app/Customer/x"))
+        .header("continuepath", "/app/Customer/x?skip=500&token=a%2Fb")
+        .header(
+            "x-sim-continue-path",
+            "/app/Customer/x?skip=1000&token=c%2Fd",
+        )
+        .body(http_body_util::Full::default())
+        .unwrap();
+    let a = h.send(req).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(
+        a.echoed_header("continuepath"),
+        vec!["/app/Customer/x?skip=500&token=a%2Fb".to_owned()]
+    );
+    assert_eq!(
+        a.headers["continuepath"],
+        "/app/Customer/x?skip=1000&token=c%2Fd"
+    );
+}
+
+/// The ERP.net simulator enforces one request in flight with five waiting: of ten concurrent
+/// slow requests sent straight to it, six are served and four get 429 — and through tollgate
+/// the 429 reaches the client unchanged (the quota issue adds tollgate's own queue).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erpnet_simulator_limits_concurrency_with_a_queue_of_five() {
+    use tollgate::sim::provider::SimProvider;
+    let sim = SimProvider::start(
+        "erpnet",
+        std::time::Duration::from_secs(3600),
+        tollgate::sim::bind_loopback().await,
+    )
+    .await;
+    let state = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[state]\nstore = \"file:{}\"\n\n{}",
+        state.path().display(),
+        sim.upstream_toml("p", "127.0.0.1:0")
+    );
+    let config = tollgate::config::Config::parse(&text, "t", |_| None).unwrap();
+    let proxy = tollgate::Proxy::start(&config).await.unwrap();
+    let url = format!("http://{}/Items?sim_delay_ms=600", proxy.addr("p").unwrap());
+    let mut calls = Vec::new();
+    for _ in 0..10 {
+        let url = url.clone();
+        calls.push(tokio::spawn(async move {
+            let req = http::Request::get(url)
+                .body(http_body_util::Full::default())
+                .unwrap();
+            common::collect(common::client().request(req).await.unwrap())
+                .await
+                .status
+        }));
+    }
+    let mut statuses = Vec::new();
+    for c in calls {
+        statuses.push(c.await.unwrap());
+    }
+    statuses.sort();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        6,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        4,
+        "{statuses:?}"
+    );
+    assert_eq!(sim.api.counters().authorized, 10, "all ten reached the API");
+    assert_eq!(sim.api.counters().throttled, 4);
+    proxy.shutdown().await;
+}

@@ -40,6 +40,37 @@ const CHUNK: usize = 64 * 1024;
 /// Request header whose value is copied into the answer's `Location`, for redirect tests.
 const LOCATION_SWITCH: &str = "x-sim-location";
 
+/// Request header whose value comes back as the `ContinuePath` response header (WinBooks'
+/// paging of truncated answers).
+const CONTINUE_SWITCH: &str = "x-sim-continue-path";
+
+/// Request limits of a provider's API (ERP.net: 600 a minute, one in flight, five waiting);
+/// past them the API answers 429 without `Retry-After`, as ERP.net does.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiLimits {
+    pub per_minute: u32,
+    pub concurrency: usize,
+    pub queue: usize,
+}
+
+impl ApiLimits {
+    /// ERP.net's defaults per session (PROVIDERS.md).
+    pub const ERPNET: ApiLimits = ApiLimits {
+        per_minute: 600,
+        concurrency: 1,
+        queue: 5,
+    };
+}
+
+#[derive(Debug)]
+struct Limiter {
+    limits: ApiLimits,
+    slots: tokio::sync::Semaphore,
+    waiting: std::sync::atomic::AtomicUsize,
+    /// Start of the current minute and requests counted in it.
+    window: Mutex<(std::time::Instant, u32)>,
+}
+
 /// What the API has seen so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ApiCounters {
@@ -48,6 +79,8 @@ pub struct ApiCounters {
     pub rejected: u64,
     /// Most requests that were being handled at the same moment.
     pub in_flight_max: u64,
+    /// Requests refused with 429 by the limits.
+    pub throttled: u64,
 }
 
 /// The simulated API. Cloning is cheap and shares state.
@@ -65,6 +98,8 @@ struct Inner {
     rejected: AtomicU64,
     in_flight: AtomicU64,
     in_flight_max: AtomicU64,
+    throttled: AtomicU64,
+    limiter: Option<Limiter>,
     last_authorization: Mutex<Option<String>>,
 }
 
@@ -86,6 +121,15 @@ struct Switches {
 
 impl ApiSim {
     pub fn new(identity: IdentitySim) -> ApiSim {
+        ApiSim::build(identity, None)
+    }
+
+    /// An API that enforces `limits` on authorized requests.
+    pub fn with_limits(identity: IdentitySim, limits: ApiLimits) -> ApiSim {
+        ApiSim::build(identity, Some(limits))
+    }
+
+    fn build(identity: IdentitySim, limits: Option<ApiLimits>) -> ApiSim {
         ApiSim {
             inner: Arc::new(Inner {
                 identity,
@@ -95,6 +139,13 @@ impl ApiSim {
                 rejected: AtomicU64::new(0),
                 in_flight: AtomicU64::new(0),
                 in_flight_max: AtomicU64::new(0),
+                throttled: AtomicU64::new(0),
+                limiter: limits.map(|limits| Limiter {
+                    limits,
+                    slots: tokio::sync::Semaphore::new(limits.concurrency),
+                    waiting: std::sync::atomic::AtomicUsize::new(0),
+                    window: Mutex::new((std::time::Instant::now(), 0)),
+                }),
                 last_authorization: Mutex::new(None),
             }),
         }
@@ -126,6 +177,7 @@ impl ApiSim {
             authorized: inner.authorized.load(Ordering::SeqCst),
             rejected: inner.rejected.load(Ordering::SeqCst),
             in_flight_max: inner.in_flight_max.load(Ordering::SeqCst),
+            throttled: inner.throttled.load(Ordering::SeqCst),
         }
     }
 
@@ -147,6 +199,10 @@ impl ApiSim {
             return unauthorized(refusal);
         }
         self.inner.authorized.fetch_add(1, Ordering::SeqCst);
+        let _slot = match self.admit().await {
+            Ok(slot) => slot,
+            Err(response) => return response,
+        };
 
         let switches = match Switches::from_query(request.uri().query()) {
             Ok(switches) => switches,
@@ -156,6 +212,7 @@ impl ApiSim {
             tokio::time::sleep(delay).await;
         }
         let location = request.headers().get(LOCATION_SWITCH).cloned();
+        let continue_path = request.headers().get(CONTINUE_SWITCH).cloned();
         let mut response = match switches.download {
             Some(size) => download(size),
             None => match echo(request).await {
@@ -169,7 +226,47 @@ impl ApiSim {
         if let Some(location) = location {
             response.headers_mut().insert(LOCATION, location);
         }
+        if let Some(path) = continue_path {
+            response.headers_mut().insert("continuepath", path);
+        }
         response
+    }
+
+    /// Apply the limits: a slot to run in (waiting in line if there is room), or a 429.
+    async fn admit(&self) -> Result<Option<tokio::sync::SemaphorePermit<'_>>, Response<SimBody>> {
+        let Some(limiter) = &self.inner.limiter else {
+            return Ok(None);
+        };
+        let too_many = || {
+            self.inner.throttled.fetch_add(1, Ordering::SeqCst);
+            let mut response = Response::new(super::full_body("Too many requests"));
+            *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+            response
+        };
+        {
+            let mut window = limiter.window.lock().unwrap_or_else(|p| p.into_inner());
+            if window.0.elapsed() >= Duration::from_secs(60) {
+                *window = (std::time::Instant::now(), 0);
+            }
+            if window.1 >= limiter.limits.per_minute {
+                return Err(too_many());
+            }
+            window.1 += 1;
+        }
+        if let Ok(permit) = limiter.slots.try_acquire() {
+            return Ok(Some(permit));
+        }
+        if limiter.waiting.fetch_add(1, Ordering::SeqCst) >= limiter.limits.queue {
+            limiter.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(too_many());
+        }
+        let permit = limiter
+            .slots
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        limiter.waiting.fetch_sub(1, Ordering::SeqCst);
+        Ok(Some(permit))
     }
 
     fn remember_authorization(&self, headers: &HeaderMap) {

@@ -2,7 +2,7 @@
 //! provider's token path, client authentication, rotation and error dialect, and an API on the
 //! same origin. Used by `tollgate demo` and the preset tests.
 
-use super::api::ApiSim;
+use super::api::{ApiLimits, ApiSim};
 use super::identity::{ClientAuthRule, IdentityConfig, IdentitySim, Rotation};
 use super::{serve_together, SimServer};
 use std::time::Duration;
@@ -84,7 +84,11 @@ impl SimProvider {
     ) -> SimProvider {
         let config = identity_config(preset, lifetime);
         let identity = IdentitySim::new(config.clone());
-        let api = ApiSim::new(identity.clone());
+        // ERP.net limits each session: 600 a minute, one request in flight, five waiting.
+        let api = match preset {
+            "erpnet" => ApiSim::with_limits(identity.clone(), ApiLimits::ERPNET),
+            _ => ApiSim::new(identity.clone()),
+        };
         let server = serve_together(&identity, &api, listener).await;
         let origin = server.url();
         let (url, auth_toml) = match preset {
