@@ -67,28 +67,40 @@ async fn two_processes_on_one_state_directory_never_double_redeem() {
         let url = urls[i % 2].clone();
         let client = common::client();
         workers.push(tokio::spawn(async move {
-            let mut n = 0;
+            let (mut ok, mut refused) = (0u32, 0u32);
             while start.elapsed() < Duration::from_secs(3) {
                 let req = http::Request::get(format!("{url}/w/{i}"))
                     .body(http_body_util::Full::default())
                     .unwrap();
                 let a = common::collect(client.request(req).await.unwrap()).await;
-                assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
-                n += 1;
+                // A replay can race the test's next mass invalidation, which kills the fresh
+                // token too; the proxy replays once by design, so the client sees that 401.
+                // Anything else is a failure.
+                match a.status {
+                    200 => ok += 1,
+                    401 => refused += 1,
+                    other => panic!("{other}: {}", String::from_utf8_lossy(&a.body)),
+                }
             }
-            n
+            (ok, refused)
         }));
     }
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(250)).await;
         h.identity.expire_access_tokens();
     }
-    let mut total = 0;
+    let (mut total, mut refused) = (0, 0);
     for w in workers {
-        total += w.await.unwrap();
+        let (ok, no) = w.await.unwrap();
+        total += ok;
+        refused += no;
     }
     let ids = h.identity.counters();
     assert!(total > 50, "{total}");
+    assert!(
+        refused * 50 <= total,
+        "{refused} refused of {total}: more than the invalidation race explains"
+    );
     assert_eq!(ids.reuse_detected, 0, "no refresh token redeemed twice");
     assert_eq!(ids.grants_revoked, 0);
     assert!(ids.refreshes >= 5, "refreshes: {}", ids.refreshes);
