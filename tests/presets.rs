@@ -11,11 +11,7 @@ use tollgate::sim::bind_loopback;
 use tollgate::sim::provider::{SimProvider, PROVIDERS};
 
 async fn get(proxy: &tollgate::Proxy, path: &str) -> common::Answer {
-    let url = format!("http://{}{path}", proxy.addr("p").unwrap());
-    let req = http::Request::get(url)
-        .body(http_body_util::Full::default())
-        .unwrap();
-    common::collect(common::client().request(req).await.unwrap()).await
+    common::get(format!("http://{}{path}", proxy.addr("p").unwrap())).await
 }
 
 #[tokio::test]

@@ -14,13 +14,6 @@ fn signal(pid: u32, name: &str) {
     assert!(status.success());
 }
 
-async fn get(url: String) -> common::Answer {
-    let req = http::Request::get(url)
-        .body(http_body_util::Full::default())
-        .unwrap();
-    common::collect(common::client().request(req).await.unwrap()).await
-}
-
 /// SIGTERM while a slow request is in flight: the request still gets its 200, then the
 /// process exits 0.
 #[tokio::test]
@@ -30,9 +23,9 @@ async fn sigterm_drains_in_flight_requests() {
     std::fs::write(&path, &h.config_text).unwrap();
     let mut spawned = common::spawn_serve(&path);
     let base = format!("http://{}", spawned.addr);
-    assert_eq!(get(format!("{base}/warm")).await.status, 200);
+    assert_eq!(common::get(format!("{base}/warm")).await.status, 200);
     let seen = h.api.counters().requests;
-    let slow = tokio::spawn(get(format!("{base}/slow?sim_delay_ms=800")));
+    let slow = tokio::spawn(common::get(format!("{base}/slow?sim_delay_ms=800")));
     while h.api.counters().requests == seen {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -73,7 +66,7 @@ async fn sigkill_during_a_refresh_loses_no_refresh_token() {
 
     let spawned = common::spawn_serve(&path);
     let base = format!("http://{}", spawned.addr);
-    assert_eq!(get(format!("{base}/warm")).await.status, 200);
+    assert_eq!(common::get(format!("{base}/warm")).await.status, 200);
     let asked = h.identity.counters().token_requests;
     h.identity.delay_next(1, Duration::from_secs(5));
     h.identity.expire_access_tokens();

@@ -541,37 +541,21 @@ mod tests {
         assert!(
             matches!(e, GrantError::Transient { retry_after: Some(d), .. } if d.as_secs() == 7)
         );
-        let e = parse_response(200, b"<html>proxy error</html>", None, HOUR)
-            .err()
-            .unwrap();
-        assert!(!e.is_final());
-        let e = parse_response(
-            200,
-            br#"{"access_token":"a","token_type":"mac"}"#,
-            None,
-            HOUR,
-        )
-        .err()
-        .unwrap();
-        assert!(e.is_final());
-        let e = parse_response(
-            200,
-            br#"{"access_token":"a\nb","token_type":"bearer"}"#,
-            None,
-            HOUR,
-        )
-        .err()
-        .unwrap();
-        assert!(!e.is_final());
-        let e = parse_response(
-            200,
-            br#"{"access_token":"a","expires_in":"soon"}"#,
-            None,
-            HOUR,
-        )
-        .err()
-        .unwrap();
-        assert!(!e.is_final());
+        // (status, body, final?) — final means: do not retry until the config changes.
+        let cases: [(u16, &[u8], bool); 4] = [
+            (200, b"<html>proxy error</html>", false),
+            (200, br#"{"access_token":"a","token_type":"mac"}"#, true),
+            (
+                200,
+                br#"{"access_token":"a\nb","token_type":"bearer"}"#,
+                false,
+            ),
+            (200, br#"{"access_token":"a","expires_in":"soon"}"#, false),
+        ];
+        for (status, body, fatal) in cases {
+            let e = parse_response(status, body, None, HOUR).err().unwrap();
+            assert_eq!(e.is_final(), fatal, "{}", String::from_utf8_lossy(body));
+        }
     }
 
     #[test]

@@ -56,6 +56,12 @@ pub async fn collect(response: Response<hyper::body::Incoming>) -> Answer {
     }
 }
 
+/// GET `url` with a fresh client and collect the answer.
+pub async fn get(url: String) -> Answer {
+    let request = Request::get(url).body(Full::default()).unwrap();
+    collect(client().request(request).await.expect("server answers")).await
+}
+
 /// Knobs of a test setup; `extra_upstream` and `extra_auth` are TOML lines.
 pub struct Setup {
     pub identity: IdentityConfig,
