@@ -154,3 +154,30 @@ async fn timeout_is_reported() {
     assert!(matches!(err, LoginError::Timeout(_)), "{err}");
     assert!(err.to_string().contains("run the login again"));
 }
+
+/// A running proxy stuck on invalid_grant (503) serves again once `login` stores a new refresh
+/// token — no restart.
+#[tokio::test]
+async fn a_running_proxy_picks_up_a_login() {
+    let (h, redirect) = setup().await;
+    assert_eq!(h.get("/warm").await.status, 200);
+    h.identity.revoke_all();
+    h.identity.expire_access_tokens();
+    assert_eq!(h.get("/dead").await.status, 503);
+
+    // Same config as the running proxy (seed included), plus the login section.
+    let authorize = h.identity.token_url().replace("/token", "/authorize");
+    let text = format!(
+        "{}\n[upstream.login]\nauthorize_url = \"{authorize}\"\nredirect_uri = \"{redirect}\"\n",
+        h.config_text
+    );
+    let config = Config::parse(&text, "t", |_| None).unwrap();
+    let login = Login::prepare(&config, "api").await.unwrap();
+    let url = login.authorize_url.to_string();
+    let finished = tokio::spawn(login.finish(Duration::from_secs(10)));
+    assert_eq!(browse(&url, |l| l).await, 200);
+    finished.await.unwrap().unwrap();
+
+    let a = h.get("/alive-again").await;
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+}

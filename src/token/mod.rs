@@ -433,7 +433,7 @@ impl TokenCache {
             .or_else(|| self.seed.clone());
         if self.endpoint.grant() == Grant::RefreshToken && refresh_token.is_none() {
             let e = TokenError::NeedsLogin(format!(
-                "upstream `{0}` has no refresh token: log in to the provider once, set auth.refresh_token to the refresh token you got, then restart",
+                "upstream `{0}` has no refresh token: run `tollgate login {0}` (with [upstream.login] configured), or set auth.refresh_token and restart",
                 self.name
             ));
             flight.final_failure = Some((e.clone(), stored_generation));
@@ -479,7 +479,7 @@ impl TokenCache {
                         self.name
                     ),
                     _ => format!(
-                        "the identity server no longer accepts the refresh token of upstream `{0}` ({e}); log in to the provider again, set auth.refresh_token to the new refresh token, then restart",
+                        "the identity server no longer accepts the refresh token of upstream `{0}` ({e}); run `tollgate login {0}` (a running tollgate picks the new token up), or set a new auth.refresh_token and restart",
                         self.name
                     ),
                 });
