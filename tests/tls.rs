@@ -34,7 +34,11 @@ fn make_ca() -> TestCa {
 }
 
 /// Terminate TLS on a loopback port and pass the plain bytes to `backend`.
-async fn tls_front(ca: &TestCa, backend: std::net::SocketAddr) -> std::net::SocketAddr {
+async fn tls_front(
+    ca: &TestCa,
+    backend: std::net::SocketAddr,
+    alpn: &[u8],
+) -> std::net::SocketAddr {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -45,7 +49,7 @@ async fn tls_front(ca: &TestCa, backend: std::net::SocketAddr) -> std::net::Sock
             rustls_pki_types::PrivateKeyDer::Pkcs8(ca.key_der.clone().into()),
         )
         .unwrap();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -71,7 +75,7 @@ async fn tls_front(ca: &TestCa, backend: std::net::SocketAddr) -> std::net::Sock
 async fn https_upstream_with_private_ca() {
     let ca = make_ca();
     let h = Harness::start(Setup::default()).await;
-    let front = tls_front(&ca, h.api_server.addr).await;
+    let front = tls_front(&ca, h.api_server.addr, b"http/1.1").await;
     let ca_path = h.state.path().join("ca.pem");
     std::fs::write(&ca_path, &ca.ca_pem).unwrap();
     let plain_url = format!("{}/api/v1", h.api_server.url());
@@ -107,4 +111,32 @@ async fn https_upstream_with_private_ca() {
         }
         proxy.shutdown().await;
     }
+}
+
+/// An upstream that offers only h2 by ALPN is spoken to in HTTP/2.
+#[tokio::test]
+async fn https_upstream_over_http2() {
+    let ca = make_ca();
+    let h = Harness::start(Setup::default()).await;
+    let front = tls_front(&ca, h.api_server.addr, b"h2").await;
+    let ca_path = h.state.path().join("ca.pem");
+    std::fs::write(&ca_path, &ca.ca_pem).unwrap();
+    let plain_url = format!("{}/api/v1", h.api_server.url());
+    let text = h
+        .config_text
+        .replace(
+            &plain_url,
+            &format!("https://localhost:{}/api/v1", front.port()),
+        )
+        .replace(
+            "[upstream.auth]",
+            &format!("ca_file = \"{}\"\n\n[upstream.auth]", ca_path.display()),
+        );
+    let config = tollgate::config::Config::parse(&text, "t", |_| None).unwrap();
+    let proxy = tollgate::Proxy::start(&config).await.unwrap();
+    let a = common::get(format!("http://{}/over-h2", proxy.addr("api").unwrap())).await;
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    assert_eq!(a.json()["path"], "/api/v1/over-h2");
+    assert!(a.echoed_header("authorization")[0].starts_with("Bearer at_"));
+    proxy.shutdown().await;
 }
