@@ -86,26 +86,12 @@ async fn login_then_serve_uses_the_stored_token() {
     assert_eq!(h.identity.counters().authorization_codes, 1);
 
     let proxy = tollgate::Proxy::start(&config).await.unwrap();
-    let req = http::Request::get(format!("http://{}/after-login", proxy.addr("api").unwrap()))
-        .body(http_body_util::Full::default())
-        .unwrap();
-    assert_eq!(
-        common::collect(h.client.request(req).await.unwrap())
-            .await
-            .status,
-        200
-    );
+    let url = format!("http://{}/after-login", proxy.addr("api").unwrap());
+    assert_eq!(common::get(url).await.status, 200);
     // And a refresh works from the stored refresh token.
     h.identity.expire_access_tokens();
-    let req = http::Request::get(format!("http://{}/refresh", proxy.addr("api").unwrap()))
-        .body(http_body_util::Full::default())
-        .unwrap();
-    assert_eq!(
-        common::collect(h.client.request(req).await.unwrap())
-            .await
-            .status,
-        200
-    );
+    let url = format!("http://{}/refresh", proxy.addr("api").unwrap());
+    assert_eq!(common::get(url).await.status, 200);
     assert_eq!(h.identity.counters().reuse_detected, 0);
     proxy.shutdown().await;
 }

@@ -500,9 +500,7 @@ impl IdentitySim {
                             "WinBooks takes the refresh token in the code field",
                         ));
                     }
-                    let presented = params
-                        .get("code")
-                        .ok_or_else(|| invalid_request("code is required"))?;
+                    let presented = required(&params, "code")?;
                     self.refresh(presented, None)
                 }
                 Some(other) => Err(unsupported_grant_type(other)),
@@ -528,9 +526,7 @@ impl IdentitySim {
             // The only client there is; authenticate_client checked that it is this one.
             Some("authorization_code") => self.authorization_code(&config.client_id, &params),
             Some("refresh_token") => {
-                let presented = params
-                    .get("refresh_token")
-                    .ok_or_else(|| invalid_request("refresh_token is required"))?;
+                let presented = required(&params, "refresh_token")?;
                 self.refresh(presented, params.get("scope"))
             }
             Some("client_credentials") => Ok(self.client_credentials(&params)),
@@ -710,15 +706,9 @@ impl IdentitySim {
         params: &Params,
     ) -> Result<Response<SimBody>, OAuthError> {
         let config = &self.inner.config;
-        let presented = params
-            .get("code")
-            .ok_or_else(|| invalid_request("code is required"))?;
-        let redirect_uri = params
-            .get("redirect_uri")
-            .ok_or_else(|| invalid_request("redirect_uri is required"))?;
-        let verifier = params
-            .get("code_verifier")
-            .ok_or_else(|| invalid_request("code_verifier is required"))?;
+        let presented = required(params, "code")?;
+        let redirect_uri = required(params, "redirect_uri")?;
+        let verifier = required(params, "code_verifier")?;
         let mut state = self.state();
         let Some(entry) = state.codes.get_mut(presented) else {
             return Err(invalid_grant("unknown authorization code"));
@@ -772,12 +762,8 @@ impl IdentitySim {
     /// RFC 6749 §4.3: right credentials start a new grant.
     fn password(&self, params: &Params) -> Result<Response<SimBody>, OAuthError> {
         let config = &self.inner.config;
-        let username = params
-            .get("username")
-            .ok_or_else(|| invalid_request("username is required"))?;
-        let password = params
-            .get("password")
-            .ok_or_else(|| invalid_request("password is required"))?;
+        let username = required(params, "username")?;
+        let password = required(params, "password")?;
         if !config
             .users
             .iter()
@@ -799,9 +785,7 @@ impl IdentitySim {
     /// stays valid.
     fn exchange(&self, params: &Params) -> Result<Response<SimBody>, OAuthError> {
         let config = &self.inner.config;
-        let presented = params
-            .get("code")
-            .ok_or_else(|| invalid_request("code is required"))?;
+        let presented = required(params, "code")?;
         let mut state = self.state();
         match state.exchange_tokens.get(presented) {
             None => return Err(invalid_grant("unknown exchange token")),
@@ -910,6 +894,13 @@ fn random_token(prefix: &str) -> String {
 }
 
 type Params = HashMap<String, String>;
+
+/// A parameter the request must carry (RFC 6749 §5.2: `invalid_request` when it does not).
+fn required<'a>(params: &'a Params, name: &str) -> Result<&'a String, OAuthError> {
+    params
+        .get(name)
+        .ok_or_else(|| invalid_request(format!("{name} is required")))
+}
 
 /// `BASE64URL-NOPAD(SHA256(verifier))`, RFC 7636 §4.2.
 fn s256(verifier: &str) -> String {
