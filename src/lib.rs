@@ -58,7 +58,6 @@ pub enum StartError {
 pub struct Proxy {
     addrs: BTreeMap<String, SocketAddr>,
     admin_addr: Option<SocketAddr>,
-    tokens: BTreeMap<String, Arc<TokenCache>>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
     workers: Vec<std::thread::JoinHandle<()>>,
@@ -218,7 +217,6 @@ impl Proxy {
         Ok(Proxy {
             addrs,
             admin_addr,
-            tokens: caches,
             stop,
             tasks,
             workers: threads,
@@ -232,11 +230,6 @@ impl Proxy {
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
-    }
-
-    /// The token cache of upstream `name` (status and tests).
-    pub fn tokens(&self, name: &str) -> Option<&Arc<TokenCache>> {
-        self.tokens.get(name)
     }
 
     /// Stop accepting, let in-flight requests finish (up to [`SHUTDOWN_GRACE`]), stop refreshing.

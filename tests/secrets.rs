@@ -74,7 +74,9 @@ async fn no_secret_or_token_in_logs_errors_or_debug() {
     assert!(log_text.contains("TRACE") || log_text.contains("DEBUG"));
 
     let mut secrets = h.identity.issued_tokens();
-    assert!(secrets.len() >= 8, "tokens issued: {}", secrets.len());
+    // Guaranteed: the seed, then access + refresh token from the first refresh, the replay's
+    // refresh and the refresh after the failures. The refresh ahead is timing-dependent.
+    assert!(secrets.len() >= 7, "tokens issued: {}", secrets.len());
     secrets.push("very-secret-client-credential".into());
     secrets.push(h.seed.clone());
     // Error responses are tollgate's own words; echoed API answers legitimately hold the

@@ -69,6 +69,25 @@ async fn tls_front(
     addr
 }
 
+/// The harness config pointed at `front` over HTTPS, trusting the test CA when `trust` is set.
+fn https_config(
+    h: &Harness,
+    ca: &TestCa,
+    front: std::net::SocketAddr,
+    trust: bool,
+) -> tollgate::config::Config {
+    let plain_url = format!("{}/api/v1", h.api_server.url());
+    let https_url = format!("https://localhost:{}/api/v1", front.port());
+    let mut text = h.config_text.replace(&plain_url, &https_url);
+    if trust {
+        let ca_path = h.state.path().join("ca.pem");
+        std::fs::write(&ca_path, &ca.ca_pem).unwrap();
+        let ca_line = format!("ca_file = \"{}\"\n\n[upstream.auth]", ca_path.display());
+        text = text.replace("[upstream.auth]", &ca_line);
+    }
+    tollgate::config::Config::parse(&text, "t", |_| None).unwrap()
+}
+
 /// With the test CA in `ca_file`, requests reach the HTTPS upstream with the token; without
 /// it, the certificate is not trusted and the client gets 502.
 #[tokio::test]
@@ -76,18 +95,8 @@ async fn https_upstream_with_private_ca() {
     let ca = make_ca();
     let h = Harness::start(Setup::default()).await;
     let front = tls_front(&ca, h.api_server.addr, b"http/1.1").await;
-    let ca_path = h.state.path().join("ca.pem");
-    std::fs::write(&ca_path, &ca.ca_pem).unwrap();
-    let plain_url = format!("{}/api/v1", h.api_server.url());
-    let https_url = format!("https://localhost:{}/api/v1", front.port());
-    let trusted = h.config_text.replace(&plain_url, &https_url).replace(
-        "[upstream.auth]",
-        &format!("ca_file = \"{}\"\n\n[upstream.auth]", ca_path.display()),
-    );
-    let untrusted = h.config_text.replace(&plain_url, &https_url);
-
-    for (text, expect) in [(trusted, 200), (untrusted, 502)] {
-        let config = tollgate::config::Config::parse(&text, "t", |_| None).unwrap();
+    for (trust, expect) in [(true, 200), (false, 502)] {
+        let config = https_config(&h, &ca, front, trust);
         let proxy = tollgate::Proxy::start(&config).await.unwrap();
         let url = format!("http://{}/secure?x=1", proxy.addr("api").unwrap());
         let req = http::Request::get(url)
@@ -119,20 +128,7 @@ async fn https_upstream_over_http2() {
     let ca = make_ca();
     let h = Harness::start(Setup::default()).await;
     let front = tls_front(&ca, h.api_server.addr, b"h2").await;
-    let ca_path = h.state.path().join("ca.pem");
-    std::fs::write(&ca_path, &ca.ca_pem).unwrap();
-    let plain_url = format!("{}/api/v1", h.api_server.url());
-    let text = h
-        .config_text
-        .replace(
-            &plain_url,
-            &format!("https://localhost:{}/api/v1", front.port()),
-        )
-        .replace(
-            "[upstream.auth]",
-            &format!("ca_file = \"{}\"\n\n[upstream.auth]", ca_path.display()),
-        );
-    let config = tollgate::config::Config::parse(&text, "t", |_| None).unwrap();
+    let config = https_config(&h, &ca, front, true);
     let proxy = tollgate::Proxy::start(&config).await.unwrap();
     let a = common::get(format!("http://{}/over-h2", proxy.addr("api").unwrap())).await;
     assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));

@@ -50,10 +50,6 @@ impl FileStore {
         })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     fn token_path(&self, upstream: &str) -> PathBuf {
         self.dir.join(format!("{upstream}.token.json"))
     }

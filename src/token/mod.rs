@@ -94,13 +94,6 @@ enum Purpose {
     Ahead,
 }
 
-/// Refresh counters, for logs and status.
-#[derive(Debug, Default)]
-pub struct RefreshStats {
-    pub succeeded: AtomicU64,
-    pub failed: AtomicU64,
-}
-
 /// Capped exponential backoff with jitter ("equal jitter": half fixed, half random).
 #[derive(Debug, Clone)]
 pub struct Backoff {
@@ -172,7 +165,6 @@ pub struct TokenCache {
     backoff_initial: Duration,
     backoff_max: Duration,
     published: watch::Sender<u64>,
-    pub stats: RefreshStats,
     /// The last refresh failure, for readiness and status; cleared by a success.
     last_failure: Mutex<Option<String>>,
 }
@@ -222,7 +214,6 @@ impl TokenCache {
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
             published: watch::channel(0).0,
-            stats: RefreshStats::default(),
             last_failure: Mutex::new(None),
         })
     }
@@ -304,16 +295,7 @@ impl TokenCache {
         self.epoch.store(flight.epoch, Ordering::Release);
         *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) =
             result.as_ref().err().map(|e| e.to_string());
-        match &result {
-            Ok(_) => {
-                flight.last_error = None;
-                self.stats.succeeded.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => {
-                flight.last_error = Some(e.clone());
-                self.stats.failed.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        flight.last_error = result.as_ref().err().cloned();
         result
     }
 
