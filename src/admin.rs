@@ -1,31 +1,46 @@
-//! The admin listener (`[admin] listen`): `GET /healthz` (200 while running) and `GET /readyz`
-//! (200 when every upstream has a usable token, else 503 naming the upstream and the reason).
-//! It reports states, never a token.
+//! The admin listener (`[admin] listen`): `GET /healthz` (200 while running), `GET /readyz`
+//! (200 when every upstream has a usable token, else 503 naming the upstream and the reason),
+//! `GET /status` (JSON: each upstream's token state and quota usage) and `GET /metrics`
+//! (Prometheus text). It reports states, never a token.
 
 use crate::error::{problem, ProxyBody};
+use crate::quota::Quota;
 use crate::server::Handler;
 use crate::token::TokenCache;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use std::fmt::Write;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::SystemTime;
+
+/// What the admin endpoints report about one upstream.
+pub struct Upstream {
+    pub name: String,
+    pub tokens: Arc<TokenCache>,
+    pub quota: Arc<Quota>,
+}
 
 pub struct Admin {
-    tokens: Vec<Arc<TokenCache>>,
+    upstreams: Vec<Upstream>,
 }
 
 impl Admin {
-    pub fn new(tokens: Vec<Arc<TokenCache>>) -> Admin {
-        Admin { tokens }
+    pub fn new(upstreams: Vec<Upstream>) -> Admin {
+        Admin { upstreams }
     }
 
     fn readiness(&self) -> Response<ProxyBody> {
         let unready: Vec<String> = self
-            .tokens
+            .upstreams
             .iter()
-            .filter_map(|t| t.unready_reason().map(|r| format!("{}: {r}", t.name())))
+            .filter_map(|u| {
+                u.tokens
+                    .unready_reason()
+                    .map(|r| format!("{}: {r}", u.name))
+            })
             .collect();
         if unready.is_empty() {
             text(StatusCode::OK, "ready\n")
@@ -50,24 +65,125 @@ impl Admin {
         match request.uri().path() {
             "/healthz" => text(StatusCode::OK, "ok\n"),
             "/readyz" => self.readiness(),
+            "/status" => respond(
+                StatusCode::OK,
+                "application/json",
+                self.status().to_string(),
+            ),
+            "/metrics" => respond(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.metrics(),
+            ),
             _ => problem(
                 StatusCode::NOT_FOUND,
                 "not-found",
                 "Not found",
-                "admin endpoints: /healthz, /readyz",
+                "admin endpoints: /healthz, /readyz, /status, /metrics",
                 "admin",
             ),
         }
     }
+
+    /// Each upstream's token state (never the token) and quota usage.
+    fn status(&self) -> serde_json::Value {
+        let upstreams: Vec<serde_json::Value> = self
+            .upstreams
+            .iter()
+            .map(|u| {
+                let token = match u.tokens.cached() {
+                    Some(t) => serde_json::json!({
+                        "state": "ready",
+                        "generation": t.generation,
+                        "expires_in_s": t.expires_at
+                            .duration_since(SystemTime::now())
+                            .map_or(0, |d| d.as_secs()),
+                    }),
+                    None => serde_json::json!({
+                        "state": "unready",
+                        "reason": u.tokens.unready_reason(),
+                    }),
+                };
+                let windows: Vec<serde_json::Value> = u
+                    .quota
+                    .windows()
+                    .iter()
+                    .map(|w| {
+                        serde_json::json!({
+                            "window": w.name,
+                            "limit": w.limit,
+                            "used": w.limit - w.remaining,
+                            "remaining": w.remaining,
+                            "resets_in_s": w.reset.as_secs(),
+                        })
+                    })
+                    .collect();
+                let mut quota = serde_json::json!({ "windows": windows });
+                if let Some((in_flight, waiting)) = u.quota.line() {
+                    quota["in_flight"] = in_flight.into();
+                    quota["waiting"] = waiting.into();
+                }
+                if let Some(held) = u.quota.held_for() {
+                    quota["held_back_s"] = held.as_secs().into();
+                }
+                quota["rejected"] = u
+                    .quota
+                    .rejected()
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(r, n)| (r.as_str().to_owned(), serde_json::Value::from(n)))
+                    .collect::<serde_json::Map<_, _>>()
+                    .into();
+                serde_json::json!({ "name": u.name, "token": token, "quota": quota })
+            })
+            .collect();
+        serde_json::json!({ "upstreams": upstreams })
+    }
+
+    /// Prometheus text exposition of the quota state.
+    fn metrics(&self) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP tollgate_quota_remaining Requests left in the quota window.\n");
+        out.push_str("# TYPE tollgate_quota_remaining gauge\n");
+        for u in &self.upstreams {
+            for w in u.quota.windows() {
+                let _ = writeln!(
+                    out,
+                    "tollgate_quota_remaining{{upstream=\"{}\",window=\"{}\"}} {}",
+                    u.name, w.name, w.remaining
+                );
+            }
+        }
+        out.push_str(
+            "# HELP tollgate_rejected_total Requests tollgate answered with 429 itself.\n",
+        );
+        out.push_str("# TYPE tollgate_rejected_total counter\n");
+        for u in &self.upstreams {
+            for (reason, n) in u.quota.rejected() {
+                let _ = writeln!(
+                    out,
+                    "tollgate_rejected_total{{upstream=\"{}\",reason=\"{}\"}} {n}",
+                    u.name,
+                    reason.as_str()
+                );
+            }
+        }
+        out
+    }
 }
 
 fn text(status: StatusCode, body: &str) -> Response<ProxyBody> {
-    let mut response = Response::new(Either::Right(Full::new(Bytes::from(body.to_owned()))));
+    respond(status, "text/plain; charset=utf-8", body.to_owned())
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<ProxyBody> {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from(body))));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
 

@@ -78,6 +78,89 @@ pub struct UpstreamConfig {
     pub ca_file: Option<PathBuf>,
     pub auth: AuthConfig,
     pub login: Option<LoginConfig>,
+    /// The organisation's request limits for this API; none when absent.
+    pub quota: Option<QuotaConfig>,
+}
+
+/// `[upstream.quota]`: the limits tollgate enforces before a request reaches the API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    /// Requests per calendar day; or derived from `edition` and `licenses`.
+    pub per_day: Option<u64>,
+    pub edition: Option<Edition>,
+    pub licenses: Option<u64>,
+    /// When the day starts, `HH:MM` UTC, in seconds after midnight.
+    #[serde(default, deserialize_with = "de_day_starts")]
+    pub day_starts: u32,
+    pub per_second: Option<u32>,
+    pub per_minute: Option<u32>,
+    pub per_hour: Option<u32>,
+    /// Requests in flight at once; more wait in a FIFO line of `queue` places.
+    pub concurrency: Option<u32>,
+    pub queue: Option<u32>,
+    #[serde(default = "default_queue_timeout", deserialize_with = "de_duration")]
+    pub queue_timeout: Duration,
+}
+
+/// BeProduct's editions, whose daily limit grows with the number of licences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Edition {
+    Business,
+    Enterprise,
+}
+
+impl Edition {
+    /// Business: min(2000, 250 × licences); Enterprise: min(25000, 500 × licences).
+    pub fn per_day(self, licenses: u64) -> u64 {
+        match self {
+            Edition::Business => (250 * licenses).min(2000),
+            Edition::Enterprise => (500 * licenses).min(25000),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Edition::Business => "business",
+            Edition::Enterprise => "enterprise",
+        }
+    }
+}
+
+impl QuotaConfig {
+    /// The daily limit: `per_day`, else the edition's formula.
+    pub fn daily_limit(&self) -> Option<u64> {
+        match (self.per_day, self.edition, self.licenses) {
+            (Some(n), _, _) => Some(n),
+            (None, Some(edition), Some(licenses)) => Some(edition.per_day(licenses)),
+            _ => None,
+        }
+    }
+}
+
+fn default_queue_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn de_day_starts<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_day_starts(&text).map_err(serde::de::Error::custom)
+}
+
+/// `HH:MM` (UTC) as seconds after midnight.
+pub fn parse_day_starts(text: &str) -> Result<u32, String> {
+    let bad = || format!("`{text}` is not a time of day; write it as HH:MM in UTC, e.g. \"00:00\"");
+    let (h, m) = text.split_once(':').ok_or_else(bad)?;
+    if h.len() != 2 || m.len() != 2 {
+        return Err(bad());
+    }
+    let h: u32 = h.parse().map_err(|_| bad())?;
+    let m: u32 = m.parse().map_err(|_| bad())?;
+    if h > 23 || m > 59 {
+        return Err(bad());
+    }
+    Ok(h * 3600 + m * 60)
 }
 
 /// Where a login sends the browser (authorization code + PKCE). The `login` command that uses
@@ -526,6 +609,11 @@ impl Config {
                     "must be more than 0s".into(),
                 );
             }
+            if let Some(quota) = &up.quota {
+                for (k, message) in quota.problems() {
+                    report(key(&format!("quota.{k}")), message);
+                }
+            }
         }
         problems
     }
@@ -533,6 +621,88 @@ impl Config {
     /// The upstream called `name`.
     pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
         self.upstreams.iter().find(|u| u.name == name)
+    }
+}
+
+impl QuotaConfig {
+    /// What is wrong with this table, as (key, message).
+    fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        match (self.per_day, self.edition, self.licenses) {
+            (Some(_), Some(_), _) => out.push((
+                "edition",
+                "set either per_day or edition with licenses, not both".into(),
+            )),
+            (_, Some(_), None) => out.push((
+                "licenses",
+                "is required with edition: the number of licences the organisation holds".into(),
+            )),
+            (_, None, Some(_)) => out.push((
+                "licenses",
+                "is only used with edition = \"business\" or \"enterprise\"; add edition, or set per_day".into(),
+            )),
+            _ => {}
+        }
+        let counts = [
+            ("per_day", self.per_day),
+            ("licenses", self.licenses),
+            ("per_second", self.per_second.map(u64::from)),
+            ("per_minute", self.per_minute.map(u64::from)),
+            ("per_hour", self.per_hour.map(u64::from)),
+            ("concurrency", self.concurrency.map(u64::from)),
+        ];
+        for (k, v) in counts {
+            if v == Some(0) {
+                out.push((k, "must be at least 1; remove the key for no limit".into()));
+            }
+        }
+        if self.queue.is_some() && self.concurrency.is_none() {
+            out.push((
+                "queue",
+                "is the wait line of `concurrency`; set concurrency too".into(),
+            ));
+        }
+        if self.queue.unwrap_or(0) > 0 && self.queue_timeout.is_zero() {
+            out.push(("queue_timeout", "must be more than 0s".into()));
+        }
+        out
+    }
+
+    /// The effective limits, one per line, as `check` prints them.
+    pub fn describe(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if let Some(limit) = self.daily_limit() {
+            let how = match (self.per_day, self.edition, self.licenses) {
+                (None, Some(e), Some(l)) => format!(" ({} edition, {l} licences)", e.as_str()),
+                _ => String::new(),
+            };
+            let h = self.day_starts / 3600;
+            let m = self.day_starts % 3600 / 60;
+            out.push((
+                "quota.per_day".into(),
+                format!("{limit}{how}, the day starts at {h:02}:{m:02} UTC"),
+            ));
+        }
+        for (k, v) in [
+            ("per_second", self.per_second),
+            ("per_minute", self.per_minute),
+            ("per_hour", self.per_hour),
+        ] {
+            if let Some(n) = v {
+                out.push((format!("quota.{k}"), format!("{n} (burst {n})")));
+            }
+        }
+        if let Some(n) = self.concurrency {
+            out.push((
+                "quota.concurrency".into(),
+                format!(
+                    "{n} in flight, {} waiting at most {}",
+                    self.queue.unwrap_or(0),
+                    humantime::format_duration(self.queue_timeout)
+                ),
+            ));
+        }
+        out
     }
 }
 
@@ -627,6 +797,14 @@ impl Config {
                 "auth.timeout",
                 humantime::format_duration(a.timeout).to_string(),
             );
+            match &up.quota {
+                Some(quota) => {
+                    for (k, v) in quota.describe() {
+                        line(&k, v);
+                    }
+                }
+                None => line("quota", "(none: no limits enforced)".into()),
+            }
         }
         out
     }
@@ -1103,6 +1281,59 @@ params = { resource = "urn:x" }
     fn syntax_error_has_a_line() {
         let err = error_of("[state]\nstore = \n");
         assert!(err.starts_with("t.toml:2"), "{err}");
+    }
+
+    #[test]
+    fn edition_formula_is_capped() {
+        let limit = |edition: Edition, licenses| edition.per_day(licenses);
+        assert_eq!(limit(Edition::Business, 4), 1000);
+        assert_eq!(limit(Edition::Business, 8), 2000);
+        assert_eq!(limit(Edition::Business, 10), 2000, "not 2500");
+        assert_eq!(limit(Edition::Enterprise, 10), 5000);
+        assert_eq!(limit(Edition::Enterprise, 60), 25_000, "not 30000");
+    }
+
+    #[test]
+    fn quota_keys_are_checked_and_described() {
+        let with_quota = |lines: &str| format!("{GOOD}\n[upstream.quota]\n{lines}\n");
+        let config = Config::parse(
+            &with_quota(
+                "edition = \"enterprise\"\nlicenses = 7\nday_starts = \"06:30\"\nper_minute = 600",
+            ),
+            "t.toml",
+            env,
+        )
+        .unwrap();
+        let described = config.describe();
+        assert!(
+            described
+                .contains("3500 (enterprise edition, 7 licences), the day starts at 06:30 UTC"),
+            "{described}"
+        );
+        assert!(described.contains("600 (burst 600)"), "{described}");
+        for (lines, expected) in [
+            (
+                "per_day = 10\nedition = \"business\"\nlicenses = 2",
+                "quota.edition: set either per_day",
+            ),
+            (
+                "edition = \"business\"",
+                "quota.licenses: is required with edition",
+            ),
+            ("per_minute = 0", "quota.per_minute: must be at least 1"),
+            (
+                "queue = 5",
+                "quota.queue: is the wait line of `concurrency`",
+            ),
+            ("day_starts = \"25:00\"", "is not a time of day"),
+            ("edition = \"gold\"", "edition"),
+            ("per_week = 3", "per_week"),
+        ] {
+            let error = Config::parse(&with_quota(lines), "t.toml", env)
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(expected), "{lines}: {error}");
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! itself — which decides the status. Messages never contain a secret: token errors are built
 //! from [`TokenError`], which holds only descriptions and fingerprints.
 
+use crate::quota::{self, QuotaError, Reason};
 use crate::token::TokenError;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
@@ -12,7 +13,7 @@ use http_body_util::{Either, Full};
 use std::time::Duration;
 
 /// The body of every response the proxy sends: the upstream's, streamed, or one of its own.
-pub type ProxyBody = Either<hyper::body::Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<crate::body::ResponseBody, Full<Bytes>>;
 
 /// Something that stopped a request before or while it was forwarded.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +33,9 @@ pub enum ProxyError {
     /// The upstream did not answer within `timeout`.
     #[error("the upstream API did not answer within {0:?}")]
     UpstreamTimeout(Duration),
+    /// A quota refused the request, or its count could not be kept (tollgate side).
+    #[error(transparent)]
+    Quota(#[from] QuotaError),
 }
 
 impl ProxyError {
@@ -43,6 +47,8 @@ impl ProxyError {
             ProxyError::Token(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Quota(QuotaError::Refused(_)) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Quota(QuotaError::Store(_)) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -60,6 +66,14 @@ impl ProxyError {
             ProxyError::Token(TokenError::Store(_)) => ("state-store", "State store failure"),
             ProxyError::UpstreamUnreachable(_) => ("upstream-unreachable", "Upstream unreachable"),
             ProxyError::UpstreamTimeout(_) => ("upstream-timeout", "Upstream timeout"),
+            ProxyError::Quota(QuotaError::Refused(r)) => match r.reason {
+                Reason::UpstreamThrottled => ("upstream-throttled", "Upstream asked to slow down"),
+                Reason::QueueFull | Reason::QueueTimeout => {
+                    ("concurrency-limit", "Too many requests in flight")
+                }
+                _ => ("quota-exceeded", "Quota exceeded"),
+            },
+            ProxyError::Quota(QuotaError::Store(_)) => ("quota-store", "Quota state unavailable"),
         }
     }
 
@@ -74,6 +88,18 @@ impl ProxyError {
                     header::RETRY_AFTER,
                     HeaderValue::from(retry_after.as_secs().max(1)),
                 );
+            }
+            ProxyError::Quota(QuotaError::Refused(refusal)) => {
+                let headers = response.headers_mut();
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(refusal.retry_after));
+                if let Some(window) = &refusal.window {
+                    quota::add_headers(headers, window);
+                }
+            }
+            ProxyError::Quota(QuotaError::Store(_)) => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(1u64));
             }
             ProxyError::MethodNotAllowed(_) => {
                 response.headers_mut().insert(

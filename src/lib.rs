@@ -17,6 +17,7 @@ pub mod error;
 pub mod forward;
 pub mod pipeline;
 pub mod provider;
+pub mod quota;
 pub mod secret;
 pub mod server;
 pub mod sim;
@@ -25,6 +26,7 @@ pub mod token;
 
 use config::{Config, StoreLocation};
 use pipeline::Pipeline;
+use quota::{Clock, Quota};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -61,12 +63,14 @@ pub struct Proxy {
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
     workers: Vec<std::thread::JoinHandle<()>>,
+    quotas: Vec<Arc<Quota>>,
 }
 
 /// One upstream's listener(s) and what each needs to build its pipeline.
 struct Bound {
     config: config::UpstreamConfig,
     tokens: Arc<TokenCache>,
+    quota: Arc<Quota>,
     roots: Option<Vec<u8>>,
     local: SocketAddr,
     listeners: Vec<std::net::TcpListener>,
@@ -85,6 +89,19 @@ impl Proxy {
     /// request is accepted, forwarded and answered on one thread without cross-thread wakeups
     /// (the event-loop-per-core model nginx uses). The token caches are shared and lock-free.
     pub async fn start_with_workers(config: &Config, workers: usize) -> Result<Proxy, StartError> {
+        Proxy::start_inner(config, workers, Clock::system()).await
+    }
+
+    /// [`Proxy::start`] with quotas that read `clock`: tests move it to pass a day or a minute.
+    pub async fn start_with_clock(config: &Config, clock: Clock) -> Result<Proxy, StartError> {
+        Proxy::start_inner(config, 1, clock).await
+    }
+
+    async fn start_inner(
+        config: &Config,
+        workers: usize,
+        clock: Clock,
+    ) -> Result<Proxy, StartError> {
         let workers = workers.max(1);
         let location =
             StoreLocation::parse(&config.state.store).map_err(StartError::StoreLocation)?;
@@ -106,6 +123,12 @@ impl Proxy {
                 };
             let tokens =
                 Arc::new(TokenCache::new(up, Arc::clone(&store), roots.as_deref()).map_err(&fail)?);
+            let quota = Arc::new(Quota::new(
+                &up.name,
+                up.quota.as_ref(),
+                Arc::clone(&store),
+                clock.clone(),
+            ));
             // Fail on a bad upstream URL or CA before binding anything.
             forward::Upstream::new(up, roots.as_deref()).map_err(&fail)?;
             let bind_error = |source| StartError::Bind {
@@ -123,6 +146,7 @@ impl Proxy {
             bound.push(Bound {
                 config: up.clone(),
                 tokens,
+                quota,
                 roots,
                 local,
                 listeners,
@@ -143,6 +167,7 @@ impl Proxy {
                     b.local,
                     upstream,
                     Arc::clone(&b.tokens),
+                    Arc::clone(&b.quota),
                 ));
                 if workers == 1 {
                     let listener =
@@ -183,10 +208,15 @@ impl Proxy {
             threads.push(thread);
         }
 
-        let caches: BTreeMap<String, Arc<TokenCache>> = bound
+        let upstreams: Vec<admin::Upstream> = bound
             .iter()
-            .map(|b| (b.config.name.clone(), Arc::clone(&b.tokens)))
+            .map(|b| admin::Upstream {
+                name: b.config.name.clone(),
+                tokens: Arc::clone(&b.tokens),
+                quota: Arc::clone(&b.quota),
+            })
             .collect();
+        let quotas = bound.iter().map(|b| Arc::clone(&b.quota)).collect();
         let addrs = bound
             .iter()
             .map(|b| (b.config.name.clone(), b.local))
@@ -202,7 +232,7 @@ impl Proxy {
                             source,
                         })?;
                 let local = listener.local_addr().ok();
-                let handler = Arc::new(admin::Admin::new(caches.values().cloned().collect()));
+                let handler = Arc::new(admin::Admin::new(upstreams));
                 tasks.spawn(server::serve(
                     listener,
                     handler,
@@ -220,6 +250,7 @@ impl Proxy {
             stop,
             tasks,
             workers: threads,
+            quotas,
         })
     }
 
@@ -232,7 +263,8 @@ impl Proxy {
         self.admin_addr
     }
 
-    /// Stop accepting, let in-flight requests finish (up to [`SHUTDOWN_GRACE`]), stop refreshing.
+    /// Stop accepting, let in-flight requests finish (up to [`SHUTDOWN_GRACE`]), stop refreshing,
+    /// give unspent daily quota back to the store.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
@@ -243,6 +275,11 @@ impl Proxy {
             }
         })
         .await;
+        for quota in &self.quotas {
+            if let Err(e) = quota.give_back().await {
+                tracing::warn!(error = %e, "could not give unspent daily quota back; it stays spent for today");
+            }
+        }
     }
 }
 

@@ -1,17 +1,20 @@
 //! The request path of one upstream, in order:
 //!
 //! ```text
-//! target check ─► body ─► token ─► forward ─► on retry_on status: refresh that generation, replay once
-//!              ─► respond (hop-by-hop headers removed, body streamed)
+//! target check ─► body ─► quota slot ─► token ─► quota spend ─► forward
+//!   ─► on retry_on status: refresh that generation, quota spend, replay once
+//!   ─► respond (hop-by-hop headers removed, rate-limit headers added, body streamed)
 //! ```
 //!
-//! Each stage is one function below, called in that order by [`Pipeline::proxy`]. The inbound
-//! key check and the quota stage slot in before the token stage.
+//! Each stage is one function below, called in that order by [`Pipeline::proxy`]. Every send
+//! upstream is counted by the quota just before it happens, and every upstream answer is shown
+//! to it (a 429 holds the upstream back). The inbound key check slots in before the body.
 
-use crate::body::{self, RequestBody};
+use crate::body::{self, RequestBody, ResponseBody};
 use crate::config::UpstreamConfig;
 use crate::error::{ProxyBody, ProxyError};
 use crate::forward::{self, SendError, TargetError, Upstream};
+use crate::quota::{self, Quota, Slot, Window};
 use crate::token::{AccessToken, TokenCache};
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
@@ -26,6 +29,7 @@ pub struct Pipeline {
     local: SocketAddr,
     upstream: Upstream,
     pub tokens: Arc<TokenCache>,
+    quota: Arc<Quota>,
     retry_on: Vec<u16>,
     retry_body_limit: u64,
 }
@@ -44,12 +48,14 @@ impl Pipeline {
         local: SocketAddr,
         upstream: Upstream,
         tokens: Arc<TokenCache>,
+        quota: Arc<Quota>,
     ) -> Pipeline {
         Pipeline {
             name: config.name.clone(),
             local,
             upstream,
             tokens,
+            quota,
             retry_on: config.retry_on.clone(),
             retry_body_limit: config.retry_body_limit,
         }
@@ -74,6 +80,7 @@ impl Pipeline {
         let (mut parts, body) = request.into_parts();
         let uri = self.target(&parts.method, &parts.uri, parts.version)?;
         let (body, replay) = self.body(body).await?;
+        let slot = self.quota.enter().await?;
         // The token is taken after the body was read, so it cannot expire while a slow client
         // uploads (the body read is capped at retry_body_limit).
         let token = self.tokens.get().await?;
@@ -94,15 +101,16 @@ impl Pipeline {
         *request.method_mut() = parts.method;
         *request.uri_mut() = uri;
         *request.headers_mut() = parts.headers;
+        let mut window = self.quota.spend().await?;
         let response = self.send(request).await?;
 
         let response = match replay {
             Some(replay) if self.retry_on.contains(&response.status().as_u16()) => {
-                self.replay(response, replay, &token).await?
+                self.replay(response, replay, &token, &mut window).await?
             }
             _ => response,
         };
-        Ok(respond(response))
+        Ok(respond(response, slot, window))
     }
 
     /// Stage 1: is this a request for our upstream, and where does it go?
@@ -131,15 +139,18 @@ impl Pipeline {
         Ok((prepared.body, prepared.replay))
     }
 
-    /// Stage 3: send upstream.
+    /// Stage 3: send upstream, and let the quota see the answer.
     async fn send(&self, request: Request<RequestBody>) -> Result<Response<Incoming>, ProxyError> {
-        self.upstream.send(request).await.map_err(|e| match e {
+        let response = self.upstream.send(request).await.map_err(|e| match e {
             SendError::Unreachable(reason) => {
                 tracing::warn!(upstream = %self.name, %reason, "upstream unreachable");
                 ProxyError::UpstreamUnreachable(reason)
             }
             SendError::Timeout(d) => ProxyError::UpstreamTimeout(d),
-        })
+        })?;
+        self.quota
+            .upstream_answered(response.status(), response.headers());
+        Ok(response)
     }
 
     /// Stage 4: the upstream refused the token; get a newer one and send the request again, once.
@@ -148,6 +159,7 @@ impl Pipeline {
         refused: Response<Incoming>,
         replay: Replay,
         token: &AccessToken,
+        window: &mut Option<Window>,
     ) -> Result<Response<Incoming>, ProxyError> {
         tracing::info!(upstream = %self.name, status = refused.status().as_u16(), generation = token.generation, token = %token.fingerprint, "upstream refused the token; refreshing and replaying once");
         drop(refused);
@@ -158,13 +170,23 @@ impl Pipeline {
         *request.method_mut() = replay.method;
         *request.uri_mut() = replay.uri;
         *request.headers_mut() = headers;
+        // The replay is a request like any other for the API's quota.
+        *window = self.quota.spend().await?;
         self.send(request).await
     }
 }
 
-/// Stage 5: hand the upstream's response to the client, without its hop-by-hop headers.
-fn respond(response: Response<Incoming>) -> Response<ProxyBody> {
+/// Stage 5: hand the upstream's response to the client, without its hop-by-hop headers, with
+/// the tightest quota window's headers, holding the concurrency slot until the body ends.
+fn respond(
+    response: Response<Incoming>,
+    slot: Option<Slot>,
+    window: Option<Window>,
+) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     forward::remove_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, Either::Left(body))
+    if let Some(window) = &window {
+        quota::add_headers(&mut parts.headers, window);
+    }
+    Response::from_parts(parts, Either::Left(ResponseBody::new(body, slot)))
 }

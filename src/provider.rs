@@ -4,8 +4,8 @@
 //! token URL, grant, client authentication, scope, login URLs — into the upstream's TOML table
 //! before it is read, and only where the user did not set them: every key stays overridable.
 //! It returns the keys it filled, so `tollgate check` can show them.
-//! Quota defaults (ERP.net: 600/minute, 1 concurrent, queue 5) are named here for the quota
-//! code; they are not enforced by this module.
+//! Quota defaults come from here too (ERP.net: 600/minute, 1 in flight, a queue of 5); the
+//! quota module enforces them.
 
 use toml::{Table, Value};
 use url::Url;
@@ -84,6 +84,14 @@ pub fn apply(upstream: &mut Table) -> Result<Vec<String>, String> {
                     "authorize_url",
                     &format!("{origin}/id/connect/authorize"),
                 );
+            }
+            // Per session, answered with 429 past them (PROVIDERS.md).
+            let quota = section(upstream, "quota")?;
+            for (key, n) in [("per_minute", 600), ("concurrency", 1), ("queue", 5)] {
+                if !quota.contains_key(key) {
+                    quota.insert(key.to_owned(), Value::Integer(n));
+                    filled.push(format!("quota.{key}"));
+                }
             }
         }
         "winbooks" => {

@@ -199,11 +199,11 @@ async fn continue_path_passes_both_ways() {
     );
 }
 
-/// The ERP.net simulator enforces one request in flight with five waiting: of ten concurrent
-/// slow requests sent straight to it, six are served and four get 429 — and through tollgate
-/// the 429 reaches the client unchanged (the quota issue adds tollgate's own queue).
+/// ERP.net allows one request in flight with five waiting. The preset puts the same limits in
+/// tollgate: of ten concurrent slow requests, six are served one at a time and four get
+/// tollgate's own 429 — the API never sees more than one, nor has to refuse any.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn erpnet_simulator_limits_concurrency_with_a_queue_of_five() {
+async fn erpnet_preset_keeps_one_request_in_flight_with_a_queue_of_five() {
     use tollgate::sim::provider::SimProvider;
     let sim = SimProvider::start(
         "erpnet",
@@ -227,9 +227,12 @@ async fn erpnet_simulator_limits_concurrency_with_a_queue_of_five() {
             let req = http::Request::get(url)
                 .body(http_body_util::Full::default())
                 .unwrap();
-            common::collect(common::client().request(req).await.unwrap())
-                .await
-                .status
+            let reply = common::collect(common::client().request(req).await.unwrap()).await;
+            if reply.status == 429 {
+                assert_eq!(reply.headers["content-type"], "application/problem+json");
+                assert!(reply.text().contains("in flight"), "{}", reply.text());
+            }
+            reply.status
         }));
     }
     let mut statuses = Vec::new();
@@ -247,7 +250,9 @@ async fn erpnet_simulator_limits_concurrency_with_a_queue_of_five() {
         4,
         "{statuses:?}"
     );
-    assert_eq!(sim.api.counters().authorized, 10, "all ten reached the API");
-    assert_eq!(sim.api.counters().throttled, 4);
+    let api = sim.api.counters();
+    assert_eq!(api.authorized, 6, "only the admitted reached the API");
+    assert_eq!(api.in_flight_max, 1);
+    assert_eq!(api.throttled, 0);
     proxy.shutdown().await;
 }

@@ -2,7 +2,8 @@
 //!
 //! Owns: the bearer check (RFC 6750 §3.1 challenges), an echo that describes the request it
 //! received, a streaming download of a known byte pattern, and the query switches tests use
-//! (`sim_download`, `sim_delay_ms`, `sim_status`) plus the `x-sim-location` header.
+//! (`sim_download`, `sim_delay_ms`, `sim_status`, `sim_retry_after`) plus the `x-sim-location`
+//! header.
 //!
 //! Must not: hold a request or response body in memory. Uploads are hashed as they stream in
 //! (only the first 64 KiB is kept, for the echo's `body` field) and downloads are generated
@@ -117,6 +118,8 @@ struct Switches {
     download: Option<u64>,
     delay: Option<Duration>,
     status: Option<StatusCode>,
+    /// Sent as the `Retry-After` header, as given (seconds or an HTTP date).
+    retry_after: Option<http::HeaderValue>,
 }
 
 impl ApiSim {
@@ -222,6 +225,11 @@ impl ApiSim {
         };
         if let Some(status) = switches.status {
             *response.status_mut() = status;
+        }
+        if let Some(value) = switches.retry_after {
+            response
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, value);
         }
         if let Some(location) = location {
             response.headers_mut().insert(LOCATION, location);
@@ -344,6 +352,11 @@ impl Switches {
                         .filter(|s| (200..=599).contains(&s.as_u16()))
                         .ok_or_else(|| format!("sim_status must be 200..=599, got {value:?}"))?;
                     switches.status = Some(status);
+                }
+                "sim_retry_after" => {
+                    let value = http::HeaderValue::from_str(&value)
+                        .map_err(|_| format!("sim_retry_after is not a header value: {value:?}"))?;
+                    switches.retry_after = Some(value);
                 }
                 _ => {}
             }

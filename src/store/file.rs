@@ -3,7 +3,7 @@
 //! so after a crash the file is either the old record or the new one, never a torn mix.
 //! `flock` on `<name>.lock` serialises refreshes across processes on the same directory.
 
-use super::{RefreshLock, StateStore, StoreError, TokenRecord};
+use super::{RefreshLock, Reservation, StateStore, StoreError, TokenRecord};
 use async_trait::async_trait;
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions, TryLockError};
@@ -60,6 +60,40 @@ impl FileStore {
 
     fn lock_path(&self, upstream: &str, what: &str) -> PathBuf {
         self.dir.join(format!("{upstream}.{what}.lock"))
+    }
+
+    /// Under the quota lock, replace the count of `window` by `change(count)`; older windows
+    /// are over and dropped. Returns the new count and what `change` returned.
+    async fn update_quota<T: Send + 'static>(
+        &self,
+        upstream: &str,
+        window: &str,
+        change: impl FnOnce(u64) -> (u64, T) + Send + 'static,
+    ) -> Result<(u64, T), StoreError> {
+        let lock = flock(
+            self.lock_path(upstream, "quota"),
+            upstream,
+            Duration::from_secs(10),
+        )
+        .await?;
+        let path = self.quota_path(upstream);
+        let window = window.to_owned();
+        blocking(move || {
+            let mut used: BTreeMap<String, u64> = read_json(&path)?.unwrap_or_default();
+            // Windows before this one are over. A later one stays: another process may have
+            // moved on to the next day while this one finishes the last.
+            used.retain(|k, _| k.as_str() >= window.as_str());
+            let before = used.get(&window).copied().unwrap_or(0);
+            let (after, out) = change(before);
+            if after != before {
+                used.insert(window, after);
+                let bytes = serde_json::to_vec_pretty(&used).expect("a map always serialises");
+                write_durably(&path, &bytes)?;
+            }
+            drop(lock);
+            Ok((after, out))
+        })
+        .await
     }
 }
 
@@ -179,30 +213,26 @@ impl StateStore for FileStore {
         window: &str,
         limit: u64,
         want: u64,
-    ) -> Result<u64, StoreError> {
-        let lock = flock(
-            self.lock_path(upstream, "quota"),
-            upstream,
-            Duration::from_secs(10),
-        )
-        .await?;
-        let path = self.quota_path(upstream);
-        let window = window.to_owned();
-        blocking(move || {
-            let mut used: BTreeMap<String, u64> = read_json(&path)?.unwrap_or_default();
-            // Keep only the window in use: old windows are over and need no record.
-            used.retain(|k, _| *k == window);
-            let spent = used.get(&window).copied().unwrap_or(0);
+    ) -> Result<Reservation, StoreError> {
+        self.update_quota(upstream, window, move |spent| {
             let granted = want.min(limit.saturating_sub(spent));
-            if granted > 0 {
-                used.insert(window, spent + granted);
-                let bytes = serde_json::to_vec_pretty(&used).expect("a map always serialises");
-                write_durably(&path, &bytes)?;
-            }
-            drop(lock);
-            Ok(granted)
+            (spent + granted, granted)
         })
         .await
+        .map(|(used, granted)| Reservation { granted, used })
+    }
+
+    async fn release_quota(
+        &self,
+        upstream: &str,
+        window: &str,
+        count: u64,
+    ) -> Result<(), StoreError> {
+        self.update_quota(upstream, window, move |spent| {
+            (spent.saturating_sub(count), ())
+        })
+        .await
+        .map(|_| ())
     }
 
     async fn quota_used(&self, upstream: &str, window: &str) -> Result<u64, StoreError> {
@@ -313,27 +343,24 @@ mod tests {
     async fn quota_reservations_never_exceed_the_limit() {
         let tmp = tempfile::tempdir().unwrap();
         let store = FileStore::open(tmp.path()).unwrap();
-        assert_eq!(
-            store.reserve_quota("api", "day:1", 25, 10).await.unwrap(),
-            10
-        );
-        assert_eq!(
-            store.reserve_quota("api", "day:1", 25, 10).await.unwrap(),
-            10
-        );
-        assert_eq!(
-            store.reserve_quota("api", "day:1", 25, 10).await.unwrap(),
-            5
-        );
-        assert_eq!(
-            store.reserve_quota("api", "day:1", 25, 10).await.unwrap(),
-            0
-        );
+        let granted = |granted, used| Reservation { granted, used };
+        for (expected, used) in [(10, 10), (10, 20), (5, 25), (0, 25)] {
+            assert_eq!(
+                store.reserve_quota("api", "day:1", 25, 10).await.unwrap(),
+                granted(expected, used)
+            );
+        }
         assert_eq!(store.quota_used("api", "day:1").await.unwrap(), 25);
+        // Unspent counts given back can be reserved again, by this process or another.
+        store.release_quota("api", "day:1", 3).await.unwrap();
+        assert_eq!(
+            store.reserve_quota("api", "day:1", 25, 10).await.unwrap(),
+            granted(3, 25)
+        );
         // A new window starts from zero and forgets the old one.
         assert_eq!(
             store.reserve_quota("api", "day:2", 25, 10).await.unwrap(),
-            10
+            granted(10, 10)
         );
         assert_eq!(store.quota_used("api", "day:1").await.unwrap(), 0);
     }

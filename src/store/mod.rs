@@ -66,6 +66,14 @@ fn de_opt_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret<String
     Option::<String>::deserialize(d).map(|o| o.map(Secret::new))
 }
 
+/// The outcome of [`StateStore::reserve_quota`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    pub granted: u64,
+    /// What every process has reserved of the window, this grant included.
+    pub used: u64,
+}
+
 /// Held while one process redeems a refresh token; released on drop.
 pub struct RefreshLock {
     /// Increases every time the lock is taken; a shared store rejects writes with an old fence.
@@ -114,15 +122,23 @@ pub trait StateStore: Send + Sync {
         -> Result<RefreshLock, StoreError>;
 
     /// Reserve up to `want` requests of `window` (e.g. `day:2026-11-23`) whose limit is `limit`.
-    /// Returns how many were granted (0 when the window is spent). Reserved counts are spent
-    /// even if the process dies, so a crash can only under-admit.
+    /// Grants 0 when the window is spent. Reserved counts are spent even if the process dies,
+    /// so a crash can only under-admit.
     async fn reserve_quota(
         &self,
         upstream: &str,
         window: &str,
         limit: u64,
         want: u64,
-    ) -> Result<u64, StoreError>;
+    ) -> Result<Reservation, StoreError>;
+
+    /// Return `count` reserved but unspent requests of `window` (on a clean shutdown).
+    async fn release_quota(
+        &self,
+        upstream: &str,
+        window: &str,
+        count: u64,
+    ) -> Result<(), StoreError>;
 
     /// How many requests of `window` have been reserved by every process so far.
     async fn quota_used(&self, upstream: &str, window: &str) -> Result<u64, StoreError>;

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tollgate::config::Config;
+pub use tollgate::quota::Clock;
 use tollgate::sim::api::ApiSim;
 use tollgate::sim::identity::{IdentityConfig, IdentitySim};
 use tollgate::sim::{bind_loopback, SimServer};
@@ -30,6 +31,19 @@ pub struct Answer {
 }
 
 impl Answer {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// A header as text; panics when it is missing.
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} header in {:?}", self.headers))
+            .to_str()
+            .unwrap()
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
@@ -68,6 +82,10 @@ pub struct Setup {
     pub base_path: &'static str,
     pub extra_upstream: String,
     pub extra_auth: String,
+    /// The lines of `[upstream.quota]`; no quota when empty.
+    pub quota: String,
+    /// What the proxy's quotas read as the time.
+    pub clock: Clock,
 }
 
 impl Default for Setup {
@@ -77,6 +95,8 @@ impl Default for Setup {
             base_path: "/api/v1",
             extra_upstream: String::new(),
             extra_auth: String::new(),
+            quota: String::new(),
+            clock: Clock::system(),
         }
     }
 }
@@ -92,6 +112,7 @@ pub struct Harness {
     pub seed: String,
     pub config_text: String,
     pub client: TestClient,
+    pub clock: Clock,
 }
 
 impl Harness {
@@ -119,6 +140,7 @@ impl Harness {
             seed,
             config_text,
             client: client(),
+            clock: setup.clock.clone(),
         };
         harness.start_proxy().await;
         harness
@@ -130,7 +152,9 @@ impl Harness {
 
     pub async fn start_proxy(&mut self) {
         assert!(self.proxy.is_none());
-        self.proxy = Some(Proxy::start(&self.config()).await.expect("proxy starts"));
+        let config = self.config();
+        let proxy = Proxy::start_with_clock(&config, self.clock.clone()).await;
+        self.proxy = Some(proxy.expect("proxy starts"));
     }
 
     pub async fn stop_proxy(&mut self) {
@@ -198,12 +222,18 @@ client_id = "{client_id}"
 client_secret = "{client_secret}"
 refresh_token = "{seed}"
 {extra_auth}
+{quota}
 "#,
         state = state.display(),
         client_id = setup.identity.client_id,
         client_secret = setup.identity.client_secret,
         extra_upstream = setup.extra_upstream,
         extra_auth = setup.extra_auth,
+        quota = if setup.quota.is_empty() {
+            String::new()
+        } else {
+            format!("[upstream.quota]\n{}", setup.quota)
+        },
     )
 }
 

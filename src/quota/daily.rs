@@ -1,0 +1,275 @@
+//! The calendar-day window (`per_day`, `day_starts`): a count that never over-admits, across
+//! restarts, `kill -9` and several processes sharing one state store.
+//!
+//! Counts are reserved in the store ahead of use, a lease at a time, and spent from memory with
+//! one atomic operation. The store only ever holds counts that were reserved, so a crash loses
+//! the counts in hand (under-admission, at most one lease) and never grants one twice. A clean
+//! shutdown gives the counts in hand back. When half the lease is spent, a background task
+//! tops it up, so a request waits for the store only when the hand is empty.
+
+use super::{Window, DAY};
+use crate::store::{StateStore, StoreError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const DAY_MS: u64 = DAY.as_secs() * 1000;
+
+pub struct Daily {
+    upstream: String,
+    limit: u64,
+    day_starts_ms: u64,
+    lease: u64,
+    store: Arc<dyn StateStore>,
+    /// The day the counts in hand belong to (high 32 bits) and how many are left (low 32).
+    hand: AtomicU64,
+    /// What every process had reserved of the day at our last reservation.
+    used: AtomicU64,
+    /// Until when (Unix ms) the store is known to have nothing left: refusals skip it till then.
+    spent_until_ms: AtomicU64,
+    topping_up: AtomicBool,
+    refill: tokio::sync::Mutex<()>,
+}
+
+/// Why a request may not be sent today.
+pub enum Refused {
+    Spent,
+    Store(StoreError),
+}
+
+fn pack(day: u64, left: u64) -> u64 {
+    (day << 32) | left
+}
+
+fn unpack(hand: u64) -> (u64, u64) {
+    (hand >> 32, hand & 0xffff_ffff)
+}
+
+impl Daily {
+    pub fn new(upstream: &str, limit: u64, day_starts_s: u32, store: Arc<dyn StateStore>) -> Self {
+        Daily {
+            upstream: upstream.to_owned(),
+            limit,
+            day_starts_ms: u64::from(day_starts_s) * 1000,
+            lease: lease_size(limit),
+            store,
+            hand: AtomicU64::new(0),
+            used: AtomicU64::new(0),
+            spent_until_ms: AtomicU64::new(0),
+            topping_up: AtomicBool::new(false),
+            refill: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Which day `unix_ms` falls in, counting days from the first `day_starts` after the epoch.
+    fn day_of(&self, unix_ms: u64) -> u64 {
+        unix_ms.saturating_sub(self.day_starts_ms) / DAY_MS
+    }
+
+    /// How long until the day that holds `unix_ms` ends.
+    pub fn reset_in(&self, unix_ms: u64) -> Duration {
+        let next = (self.day_of(unix_ms) + 1) * DAY_MS + self.day_starts_ms;
+        Duration::from_millis(next.saturating_sub(unix_ms))
+    }
+
+    /// The state of the day at `unix_ms`, for headers, `/status` and refusals.
+    pub fn window(&self, unix_ms: u64) -> Window {
+        let (day, left) = unpack(self.hand.load(Ordering::Acquire));
+        let remaining = if day == self.day_of(unix_ms) {
+            self.limit
+                .saturating_sub(self.used.load(Ordering::Relaxed))
+                .saturating_add(left)
+                .min(self.limit)
+        } else {
+            // Nothing reserved by this process today yet: the store knows, the hand does not.
+            self.limit
+        };
+        Window {
+            name: "day",
+            limit: self.limit,
+            seconds: DAY.as_secs(),
+            remaining,
+            reset: self.reset_in(unix_ms),
+        }
+    }
+
+    /// Spend one request of the day that holds `unix_ms`.
+    pub async fn spend(self: &Arc<Self>, unix_ms: u64) -> Result<Window, Refused> {
+        let day = self.day_of(unix_ms);
+        loop {
+            if let Some(left) = self.take(day) {
+                if left < self.lease / 2 + 1 && !self.topping_up.swap(true, Ordering::AcqRel) {
+                    let this = Arc::clone(self);
+                    tokio::spawn(async move {
+                        if let Err(e) = this.refill(day).await {
+                            tracing::warn!(upstream = %this.upstream, error = %e, "could not reserve daily quota ahead");
+                        }
+                        this.topping_up.store(false, Ordering::Release);
+                    });
+                }
+                return Ok(self.window(unix_ms));
+            }
+            if self.spent_until_ms.load(Ordering::Relaxed) > unix_ms {
+                return Err(Refused::Spent);
+            }
+            match self.refill(day).await {
+                Ok(0) => {
+                    // Look at the store again in a second, not on every refused request:
+                    // counts come back only when another process shuts down.
+                    self.spent_until_ms.store(unix_ms + 1000, Ordering::Relaxed);
+                    return Err(Refused::Spent);
+                }
+                Ok(_) => continue,
+                Err(e) => return Err(Refused::Store(e)),
+            }
+        }
+    }
+
+    /// Take one count of `day` from the hand; returns what is left, or `None` if it is empty.
+    fn take(&self, day: u64) -> Option<u64> {
+        let mut current = self.hand.load(Ordering::Acquire);
+        loop {
+            let (d, left) = unpack(current);
+            if d != day || left == 0 {
+                return None;
+            }
+            match self.hand.compare_exchange_weak(
+                current,
+                pack(day, left - 1),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some(left - 1),
+                Err(now) => current = now,
+            }
+        }
+    }
+
+    /// Top the hand up to a full lease of `day` from the store. Returns how many counts are in
+    /// hand afterwards (0: the day is spent).
+    async fn refill(&self, day: u64) -> Result<u64, StoreError> {
+        let _one_at_a_time = self.refill.lock().await;
+        let (hand_day, left) = unpack(self.hand.load(Ordering::Acquire));
+        if hand_day == day && left > self.lease / 2 {
+            return Ok(left);
+        }
+        if hand_day != day {
+            // Yesterday's counts are of no use today; they were reserved, so they stay spent.
+            self.hand.store(pack(day, 0), Ordering::Release);
+            self.used.store(0, Ordering::Relaxed);
+        }
+        let have = unpack(self.hand.load(Ordering::Acquire)).1;
+        let reservation = self
+            .store
+            .reserve_quota(
+                &self.upstream,
+                &window_key(day),
+                self.limit,
+                self.lease - have,
+            )
+            .await?;
+        self.used.store(reservation.used, Ordering::Relaxed);
+        // Only this function adds to the hand and it runs one at a time, so the day is unchanged.
+        let after = self.hand.fetch_add(reservation.granted, Ordering::AcqRel);
+        Ok(unpack(after).1 + reservation.granted)
+    }
+
+    /// Give the counts in hand back to the store (clean shutdown).
+    pub async fn give_back(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self.refill.lock().await;
+        let (day, left) = unpack(self.hand.swap(0, Ordering::AcqRel));
+        if left > 0 {
+            self.store
+                .release_quota(&self.upstream, &window_key(day), left)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// How many counts one process reserves at a time: 1% of the day, at least 1, at most 1000.
+pub fn lease_size(limit: u64) -> u64 {
+    (limit / 100).clamp(1, 1000)
+}
+
+/// The store's name for a day: `day:` and the UTC date it starts on.
+fn window_key(day: u64) -> String {
+    let (y, m, d) = civil_from_days(day as i64);
+    format!("day:{y:04}-{m:02}-{d:02}")
+}
+
+/// The proleptic Gregorian date of a day number counted from 1970-01-01 (H. Hinnant's
+/// `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::FileStore;
+
+    #[test]
+    fn days_are_named_by_their_utc_date() {
+        assert_eq!(window_key(0), "day:1970-01-01");
+        assert_eq!(window_key(20_416), "day:2025-11-24");
+        assert_eq!(window_key(11_016), "day:2000-02-29");
+    }
+
+    #[test]
+    fn leases_are_a_hundredth_of_the_day() {
+        assert_eq!(lease_size(20), 1);
+        assert_eq!(lease_size(2000), 20);
+        assert_eq!(lease_size(25_000), 250);
+        assert_eq!(lease_size(10_000_000), 1000);
+    }
+
+    #[tokio::test]
+    async fn never_grants_more_than_the_limit_and_gives_back_on_shutdown() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store: Arc<dyn StateStore> = Arc::new(FileStore::open(tmp.path()).unwrap());
+        // 06:30 UTC on 2025-11-24.
+        let start = (20_416 * 86_400 + 6 * 3600 + 30 * 60) * 1000;
+        let daily = Arc::new(Daily::new("api", 300, 7 * 3600, Arc::clone(&store)));
+        assert_eq!(lease_size(300), 3);
+        let mut admitted = 0;
+        for _ in 0..400 {
+            if daily.spend(start).await.is_ok() {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 300);
+        assert!(matches!(daily.spend(start).await, Err(Refused::Spent)));
+        assert_eq!(daily.window(start).remaining, 0);
+        assert_eq!(daily.reset_in(start), Duration::from_secs(30 * 60));
+
+        // A second process on the same store finds the day spent.
+        let other = Arc::new(Daily::new("api", 300, 7 * 3600, Arc::clone(&store)));
+        assert!(matches!(other.spend(start).await, Err(Refused::Spent)));
+
+        // At 07:00 a new day starts.
+        let next = start + 30 * 60 * 1000;
+        assert!(daily.spend(next).await.is_ok());
+        assert_eq!(daily.window(next).remaining, 299);
+        let reserved = store.quota_used("api", &window_key(20_416)).await.unwrap();
+        assert!((1..=3).contains(&reserved), "{reserved}");
+        daily.give_back().await.unwrap();
+        assert_eq!(
+            store.quota_used("api", &window_key(20_416)).await.unwrap(),
+            1
+        );
+    }
+}

@@ -1,0 +1,438 @@
+//! An upstream's request limits (`[upstream.quota]`), enforced before a request is sent:
+//!
+//! ```text
+//! enter: a slot among the requests in flight (queue.rs), or wait in line, or 429
+//! spend: for every send, the replay after a 401 included:
+//!        upstream held back after its own 429? (hold.rs) ─► short windows (rate.rs)
+//!        ─► the calendar day (daily.rs) ─► admit, with the tightest window for the headers
+//! ```
+//!
+//! A refusal is a [`Refusal`]: which limit, and how long until a request would be admitted.
+//! Token requests never pass through here.
+
+mod clock;
+mod daily;
+mod hold;
+mod queue;
+mod rate;
+
+pub use clock::Clock;
+pub use daily::lease_size;
+pub use hold::http_date;
+pub use queue::Slot;
+
+use crate::config::QuotaConfig;
+use crate::store::{StateStore, StoreError};
+use daily::Daily;
+use hold::Hold;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use queue::{Queue, Turned};
+use rate::Rate;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// One window's state, as the rate-limit headers and `/status` report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// `day`, `second`, `minute` or `hour`.
+    pub name: &'static str,
+    pub limit: u64,
+    /// The window's length.
+    pub seconds: u64,
+    pub remaining: u64,
+    /// Until the window is whole again.
+    pub reset: Duration,
+}
+
+/// Which limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    PerDay,
+    PerSecond,
+    PerMinute,
+    PerHour,
+    QueueFull,
+    QueueTimeout,
+    UpstreamThrottled,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 7] = [
+        Reason::PerDay,
+        Reason::PerSecond,
+        Reason::PerMinute,
+        Reason::PerHour,
+        Reason::QueueFull,
+        Reason::QueueTimeout,
+        Reason::UpstreamThrottled,
+    ];
+
+    /// The `reason` label of `tollgate_rejected_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::PerDay => "per_day",
+            Reason::PerSecond => "per_second",
+            Reason::PerMinute => "per_minute",
+            Reason::PerHour => "per_hour",
+            Reason::QueueFull => "queue_full",
+            Reason::QueueTimeout => "queue_timeout",
+            Reason::UpstreamThrottled => "upstream_429",
+        }
+    }
+
+    fn of_window(name: &str) -> Reason {
+        match name {
+            "second" => Reason::PerSecond,
+            "minute" => Reason::PerMinute,
+            "hour" => Reason::PerHour,
+            _ => Reason::PerDay,
+        }
+    }
+}
+
+/// A request tollgate answers with 429 itself.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub reason: Reason,
+    /// Whole seconds until a request would be admitted, at least 1.
+    pub retry_after: u64,
+    /// The window that refused, for the rate-limit headers.
+    pub window: Option<Window>,
+    pub detail: String,
+}
+
+/// Why a request was not admitted.
+#[derive(Debug, thiserror::Error)]
+pub enum QuotaError {
+    #[error("{}", .0.detail)]
+    Refused(Refusal),
+    /// The daily count could not be reserved; nothing is sent rather than risk overspending.
+    #[error("the daily quota could not be reserved, so the request was not sent: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// The limits of one upstream, shared by every worker thread that serves it.
+pub struct Quota {
+    clock: Clock,
+    daily: Option<Arc<Daily>>,
+    rates: Vec<Rate>,
+    queue: Option<Queue>,
+    hold: Hold,
+    rejected: [AtomicU64; Reason::ALL.len()],
+}
+
+impl Quota {
+    /// The limits of `config` (none when absent), counting the day in `store`.
+    pub fn new(
+        upstream: &str,
+        config: Option<&QuotaConfig>,
+        store: Arc<dyn StateStore>,
+        clock: Clock,
+    ) -> Quota {
+        let daily = config.and_then(|c| {
+            let limit = c.daily_limit()?;
+            Some(Arc::new(Daily::new(upstream, limit, c.day_starts, store)))
+        });
+        let mut rates = Vec::new();
+        if let Some(c) = config {
+            for (name, limit, period) in [
+                ("second", c.per_second, Duration::from_secs(1)),
+                ("minute", c.per_minute, Duration::from_secs(60)),
+                ("hour", c.per_hour, Duration::from_secs(3600)),
+            ] {
+                if let Some(limit) = limit.and_then(NonZeroU32::new) {
+                    rates.push(Rate::new(name, limit, period, clock.clone()));
+                }
+            }
+        }
+        let queue = config.and_then(|c| {
+            let n = c.concurrency.filter(|n| *n > 0)?;
+            Some(Queue::new(n, c.queue.unwrap_or(0), c.queue_timeout))
+        });
+        Quota {
+            clock,
+            daily,
+            rates,
+            queue,
+            hold: Hold::default(),
+            rejected: Default::default(),
+        }
+    }
+
+    /// Whether responses carry rate-limit headers (there is a counted window).
+    pub fn has_windows(&self) -> bool {
+        self.daily.is_some() || !self.rates.is_empty()
+    }
+
+    /// A slot among the requests in flight, when `concurrency` is set.
+    pub async fn enter(&self) -> Result<Option<Slot>, QuotaError> {
+        let Some(queue) = &self.queue else {
+            return Ok(None);
+        };
+        match queue.enter().await {
+            Ok(slot) => Ok(Some(slot)),
+            Err(turned) => {
+                let (reason, detail) = match turned {
+                    Turned::Full => (
+                        Reason::QueueFull,
+                        format!(
+                            "{} requests are in flight and {} waiting, the most allowed",
+                            queue.concurrency(),
+                            queue.places()
+                        ),
+                    ),
+                    Turned::TimedOut => (
+                        Reason::QueueTimeout,
+                        "the request waited in line for the queue_timeout without a slot coming free".to_owned(),
+                    ),
+                };
+                Err(self.refuse(reason, 1, None, detail))
+            }
+        }
+    }
+
+    /// Count one request about to be sent upstream. Returns the tightest window, for headers.
+    pub async fn spend(&self) -> Result<Option<Window>, QuotaError> {
+        if let Some(left) = self.hold.remaining(&self.clock) {
+            let detail = format!(
+                "the upstream answered 429; tollgate holds requests back for {}s more",
+                ceil_secs(left)
+            );
+            return Err(self.refuse(Reason::UpstreamThrottled, ceil_secs(left), None, detail));
+        }
+        let mut tightest: Option<Window> = None;
+        for rate in &self.rates {
+            match rate.spend() {
+                Ok(w) => tightest = Some(tighter(tightest, w)),
+                Err(wait) => {
+                    let w = rate.peek();
+                    let window = Window { remaining: 0, ..w };
+                    let detail = format!(
+                        "the limit of {} requests per {} is reached",
+                        w.limit, w.name
+                    );
+                    return Err(self.refuse(
+                        Reason::of_window(w.name),
+                        ceil_secs(wait),
+                        Some(window),
+                        detail,
+                    ));
+                }
+            }
+        }
+        if let Some(daily) = &self.daily {
+            let now = self.clock.unix_ms();
+            match daily.spend(now).await {
+                Ok(w) => tightest = Some(tighter(tightest, w)),
+                Err(daily::Refused::Spent) => {
+                    let reset = daily.reset_in(now);
+                    let detail = format!(
+                        "the daily quota of {} requests is spent; it resets at {}",
+                        daily.limit(),
+                        http_date(now, reset)
+                    );
+                    let window = Window {
+                        remaining: 0,
+                        ..daily.window(now)
+                    };
+                    return Err(self.refuse(
+                        Reason::PerDay,
+                        ceil_secs(reset),
+                        Some(window),
+                        detail,
+                    ));
+                }
+                Err(daily::Refused::Store(e)) => return Err(QuotaError::Store(e)),
+            }
+        }
+        Ok(tightest)
+    }
+
+    /// Learn from an upstream response: a 429 holds the upstream back.
+    pub fn upstream_answered(&self, status: StatusCode, headers: &HeaderMap) {
+        if let Some(hold) = self.hold.observe(status, headers, &self.clock) {
+            tracing::warn!(
+                hold_s = ceil_secs(hold),
+                "upstream answered 429; holding requests back"
+            );
+        }
+    }
+
+    fn refuse(
+        &self,
+        reason: Reason,
+        retry_after: u64,
+        window: Option<Window>,
+        detail: String,
+    ) -> QuotaError {
+        self.rejected[reason as usize].fetch_add(1, Ordering::Relaxed);
+        QuotaError::Refused(Refusal {
+            reason,
+            retry_after: retry_after.max(1),
+            window,
+            detail,
+        })
+    }
+
+    /// Every window now, without spending, for `/status` and `/metrics`.
+    pub fn windows(&self) -> Vec<Window> {
+        let mut out: Vec<Window> = self.rates.iter().map(Rate::peek).collect();
+        if let Some(daily) = &self.daily {
+            out.push(daily.window(self.clock.unix_ms()));
+        }
+        out
+    }
+
+    /// Requests in flight and waiting in line, when `concurrency` is set.
+    pub fn line(&self) -> Option<(u32, u32)> {
+        self.queue.as_ref().map(|q| (q.in_flight(), q.waiting()))
+    }
+
+    /// How much longer the upstream is held back after its 429.
+    pub fn held_for(&self) -> Option<Duration> {
+        self.hold.remaining(&self.clock)
+    }
+
+    /// Refusals so far, per reason.
+    pub fn rejected(&self) -> impl Iterator<Item = (Reason, u64)> + '_ {
+        Reason::ALL
+            .iter()
+            .map(|r| (*r, self.rejected[*r as usize].load(Ordering::Relaxed)))
+    }
+
+    /// Give unspent daily counts back to the store (clean shutdown).
+    pub async fn give_back(&self) -> Result<(), StoreError> {
+        match &self.daily {
+            Some(daily) => daily.give_back().await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// The window with fewer requests left; on a tie, the one that takes longer to come back.
+fn tighter(a: Option<Window>, b: Window) -> Window {
+    match a {
+        Some(a)
+            if (a.remaining, std::cmp::Reverse(a.reset))
+                <= (b.remaining, std::cmp::Reverse(b.reset)) =>
+        {
+            a
+        }
+        _ => b,
+    }
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+static X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
+/// Describe `window` in the response headers: `RateLimit-Policy` and `RateLimit` of the IETF
+/// httpapi draft, and the `X-RateLimit-*` trio that older clients read.
+pub fn add_headers(headers: &mut HeaderMap, window: &Window) {
+    let reset = ceil_secs(window.reset);
+    let value = |s: String| HeaderValue::from_str(&s).expect("digits and a quoted name");
+    headers.insert(
+        RATELIMIT_POLICY.clone(),
+        value(format!(
+            "\"{}\";q={};w={}",
+            window.name, window.limit, window.seconds
+        )),
+    );
+    headers.insert(
+        RATELIMIT.clone(),
+        value(format!(
+            "\"{}\";r={};t={}",
+            window.name, window.remaining, reset
+        )),
+    );
+    headers.insert(X_LIMIT.clone(), HeaderValue::from(window.limit));
+    headers.insert(X_REMAINING.clone(), HeaderValue::from(window.remaining));
+    headers.insert(X_RESET.clone(), HeaderValue::from(reset));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::FileStore;
+
+    fn quota(config: &str, clock: &Clock, dir: &std::path::Path) -> Quota {
+        let config: QuotaConfig = toml::from_str(config).unwrap();
+        let store: Arc<dyn StateStore> = Arc::new(FileStore::open(dir).unwrap());
+        Quota::new("api", Some(&config), store, clock.clone())
+    }
+
+    #[tokio::test]
+    async fn the_tightest_window_is_reported_and_refusals_say_which() {
+        let tmp = tempfile::tempdir().unwrap();
+        let clock = Clock::manual(1_700_000_000_000);
+        let q = quota("per_day = 100\nper_minute = 3", &clock, tmp.path());
+        let w = q.spend().await.unwrap().unwrap();
+        assert_eq!((w.name, w.remaining, w.limit), ("minute", 2, 3));
+        q.spend().await.unwrap();
+        q.spend().await.unwrap();
+        let QuotaError::Refused(r) = q.spend().await.unwrap_err() else {
+            panic!("expected a refusal")
+        };
+        assert_eq!(r.reason, Reason::PerMinute);
+        assert_eq!(r.retry_after, 20);
+        assert_eq!(r.window.unwrap().remaining, 0);
+        assert_eq!(
+            q.rejected().find(|(r, _)| *r == Reason::PerMinute),
+            Some((Reason::PerMinute, 1))
+        );
+        // The day counted only what was sent.
+        let day = q.windows().into_iter().find(|w| w.name == "day").unwrap();
+        assert_eq!(day.remaining, 97);
+    }
+
+    #[tokio::test]
+    async fn an_upstream_429_holds_everything_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let clock = Clock::manual(1_700_000_000_000);
+        let q = quota("per_minute = 600", &clock, tmp.path());
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("3"));
+        q.upstream_answered(StatusCode::TOO_MANY_REQUESTS, &headers);
+        let QuotaError::Refused(r) = q.spend().await.unwrap_err() else {
+            panic!("expected a refusal")
+        };
+        assert_eq!((r.reason, r.retry_after), (Reason::UpstreamThrottled, 3));
+        clock.advance(Duration::from_millis(2500));
+        let QuotaError::Refused(r) = q.spend().await.unwrap_err() else {
+            panic!("expected a refusal")
+        };
+        assert_eq!(r.retry_after, 1);
+        clock.advance(Duration::from_millis(500));
+        assert!(q.spend().await.is_ok());
+    }
+
+    #[test]
+    fn headers_follow_the_draft() {
+        let mut h = HeaderMap::new();
+        add_headers(
+            &mut h,
+            &Window {
+                name: "day",
+                limit: 2000,
+                seconds: 86_400,
+                remaining: 1500,
+                reset: Duration::from_millis(3_599_100),
+            },
+        );
+        assert_eq!(h["ratelimit-policy"], "\"day\";q=2000;w=86400");
+        assert_eq!(h["ratelimit"], "\"day\";r=1500;t=3600");
+        assert_eq!(h["x-ratelimit-limit"], "2000");
+        assert_eq!(h["x-ratelimit-remaining"], "1500");
+        assert_eq!(h["x-ratelimit-reset"], "3600");
+    }
+}

@@ -1,0 +1,121 @@
+//! The short windows (`per_second`, `per_minute`, `per_hour`): GCRA through governor, with a
+//! burst equal to the count, so a quiet client may spend a whole window at once and then one
+//! request per interval.
+//!
+//! These windows live in memory: after a restart they start full, as the API's own would not.
+//! Each costs one compare-and-swap per request.
+
+use super::{Clock, Window};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+type Limiter = RateLimiter<NotKeyed, InMemoryState, Clock, StateInformationMiddleware>;
+
+pub struct Rate {
+    name: &'static str,
+    limit: u32,
+    period: Duration,
+    limiter: Limiter,
+    clock: Clock,
+    /// What was left after the last request, and when (monotonic ns), for `/status`.
+    last_remaining: AtomicU64,
+    last_at: AtomicU64,
+}
+
+impl Rate {
+    /// `limit` requests per `period`; `name` is how headers and metrics call the window.
+    pub fn new(name: &'static str, limit: NonZeroU32, period: Duration, clock: Clock) -> Rate {
+        let quota = Quota::with_period(period / limit.get())
+            .expect("a positive period")
+            .allow_burst(limit);
+        Rate {
+            name,
+            limit: limit.get(),
+            period,
+            limiter: RateLimiter::direct_with_clock(quota, clock.clone())
+                .with_middleware::<StateInformationMiddleware>(),
+            clock,
+            last_remaining: AtomicU64::new(u64::from(limit.get())),
+            last_at: AtomicU64::new(0),
+        }
+    }
+
+    /// Spend one request; on refusal, how long until one would be admitted.
+    pub fn spend(&self) -> Result<Window, Duration> {
+        match self.limiter.check() {
+            Ok(snapshot) => {
+                let remaining = u64::from(snapshot.remaining_burst_capacity());
+                self.last_remaining.store(remaining, Ordering::Relaxed);
+                self.last_at
+                    .store(self.clock.mono().as_u64(), Ordering::Relaxed);
+                Ok(self.window(remaining))
+            }
+            Err(not_until) => {
+                self.last_remaining.store(0, Ordering::Relaxed);
+                self.last_at
+                    .store(self.clock.mono().as_u64(), Ordering::Relaxed);
+                Err(not_until.wait_time_from(self.clock.mono()))
+            }
+        }
+    }
+
+    /// The window with `remaining` requests left: it is whole again after one interval per
+    /// request spent.
+    fn window(&self, remaining: u64) -> Window {
+        let interval = self.period / self.limit;
+        Window {
+            name: self.name,
+            limit: u64::from(self.limit),
+            seconds: self.period.as_secs(),
+            remaining,
+            reset: interval * (self.limit - remaining as u32),
+        }
+    }
+
+    /// The window now, without spending: what was left at the last request plus what has
+    /// come back since.
+    pub fn peek(&self) -> Window {
+        let interval = (self.period / self.limit).as_nanos().max(1) as u64;
+        let since = self
+            .clock
+            .mono()
+            .as_u64()
+            .saturating_sub(self.last_at.load(Ordering::Relaxed));
+        let remaining = (self.last_remaining.load(Ordering::Relaxed) + since / interval)
+            .min(u64::from(self.limit));
+        self.window(remaining)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn burst_equals_the_count_then_one_per_interval() {
+        let clock = Clock::manual(0);
+        let rate = Rate::new(
+            "minute",
+            NonZeroU32::new(6).unwrap(),
+            Duration::from_secs(60),
+            clock.clone(),
+        );
+        for left in (0..6).rev() {
+            let w = rate.spend().unwrap();
+            assert_eq!(w.remaining, left);
+            assert_eq!(w.reset, Duration::from_secs(10 * (6 - left)));
+        }
+        assert_eq!(rate.spend().unwrap_err(), Duration::from_secs(10));
+        clock.advance(Duration::from_secs(4));
+        assert_eq!(rate.spend().unwrap_err(), Duration::from_secs(6));
+        clock.advance(Duration::from_secs(6));
+        assert_eq!(rate.spend().unwrap().remaining, 0);
+        clock.advance(Duration::from_secs(60));
+        assert_eq!(rate.peek().remaining, 6);
+        assert_eq!(rate.spend().unwrap().remaining, 5);
+    }
+}
