@@ -1,13 +1,17 @@
 //! criterion benches of the per-request pieces of the proxy: the URI rewrite, the header
-//! rewrite, and the token read from the cache.
+//! rewrite, the token read from the cache, and the quota's admit decision.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue, Method, Uri, Version};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tollgate::config::Config;
+use tollgate::config::QuotaConfig;
 use tollgate::forward::{self, Target};
+use tollgate::quota::{Clock, Quota};
 use tollgate::sim::identity::{IdentityConfig, IdentitySim};
+use tollgate::store::{FileStore, StateStore};
 use tollgate::token::TokenCache;
 
 fn uri_rewrite(c: &mut Criterion) {
@@ -103,5 +107,66 @@ fn token_read(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, uri_rewrite, header_rewrite, token_read);
+/// One admit decision, polled once: the fast path never waits, so it is ready at once; a
+/// pending one (the lease being topped up) is finished on the runtime.
+fn admit(quota: &Quota, runtime: &tokio::runtime::Handle) {
+    let mut spend = std::pin::pin!(quota.spend());
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match spend.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(r) => {
+            black_box(r.unwrap());
+        }
+        std::task::Poll::Pending => {
+            black_box(runtime.block_on(spend).unwrap());
+        }
+    }
+}
+
+fn quota_admit(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let handle = runtime.handle().clone();
+    let _entered = runtime.enter();
+    let state = tempfile::tempdir().unwrap();
+    let store: Arc<dyn StateStore> = Arc::new(FileStore::open(state.path()).unwrap());
+    let none = Quota::new("b", None, Arc::clone(&store), Clock::system());
+    // Limits far above what the bench spends, so every decision is an admit.
+    let config: QuotaConfig =
+        toml::from_str("per_day = 4000000000\nper_minute = 4000000000").unwrap();
+    let quota = Arc::new(Quota::new("b", Some(&config), store, Clock::system()));
+    c.bench_function("quota_admit/no_quota", |b| b.iter(|| admit(&none, &handle)));
+    c.bench_function("quota_admit/day_and_minute_one_thread", |b| {
+        b.iter(|| admit(&quota, &handle))
+    });
+    // Two threads admitting at once share the counters: it must not collapse.
+    c.bench_function("quota_admit/day_and_minute_two_threads", |b| {
+        b.iter_custom(|iters| {
+            let (other, other_handle) = (Arc::clone(&quota), handle.clone());
+            let thread = std::thread::spawn(move || {
+                let _entered = other_handle.enter();
+                for _ in 0..iters {
+                    admit(&other, &other_handle);
+                }
+            });
+            let start = std::time::Instant::now();
+            for _ in 0..iters {
+                admit(&quota, &handle);
+            }
+            let elapsed = start.elapsed();
+            thread.join().unwrap();
+            elapsed
+        })
+    });
+}
+
+criterion_group!(
+    benches,
+    uri_rewrite,
+    header_rewrite,
+    token_read,
+    quota_admit
+);
 criterion_main!(benches);

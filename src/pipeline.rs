@@ -186,7 +186,12 @@ fn respond(
     let (mut parts, body) = response.into_parts();
     forward::remove_hop_by_hop(&mut parts.headers);
     if let Some(window) = &window {
-        quota::add_headers(&mut parts.headers, window);
+        // An upstream 429, or an upstream that states its own limits, speaks for itself.
+        if parts.status != http::StatusCode::TOO_MANY_REQUESTS
+            && !quota::has_headers(&parts.headers)
+        {
+            quota::add_headers(&mut parts.headers, window);
+        }
     }
     Response::from_parts(parts, Either::Left(ResponseBody::new(body, slot)))
 }

@@ -143,6 +143,8 @@ async fn short_windows_burst_then_refuse_until_an_interval_passes() {
     let refused = h.get("/sixth").await;
     assert_eq!(refused.status, 429);
     assert_eq!(refused.header("retry-after"), "12");
+    assert_eq!(refused.header("x-ratelimit-reset"), "12");
+    assert_eq!(refused.header("ratelimit"), "\"minute\";r=0;t=12");
     assert!(refused.text().contains("5 requests per minute"));
     clock.advance(Duration::from_secs(12));
     assert_eq!(h.get("/again").await.status, 200);
@@ -209,6 +211,10 @@ async fn an_upstream_429_is_passed_on_then_held_back_for_its_retry_after() {
     let throttled = h.get("/x?sim_status=429&sim_retry_after=5").await;
     assert_eq!(throttled.status, 429, "the upstream's own 429");
     assert_eq!(throttled.header("retry-after"), "5");
+    assert!(
+        throttled.headers.get("x-ratelimit-remaining").is_none(),
+        "the upstream's 429 passes as it is"
+    );
     let held = h.get("/held").await;
     assert_eq!(held.status, 429);
     assert_eq!(held.header("retry-after"), "5");

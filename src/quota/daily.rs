@@ -28,6 +28,8 @@ pub struct Daily {
     /// Until when (Unix ms) the store is known to have nothing left: refusals skip it till then.
     spent_until_ms: AtomicU64,
     topping_up: AtomicBool,
+    /// Set by `give_back`: the process is shutting down and reserves nothing more.
+    closed: AtomicBool,
     refill: tokio::sync::Mutex<()>,
 }
 
@@ -57,6 +59,7 @@ impl Daily {
             used: AtomicU64::new(0),
             spent_until_ms: AtomicU64::new(0),
             topping_up: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             refill: tokio::sync::Mutex::new(()),
         }
     }
@@ -105,7 +108,7 @@ impl Daily {
                 if left < self.lease / 2 + 1 && !self.topping_up.swap(true, Ordering::AcqRel) {
                     let this = Arc::clone(self);
                     tokio::spawn(async move {
-                        if let Err(e) = this.refill(day).await {
+                        if let Err(e) = this.refill(day, unix_ms).await {
                             tracing::warn!(upstream = %this.upstream, error = %e, "could not reserve daily quota ahead");
                         }
                         this.topping_up.store(false, Ordering::Release);
@@ -116,11 +119,18 @@ impl Daily {
             if self.spent_until_ms.load(Ordering::Relaxed) > unix_ms {
                 return Err(Refused::Spent);
             }
-            match self.refill(day).await {
+            // In a task of its own: a client that goes away must not drop a reservation the
+            // store has made but the hand has not received yet.
+            let this = Arc::clone(self);
+            let refill = tokio::spawn(async move { this.refill(day, unix_ms).await });
+            match refill.await.expect("a refill does not panic") {
                 Ok(0) => {
                     // Look at the store again in a second, not on every refused request:
-                    // counts come back only when another process shuts down.
-                    self.spent_until_ms.store(unix_ms + 1000, Ordering::Relaxed);
+                    // counts come back only when another process shuts down. Never past the
+                    // end of the day, whose successor starts afresh.
+                    let day_ends = unix_ms + self.reset_in(unix_ms).as_millis() as u64;
+                    self.spent_until_ms
+                        .store((unix_ms + 1000).min(day_ends), Ordering::Relaxed);
                     return Err(Refused::Spent);
                 }
                 Ok(_) => continue,
@@ -150,12 +160,21 @@ impl Daily {
     }
 
     /// Top the hand up to a full lease of `day` from the store. Returns how many counts are in
-    /// hand afterwards (0: the day is spent).
-    async fn refill(&self, day: u64) -> Result<u64, StoreError> {
+    /// hand afterwards (0: the day is spent, over, or the process is shutting down).
+    async fn refill(&self, day: u64, unix_ms: u64) -> Result<u64, StoreError> {
         let _one_at_a_time = self.refill.lock().await;
         let (hand_day, left) = unpack(self.hand.load(Ordering::Acquire));
+        if self.closed.load(Ordering::Acquire) || day < hand_day {
+            // After give_back nothing more is reserved; and a day the hand has moved past (a
+            // request that read the clock just before midnight, or a clock set back) is over.
+            return Ok(0);
+        }
         if hand_day == day && left > self.lease / 2 {
             return Ok(left);
+        }
+        if left == 0 && self.spent_until_ms.load(Ordering::Relaxed) > unix_ms {
+            // Found spent while this request waited for the lock.
+            return Ok(0);
         }
         if hand_day != day {
             // Yesterday's counts are of no use today; they were reserved, so they stay spent.
@@ -178,9 +197,10 @@ impl Daily {
         Ok(unpack(after).1 + reservation.granted)
     }
 
-    /// Give the counts in hand back to the store (clean shutdown).
+    /// Give the counts in hand back to the store and reserve no more (clean shutdown).
     pub async fn give_back(&self) -> Result<(), StoreError> {
         let _one_at_a_time = self.refill.lock().await;
+        self.closed.store(true, Ordering::Release);
         let (day, left) = unpack(self.hand.swap(0, Ordering::AcqRel));
         if left > 0 {
             self.store
@@ -260,13 +280,23 @@ mod tests {
         let other = Arc::new(Daily::new("api", 300, 7 * 3600, Arc::clone(&store)));
         assert!(matches!(other.spend(start).await, Err(Refused::Spent)));
 
-        // At 07:00 a new day starts.
+        // At 07:00 a new day starts, even right after a refusal in the last second of the old.
         let next = start + 30 * 60 * 1000;
+        assert!(matches!(daily.spend(next - 200).await, Err(Refused::Spent)));
         assert!(daily.spend(next).await.is_ok());
         assert_eq!(daily.window(next).remaining, 299);
+        // A request that read the clock before 07:00 but reaches the store after: that day is
+        // over and stays spent.
+        assert!(matches!(daily.spend(next - 1).await, Err(Refused::Spent)));
         let reserved = store.quota_used("api", &window_key(20_416)).await.unwrap();
         assert!((1..=3).contains(&reserved), "{reserved}");
         daily.give_back().await.unwrap();
+        assert_eq!(
+            store.quota_used("api", &window_key(20_416)).await.unwrap(),
+            1
+        );
+        // After giving back, nothing more is reserved.
+        assert!(matches!(daily.spend(next).await, Err(Refused::Spent)));
         assert_eq!(
             store.quota_used("api", &window_key(20_416)).await.unwrap(),
             1

@@ -53,6 +53,11 @@ impl Hold {
         {
             Some(d) => d,
             None => {
+                if let Some(left) = self.remaining(clock) {
+                    // Sent before the hold began (requests already in flight): the same
+                    // episode, so the backoff does not grow once per request.
+                    return Some(left);
+                }
                 let ms = self.backoff_ms.load(Ordering::Relaxed);
                 let this = if ms == 0 {
                     FIRST_BACKOFF
@@ -130,7 +135,13 @@ mod tests {
         let clock = Clock::manual(0);
         let hold = Hold::default();
         let seen: Vec<u64> = (0..8)
-            .map(|_| said(&hold, &clock, None).unwrap().as_secs())
+            .map(|_| {
+                let held = said(&hold, &clock, None).unwrap();
+                // A 429 to a request sent before the hold began is the same episode.
+                assert_eq!(said(&hold, &clock, None), Some(held));
+                clock.advance(held);
+                held.as_secs()
+            })
             .collect();
         assert_eq!(seen, [1, 2, 4, 8, 16, 32, 60, 60]);
         // Garbage in Retry-After counts as none.
@@ -138,6 +149,7 @@ mod tests {
             said(&hold, &clock, Some("soon")),
             Some(Duration::from_secs(60))
         );
+        clock.advance(Duration::from_secs(60));
         hold.observe(StatusCode::OK, &HeaderMap::new(), &clock);
         assert_eq!(said(&hold, &clock, None), Some(Duration::from_secs(1)));
     }

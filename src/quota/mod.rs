@@ -180,14 +180,17 @@ impl Quota {
                     Turned::Full => (
                         Reason::QueueFull,
                         format!(
-                            "{} requests are in flight and {} waiting, the most allowed",
+                            "the limit of {} in flight is reached and all {} places in line are taken; try again shortly",
                             queue.concurrency(),
                             queue.places()
                         ),
                     ),
                     Turned::TimedOut => (
                         Reason::QueueTimeout,
-                        "the request waited in line for the queue_timeout without a slot coming free".to_owned(),
+                        format!(
+                            "the request waited in line for {} (queue_timeout) and no request in flight finished",
+                            humantime::format_duration(queue.timeout())
+                        ),
                     ),
                 };
                 Err(self.refuse(reason, 1, None, detail))
@@ -210,7 +213,11 @@ impl Quota {
                 Ok(w) => tightest = Some(tighter(tightest, w)),
                 Err(wait) => {
                     let w = rate.peek();
-                    let window = Window { remaining: 0, ..w };
+                    let window = Window {
+                        remaining: 0,
+                        reset: wait,
+                        ..w
+                    };
                     let detail = format!(
                         "the limit of {} requests per {} is reached",
                         w.limit, w.name
@@ -335,6 +342,19 @@ static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
 static X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
 static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
+/// Whether `headers` already carry rate-limit headers (the upstream's own).
+pub fn has_headers(headers: &HeaderMap) -> bool {
+    [
+        &RATELIMIT_POLICY,
+        &RATELIMIT,
+        &X_LIMIT,
+        &X_REMAINING,
+        &X_RESET,
+    ]
+    .into_iter()
+    .any(|name| headers.contains_key(name))
+}
 
 /// Describe `window` in the response headers: `RateLimit-Policy` and `RateLimit` of the IETF
 /// httpapi draft, and the `X-RateLimit-*` trio that older clients read.

@@ -63,6 +63,10 @@ impl Queue {
         self.concurrency
     }
 
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     pub fn places(&self) -> u32 {
         self.places
     }

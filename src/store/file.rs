@@ -62,16 +62,18 @@ impl FileStore {
         self.dir.join(format!("{upstream}.{what}.lock"))
     }
 
-    /// Under the quota lock, replace the count of `window` by `change(count)`; older windows
-    /// are over and dropped. Returns the new count and what `change` returned.
+    /// Under the quota lock, replace the count of `window` by `change(count, newer)`, where
+    /// `newer` says a later window has started; older windows are over and dropped. Returns
+    /// the new count and what `change` returned.
     async fn update_quota<T: Send + 'static>(
         &self,
         upstream: &str,
         window: &str,
-        change: impl FnOnce(u64) -> (u64, T) + Send + 'static,
+        change: impl FnOnce(u64, bool) -> (u64, T) + Send + 'static,
     ) -> Result<(u64, T), StoreError> {
         let lock = flock(
             self.lock_path(upstream, "quota"),
+            "quota",
             upstream,
             Duration::from_secs(10),
         )
@@ -84,7 +86,8 @@ impl FileStore {
             // moved on to the next day while this one finishes the last.
             used.retain(|k, _| k.as_str() >= window.as_str());
             let before = used.get(&window).copied().unwrap_or(0);
-            let (after, out) = change(before);
+            let newer = used.keys().any(|k| k.as_str() > window.as_str());
+            let (after, out) = change(before, newer);
             if after != before {
                 used.insert(window, after);
                 let bytes = serde_json::to_vec_pretty(&used).expect("a map always serialises");
@@ -146,7 +149,12 @@ fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 }
 
 /// Take an exclusive flock on `path`, polling until `wait` runs out.
-async fn flock(path: PathBuf, upstream: &str, wait: Duration) -> Result<File, StoreError> {
+async fn flock(
+    path: PathBuf,
+    what: &'static str,
+    upstream: &str,
+    wait: Duration,
+) -> Result<File, StoreError> {
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -163,6 +171,7 @@ async fn flock(path: PathBuf, upstream: &str, wait: Duration) -> Result<File, St
             }
             Err(TryLockError::WouldBlock) => {
                 return Err(StoreError::LockTimeout {
+                    what,
                     upstream: upstream.to_owned(),
                     waited: wait,
                 })
@@ -203,7 +212,13 @@ impl StateStore for FileStore {
         upstream: &str,
         wait: Duration,
     ) -> Result<RefreshLock, StoreError> {
-        let file = flock(self.lock_path(upstream, "refresh"), upstream, wait).await?;
+        let file = flock(
+            self.lock_path(upstream, "refresh"),
+            "refresh",
+            upstream,
+            wait,
+        )
+        .await?;
         Ok(RefreshLock::new(0, Box::new(file)))
     }
 
@@ -214,8 +229,13 @@ impl StateStore for FileStore {
         limit: u64,
         want: u64,
     ) -> Result<Reservation, StoreError> {
-        self.update_quota(upstream, window, move |spent| {
-            let granted = want.min(limit.saturating_sub(spent));
+        self.update_quota(upstream, window, move |spent, newer| {
+            // Once a later window has started, this one is over: it grants nothing more.
+            let granted = if newer {
+                0
+            } else {
+                want.min(limit.saturating_sub(spent))
+            };
             (spent + granted, granted)
         })
         .await
@@ -228,7 +248,7 @@ impl StateStore for FileStore {
         window: &str,
         count: u64,
     ) -> Result<(), StoreError> {
-        self.update_quota(upstream, window, move |spent| {
+        self.update_quota(upstream, window, move |spent, _| {
             (spent.saturating_sub(count), ())
         })
         .await
@@ -357,11 +377,15 @@ mod tests {
             store.reserve_quota("api", "day:1", 25, 10).await.unwrap(),
             granted(3, 25)
         );
-        // A new window starts from zero and forgets the old one.
+        // A new window starts from zero and forgets the old one, which grants nothing more.
         assert_eq!(
             store.reserve_quota("api", "day:2", 25, 10).await.unwrap(),
             granted(10, 10)
         );
         assert_eq!(store.quota_used("api", "day:1").await.unwrap(), 0);
+        assert_eq!(
+            store.reserve_quota("api", "day:1", 25, 10).await.unwrap(),
+            granted(0, 0)
+        );
     }
 }

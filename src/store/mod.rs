@@ -94,12 +94,14 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
-    #[error("state file {path} is damaged ({reason}); restore it from a backup, or remove it and set a new refresh token in the config")]
+    #[error("state file {path} is damaged ({reason}); restore it from a backup. Without one: remove a damaged <name>.token.json and set a new refresh token in the config; remove a damaged <name>.quota.json only knowing that today's spent count is lost with it")]
     Corrupt { path: String, reason: String },
-    #[error(
-        "the refresh lock of `{upstream}` is held by another process for more than {waited:?}"
-    )]
-    LockTimeout { upstream: String, waited: Duration },
+    #[error("the {what} lock of `{upstream}` is held by another process for more than {waited:?}")]
+    LockTimeout {
+        what: &'static str,
+        upstream: String,
+        waited: Duration,
+    },
 }
 
 /// Persistent state shared by every tollgate process that uses the same store.
