@@ -3,6 +3,9 @@
 #
 #   needs:  apt-get install nginx wrk      (and a Rust toolchain)
 #   run:    benches/compare.sh [ROUNDS] [SECONDS]     (defaults: 3 rounds of 10 s each)
+#   quotas: QUOTA_TOML='quota = { per_day = 1000000000, per_minute = 100000000 }' benches/compare.sh
+#           adds a third contender, tollgate with that quota, and prints its throughput
+#           against tollgate without (target >= 0.95)
 #
 # One fast upstream (nginx, 1 worker, `return 200`), and two reverse proxies in front of it,
 # each with upstream keep-alive and an Authorization header on every request:
@@ -20,7 +23,9 @@ UPSTREAM_PORT=${UPSTREAM_PORT:-18080}
 NGINX_PORT=${NGINX_PORT:-18081}
 TOLLGATE_PORT=${TOLLGATE_PORT:-18082}
 IDENTITY_PORT=${IDENTITY_PORT:-18083}
+QUOTA_PORT=${QUOTA_PORT:-18084}
 EXTRA_UPSTREAM_TOML=${EXTRA_UPSTREAM_TOML:-}
+QUOTA_TOML=${QUOTA_TOML:-}
 
 for tool in nginx wrk; do
   command -v "$tool" >/dev/null || { echo "needs $tool: apt-get install nginx wrk" >&2; exit 1; }
@@ -89,15 +94,17 @@ for _ in $(seq 50); do grep -q '^seed ' "$work/sim.out" 2>/dev/null && break; sl
 client_id=$(awk '/^client_id /{print $2}' "$work/sim.out")
 client_secret=$(awk '/^client_secret /{print $2}' "$work/sim.out")
 
-cat > "$work/tollgate.toml" <<CONF
+tollgate_pids=()
+start_tollgate() { # name port extra-upstream-toml
+  cat > "$work/$1.toml" <<CONF
 [state]
-store = "file:$work/state"
+store = "file:$work/state-$1"
 
 [[upstream]]
 name = "bench"
-listen = "127.0.0.1:$TOLLGATE_PORT"
+listen = "127.0.0.1:$2"
 url = "http://127.0.0.1:$UPSTREAM_PORT"
-$EXTRA_UPSTREAM_TOML
+$3
 
 [upstream.auth]
 grant = "client_credentials"
@@ -105,12 +112,21 @@ token_url = "http://127.0.0.1:$IDENTITY_PORT/token"
 client_id = "$client_id"
 client_secret = "$client_secret"
 CONF
-RUST_LOG=warn ./target/release/tollgate serve -c "$work/tollgate.toml" 2> "$work/tollgate.log" &
-tollgate_pid=$!
-pids+=("$tollgate_pid")
-for _ in $(seq 50); do curl -fs "http://127.0.0.1:$TOLLGATE_PORT/" >/dev/null 2>&1 && break; sleep 0.1; done
+  RUST_LOG=warn ./target/release/tollgate serve -c "$work/$1.toml" 2> "$work/$1.log" &
+  pids+=($!)
+  tollgate_pids+=($!)
+  for _ in $(seq 50); do curl -fs "http://127.0.0.1:$2/" >/dev/null 2>&1 && break; sleep 0.1; done
+  curl -fs "http://127.0.0.1:$2/" >/dev/null || { echo "$1 did not come up:" >&2; cat "$work/$1.log" >&2; exit 1; }
+}
+start_tollgate tollgate "$TOLLGATE_PORT" "$EXTRA_UPSTREAM_TOML"
+tollgate_pid=${tollgate_pids[0]}
+contenders="nginx tollgate"
+if [ -n "$QUOTA_TOML" ]; then
+  start_tollgate quota "$QUOTA_PORT" "$EXTRA_UPSTREAM_TOML
+$QUOTA_TOML"
+  contenders="nginx tollgate quota"
+fi
 curl -fs "http://127.0.0.1:$NGINX_PORT/" >/dev/null
-curl -fs "http://127.0.0.1:$TOLLGATE_PORT/" >/dev/null || { echo "tollgate did not come up:" >&2; cat "$work/tollgate.log" >&2; exit 1; }
 
 # Latency in wrk's units (us, ms, s) to milliseconds.
 to_ms() { awk '{ v=$1; if (v ~ /us$/) { sub(/us$/,"",v); v/=1000 } else if (v ~ /ms$/) { sub(/ms$/,"",v) } else if (v ~ /s$/) { sub(/s$/,"",v); v*=1000 } printf "%.3f", v }'; }
@@ -140,16 +156,17 @@ median() { sort -g | awk '{a[NR]=$1} END { if (NR%2) print a[(NR+1)/2]; else pri
 echo "warm-up..." >&2
 wrk -t2 -c"$CONNECTIONS" -d2s "http://127.0.0.1:$NGINX_PORT/" >/dev/null
 wrk -t2 -c"$CONNECTIONS" -d2s "http://127.0.0.1:$TOLLGATE_PORT/" >/dev/null
+[ -n "$QUOTA_TOML" ] && wrk -t2 -c"$CONNECTIONS" -d2s "http://127.0.0.1:$QUOTA_PORT/" >/dev/null
 
 printf '\nwrk -t2 -c%s -d%ss, %s rounds, %s cores\n\n' "$CONNECTIONS" "$SECONDS_PER_ROUND" "$ROUNDS" "$(nproc)"
 printf '%-6s %-9s %12s %10s %10s %8s\n' round proxy req/s p50_ms p99_ms non2xx
-: > "$work/nginx.txt"; : > "$work/tollgate.txt"
+: > "$work/nginx.txt"; : > "$work/tollgate.txt"; : > "$work/quota.txt"
+port_of() { case $1 in nginx) echo "$NGINX_PORT";; tollgate) echo "$TOLLGATE_PORT";; quota) echo "$QUOTA_PORT";; esac; }
 for r in $(seq "$ROUNDS"); do
-  # Alternate who goes first, so neither always runs on a warmer machine.
-  if [ $((r % 2)) -eq 1 ]; then order="nginx tollgate"; else order="tollgate nginx"; fi
+  # Rotate who goes first, so no one always runs on a warmer machine.
+  order=$(tr ' ' '\n' <<<"$contenders" | awk -v r="$r" '{a[NR]=$0} END {for (i=0;i<NR;i++) print a[(i+r)%NR+1]}')
   for who in $order; do
-    port=$NGINX_PORT; [ "$who" = tollgate ] && port=$TOLLGATE_PORT
-    read -r rps p50 p99 bad < <(run "$who" "$port")
+    read -r rps p50 p99 bad < <(run "$who" "$(port_of "$who")")
     echo "$rps $p50 $p99 $bad" >> "$work/$who.txt"
     printf '%-6s %-9s %12s %10s %10s %8s\n' "$r" "$who" "$rps" "$p50" "$p99" "$bad"
   done
@@ -169,3 +186,10 @@ awk -v a="$t_p99" -v b="$n_p99" 'BEGIN { printf "p99 latency  tollgate / nginx =
 awk -v a="$t_p50" -v b="$n_p50" 'BEGIN { printf "p50 latency  tollgate / nginx = %.3f\n", a/b }'
 awk -v k="$peak_rss_kib" 'BEGIN { printf "tollgate peak RSS under load: %.1f MiB  (target <= 30)\n", k/1024 }'
 echo "non-2xx responses, all rounds: $bad_total  (target 0)"
+if [ -n "$QUOTA_TOML" ]; then
+  q_rps=$(col 1 quota); q_p99=$(col 3 quota)
+  q_bad=$(awk '{s+=$4} END {print s+0}' "$work/quota.txt")
+  printf '\nwith quota   %s\n' "$QUOTA_TOML"
+  printf '             tollgate+quota %7s req/s  p99 %s ms  non-2xx %s\n' "$q_rps" "$q_p99" "$q_bad"
+  awk -v a="$q_rps" -v b="$t_rps" 'BEGIN { printf "throughput   with quota / without = %.3f  (target >= 0.95)\n", a/b }'
+fi

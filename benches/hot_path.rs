@@ -138,6 +138,14 @@ fn quota_admit(c: &mut Criterion) {
         toml::from_str("per_day = 4000000000\nper_minute = 4000000000").unwrap();
     let quota = Arc::new(Quota::new("b", Some(&config), store, Clock::system()));
     c.bench_function("quota_admit/no_quota", |b| b.iter(|| admit(&none, &handle)));
+    let window = quota.windows()[0];
+    c.bench_function("quota_headers/add_five", |b| {
+        b.iter(|| {
+            let mut headers = HeaderMap::with_capacity(8);
+            tollgate::quota::add_headers(&mut headers, black_box(&window));
+            headers
+        })
+    });
     c.bench_function("quota_admit/day_and_minute_one_thread", |b| {
         b.iter(|| admit(&quota, &handle))
     });

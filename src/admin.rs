@@ -110,9 +110,9 @@ impl Admin {
                     .iter()
                     .map(|w| {
                         serde_json::json!({
-                            "window": w.name,
-                            "limit": w.limit,
-                            "used": w.limit - w.remaining,
+                            "window": w.policy.name,
+                            "limit": w.policy.limit,
+                            "used": w.policy.limit - w.remaining,
                             "remaining": w.remaining,
                             "resets_in_s": w.reset.as_secs(),
                         })
@@ -149,7 +149,7 @@ impl Admin {
                 let _ = writeln!(
                     out,
                     "tollgate_quota_remaining{{upstream=\"{}\",window=\"{}\"}} {}",
-                    u.name, w.name, w.remaining
+                    u.name, w.policy.name, w.remaining
                 );
             }
         }

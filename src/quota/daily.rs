@@ -7,7 +7,7 @@
 //! shutdown gives the counts in hand back. When half the lease is spent, a background task
 //! tops it up, so a request waits for the store only when the hand is empty.
 
-use super::{Window, DAY};
+use super::{Policy, Window, DAY};
 use crate::store::{StateStore, StoreError};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,6 +18,7 @@ const DAY_MS: u64 = DAY.as_secs() * 1000;
 pub struct Daily {
     upstream: String,
     limit: u64,
+    policy: &'static Policy,
     day_starts_ms: u64,
     lease: u64,
     store: Arc<dyn StateStore>,
@@ -52,6 +53,7 @@ impl Daily {
         Daily {
             upstream: upstream.to_owned(),
             limit,
+            policy: Policy::leak("day", limit, DAY.as_secs()),
             day_starts_ms: u64::from(day_starts_s) * 1000,
             lease: lease_size(limit),
             store,
@@ -92,9 +94,7 @@ impl Daily {
             self.limit
         };
         Window {
-            name: "day",
-            limit: self.limit,
-            seconds: DAY.as_secs(),
+            policy: self.policy,
             remaining,
             reset: self.reset_in(unix_ms),
         }
@@ -211,9 +211,10 @@ impl Daily {
     }
 }
 
-/// How many counts one process reserves at a time: 1% of the day, at least 1, at most 1000.
+/// How many counts one process reserves at a time: 1% of the day, at least 1. (The hand
+/// holds 32 bits; no real daily limit comes near.)
 pub fn lease_size(limit: u64) -> u64 {
-    (limit / 100).clamp(1, 1000)
+    (limit / 100).clamp(1, u64::from(u32::MAX / 2))
 }
 
 /// The store's name for a day: `day:` and the UTC date it starts on.
@@ -254,7 +255,7 @@ mod tests {
         assert_eq!(lease_size(20), 1);
         assert_eq!(lease_size(2000), 20);
         assert_eq!(lease_size(25_000), 250);
-        assert_eq!(lease_size(10_000_000), 1000);
+        assert_eq!(lease_size(10_000_000), 100_000);
     }
 
     #[tokio::test]

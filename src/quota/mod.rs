@@ -23,6 +23,7 @@ pub use queue::Slot;
 
 use crate::config::QuotaConfig;
 use crate::store::{StateStore, StoreError};
+use bytes::{Bytes, BytesMut};
 use daily::Daily;
 use hold::Hold;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -35,14 +36,38 @@ use std::time::Duration;
 
 const DAY: Duration = Duration::from_secs(86_400);
 
-/// One window's state, as the rate-limit headers and `/status` report it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Window {
+/// A counted window of a quota: its name, size and length, with its header values made once.
+#[derive(Debug)]
+pub struct Policy {
     /// `day`, `second`, `minute` or `hour`.
     pub name: &'static str,
     pub limit: u64,
     /// The window's length.
     pub seconds: u64,
+    /// `RateLimit-Policy` and `X-RateLimit-Limit`, which never change.
+    policy_header: HeaderValue,
+    limit_header: HeaderValue,
+}
+
+impl Policy {
+    /// Made once per window when the proxy starts, and kept for the life of the process, so
+    /// every response can carry its headers without building them again.
+    pub fn leak(name: &'static str, limit: u64, seconds: u64) -> &'static Policy {
+        let text: &'static str = Box::leak(format!("\"{name}\";q={limit};w={seconds}").into());
+        Box::leak(Box::new(Policy {
+            name,
+            limit,
+            seconds,
+            policy_header: HeaderValue::from_static(text),
+            limit_header: HeaderValue::from(limit),
+        }))
+    }
+}
+
+/// One window's state, as the rate-limit headers and `/status` report it.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    pub policy: &'static Policy,
     pub remaining: u64,
     /// Until the window is whole again.
     pub reset: Duration,
@@ -220,10 +245,10 @@ impl Quota {
                     };
                     let detail = format!(
                         "the limit of {} requests per {} is reached",
-                        w.limit, w.name
+                        w.policy.limit, w.policy.name
                     );
                     return Err(self.refuse(
-                        Reason::of_window(w.name),
+                        Reason::of_window(w.policy.name),
                         ceil_secs(wait),
                         Some(window),
                         detail,
@@ -359,25 +384,34 @@ pub fn has_headers(headers: &HeaderMap) -> bool {
 /// Describe `window` in the response headers: `RateLimit-Policy` and `RateLimit` of the IETF
 /// httpapi draft, and the `X-RateLimit-*` trio that older clients read.
 pub fn add_headers(headers: &mut HeaderMap, window: &Window) {
-    let reset = ceil_secs(window.reset);
-    let value = |s: String| HeaderValue::from_str(&s).expect("digits and a quoted name");
+    // One buffer, `"day";r=1500;t=3600`, whose two numbers are also the values of
+    // X-RateLimit-Remaining and X-RateLimit-Reset: one allocation for three headers.
+    let (mut remaining, mut reset) = (itoa::Buffer::new(), itoa::Buffer::new());
+    let (remaining, reset) = (
+        remaining.format(window.remaining),
+        reset.format(ceil_secs(window.reset)),
+    );
+    let name = window.policy.name;
+    let mut buf = BytesMut::with_capacity(name.len() + remaining.len() + reset.len() + 8);
+    buf.extend_from_slice(b"\"");
+    buf.extend_from_slice(name.as_bytes());
+    buf.extend_from_slice(b"\";r=");
+    let r = buf.len();
+    buf.extend_from_slice(remaining.as_bytes());
+    let r_end = buf.len();
+    buf.extend_from_slice(b";t=");
+    let t = buf.len();
+    buf.extend_from_slice(reset.as_bytes());
+    let state = buf.freeze();
+    let value = |bytes: Bytes| HeaderValue::from_maybe_shared(bytes).expect("visible ASCII");
+    headers.insert(X_REMAINING.clone(), value(state.slice(r..r_end)));
+    headers.insert(X_RESET.clone(), value(state.slice(t..)));
+    headers.insert(RATELIMIT.clone(), value(state));
     headers.insert(
         RATELIMIT_POLICY.clone(),
-        value(format!(
-            "\"{}\";q={};w={}",
-            window.name, window.limit, window.seconds
-        )),
+        window.policy.policy_header.clone(),
     );
-    headers.insert(
-        RATELIMIT.clone(),
-        value(format!(
-            "\"{}\";r={};t={}",
-            window.name, window.remaining, reset
-        )),
-    );
-    headers.insert(X_LIMIT.clone(), HeaderValue::from(window.limit));
-    headers.insert(X_REMAINING.clone(), HeaderValue::from(window.remaining));
-    headers.insert(X_RESET.clone(), HeaderValue::from(reset));
+    headers.insert(X_LIMIT.clone(), window.policy.limit_header.clone());
 }
 
 #[cfg(test)]
@@ -397,7 +431,10 @@ mod tests {
         let clock = Clock::manual(1_700_000_000_000);
         let q = quota("per_day = 100\nper_minute = 3", &clock, tmp.path());
         let w = q.spend().await.unwrap().unwrap();
-        assert_eq!((w.name, w.remaining, w.limit), ("minute", 2, 3));
+        assert_eq!(
+            (w.policy.name, w.remaining, w.policy.limit),
+            ("minute", 2, 3)
+        );
         q.spend().await.unwrap();
         q.spend().await.unwrap();
         let QuotaError::Refused(r) = q.spend().await.unwrap_err() else {
@@ -411,7 +448,11 @@ mod tests {
             Some((Reason::PerMinute, 1))
         );
         // The day counted only what was sent.
-        let day = q.windows().into_iter().find(|w| w.name == "day").unwrap();
+        let day = q
+            .windows()
+            .into_iter()
+            .find(|w| w.policy.name == "day")
+            .unwrap();
         assert_eq!(day.remaining, 97);
     }
 
@@ -442,9 +483,7 @@ mod tests {
         add_headers(
             &mut h,
             &Window {
-                name: "day",
-                limit: 2000,
-                seconds: 86_400,
+                policy: Policy::leak("day", 2000, 86_400),
                 remaining: 1500,
                 reset: Duration::from_millis(3_599_100),
             },

@@ -5,7 +5,7 @@
 //! These windows live in memory: after a restart they start full, as the API's own would not.
 //! Each costs one compare-and-swap per request.
 
-use super::{Clock, Window};
+use super::{Clock, Policy, Window};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
@@ -16,7 +16,7 @@ use std::time::Duration;
 type Limiter = RateLimiter<NotKeyed, InMemoryState, Clock, StateInformationMiddleware>;
 
 pub struct Rate {
-    name: &'static str,
+    policy: &'static Policy,
     limit: u32,
     period: Duration,
     limiter: Limiter,
@@ -33,7 +33,7 @@ impl Rate {
             .expect("a positive period")
             .allow_burst(limit);
         Rate {
-            name,
+            policy: Policy::leak(name, u64::from(limit.get()), period.as_secs()),
             limit: limit.get(),
             period,
             limiter: RateLimiter::direct_with_clock(quota, clock.clone())
@@ -68,9 +68,7 @@ impl Rate {
     fn window(&self, remaining: u64) -> Window {
         let interval = self.period / self.limit;
         Window {
-            name: self.name,
-            limit: u64::from(self.limit),
-            seconds: self.period.as_secs(),
+            policy: self.policy,
             remaining,
             reset: interval * (self.limit - remaining as u32),
         }
