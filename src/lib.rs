@@ -129,6 +129,7 @@ impl Proxy {
                 Arc::clone(&store),
                 clock.clone(),
             ));
+            quota.load().await?;
             // Fail on a bad upstream URL or CA before binding anything.
             forward::Upstream::new(up, roots.as_deref()).map_err(&fail)?;
             let bind_error = |source| StartError::Bind {

@@ -197,6 +197,23 @@ impl Daily {
         Ok(unpack(after).1 + reservation.granted)
     }
 
+    /// Learn what every process has spent of the day at `unix_ms` so far, so that the first
+    /// headers and `/status` after a start are right. Reserves nothing.
+    pub async fn load(&self, unix_ms: u64) -> Result<(), StoreError> {
+        let _one_at_a_time = self.refill.lock().await;
+        let day = self.day_of(unix_ms);
+        if unpack(self.hand.load(Ordering::Acquire)).0 == day {
+            return Ok(());
+        }
+        let used = self
+            .store
+            .quota_used(&self.upstream, &window_key(day))
+            .await?;
+        self.used.store(used, Ordering::Relaxed);
+        self.hand.store(pack(day, 0), Ordering::Release);
+        Ok(())
+    }
+
     /// Give the counts in hand back to the store and reserve no more (clean shutdown).
     pub async fn give_back(&self) -> Result<(), StoreError> {
         let _one_at_a_time = self.refill.lock().await;
@@ -277,8 +294,11 @@ mod tests {
         assert_eq!(daily.window(start).remaining, 0);
         assert_eq!(daily.reset_in(start), Duration::from_secs(30 * 60));
 
-        // A second process on the same store finds the day spent.
+        // A second process on the same store finds the day spent, and says so from the start.
         let other = Arc::new(Daily::new("api", 300, 7 * 3600, Arc::clone(&store)));
+        assert_eq!(other.window(start).remaining, 300, "nothing known yet");
+        other.load(start).await.unwrap();
+        assert_eq!(other.window(start).remaining, 0);
         assert!(matches!(other.spend(start).await, Err(Refused::Spent)));
 
         // At 07:00 a new day starts, even right after a refusal in the last second of the old.

@@ -336,6 +336,14 @@ impl Quota {
             .map(|r| (*r, self.rejected[*r as usize].load(Ordering::Relaxed)))
     }
 
+    /// Read today's spent count from the store (at start).
+    pub async fn load(&self) -> Result<(), StoreError> {
+        match &self.daily {
+            Some(daily) => daily.load(self.clock.unix_ms()).await,
+            None => Ok(()),
+        }
+    }
+
     /// Give unspent daily counts back to the store (clean shutdown).
     pub async fn give_back(&self) -> Result<(), StoreError> {
         match &self.daily {
