@@ -81,7 +81,13 @@ impl ProxyError {
     pub fn into_response(self, upstream: &str) -> Response<ProxyBody> {
         let status = self.status();
         let (slug, title) = self.kind();
-        let mut response = problem(status, slug, title, &self.to_string(), upstream);
+        let mut extra = serde_json::Map::new();
+        if let ProxyError::Quota(QuotaError::Refused(refusal)) = &self {
+            // Which limit, and when to come back, for clients that read the body.
+            extra.insert("limit".into(), refusal.reason.as_str().into());
+            extra.insert("retry_after".into(), refusal.retry_after.into());
+        }
+        let mut response = problem_with(status, slug, title, &self.to_string(), upstream, extra);
         match &self {
             ProxyError::Token(TokenError::Unavailable { retry_after, .. }) => {
                 response.headers_mut().insert(
@@ -121,13 +127,33 @@ pub fn problem(
     detail: &str,
     upstream: &str,
 ) -> Response<ProxyBody> {
-    let body = serde_json::json!({
+    problem_with(
+        status,
+        slug,
+        title,
+        detail,
+        upstream,
+        serde_json::Map::new(),
+    )
+}
+
+/// [`problem`] with extension members (RFC 9457 §3.2).
+fn problem_with(
+    status: StatusCode,
+    slug: &str,
+    title: &str,
+    detail: &str,
+    upstream: &str,
+    extra: serde_json::Map<String, serde_json::Value>,
+) -> Response<ProxyBody> {
+    let mut body = serde_json::json!({
         "type": format!("urn:tollgate:problem:{slug}"),
         "title": title,
         "status": status.as_u16(),
         "detail": detail,
         "upstream": upstream,
     });
+    body.as_object_mut().expect("a JSON object").extend(extra);
     let mut response = Response::new(Either::Right(Full::new(Bytes::from(body.to_string()))));
     *response.status_mut() = status;
     response.headers_mut().insert(

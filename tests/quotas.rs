@@ -55,6 +55,8 @@ async fn per_day_admits_exactly_the_limit_across_a_restart_and_rolls_over() {
     let problem = refused.json();
     assert_eq!(problem["type"], "urn:tollgate:problem:quota-exceeded");
     assert_eq!(problem["status"], 429);
+    assert_eq!(problem["limit"], "per_day");
+    assert_eq!(problem["retry_after"], 60);
     let detail = problem["detail"].as_str().unwrap();
     assert!(detail.contains("daily quota of 20"), "{detail}");
     assert!(detail.contains("25 Nov 2026 00:00:00 GMT"), "{detail}");
@@ -146,6 +148,7 @@ async fn short_windows_burst_then_refuse_until_an_interval_passes() {
     assert_eq!(refused.header("x-ratelimit-reset"), "12");
     assert_eq!(refused.header("ratelimit"), "\"minute\";r=0;t=12");
     assert!(refused.text().contains("5 requests per minute"));
+    assert_eq!(refused.json()["limit"], "per_minute");
     clock.advance(Duration::from_secs(12));
     assert_eq!(h.get("/again").await.status, 200);
     assert_eq!(h.get("/again").await.status, 429);

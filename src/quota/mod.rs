@@ -244,8 +244,10 @@ impl Quota {
                         ..w
                     };
                     let detail = format!(
-                        "the limit of {} requests per {} is reached",
-                        w.policy.limit, w.policy.name
+                        "the limit of {} requests per {} is reached; the next is admitted in {}s",
+                        w.policy.limit,
+                        w.policy.name,
+                        ceil_secs(wait)
                     );
                     return Err(self.refuse(
                         Reason::of_window(w.policy.name),
