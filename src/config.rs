@@ -80,7 +80,20 @@ pub struct UpstreamConfig {
     pub login: Option<LoginConfig>,
     /// The organisation's request limits for this API; none when absent.
     pub quota: Option<QuotaConfig>,
+    /// Keys clients must present; required when `listen` is not a loopback address.
+    pub inbound: Option<InboundConfig>,
 }
+
+/// `[upstream.inbound]`: who may use the listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundConfig {
+    /// Clients send `Authorization: Bearer KEY` (or `Proxy-Authorization`).
+    pub keys: Vec<Secret<String>>,
+}
+
+/// Inbound keys shorter than this are refused: they could be guessed.
+pub const MIN_KEY_LEN: usize = 16;
 
 /// `[upstream.quota]`: the limits tollgate enforces before a request reaches the API.
 #[derive(Debug, Clone, Deserialize)]
@@ -464,14 +477,31 @@ impl Config {
                     ),
                 );
             }
-            if !up.listen.ip().is_loopback() {
+            let keys = up.inbound.as_ref().map_or(&[][..], |i| &i.keys[..]);
+            if !up.listen.ip().is_loopback() && keys.is_empty() {
                 report(
                     key("listen"),
                     format!(
-                        "{} is reachable from other machines, and anyone who reaches it would call the API with your token; listen on 127.0.0.1 (inbound keys for other addresses are not available yet)",
+                        "{} is reachable from other machines, and anyone who reaches it would call the API with your token; listen on 127.0.0.1, or require keys: [upstream.inbound] keys = [\"${{TOOL_KEY}}\"]",
                         up.listen
                     ),
                 );
+            }
+            if up.inbound.is_some() && keys.is_empty() {
+                report(
+                    key("inbound.keys"),
+                    "is empty: list at least one key, or remove [upstream.inbound]".into(),
+                );
+            }
+            for (j, k) in keys.iter().enumerate() {
+                if k.expose().chars().count() < MIN_KEY_LEN
+                    || k.expose().bytes().any(|b| !b.is_ascii_graphic())
+                {
+                    report(
+                        format!("upstream[{i}].inbound.keys[{j}]"),
+                        format!("must be at least {MIN_KEY_LEN} visible ASCII characters without spaces; make one with `openssl rand -hex 32`"),
+                    );
+                }
             }
             if up.timeout.is_zero() || up.auth.timeout.is_zero() {
                 let k = if up.timeout.is_zero() {
@@ -797,6 +827,12 @@ impl Config {
                 "auth.timeout",
                 humantime::format_duration(a.timeout).to_string(),
             );
+            if let Some(inbound) = &up.inbound {
+                line(
+                    "inbound.keys",
+                    format!("{} key(s) [redacted]", inbound.keys.len()),
+                );
+            }
             match &up.quota {
                 Some(quota) => {
                     for (k, v) in quota.describe() {
@@ -813,6 +849,12 @@ impl Config {
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
         for up in &self.upstreams {
+            if !up.listen.ip().is_loopback() {
+                out.push(format!(
+                    "upstream `{}` listens on {} over plain HTTP: inbound keys cross the network unencrypted; put it behind TLS or a trusted network",
+                    up.name, up.listen
+                ));
+            }
             for (key, url) in [("url", &up.url), ("auth.token_url", &up.auth.token_url)] {
                 if url.scheme() == "http" && !is_loopback_host(url) {
                     out.push(format!(
@@ -1275,6 +1317,31 @@ params = { resource = "urn:x" }
             "{err}"
         );
         assert!(!err.contains("s3cr3t-value"), "{err}");
+    }
+
+    #[test]
+    fn a_remote_listen_needs_inbound_keys_that_are_long_enough() {
+        let remote = GOOD.replace("127.0.0.1:8080", "0.0.0.0:8080");
+        let with_keys = |keys: &str| format!("{remote}\n[upstream.inbound]\nkeys = {keys}\n");
+        let config =
+            Config::parse(&with_keys("[\"${SECRET}-and-then-some\"]"), "t.toml", env).unwrap();
+        let described = config.describe();
+        assert!(described.contains("1 key(s) [redacted]"), "{described}");
+        assert!(!described.contains("s3cr3t"), "{described}");
+        assert!(config.warnings().iter().any(|w| w.contains("plain HTTP")));
+        for (keys, expected) in [
+            ("[]", "upstream[0].inbound.keys: is empty"),
+            ("[\"short\"]", "inbound.keys[0]: must be at least 16"),
+            (
+                "[\"has a space in the middle\"]",
+                "inbound.keys[0]: must be at least 16",
+            ),
+        ] {
+            let err = Config::parse(&with_keys(keys), "t.toml", env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{keys}: {err}");
+        }
     }
 
     #[test]

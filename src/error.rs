@@ -5,6 +5,7 @@
 //! itself — which decides the status. Messages never contain a secret: token errors are built
 //! from [`TokenError`], which holds only descriptions and fingerprints.
 
+use crate::inbound::Denied;
 use crate::quota::{self, QuotaError, Reason};
 use crate::token::TokenError;
 use bytes::Bytes;
@@ -36,6 +37,12 @@ pub enum ProxyError {
     /// A quota refused the request, or its count could not be kept (tollgate side).
     #[error(transparent)]
     Quota(#[from] QuotaError),
+    /// The listener requires an inbound key and the request had none, or a wrong one.
+    #[error("{}", match .0 {
+        Denied::Missing => "this listener requires a key: send Authorization: Bearer KEY with one of the keys in [upstream.inbound]",
+        Denied::Wrong => "the key sent is not one of this listener's keys",
+    })]
+    Unauthorized(Denied),
 }
 
 impl ProxyError {
@@ -49,6 +56,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Quota(QuotaError::Refused(_)) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Quota(QuotaError::Store(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -74,6 +82,7 @@ impl ProxyError {
                 _ => ("quota-exceeded", "Quota exceeded"),
             },
             ProxyError::Quota(QuotaError::Store(_)) => ("quota-store", "Quota state unavailable"),
+            ProxyError::Unauthorized(_) => ("unauthorized", "Inbound key required"),
         }
     }
 
@@ -106,6 +115,16 @@ impl ProxyError {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(1u64));
+            }
+            ProxyError::Unauthorized(denied) => {
+                // RFC 6750 §3: a wrong key is an invalid_token; a missing one has no error code.
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(match denied {
+                        Denied::Missing => "Bearer realm=\"tollgate\"",
+                        Denied::Wrong => "Bearer realm=\"tollgate\", error=\"invalid_token\"",
+                    }),
+                );
             }
             ProxyError::MethodNotAllowed(_) => {
                 response.headers_mut().insert(

@@ -15,6 +15,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod forward;
+pub mod inbound;
 pub mod pipeline;
 pub mod provider;
 pub mod quota;

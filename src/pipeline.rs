@@ -1,19 +1,20 @@
 //! The request path of one upstream, in order:
 //!
 //! ```text
-//! target check ─► body ─► quota slot ─► token ─► quota spend ─► forward
+//! inbound key ─► target check ─► body ─► quota slot ─► token ─► quota spend ─► forward
 //!   ─► on retry_on status: refresh that generation, quota spend, replay once
 //!   ─► respond (hop-by-hop headers removed, rate-limit headers added, body streamed)
 //! ```
 //!
 //! Each stage is one function below, called in that order by [`Pipeline::proxy`]. Every send
 //! upstream is counted by the quota just before it happens, and every upstream answer is shown
-//! to it (a 429 holds the upstream back). The inbound key check slots in before the body.
+//! to it (a 429 holds the upstream back).
 
 use crate::body::{self, RequestBody, ResponseBody};
 use crate::config::UpstreamConfig;
 use crate::error::{ProxyBody, ProxyError};
 use crate::forward::{self, SendError, TargetError, Upstream};
+use crate::inbound::Keys;
 use crate::quota::{self, Quota, Slot, Window};
 use crate::token::{AccessToken, TokenCache};
 use bytes::Bytes;
@@ -30,6 +31,7 @@ pub struct Pipeline {
     upstream: Upstream,
     pub tokens: Arc<TokenCache>,
     quota: Arc<Quota>,
+    keys: Keys,
     retry_on: Vec<u16>,
     retry_body_limit: u64,
 }
@@ -56,6 +58,7 @@ impl Pipeline {
             upstream,
             tokens,
             quota,
+            keys: Keys::new(config.inbound.as_ref().map_or(&[][..], |i| &i.keys[..])),
             retry_on: config.retry_on.clone(),
             retry_body_limit: config.retry_body_limit,
         }
@@ -78,6 +81,9 @@ impl Pipeline {
 
     async fn proxy(&self, request: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut parts, body) = request.into_parts();
+        self.keys
+            .check(&parts.headers)
+            .map_err(ProxyError::Unauthorized)?;
         let uri = self.target(&parts.method, &parts.uri, parts.version)?;
         let (body, replay) = self.body(body).await?;
         let slot = self.quota.enter().await?;

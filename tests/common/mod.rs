@@ -84,6 +84,8 @@ pub struct Setup {
     pub extra_auth: String,
     /// The lines of `[upstream.quota]`; no quota when empty.
     pub quota: String,
+    /// More TOML after everything else (tables of the upstream such as `[upstream.inbound]`).
+    pub extra_tables: String,
     /// What the proxy's quotas read as the time.
     pub clock: Clock,
 }
@@ -96,6 +98,7 @@ impl Default for Setup {
             extra_upstream: String::new(),
             extra_auth: String::new(),
             quota: String::new(),
+            extra_tables: String::new(),
             clock: Clock::system(),
         }
     }
@@ -223,12 +226,14 @@ client_secret = "{client_secret}"
 refresh_token = "{seed}"
 {extra_auth}
 {quota}
+{extra_tables}
 "#,
         state = state.display(),
         client_id = setup.identity.client_id,
         client_secret = setup.identity.client_secret,
         extra_upstream = setup.extra_upstream,
         extra_auth = setup.extra_auth,
+        extra_tables = setup.extra_tables,
         quota = if setup.quota.is_empty() {
             String::new()
         } else {
