@@ -70,6 +70,41 @@ impl Target {
         })
     }
 
+    /// A `Location` from the upstream as the client should see it: an absolute URL on the
+    /// upstream, or a path, under the base path, becomes the same place behind the proxy
+    /// (`proxy` is the `scheme://host[:port]` the client used). Anything else (another host,
+    /// a path outside the base path) is left as it is: redirects are never followed here.
+    pub fn rewrite_location(&self, location: &HeaderValue, proxy: &str) -> Option<HeaderValue> {
+        let value = location.to_str().ok()?;
+        let (path, absolute) = if value.starts_with('/') && !value.starts_with("//") {
+            (value, false)
+        } else {
+            let (scheme, rest) = value.split_once("://")?;
+            let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            let same = scheme.eq_ignore_ascii_case(self.scheme.as_str())
+                && rest[..end].eq_ignore_ascii_case(self.authority.as_str());
+            if !same {
+                return None;
+            }
+            (&rest[end..], true)
+        };
+        let under = path.strip_prefix(self.base_path.as_str())?;
+        if !(under.is_empty() || under.starts_with(['/', '?', '#'])) {
+            return None; // `/api2` is not under `/api`
+        }
+        let under = if under.is_empty() || !under.starts_with('/') {
+            format!("/{under}")
+        } else {
+            under.to_owned()
+        };
+        let rewritten = if absolute {
+            format!("{proxy}{under}")
+        } else {
+            under
+        };
+        HeaderValue::from_str(&rewritten).ok()
+    }
+
     /// The upstream URI for an incoming request, or why it is refused.
     ///
     /// `local` is the listener's own address: an absolute-form request naming it is accepted
@@ -468,5 +503,33 @@ mod tests {
         ] {
             assert!(!h.contains_key(gone), "{gone} should be removed");
         }
+    }
+
+    #[test]
+    fn locations_on_the_upstream_point_at_the_proxy() {
+        let target = Target::new(&"https://erp.example/api/odata".parse().unwrap()).unwrap();
+        let proxy = "http://127.0.0.1:8080";
+        let at = |l: &str| {
+            target
+                .rewrite_location(&HeaderValue::from_str(l).unwrap(), proxy)
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        assert_eq!(
+            at("https://erp.example/api/odata/Items(5)?x=1").as_deref(),
+            Some("http://127.0.0.1:8080/Items(5)?x=1")
+        );
+        assert_eq!(
+            at("HTTPS://ERP.example/api/odata").as_deref(),
+            Some("http://127.0.0.1:8080/")
+        );
+        assert_eq!(at("/api/odata/Items").as_deref(), Some("/Items"));
+        assert_eq!(at("/api/odata?page=2").as_deref(), Some("/?page=2"));
+        // Not ours to rewrite: other hosts, other schemes, outside the base path, relative.
+        assert_eq!(at("https://login.example/api/odata/x"), None);
+        assert_eq!(at("http://erp.example/api/odata/x"), None);
+        assert_eq!(at("https://erp.example/other"), None);
+        assert_eq!(at("/api/odata2/x"), None);
+        assert_eq!(at("//erp.example/api/odata/x"), None);
+        assert_eq!(at("Items(6)"), None);
     }
 }

@@ -18,7 +18,7 @@ use crate::inbound::Keys;
 use crate::quota::{self, Quota, Slot, Window};
 use crate::token::{AccessToken, TokenCache};
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, Uri, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use std::net::SocketAddr;
@@ -85,6 +85,11 @@ impl Pipeline {
             .check(&parts.headers)
             .map_err(ProxyError::Unauthorized)?;
         let uri = self.target(&parts.method, &parts.uri, parts.version)?;
+        // Where the client reached us, for a Location to come back to.
+        let reached = parts.headers.get(http::header::HOST).cloned().or_else(|| {
+            let authority = parts.uri.authority()?;
+            HeaderValue::from_str(authority.as_str()).ok()
+        });
         let (body, replay) = self.body(body).await?;
         let slot = self.quota.enter().await?;
         // The token is taken after the body was read, so it cannot expire while a slow client
@@ -116,7 +121,7 @@ impl Pipeline {
             }
             _ => response,
         };
-        Ok(respond(response, slot, window))
+        Ok(self.respond(response, slot, window, reached))
     }
 
     /// Stage 1: is this a request for our upstream, and where does it go?
@@ -180,24 +185,43 @@ impl Pipeline {
         *window = self.quota.spend().await?;
         self.send(request).await
     }
-}
+    /// Stage 5: hand the upstream's response to the client, without its hop-by-hop headers,
+    /// with a `Location` on the upstream pointing back at the proxy, with the tightest quota
+    /// window's headers, holding the concurrency slot until the body ends.
+    fn respond(
+        &self,
+        response: Response<Incoming>,
+        slot: Option<Slot>,
+        window: Option<Window>,
+        reached: Option<HeaderValue>,
+    ) -> Response<ProxyBody> {
+        let (mut parts, body) = response.into_parts();
+        forward::remove_hop_by_hop(&mut parts.headers);
+        if let Some(location) = parts.headers.get(http::header::LOCATION) {
+            let proxy = self.origin(reached.as_ref());
+            if let Some(rewritten) = self.upstream.target.rewrite_location(location, &proxy) {
+                parts.headers.insert(http::header::LOCATION, rewritten);
+            }
+        }
+        if let Some(window) = &window {
+            // An upstream 429, or an upstream that states its own limits, speaks for itself.
+            if parts.status != http::StatusCode::TOO_MANY_REQUESTS
+                && !quota::has_headers(&parts.headers)
+            {
+                quota::add_headers(&mut parts.headers, window);
+            }
+        }
+        Response::from_parts(parts, Either::Left(ResponseBody::new(body, slot)))
+    }
 
-/// Stage 5: hand the upstream's response to the client, without its hop-by-hop headers, with
-/// the tightest quota window's headers, holding the concurrency slot until the body ends.
-fn respond(
-    response: Response<Incoming>,
-    slot: Option<Slot>,
-    window: Option<Window>,
-) -> Response<ProxyBody> {
-    let (mut parts, body) = response.into_parts();
-    forward::remove_hop_by_hop(&mut parts.headers);
-    if let Some(window) = &window {
-        // An upstream 429, or an upstream that states its own limits, speaks for itself.
-        if parts.status != http::StatusCode::TOO_MANY_REQUESTS
-            && !quota::has_headers(&parts.headers)
-        {
-            quota::add_headers(&mut parts.headers, window);
+    /// `http://host[:port]` as the client addressed the proxy (its Host), else the listener.
+    fn origin(&self, reached: Option<&HeaderValue>) -> String {
+        let host = reached
+            .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+            .filter(|a| !a.as_str().contains('@'));
+        match host {
+            Some(authority) => format!("http://{authority}"),
+            None => format!("http://{}", self.local),
         }
     }
-    Response::from_parts(parts, Either::Left(ResponseBody::new(body, slot)))
 }

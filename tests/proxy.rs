@@ -207,3 +207,36 @@ async fn a_busy_port_is_an_error_not_a_shared_listener() {
     let err = tollgate::server::bind(taken.local_addr().unwrap(), 2).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
 }
+
+/// A `Location` on the upstream comes back pointing at the proxy; other hosts stay as they
+/// are; and a redirect is passed on, never followed.
+#[tokio::test]
+async fn locations_are_rewritten_and_redirects_not_followed() {
+    let h = Harness::start(Setup::default()).await;
+    let upstream = format!("{}/api/v1", h.api_server.url());
+    let proxy = format!("http://{}", h.proxy().addr("api").unwrap());
+    for (sent, expected) in [
+        (
+            format!("{upstream}/items/2?x=1"),
+            format!("{proxy}/items/2?x=1"),
+        ),
+        ("/api/v1/items/3".to_owned(), "/items/3".to_owned()),
+        (
+            "https://login.example/api/v1/x".to_owned(),
+            "https://login.example/api/v1/x".to_owned(),
+        ),
+        (
+            format!("{}/elsewhere", h.api_server.url()),
+            format!("{}/elsewhere", h.api_server.url()),
+        ),
+    ] {
+        let request = http::Request::get(h.url("/items?sim_status=302"))
+            .header("x-sim-location", &sent)
+            .body(http_body_util::Full::default())
+            .unwrap();
+        let answer = h.send(request).await;
+        assert_eq!(answer.status, 302);
+        assert_eq!(answer.header("location"), expected, "for {sent}");
+    }
+    assert_eq!(h.api.counters().requests, 4, "no redirect was followed");
+}
