@@ -23,6 +23,7 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Everything one listener needs to serve requests for its upstream.
 pub struct Pipeline {
@@ -34,6 +35,15 @@ pub struct Pipeline {
     keys: Keys,
     retry_on: Vec<u16>,
     retry_body_limit: u64,
+}
+
+/// What the access log reports of a request beyond its head and status.
+#[derive(Default)]
+struct Trace {
+    /// Time spent waiting for the upstream's response heads (both sends after a replay).
+    upstream: Duration,
+    /// Fingerprint of the token generation last sent.
+    token: Option<String>,
 }
 
 /// The parts of a request kept for a possible replay.
@@ -68,9 +78,39 @@ impl Pipeline {
         &self.name
     }
 
-    /// Serve one request; errors become problem+json responses here and nowhere else.
+    /// Serve one request; errors become problem+json responses here and nowhere else. With
+    /// the `tollgate::access` log target at info, one line per request.
     pub async fn handle(&self, request: Request<Incoming>) -> Response<ProxyBody> {
-        match self.proxy(request).await {
+        if !tracing::enabled!(target: "tollgate::access", tracing::Level::INFO) {
+            return self.answer(request, &mut None).await;
+        }
+        let started = Instant::now();
+        let method = request.method().clone();
+        // The path only: a query string may carry what does not belong in a log.
+        let path = request.uri().path().to_owned();
+        let mut trace = Some(Trace::default());
+        let response = self.answer(request, &mut trace).await;
+        let trace = trace.unwrap_or_default();
+        tracing::info!(
+            target: "tollgate::access",
+            upstream = %self.name,
+            %method,
+            %path,
+            status = response.status().as_u16(),
+            upstream_ms = trace.upstream.as_secs_f64() * 1000.0,
+            total_ms = started.elapsed().as_secs_f64() * 1000.0,
+            token = %trace.token.as_deref().unwrap_or("-"),
+            "request"
+        );
+        response
+    }
+
+    async fn answer(
+        &self,
+        request: Request<Incoming>,
+        trace: &mut Option<Trace>,
+    ) -> Response<ProxyBody> {
+        match self.proxy(request, trace).await {
             Ok(response) => response,
             Err(e) => {
                 tracing::debug!(upstream = %self.name, error = %e, "request refused");
@@ -79,7 +119,11 @@ impl Pipeline {
         }
     }
 
-    async fn proxy(&self, request: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn proxy(
+        &self,
+        request: Request<Incoming>,
+        trace: &mut Option<Trace>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut parts, body) = request.into_parts();
         self.keys
             .check(&parts.headers)
@@ -113,11 +157,15 @@ impl Pipeline {
         *request.uri_mut() = uri;
         *request.headers_mut() = parts.headers;
         let mut window = self.quota.spend().await?;
-        let response = self.send(request).await?;
+        if let Some(t) = trace {
+            t.token = Some(token.fingerprint.clone());
+        }
+        let response = self.send(request, trace).await?;
 
         let response = match replay {
             Some(replay) if self.retry_on.contains(&response.status().as_u16()) => {
-                self.replay(response, replay, &token, &mut window).await?
+                self.replay(response, replay, &token, &mut window, trace)
+                    .await?
             }
             _ => response,
         };
@@ -151,8 +199,17 @@ impl Pipeline {
     }
 
     /// Stage 3: send upstream, and let the quota see the answer.
-    async fn send(&self, request: Request<RequestBody>) -> Result<Response<Incoming>, ProxyError> {
-        let response = self.upstream.send(request).await.map_err(|e| match e {
+    async fn send(
+        &self,
+        request: Request<RequestBody>,
+        trace: &mut Option<Trace>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let started = trace.as_ref().map(|_| Instant::now());
+        let sent = self.upstream.send(request).await;
+        if let (Some(t), Some(started)) = (trace.as_mut(), started) {
+            t.upstream += started.elapsed();
+        }
+        let response = sent.map_err(|e| match e {
             SendError::Unreachable(reason) => {
                 tracing::warn!(upstream = %self.name, %reason, "upstream unreachable");
                 ProxyError::UpstreamUnreachable(reason)
@@ -171,6 +228,7 @@ impl Pipeline {
         replay: Replay,
         token: &AccessToken,
         window: &mut Option<Window>,
+        trace: &mut Option<Trace>,
     ) -> Result<Response<Incoming>, ProxyError> {
         tracing::info!(upstream = %self.name, status = refused.status().as_u16(), generation = token.generation, token = %token.fingerprint, "upstream refused the token; refreshing and replaying once");
         drop(refused);
@@ -183,7 +241,10 @@ impl Pipeline {
         *request.headers_mut() = headers;
         // The replay is a request like any other for the API's quota.
         *window = self.quota.spend().await?;
-        self.send(request).await
+        if let Some(t) = trace {
+            t.token = Some(fresh.fingerprint.clone());
+        }
+        self.send(request, trace).await
     }
     /// Stage 5: hand the upstream's response to the client, without its hop-by-hop headers,
     /// with a `Location` on the upstream pointing back at the proxy, with the tightest quota

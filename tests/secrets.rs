@@ -72,6 +72,25 @@ async fn no_secret_or_token_in_logs_errors_or_debug() {
     let log_text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
     assert!(log_text.contains("token refreshed"), "logs were captured");
     assert!(log_text.contains("TRACE") || log_text.contains("DEBUG"));
+    // One access line per request: the replayed POST, with its upstream time and the
+    // fingerprint of the token that was finally sent; a refused one with its status.
+    let replayed = log_text
+        .lines()
+        .find(|l| l.contains("tollgate::access") && l.contains("path=/replay"))
+        .expect("an access line for /replay");
+    assert!(
+        replayed.contains("method=POST") && replayed.contains("status=200"),
+        "{replayed}"
+    );
+    assert!(
+        replayed.contains("upstream_ms=")
+            && replayed.contains("token=")
+            && !replayed.contains("token=-"),
+        "{replayed}"
+    );
+    assert!(log_text
+        .lines()
+        .any(|l| l.contains("path=/after-revoke") && l.contains("status=503")));
 
     let mut secrets = h.identity.issued_tokens();
     // Guaranteed: the seed, then access + refresh token from the first refresh, the replay's
