@@ -82,6 +82,37 @@ pub struct UpstreamConfig {
     pub quota: Option<QuotaConfig>,
     /// Keys clients must present; required when `listen` is not a loopback address.
     pub inbound: Option<InboundConfig>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// `[upstream.limits]`: what one client connection may cost. The defaults are safe.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Open client connections per listener; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// The request line and headers together; more gets 431.
+    #[serde(deserialize_with = "de_size")]
+    pub max_header_size: u64,
+    /// How long a client has to send a request head; also how long an idle keep-alive
+    /// connection stays open (slowloris).
+    #[serde(deserialize_with = "de_duration")]
+    pub header_timeout: Duration,
+    /// Connecting to the upstream.
+    #[serde(deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 1024,
+            max_header_size: 64 * 1024,
+            header_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// `[upstream.inbound]`: who may use the listener.
@@ -503,6 +534,24 @@ impl Config {
                     );
                 }
             }
+            let limits = &up.limits;
+            if limits.max_connections == 0 {
+                report(key("limits.max_connections"), "must be at least 1".into());
+            }
+            if !(1024..=16 * 1024 * 1024).contains(&limits.max_header_size) {
+                report(
+                    key("limits.max_header_size"),
+                    "must be between 1KiB and 16MiB".into(),
+                );
+            }
+            for (k, d) in [
+                ("limits.header_timeout", limits.header_timeout),
+                ("limits.connect_timeout", limits.connect_timeout),
+            ] {
+                if d.is_zero() {
+                    report(key(k), "must be more than 0s".into());
+                }
+            }
             if up.timeout.is_zero() || up.auth.timeout.is_zero() {
                 let k = if up.timeout.is_zero() {
                     "timeout"
@@ -774,6 +823,17 @@ impl Config {
             line(
                 "timeout",
                 humantime::format_duration(up.timeout).to_string(),
+            );
+            let l = &up.limits;
+            line(
+                "limits",
+                format!(
+                    "{} connections, {} of headers within {}, upstream connect {}",
+                    l.max_connections,
+                    ByteSize(l.max_header_size),
+                    humantime::format_duration(l.header_timeout),
+                    humantime::format_duration(l.connect_timeout)
+                ),
             );
             if let Some(ca) = &up.ca_file {
                 line("ca_file", ca.display().to_string());

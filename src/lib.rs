@@ -156,11 +156,14 @@ impl Proxy {
         }
 
         // Worker i serves the i-th listener of every upstream.
-        let mut per_worker: Vec<Vec<(tokio::net::TcpListener, Arc<Pipeline>)>> =
+        type Served<L> = Vec<Vec<(L, Arc<Pipeline>, server::Limits)>>;
+        let mut per_worker: Served<tokio::net::TcpListener> =
             (0..workers).map(|_| Vec::new()).collect();
-        let mut std_per_worker: Vec<Vec<(std::net::TcpListener, Arc<Pipeline>)>> =
+        let mut std_per_worker: Served<std::net::TcpListener> =
             (0..workers).map(|_| Vec::new()).collect();
         for b in &mut bound {
+            // One cap for the listener, however many workers accept on it.
+            let limits = server::Limits::new(&b.config.limits);
             for (i, listener) in b.listeners.drain(..).enumerate() {
                 let upstream =
                     forward::Upstream::new(&b.config, b.roots.as_deref()).expect("checked above");
@@ -180,16 +183,17 @@ impl Proxy {
                                 source,
                             }
                         })?;
-                    per_worker[i].push((listener, pipeline));
+                    per_worker[i].push((listener, pipeline, limits.clone()));
                 } else {
-                    std_per_worker[i].push((listener, pipeline));
+                    std_per_worker[i].push((listener, pipeline, limits.clone()));
                 }
             }
         }
-        for (listener, pipeline) in per_worker.into_iter().flatten() {
+        for (listener, pipeline, limits) in per_worker.into_iter().flatten() {
             tasks.spawn(server::serve(
                 listener,
                 pipeline,
+                limits,
                 stopped.clone(),
                 SHUTDOWN_GRACE,
             ));
@@ -238,6 +242,7 @@ impl Proxy {
                 tasks.spawn(server::serve(
                     listener,
                     handler,
+                    server::Limits::default(),
                     stopped.clone(),
                     SHUTDOWN_GRACE,
                 ));

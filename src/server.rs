@@ -17,8 +17,37 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-/// Slow clients get this long to send their request headers (slowloris).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// What one listener lets a client connection cost (`[upstream.limits]`).
+#[derive(Clone)]
+pub struct Limits {
+    /// To send a request head, and to keep an idle keep-alive connection (slowloris).
+    pub header_timeout: Duration,
+    pub max_header_size: usize,
+    /// Shared by every worker's socket of the listener; `None` for no cap.
+    pub connections: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+impl Limits {
+    pub fn new(config: &crate::config::LimitsConfig) -> Limits {
+        Limits {
+            header_timeout: config.header_timeout,
+            max_header_size: config.max_header_size as usize,
+            connections: Some(Arc::new(tokio::sync::Semaphore::new(
+                config.max_connections,
+            ))),
+        }
+    }
+}
+
+impl Default for Limits {
+    /// The admin listener's: the upstream defaults, without a connection cap.
+    fn default() -> Limits {
+        Limits {
+            connections: None,
+            ..Limits::new(&crate::config::LimitsConfig::default())
+        }
+    }
+}
 
 /// Something that answers requests: a proxy pipeline or the admin endpoints.
 pub trait Handler: Send + Sync + 'static {
@@ -31,14 +60,19 @@ impl Handler for crate::pipeline::Pipeline {
     }
 }
 
-fn builder() -> auto::Builder<TokioExecutor> {
+fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(limits.header_timeout)
+        // A head that does not fit gets 431; hyper's read buffer is at least 8 KiB.
+        .max_buf_size(limits.max_header_size.max(8192))
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX));
     builder
 }
 
@@ -46,12 +80,21 @@ fn builder() -> auto::Builder<TokioExecutor> {
 pub async fn serve<H: Handler>(
     listener: TcpListener,
     handler: Arc<H>,
+    limits: Limits,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let builder = builder();
+    let builder = builder(&limits);
     let graceful = GracefulShutdown::new();
     loop {
+        // At the connection cap, stop accepting: new connections wait in the kernel's queue.
+        let permit = match &limits.connections {
+            Some(cap) => tokio::select! {
+                permit = Arc::clone(cap).acquire_owned() => permit.ok(),
+                _ = stopped(&mut shutdown) => break,
+            },
+            None => None,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let stream = match accepted {
@@ -75,6 +118,7 @@ pub async fn serve<H: Handler>(
                     if let Err(e) = connection.await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
+                    drop(permit);
                 });
             }
             _ = stopped(&mut shutdown) => break,
@@ -125,7 +169,7 @@ pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::Tcp
 
 /// Body of a worker thread: a single-threaded runtime serving its share of the listeners.
 pub fn run_worker<H: Handler>(
-    listeners: Vec<(std::net::TcpListener, Arc<H>)>,
+    listeners: Vec<(std::net::TcpListener, Arc<H>, Limits)>,
     stop: watch::Receiver<bool>,
     grace: Duration,
 ) {
@@ -141,10 +185,10 @@ pub fn run_worker<H: Handler>(
     };
     runtime.block_on(async move {
         let mut served = tokio::task::JoinSet::new();
-        for (listener, handler) in listeners {
+        for (listener, handler, limits) in listeners {
             match TcpListener::from_std(listener) {
                 Ok(listener) => {
-                    served.spawn(serve(listener, handler, stop.clone(), grace));
+                    served.spawn(serve(listener, handler, limits, stop.clone(), grace));
                 }
                 Err(e) => tracing::error!(error = %e, "cannot register a listener"),
             }

@@ -1,0 +1,115 @@
+//! `[upstream.limits]`: a slow client is cut off at the header timeout while others are
+//! served, an oversized head gets 431, and the connection cap holds new connections back.
+
+mod common;
+
+use common::{Harness, Setup};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn harness(limits: &str) -> Harness {
+    Harness::start(Setup {
+        extra_tables: format!("[upstream.limits]\n{limits}"),
+        ..Setup::default()
+    })
+    .await
+}
+
+async fn connect(h: &Harness) -> TcpStream {
+    TcpStream::connect(h.proxy().addr("api").unwrap())
+        .await
+        .unwrap()
+}
+
+/// Send one keep-alive GET and read its response head (and small body).
+async fn request(stream: &mut TcpStream, path: &str) -> String {
+    let head = format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = stream.read(&mut buf).await.unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test]
+async fn a_slow_client_is_cut_off_at_the_header_timeout_while_others_are_served() {
+    let h = harness("header_timeout = \"300ms\"").await;
+    let mut slow = connect(&h).await;
+    slow.write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    assert_eq!(h.get("/meanwhile").await.status, 200);
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf))
+        .await
+        .expect("closed within the timeout");
+    let n = read.unwrap_or(0);
+    assert!(
+        n == 0 || String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert_eq!(
+        h.api.counters().requests,
+        1,
+        "the slow request never went upstream"
+    );
+
+    // An idle keep-alive connection is closed after the same time.
+    let mut idle = connect(&h).await;
+    assert!(request(&mut idle, "/then-idle")
+        .await
+        .starts_with("HTTP/1.1 200"));
+    let closed = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf))
+        .await
+        .expect("idle connection closed");
+    assert_eq!(closed.unwrap_or(0), 0);
+}
+
+#[tokio::test]
+async fn an_oversized_head_gets_431() {
+    let h = harness("max_header_size = \"16KiB\"").await;
+    let mut stream = connect(&h).await;
+    let big = "x".repeat(40 * 1024);
+    let head = format!("GET /big HTTP/1.1\r\nHost: t\r\nX-Big: {big}\r\n\r\n");
+    let _ = stream.write_all(head.as_bytes()).await;
+    let mut buf = vec![0u8; 4096];
+    let n = stream.read(&mut buf).await.unwrap_or(0);
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert_eq!(h.api.counters().requests, 0);
+    // A normal request is still fine.
+    assert_eq!(h.get("/small").await.status, 200);
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_wait_until_one_closes() {
+    let h = harness("max_connections = 2").await;
+    let mut first = connect(&h).await;
+    let mut second = connect(&h).await;
+    assert!(request(&mut first, "/one")
+        .await
+        .starts_with("HTTP/1.1 200"));
+    assert!(request(&mut second, "/two")
+        .await
+        .starts_with("HTTP/1.1 200"));
+    let mut third = connect(&h).await;
+    third
+        .write_all(b"GET /three HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let waited = tokio::time::timeout(Duration::from_millis(400), third.read(&mut buf)).await;
+    assert!(
+        waited.is_err(),
+        "the third connection is not served while two are open"
+    );
+    drop(first);
+    let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
+        .await
+        .expect("served once a connection closed")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+}
