@@ -3,11 +3,14 @@
 //! token, else 503 naming the upstream and the reason), `GET /status` (JSON: each upstream's
 //! token state and quota usage) and `GET /metrics` (Prometheus text).
 //!
-//! `/` and `/status` show one [`Status`], gathered by [`status::gather`]. The admin endpoints
+//! `/` and `/status` show one [`Status`], gathered by [`status::gather`]; `tollgate status`
+//! reads `/status` back ([`client`]) and prints it as a table ([`table`]). The admin endpoints
 //! report states, never a token.
 
+pub mod client;
 pub mod page;
 pub mod status;
+pub mod table;
 
 pub use status::Status;
 
