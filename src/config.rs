@@ -384,18 +384,16 @@ impl std::error::Error for ConfigError {}
 impl Config {
     /// Read, interpolate and validate the file at `path`, with the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: file.clone(),
-            problems: vec![Problem {
-                key: String::new(),
-                line: None,
-                message: format!(
-                    "cannot read the config file: {e} (pass -c FILE or set TOLLGATE_CONFIG)"
-                ),
-            }],
-        })?;
+        let (text, file) = read(path)?;
         Config::parse(&text, &file, |name| std::env::var(name).ok())
+    }
+
+    /// Only the `[admin]` table of the file at `path`, for `tollgate status`. The rest of the
+    /// file is neither checked nor interpolated, so the variables it names (secrets) need not be
+    /// set in this shell.
+    pub fn load_admin(path: &Path) -> Result<Option<AdminConfig>, ConfigError> {
+        let (text, file) = read(path)?;
+        Config::parse_admin(&text, &file, |name| std::env::var(name).ok())
     }
 
     /// Parse config text; `file` names it in errors, `env` looks up `${NAME}`.
@@ -408,14 +406,7 @@ impl Config {
             file: file.to_owned(),
             problems,
         };
-        let mut value: toml::Value = toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| line_of_offset(text, s.start));
-            fail(vec![Problem {
-                key: String::new(),
-                line,
-                message: format!("not valid TOML: {}", e.message()),
-            }])
-        })?;
+        let mut value = parse_toml(text).map_err(|p| fail(vec![p]))?;
 
         let mut secrets = Vec::new();
         let mut problems = Vec::new();
@@ -456,6 +447,54 @@ impl Config {
         } else {
             Err(fail(locate(text, problems)))
         }
+    }
+
+    /// [`Config::load_admin`] on config text.
+    pub fn parse_admin(
+        text: &str,
+        file: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<AdminConfig>, ConfigError> {
+        /// The file as `tollgate status` sees it.
+        #[derive(Deserialize)]
+        struct AdminOnly {
+            admin: Option<AdminConfig>,
+        }
+        let fail = |problems: Vec<Problem>| ConfigError {
+            file: file.to_owned(),
+            problems,
+        };
+        let value = parse_toml(text).map_err(|p| fail(vec![p]))?;
+        let mut only_admin = toml::Table::new();
+        if let Some(admin) = value.get("admin") {
+            only_admin.insert("admin".to_owned(), admin.clone());
+        }
+        let mut only_admin = toml::Value::Table(only_admin);
+        let mut secrets = Vec::new();
+        let mut problems = Vec::new();
+        interpolate(
+            &mut only_admin,
+            &mut Vec::new(),
+            &env,
+            &mut secrets,
+            &mut problems,
+        );
+        if !problems.is_empty() {
+            return Err(fail(locate(text, problems)));
+        }
+        let parsed: AdminOnly = serde_path_to_error::deserialize(only_admin).map_err(|e| {
+            let key = render_path(e.path());
+            let message = redact(&e.inner().to_string(), &secrets);
+            fail(locate(
+                text,
+                vec![Problem {
+                    key,
+                    line: None,
+                    message,
+                }],
+            ))
+        })?;
+        Ok(parsed.admin)
     }
 
     /// Checks that span several keys or that types alone cannot express.
@@ -968,6 +1007,32 @@ impl StoreLocation {
     }
 }
 
+/// The text of the config file at `path`, and its name for messages.
+fn read(path: &Path) -> Result<(String, String), ConfigError> {
+    let file = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok((text, file)),
+        Err(e) => Err(ConfigError {
+            file,
+            problems: vec![Problem {
+                key: String::new(),
+                line: None,
+                message: format!(
+                    "cannot read the config file: {e} (pass -c FILE or set TOLLGATE_CONFIG)"
+                ),
+            }],
+        }),
+    }
+}
+
+fn parse_toml(text: &str) -> Result<toml::Value, Problem> {
+    toml::from_str(text).map_err(|e| Problem {
+        key: String::new(),
+        line: e.span().map(|s| line_of_offset(text, s.start)),
+        message: format!("not valid TOML: {}", e.message()),
+    })
+}
+
 /// Apply each upstream's `preset`; returns, per upstream, the keys it filled.
 fn apply_presets(value: &mut toml::Value, problems: &mut Vec<Problem>) -> Vec<Vec<String>> {
     let Some(upstreams) = value.get_mut("upstream").and_then(|u| u.as_array_mut()) else {
@@ -1377,6 +1442,23 @@ params = { resource = "urn:x" }
             "{err}"
         );
         assert!(!err.contains("s3cr3t-value"), "{err}");
+    }
+
+    /// `tollgate status` reads `[admin]` alone: variables named elsewhere need not be set.
+    #[test]
+    fn admin_alone_ignores_the_rest_of_the_file() {
+        let text = "[admin]\nlisten = \"127.0.0.1:${PORT}\"\n\n[[upstream]]\n\
+                    name = \"api\"\nsecret = \"${NOT_SET}\"\n";
+        let env = |name: &str| (name == "PORT").then(|| "9901".to_owned());
+        let admin = Config::parse_admin(text, "t.toml", env).unwrap().unwrap();
+        assert_eq!(admin.listen, "127.0.0.1:9901".parse().unwrap());
+
+        let none = Config::parse_admin("[state]\nstore = \"file:x\"\n", "t.toml", |_| None);
+        assert!(none.unwrap().is_none());
+
+        let bad = Config::parse_admin("\n[admin]\nlisten = \"here\"\n", "t.toml", |_| None);
+        let err = bad.unwrap_err().to_string();
+        assert!(err.starts_with("t.toml:3: admin.listen: "), "{err}");
     }
 
     #[test]

@@ -67,6 +67,8 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Ask a running serve (its [admin] listener) for tokens and quotas; print them as a table.
+    Status(ConfigArg),
 }
 
 fn init_logging(format: LogFormat) {
@@ -147,6 +149,46 @@ async fn login(
     }
 }
 
+/// `tollgate status`: 0 with the table on stdout, 2 when the config has no usable `[admin]`,
+/// 1 when the admin listener cannot be reached or does not answer with a status.
+async fn status(arg: &ConfigArg) -> ExitCode {
+    use tollgate::admin::{client, table};
+    let admin = match Config::load_admin(&arg.config) {
+        Ok(Some(admin)) => admin,
+        Ok(None) => {
+            eprintln!(
+                "{}: there is no [admin] section, so tollgate serve has no status to ask. Add\n\n\
+                 [admin]\nlisten = \"127.0.0.1:9901\"\n\nto the config and restart tollgate serve.",
+                arg.config.display()
+            );
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if admin.listen.port() == 0 {
+        eprintln!(
+            "{}: [admin] listen = \"{}\" lets serve pick any free port, so tollgate status \
+             cannot know it; set a fixed port, e.g. \"127.0.0.1:9901\", and restart tollgate serve.",
+            arg.config.display(),
+            admin.listen
+        );
+        return ExitCode::from(2);
+    }
+    match client::fetch_status(admin.listen, client::TIMEOUT).await {
+        Ok(status) => {
+            print!("{}", table::render(&status));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
@@ -215,6 +257,7 @@ fn main() -> ExitCode {
                 };
                 Ok(login(&config, &name, no_browser, timeout).await)
             }
+            Command::Status(arg) => Ok(status(&arg).await),
             Command::Demo => {
                 tollgate::demo::run(shutdown_signal()).await?;
                 Ok(ExitCode::SUCCESS)

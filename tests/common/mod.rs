@@ -88,6 +88,8 @@ pub struct Setup {
     pub extra_tables: String,
     /// What the proxy's quotas read as the time.
     pub clock: Clock,
+    /// Start the admin listener too, on `127.0.0.1:0`.
+    pub admin: bool,
 }
 
 impl Default for Setup {
@@ -100,6 +102,7 @@ impl Default for Setup {
             quota: String::new(),
             extra_tables: String::new(),
             clock: Clock::system(),
+            admin: false,
         }
     }
 }
@@ -172,6 +175,12 @@ impl Harness {
         format!("http://{}{}", self.proxy().addr("api").unwrap(), path)
     }
 
+    /// A URL on the admin listener (the setup must ask for one).
+    pub fn admin_url(&self, path: &str) -> String {
+        let addr = self.proxy().admin_addr().expect("Setup { admin: true }");
+        format!("http://{addr}{path}")
+    }
+
     pub async fn get(&self, path: &str) -> Answer {
         self.send(Request::get(self.url(path)).body(Full::default()).unwrap())
             .await
@@ -211,6 +220,7 @@ pub fn config_text(
         r#"
 [state]
 store = "file:{state}"
+{admin}
 
 [[upstream]]
 name = "api"
@@ -231,6 +241,11 @@ refresh_token = "{seed}"
         state = state.display(),
         client_id = setup.identity.client_id,
         client_secret = setup.identity.client_secret,
+        admin = if setup.admin {
+            "\n[admin]\nlisten = \"127.0.0.1:0\"\n"
+        } else {
+            ""
+        },
         extra_upstream = setup.extra_upstream,
         extra_auth = setup.extra_auth,
         extra_tables = setup.extra_tables,

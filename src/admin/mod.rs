@@ -1,7 +1,18 @@
-//! The admin listener (`[admin] listen`): `GET /healthz` (200 while running), `GET /readyz`
-//! (200 when every upstream has a usable token, else 503 naming the upstream and the reason),
-//! `GET /status` (JSON: each upstream's token state and quota usage) and `GET /metrics`
-//! (Prometheus text). It reports states, never a token.
+//! The admin listener (`[admin] listen`): `GET /` (an HTML status page for a browser),
+//! `GET /healthz` (200 while running), `GET /readyz` (200 when every upstream has a usable
+//! token, else 503 naming the upstream and the reason), `GET /status` (JSON: each upstream's
+//! token state and quota usage) and `GET /metrics` (Prometheus text).
+//!
+//! `/` and `/status` show one [`Status`], gathered by [`status::gather`]; `tollgate status`
+//! reads `/status` back ([`client`]) and prints it as a table ([`table`]). The admin endpoints
+//! report states, never a token.
+
+pub mod client;
+pub mod page;
+pub mod status;
+pub mod table;
+
+pub use status::Status;
 
 use crate::error::{problem, ProxyBody};
 use crate::quota::Quota;
@@ -14,7 +25,6 @@ use hyper::body::Incoming;
 use std::fmt::Write;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 /// What the admin endpoints report about one upstream.
 pub struct Upstream {
@@ -63,12 +73,18 @@ impl Admin {
             );
         }
         match request.uri().path() {
+            "/" => respond(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                page::render(&status::gather(&self.upstreams)),
+            ),
             "/healthz" => text(StatusCode::OK, "ok\n"),
             "/readyz" => self.readiness(),
             "/status" => respond(
                 StatusCode::OK,
                 "application/json",
-                self.status().to_string(),
+                serde_json::to_string(&status::gather(&self.upstreams))
+                    .expect("a Status serialises"),
             ),
             "/metrics" => respond(
                 StatusCode::OK,
@@ -79,64 +95,10 @@ impl Admin {
                 StatusCode::NOT_FOUND,
                 "not-found",
                 "Not found",
-                "admin endpoints: /healthz, /readyz, /status, /metrics",
+                "admin endpoints: / (status page), /healthz, /readyz, /status, /metrics",
                 "admin",
             ),
         }
-    }
-
-    /// Each upstream's token state (never the token) and quota usage.
-    fn status(&self) -> serde_json::Value {
-        let upstreams: Vec<serde_json::Value> = self
-            .upstreams
-            .iter()
-            .map(|u| {
-                let token = match u.tokens.cached() {
-                    Some(t) => serde_json::json!({
-                        "state": "ready",
-                        "generation": t.generation,
-                        "expires_in_s": t.expires_at
-                            .duration_since(SystemTime::now())
-                            .map_or(0, |d| d.as_secs()),
-                    }),
-                    None => serde_json::json!({
-                        "state": "unready",
-                        "reason": u.tokens.unready_reason(),
-                    }),
-                };
-                let windows: Vec<serde_json::Value> = u
-                    .quota
-                    .windows()
-                    .iter()
-                    .map(|w| {
-                        serde_json::json!({
-                            "window": w.policy.name,
-                            "limit": w.policy.limit,
-                            "used": w.policy.limit - w.remaining,
-                            "remaining": w.remaining,
-                            "resets_in_s": w.reset.as_secs(),
-                        })
-                    })
-                    .collect();
-                let mut quota = serde_json::json!({ "windows": windows });
-                if let Some((in_flight, waiting)) = u.quota.line() {
-                    quota["in_flight"] = in_flight.into();
-                    quota["waiting"] = waiting.into();
-                }
-                if let Some(held) = u.quota.held_for() {
-                    quota["held_back_s"] = held.as_secs().into();
-                }
-                quota["rejected"] = u
-                    .quota
-                    .rejected()
-                    .filter(|(_, n)| *n > 0)
-                    .map(|(r, n)| (r.as_str().to_owned(), serde_json::Value::from(n)))
-                    .collect::<serde_json::Map<_, _>>()
-                    .into();
-                serde_json::json!({ "name": u.name, "token": token, "quota": quota })
-            })
-            .collect();
-        serde_json::json!({ "upstreams": upstreams })
     }
 
     /// Prometheus text exposition of the quota state.

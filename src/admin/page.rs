@@ -1,0 +1,232 @@
+//! `GET /` on the admin listener: the [`Status`] as a small HTML page for a browser.
+//!
+//! One self-contained document: inline CSS, no script, no external assets, and a
+//! `<meta http-equiv="refresh">` so an open tab stays current. Every string that comes from
+//! the status (upstream names, unready reasons) goes through [`escape`]. The page is drawn from
+//! the same [`Status`] as `/status`, so it can show no more than that: never a token.
+
+use super::status::{QuotaStatus, Status, TokenState, UpstreamStatus, WindowStatus};
+use std::fmt::Write;
+use std::time::{Duration, SystemTime};
+
+/// Seconds between reloads of an open page.
+const REFRESH_S: u32 = 10;
+
+const STYLE: &str = "\
+body{font:15px/1.4 system-ui,sans-serif;margin:2em auto;max-width:52em;padding:0 1em;color:#222}
+h1{font-size:1.4em}h2{font-size:1.15em;margin:0 0 .4em}
+section{border:1px solid #ccc;border-radius:6px;padding:1em;margin:1em 0}
+table{border-collapse:collapse;width:100%}
+th,td{text-align:left;padding:.25em .6em .25em 0;vertical-align:middle}
+th{font-weight:600;color:#555;border-bottom:1px solid #ddd}
+meter{width:14em;height:1.1em}
+.ready{color:#176b2c;font-weight:600}.unready{color:#b00020;font-weight:600}
+.note{color:#555}.warn{color:#8a5300}
+footer{color:#777;font-size:.85em}";
+
+/// The whole page for `status`.
+pub fn render(status: &Status) -> String {
+    let mut out = String::with_capacity(4096);
+    let _ = write!(
+        out,
+        "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
+         <meta http-equiv=\"refresh\" content=\"{REFRESH_S}\">\n\
+         <title>tollgate status</title>\n<style>\n{STYLE}\n</style>\n</head>\n<body>\n\
+         <h1>tollgate status</h1>\n"
+    );
+    if status.upstreams.is_empty() {
+        out.push_str("<p class=\"note\">No upstream is configured.</p>\n");
+    }
+    for upstream in &status.upstreams {
+        section(&mut out, upstream);
+    }
+    let _ = write!(
+        out,
+        "<footer>{} &middot; reloads every {REFRESH_S} s &middot; \
+         <a href=\"/status\">/status</a> (JSON) &middot; <a href=\"/metrics\">/metrics</a></footer>\n\
+         </body>\n</html>\n",
+        httpdate::fmt_http_date(SystemTime::now())
+    );
+    out
+}
+
+fn section(out: &mut String, upstream: &UpstreamStatus) {
+    let _ = writeln!(out, "<section>\n<h2>{}</h2>", escape(&upstream.name));
+    match &upstream.token {
+        TokenState::Ready {
+            generation,
+            expires_in_s,
+        } => {
+            let _ = writeln!(
+                out,
+                "<p>Token: <span class=\"ready\">ready</span>, generation {generation}, \
+                 expires in {}</p>",
+                seconds(*expires_in_s)
+            );
+        }
+        TokenState::Unready { reason } => {
+            let reason = reason.as_deref().unwrap_or("no usable token");
+            let _ = writeln!(
+                out,
+                "<p>Token: <span class=\"unready\">unready</span>: {}</p>",
+                escape(reason)
+            );
+        }
+    }
+    quota(out, &upstream.quota);
+    out.push_str("</section>\n");
+}
+
+fn quota(out: &mut String, quota: &QuotaStatus) {
+    if quota.windows.is_empty() {
+        out.push_str("<p class=\"note\">No quota window is configured.</p>\n");
+    } else {
+        out.push_str(
+            "<table>\n<tr><th>Window</th><th>Used</th><th></th><th>Remaining</th>\
+             <th>Resets in</th></tr>\n",
+        );
+        for w in &quota.windows {
+            window_row(out, w);
+        }
+        out.push_str("</table>\n");
+    }
+    let mut notes = Vec::new();
+    if let (Some(in_flight), Some(waiting)) = (quota.in_flight, quota.waiting) {
+        notes.push(format!("In flight: {in_flight}, waiting: {waiting}"));
+    }
+    if let Some(held) = quota.held_back_s {
+        notes.push(format!(
+            "<span class=\"warn\">Held back for {}: the API answered 429</span>",
+            seconds(held)
+        ));
+    }
+    if !quota.rejected.is_empty() {
+        let refused: Vec<String> = quota
+            .rejected
+            .iter()
+            .map(|(reason, n)| format!("{} {n}", escape(reason)))
+            .collect();
+        notes.push(format!("Refused by tollgate: {}", refused.join(", ")));
+    }
+    for note in notes {
+        let _ = writeln!(out, "<p>{note}</p>");
+    }
+}
+
+/// One window: a `<meter>` that turns amber past 80% and red past 95% of the limit.
+fn window_row(out: &mut String, w: &WindowStatus) {
+    let name = escape(&w.window);
+    let label = if w.window == "day" {
+        "today".to_owned()
+    } else {
+        format!("this {name}")
+    };
+    let _ = writeln!(
+        out,
+        "<tr><td>{name}</td><td>{used} / {limit}</td>\
+         <td><meter min=\"0\" max=\"{limit}\" low=\"{low}\" high=\"{high}\" optimum=\"0\" \
+         value=\"{used}\" title=\"{used} of {limit} used {label}\">{used} of {limit}</meter></td>\
+         <td>{remaining}</td><td>{resets}</td></tr>",
+        used = w.used,
+        limit = w.limit,
+        low = w.limit * 8 / 10,
+        high = w.limit * 95 / 100,
+        remaining = w.remaining,
+        resets = seconds(w.resets_in_s),
+    );
+}
+
+/// Whole seconds as `1h 2m 3s`.
+fn seconds(s: u64) -> String {
+    humantime::format_duration(Duration::from_secs(s)).to_string()
+}
+
+/// `text` made safe inside HTML text and attribute values.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::status::UpstreamStatus;
+
+    /// Markup characters in a dynamic string come out as entities, other text as it was.
+    #[test]
+    fn escape_replaces_markup_characters() {
+        assert_eq!(
+            escape(r#"<script>alert("x") & 'y'</script>"#),
+            "&lt;script&gt;alert(&quot;x&quot;) &amp; &#39;y&#39;&lt;/script&gt;"
+        );
+        assert_eq!(
+            escape("token endpoint: 503 — ça"),
+            "token endpoint: 503 — ça"
+        );
+    }
+
+    /// An unready reason with markup in it is shown as text, not as markup.
+    #[test]
+    fn an_unready_reason_is_escaped_on_the_page() {
+        let status = Status {
+            upstreams: vec![UpstreamStatus {
+                name: "api".into(),
+                token: TokenState::Unready {
+                    reason: Some("identity server said <b>no</b> & \"bye\"".into()),
+                },
+                quota: QuotaStatus::default(),
+            }],
+        };
+        let page = render(&status);
+        assert!(
+            page.contains("said &lt;b&gt;no&lt;/b&gt; &amp; &quot;bye&quot;"),
+            "{page}"
+        );
+        assert!(!page.contains("<b>no</b>"));
+    }
+
+    /// The day's window is drawn as a meter of used against the limit.
+    #[test]
+    fn the_day_is_a_meter() {
+        let status = Status {
+            upstreams: vec![UpstreamStatus {
+                name: "api".into(),
+                token: TokenState::Ready {
+                    generation: 2,
+                    expires_in_s: 3_599,
+                },
+                quota: QuotaStatus {
+                    windows: vec![WindowStatus {
+                        window: "day".into(),
+                        limit: 2000,
+                        used: 1500,
+                        remaining: 500,
+                        resets_in_s: 7_200,
+                    }],
+                    held_back_s: Some(30),
+                    ..QuotaStatus::default()
+                },
+            }],
+        };
+        let page = render(&status);
+        assert!(
+            page.contains("max=\"2000\" low=\"1600\" high=\"1900\" optimum=\"0\" value=\"1500\""),
+            "{page}"
+        );
+        assert!(page.contains("used today"), "{page}");
+        assert!(page.contains("expires in 59m 59s"), "{page}");
+        assert!(page.contains("<td>500</td><td>2h</td>"), "{page}");
+        assert!(page.contains("Held back for 30s"), "{page}");
+    }
+}

@@ -1,0 +1,167 @@
+//! What the admin listener reports about each upstream, gathered in one place.
+//!
+//! [`gather`] reads the token caches and quotas once into a [`Status`]; `/status` serialises it
+//! as JSON, `/` draws it as HTML, and `tollgate status` reads the JSON back into the same type
+//! to print a table. A `Status` holds token *states* (ready, generation, expiry), never a token.
+
+use super::Upstream;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+/// Every upstream's token state and quota usage: the `/status` document.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub upstreams: Vec<UpstreamStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpstreamStatus {
+    pub name: String,
+    pub token: TokenState,
+    pub quota: QuotaStatus,
+}
+
+/// Whether the upstream has a token that may be injected now.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum TokenState {
+    Ready { generation: u64, expires_in_s: u64 },
+    Unready { reason: Option<String> },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct QuotaStatus {
+    /// The counted windows: `second`, `minute`, `hour`, `day`, those that are configured.
+    pub windows: Vec<WindowStatus>,
+    /// Requests sent upstream now, with a `concurrency` limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<u32>,
+    /// Requests in the wait line, with a `concurrency` limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<u32>,
+    /// Seconds left of a hold-back after the API answered 429.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_back_s: Option<u64>,
+    /// Requests tollgate refused itself, by reason; reasons with none are left out.
+    #[serde(default)]
+    pub rejected: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WindowStatus {
+    pub window: String,
+    pub limit: u64,
+    pub used: u64,
+    pub remaining: u64,
+    pub resets_in_s: u64,
+}
+
+/// Read each upstream's token cache and quota now.
+pub fn gather(upstreams: &[Upstream]) -> Status {
+    Status {
+        upstreams: upstreams.iter().map(upstream).collect(),
+    }
+}
+
+fn upstream(u: &Upstream) -> UpstreamStatus {
+    let token = match u.tokens.cached() {
+        Some(t) => TokenState::Ready {
+            generation: t.generation,
+            expires_in_s: t
+                .expires_at
+                .duration_since(SystemTime::now())
+                .map_or(0, |d| d.as_secs()),
+        },
+        None => TokenState::Unready {
+            reason: u.tokens.unready_reason(),
+        },
+    };
+    let windows = u
+        .quota
+        .windows()
+        .iter()
+        .map(|w| WindowStatus {
+            window: w.policy.name.to_owned(),
+            limit: w.policy.limit,
+            used: w.policy.limit - w.remaining,
+            remaining: w.remaining,
+            resets_in_s: w.reset.as_secs(),
+        })
+        .collect();
+    let line = u.quota.line();
+    UpstreamStatus {
+        name: u.name.clone(),
+        token,
+        quota: QuotaStatus {
+            windows,
+            in_flight: line.map(|(in_flight, _)| in_flight),
+            waiting: line.map(|(_, waiting)| waiting),
+            held_back_s: u.quota.held_for().map(|d| d.as_secs()),
+            rejected: u
+                .quota
+                .rejected()
+                .filter(|(_, n)| *n > 0)
+                .map(|(r, n)| (r.as_str().to_owned(), n))
+                .collect(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The JSON keeps the shape `/status` has always had, and reads back into the same type.
+    #[test]
+    fn json_shape_and_round_trip() {
+        let status = Status {
+            upstreams: vec![
+                UpstreamStatus {
+                    name: "api".into(),
+                    token: TokenState::Ready {
+                        generation: 3,
+                        expires_in_s: 120,
+                    },
+                    quota: QuotaStatus {
+                        windows: vec![WindowStatus {
+                            window: "day".into(),
+                            limit: 10,
+                            used: 4,
+                            remaining: 6,
+                            resets_in_s: 60,
+                        }],
+                        in_flight: Some(1),
+                        waiting: Some(0),
+                        held_back_s: None,
+                        rejected: BTreeMap::from([("per_day".to_owned(), 2)]),
+                    },
+                },
+                UpstreamStatus {
+                    name: "other".into(),
+                    token: TokenState::Unready {
+                        reason: Some("no token yet".into()),
+                    },
+                    quota: QuotaStatus::default(),
+                },
+            ],
+        };
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"upstreams": [
+                {"name": "api",
+                 "token": {"state": "ready", "generation": 3, "expires_in_s": 120},
+                 "quota": {"windows": [{"window": "day", "limit": 10, "used": 4,
+                                        "remaining": 6, "resets_in_s": 60}],
+                           "in_flight": 1, "waiting": 0, "rejected": {"per_day": 2}}},
+                {"name": "other",
+                 "token": {"state": "unready", "reason": "no token yet"},
+                 "quota": {"windows": [], "rejected": {}}}
+            ]})
+        );
+        let back: Status = serde_json::from_value(json).unwrap();
+        assert_eq!(back.upstreams[1].name, "other");
+        assert_eq!(back.upstreams[0].quota.in_flight, Some(1));
+    }
+}

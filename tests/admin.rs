@@ -1,0 +1,225 @@
+//! The admin listener seen from outside: the HTML status page at `/`, and `tollgate status`
+//! run as a child process against it.
+
+mod common;
+
+use common::{Clock, Harness, Setup};
+use std::path::Path;
+use std::process::Output;
+
+/// 2026-11-24T12:00:00Z: far from midnight, so the day does not turn during a test.
+const NOON: u64 = 1_795_521_600_000;
+
+/// A proxy with an admin listener and a quota of 10 a day, 100 a minute, 2 at a time.
+async fn harness() -> Harness {
+    Harness::start(Setup {
+        admin: true,
+        quota: "per_day = 10\nper_minute = 100\nconcurrency = 2\nqueue = 2".into(),
+        clock: Clock::manual(NOON),
+        ..Setup::default()
+    })
+    .await
+}
+
+/// `GET /` is an HTML page with each upstream's name, token state, the day's usage as a bar,
+/// and the wait line; it is never cached and holds no token.
+#[tokio::test]
+async fn the_status_page_shows_tokens_and_quotas_but_no_token() {
+    let h = harness().await;
+    for _ in 0..3 {
+        assert_eq!(h.get("/x").await.status, 200);
+    }
+    let page = common::get(h.admin_url("/")).await;
+    assert_eq!(page.status, 200);
+    assert_eq!(page.header("content-type"), "text/html; charset=utf-8");
+    assert_eq!(page.header("cache-control"), "no-store");
+    let html = page.text();
+    assert!(html.starts_with("<!doctype html>"), "{html}");
+    assert!(html.contains("<h2>api</h2>"), "{html}");
+    assert!(
+        html.contains("<span class=\"ready\">ready</span>"),
+        "{html}"
+    );
+    assert!(
+        html.contains("max=\"10\" low=\"8\" high=\"9\" optimum=\"0\" value=\"3\""),
+        "the day's bar: {html}"
+    );
+    assert!(html.contains("3 of 10 used today"), "{html}");
+    // The last response's slot may still be held for an instant after its body arrived.
+    assert!(html.contains("<p>In flight: "), "{html}");
+    assert!(html.contains(", waiting: 0</p>"), "{html}");
+    assert!(!html.contains("<script"), "no script: {html}");
+    let tokens = h.identity.issued_tokens();
+    assert!(!tokens.is_empty());
+    for token in tokens {
+        assert!(
+            !html.contains(&token),
+            "a token leaked into the status page"
+        );
+    }
+}
+
+/// `/` and `/status` tell the same story: they are drawn from one gathered status.
+#[tokio::test]
+async fn the_page_and_the_json_agree() {
+    let h = harness().await;
+    assert_eq!(h.get("/x").await.status, 200);
+    let status = common::get(h.admin_url("/status")).await.json();
+    let api = &status["upstreams"][0];
+    let generation = api["token"]["generation"].as_u64().unwrap();
+    let html = common::get(h.admin_url("/")).await.text();
+    assert!(
+        html.contains(&format!("generation {generation},")),
+        "{html}"
+    );
+    for w in api["quota"]["windows"].as_array().unwrap() {
+        let row = format!(
+            "<tr><td>{}</td><td>{} / {}</td>",
+            w["window"].as_str().unwrap(),
+            w["used"],
+            w["limit"]
+        );
+        assert!(html.contains(&row), "{row} in {html}");
+    }
+}
+
+/// An unknown admin path lists the endpoints, the page included.
+#[tokio::test]
+async fn not_found_lists_the_status_page() {
+    let h = harness().await;
+    let answer = common::get(h.admin_url("/nope")).await;
+    assert_eq!(answer.status, 404);
+    assert_eq!(
+        answer.json()["detail"],
+        "admin endpoints: / (status page), /healthz, /readyz, /status, /metrics"
+    );
+}
+
+/// Run `tollgate status -c config` off the runtime, so the in-process proxy keeps serving.
+async fn status_command(config: &Path) -> Output {
+    let config = config.to_owned();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["status", "-c"])
+            .arg(&config)
+            .env("RUST_LOG", "off")
+            .output()
+            .expect("run tollgate status")
+    })
+    .await
+    .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `tollgate status` against a running proxy prints each upstream's token and quota as a
+/// table and exits 0.
+#[tokio::test]
+async fn status_command_prints_the_table() {
+    let h = harness().await;
+    assert_eq!(h.get("/x").await.status, 200);
+    let admin = h.proxy().admin_addr().unwrap();
+    let config = h.config_text.replace(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        &format!("[admin]\nlisten = \"{admin}\""),
+    );
+    assert_ne!(config, h.config_text);
+    let path = h.state.path().join("tollgate.toml");
+    std::fs::write(&path, config).unwrap();
+
+    let out = status_command(&path).await;
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    let mut lines = stdout.lines();
+    assert!(lines.next().unwrap().starts_with("UPSTREAM"), "{stdout}");
+    let row = lines.next().unwrap();
+    assert!(row.starts_with("api "), "{stdout}");
+    assert!(row.contains(" ready "), "{stdout}");
+    assert!(row.contains("day 1/10 (resets in 12h)"), "{stdout}");
+    assert!(row.contains(" in flight, 0 waiting"), "{stdout}");
+    for token in h.identity.issued_tokens() {
+        assert!(
+            !stdout.contains(&token),
+            "a token leaked into tollgate status"
+        );
+    }
+}
+
+/// Without `[admin]` there is nothing to ask: exit 2 with the section to add. The rest of the
+/// config is not read, so its unset variables do not get in the way.
+#[tokio::test]
+async fn status_command_without_admin_says_what_to_add() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.toml");
+    std::fs::write(
+        &path,
+        "[[upstream]]\nname = \"api\"\nlisten = \"127.0.0.1:8080\"\n\
+         url = \"https://api.example.com\"\n\n[upstream.auth]\n\
+         client_secret = \"${TOLLGATE_TEST_UNSET_SECRET}\"\n",
+    )
+    .unwrap();
+    let out = status_command(&path).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("[admin]\nlisten = \"127.0.0.1:9901\""),
+        "{stderr}"
+    );
+    assert!(stderr.contains("restart tollgate serve"), "{stderr}");
+    assert!(out.stdout.is_empty());
+}
+
+/// An address nobody listens on: exit 1, saying serve does not seem to be running there.
+#[tokio::test]
+async fn status_command_with_nothing_listening_exits_1() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.toml");
+    std::fs::write(&path, format!("[admin]\nlisten = \"{free}\"\n")).unwrap();
+    let out = status_command(&path).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "nothing answers on {free}: tollgate serve does not seem to be running on that address"
+        )),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+/// Something that answers, but not with tollgate's status: exit 1, saying so.
+#[tokio::test]
+async fn status_command_with_a_stranger_listening_exits_1() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stranger = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut request = [0; 1024];
+        let _ = socket.read(&mut request).await.unwrap();
+        let body = "<html>hello</html>";
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\n\
+             connection: close\r\n\r\n{body}",
+            body.len()
+        );
+        socket.write_all(response.as_bytes()).await.unwrap();
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.toml");
+    std::fs::write(&path, format!("[admin]\nlisten = \"{addr}\"\n")).unwrap();
+    let out = status_command(&path).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("did not answer with tollgate's status JSON"),
+        "{stderr}"
+    );
+    stranger.await.unwrap();
+}
