@@ -22,6 +22,7 @@ pub mod quota;
 pub mod secret;
 pub mod server;
 pub mod sim;
+pub mod stats;
 pub mod store;
 pub mod token;
 
@@ -161,10 +162,16 @@ impl Proxy {
             (0..workers).map(|_| Vec::new()).collect();
         let mut std_per_worker: Served<std::net::TcpListener> =
             (0..workers).map(|_| Vec::new()).collect();
+        let mut stats: BTreeMap<String, Vec<Arc<stats::RequestStats>>> = BTreeMap::new();
         for b in &mut bound {
             // One cap for the listener, however many workers accept on it.
             let limits = server::Limits::new(&b.config.limits);
             for (i, listener) in b.listeners.drain(..).enumerate() {
+                let worker_stats = Arc::new(stats::RequestStats::default());
+                stats
+                    .entry(b.config.name.clone())
+                    .or_default()
+                    .push(Arc::clone(&worker_stats));
                 let upstream =
                     forward::Upstream::new(&b.config, b.roots.as_deref()).expect("checked above");
                 let pipeline = Arc::new(Pipeline::new(
@@ -173,6 +180,7 @@ impl Proxy {
                     upstream,
                     Arc::clone(&b.tokens),
                     Arc::clone(&b.quota),
+                    worker_stats,
                 ));
                 if workers == 1 {
                     let listener =
@@ -220,6 +228,7 @@ impl Proxy {
                 name: b.config.name.clone(),
                 tokens: Arc::clone(&b.tokens),
                 quota: Arc::clone(&b.quota),
+                stats: stats.remove(&b.config.name).unwrap_or_default(),
             })
             .collect();
         let quotas = bound.iter().map(|b| Arc::clone(&b.quota)).collect();

@@ -16,6 +16,7 @@ use crate::error::{ProxyBody, ProxyError};
 use crate::forward::{self, SendError, TargetError, Upstream};
 use crate::inbound::Keys;
 use crate::quota::{self, Quota, Slot, Window};
+use crate::stats::RequestStats;
 use crate::token::{AccessToken, TokenCache};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
@@ -33,6 +34,7 @@ pub struct Pipeline {
     pub tokens: Arc<TokenCache>,
     quota: Arc<Quota>,
     keys: Keys,
+    stats: Arc<RequestStats>,
     retry_on: Vec<u16>,
     retry_body_limit: u64,
 }
@@ -61,6 +63,7 @@ impl Pipeline {
         upstream: Upstream,
         tokens: Arc<TokenCache>,
         quota: Arc<Quota>,
+        stats: Arc<RequestStats>,
     ) -> Pipeline {
         Pipeline {
             name: config.name.clone(),
@@ -69,6 +72,7 @@ impl Pipeline {
             tokens,
             quota,
             keys: Keys::new(config.inbound.as_ref().map_or(&[][..], |i| &i.keys[..])),
+            stats,
             retry_on: config.retry_on.clone(),
             retry_body_limit: config.retry_body_limit,
         }
@@ -82,7 +86,9 @@ impl Pipeline {
     /// the `tollgate::access` log target at info, one line per request.
     pub async fn handle(&self, request: Request<Incoming>) -> Response<ProxyBody> {
         if !tracing::enabled!(target: "tollgate::access", tracing::Level::INFO) {
-            return self.answer(request, &mut None).await;
+            let response = self.answer(request, &mut None).await;
+            self.stats.answered(response.status().as_u16());
+            return response;
         }
         let started = Instant::now();
         let method = request.method().clone();
@@ -90,6 +96,7 @@ impl Pipeline {
         let path = request.uri().path().to_owned();
         let mut trace = Some(Trace::default());
         let response = self.answer(request, &mut trace).await;
+        self.stats.answered(response.status().as_u16());
         let trace = trace.unwrap_or_default();
         tracing::info!(
             target: "tollgate::access",
@@ -204,10 +211,14 @@ impl Pipeline {
         request: Request<RequestBody>,
         trace: &mut Option<Trace>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let started = trace.as_ref().map(|_| Instant::now());
+        let started = Instant::now();
         let sent = self.upstream.send(request).await;
-        if let (Some(t), Some(started)) = (trace.as_mut(), started) {
-            t.upstream += started.elapsed();
+        let took = started.elapsed();
+        if sent.is_ok() {
+            self.stats.upstream(took);
+        }
+        if let Some(t) = trace {
+            t.upstream += took;
         }
         let response = sent.map_err(|e| match e {
             SendError::Unreachable(reason) => {

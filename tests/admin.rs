@@ -223,3 +223,33 @@ async fn status_command_with_a_stranger_listening_exits_1() {
     );
     stranger.await.unwrap();
 }
+
+/// `/metrics` counts answers by status, times the upstream, counts refreshes by result, and
+/// shows no token.
+#[tokio::test]
+async fn metrics_count_requests_refreshes_and_upstream_time() {
+    let h = harness().await;
+    for _ in 0..3 {
+        assert_eq!(h.get("/ok").await.status, 200);
+    }
+    assert_eq!(h.get("/x?sim_status=404").await.status, 404);
+    h.api.reject_next(1);
+    assert_eq!(h.get("/replayed").await.status, 200);
+    let metrics = common::get(h.admin_url("/metrics")).await;
+    assert!(metrics
+        .header("content-type")
+        .starts_with("text/plain; version=0.0.4"));
+    let text = metrics.text();
+    let has = |line: &str| assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+    has("tollgate_requests_total{upstream=\"api\",status=\"200\"} 4");
+    has("tollgate_requests_total{upstream=\"api\",status=\"404\"} 1");
+    // Six sends: five requests and the replay after the 401.
+    has("tollgate_upstream_duration_seconds_count{upstream=\"api\"} 6");
+    has("tollgate_upstream_duration_seconds_bucket{upstream=\"api\",le=\"+Inf\"} 6");
+    has("tollgate_token_refreshes_total{upstream=\"api\",result=\"ok\"} 2");
+    has("tollgate_token_refreshes_total{upstream=\"api\",result=\"refused\"} 0");
+    assert!(text.contains("# TYPE tollgate_upstream_duration_seconds histogram"));
+    for token in h.identity.issued_tokens() {
+        assert!(!text.contains(&token));
+    }
+}

@@ -8,6 +8,7 @@
 //! report states, never a token.
 
 pub mod client;
+pub mod metrics;
 pub mod page;
 pub mod status;
 pub mod table;
@@ -17,12 +18,12 @@ pub use status::Status;
 use crate::error::{problem, ProxyBody};
 use crate::quota::Quota;
 use crate::server::Handler;
+use crate::stats::RequestStats;
 use crate::token::TokenCache;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use std::fmt::Write;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -31,6 +32,8 @@ pub struct Upstream {
     pub name: String,
     pub tokens: Arc<TokenCache>,
     pub quota: Arc<Quota>,
+    /// One per worker serving the upstream.
+    pub stats: Vec<Arc<RequestStats>>,
 }
 
 pub struct Admin {
@@ -101,35 +104,8 @@ impl Admin {
         }
     }
 
-    /// Prometheus text exposition of the quota state.
     fn metrics(&self) -> String {
-        let mut out = String::new();
-        out.push_str("# HELP tollgate_quota_remaining Requests left in the quota window.\n");
-        out.push_str("# TYPE tollgate_quota_remaining gauge\n");
-        for u in &self.upstreams {
-            for w in u.quota.windows() {
-                let _ = writeln!(
-                    out,
-                    "tollgate_quota_remaining{{upstream=\"{}\",window=\"{}\"}} {}",
-                    u.name, w.policy.name, w.remaining
-                );
-            }
-        }
-        out.push_str(
-            "# HELP tollgate_rejected_total Requests tollgate answered with 429 itself.\n",
-        );
-        out.push_str("# TYPE tollgate_rejected_total counter\n");
-        for u in &self.upstreams {
-            for (reason, n) in u.quota.rejected() {
-                let _ = writeln!(
-                    out,
-                    "tollgate_rejected_total{{upstream=\"{}\",reason=\"{}\"}} {n}",
-                    u.name,
-                    reason.as_str()
-                );
-            }
-        }
-        out
+        metrics::render(&self.upstreams)
     }
 }
 

@@ -23,6 +23,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
+/// The `result` label values of `tollgate_token_refreshes_total`, by index.
+pub const REFRESH_RESULTS: [&str; 3] = ["ok", "error", "refused"];
+const REFRESH_OK: usize = 0;
+const REFRESH_ERROR: usize = 1;
+const REFRESH_REFUSED: usize = 2;
+
 /// How long a refresh waits for another process holding the store's refresh lock.
 const LOCK_WAIT: Duration = Duration::from_secs(30);
 
@@ -167,6 +173,8 @@ pub struct TokenCache {
     published: watch::Sender<u64>,
     /// The last refresh failure, for readiness and status; cleared by a success.
     last_failure: Mutex<Option<String>>,
+    /// Refresh attempts by result, for `/metrics`: see [`REFRESH_RESULTS`].
+    refreshes: [AtomicU64; 3],
 }
 
 /// Wall-clock milliseconds: stored deadlines must survive a restart, which `Instant` does not.
@@ -215,11 +223,25 @@ impl TokenCache {
             backoff_max: Duration::from_secs(30),
             published: watch::channel(0).0,
             last_failure: Mutex::new(None),
+            refreshes: Default::default(),
         })
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Refresh attempts so far, by result: `ok`, `error` (will be retried), `refused` (the
+    /// identity server refused the grant or the client).
+    pub fn refreshes(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        REFRESH_RESULTS
+            .iter()
+            .zip(&self.refreshes)
+            .map(|(name, n)| (*name, n.load(Ordering::Relaxed)))
+    }
+
+    fn count_refresh(&self, result: usize) {
+        self.refreshes[result].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Why there is no usable token, or `None` when there is one.
@@ -322,9 +344,18 @@ impl TokenCache {
                 .saturating_duration_since(Instant::now())
                 .clamp(Duration::from_secs(1), LOCK_WAIT);
             let error = match self.redeem(flight, purpose, lock_wait).await {
-                Ok(t) => return Ok(t),
+                Ok(t) => {
+                    self.count_refresh(REFRESH_OK);
+                    return Ok(t);
+                }
                 Err(e) => e,
             };
+            self.count_refresh(match &error {
+                Attempt::Final(TokenError::NeedsLogin(_) | TokenError::Refused(_)) => {
+                    REFRESH_REFUSED
+                }
+                _ => REFRESH_ERROR,
+            });
             let (reason, hint) = match &error {
                 Attempt::Final(e) => return Err(e.clone()),
                 Attempt::Retry { reason, hint } => (reason.clone(), *hint),

@@ -1,0 +1,123 @@
+//! `GET /metrics`: the Prometheus text exposition (format 0.0.4) of every upstream's
+//! counters, read when scraped: answers by status, the upstream's response time, token
+//! refreshes by result, quota windows and refusals. Label values are upstream names
+//! (`[a-z0-9-]`) and fixed words, so nothing needs escaping and nothing secret is shown.
+
+use super::Upstream;
+use crate::stats::{self, BUCKETS};
+use std::fmt::Write;
+
+/// One metric family: its HELP and TYPE lines, then its samples.
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl<'a> Family<'a> {
+    fn new(out: &'a mut String, name: &str, kind: &str, help: &str) -> Self {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        Family { out }
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        let _ = writeln!(self.out, "{name}{{{}}} {value}", labels.join(","));
+    }
+}
+
+pub fn render(upstreams: &[Upstream]) -> String {
+    let mut out = String::new();
+    let totals: Vec<stats::Totals> = upstreams
+        .iter()
+        .map(|u| stats::totals(u.stats.iter().map(|s| &**s)))
+        .collect();
+
+    let name = "tollgate_requests_total";
+    let mut f = Family::new(&mut out, name, "counter", "Answers to clients, by status.");
+    for (u, t) in upstreams.iter().zip(&totals) {
+        for (status, n) in &t.by_status {
+            f.sample(
+                name,
+                &[("upstream", &u.name), ("status", &status.to_string())],
+                n,
+            );
+        }
+    }
+
+    let name = "tollgate_upstream_duration_seconds";
+    let mut f = Family::new(
+        &mut out,
+        name,
+        "histogram",
+        "Time from sending a request upstream to its response head.",
+    );
+    for (u, t) in upstreams.iter().zip(&totals) {
+        for (le, n) in BUCKETS.iter().zip(&t.cumulative) {
+            let le = le.to_string();
+            f.sample(
+                &format!("{name}_bucket"),
+                &[("upstream", &u.name), ("le", &le)],
+                n,
+            );
+        }
+        f.sample(
+            &format!("{name}_bucket"),
+            &[("upstream", &u.name), ("le", "+Inf")],
+            t.count,
+        );
+        f.sample(
+            &format!("{name}_sum"),
+            &[("upstream", &u.name)],
+            t.sum.as_secs_f64(),
+        );
+        f.sample(&format!("{name}_count"), &[("upstream", &u.name)], t.count);
+    }
+
+    let name = "tollgate_token_refreshes_total";
+    let mut f = Family::new(
+        &mut out,
+        name,
+        "counter",
+        "Token refresh attempts, by result (ok, error: retried, refused: needs a new grant).",
+    );
+    for u in upstreams {
+        for (result, n) in u.tokens.refreshes() {
+            f.sample(name, &[("upstream", &u.name), ("result", result)], n);
+        }
+    }
+
+    let name = "tollgate_quota_remaining";
+    let mut f = Family::new(
+        &mut out,
+        name,
+        "gauge",
+        "Requests left in the quota window.",
+    );
+    for u in upstreams {
+        for w in u.quota.windows() {
+            f.sample(
+                name,
+                &[("upstream", &u.name), ("window", w.policy.name)],
+                w.remaining,
+            );
+        }
+    }
+
+    let name = "tollgate_rejected_total";
+    let mut f = Family::new(
+        &mut out,
+        name,
+        "counter",
+        "Requests tollgate answered with 429 itself, by the limit that refused them.",
+    );
+    for u in upstreams {
+        for (reason, n) in u.quota.rejected() {
+            f.sample(
+                name,
+                &[("upstream", &u.name), ("reason", reason.as_str())],
+                n,
+            );
+        }
+    }
+    out
+}
