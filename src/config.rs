@@ -84,6 +84,16 @@ pub struct UpstreamConfig {
     pub inbound: Option<InboundConfig>,
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Serve HTTPS on `listen` with this certificate.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[upstream.tls]`: the listener's certificate chain and key, PEM files re-read on SIGHUP.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// `[upstream.limits]`: what one client connection may cost. The defaults are safe.
@@ -573,6 +583,16 @@ impl Config {
                     );
                 }
             }
+            if let Some(tls) = &up.tls {
+                for (k, path) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+                    if !path.is_file() {
+                        report(
+                            key(k),
+                            format!("{} does not exist or is not a file", path.display()),
+                        );
+                    }
+                }
+            }
             let limits = &up.limits;
             if limits.max_connections == 0 {
                 report(key("limits.max_connections"), "must be at least 1".into());
@@ -926,6 +946,16 @@ impl Config {
                 "auth.timeout",
                 humantime::format_duration(a.timeout).to_string(),
             );
+            if let Some(tls) = &up.tls {
+                line(
+                    "tls",
+                    format!(
+                        "HTTPS on listen: cert {}, key {}",
+                        tls.cert.display(),
+                        tls.key.display()
+                    ),
+                );
+            }
             if let Some(inbound) = &up.inbound {
                 line(
                     "inbound.keys",
@@ -948,7 +978,7 @@ impl Config {
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
         for up in &self.upstreams {
-            if !up.listen.ip().is_loopback() {
+            if !up.listen.ip().is_loopback() && up.tls.is_none() {
                 out.push(format!(
                     "upstream `{}` listens on {} over plain HTTP: inbound keys cross the network unencrypted; put it behind TLS or a trusted network",
                     up.name, up.listen

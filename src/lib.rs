@@ -24,6 +24,7 @@ pub mod server;
 pub mod sim;
 pub mod stats;
 pub mod store;
+pub mod tls;
 pub mod token;
 
 use config::{Config, StoreLocation};
@@ -66,11 +67,13 @@ pub struct Proxy {
     tasks: JoinSet<()>,
     workers: Vec<std::thread::JoinHandle<()>>,
     quotas: Vec<Arc<Quota>>,
+    certs: Vec<(String, Arc<tls::CertStore>)>,
 }
 
 /// One upstream's listener(s) and what each needs to build its pipeline.
 struct Bound {
     config: config::UpstreamConfig,
+    certs: Option<Arc<tls::CertStore>>,
     tokens: Arc<TokenCache>,
     quota: Arc<Quota>,
     roots: Option<Vec<u8>>,
@@ -132,8 +135,12 @@ impl Proxy {
                 clock.clone(),
             ));
             quota.load().await?;
-            // Fail on a bad upstream URL or CA before binding anything.
+            // Fail on a bad upstream URL or CA, or a bad certificate, before binding anything.
             forward::Upstream::new(up, roots.as_deref()).map_err(&fail)?;
+            let certs = match &up.tls {
+                Some(t) => Some(tls::CertStore::open(&t.cert, &t.key).map_err(&fail)?),
+                None => None,
+            };
             let bind_error = |source| StartError::Bind {
                 upstream: up.name.clone(),
                 addr: up.listen,
@@ -148,6 +155,7 @@ impl Proxy {
             tracing::info!(upstream = %up.name, listen = %local, url = %up.url, workers, "listening");
             bound.push(Bound {
                 config: up.clone(),
+                certs,
                 tokens,
                 quota,
                 roots,
@@ -157,15 +165,15 @@ impl Proxy {
         }
 
         // Worker i serves the i-th listener of every upstream.
-        type Served<L> = Vec<Vec<(L, Arc<Pipeline>, server::Limits)>>;
-        let mut per_worker: Served<tokio::net::TcpListener> =
+        let mut per_worker: Vec<Vec<server::Served<tokio::net::TcpListener, Pipeline>>> =
             (0..workers).map(|_| Vec::new()).collect();
-        let mut std_per_worker: Served<std::net::TcpListener> =
+        let mut std_per_worker: Vec<Vec<server::Served<std::net::TcpListener, Pipeline>>> =
             (0..workers).map(|_| Vec::new()).collect();
         let mut stats: BTreeMap<String, Vec<Arc<stats::RequestStats>>> = BTreeMap::new();
         for b in &mut bound {
             // One cap for the listener, however many workers accept on it.
             let limits = server::Limits::new(&b.config.limits);
+            let tls = b.certs.as_ref().map(tls::CertStore::acceptor);
             for (i, listener) in b.listeners.drain(..).enumerate() {
                 let worker_stats = Arc::new(stats::RequestStats::default());
                 stats
@@ -191,17 +199,18 @@ impl Proxy {
                                 source,
                             }
                         })?;
-                    per_worker[i].push((listener, pipeline, limits.clone()));
+                    per_worker[i].push((listener, pipeline, limits.clone(), tls.clone()));
                 } else {
-                    std_per_worker[i].push((listener, pipeline, limits.clone()));
+                    std_per_worker[i].push((listener, pipeline, limits.clone(), tls.clone()));
                 }
             }
         }
-        for (listener, pipeline, limits) in per_worker.into_iter().flatten() {
+        for (listener, pipeline, limits, tls) in per_worker.into_iter().flatten() {
             tasks.spawn(server::serve(
                 listener,
                 pipeline,
                 limits,
+                tls,
                 stopped.clone(),
                 SHUTDOWN_GRACE,
             ));
@@ -232,6 +241,10 @@ impl Proxy {
             })
             .collect();
         let quotas = bound.iter().map(|b| Arc::clone(&b.quota)).collect();
+        let certs = bound
+            .iter()
+            .filter_map(|b| Some((b.config.name.clone(), Arc::clone(b.certs.as_ref()?))))
+            .collect();
         let addrs = bound
             .iter()
             .map(|b| (b.config.name.clone(), b.local))
@@ -252,6 +265,7 @@ impl Proxy {
                     listener,
                     handler,
                     server::Limits::default(),
+                    None,
                     stopped.clone(),
                     SHUTDOWN_GRACE,
                 ));
@@ -267,6 +281,7 @@ impl Proxy {
             tasks,
             workers: threads,
             quotas,
+            certs,
         })
     }
 
@@ -277,6 +292,22 @@ impl Proxy {
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// Read every TLS listener's certificate and key again (SIGHUP). A listener whose files
+    /// cannot be read keeps its certificate; the errors are returned, one per listener.
+    pub fn reload_tls(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        for (name, certs) in &self.certs {
+            match certs.reload() {
+                Ok(()) => tracing::info!(upstream = %name, "TLS certificate reloaded"),
+                Err(e) => {
+                    tracing::error!(upstream = %name, error = %e, "TLS certificate not reloaded; the old one stays in use");
+                    errors.push(format!("upstream `{name}`: {e}"));
+                }
+            }
+        }
+        errors
     }
 
     /// Stop accepting, let in-flight requests finish (up to [`SHUTDOWN_GRACE`]), stop refreshing,
@@ -333,7 +364,21 @@ pub async fn run(
     let workers =
         workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let proxy = Proxy::start_with_workers(config, workers).await?;
-    shutdown.await;
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| StartError::Upstream {
+            upstream: "*".into(),
+            reason: format!("cannot listen for SIGHUP: {e}"),
+        })?;
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = hangups.recv() => {
+                tracing::info!("SIGHUP: reading TLS certificates again");
+                proxy.reload_tls();
+            }
+        }
+    }
     tracing::info!("shutting down: finishing in-flight requests");
     proxy.shutdown().await;
     Ok(())

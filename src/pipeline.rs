@@ -34,6 +34,8 @@ pub struct Pipeline {
     pub tokens: Arc<TokenCache>,
     quota: Arc<Quota>,
     keys: Keys,
+    /// `http` or `https`: how clients reach this listener.
+    scheme: &'static str,
     stats: Arc<RequestStats>,
     retry_on: Vec<u16>,
     retry_body_limit: u64,
@@ -72,6 +74,11 @@ impl Pipeline {
             tokens,
             quota,
             keys: Keys::new(config.inbound.as_ref().map_or(&[][..], |i| &i.keys[..])),
+            scheme: if config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            },
             stats,
             retry_on: config.retry_on.clone(),
             retry_body_limit: config.retry_body_limit,
@@ -286,14 +293,14 @@ impl Pipeline {
         Response::from_parts(parts, Either::Left(ResponseBody::new(body, slot)))
     }
 
-    /// `http://host[:port]` as the client addressed the proxy (its Host), else the listener.
+    /// `scheme://host[:port]` as the client addressed the proxy (its Host), else the listener.
     fn origin(&self, reached: Option<&HeaderValue>) -> String {
         let host = reached
             .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
             .filter(|a| !a.as_str().contains('@'));
         match host {
-            Some(authority) => format!("http://{authority}"),
-            None => format!("http://{}", self.local),
+            Some(authority) => format!("{}://{authority}", self.scheme),
+            None => format!("{}://{}", self.scheme, self.local),
         }
     }
 }

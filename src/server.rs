@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 
 /// What one listener lets a client connection cost (`[upstream.limits]`).
 #[derive(Clone)]
@@ -81,6 +82,7 @@ pub async fn serve<H: Handler>(
     listener: TcpListener,
     handler: Arc<H>,
     limits: Limits,
+    tls: Option<TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
@@ -112,14 +114,38 @@ pub async fn serve<H: Handler>(
                     let handler = Arc::clone(&handler);
                     async move { Ok::<_, Infallible>(handler.call(request).await) }
                 });
-                let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
+                match &tls {
+                    None => {
+                        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                        let connection = graceful.watch(connection);
+                        tokio::spawn(async move {
+                            if let Err(e) = connection.await {
+                                tracing::debug!(error = %e, "connection ended with an error");
+                            }
+                            drop(permit);
+                        });
                     }
-                    drop(permit);
-                });
+                    Some(acceptor) => {
+                        // The handshake gets the header timeout too; then the same HTTP serving.
+                        let handshake = tokio::time::timeout(limits.header_timeout, acceptor.accept(stream));
+                        let (builder, watcher) = (builder.clone(), graceful.watcher());
+                        tokio::spawn(async move {
+                            let stream = match handshake.await {
+                                Ok(Ok(stream)) => stream,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => return,
+                            };
+                            let connection = builder.serve_connection(TokioIo::new(stream), service);
+                            if let Err(e) = watcher.watch(connection).await {
+                                tracing::debug!(error = %e, "connection ended with an error");
+                            }
+                            drop(permit);
+                        });
+                    }
+                }
             }
             _ = stopped(&mut shutdown) => break,
         }
@@ -167,9 +193,12 @@ pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::Tcp
     Ok(listeners)
 }
 
+/// One listener as a worker serves it: the socket, what answers, its limits, its TLS.
+pub type Served<L, H> = (L, Arc<H>, Limits, Option<TlsAcceptor>);
+
 /// Body of a worker thread: a single-threaded runtime serving its share of the listeners.
 pub fn run_worker<H: Handler>(
-    listeners: Vec<(std::net::TcpListener, Arc<H>, Limits)>,
+    listeners: Vec<Served<std::net::TcpListener, H>>,
     stop: watch::Receiver<bool>,
     grace: Duration,
 ) {
@@ -185,10 +214,10 @@ pub fn run_worker<H: Handler>(
     };
     runtime.block_on(async move {
         let mut served = tokio::task::JoinSet::new();
-        for (listener, handler, limits) in listeners {
+        for (listener, handler, limits, tls) in listeners {
             match TcpListener::from_std(listener) {
                 Ok(listener) => {
-                    served.spawn(serve(listener, handler, limits, stop.clone(), grace));
+                    served.spawn(serve(listener, handler, limits, tls, stop.clone(), grace));
                 }
                 Err(e) => tracing::error!(error = %e, "cannot register a listener"),
             }

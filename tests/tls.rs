@@ -3,35 +3,10 @@
 
 mod common;
 
+use common::certs::{make_ca, TestCa};
 use common::{Harness, Setup};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
 use std::sync::Arc;
 use tokio::net::TcpListener;
-
-struct TestCa {
-    ca_pem: String,
-    cert_der: Vec<u8>,
-    key_der: Vec<u8>,
-}
-
-fn make_ca() -> TestCa {
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "tollgate test CA");
-    let ca_key = KeyPair::generate().unwrap();
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let mut leaf = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-    leaf.subject_alt_names
-        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf_cert = leaf.signed_by(&leaf_key, &ca_cert, &ca_key).unwrap();
-    TestCa {
-        ca_pem: ca_cert.pem(),
-        cert_der: leaf_cert.der().to_vec(),
-        key_der: leaf_key.serialize_der(),
-    }
-}
 
 /// Terminate TLS on a loopback port and pass the plain bytes to `backend`.
 async fn tls_front(
@@ -92,7 +67,7 @@ fn https_config(
 /// it, the certificate is not trusted and the client gets 502.
 #[tokio::test]
 async fn https_upstream_with_private_ca() {
-    let ca = make_ca();
+    let ca = make_ca("upstream");
     let h = Harness::start(Setup::default()).await;
     let front = tls_front(&ca, h.api_server.addr, b"http/1.1").await;
     for (trust, expect) in [(true, 200), (false, 502)] {
@@ -125,7 +100,7 @@ async fn https_upstream_with_private_ca() {
 /// An upstream that offers only h2 by ALPN is spoken to in HTTP/2.
 #[tokio::test]
 async fn https_upstream_over_http2() {
-    let ca = make_ca();
+    let ca = make_ca("upstream");
     let h = Harness::start(Setup::default()).await;
     let front = tls_front(&ca, h.api_server.addr, b"h2").await;
     let config = https_config(&h, &ca, front, true);

@@ -1,6 +1,8 @@
 //! Shared test harness: simulated identity server and API, a proxy in front, a client.
 #![allow(dead_code)]
 
+pub mod certs;
+
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
