@@ -253,3 +253,34 @@ async fn metrics_count_requests_refreshes_and_upstream_time() {
         assert!(!text.contains(&token));
     }
 }
+
+/// `/readyz` flips to 503 with the reason once the token is refused and the identity server is
+/// down, and back to 200 when the identity server returns.
+#[tokio::test]
+async fn readiness_follows_the_identity_server() {
+    let mut h = Harness::start(Setup {
+        admin: true,
+        extra_auth: "refresh_wait = \"300ms\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    assert_eq!(h.get("/warm").await.status, 200);
+    assert_eq!(common::get(h.admin_url("/readyz")).await.status, 200);
+
+    let server = h.identity_server.take().unwrap();
+    let addr = server.addr;
+    server.shutdown().await;
+    // Still ready: the token in hand is valid.
+    assert_eq!(common::get(h.admin_url("/readyz")).await.status, 200);
+    // The API refuses it; no new one can be had.
+    h.api.reject_next(2);
+    assert_eq!(h.get("/refused").await.status, 503);
+    let unready = common::get(h.admin_url("/readyz")).await;
+    assert_eq!(unready.status, 503);
+    assert!(unready.text().starts_with("api: "), "{}", unready.text());
+
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    h.identity_server = Some(h.identity.serve(listener).await);
+    assert_eq!(h.get("/back").await.status, 200);
+    assert_eq!(common::get(h.admin_url("/readyz")).await.status, 200);
+}
