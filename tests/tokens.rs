@@ -243,11 +243,20 @@ async fn invalid_grant_is_final_and_says_what_to_do() {
 /// A client_credentials upstream asks again when its token is refused.
 #[tokio::test]
 async fn client_credentials_grant() {
-    let h = Harness::start(Setup::default()).await;
-    let text = h.config_text.replace(
-        "grant = \"refresh_token\"",
-        "grant = \"client_credentials\"",
-    );
+    let mut h = Harness::start(Setup::default()).await;
+    // The harness's own proxy (refresh_token grant) must not share the state with this one.
+    h.stop_proxy().await;
+    let state = tempfile::tempdir().unwrap();
+    let text = h
+        .config_text
+        .replace(
+            "grant = \"refresh_token\"",
+            "grant = \"client_credentials\"",
+        )
+        .replace(
+            &h.state_dir().display().to_string(),
+            &state.path().display().to_string(),
+        );
     let text = text
         .lines()
         .filter(|l| !l.starts_with("refresh_token"))
@@ -265,7 +274,8 @@ async fn client_credentials_grant() {
     assert_eq!(get().await.status, 200);
     let before = h.identity.counters().client_credentials;
     h.identity.expire_access_tokens();
-    assert_eq!(get().await.status, 200);
+    let after = get().await;
+    assert_eq!(after.status, 200, "{}", after.text());
     assert_eq!(h.identity.counters().client_credentials, before + 1);
     proxy.shutdown().await;
 }
