@@ -594,13 +594,16 @@ impl Config {
                 }
             }
             let limits = &up.limits;
-            if limits.max_connections == 0 {
-                report(key("limits.max_connections"), "must be at least 1".into());
+            if !(1..=1_000_000).contains(&limits.max_connections) {
+                report(
+                    key("limits.max_connections"),
+                    "must be between 1 and 1000000".into(),
+                );
             }
-            if !(1024..=16 * 1024 * 1024).contains(&limits.max_header_size) {
+            if !(8 * 1024..=16 * 1024 * 1024).contains(&limits.max_header_size) {
                 report(
                     key("limits.max_header_size"),
-                    "must be between 1KiB and 16MiB".into(),
+                    "must be between 8KiB and 16MiB".into(),
                 );
             }
             for (k, d) in [

@@ -92,10 +92,12 @@ impl Target {
         if !(under.is_empty() || under.starts_with(['/', '?', '#'])) {
             return None; // `/api2` is not under `/api`
         }
-        let under = if under.is_empty() || !under.starts_with('/') {
+        // One leading slash, never `//host` or `/\host`, which a browser reads as another host.
+        let rest = under.trim_start_matches(['/', '\\']);
+        let under = if under.starts_with(['?', '#']) {
             format!("/{under}")
         } else {
-            under.to_owned()
+            format!("/{rest}")
         };
         let rewritten = if absolute {
             format!("{proxy}{under}")
@@ -531,5 +533,14 @@ mod tests {
         assert_eq!(at("/api/odata2/x"), None);
         assert_eq!(at("//erp.example/api/odata/x"), None);
         assert_eq!(at("Items(6)"), None);
+        // Never a scheme-relative reference to another host.
+        assert_eq!(
+            at("/api/odata//evil.example/x").as_deref(),
+            Some("/evil.example/x")
+        );
+        assert_eq!(
+            at("/api/odata/\\evil.example").as_deref(),
+            Some("/evil.example")
+        );
     }
 }

@@ -363,12 +363,13 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let workers =
         workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let proxy = Proxy::start_with_workers(config, workers).await?;
+    // Before starting, so that a SIGHUP during the start does not end the process.
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(|e| StartError::Upstream {
             upstream: "*".into(),
             reason: format!("cannot listen for SIGHUP: {e}"),
         })?;
+    let proxy = Proxy::start_with_workers(config, workers).await?;
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {

@@ -12,6 +12,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -73,6 +74,9 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
         .http2()
         .timer(TokioTimer::new())
+        // Ping quiet HTTP/2 connections; one whose peer is gone closes.
+        .keep_alive_interval(limits.header_timeout)
+        .keep_alive_timeout(Duration::from_secs(20))
         .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX));
     builder
 }
@@ -89,7 +93,21 @@ pub async fn serve<H: Handler>(
     let builder = builder(&limits);
     let graceful = GracefulShutdown::new();
     loop {
-        // At the connection cap, stop accepting: new connections wait in the kernel's queue.
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut shutdown) => break,
+        };
+        // At the connection cap, wait here: this worker accepts nothing more meanwhile, and
+        // other connections wait in the kernel's queue. (Accepting first means no worker sits
+        // on a permit while connections queue at another worker's socket.)
         let permit = match &limits.connections {
             Some(cap) => tokio::select! {
                 permit = Arc::clone(cap).acquire_owned() => permit.ok(),
@@ -97,58 +115,26 @@ pub async fn serve<H: Handler>(
             },
             None => None,
         };
-        tokio::select! {
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let handler = Arc::clone(&handler);
-                let service = service_fn(move |request| {
-                    let handler = Arc::clone(&handler);
-                    async move { Ok::<_, Infallible>(handler.call(request).await) }
-                });
-                match &tls {
-                    None => {
-                        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                        let connection = graceful.watch(connection);
-                        tokio::spawn(async move {
-                            if let Err(e) = connection.await {
-                                tracing::debug!(error = %e, "connection ended with an error");
-                            }
-                            drop(permit);
-                        });
-                    }
-                    Some(acceptor) => {
-                        // The handshake gets the header timeout too; then the same HTTP serving.
-                        let handshake = tokio::time::timeout(limits.header_timeout, acceptor.accept(stream));
-                        let (builder, watcher) = (builder.clone(), graceful.watcher());
-                        tokio::spawn(async move {
-                            let stream = match handshake.await {
-                                Ok(Ok(stream)) => stream,
-                                Ok(Err(e)) => {
-                                    tracing::debug!(error = %e, "TLS handshake failed");
-                                    return;
-                                }
-                                Err(_) => return,
-                            };
-                            let connection = builder.serve_connection(TokioIo::new(stream), service);
-                            if let Err(e) = watcher.watch(connection).await {
-                                tracing::debug!(error = %e, "connection ended with an error");
-                            }
-                            drop(permit);
-                        });
+        let _ = stream.set_nodelay(true);
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        let (handler, tls, first_by) = (Arc::clone(&handler), tls.clone(), limits.header_timeout);
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + first_by;
+            match tls {
+                None => connection(stream, handler, &builder, watcher, deadline).await,
+                Some(acceptor) => {
+                    // The handshake counts against the same deadline as the first request.
+                    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            connection(stream, handler, &builder, watcher, deadline).await
+                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
                     }
                 }
             }
-            _ = stopped(&mut shutdown) => break,
-        }
+            drop(permit);
+        });
     }
     drop(listener);
     tokio::select! {
@@ -156,6 +142,42 @@ pub async fn serve<H: Handler>(
         _ = tokio::time::sleep(grace) => {
             tracing::warn!(?grace, "connections still open after the grace period; closing them");
         }
+    }
+}
+
+/// Serve HTTP/1.1 or HTTP/2 on one connection. A client that has not started a request by
+/// `deadline` is disconnected: hyper's header timeout only starts once it knows the protocol,
+/// so a silent connection would otherwise hold its place forever.
+async fn connection<H: Handler, IO>(
+    io: IO,
+    handler: Arc<H>,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    deadline: tokio::time::Instant,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let started = Arc::new(AtomicBool::new(false));
+    let seen = Arc::clone(&started);
+    let service = service_fn(move |request| {
+        seen.store(true, Ordering::Relaxed);
+        let handler = Arc::clone(&handler);
+        async move { Ok::<_, Infallible>(handler.call(request).await) }
+    });
+    let served = watcher.watch(builder.serve_connection(TokioIo::new(io), service));
+    let mut served = std::pin::pin!(served);
+    let result = tokio::select! {
+        result = &mut served => result,
+        _ = tokio::time::sleep_until(deadline) => {
+            if !started.load(Ordering::Relaxed) {
+                tracing::debug!("no request before the header timeout; closing the connection");
+                return;
+            }
+            served.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "connection ended with an error");
     }
 }
 

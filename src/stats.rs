@@ -13,10 +13,10 @@ pub const BUCKETS: [f64; 12] = [
 pub struct RequestStats {
     /// Answers by status code, 100..=599 at index `status - 100`.
     by_status: Box<[AtomicU64]>,
-    /// Upstream response times: per bucket (not cumulative), then the sum and the count.
-    buckets: [AtomicU64; BUCKETS.len()],
+    /// Upstream response times per bucket (not cumulative), the last one past every bound;
+    /// the count is their sum, so a scrape never sees more in a bucket than in all.
+    buckets: [AtomicU64; BUCKETS.len() + 1],
     sum_us: AtomicU64,
-    count: AtomicU64,
 }
 
 impl Default for RequestStats {
@@ -25,7 +25,6 @@ impl Default for RequestStats {
             by_status: (100..600).map(|_| AtomicU64::new(0)).collect(),
             buckets: Default::default(),
             sum_us: AtomicU64::new(0),
-            count: AtomicU64::new(0),
         }
     }
 }
@@ -41,12 +40,13 @@ impl RequestStats {
     /// One upstream response head, `took` after the request was sent.
     pub fn upstream(&self, took: Duration) {
         let seconds = took.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|le| seconds <= *le) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
+        let i = BUCKETS
+            .iter()
+            .position(|le| seconds <= *le)
+            .unwrap_or(BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.sum_us
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -63,8 +63,8 @@ pub struct Totals {
 
 pub fn totals<'a>(stats: impl IntoIterator<Item = &'a RequestStats>) -> Totals {
     let mut by_status = vec![0u64; 500];
-    let mut buckets = [0u64; BUCKETS.len()];
-    let (mut sum_us, mut count) = (0, 0);
+    let mut buckets = [0u64; BUCKETS.len() + 1];
+    let mut sum_us = 0;
     for s in stats {
         for (i, n) in s.by_status.iter().enumerate() {
             by_status[i] += n.load(Ordering::Relaxed);
@@ -73,12 +73,12 @@ pub fn totals<'a>(stats: impl IntoIterator<Item = &'a RequestStats>) -> Totals {
             buckets[i] += n.load(Ordering::Relaxed);
         }
         sum_us += s.sum_us.load(Ordering::Relaxed);
-        count += s.count.load(Ordering::Relaxed);
     }
+    let count = buckets.iter().sum();
     let mut running = 0;
     Totals {
         by_status: (100u16..).zip(by_status).filter(|(_, n)| *n > 0).collect(),
-        cumulative: buckets
+        cumulative: buckets[..BUCKETS.len()]
             .iter()
             .map(|n| {
                 running += n;

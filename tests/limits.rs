@@ -113,3 +113,41 @@ async fn connections_past_the_cap_wait_until_one_closes() {
         .unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
 }
+
+/// A client that connects and says nothing loses its place at the header timeout, so silent
+/// sockets cannot hold the connection cap.
+#[tokio::test]
+async fn a_silent_connection_is_closed_and_frees_its_place() {
+    let h = harness("header_timeout = \"300ms\"\nmax_connections = 1").await;
+    let mut silent = connect(&h).await;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf))
+        .await
+        .expect("the silent connection is closed");
+    assert_eq!(read.unwrap_or(0), 0);
+    assert_eq!(h.get("/after").await.status, 200);
+}
+
+/// With two workers sharing a cap of one, connections arriving at either worker's socket are
+/// served in turn: no worker sits on the only place while another has a client waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cap_is_shared_by_the_workers_without_stalling() {
+    let mut h = harness("max_connections = 1").await;
+    h.stop_proxy().await;
+    let proxy = tollgate::Proxy::start_with_workers(&h.config(), 2)
+        .await
+        .unwrap();
+    let addr = proxy.addr("api").unwrap();
+    for i in 0..12 {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let head = format!("GET /c{i} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("connection {i} was not served"))
+            .unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{i}");
+    }
+    proxy.shutdown().await;
+}
