@@ -417,37 +417,15 @@ impl Config {
             problems,
         };
         let mut value = parse_toml(text).map_err(|p| fail(vec![p]))?;
+        let secrets = interpolated(&mut value, &env).map_err(|p| fail(locate(text, p)))?;
 
-        let mut secrets = Vec::new();
         let mut problems = Vec::new();
-        interpolate(
-            &mut value,
-            &mut Vec::new(),
-            &env,
-            &mut secrets,
-            &mut problems,
-        );
-        if !problems.is_empty() {
-            return Err(fail(locate(text, problems)));
-        }
-
         let filled = apply_presets(&mut value, &mut problems);
         if !problems.is_empty() {
             return Err(fail(locate(text, problems)));
         }
 
-        let mut config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
-            let key = render_path(e.path());
-            let message = redact(&e.inner().to_string(), &secrets);
-            fail(locate(
-                text,
-                vec![Problem {
-                    key,
-                    line: None,
-                    message,
-                }],
-            ))
-        })?;
+        let mut config: Config = typed(value, &secrets).map_err(|p| fail(locate(text, vec![p])))?;
         for (up, filled) in config.upstreams.iter_mut().zip(filled) {
             up.preset_filled = filled;
         }
@@ -480,30 +458,9 @@ impl Config {
             only_admin.insert("admin".to_owned(), admin.clone());
         }
         let mut only_admin = toml::Value::Table(only_admin);
-        let mut secrets = Vec::new();
-        let mut problems = Vec::new();
-        interpolate(
-            &mut only_admin,
-            &mut Vec::new(),
-            &env,
-            &mut secrets,
-            &mut problems,
-        );
-        if !problems.is_empty() {
-            return Err(fail(locate(text, problems)));
-        }
-        let parsed: AdminOnly = serde_path_to_error::deserialize(only_admin).map_err(|e| {
-            let key = render_path(e.path());
-            let message = redact(&e.inner().to_string(), &secrets);
-            fail(locate(
-                text,
-                vec![Problem {
-                    key,
-                    line: None,
-                    message,
-                }],
-            ))
-        })?;
+        let secrets = interpolated(&mut only_admin, &env).map_err(|p| fail(locate(text, p)))?;
+        let parsed: AdminOnly =
+            typed(only_admin, &secrets).map_err(|p| fail(locate(text, vec![p])))?;
         Ok(parsed.admin)
     }
 
@@ -1067,6 +1024,35 @@ fn parse_toml(text: &str) -> Result<toml::Value, Problem> {
 }
 
 /// Apply each upstream's `preset`; returns, per upstream, the keys it filled.
+/// Replace every `${NAME}` in `value`; returns the values taken from the environment (to be
+/// kept out of error messages), or every variable that is missing.
+fn interpolated(
+    value: &mut toml::Value,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<Vec<String>, Vec<Problem>> {
+    let mut secrets = Vec::new();
+    let mut problems = Vec::new();
+    interpolate(value, &mut Vec::new(), env, &mut secrets, &mut problems);
+    if problems.is_empty() {
+        Ok(secrets)
+    } else {
+        Err(problems)
+    }
+}
+
+/// `value` as the typed `T`, or the key that does not fit, with `secrets` cut out of serde's
+/// message.
+fn typed<T: serde::de::DeserializeOwned>(
+    value: toml::Value,
+    secrets: &[String],
+) -> Result<T, Problem> {
+    serde_path_to_error::deserialize(value).map_err(|e| Problem {
+        key: render_path(e.path()),
+        line: None,
+        message: redact(&e.inner().to_string(), secrets),
+    })
+}
+
 fn apply_presets(value: &mut toml::Value, problems: &mut Vec<Problem>) -> Vec<Vec<String>> {
     let Some(upstreams) = value.get_mut("upstream").and_then(|u| u.as_array_mut()) else {
         return Vec::new();
