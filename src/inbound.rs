@@ -3,8 +3,8 @@
 //! constant time with every configured key and never forwarded (both headers are replaced or
 //! removed before the request goes upstream).
 //!
-//! Only SHA-256 digests of the keys are kept in memory: comparing digests takes the same time
-//! whatever the key's length, and a memory dump does not show a key.
+//! The listener keeps SHA-256 digests of the keys and compares digests: the comparison takes
+//! the same time whatever the key's length.
 
 use crate::secret::Secret;
 use http::header::{AUTHORIZATION, PROXY_AUTHORIZATION};

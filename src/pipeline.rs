@@ -264,6 +264,7 @@ impl Pipeline {
         }
         self.send(request, trace).await
     }
+
     /// Stage 5: hand the upstream's response to the client, without its hop-by-hop headers,
     /// with a `Location` on the upstream pointing back at the proxy, with the tightest quota
     /// window's headers, holding the concurrency slot until the body ends.

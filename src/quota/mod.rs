@@ -17,7 +17,6 @@ mod queue;
 mod rate;
 
 pub use clock::Clock;
-pub use daily::lease_size;
 pub use hold::http_date;
 pub use queue::Slot;
 
@@ -142,6 +141,7 @@ pub enum QuotaError {
 
 /// The limits of one upstream, shared by every worker thread that serves it.
 pub struct Quota {
+    upstream: String,
     clock: Clock,
     daily: Option<Arc<Daily>>,
     rates: Vec<Rate>,
@@ -179,6 +179,7 @@ impl Quota {
             Some(Queue::new(n, c.queue.unwrap_or(0), c.queue_timeout))
         });
         Quota {
+            upstream: upstream.to_owned(),
             clock,
             daily,
             rates,
@@ -186,11 +187,6 @@ impl Quota {
             hold: Hold::default(),
             rejected: Default::default(),
         }
-    }
-
-    /// Whether responses carry rate-limit headers (there is a counted window).
-    pub fn has_windows(&self) -> bool {
-        self.daily.is_some() || !self.rates.is_empty()
     }
 
     /// A slot among the requests in flight, when `concurrency` is set.
@@ -290,6 +286,7 @@ impl Quota {
     pub fn upstream_answered(&self, status: StatusCode, headers: &HeaderMap) {
         if let Some(hold) = self.hold.observe(status, headers, &self.clock) {
             tracing::warn!(
+                upstream = %self.upstream,
                 hold_s = ceil_secs(hold),
                 "upstream answered 429; holding requests back"
             );
