@@ -20,7 +20,7 @@ use url::Url;
 pub const DEFAULT_PATH: &str = "tollgate.toml";
 
 /// The whole configuration, after interpolation and validation.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -30,7 +30,7 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateConfig {
     /// `file:<dir>`; the directory is relative to the working directory.
@@ -46,14 +46,14 @@ impl Default for StateConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
 }
 
 /// One API that tollgate fronts: a listener, the API's base URL, and how to get its tokens.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     pub name: String,
@@ -89,7 +89,7 @@ pub struct UpstreamConfig {
 }
 
 /// `[upstream.tls]`: the listener's certificate chain and key, PEM files re-read on SIGHUP.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     pub cert: PathBuf,
@@ -97,7 +97,7 @@ pub struct TlsConfig {
 }
 
 /// `[upstream.limits]`: what one client connection may cost. The defaults are safe.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Open client connections per listener; more wait in the kernel's accept queue.
@@ -126,7 +126,7 @@ impl Default for LimitsConfig {
 }
 
 /// `[upstream.inbound]`: who may use the listener.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InboundConfig {
     /// Clients send `Authorization: Bearer KEY` (or `Proxy-Authorization`).
@@ -137,7 +137,7 @@ pub struct InboundConfig {
 pub const MIN_KEY_LEN: usize = 16;
 
 /// `[upstream.quota]`: the limits tollgate enforces before a request reaches the API.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuotaConfig {
     /// Requests per calendar day; or derived from `edition` and `licenses`.
@@ -219,7 +219,7 @@ pub fn parse_day_starts(text: &str) -> Result<u32, String> {
 
 /// Where a login sends the browser (authorization code + PKCE). The `login` command that uses
 /// it is not built yet; presets fill it so `check` shows the provider's URLs.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoginConfig {
     #[serde(deserialize_with = "de_http_url")]
@@ -236,7 +236,7 @@ fn default_redirect_uri() -> Url {
 }
 
 /// How tokens are obtained from the identity server.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     pub grant: Grant,

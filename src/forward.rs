@@ -280,7 +280,8 @@ pub fn rewrite_request_headers(
     headers.append(header::VIA, via(version));
 }
 
-/// The pooled client to one upstream.
+/// The pooled client to one upstream; a clone shares the pool.
+#[derive(Clone)]
 pub struct Upstream {
     pub target: Target,
     client: Client<HttpsConnector<HttpConnector>, RequestBody>,

@@ -224,7 +224,8 @@ fn main() -> ExitCode {
                 for w in config.warnings() {
                     tracing::warn!("{w}");
                 }
-                tollgate::run(&config, workers, shutdown_signal())
+                let reload = || Config::load(&arg.config).map_err(|e| e.to_string());
+                tollgate::run(&config, reload, workers, shutdown_signal())
                     .await
                     .context("tollgate could not start")?;
                 Ok(ExitCode::SUCCESS)

@@ -89,6 +89,11 @@ impl Pipeline {
         &self.name
     }
 
+    /// The pooled client this pipeline sends with.
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
     /// Serve one request; errors become problem+json responses here and nowhere else. With
     /// the `tollgate::access` log target at info, one line per request.
     pub async fn handle(&self, request: Request<Incoming>) -> Response<ProxyBody> {

@@ -2,7 +2,10 @@
 //! hyper-util's auto builder, and shut down gracefully — stop accepting, let in-flight requests
 //! finish, close idle keep-alive connections, give up after a grace period.
 
+use crate::config::LimitsConfig;
 use crate::error::ProxyBody;
+use crate::gate::Gate;
+use arc_swap::ArcSwap;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -16,40 +19,34 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-/// What one listener lets a client connection cost (`[upstream.limits]`).
-#[derive(Clone)]
-pub struct Limits {
+/// What a listener serves at the moment: a handler and the settings its connections get. A
+/// reload swaps it whole; a connection keeps the settings it was accepted with, and each
+/// request goes to the handler in force when it arrives.
+pub struct Site<H> {
+    pub handler: H,
+    builder: auto::Builder<TokioExecutor>,
     /// To send a request head, and to keep an idle keep-alive connection (slowloris).
-    pub header_timeout: Duration,
-    pub max_header_size: usize,
-    /// Shared by every worker's socket of the listener; `None` for no cap.
-    pub connections: Option<Arc<tokio::sync::Semaphore>>,
+    header_timeout: Duration,
+    tls: Option<TlsAcceptor>,
 }
 
-impl Limits {
-    pub fn new(config: &crate::config::LimitsConfig) -> Limits {
-        Limits {
-            header_timeout: config.header_timeout,
-            max_header_size: config.max_header_size as usize,
-            connections: Some(Arc::new(tokio::sync::Semaphore::new(
-                config.max_connections,
-            ))),
+impl<H> Site<H> {
+    pub fn new(handler: H, limits: &LimitsConfig, tls: Option<TlsAcceptor>) -> Site<H> {
+        Site {
+            handler,
+            builder: builder(limits),
+            header_timeout: limits.header_timeout,
+            tls,
         }
     }
 }
 
-impl Default for Limits {
-    /// The admin listener's: the upstream defaults, without a connection cap.
-    fn default() -> Limits {
-        Limits {
-            connections: None,
-            ..Limits::new(&crate::config::LimitsConfig::default())
-        }
-    }
-}
+/// A listener's current [`Site`], one per worker socket.
+pub type Live<H> = ArcSwap<Site<H>>;
 
 /// Something that answers requests: a proxy pipeline or the admin endpoints.
 pub trait Handler: Send + Sync + 'static {
@@ -62,14 +59,14 @@ impl Handler for crate::pipeline::Pipeline {
     }
 }
 
-fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+fn builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         // A head that does not fit gets 431; hyper's read buffer is at least 8 KiB.
-        .max_buf_size(limits.max_header_size.max(8192))
+        .max_buf_size((limits.max_header_size as usize).max(8192))
         .keep_alive(true);
     builder
         .http2()
@@ -82,15 +79,14 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 }
 
 /// Accept connections on `listener` until `shutdown` flips to true, then drain for up to `grace`.
+/// At most `cap` connections are open at once (shared by every worker's socket of a listener).
 pub async fn serve<H: Handler>(
     listener: TcpListener,
-    handler: Arc<H>,
-    limits: Limits,
-    tls: Option<TlsAcceptor>,
+    live: Arc<Live<H>>,
+    cap: Option<Arc<Gate>>,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let builder = builder(&limits);
     let graceful = GracefulShutdown::new();
     loop {
         let stream = tokio::select! {
@@ -108,25 +104,25 @@ pub async fn serve<H: Handler>(
         // At the connection cap, wait here: this worker accepts nothing more meanwhile, and
         // other connections wait in the kernel's queue. (Accepting first means no worker sits
         // on a permit while connections queue at another worker's socket.)
-        let permit = match &limits.connections {
+        let permit = match &cap {
             Some(cap) => tokio::select! {
-                permit = Arc::clone(cap).acquire_owned() => permit.ok(),
+                permit = cap.acquire() => permit.ok(),
                 _ = stopped(&mut shutdown) => break,
             },
             None => None,
         };
         let _ = stream.set_nodelay(true);
-        let (builder, watcher) = (builder.clone(), graceful.watcher());
-        let (handler, tls, first_by) = (Arc::clone(&handler), tls.clone(), limits.header_timeout);
+        let site = live.load_full();
+        let (live, watcher) = (Arc::clone(&live), graceful.watcher());
         tokio::spawn(async move {
-            let deadline = tokio::time::Instant::now() + first_by;
-            match tls {
-                None => connection(stream, handler, &builder, watcher, deadline).await,
+            let deadline = tokio::time::Instant::now() + site.header_timeout;
+            match &site.tls {
+                None => connection(stream, live, &site.builder, watcher, deadline).await,
                 Some(acceptor) => {
                     // The handshake counts against the same deadline as the first request.
                     match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
-                            connection(stream, handler, &builder, watcher, deadline).await
+                            connection(stream, live, &site.builder, watcher, deadline).await
                         }
                         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
@@ -150,7 +146,7 @@ pub async fn serve<H: Handler>(
 /// so a silent connection would otherwise hold its place forever.
 async fn connection<H: Handler, IO>(
     io: IO,
-    handler: Arc<H>,
+    live: Arc<Live<H>>,
     builder: &auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
     deadline: tokio::time::Instant,
@@ -161,8 +157,8 @@ async fn connection<H: Handler, IO>(
     let seen = Arc::clone(&started);
     let service = service_fn(move |request| {
         seen.store(true, Ordering::Relaxed);
-        let handler = Arc::clone(&handler);
-        async move { Ok::<_, Infallible>(handler.call(request).await) }
+        let site = live.load_full();
+        async move { Ok::<_, Infallible>(site.handler.call(request).await) }
     });
     let served = watcher.watch(builder.serve_connection(TokioIo::new(io), service));
     let mut served = std::pin::pin!(served);
@@ -215,35 +211,164 @@ pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::Tcp
     Ok(listeners)
 }
 
-/// One listener as a worker serves it: the socket, what answers, its limits, its TLS.
-pub type Served<L, H> = (L, Arc<H>, Limits, Option<TlsAcceptor>);
+/// The threads that serve requests: each a single-threaded runtime running the listener
+/// tasks spawned onto it, so a request is accepted, forwarded and answered on one thread.
+pub struct Workers {
+    handles: Vec<Handle>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    exit: watch::Sender<bool>,
+}
 
-/// Body of a worker thread: a single-threaded runtime serving its share of the listeners.
-pub fn run_worker<H: Handler>(
-    listeners: Vec<Served<std::net::TcpListener, H>>,
-    stop: watch::Receiver<bool>,
-    grace: Duration,
-) {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start a worker runtime");
-            return;
+impl Workers {
+    /// The caller's runtime, alone.
+    pub fn current() -> Workers {
+        Workers {
+            handles: vec![Handle::current()],
+            threads: Vec::new(),
+            exit: watch::channel(false).0,
         }
-    };
-    runtime.block_on(async move {
-        let mut served = tokio::task::JoinSet::new();
-        for (listener, handler, limits, tls) in listeners {
-            match TcpListener::from_std(listener) {
-                Ok(listener) => {
-                    served.spawn(serve(listener, handler, limits, tls, stop.clone(), grace));
-                }
-                Err(e) => tracing::error!(error = %e, "cannot register a listener"),
+    }
+
+    /// `count` threads of their own; with 1, the caller's runtime serves (tests, embedding).
+    pub fn start(count: usize) -> std::io::Result<Workers> {
+        if count <= 1 {
+            return Ok(Workers::current());
+        }
+        let (exit, _) = watch::channel(false);
+        let mut workers = Workers {
+            handles: Vec::with_capacity(count),
+            threads: Vec::with_capacity(count),
+            exit,
+        };
+        for i in 0..count {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            workers.handles.push(runtime.handle().clone());
+            let mut exit = workers.exit.subscribe();
+            let thread = std::thread::Builder::new()
+                .name(format!("tollgate-worker-{i}"))
+                .spawn(move || runtime.block_on(stopped(&mut exit)))?;
+            workers.threads.push(thread);
+        }
+        Ok(workers)
+    }
+
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+
+    /// End the threads, once every listener has drained.
+    pub async fn stop(self) {
+        let _ = self.exit.send(true);
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+    }
+}
+
+/// Sockets bound for a listener, not yet served.
+pub struct Bound {
+    pub local: SocketAddr,
+    sockets: Vec<std::net::TcpListener>,
+}
+
+impl Bound {
+    /// One socket on `addr` per worker (see [`bind`]).
+    pub fn bind(addr: SocketAddr, workers: usize) -> std::io::Result<Bound> {
+        let sockets = bind(addr, workers)?;
+        Ok(Bound {
+            local: sockets[0].local_addr()?,
+            sockets,
+        })
+    }
+}
+
+/// A listener being served: one socket per worker, each with its [`Live`] site.
+pub struct Listener<H> {
+    pub local: SocketAddr,
+    sites: Vec<Arc<Live<H>>>,
+    cap: Option<Arc<Gate>>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl<H: Handler> Listener<H> {
+    /// Serve `bound`, socket `i` on worker `i` with `sites[i]`, at most `cap` connections.
+    pub fn serve(
+        bound: Bound,
+        sites: Vec<Site<H>>,
+        cap: Option<usize>,
+        workers: &Workers,
+        grace: Duration,
+    ) -> Listener<H> {
+        let (stop, _) = watch::channel(false);
+        let cap = cap.map(|n| Arc::new(Gate::new(n)));
+        let sites: Vec<Arc<Live<H>>> = sites
+            .into_iter()
+            .map(|s| Arc::new(ArcSwap::from_pointee(s)))
+            .collect();
+        let tasks = bound
+            .sockets
+            .into_iter()
+            .zip(&sites)
+            .zip(&workers.handles)
+            .map(|((socket, live), handle)| {
+                let (live, cap, stopped) = (Arc::clone(live), cap.clone(), stop.subscribe());
+                handle.spawn(async move {
+                    // Registered with the reactor of the worker that serves it.
+                    match TcpListener::from_std(socket) {
+                        Ok(listener) => serve(listener, live, cap, stopped, grace).await,
+                        Err(e) => tracing::error!(error = %e, "cannot register a listener"),
+                    }
+                })
+            })
+            .collect();
+        Listener {
+            local: bound.local,
+            sites,
+            cap,
+            stop,
+            tasks,
+        }
+    }
+
+    /// Serve `sites` from the next request on (one per worker, as at the start).
+    pub fn swap(&self, sites: Vec<Site<H>>) {
+        for (live, site) in self.sites.iter().zip(sites) {
+            live.store(Arc::new(site));
+        }
+    }
+
+    /// The sites in force, one per worker.
+    pub fn sites(&self) -> impl Iterator<Item = Arc<Site<H>>> + '_ {
+        self.sites.iter().map(|live| live.load_full())
+    }
+
+    /// A new connection cap (a listener started without one keeps none).
+    pub fn resize_cap(&self, cap: usize) {
+        if let Some(gate) = &self.cap {
+            if gate.size() != cap {
+                gate.resize(cap);
             }
         }
-        while served.join_next().await.is_some() {}
-    });
+    }
+
+    /// Stop accepting; resolves once the connections have drained (or the grace ran out).
+    pub fn stop(self) -> impl Future<Output = ()> + Send {
+        let _ = self.stop.send(true);
+        async move {
+            for task in self.tasks {
+                let _ = task.await;
+            }
+        }
+    }
 }

@@ -10,7 +10,7 @@
 use super::{Policy, Window, DAY};
 use crate::store::{StateStore, StoreError};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 const DAY_MS: u64 = DAY.as_secs() * 1000;
@@ -29,8 +29,10 @@ pub struct Daily {
     /// Until when (Unix ms) the store is known to have nothing left: refusals skip it till then.
     spent_until_ms: AtomicU64,
     topping_up: AtomicBool,
-    /// Set by `give_back`: the process is shutting down and reserves nothing more.
+    /// Set by `give_back`: the process is shutting down, or a reload replaced this day by
+    /// `successor`; nothing more is reserved here.
     closed: AtomicBool,
+    successor: OnceLock<Arc<Daily>>,
     refill: tokio::sync::Mutex<()>,
 }
 
@@ -38,6 +40,8 @@ pub struct Daily {
 pub enum Refused {
     Spent,
     Store(StoreError),
+    /// This day counts no more (see [`Daily::retire`]): spend with its successor, if any.
+    Retired(Option<Arc<Daily>>),
 }
 
 fn pack(day: u64, left: u64) -> u64 {
@@ -62,12 +66,17 @@ impl Daily {
             spent_until_ms: AtomicU64::new(0),
             topping_up: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            successor: OnceLock::new(),
             refill: tokio::sync::Mutex::new(()),
         }
     }
 
     pub fn limit(&self) -> u64 {
         self.limit
+    }
+
+    pub fn day_starts(&self) -> u32 {
+        (self.day_starts_ms / 1000) as u32
     }
 
     /// Which day `unix_ms` falls in, counting days from the first `day_starts` after the epoch.
@@ -115,6 +124,9 @@ impl Daily {
                     });
                 }
                 return Ok(self.window(unix_ms));
+            }
+            if self.closed.load(Ordering::Acquire) {
+                return Err(Refused::Retired(self.successor.get().cloned()));
             }
             if self.spent_until_ms.load(Ordering::Relaxed) > unix_ms {
                 return Err(Refused::Spent);
@@ -212,6 +224,15 @@ impl Daily {
         self.used.store(used, Ordering::Relaxed);
         self.hand.store(pack(day, 0), Ordering::Release);
         Ok(())
+    }
+
+    /// A reload replaced this day's limit or start: from now on `successor` counts (nothing,
+    /// when the quota lost its day), and the counts in hand go back to the store.
+    pub async fn retire(&self, successor: Option<Arc<Daily>>) -> Result<(), StoreError> {
+        if let Some(next) = successor {
+            let _ = self.successor.set(next);
+        }
+        self.give_back().await
     }
 
     /// Give the counts in hand back to the store and reserve no more (clean shutdown).
@@ -317,10 +338,42 @@ mod tests {
             1
         );
         // After giving back, nothing more is reserved.
-        assert!(matches!(daily.spend(next).await, Err(Refused::Spent)));
+        assert!(matches!(
+            daily.spend(next).await,
+            Err(Refused::Retired(None))
+        ));
         assert_eq!(
             store.quota_used("api", &window_key(20_416)).await.unwrap(),
             1
         );
+    }
+
+    #[tokio::test]
+    async fn a_retired_day_hands_its_counts_back_and_points_at_its_successor() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store: Arc<dyn StateStore> = Arc::new(FileStore::open(tmp.path()).unwrap());
+        let now = 20_416 * 86_400 * 1000;
+        let old = Arc::new(Daily::new("api", 1000, 0, Arc::clone(&store)));
+        for _ in 0..4 {
+            assert!(old.spend(now).await.is_ok());
+        }
+        let day = window_key(20_416);
+        // 4 spent from a lease of 10, topped up to a full one when half was gone.
+        let reserved = store.quota_used("api", &day).await.unwrap();
+        assert!(reserved >= 10, "{reserved}");
+
+        // per_day raised to 2000 by a reload: the new day picks up what was spent.
+        let new = Arc::new(Daily::new("api", 2000, 0, Arc::clone(&store)));
+        old.retire(Some(Arc::clone(&new))).await.unwrap();
+        assert_eq!(store.quota_used("api", &day).await.unwrap(), 4);
+        new.load(now).await.unwrap();
+        assert_eq!(new.window(now).remaining, 1996);
+        match old.spend(now).await {
+            Err(Refused::Retired(Some(next))) => assert!(Arc::ptr_eq(&next, &new)),
+            _ => panic!("a retired day points at its successor"),
+        }
+        assert!(new.spend(now).await.is_ok());
+        new.give_back().await.unwrap();
+        assert_eq!(store.quota_used("api", &day).await.unwrap(), 5);
     }
 }

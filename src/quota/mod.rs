@@ -140,14 +140,19 @@ pub enum QuotaError {
 }
 
 /// The limits of one upstream, shared by every worker thread that serves it.
+///
+/// A reload builds a [`Quota::successor`] that shares every part whose numbers did not change
+/// (and the queue, the 429 hold and the refusal counts always), so the state carries over.
 pub struct Quota {
     upstream: String,
+    config: Option<QuotaConfig>,
     clock: Clock,
+    store: Arc<dyn StateStore>,
     daily: Option<Arc<Daily>>,
-    rates: Vec<Rate>,
-    queue: Option<Queue>,
-    hold: Hold,
-    rejected: [AtomicU64; Reason::ALL.len()],
+    rates: Vec<Arc<Rate>>,
+    queue: Option<Arc<Queue>>,
+    hold: Arc<Hold>,
+    rejected: Arc<[AtomicU64; Reason::ALL.len()]>,
 }
 
 impl Quota {
@@ -158,9 +163,37 @@ impl Quota {
         store: Arc<dyn StateStore>,
         clock: Clock,
     ) -> Quota {
+        let empty = Quota {
+            upstream: upstream.to_owned(),
+            config: None,
+            clock,
+            store,
+            daily: None,
+            rates: Vec::new(),
+            queue: None,
+            hold: Arc::default(),
+            rejected: Arc::default(),
+        };
+        empty.successor(config)
+    }
+
+    /// The limits of `config` for the same upstream, taking over what this one counted: the
+    /// day when its limit and start are unchanged, each short window whose count is unchanged,
+    /// and the queue. Nothing changes for requests until [`Quota::hand_over`].
+    pub fn successor(&self, config: Option<&QuotaConfig>) -> Quota {
         let daily = config.and_then(|c| {
             let limit = c.daily_limit()?;
-            Some(Arc::new(Daily::new(upstream, limit, c.day_starts, store)))
+            match &self.daily {
+                Some(d) if d.limit() == limit && d.day_starts() == c.day_starts => {
+                    Some(Arc::clone(d))
+                }
+                _ => Some(Arc::new(Daily::new(
+                    &self.upstream,
+                    limit,
+                    c.day_starts,
+                    Arc::clone(&self.store),
+                ))),
+            }
         });
         let mut rates = Vec::new();
         if let Some(c) = config {
@@ -169,23 +202,58 @@ impl Quota {
                 ("minute", c.per_minute, Duration::from_secs(60)),
                 ("hour", c.per_hour, Duration::from_secs(3600)),
             ] {
-                if let Some(limit) = limit.and_then(NonZeroU32::new) {
-                    rates.push(Rate::new(name, limit, period, clock.clone()));
-                }
+                let Some(limit) = limit.and_then(NonZeroU32::new) else {
+                    continue;
+                };
+                let kept = self.rates.iter().find(|r| {
+                    r.policy().name == name && r.policy().limit == u64::from(limit.get())
+                });
+                rates.push(match kept {
+                    Some(rate) => Arc::clone(rate),
+                    None => Arc::new(Rate::new(name, limit, period, self.clock.clone())),
+                });
             }
         }
         let queue = config.and_then(|c| {
             let n = c.concurrency.filter(|n| *n > 0)?;
-            Some(Queue::new(n, c.queue.unwrap_or(0), c.queue_timeout))
+            Some(match &self.queue {
+                // Resized by hand_over, so the requests in flight stay counted.
+                Some(q) => Arc::clone(q),
+                None => Arc::new(Queue::new(n, c.queue.unwrap_or(0), c.queue_timeout)),
+            })
         });
         Quota {
-            upstream: upstream.to_owned(),
-            clock,
+            upstream: self.upstream.clone(),
+            config: config.cloned(),
+            clock: self.clock.clone(),
+            store: Arc::clone(&self.store),
             daily,
             rates,
             queue,
-            hold: Hold::default(),
-            rejected: Default::default(),
+            hold: Arc::clone(&self.hold),
+            rejected: Arc::clone(&self.rejected),
+        }
+    }
+
+    /// The config this quota enforces.
+    pub fn config(&self) -> Option<&QuotaConfig> {
+        self.config.as_ref()
+    }
+
+    /// Make `next` (this quota's [`Quota::successor`]) the one in force: resize the shared
+    /// queue, and give back the counts in hand of a day `next` no longer counts with. A
+    /// request still spending against this quota is counted by `next`'s day.
+    pub async fn hand_over(&self, next: &Quota) -> Result<(), StoreError> {
+        if let (Some(queue), Some(c)) = (&next.queue, &next.config) {
+            if let Some(n) = c.concurrency {
+                queue.resize(n, c.queue.unwrap_or(0), c.queue_timeout);
+            }
+        }
+        match &self.daily {
+            Some(old) if !next.daily.as_ref().is_some_and(|d| Arc::ptr_eq(d, old)) => {
+                old.retire(next.daily.clone()).await
+            }
+            _ => Ok(()),
         }
     }
 
@@ -254,10 +322,21 @@ impl Quota {
                 }
             }
         }
-        if let Some(daily) = &self.daily {
+        if let Some(mut daily) = self.daily.clone() {
             let now = self.clock.unix_ms();
-            match daily.spend(now).await {
+            let spent = loop {
+                match daily.spend(now).await {
+                    // A reload replaced this day while the request was on its way.
+                    Err(daily::Refused::Retired(Some(next))) => daily = next,
+                    other => break other,
+                }
+            };
+            match spent {
                 Ok(w) => tightest = Some(tighter(tightest, w)),
+                Err(daily::Refused::Retired(_)) => {
+                    let detail = "tollgate is shutting down and counts no more requests; try again when it is back".to_owned();
+                    return Err(self.refuse(Reason::PerDay, 1, None, detail));
+                }
                 Err(daily::Refused::Spent) => {
                     let reset = daily.reset_in(now);
                     let detail = format!(
@@ -311,7 +390,7 @@ impl Quota {
 
     /// Every window now, without spending, for `/status` and `/metrics`.
     pub fn windows(&self) -> Vec<Window> {
-        let mut out: Vec<Window> = self.rates.iter().map(Rate::peek).collect();
+        let mut out: Vec<Window> = self.rates.iter().map(|r| r.peek()).collect();
         if let Some(daily) = &self.daily {
             out.push(daily.window(self.clock.unix_ms()));
         }

@@ -5,20 +5,22 @@
 //! A [`Slot`] is held from admission until the upstream's response body has been passed on in
 //! full (or the client went away), because that is when the API considers the request done.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use crate::gate::Gate;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 
 /// A place among the requests in flight; freed on drop.
 pub type Slot = OwnedSemaphorePermit;
 
+/// The line of one upstream. A reload changes its numbers in place, so the requests in flight
+/// and in line stay counted.
 pub struct Queue {
-    slots: Arc<Semaphore>,
-    concurrency: u32,
-    places: u32,
+    slots: Gate,
+    places: AtomicU32,
     waiting: Arc<AtomicU32>,
-    timeout: Duration,
+    timeout_ms: AtomicU64,
 }
 
 /// Why a request was not given a slot.
@@ -33,26 +35,34 @@ pub enum Turned {
 impl Queue {
     pub fn new(concurrency: u32, places: u32, timeout: Duration) -> Queue {
         Queue {
-            slots: Arc::new(Semaphore::new(concurrency as usize)),
-            concurrency,
-            places,
+            slots: Gate::new(concurrency as usize),
+            places: AtomicU32::new(places),
             waiting: Arc::new(AtomicU32::new(0)),
-            timeout,
+            timeout_ms: AtomicU64::new(timeout.as_millis() as u64),
         }
+    }
+
+    /// New numbers (a reload). A lower concurrency lets nobody new in until enough of the
+    /// requests in flight have finished.
+    pub fn resize(&self, concurrency: u32, places: u32, timeout: Duration) {
+        self.slots.resize(concurrency as usize);
+        self.places.store(places, Ordering::Release);
+        self.timeout_ms
+            .store(timeout.as_millis() as u64, Ordering::Release);
     }
 
     /// A slot now, or after waiting in line.
     pub async fn enter(&self) -> Result<Slot, Turned> {
-        if let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() {
+        if let Ok(slot) = self.slots.try_acquire() {
             return Ok(slot);
         }
-        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.places {
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.places() {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(Turned::Full);
         }
         // Leaves the line even when the client goes away while waiting.
         let _in_line = InLine(Arc::clone(&self.waiting));
-        match tokio::time::timeout(self.timeout, Arc::clone(&self.slots).acquire_owned()).await {
+        match tokio::time::timeout(self.timeout(), self.slots.acquire()).await {
             Ok(Ok(slot)) => Ok(slot),
             Ok(Err(_closed)) => Err(Turned::Full),
             Err(_elapsed) => Err(Turned::TimedOut),
@@ -60,19 +70,19 @@ impl Queue {
     }
 
     pub fn concurrency(&self) -> u32 {
-        self.concurrency
+        self.slots.size() as u32
     }
 
     pub fn timeout(&self) -> Duration {
-        self.timeout
+        Duration::from_millis(self.timeout_ms.load(Ordering::Acquire))
     }
 
     pub fn places(&self) -> u32 {
-        self.places
+        self.places.load(Ordering::Acquire)
     }
 
     pub fn in_flight(&self) -> u32 {
-        self.concurrency - self.slots.available_permits() as u32
+        self.slots.in_use() as u32
     }
 
     pub fn waiting(&self) -> u32 {

@@ -17,8 +17,6 @@ type Limiter = RateLimiter<NotKeyed, InMemoryState, Clock, StateInformationMiddl
 
 pub struct Rate {
     policy: &'static Policy,
-    limit: u32,
-    period: Duration,
     limiter: Limiter,
     clock: Clock,
     /// What was left after the last request, and when (monotonic ns), for `/status`.
@@ -34,8 +32,6 @@ impl Rate {
             .allow_burst(limit);
         Rate {
             policy: Policy::leak(name, u64::from(limit.get()), period.as_secs()),
-            limit: limit.get(),
-            period,
             limiter: RateLimiter::direct_with_clock(quota, clock.clone())
                 .with_middleware::<StateInformationMiddleware>(),
             clock,
@@ -66,25 +62,33 @@ impl Rate {
     /// The window with `remaining` requests left: it is whole again after one interval per
     /// request spent.
     fn window(&self, remaining: u64) -> Window {
-        let interval = self.period / self.limit;
         Window {
             policy: self.policy,
             remaining,
-            reset: interval * (self.limit - remaining as u32),
+            reset: self.interval() * (self.policy.limit - remaining) as u32,
         }
+    }
+
+    /// How long one request takes to come back.
+    fn interval(&self) -> Duration {
+        Duration::from_secs(self.policy.seconds) / self.policy.limit as u32
+    }
+
+    pub fn policy(&self) -> &'static Policy {
+        self.policy
     }
 
     /// The window now, without spending: what was left at the last request plus what has
     /// come back since.
     pub fn peek(&self) -> Window {
-        let interval = (self.period / self.limit).as_nanos().max(1) as u64;
+        let interval = self.interval().as_nanos().max(1) as u64;
         let since = self
             .clock
             .mono()
             .as_u64()
             .saturating_sub(self.last_at.load(Ordering::Relaxed));
-        let remaining = (self.last_remaining.load(Ordering::Relaxed) + since / interval)
-            .min(u64::from(self.limit));
+        let remaining =
+            (self.last_remaining.load(Ordering::Relaxed) + since / interval).min(self.policy.limit);
         self.window(remaining)
     }
 }

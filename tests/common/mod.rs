@@ -263,6 +263,34 @@ refresh_token = "{seed}"
 pub struct Spawned {
     pub child: Child,
     pub addr: String,
+    /// Its log lines after the start, as JSON.
+    pub logs: std::sync::mpsc::Receiver<serde_json::Value>,
+}
+
+impl Spawned {
+    /// The next log line whose message is `message` (others are skipped).
+    pub fn wait_for_log(&self, message: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .logs
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no log line `{message}` within 20 s"));
+            if line["fields"]["message"] == message {
+                return line;
+            }
+        }
+    }
+
+    /// Send SIGHUP.
+    pub fn hang_up(&self) {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
 }
 
 impl Drop for Spawned {
@@ -292,6 +320,11 @@ pub fn spawn_serve(config_path: &std::path::Path) -> Spawned {
         }
     };
     // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Spawned { child, addr }
+    let (tx, logs) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let _ = tx.send(serde_json::from_str(&line).unwrap_or_default());
+        }
+    });
+    Spawned { child, addr, logs }
 }

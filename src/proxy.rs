@@ -1,0 +1,544 @@
+//! The running proxy: what [`Proxy::start`] binds and starts, what [`Proxy::reload`] changes
+//! in place, and the order [`Proxy::shutdown`] stops it in.
+//!
+//! Starting is a reload from nothing. A reload first prepares everything that can fail —
+//! reading files, binding new sockets, loading the day's count — and changes nothing until all
+//! of it has succeeded, so an invalid config leaves the running one in force. Then, per
+//! upstream (by name), it keeps what is unchanged:
+//!
+//! - the token cache while `[upstream.auth]` and the CA are unchanged (a new one adopts the
+//!   stored token of the same lineage, so even then nothing is redeemed twice);
+//! - the quota's counts, handed over to a successor ([`Quota::successor`]);
+//! - the pooled upstream connections while the URL, timeouts and CA are unchanged;
+//! - the listener while `listen` is unchanged, or handed to the upstream that now listens on
+//!   its address, with open connections kept; each request is served by the config in force
+//!   when it arrives.
+//!
+//! Listeners no upstream uses any more stop accepting and drain their connections.
+
+use crate::admin::{self, Admin};
+use crate::config::{Config, StoreLocation, UpstreamConfig};
+use crate::forward;
+use crate::pipeline::Pipeline;
+use crate::quota::{Clock, Quota};
+use crate::server::{self, Bound, Listener, Site, Workers};
+use crate::stats::RequestStats;
+use crate::store::{self, StateStore};
+use crate::tls::CertStore;
+use crate::token::TokenCache;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+
+/// How long in-flight requests may take to finish after a shutdown signal, or after a reload
+/// removed their listener.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Why the proxy could not start, or why a reload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("upstream `{upstream}`: cannot listen on {addr}: {source}")]
+    Bind {
+        upstream: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("upstream `{upstream}`: {reason}")]
+    Upstream { upstream: String, reason: String },
+    #[error("state store: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("state.store: {0}")]
+    StoreLocation(String),
+}
+
+/// What a reload changed, by upstream name.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+}
+
+/// A running proxy: every listener bound, every refresh-ahead task started.
+pub struct Proxy {
+    config: Config,
+    store: Arc<dyn StateStore>,
+    clock: Clock,
+    workers: Workers,
+    upstreams: BTreeMap<String, Running>,
+    listeners: BTreeMap<String, Listener<Pipeline>>,
+    admin: Option<Listener<Admin>>,
+    /// Listeners a reload removed, draining, and what is given back after them.
+    retiring: JoinSet<()>,
+}
+
+/// The state of one upstream that outlives a reload.
+struct Running {
+    config: UpstreamConfig,
+    roots: Option<Vec<u8>>,
+    tokens: Arc<TokenCache>,
+    refresh: Task,
+    quota: Arc<Quota>,
+    certs: Option<Arc<CertStore>>,
+    /// One per worker.
+    stats: Vec<Arc<RequestStats>>,
+}
+
+/// A background task and the switch that stops it.
+struct Task {
+    stop: watch::Sender<bool>,
+    handle: JoinHandle<()>,
+}
+
+/// One upstream of the new config, with everything that could fail already done.
+struct Prepared {
+    config: UpstreamConfig,
+    roots: Option<Vec<u8>>,
+    /// The running cache, or a new one (whose refresh task is not started yet).
+    tokens: Arc<TokenCache>,
+    quota: Arc<Quota>,
+    certs: Option<Arc<CertStore>>,
+    /// One per worker.
+    forwards: Vec<forward::Upstream>,
+    socket: Socket,
+}
+
+/// Where a prepared upstream listens.
+enum Socket {
+    /// The listener of this running upstream.
+    Keep(String),
+    New(Bound),
+}
+
+impl Proxy {
+    /// Bind the listeners of `config` and serve on the caller's runtime (tests, embedding).
+    pub async fn start(config: &Config) -> Result<Proxy, StartError> {
+        Proxy::start_with_workers(config, 1).await
+    }
+
+    /// Bind the listeners of `config` and serve them on `workers` threads.
+    ///
+    /// With more than one worker, each is an OS thread with its own single-threaded runtime,
+    /// its own `SO_REUSEPORT` socket per listener and its own upstream connection pool, so a
+    /// request is accepted, forwarded and answered on one thread without cross-thread wakeups
+    /// (the event-loop-per-core model nginx uses). The token caches are shared and lock-free.
+    pub async fn start_with_workers(config: &Config, workers: usize) -> Result<Proxy, StartError> {
+        Proxy::start_inner(config, workers, Clock::system()).await
+    }
+
+    /// [`Proxy::start`] with quotas that read `clock`: tests move it to pass a day or a minute.
+    pub async fn start_with_clock(config: &Config, clock: Clock) -> Result<Proxy, StartError> {
+        Proxy::start_inner(config, 1, clock).await
+    }
+
+    async fn start_inner(
+        config: &Config,
+        workers: usize,
+        clock: Clock,
+    ) -> Result<Proxy, StartError> {
+        let location =
+            StoreLocation::parse(&config.state.store).map_err(StartError::StoreLocation)?;
+        let store = store::open(&location)?;
+        let workers = Workers::start(workers).map_err(|e| StartError::Upstream {
+            upstream: "*".into(),
+            reason: format!("cannot start the worker threads: {e}"),
+        })?;
+        let mut proxy = Proxy {
+            config: config.clone(),
+            store,
+            clock,
+            workers,
+            upstreams: BTreeMap::new(),
+            listeners: BTreeMap::new(),
+            admin: None,
+            retiring: JoinSet::new(),
+        };
+        proxy.apply(config).await?;
+        Ok(proxy)
+    }
+
+    /// The address the listener of upstream `name` is bound to.
+    pub fn addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners.get(name).map(|l| l.local)
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|l| l.local)
+    }
+
+    /// Put `config` in force without dropping connections or losing token and quota state
+    /// (SIGHUP). When any part of it cannot be put in force, nothing changes and the reason is
+    /// returned.
+    pub async fn reload(&mut self, config: &Config) -> Result<Reloaded, StartError> {
+        if config.state.store != self.config.state.store {
+            return Err(StartError::StoreLocation(format!(
+                "changed from `{}` to `{}`; moving the state store takes a restart",
+                self.config.state.store, config.state.store
+            )));
+        }
+        let mut changes = Reloaded::default();
+        for up in &config.upstreams {
+            match self.config.upstream(&up.name) {
+                None => changes.added.push(up.name.clone()),
+                Some(old) if old != up => changes.changed.push(up.name.clone()),
+                Some(_) => {}
+            }
+        }
+        changes.removed = self
+            .config
+            .upstreams
+            .iter()
+            .filter(|old| config.upstream(&old.name).is_none())
+            .map(|old| old.name.clone())
+            .collect();
+        self.apply(config).await?;
+        self.config = config.clone();
+        Ok(changes)
+    }
+
+    /// Prepare every upstream of `config`, then switch to them.
+    async fn apply(&mut self, config: &Config) -> Result<(), StartError> {
+        let mut claimed = BTreeSet::new();
+        let mut prepared = Vec::with_capacity(config.upstreams.len());
+        for up in &config.upstreams {
+            prepared.push(self.prepare(up, &mut claimed).await?);
+        }
+        let admin = match (&config.admin, &self.admin) {
+            (Some(a), Some(_))
+                if self.config.admin.as_ref().map(|o| o.listen) == Some(a.listen) =>
+            {
+                None
+            }
+            (Some(a), _) => Some(Bound::bind(a.listen, 1).map_err(|source| StartError::Bind {
+                upstream: "admin".into(),
+                addr: a.listen,
+                source,
+            })?),
+            (None, _) => None,
+        };
+        // Nothing below fails.
+        let handovers = self.commit(prepared);
+        self.switch_admin(config, admin);
+        for (old, new) in handovers {
+            if let Err(e) = old.hand_over(&new).await {
+                tracing::warn!(error = %e, "could not give back the daily counts in hand; they stay spent for today");
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything for `up` that can fail: files, the token cache, the day's count, sockets.
+    async fn prepare(
+        &self,
+        up: &UpstreamConfig,
+        claimed: &mut BTreeSet<String>,
+    ) -> Result<Prepared, StartError> {
+        let fail = |reason: String| StartError::Upstream {
+            upstream: up.name.clone(),
+            reason,
+        };
+        let roots = match &up.ca_file {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| fail(format!("cannot read ca_file {}: {e}", path.display())))?,
+            ),
+            None => None,
+        };
+        let old = self.upstreams.get(&up.name);
+        let tokens = match old {
+            Some(o) if o.config.auth == up.auth && o.roots == roots => Arc::clone(&o.tokens),
+            _ => Arc::new(
+                TokenCache::new(up, Arc::clone(&self.store), roots.as_deref()).map_err(&fail)?,
+            ),
+        };
+        let quota = match old {
+            Some(o) if o.quota.config() == up.quota.as_ref() => Arc::clone(&o.quota),
+            _ => {
+                let quota = match old {
+                    Some(o) => o.quota.successor(up.quota.as_ref()),
+                    None => Quota::new(
+                        &up.name,
+                        up.quota.as_ref(),
+                        Arc::clone(&self.store),
+                        self.clock.clone(),
+                    ),
+                };
+                quota.load().await?;
+                Arc::new(quota)
+            }
+        };
+        let same_forwarding = old.is_some_and(|o| {
+            o.config.url == up.url
+                && o.config.timeout == up.timeout
+                && o.config.limits.connect_timeout == up.limits.connect_timeout
+                && o.roots == roots
+        });
+        let forwards = match self.listeners.get(&up.name) {
+            // Sharing the pools keeps their warm connections.
+            Some(listener) if same_forwarding => listener
+                .sites()
+                .map(|site| site.handler.upstream().clone())
+                .collect(),
+            _ => {
+                let mut forwards = Vec::with_capacity(self.workers.len());
+                for _ in 0..self.workers.len() {
+                    forwards.push(forward::Upstream::new(up, roots.as_deref()).map_err(&fail)?);
+                }
+                forwards
+            }
+        };
+        let certs = match (&up.tls, old) {
+            (Some(_), Some(o)) if o.config.tls == up.tls => o.certs.clone(),
+            (Some(t), _) => Some(CertStore::open(&t.cert, &t.key).map_err(&fail)?),
+            (None, _) => None,
+        };
+        Ok(Prepared {
+            socket: self.socket_for(up, claimed)?,
+            config: up.clone(),
+            roots,
+            tokens,
+            quota,
+            certs,
+            forwards,
+        })
+    }
+
+    /// The running listener `up` can take over, or a new socket: the upstream's own listener
+    /// while its address is unchanged, else one of another upstream on the same fixed address.
+    fn socket_for(
+        &self,
+        up: &UpstreamConfig,
+        claimed: &mut BTreeSet<String>,
+    ) -> Result<Socket, StartError> {
+        let same_address = |name: &String| {
+            self.upstreams
+                .get(name)
+                .is_some_and(|o| o.config.listen == up.listen)
+                && !claimed.contains(name)
+        };
+        let keep = if same_address(&up.name) {
+            Some(up.name.clone())
+        } else if up.listen.port() != 0 {
+            self.listeners.keys().find(|n| same_address(n)).cloned()
+        } else {
+            None
+        };
+        match keep {
+            Some(name) if self.listeners.contains_key(&name) => {
+                claimed.insert(name.clone());
+                Ok(Socket::Keep(name))
+            }
+            _ => Bound::bind(up.listen, self.workers.len())
+                .map(Socket::New)
+                .map_err(|source| StartError::Bind {
+                    upstream: up.name.clone(),
+                    addr: up.listen,
+                    source,
+                }),
+        }
+    }
+
+    /// Switch every listener to the prepared upstreams; stop what the new config dropped.
+    /// Returns the quotas that have a successor now, paired with it, to be handed over.
+    fn commit(&mut self, prepared: Vec<Prepared>) -> Vec<(Arc<Quota>, Arc<Quota>)> {
+        let mut old_upstreams = std::mem::take(&mut self.upstreams);
+        let mut old_listeners = std::mem::take(&mut self.listeners);
+        let mut handovers = Vec::new();
+        for p in prepared {
+            let old = old_upstreams.remove(&p.config.name);
+            let stats = match &old {
+                Some(o) => o.stats.clone(),
+                None => (0..self.workers.len())
+                    .map(|_| Arc::new(RequestStats::default()))
+                    .collect(),
+            };
+            let local = match &p.socket {
+                Socket::Keep(from) => old_listeners[from].local,
+                Socket::New(bound) => bound.local,
+            };
+            let tls = p.certs.as_ref().map(CertStore::acceptor);
+            let sites: Vec<Site<Pipeline>> = p
+                .forwards
+                .into_iter()
+                .zip(&stats)
+                .map(|(forward, stats)| {
+                    let pipeline = Pipeline::new(
+                        &p.config,
+                        local,
+                        forward,
+                        Arc::clone(&p.tokens),
+                        Arc::clone(&p.quota),
+                        Arc::clone(stats),
+                    );
+                    Site::new(pipeline, &p.config.limits, tls.clone())
+                })
+                .collect();
+            let listener = match p.socket {
+                Socket::Keep(from) => {
+                    let listener = old_listeners.remove(&from).expect("claimed once");
+                    listener.swap(sites);
+                    listener.resize_cap(p.config.limits.max_connections);
+                    listener
+                }
+                Socket::New(bound) => {
+                    tracing::info!(upstream = %p.config.name, listen = %local, url = %p.config.url, workers = self.workers.len(), "listening");
+                    Listener::serve(
+                        bound,
+                        sites,
+                        Some(p.config.limits.max_connections),
+                        &self.workers,
+                        SHUTDOWN_GRACE,
+                    )
+                }
+            };
+            let refresh = match &old {
+                Some(o) if Arc::ptr_eq(&o.tokens, &p.tokens) => None,
+                _ => Some(refresh_task(&p.tokens)),
+            };
+            let refresh = match old {
+                Some(o) => {
+                    if !Arc::ptr_eq(&o.quota, &p.quota) {
+                        handovers.push((o.quota, Arc::clone(&p.quota)));
+                    }
+                    match refresh {
+                        Some(new) => {
+                            let _ = o.refresh.stop.send(true);
+                            new
+                        }
+                        None => o.refresh,
+                    }
+                }
+                None => refresh.expect("a new upstream has a new cache"),
+            };
+            self.listeners.insert(p.config.name.clone(), listener);
+            self.upstreams.insert(
+                p.config.name.clone(),
+                Running {
+                    config: p.config,
+                    roots: p.roots,
+                    tokens: p.tokens,
+                    refresh,
+                    quota: p.quota,
+                    certs: p.certs,
+                    stats,
+                },
+            );
+        }
+        // What no upstream of the new config took over: stop refreshing, drain, give back.
+        for (name, gone) in old_upstreams {
+            let _ = gone.refresh.stop.send(true);
+            let drained = old_listeners.remove(&name).map(Listener::stop);
+            let quota = gone.quota;
+            self.retiring.spawn(async move {
+                if let Some(drained) = drained {
+                    drained.await;
+                }
+                if let Err(e) = quota.give_back().await {
+                    tracing::warn!(upstream = %name, error = %e, "could not give unspent daily quota back; it stays spent for today");
+                }
+            });
+        }
+        for (_, listener) in old_listeners {
+            self.retiring.spawn(listener.stop());
+        }
+        handovers
+    }
+
+    /// Start, keep or stop the admin listener, and show it the upstreams now running.
+    fn switch_admin(&mut self, config: &Config, bound: Option<Bound>) {
+        let upstreams = self
+            .upstreams
+            .iter()
+            .map(|(name, u)| admin::Upstream {
+                name: name.clone(),
+                tokens: Arc::clone(&u.tokens),
+                quota: Arc::clone(&u.quota),
+                stats: u.stats.clone(),
+            })
+            .collect();
+        let site = || {
+            Site::new(
+                Admin::new(upstreams),
+                &crate::config::LimitsConfig::default(),
+                None,
+            )
+        };
+        if config.admin.is_none() {
+            if let Some(old) = self.admin.take() {
+                self.retiring.spawn(old.stop());
+            }
+            return;
+        }
+        match bound {
+            None => {
+                if let Some(admin) = &self.admin {
+                    admin.swap(vec![site()]);
+                }
+            }
+            Some(bound) => {
+                tracing::info!(listen = %bound.local, "admin listening");
+                let here = Workers::current();
+                let listener = Listener::serve(bound, vec![site()], None, &here, SHUTDOWN_GRACE);
+                if let Some(old) = self.admin.replace(listener) {
+                    self.retiring.spawn(old.stop());
+                }
+            }
+        }
+    }
+
+    /// Read every TLS listener's certificate and key again (SIGHUP). A listener whose files
+    /// cannot be read keeps its certificate; the errors are returned, one per listener.
+    pub fn reload_tls(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        for (name, up) in &self.upstreams {
+            let Some(certs) = &up.certs else { continue };
+            match certs.reload() {
+                Ok(()) => tracing::info!(upstream = %name, "TLS certificate reloaded"),
+                Err(e) => {
+                    tracing::error!(upstream = %name, error = %e, "TLS certificate not reloaded; the old one stays in use");
+                    errors.push(format!("upstream `{name}`: {e}"));
+                }
+            }
+        }
+        errors
+    }
+
+    /// Stop accepting, let in-flight requests finish (up to [`SHUTDOWN_GRACE`]), stop refreshing,
+    /// give unspent daily quota back to the store.
+    pub async fn shutdown(mut self) {
+        let drained: Vec<_> = std::mem::take(&mut self.listeners)
+            .into_values()
+            .map(Listener::stop)
+            .collect();
+        let admin = self.admin.take().map(Listener::stop);
+        for d in drained {
+            d.await;
+        }
+        if let Some(admin) = admin {
+            admin.await;
+        }
+        while self.retiring.join_next().await.is_some() {}
+        for up in self.upstreams.values_mut() {
+            let _ = up.refresh.stop.send(true);
+        }
+        for up in std::mem::take(&mut self.upstreams).into_values() {
+            let _ = up.refresh.handle.await;
+            if let Err(e) = up.quota.give_back().await {
+                tracing::warn!(upstream = %up.config.name, error = %e, "could not give unspent daily quota back; it stays spent for today");
+            }
+        }
+        self.workers.stop().await;
+    }
+}
+
+/// Refresh `tokens` ahead of expiry until stopped.
+fn refresh_task(tokens: &Arc<TokenCache>) -> Task {
+    let (stop, mut stopped) = watch::channel(false);
+    let handle = tokio::spawn(Arc::clone(tokens).refresh_ahead(async move {
+        server::stopped(&mut stopped).await;
+    }));
+    Task { stop, handle }
+}
