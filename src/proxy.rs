@@ -195,12 +195,13 @@ impl Proxy {
             .map(|old| old.name.clone())
             .collect();
         self.apply(config).await?;
-        self.config = config.clone();
         Ok(changes)
     }
 
     /// Prepare every upstream of `config`, then switch to them.
     async fn apply(&mut self, config: &Config) -> Result<(), StartError> {
+        // Listeners drained since the last reload.
+        while self.retiring.try_join_next().is_some() {}
         let mut claimed = BTreeSet::new();
         let mut prepared = Vec::with_capacity(config.upstreams.len());
         for up in &config.upstreams {
@@ -212,19 +213,19 @@ impl Proxy {
             {
                 None
             }
-            (Some(a), _) => Some(Bound::bind(a.listen, 1).map_err(|source| StartError::Bind {
-                upstream: "admin".into(),
-                addr: a.listen,
-                source,
-            })?),
+            (Some(a), _) => Some(
+                Bound::bind(a.listen, 1)
+                    .map_err(|source| self.bind_error("admin", a.listen, source))?,
+            ),
             (None, _) => None,
         };
         // Nothing below fails.
         let handovers = self.commit(prepared);
         self.switch_admin(config, admin);
-        for (old, new) in handovers {
+        self.config = config.clone();
+        for (name, old, new) in handovers {
             if let Err(e) = old.hand_over(&new).await {
-                tracing::warn!(error = %e, "could not give back the daily counts in hand; they stay spent for today");
+                tracing::warn!(upstream = %name, error = %e, "could not give back the daily counts in hand; they stay spent for today");
             }
         }
         Ok(())
@@ -333,17 +334,49 @@ impl Proxy {
             }
             _ => Bound::bind(up.listen, self.workers.len())
                 .map(Socket::New)
-                .map_err(|source| StartError::Bind {
-                    upstream: up.name.clone(),
-                    addr: up.listen,
-                    source,
-                }),
+                .map_err(|source| self.bind_error(&up.name, up.listen, source)),
+        }
+    }
+
+    /// A bind error, saying so when it is this tollgate that holds the port.
+    fn bind_error(&self, upstream: &str, addr: SocketAddr, source: std::io::Error) -> StartError {
+        let clashes = |held: SocketAddr| {
+            held.port() == addr.port()
+                && (held.ip() == addr.ip()
+                    || held.ip().is_unspecified()
+                    || addr.ip().is_unspecified())
+        };
+        let holder = self
+            .listeners
+            .iter()
+            .find(|(_, l)| clashes(l.local))
+            .map(|(name, l)| format!("upstream `{name}` on {}", l.local))
+            .or_else(|| {
+                let admin = self.admin.as_ref()?;
+                clashes(admin.local).then(|| format!("[admin] on {}", admin.local))
+            });
+        match holder {
+            Some(holder) if source.kind() == std::io::ErrorKind::AddrInUse => {
+                StartError::Upstream {
+                    upstream: upstream.to_owned(),
+                    reason: format!(
+                    "cannot listen on {addr}: the port is still held by this tollgate's {holder}; \
+                     a listener keeps its socket only at the same address, so moving it to another \
+                     address on the same port, or swapping it with [admin], takes a restart"
+                ),
+                }
+            }
+            _ => StartError::Bind {
+                upstream: upstream.to_owned(),
+                addr,
+                source,
+            },
         }
     }
 
     /// Switch every listener to the prepared upstreams; stop what the new config dropped.
-    /// Returns the quotas that have a successor now, paired with it, to be handed over.
-    fn commit(&mut self, prepared: Vec<Prepared>) -> Vec<(Arc<Quota>, Arc<Quota>)> {
+    /// Returns the quotas that have a successor now, with it, to be handed over.
+    fn commit(&mut self, prepared: Vec<Prepared>) -> Vec<(String, Arc<Quota>, Arc<Quota>)> {
         let mut old_upstreams = std::mem::take(&mut self.upstreams);
         let mut old_listeners = std::mem::take(&mut self.listeners);
         let mut handovers = Vec::new();
@@ -394,24 +427,20 @@ impl Proxy {
                     )
                 }
             };
-            let refresh = match &old {
-                Some(o) if Arc::ptr_eq(&o.tokens, &p.tokens) => None,
-                _ => Some(refresh_task(&p.tokens)),
-            };
             let refresh = match old {
                 Some(o) => {
                     if !Arc::ptr_eq(&o.quota, &p.quota) {
-                        handovers.push((o.quota, Arc::clone(&p.quota)));
+                        handovers.push((p.config.name.clone(), o.quota, Arc::clone(&p.quota)));
                     }
-                    match refresh {
-                        Some(new) => {
-                            let _ = o.refresh.stop.send(true);
-                            new
-                        }
-                        None => o.refresh,
+                    if Arc::ptr_eq(&o.tokens, &p.tokens) {
+                        o.refresh
+                    } else {
+                        p.tokens.take_over(&o.tokens);
+                        self.retire_task(o.refresh);
+                        refresh_task(&p.tokens)
                     }
                 }
-                None => refresh.expect("a new upstream has a new cache"),
+                None => refresh_task(&p.tokens),
             };
             self.listeners.insert(p.config.name.clone(), listener);
             self.upstreams.insert(
@@ -429,12 +458,18 @@ impl Proxy {
         }
         // What no upstream of the new config took over: stop refreshing, drain, give back.
         for (name, gone) in old_upstreams {
-            let _ = gone.refresh.stop.send(true);
+            self.retire_task(gone.refresh);
             let drained = old_listeners.remove(&name).map(Listener::stop);
             let quota = gone.quota;
             self.retiring.spawn(async move {
                 if let Some(drained) = drained {
                     drained.await;
+                }
+                // Requests that arrived before the reload (on a listener another upstream
+                // took over, or past the drain) may still be spending.
+                let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+                while Arc::strong_count(&quota) > 1 && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 if let Err(e) = quota.give_back().await {
                     tracing::warn!(upstream = %name, error = %e, "could not give unspent daily quota back; it stays spent for today");
@@ -445,6 +480,14 @@ impl Proxy {
             self.retiring.spawn(listener.stop());
         }
         handovers
+    }
+
+    /// Stop a refresh task; shutdown waits for it (a refresh in flight saves its result).
+    fn retire_task(&mut self, task: Task) {
+        let _ = task.stop.send(true);
+        self.retiring.spawn(async move {
+            let _ = task.handle.await;
+        });
     }
 
     /// Start, keep or stop the admin listener, and show it the upstreams now running.

@@ -1,22 +1,30 @@
 //! Listeners: accept TCP connections, serve HTTP/1.1 and h2c (prior knowledge) on each through
 //! hyper-util's auto builder, and shut down gracefully — stop accepting, let in-flight requests
 //! finish, close idle keep-alive connections, give up after a grace period.
+//!
+//! A [`Listener`] is one address served by every worker ([`Workers`]), each on its own socket
+//! with its own [`Site`] — the handler and connection settings — behind an `ArcSwap`, so a
+//! reload replaces what is served without closing a connection. A connection is closed once
+//! it has had no request in flight for `header_timeout`, in either protocol.
 
 use crate::config::LimitsConfig;
 use crate::error::ProxyBody;
 use crate::gate::Gate;
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::runtime::Handle;
@@ -28,8 +36,14 @@ use tokio_rustls::TlsAcceptor;
 /// request goes to the handler in force when it arrives.
 pub struct Site<H> {
     pub handler: H,
+    settings: Arc<Settings>,
+}
+
+/// How a connection is served: kept by the connection, apart from the handler, so an open
+/// connection does not keep an old handler (and its pool, quota and token cache) alive.
+struct Settings {
     builder: auto::Builder<TokioExecutor>,
-    /// To send a request head, and to keep an idle keep-alive connection (slowloris).
+    /// To send a request head, and to keep a connection with no request in flight.
     header_timeout: Duration,
     tls: Option<TlsAcceptor>,
 }
@@ -38,9 +52,11 @@ impl<H> Site<H> {
     pub fn new(handler: H, limits: &LimitsConfig, tls: Option<TlsAcceptor>) -> Site<H> {
         Site {
             handler,
-            builder: builder(limits),
-            header_timeout: limits.header_timeout,
-            tls,
+            settings: Arc::new(Settings {
+                builder: builder(limits),
+                header_timeout: limits.header_timeout,
+                tls,
+            }),
         }
     }
 }
@@ -87,7 +103,8 @@ pub async fn serve<H: Handler>(
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let graceful = GracefulShutdown::new();
+    // Every connection holds a receiver; all of them gone means all connections ended.
+    let (open, open_token) = watch::channel(());
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -112,68 +129,158 @@ pub async fn serve<H: Handler>(
             None => None,
         };
         let _ = stream.set_nodelay(true);
-        let site = live.load_full();
-        let (live, watcher) = (Arc::clone(&live), graceful.watcher());
+        let settings = Arc::clone(&live.load().settings);
+        let live = Arc::clone(&live);
+        let (stop, open) = (shutdown.clone(), open_token.clone());
         tokio::spawn(async move {
-            let deadline = tokio::time::Instant::now() + site.header_timeout;
-            match &site.tls {
-                None => connection(stream, live, &site.builder, watcher, deadline).await,
+            let started = tokio::time::Instant::now();
+            match &settings.tls {
+                None => connection(stream, live, &settings, started, stop).await,
                 Some(acceptor) => {
                     // The handshake counts against the same deadline as the first request.
+                    let deadline = started + settings.header_timeout;
                     match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => {
-                            connection(stream, live, &site.builder, watcher, deadline).await
-                        }
+                        Ok(Ok(stream)) => connection(stream, live, &settings, started, stop).await,
                         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
                     }
                 }
             }
-            drop(permit);
+            drop((permit, open));
         });
     }
-    drop(listener);
+    drop((listener, open_token));
     tokio::select! {
-        _ = graceful.shutdown() => {}
+        _ = open.closed() => {}
         _ = tokio::time::sleep(grace) => {
             tracing::warn!(?grace, "connections still open after the grace period; closing them");
         }
     }
 }
 
-/// Serve HTTP/1.1 or HTTP/2 on one connection. A client that has not started a request by
-/// `deadline` is disconnected: hyper's header timeout only starts once it knows the protocol,
-/// so a silent connection would otherwise hold its place forever.
+/// Serve HTTP/1.1 or HTTP/2 on one connection, until the client closes it, `stop` says stop,
+/// or it has been idle — no request in flight — for the site's `header_timeout` (counted from
+/// `started` for the first request). hyper's own timeout covers an HTTP/1 head that is slow
+/// to come; this covers a connection silent before its protocol is known, which would
+/// otherwise hold its place forever, and an HTTP/2 connection without streams, whose pings a
+/// live client answers.
 async fn connection<H: Handler, IO>(
     io: IO,
     live: Arc<Live<H>>,
-    builder: &auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
-    deadline: tokio::time::Instant,
+    settings: &Settings,
+    started: tokio::time::Instant,
+    mut stop: watch::Receiver<bool>,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let started = Arc::new(AtomicBool::new(false));
-    let seen = Arc::clone(&started);
+    let activity = Arc::new(Activity::new(started));
+    let seen = Arc::clone(&activity);
     let service = service_fn(move |request| {
-        seen.store(true, Ordering::Relaxed);
+        let busy = Busy::begin(&seen);
         let site = live.load_full();
-        async move { Ok::<_, Infallible>(site.handler.call(request).await) }
+        async move {
+            let response = site.handler.call(request).await;
+            Ok::<_, Infallible>(response.map(|body| Tracked { body, _busy: busy }))
+        }
     });
-    let served = watcher.watch(builder.serve_connection(TokioIo::new(io), service));
+    let served = settings.builder.serve_connection(TokioIo::new(io), service);
     let mut served = std::pin::pin!(served);
-    let result = tokio::select! {
-        result = &mut served => result,
-        _ = tokio::time::sleep_until(deadline) => {
-            if !started.load(Ordering::Relaxed) {
-                tracing::debug!("no request before the header timeout; closing the connection");
-                return;
+    let idle = settings.header_timeout;
+    let check = tokio::time::sleep_until(started + idle);
+    let mut check = std::pin::pin!(check);
+    let mut closing = false;
+    let result = loop {
+        tokio::select! {
+            result = served.as_mut() => break result,
+            _ = stopped(&mut stop), if !closing => {
+                served.as_mut().graceful_shutdown();
+                closing = true;
             }
-            served.await
+            _ = check.as_mut(), if !closing => match activity.idle_until(idle) {
+                Some(next) => check.as_mut().reset(next),
+                None => {
+                    tracing::debug!(?idle, "connection idle for the header timeout; closing it");
+                    served.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            },
         }
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Requests in flight on one connection, and when the last one ended.
+struct Activity {
+    base: tokio::time::Instant,
+    in_flight: AtomicU32,
+    /// Milliseconds after `base`.
+    last_end_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new(base: tokio::time::Instant) -> Activity {
+        Activity {
+            base,
+            in_flight: AtomicU32::new(0),
+            last_end_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// `None` when nothing has happened for `idle`; else when to look again.
+    fn idle_until(&self, idle: Duration) -> Option<tokio::time::Instant> {
+        let now = tokio::time::Instant::now();
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return Some(now + idle);
+        }
+        let last = self.base + Duration::from_millis(self.last_end_ms.load(Ordering::Acquire));
+        (last + idle > now).then_some(last + idle)
+    }
+}
+
+/// One request in flight, from its head until its response body is done (or dropped).
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn begin(activity: &Arc<Activity>) -> Busy {
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        Busy(Arc::clone(activity))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let a = &self.0;
+        let ms = a.base.elapsed().as_millis() as u64;
+        a.last_end_ms.fetch_max(ms, Ordering::AcqRel);
+        a.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it is done.
+struct Tracked {
+    body: ProxyBody,
+    _busy: Busy,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = <ProxyBody as Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -151,3 +151,44 @@ async fn the_cap_is_shared_by_the_workers_without_stalling() {
     }
     proxy.shutdown().await;
 }
+
+/// An HTTP/2 connection with no stream open is closed after the header timeout, though its
+/// client answers pings; one with a request in flight longer than that is not.
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_but_not_one_with_a_request_in_flight() {
+    use http_body_util::{BodyExt, Full};
+    let h = harness("header_timeout = \"300ms\"").await;
+    let stream = connect(&h).await;
+    let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, Full<bytes::Bytes>>(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let url = format!(
+        "http://{}/api/v1/slow?sim_delay_ms=700",
+        h.proxy().addr("api").unwrap()
+    );
+    let response = send
+        .send_request(http::Request::get(url).body(Full::default()).unwrap())
+        .await
+        .expect("a request longer than the idle time is answered");
+    assert_eq!(response.status(), 200);
+    response.into_body().collect().await.unwrap();
+    // The connection was not told to go away while the request was in flight.
+    let url = format!("http://{}/api/v1/next", h.proxy().addr("api").unwrap());
+    let next = send
+        .send_request(http::Request::get(url).body(Full::default()).unwrap())
+        .await
+        .expect("the connection is still open");
+    assert_eq!(next.status(), 200);
+    next.into_body().collect().await.unwrap();
+    let idle_from = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the idle connection is closed");
+    assert!(ended.unwrap().is_ok(), "closed cleanly (GOAWAY)");
+    let idle = idle_from.elapsed();
+    assert!(idle >= Duration::from_millis(250), "{idle:?}");
+}

@@ -55,6 +55,36 @@ async fn get_on(
     collect(connection.send_request(request).await.unwrap()).await
 }
 
+/// Wait (up to 10 s) until `done` holds.
+async fn until(mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The quota line of the first upstream in `/status`: (in flight, waiting).
+async fn line(h: &Harness) -> (u64, u64) {
+    let status = common::get(h.admin_url("/status")).await.json();
+    let quota = &status["upstreams"][0]["quota"];
+    (
+        quota["in_flight"].as_u64().unwrap_or(0),
+        quota["waiting"].as_u64().unwrap_or(0),
+    )
+}
+
+async fn until_line(h: &Harness, want: (u64, u64)) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while line(h).await != want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "line never reached {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The `[[upstream]]` of the harness again, as `other` on `listen`, with a refresh token of its
 /// own.
 fn second_upstream(h: &Harness, listen: &str) -> String {
@@ -148,10 +178,11 @@ async fn upstreams_come_and_go_and_a_removed_one_drains() {
     assert_eq!(status["upstreams"].as_array().unwrap().len(), 2);
 
     // Remove `api` while a slow request is in flight on it.
+    let before = h.api.counters().requests;
     let slow = tokio::spawn(common::get(format!(
         "http://{old_addr}/api/v1/slow?sim_delay_ms=800"
     )));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until(|| h.api.counters().requests > before).await;
     let only_other = format!(
         "{}\n{second}",
         h.config_text.split("[[upstream]]").next().unwrap()
@@ -305,4 +336,139 @@ async fn sighup_puts_a_valid_config_in_force_and_keeps_the_old_on_an_invalid_one
             .status,
         200
     );
+}
+
+/// Requests that arrived before a reload are counted by the new quota: one waiting in line
+/// while the daily limit is removed is sent, not refused.
+#[tokio::test]
+async fn a_request_in_line_across_a_quota_change_is_served() {
+    let mut h = Harness::start(Setup {
+        quota: "per_day = 1000\nconcurrency = 1\nqueue = 5\n".into(),
+        admin: true,
+        ..Setup::default()
+    })
+    .await;
+    let url = h.url("/api/v1/slow?sim_delay_ms=600");
+    let first = tokio::spawn(common::get(url.clone()));
+    until_line(&h, (1, 0)).await;
+    let second = tokio::spawn(common::get(url));
+    until_line(&h, (1, 1)).await;
+
+    let text = h.config_text.replace("per_day = 1000\n", "");
+    h.proxy
+        .as_mut()
+        .unwrap()
+        .reload(&parse(&text))
+        .await
+        .unwrap();
+    assert_eq!(first.await.unwrap().status, 200);
+    let second = second.await.unwrap();
+    assert_eq!(second.status, 200, "{}", second.text());
+    assert!(
+        !second.headers.contains_key("x-ratelimit-limit"),
+        "no daily window any more"
+    );
+    h.stop_proxy().await;
+}
+
+/// Lowering `concurrency` while requests wait in line: the cut applies before they get in.
+#[tokio::test]
+async fn a_lower_concurrency_holds_back_the_requests_already_waiting() {
+    let mut h = Harness::start(Setup {
+        quota: "concurrency = 2\nqueue = 5\n".into(),
+        admin: true,
+        ..Setup::default()
+    })
+    .await;
+    let url = h.url("/api/v1/slow?sim_delay_ms=500");
+    let started = std::time::Instant::now();
+    let mut requests = Vec::new();
+    for want in [(1, 0), (2, 0), (2, 1), (2, 2)] {
+        requests.push(tokio::spawn(common::get(url.clone())));
+        until_line(&h, want).await;
+    }
+    let text = h.config_text.replace("concurrency = 2", "concurrency = 1");
+    h.proxy
+        .as_mut()
+        .unwrap()
+        .reload(&parse(&text))
+        .await
+        .unwrap();
+    for r in requests {
+        assert_eq!(r.await.unwrap().status, 200);
+    }
+    // Two at once, then the two that waited one after the other: three rounds of 500 ms.
+    // At the old concurrency they would have taken two.
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1450), "{took:?}");
+    h.stop_proxy().await;
+}
+
+/// A change in `[upstream.auth]` starts a new token cache, which takes the running token
+/// over: still ready, nothing redeemed.
+#[tokio::test]
+async fn an_auth_change_keeps_the_token_and_readiness() {
+    let mut h = Harness::start(Setup {
+        admin: true,
+        ..Setup::default()
+    })
+    .await;
+    assert_eq!(h.get("/api/v1/a").await.status, 200);
+    let issued = h.identity.counters().issued;
+    let text = h.config_text.replace(
+        "[upstream.auth]\n",
+        "[upstream.auth]\nrefresh_before = \"1s\"\n",
+    );
+    let changes = h.proxy.as_mut().unwrap().reload(&parse(&text)).await;
+    assert_eq!(changes.unwrap().changed, vec!["api".to_owned()]);
+    let ready = common::get(h.admin_url("/readyz")).await;
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    assert_eq!(h.get("/api/v1/b").await.status, 200);
+    assert_eq!(
+        h.identity.counters().issued,
+        issued,
+        "nothing redeemed again"
+    );
+    h.stop_proxy().await;
+}
+
+/// With worker threads: an upstream added by a reload is served by every worker, and the
+/// new keys of the other are in force on each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_reaches_every_worker() {
+    let mut h = Harness::start(Setup {
+        extra_tables: keys_table(FIRST_KEY),
+        ..Setup::default()
+    })
+    .await;
+    h.stop_proxy().await;
+    let mut proxy = tollgate::Proxy::start_with_workers(&h.config(), 2)
+        .await
+        .unwrap();
+    let second = second_upstream(&h, "127.0.0.1:0");
+    let text = format!("{}\n{second}", h.config_text.replace(FIRST_KEY, SECOND_KEY));
+    let changes = proxy.reload(&parse(&text)).await.unwrap();
+    assert_eq!(changes.added, vec!["other".to_owned()]);
+    let (api, other) = (proxy.addr("api").unwrap(), proxy.addr("other").unwrap());
+    // Separate connections, so the kernel spreads them over both workers' sockets.
+    for _ in 0..8 {
+        let mut conn = connect(api).await;
+        assert_eq!(
+            get_on(&mut conn, api, "/api/v1/x", FIRST_KEY).await.status,
+            401
+        );
+        assert_eq!(
+            get_on(&mut conn, api, "/api/v1/x", SECOND_KEY).await.status,
+            200
+        );
+        // `other` was copied from `api` before its key changed.
+        let mut conn = connect(other).await;
+        assert_eq!(
+            get_on(&mut conn, other, "/api/v1/x", FIRST_KEY)
+                .await
+                .status,
+            200
+        );
+    }
+    proxy.shutdown().await;
 }

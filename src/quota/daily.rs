@@ -32,7 +32,7 @@ pub struct Daily {
     /// Set by `give_back`: the process is shutting down, or a reload replaced this day by
     /// `successor`; nothing more is reserved here.
     closed: AtomicBool,
-    successor: OnceLock<Arc<Daily>>,
+    successor: OnceLock<Next>,
     refill: tokio::sync::Mutex<()>,
 }
 
@@ -40,8 +40,17 @@ pub struct Daily {
 pub enum Refused {
     Spent,
     Store(StoreError),
-    /// This day counts no more (see [`Daily::retire`]): spend with its successor, if any.
-    Retired(Option<Arc<Daily>>),
+    /// This day counts no more (see [`Daily::retire`]): go on with what replaced it, or, when
+    /// nothing did, the process is shutting down.
+    Retired(Option<Next>),
+}
+
+/// What counts the requests of a day a reload replaced.
+#[derive(Clone)]
+pub enum Next {
+    Day(Arc<Daily>),
+    /// The new config has no daily limit.
+    Unlimited,
 }
 
 fn pack(day: u64, left: u64) -> u64 {
@@ -136,6 +145,9 @@ impl Daily {
             let this = Arc::clone(self);
             let refill = tokio::spawn(async move { this.refill(day, unix_ms).await });
             match refill.await.expect("a refill does not panic") {
+                Ok(0) if self.closed.load(Ordering::Acquire) => {
+                    return Err(Refused::Retired(self.successor.get().cloned()));
+                }
                 Ok(0) => {
                     // Look at the store again in a second, not on every refused request:
                     // counts come back only when another process shuts down. Never past the
@@ -226,12 +238,10 @@ impl Daily {
         Ok(())
     }
 
-    /// A reload replaced this day's limit or start: from now on `successor` counts (nothing,
-    /// when the quota lost its day), and the counts in hand go back to the store.
-    pub async fn retire(&self, successor: Option<Arc<Daily>>) -> Result<(), StoreError> {
-        if let Some(next) = successor {
-            let _ = self.successor.set(next);
-        }
+    /// A reload replaced this day's limit or start, or removed the limit: from now on `next`
+    /// counts, and the counts in hand go back to the store.
+    pub async fn retire(&self, next: Next) -> Result<(), StoreError> {
+        let _ = self.successor.set(next);
         self.give_back().await
     }
 
@@ -364,12 +374,12 @@ mod tests {
 
         // per_day raised to 2000 by a reload: the new day picks up what was spent.
         let new = Arc::new(Daily::new("api", 2000, 0, Arc::clone(&store)));
-        old.retire(Some(Arc::clone(&new))).await.unwrap();
+        old.retire(Next::Day(Arc::clone(&new))).await.unwrap();
         assert_eq!(store.quota_used("api", &day).await.unwrap(), 4);
         new.load(now).await.unwrap();
         assert_eq!(new.window(now).remaining, 1996);
         match old.spend(now).await {
-            Err(Refused::Retired(Some(next))) => assert!(Arc::ptr_eq(&next, &new)),
+            Err(Refused::Retired(Some(Next::Day(next)))) => assert!(Arc::ptr_eq(&next, &new)),
             _ => panic!("a retired day points at its successor"),
         }
         assert!(new.spend(now).await.is_ok());

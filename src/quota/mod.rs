@@ -23,7 +23,7 @@ pub use queue::Slot;
 use crate::config::QuotaConfig;
 use crate::store::{StateStore, StoreError};
 use bytes::{Bytes, BytesMut};
-use daily::Daily;
+use daily::{Daily, Next};
 use hold::Hold;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use queue::{Queue, Turned};
@@ -178,8 +178,9 @@ impl Quota {
     }
 
     /// The limits of `config` for the same upstream, taking over what this one counted: the
-    /// day when its limit and start are unchanged, each short window whose count is unchanged,
-    /// and the queue. Nothing changes for requests until [`Quota::hand_over`].
+    /// day when its limit and start are unchanged (else the new day reads the store), each
+    /// short window (a changed count starts with what was spent), and the queue. Nothing
+    /// changes for requests until [`Quota::hand_over`].
     pub fn successor(&self, config: Option<&QuotaConfig>) -> Quota {
         let daily = config.and_then(|c| {
             let limit = c.daily_limit()?;
@@ -205,11 +206,10 @@ impl Quota {
                 let Some(limit) = limit.and_then(NonZeroU32::new) else {
                     continue;
                 };
-                let kept = self.rates.iter().find(|r| {
-                    r.policy().name == name && r.policy().limit == u64::from(limit.get())
-                });
-                rates.push(match kept {
-                    Some(rate) => Arc::clone(rate),
+                let old = self.rates.iter().find(|r| r.policy().name == name);
+                rates.push(match old {
+                    Some(rate) if rate.policy().limit == u64::from(limit.get()) => Arc::clone(rate),
+                    Some(rate) => Arc::new(rate.successor(limit)),
                     None => Arc::new(Rate::new(name, limit, period, self.clock.clone())),
                 });
             }
@@ -249,11 +249,11 @@ impl Quota {
                 queue.resize(n, c.queue.unwrap_or(0), c.queue_timeout);
             }
         }
-        match &self.daily {
-            Some(old) if !next.daily.as_ref().is_some_and(|d| Arc::ptr_eq(d, old)) => {
-                old.retire(next.daily.clone()).await
-            }
-            _ => Ok(()),
+        match (&self.daily, &next.daily) {
+            (Some(old), Some(new)) if Arc::ptr_eq(old, new) => Ok(()),
+            (Some(old), Some(new)) => old.retire(Next::Day(Arc::clone(new))).await,
+            (Some(old), None) => old.retire(Next::Unlimited).await,
+            (None, _) => Ok(()),
         }
     }
 
@@ -322,17 +322,16 @@ impl Quota {
                 }
             }
         }
-        if let Some(mut daily) = self.daily.clone() {
+        if let Some(daily) = &self.daily {
             let now = self.clock.unix_ms();
-            let spent = loop {
-                match daily.spend(now).await {
-                    // A reload replaced this day while the request was on its way.
-                    Err(daily::Refused::Retired(Some(next))) => daily = next,
-                    other => break other,
-                }
-            };
+            let mut spent = daily.spend(now).await;
+            // A reload replaced this day while the request was on its way.
+            while let Err(daily::Refused::Retired(Some(Next::Day(next)))) = spent {
+                spent = next.spend(now).await;
+            }
             match spent {
                 Ok(w) => tightest = Some(tighter(tightest, w)),
+                Err(daily::Refused::Retired(Some(Next::Unlimited))) => {}
                 Err(daily::Refused::Retired(_)) => {
                     let detail = "tollgate is shutting down and counts no more requests; try again when it is back".to_owned();
                     return Err(self.refuse(Reason::PerDay, 1, None, detail));
@@ -579,5 +578,54 @@ mod tests {
         assert_eq!(h["x-ratelimit-limit"], "2000");
         assert_eq!(h["x-ratelimit-remaining"], "1500");
         assert_eq!(h["x-ratelimit-reset"], "3600");
+    }
+
+    /// A reload's successor keeps what did not change and takes over what did: a request that
+    /// still spends against the old quota is counted by the new day, the minute window with
+    /// an unchanged count keeps its state, and the lowered concurrency holds new requests
+    /// back until enough in flight have finished.
+    #[tokio::test]
+    async fn a_successor_carries_the_counts_over() {
+        let tmp = tempfile::tempdir().unwrap();
+        let clock = Clock::manual(1_700_000_000_000);
+        let old = quota(
+            "per_day = 1000\nper_minute = 3\nconcurrency = 2",
+            &clock,
+            tmp.path(),
+        );
+        let held = [old.enter().await.unwrap(), old.enter().await.unwrap()];
+        old.spend().await.unwrap();
+        old.spend().await.unwrap();
+
+        let config: QuotaConfig =
+            toml::from_str("per_day = 2000\nper_minute = 3\nconcurrency = 1").unwrap();
+        let new = old.successor(Some(&config));
+        new.load().await.unwrap();
+        old.hand_over(&new).await.unwrap();
+
+        // The request that was on its way spends against the old quota: the new day counts it.
+        old.spend().await.unwrap();
+        let windows = new.windows();
+        let day = windows.iter().find(|w| w.policy.name == "day").unwrap();
+        assert_eq!((day.policy.limit, day.remaining), (2000, 1997));
+        // The minute keeps its state: all three spent.
+        let QuotaError::Refused(r) = new.spend().await.unwrap_err() else {
+            panic!("expected a refusal")
+        };
+        assert_eq!(r.reason, Reason::PerMinute);
+
+        assert_eq!(new.line(), Some((2, 0)));
+        let QuotaError::Refused(r) = new.enter().await.unwrap_err() else {
+            panic!("expected a refusal")
+        };
+        assert_eq!(r.reason, Reason::QueueFull, "two in flight, one allowed");
+        let [first, second] = held;
+        drop(first);
+        tokio::task::yield_now().await;
+        assert!(new.enter().await.is_err(), "still one in flight of one");
+        drop(second);
+        let slot = new.enter().await.unwrap();
+        assert_eq!(new.line(), Some((1, 0)));
+        drop(slot);
     }
 }

@@ -5,14 +5,12 @@
 //! A [`Slot`] is held from admission until the upstream's response body has been passed on in
 //! full (or the client went away), because that is when the API considers the request done.
 
-use crate::gate::Gate;
+use crate::gate::{Gate, Permit};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::OwnedSemaphorePermit;
-
 /// A place among the requests in flight; freed on drop.
-pub type Slot = OwnedSemaphorePermit;
+pub type Slot = Permit;
 
 /// The line of one upstream. A reload changes its numbers in place, so the requests in flight
 /// and in line stay counted.

@@ -40,6 +40,25 @@ impl Rate {
         }
     }
 
+    /// The same window with a new count (a reload), starting with what this one has spent
+    /// of its current burst, so that changing the count never admits a fresh burst.
+    pub fn successor(&self, limit: NonZeroU32) -> Rate {
+        let name = self.policy.name;
+        let period = Duration::from_secs(self.policy.seconds);
+        let next = Rate::new(name, limit, period, self.clock.clone());
+        let spent = self.policy.limit - self.peek().remaining;
+        let spent = u32::try_from(spent).unwrap_or(u32::MAX).min(limit.get());
+        if let Some(n) = NonZeroU32::new(spent) {
+            if let Ok(Ok(snapshot)) = next.limiter.check_n(n) {
+                let remaining = u64::from(snapshot.remaining_burst_capacity());
+                next.last_remaining.store(remaining, Ordering::Relaxed);
+                next.last_at
+                    .store(self.clock.mono().as_u64(), Ordering::Relaxed);
+            }
+        }
+        next
+    }
+
     /// Spend one request; on refusal, how long until one would be admitted.
     pub fn spend(&self) -> Result<Window, Duration> {
         match self.limiter.check() {
@@ -119,5 +138,24 @@ mod tests {
         clock.advance(Duration::from_secs(60));
         assert_eq!(rate.peek().remaining, 6);
         assert_eq!(rate.spend().unwrap().remaining, 5);
+    }
+
+    #[test]
+    fn a_successor_starts_with_what_was_spent() {
+        let clock = Clock::manual(0);
+        let minute = Duration::from_secs(60);
+        let old = Rate::new("minute", NonZeroU32::new(5).unwrap(), minute, clock.clone());
+        for _ in 0..5 {
+            old.spend().unwrap();
+        }
+        // Lowered to 4 after all 5 were spent: nothing more this interval.
+        let lower = old.successor(NonZeroU32::new(4).unwrap());
+        assert!(lower.spend().is_err());
+        // Raised to 8 after 5 spent: 3 more.
+        let higher = old.successor(NonZeroU32::new(8).unwrap());
+        for _ in 0..3 {
+            higher.spend().unwrap();
+        }
+        assert!(higher.spend().is_err());
     }
 }

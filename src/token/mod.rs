@@ -231,6 +231,26 @@ impl TokenCache {
         &self.name
     }
 
+    /// Take over from `old`, the cache this one replaces after a reload changed the auth
+    /// settings: its token, if both serve the same lineage (so nothing is redeemed again and
+    /// readiness does not flicker), and a rotated record the store has not accepted yet.
+    /// Called before this cache serves anything.
+    pub fn take_over(&self, old: &TokenCache) {
+        if old.seed_hash != self.seed_hash {
+            // A new login or new credentials: the new lineage wins, as at a start.
+            return;
+        }
+        self.current.store(old.current.load_full());
+        self.refused
+            .store(old.refused.load(Ordering::Acquire), Ordering::Release);
+        // An old refresh in flight saves its own result, which this cache adopts from the
+        // store; only an idle old cache can hand its unsaved record over.
+        if let (Ok(mut from), Ok(mut to)) = (old.flight.try_lock(), self.flight.try_lock()) {
+            to.unsaved = from.unsaved.take();
+            to.lineage_used = from.lineage_used;
+        }
+    }
+
     /// Refresh attempts so far, by result: `ok`, `error` (will be retried), `refused` (the
     /// identity server refused the grant or the client).
     pub fn refreshes(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
