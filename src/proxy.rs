@@ -249,11 +249,13 @@ impl Proxy {
             None => None,
         };
         let old = self.upstreams.get(&up.name);
+        let store = Arc::clone(&self.store);
         let tokens = match old {
             Some(o) if o.config.auth == up.auth && o.roots == roots => Arc::clone(&o.tokens),
-            _ => Arc::new(
-                TokenCache::new(up, Arc::clone(&self.store), roots.as_deref()).map_err(&fail)?,
+            Some(o) => Arc::new(
+                TokenCache::successor(&o.tokens, up, store, roots.as_deref()).map_err(&fail)?,
             ),
+            None => Arc::new(TokenCache::new(up, store, roots.as_deref()).map_err(&fail)?),
         };
         let quota = match old {
             Some(o) if o.quota.config() == up.quota.as_ref() => Arc::clone(&o.quota),
@@ -376,6 +378,7 @@ impl Proxy {
 
     /// Switch every listener to the prepared upstreams; stop what the new config dropped.
     /// Returns the quotas that have a successor now, with it, to be handed over.
+    #[allow(clippy::type_complexity)]
     fn commit(&mut self, prepared: Vec<Prepared>) -> Vec<(String, Arc<Quota>, Arc<Quota>)> {
         let mut old_upstreams = std::mem::take(&mut self.upstreams);
         let mut old_listeners = std::mem::take(&mut self.listeners);
@@ -435,7 +438,6 @@ impl Proxy {
                     if Arc::ptr_eq(&o.tokens, &p.tokens) {
                         o.refresh
                     } else {
-                        p.tokens.take_over(&o.tokens);
                         self.retire_task(o.refresh);
                         refresh_task(&p.tokens)
                     }
@@ -466,9 +468,9 @@ impl Proxy {
                     drained.await;
                 }
                 // Requests that arrived before the reload (on a listener another upstream
-                // took over, or past the drain) may still be spending.
+                // took over) may still be spending, through this quota or an older one.
                 let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
-                while Arc::strong_count(&quota) > 1 && tokio::time::Instant::now() < deadline {
+                while quota.holders() > 1 && tokio::time::Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 if let Err(e) = quota.give_back().await {

@@ -105,6 +105,8 @@ pub async fn serve<H: Handler>(
 ) {
     // Every connection holds a receiver; all of them gone means all connections ended.
     let (open, open_token) = watch::channel(());
+    // Past the grace period, connections still open are dropped.
+    let (force, forced) = watch::channel(false);
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -131,9 +133,13 @@ pub async fn serve<H: Handler>(
         let _ = stream.set_nodelay(true);
         let settings = Arc::clone(&live.load().settings);
         let live = Arc::clone(&live);
-        let (stop, open) = (shutdown.clone(), open_token.clone());
+        let (stop, open, forced) = (shutdown.clone(), open_token.clone(), forced.clone());
         tokio::spawn(async move {
             let started = tokio::time::Instant::now();
+            let stop = Stop {
+                graceful: stop,
+                forced,
+            };
             match &settings.tls {
                 None => connection(stream, live, &settings, started, stop).await,
                 Some(acceptor) => {
@@ -154,11 +160,18 @@ pub async fn serve<H: Handler>(
         _ = open.closed() => {}
         _ = tokio::time::sleep(grace) => {
             tracing::warn!(?grace, "connections still open after the grace period; closing them");
+            let _ = force.send(true);
         }
     }
 }
 
-/// Serve HTTP/1.1 or HTTP/2 on one connection, until the client closes it, `stop` says stop,
+/// What tells a connection to end: `graceful` lets its requests finish, `forced` does not.
+struct Stop {
+    graceful: watch::Receiver<bool>,
+    forced: watch::Receiver<bool>,
+}
+
+/// Serve HTTP/1.1 or HTTP/2 on one connection, until the client closes it, `stop` says so,
 /// or it has been idle — no request in flight — for the site's `header_timeout` (counted from
 /// `started` for the first request). hyper's own timeout covers an HTTP/1 head that is slow
 /// to come; this covers a connection silent before its protocol is known, which would
@@ -169,7 +182,7 @@ async fn connection<H: Handler, IO>(
     live: Arc<Live<H>>,
     settings: &Settings,
     started: tokio::time::Instant,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Stop,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -192,10 +205,11 @@ async fn connection<H: Handler, IO>(
     let result = loop {
         tokio::select! {
             result = served.as_mut() => break result,
-            _ = stopped(&mut stop), if !closing => {
+            _ = stopped(&mut stop.graceful), if !closing => {
                 served.as_mut().graceful_shutdown();
                 closing = true;
             }
+            _ = stopped(&mut stop.forced) => return,
             _ = check.as_mut(), if !closing => match activity.idle_until(idle) {
                 Some(next) => check.as_mut().reset(next),
                 None => {
@@ -477,5 +491,47 @@ impl<H: Handler> Listener<H> {
                 let _ = task.await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Says it was called, then answers nothing, ever.
+    struct Stuck(Arc<tokio::sync::Notify>);
+
+    impl Handler for Stuck {
+        fn call(&self, _: Request<Incoming>) -> impl Future<Output = Response<ProxyBody>> + Send {
+            self.0.notify_one();
+            std::future::pending()
+        }
+    }
+
+    /// A request still in flight when the grace period ends is cut off, and its connection
+    /// closed, so nothing outlives the shutdown.
+    #[tokio::test]
+    async fn connections_still_open_after_the_grace_period_are_closed() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let called = Arc::new(tokio::sync::Notify::new());
+        let site = Site::new(Stuck(Arc::clone(&called)), &LimitsConfig::default(), None);
+        let live = Arc::new(ArcSwap::from_pointee(site));
+        let (stop, stopped) = watch::channel(false);
+        let grace = Duration::from_millis(200);
+        let served = tokio::spawn(serve(listener, live, None, stopped, grace));
+
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        called.notified().await;
+        let _ = stop.send(true);
+        served.await.unwrap();
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf)).await;
+        assert_eq!(read.expect("closed").unwrap_or(0), 0);
     }
 }

@@ -30,7 +30,7 @@ use queue::{Queue, Turned};
 use rate::Rate;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 const DAY: Duration = Duration::from_secs(86_400);
@@ -153,6 +153,8 @@ pub struct Quota {
     queue: Option<Arc<Queue>>,
     hold: Arc<Hold>,
     rejected: Arc<[AtomicU64; Reason::ALL.len()]>,
+    /// Set by [`Quota::hand_over`]: requests still holding this quota are counted there.
+    successor: OnceLock<Arc<Quota>>,
 }
 
 impl Quota {
@@ -173,6 +175,7 @@ impl Quota {
             queue: None,
             hold: Arc::default(),
             rejected: Arc::default(),
+            successor: OnceLock::new(),
         };
         empty.successor(config)
     }
@@ -232,7 +235,14 @@ impl Quota {
             queue,
             hold: Arc::clone(&self.hold),
             rejected: Arc::clone(&self.rejected),
+            successor: OnceLock::new(),
         }
+    }
+
+    /// How many quotas of this upstream are alive: this one, and the ones it succeeded that
+    /// requests still hold.
+    pub fn holders(&self) -> usize {
+        Arc::strong_count(&self.hold)
     }
 
     /// The config this quota enforces.
@@ -240,10 +250,12 @@ impl Quota {
         self.config.as_ref()
     }
 
-    /// Make `next` (this quota's [`Quota::successor`]) the one in force: resize the shared
-    /// queue, and give back the counts in hand of a day `next` no longer counts with. A
-    /// request still spending against this quota is counted by `next`'s day.
-    pub async fn hand_over(&self, next: &Quota) -> Result<(), StoreError> {
+    /// Make `next` (this quota's [`Quota::successor`]) the one in force: requests that still
+    /// hold this quota (in line, say, or replaying after a 401) are admitted and counted by
+    /// `next` from now on; the shared queue is resized, and the counts in hand of a day `next`
+    /// no longer counts with go back to the store.
+    pub async fn hand_over(&self, next: &Arc<Quota>) -> Result<(), StoreError> {
+        let _ = self.successor.set(Arc::clone(next));
         if let (Some(queue), Some(c)) = (&next.queue, &next.config) {
             if let Some(n) = c.concurrency {
                 queue.resize(n, c.queue.unwrap_or(0), c.queue_timeout);
@@ -259,6 +271,9 @@ impl Quota {
 
     /// A slot among the requests in flight, when `concurrency` is set.
     pub async fn enter(&self) -> Result<Option<Slot>, QuotaError> {
+        if let Some(next) = self.successor.get() {
+            return Box::pin(next.enter()).await;
+        }
         let Some(queue) = &self.queue else {
             return Ok(None);
         };
@@ -289,6 +304,9 @@ impl Quota {
 
     /// Count one request about to be sent upstream. Returns the tightest window, for headers.
     pub async fn spend(&self) -> Result<Option<Window>, QuotaError> {
+        if let Some(next) = self.successor.get() {
+            return Box::pin(next.spend()).await;
+        }
         if let Some(left) = self.hold.remaining(&self.clock) {
             let detail = format!(
                 "the upstream answered 429; tollgate holds requests back for {}s more",
@@ -322,13 +340,16 @@ impl Quota {
                 }
             }
         }
-        if let Some(daily) = &self.daily {
+        if let Some(first) = &self.daily {
             let now = self.clock.unix_ms();
-            let mut spent = daily.spend(now).await;
+            let mut spent = first.spend(now).await;
             // A reload replaced this day while the request was on its way.
+            let mut replaced = None;
             while let Err(daily::Refused::Retired(Some(Next::Day(next)))) = spent {
                 spent = next.spend(now).await;
+                replaced = Some(next);
             }
+            let daily = replaced.as_ref().unwrap_or(first);
             match spent {
                 Ok(w) => tightest = Some(tighter(tightest, w)),
                 Err(daily::Refused::Retired(Some(Next::Unlimited))) => {}
@@ -599,7 +620,7 @@ mod tests {
 
         let config: QuotaConfig =
             toml::from_str("per_day = 2000\nper_minute = 3\nconcurrency = 1").unwrap();
-        let new = old.successor(Some(&config));
+        let new = Arc::new(old.successor(Some(&config)));
         new.load().await.unwrap();
         old.hand_over(&new).await.unwrap();
 
@@ -627,5 +648,28 @@ mod tests {
         let slot = new.enter().await.unwrap();
         assert_eq!(new.line(), Some((1, 0)));
         drop(slot);
+    }
+
+    /// After a hand-over, a request still holding the old quota spends from the new windows.
+    #[tokio::test]
+    async fn the_old_quota_forwards_to_its_successor() {
+        let tmp = tempfile::tempdir().unwrap();
+        let clock = Clock::manual(1_700_000_000_000);
+        let old = quota("per_minute = 5", &clock, tmp.path());
+        old.spend().await.unwrap();
+        old.spend().await.unwrap();
+        let config: QuotaConfig = toml::from_str("per_minute = 4").unwrap();
+        let new = Arc::new(old.successor(Some(&config)));
+        old.hand_over(&new).await.unwrap();
+        old.spend().await.unwrap();
+        new.spend().await.unwrap();
+        let QuotaError::Refused(r) = new.spend().await.unwrap_err() else {
+            panic!("expected a refusal")
+        };
+        assert_eq!(r.reason, Reason::PerMinute, "2 + 1 + 1 of 4 spent");
+        assert!(
+            old.spend().await.is_err(),
+            "the old quota refuses as the new one does"
+        );
     }
 }

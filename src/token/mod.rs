@@ -157,7 +157,8 @@ struct Flight {
 pub struct TokenCache {
     name: String,
     current: ArcSwapOption<AccessToken>,
-    flight: tokio::sync::Mutex<Flight>,
+    /// Shared with the cache this one continues after a reload (see [`TokenCache::successor`]).
+    flight: Arc<tokio::sync::Mutex<Flight>>,
     /// Mirrors `Flight::epoch` for reading before the flight lock is taken.
     epoch: AtomicU64,
     /// The newest generation the upstream refused; it and older ones are never used again.
@@ -203,14 +204,14 @@ impl TokenCache {
         Ok(TokenCache {
             name: upstream.name.clone(),
             current: ArcSwapOption::empty(),
-            flight: tokio::sync::Mutex::new(Flight {
+            flight: Arc::new(tokio::sync::Mutex::new(Flight {
                 epoch: 0,
                 last_error: None,
                 final_failure: None,
                 unsaved: None,
                 not_before: None,
                 lineage_used: false,
-            }),
+            })),
             epoch: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             seed_hash: lineage_hash(auth),
@@ -231,24 +232,39 @@ impl TokenCache {
         &self.name
     }
 
-    /// Take over from `old`, the cache this one replaces after a reload changed the auth
-    /// settings: its token, if both serve the same lineage (so nothing is redeemed again and
-    /// readiness does not flicker), and a rotated record the store has not accepted yet.
-    /// Called before this cache serves anything.
-    pub fn take_over(&self, old: &TokenCache) {
-        if old.seed_hash != self.seed_hash {
-            // A new login or new credentials: the new lineage wins, as at a start.
-            return;
+    /// The cache for `upstream` after a reload changed its auth settings or CA, continuing
+    /// `old`. When both serve the same lineage (grant, `client_id`, seed) they share one
+    /// refresh in flight and the record the store has not accepted yet, so the two never
+    /// redeem the same refresh token; the running token stays in use (no readiness flicker)
+    /// and is due at once, so the next one is fetched with the new settings. A new lineage
+    /// starts afresh, as at a start.
+    pub fn successor(
+        old: &TokenCache,
+        upstream: &UpstreamConfig,
+        store: Arc<dyn StateStore>,
+        extra_roots: Option<&[u8]>,
+    ) -> Result<Self, String> {
+        let mut next = TokenCache::new(upstream, store, extra_roots)?;
+        if next.seed_hash != old.seed_hash {
+            return Ok(next);
         }
-        self.current.store(old.current.load_full());
-        self.refused
-            .store(old.refused.load(Ordering::Acquire), Ordering::Release);
-        // An old refresh in flight saves its own result, which this cache adopts from the
-        // store; only an idle old cache can hand its unsaved record over.
-        if let (Ok(mut from), Ok(mut to)) = (old.flight.try_lock(), self.flight.try_lock()) {
-            to.unsaved = from.unsaved.take();
-            to.lineage_used = from.lineage_used;
+        next.flight = Arc::clone(&old.flight);
+        if let Ok(mut flight) = next.flight.try_lock() {
+            // A failure under the old settings (a wrong client secret, say) is tried again.
+            flight.final_failure = None;
+            flight.last_error = None;
         }
+        next.epoch = AtomicU64::new(old.epoch.load(Ordering::Acquire));
+        next.refused = AtomicU64::new(old.refused.load(Ordering::Acquire));
+        if let Some(t) = old.current.load_full() {
+            next.current.store(Some(Arc::new(AccessToken {
+                header: t.header.clone(),
+                fingerprint: t.fingerprint.clone(),
+                refresh_at: Instant::now(),
+                ..*t
+            })));
+        }
+        Ok(next)
     }
 
     /// Refresh attempts so far, by result: `ok`, `error` (will be retried), `refused` (the
