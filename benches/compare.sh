@@ -6,6 +6,9 @@
 #   quotas: QUOTA_TOML='quota = { per_day = 1000000000, per_minute = 100000000 }' benches/compare.sh
 #           adds a third contender, tollgate with that quota, and prints its throughput
 #           against tollgate without (target >= 0.95)
+#   A/B:    BASELINE_BIN=/path/to/an/older/tollgate benches/compare.sh
+#           adds that binary as a contender, with the same config as tollgate, and prints
+#           tollgate's throughput and p99 against it (a change's cost, beside nginx's)
 #
 # One fast upstream (nginx, 1 worker, `return 200`), and two reverse proxies in front of it,
 # each with upstream keep-alive and an Authorization header on every request:
@@ -26,6 +29,8 @@ IDENTITY_PORT=${IDENTITY_PORT:-18083}
 QUOTA_PORT=${QUOTA_PORT:-18084}
 EXTRA_UPSTREAM_TOML=${EXTRA_UPSTREAM_TOML:-}
 QUOTA_TOML=${QUOTA_TOML:-}
+BASELINE_BIN=${BASELINE_BIN:-}
+BASELINE_PORT=${BASELINE_PORT:-18085}
 
 for tool in nginx wrk; do
   command -v "$tool" >/dev/null || { echo "needs $tool: apt-get install nginx wrk" >&2; exit 1; }
@@ -95,7 +100,7 @@ client_id=$(awk '/^client_id /{print $2}' "$work/sim.out")
 client_secret=$(awk '/^client_secret /{print $2}' "$work/sim.out")
 
 tollgate_pids=()
-start_tollgate() { # name port extra-upstream-toml
+start_tollgate() { # name port extra-upstream-toml [binary]
   cat > "$work/$1.toml" <<CONF
 [state]
 store = "file:$work/state-$1"
@@ -112,7 +117,7 @@ token_url = "http://127.0.0.1:$IDENTITY_PORT/token"
 client_id = "$client_id"
 client_secret = "$client_secret"
 CONF
-  RUST_LOG=warn ./target/release/tollgate serve -c "$work/$1.toml" 2> "$work/$1.log" &
+  RUST_LOG=warn "${4:-./target/release/tollgate}" serve -c "$work/$1.toml" 2> "$work/$1.log" &
   pids+=($!)
   tollgate_pids+=($!)
   for _ in $(seq 50); do curl -fs "http://127.0.0.1:$2/" >/dev/null 2>&1 && break; sleep 0.1; done
@@ -124,7 +129,11 @@ contenders="nginx tollgate"
 if [ -n "$QUOTA_TOML" ]; then
   start_tollgate quota "$QUOTA_PORT" "$EXTRA_UPSTREAM_TOML
 $QUOTA_TOML"
-  contenders="nginx tollgate quota"
+  contenders="$contenders quota"
+fi
+if [ -n "$BASELINE_BIN" ]; then
+  start_tollgate baseline "$BASELINE_PORT" "$EXTRA_UPSTREAM_TOML" "$BASELINE_BIN"
+  contenders="$contenders baseline"
 fi
 curl -fs "http://127.0.0.1:$NGINX_PORT/" >/dev/null
 
@@ -157,11 +166,12 @@ echo "warm-up..." >&2
 wrk -t2 -c"$CONNECTIONS" -d2s "http://127.0.0.1:$NGINX_PORT/" >/dev/null
 wrk -t2 -c"$CONNECTIONS" -d2s "http://127.0.0.1:$TOLLGATE_PORT/" >/dev/null
 [ -n "$QUOTA_TOML" ] && wrk -t2 -c"$CONNECTIONS" -d2s "http://127.0.0.1:$QUOTA_PORT/" >/dev/null
+[ -n "$BASELINE_BIN" ] && wrk -t2 -c"$CONNECTIONS" -d2s "http://127.0.0.1:$BASELINE_PORT/" >/dev/null
 
 printf '\nwrk -t2 -c%s -d%ss, %s rounds, %s cores\n\n' "$CONNECTIONS" "$SECONDS_PER_ROUND" "$ROUNDS" "$(nproc)"
 printf '%-6s %-9s %12s %10s %10s %8s\n' round proxy req/s p50_ms p99_ms non2xx
-: > "$work/nginx.txt"; : > "$work/tollgate.txt"; : > "$work/quota.txt"
-port_of() { case $1 in nginx) echo "$NGINX_PORT";; tollgate) echo "$TOLLGATE_PORT";; quota) echo "$QUOTA_PORT";; esac; }
+: > "$work/nginx.txt"; : > "$work/tollgate.txt"; : > "$work/quota.txt"; : > "$work/baseline.txt"
+port_of() { case $1 in nginx) echo "$NGINX_PORT";; tollgate) echo "$TOLLGATE_PORT";; quota) echo "$QUOTA_PORT";; baseline) echo "$BASELINE_PORT";; esac; }
 for r in $(seq "$ROUNDS"); do
   # Rotate who goes first, so no one always runs on a warmer machine.
   order=$(tr ' ' '\n' <<<"$contenders" | awk -v r="$r" '{a[NR]=$0} END {for (i=0;i<NR;i++) print a[(i+r)%NR+1]}')
@@ -192,4 +202,15 @@ if [ -n "$QUOTA_TOML" ]; then
   printf '\nwith quota   %s\n' "$QUOTA_TOML"
   printf '             tollgate+quota %7s req/s  p99 %s ms  non-2xx %s\n' "$q_rps" "$q_p99" "$q_bad"
   awk -v a="$q_rps" -v b="$t_rps" 'BEGIN { printf "throughput   with quota / without = %.3f  (target >= 0.95)\n", a/b }'
+fi
+if [ -n "$BASELINE_BIN" ]; then
+  b_rps=$(col 1 baseline); b_p99=$(col 3 baseline)
+  b_bad=$(awk '{s+=$4} END {print s+0}' "$work/baseline.txt")
+  printf '\nbaseline     %s\n' "$BASELINE_BIN"
+  printf '             baseline %7s req/s  p99 %s ms  non-2xx %s\n' "$b_rps" "$b_p99" "$b_bad"
+  awk -v a="$t_rps" -v b="$b_rps" 'BEGIN { printf "throughput   tollgate / baseline = %.3f\n", a/b }'
+  awk -v a="$t_p99" -v b="$b_p99" 'BEGIN { printf "p99 latency  tollgate / baseline = %.3f\n", a/b }'
+  # Per-round ratios: the two ran back to back in each round.
+  paste "$work/tollgate.txt" "$work/baseline.txt" | awk '{ printf "%.3f\n", $1/$5 }' | median |
+    awk '{ printf "median of the per-round ratios = %s\n", $1 }'
 fi

@@ -22,7 +22,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -103,10 +103,9 @@ pub async fn serve<H: Handler>(
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    // Every connection holds a receiver; all of them gone means all connections ended.
-    let (open, open_token) = watch::channel(());
-    // Past the grace period, connections still open are dropped.
-    let (force, forced) = watch::channel(false);
+    // What connections are told; each holds a receiver, so all of them gone means every
+    // connection has ended.
+    let (ending, told) = watch::channel(Ending::Serving);
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -133,13 +132,9 @@ pub async fn serve<H: Handler>(
         let _ = stream.set_nodelay(true);
         let settings = Arc::clone(&live.load().settings);
         let live = Arc::clone(&live);
-        let (stop, open, forced) = (shutdown.clone(), open_token.clone(), forced.clone());
+        let stop = told.clone();
         tokio::spawn(async move {
             let started = tokio::time::Instant::now();
-            let stop = Stop {
-                graceful: stop,
-                forced,
-            };
             match &settings.tls {
                 None => connection(stream, live, &settings, started, stop).await,
                 Some(acceptor) => {
@@ -152,28 +147,33 @@ pub async fn serve<H: Handler>(
                     }
                 }
             }
-            drop((permit, open));
+            drop(permit);
         });
     }
-    drop((listener, open_token));
+    drop((listener, told));
+    let _ = ending.send(Ending::Graceful);
     tokio::select! {
-        _ = open.closed() => {}
+        _ = ending.closed() => {}
         _ = tokio::time::sleep(grace) => {
             tracing::warn!(?grace, "connections still open after the grace period; closing them");
-            let _ = force.send(true);
+            let _ = ending.send(Ending::Forced);
         }
     }
 }
 
-/// What tells a connection to end: `graceful` lets its requests finish, `forced` does not.
-struct Stop {
-    graceful: watch::Receiver<bool>,
-    forced: watch::Receiver<bool>,
+/// What a listener tells its connections.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Serving,
+    /// Finish the requests in flight, take no more.
+    Graceful,
+    /// Close now: the grace period is over.
+    Forced,
 }
 
 /// Serve HTTP/1.1 or HTTP/2 on one connection, until the client closes it, `stop` says so,
-/// or it has been idle — no request in flight — for the site's `header_timeout` (counted from
-/// `started` for the first request). hyper's own timeout covers an HTTP/1 head that is slow
+/// or it has been idle — no request in flight — for its `header_timeout` (counted from
+/// `started` for the first request; closed within twice that). hyper's own timeout covers an HTTP/1 head that is slow
 /// to come; this covers a connection silent before its protocol is known, which would
 /// otherwise hold its place forever, and an HTTP/2 connection without streams, whose pings a
 /// live client answers.
@@ -182,11 +182,11 @@ async fn connection<H: Handler, IO>(
     live: Arc<Live<H>>,
     settings: &Settings,
     started: tokio::time::Instant,
-    mut stop: Stop,
+    mut stop: watch::Receiver<Ending>,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let activity = Arc::new(Activity::new(started));
+    let activity = Arc::new(Activity::default());
     let seen = Arc::clone(&activity);
     let service = service_fn(move |request| {
         let busy = Busy::begin(&seen);
@@ -201,23 +201,33 @@ async fn connection<H: Handler, IO>(
     let idle = settings.header_timeout;
     let check = tokio::time::sleep_until(started + idle);
     let mut check = std::pin::pin!(check);
+    let mut last_seen = 0;
     let mut closing = false;
     let result = loop {
         tokio::select! {
+            biased;
             result = served.as_mut() => break result,
-            _ = stopped(&mut stop.graceful), if !closing => {
-                served.as_mut().graceful_shutdown();
-                closing = true;
-            }
-            _ = stopped(&mut stop.forced) => return,
-            _ = check.as_mut(), if !closing => match activity.idle_until(idle) {
-                Some(next) => check.as_mut().reset(next),
-                None => {
-                    tracing::debug!(?idle, "connection idle for the header timeout; closing it");
+            told = stop.changed() => match told.map(|()| *stop.borrow_and_update()) {
+                Ok(Ending::Graceful) if !closing => {
                     served.as_mut().graceful_shutdown();
                     closing = true;
                 }
+                Ok(Ending::Forced) | Err(_) => return,
+                Ok(_) => {}
             },
+            _ = check.as_mut(), if !closing => {
+                // Idle when nothing began or ended since the last look and nothing is in
+                // flight: closed between one and two idle times after the last request.
+                let now = activity.0.load(Ordering::Acquire);
+                if now == last_seen && now & IN_FLIGHT == 0 {
+                    tracing::debug!(?idle, "connection idle for the header timeout; closing it");
+                    served.as_mut().graceful_shutdown();
+                    closing = true;
+                } else {
+                    last_seen = now;
+                    check.as_mut().reset(tokio::time::Instant::now() + idle);
+                }
+            }
         }
     };
     if let Err(e) = result {
@@ -225,50 +235,28 @@ async fn connection<H: Handler, IO>(
     }
 }
 
-/// Requests in flight on one connection, and when the last one ended.
-struct Activity {
-    base: tokio::time::Instant,
-    in_flight: AtomicU32,
-    /// Milliseconds after `base`.
-    last_end_ms: AtomicU64,
-}
+/// The requests of one connection: in flight (low 32 bits), and how many times one began or
+/// ended (the rest), one atomic operation at each.
+#[derive(Default)]
+struct Activity(AtomicU64);
 
-impl Activity {
-    fn new(base: tokio::time::Instant) -> Activity {
-        Activity {
-            base,
-            in_flight: AtomicU32::new(0),
-            last_end_ms: AtomicU64::new(0),
-        }
-    }
-
-    /// `None` when nothing has happened for `idle`; else when to look again.
-    fn idle_until(&self, idle: Duration) -> Option<tokio::time::Instant> {
-        let now = tokio::time::Instant::now();
-        if self.in_flight.load(Ordering::Acquire) > 0 {
-            return Some(now + idle);
-        }
-        let last = self.base + Duration::from_millis(self.last_end_ms.load(Ordering::Acquire));
-        (last + idle > now).then_some(last + idle)
-    }
-}
+const IN_FLIGHT: u64 = 0xffff_ffff;
+const EVENT: u64 = 1 << 32;
 
 /// One request in flight, from its head until its response body is done (or dropped).
 struct Busy(Arc<Activity>);
 
 impl Busy {
     fn begin(activity: &Arc<Activity>) -> Busy {
-        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        activity.0.fetch_add(EVENT + 1, Ordering::AcqRel);
         Busy(Arc::clone(activity))
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        let a = &self.0;
-        let ms = a.base.elapsed().as_millis() as u64;
-        a.last_end_ms.fetch_max(ms, Ordering::AcqRel);
-        a.in_flight.fetch_sub(1, Ordering::AcqRel);
+        // One more event, one fewer in flight (never below zero: this one was counted).
+        self.0 .0.fetch_add(EVENT - 1, Ordering::AcqRel);
     }
 }
 

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Instructions per proxied request, counted by callgrind: repeatable for the same binary and
+# inputs whatever else the machine is doing, so two builds can be compared where wrk's
+# figures are lost in this machine's noise.
+#
+#   needs:  apt-get install valgrind nginx     (and python3, a Rust toolchain)
+#   run:    benches/instructions.sh [BINARY...]     (default: ./target/release/tollgate)
+#           e.g. benches/instructions.sh /tmp/tollgate-before ./target/release/tollgate
+#
+# For each binary: tollgate (`serve --workers 1`, client_credentials from the simulated
+# identity server) in front of nginx (`return 200`), under callgrind, answers N1 and then,
+# in a fresh run, N2 GETs on one keep-alive connection. (I(N2) - I(N1)) / (N2 - N1) is the
+# cost of one request, start-up and shutdown cancelled out.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N1=${N1:-1000}
+N2=${N2:-4000}
+UPSTREAM_PORT=${UPSTREAM_PORT:-18180}
+PROXY_PORT=${PROXY_PORT:-18182}
+IDENTITY_PORT=${IDENTITY_PORT:-18183}
+[ $# -gt 0 ] || set -- ./target/release/tollgate
+for tool in valgrind nginx python3; do
+  command -v "$tool" >/dev/null || { echo "needs $tool" >&2; exit 1; }
+done
+
+work=$(mktemp -d)
+sim=
+cleanup() {
+  [ -n "$sim" ] && kill "$sim" 2>/dev/null || true
+  [ -f "$work/up.pid" ] && kill "$(cat "$work/up.pid")" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+cargo build --release --quiet --example sim
+cat > "$work/up.conf" <<CONF
+worker_processes 1; pid $work/up.pid; error_log $work/up.err warn;
+events { worker_connections 1024; }
+http { access_log off; server { listen 127.0.0.1:$UPSTREAM_PORT; keepalive_requests 1000000;
+  location / { return 200 '{"ok":true}\n'; } } }
+CONF
+nginx -c "$work/up.conf" -e "$work/up.err"
+./target/release/examples/sim --identity "127.0.0.1:$IDENTITY_PORT" > "$work/sim.out" &
+sim=$!
+for _ in $(seq 50); do grep -q '^seed ' "$work/sim.out" 2>/dev/null && break; sleep 0.1; done
+client_id=$(awk '/^client_id /{print $2}' "$work/sim.out")
+client_secret=$(awk '/^client_secret /{print $2}' "$work/sim.out")
+
+cat > "$work/client.py" <<'PY'
+import http.client, sys
+c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
+for _ in range(int(sys.argv[2])):
+    c.request("GET", "/api/items?id=1")
+    r = c.getresponse()
+    r.read()
+    assert r.status == 200, r.status
+PY
+
+count() { # binary requests -> instructions of the whole run
+  rm -rf "$work/state"
+  cat > "$work/t.toml" <<CONF
+[state]
+store = "file:$work/state"
+
+[[upstream]]
+name = "bench"
+listen = "127.0.0.1:$PROXY_PORT"
+url = "http://127.0.0.1:$UPSTREAM_PORT"
+
+[upstream.auth]
+grant = "client_credentials"
+token_url = "http://127.0.0.1:$IDENTITY_PORT/token"
+client_id = "$client_id"
+client_secret = "$client_secret"
+CONF
+  RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" \
+    "$1" serve --workers 1 -c "$work/t.toml" 2> "$work/vg.err" &
+  local pid=$!
+  for _ in $(seq 300); do curl -fs "http://127.0.0.1:$PROXY_PORT/" >/dev/null 2>&1 && break; sleep 0.2; done
+  python3 "$work/client.py" "$PROXY_PORT" "$2"
+  kill -TERM "$pid"
+  wait "$pid" || true
+  awk '/^summary:/{print $2}' "$work/cg.out"
+}
+
+printf '%-40s %14s %14s %12s\n' binary "I($N1)" "I($N2)" "Ir/request"
+for bin in "$@"; do
+  a=$(count "$bin" "$N1")
+  b=$(count "$bin" "$N2")
+  printf '%-40s %14s %14s %12s\n' "$bin" "$a" "$b" "$(( (b - a) / (N2 - N1) ))"
+done
