@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! inbound key ─► target check ─► body ─► quota slot ─► token ─► quota spend ─► forward
-//!   ─► on retry_on status: refresh that generation, quota spend, replay once
+//!   ─► on retry_on status: refresh that generation (paced when the upstream never accepted
+//!      it), quota spend, replay once
 //!   ─► respond (hop-by-hop headers removed, rate-limit headers added, body streamed)
 //! ```
 //!
@@ -181,8 +182,12 @@ impl Pipeline {
         }
         let response = self.send(request, trace).await?;
 
+        let refused = self.retry_on.contains(&response.status().as_u16());
+        if !refused {
+            token.mark_accepted();
+        }
         let response = match replay {
-            Some(replay) if self.retry_on.contains(&response.status().as_u16()) => {
+            Some(replay) if refused => {
                 self.replay(response, replay, &token, &mut window, trace)
                     .await?
             }
@@ -253,6 +258,10 @@ impl Pipeline {
         window: &mut Option<Window>,
         trace: &mut Option<Trace>,
     ) -> Result<Response<Incoming>, ProxyError> {
+        if !self.tokens.may_replace(token) {
+            tracing::warn!(upstream = %self.name, status = refused.status().as_u16(), generation = token.generation, token = %token.fingerprint, "upstream refused a token it never accepted, soon after refusing the one before; passing its answer on without a new token");
+            return Ok(refused);
+        }
         tracing::info!(upstream = %self.name, status = refused.status().as_u16(), generation = token.generation, token = %token.fingerprint, "upstream refused the token; refreshing and replaying once");
         drop(refused);
         let fresh = self.tokens.replace_rejected(token.generation).await?;
@@ -267,7 +276,11 @@ impl Pipeline {
         if let Some(t) = trace {
             t.token = Some(fresh.fingerprint.clone());
         }
-        self.send(request, trace).await
+        let response = self.send(request, trace).await?;
+        if !self.retry_on.contains(&response.status().as_u16()) {
+            fresh.mark_accepted();
+        }
+        Ok(response)
     }
 
     /// Stage 5: hand the upstream's response to the client, without its hop-by-hop headers,

@@ -287,3 +287,23 @@ fn sha256(data: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+/// An API that refuses every token (a wrong scope, say): after one refresh for the token it
+/// had accepted and one for the new token it never accepted, tollgate passes the refusals on
+/// without redeeming again for each request; once the API accepts tokens again, all is well.
+#[tokio::test]
+async fn an_api_refusing_every_token_does_not_get_a_refresh_per_request() {
+    let h = Harness::start(Setup::default()).await;
+    assert_eq!(h.get("/warm").await.status, 200);
+    let before = h.identity.counters().refreshes;
+    h.api.reject_next(1000);
+    for i in 0..10 {
+        let answer = h.get(&format!("/refused/{i}")).await;
+        assert_eq!(answer.status, 401, "the API's refusal is passed on");
+    }
+    let refreshes = h.identity.counters().refreshes - before;
+    assert_eq!(refreshes, 2, "one for the accepted token, one for the next");
+    h.api.reject_next(0);
+    assert_eq!(h.get("/accepted-again").await.status, 200);
+    assert_eq!(h.identity.counters().refreshes - before, 2);
+}

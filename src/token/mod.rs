@@ -18,7 +18,7 @@ use crate::store::{StateStore, StoreError, TokenRecord};
 use arc_swap::ArcSwapOption;
 use grant::{GrantError, Issued, TokenEndpoint};
 use http::HeaderValue;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
@@ -46,9 +46,21 @@ pub struct AccessToken {
     /// When the refresh-ahead task replaces it.
     pub refresh_at: Instant,
     pub expires_at: SystemTime,
+    /// The upstream answered a request carrying this token with something other than a
+    /// refusal (see [`TokenCache::may_replace`]).
+    accepted: AtomicBool,
 }
 
 impl AccessToken {
+    /// The upstream took this token. Read before written: after the first request, a read
+    /// of a cache line every worker shares anyway.
+    #[inline]
+    pub fn mark_accepted(&self) {
+        if !self.accepted.load(Ordering::Relaxed) {
+            self.accepted.store(true, Ordering::Relaxed);
+        }
+    }
+
     pub fn is_usable(&self, now: Instant) -> bool {
         now < self.usable_until && SystemTime::now() < self.usable_until_wall
     }
@@ -176,7 +188,19 @@ pub struct TokenCache {
     last_failure: Mutex<Option<String>>,
     /// Refresh attempts by result, for `/metrics`: see [`REFRESH_RESULTS`].
     refreshes: [AtomicU64; 3],
+    /// Pacing of refreshes for tokens the upstream refused without ever accepting.
+    rejections: Mutex<Rejections>,
 }
+
+/// When the next refusal of a never-accepted token may be answered with a new token.
+#[derive(Default)]
+struct Rejections {
+    next_allowed: Option<Instant>,
+    delay: Duration,
+}
+
+/// The first wait between refreshes for never-accepted tokens, doubled up to the second.
+const REJECTED_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
 
 /// Wall-clock milliseconds: stored deadlines must survive a restart, which `Instant` does not.
 fn unix_ms() -> u64 {
@@ -225,6 +249,7 @@ impl TokenCache {
             published: watch::channel(0).0,
             last_failure: Mutex::new(None),
             refreshes: Default::default(),
+            rejections: Mutex::default(),
         })
     }
 
@@ -259,9 +284,13 @@ impl TokenCache {
         if let Some(t) = old.current.load_full() {
             next.current.store(Some(Arc::new(AccessToken {
                 header: t.header.clone(),
+                generation: t.generation,
                 fingerprint: t.fingerprint.clone(),
+                usable_until: t.usable_until,
+                usable_until_wall: t.usable_until_wall,
                 refresh_at: Instant::now(),
-                ..*t
+                expires_at: t.expires_at,
+                accepted: AtomicBool::new(t.accepted.load(Ordering::Relaxed)),
             })));
         }
         Ok(next)
@@ -309,6 +338,32 @@ impl TokenCache {
             Some(t) => Ok(t),
             None => self.refresh(Purpose::Missing).await,
         }
+    }
+
+    /// Whether the upstream's refusal of `token` may be answered with a new token. A token the
+    /// upstream accepted before has expired or been revoked: always. One it never accepted
+    /// points at what a new token will not fix (a wrong scope or audience, an API refusing
+    /// everyone): one refresh, then at most one per backoff period (1 s doubling to 60 s), so
+    /// a broken API cannot make tollgate hammer the identity server (and rotate the refresh
+    /// token) once per request. Meanwhile the upstream's refusal goes to the client.
+    pub fn may_replace(&self, token: &AccessToken) -> bool {
+        let mut r = self.rejections.lock().unwrap_or_else(|p| p.into_inner());
+        if token.accepted.load(Ordering::Relaxed) {
+            *r = Rejections::default();
+            return true;
+        }
+        if self.generation() > token.generation {
+            // Already replaced: the newer token is handed out without a refresh.
+            return true;
+        }
+        let now = Instant::now();
+        if r.next_allowed.is_some_and(|t| now < t) {
+            return false;
+        }
+        let (first, max) = REJECTED_BACKOFF;
+        r.delay = (r.delay * 2).clamp(first, max);
+        r.next_allowed = Some(now + r.delay);
+        true
     }
 
     /// The upstream refused `generation`: drop it and get a newer one. A request that carried an
@@ -605,6 +660,7 @@ impl TokenCache {
             usable_until_wall: SystemTime::now() + usable,
             refresh_at,
             expires_at: UNIX_EPOCH + Duration::from_millis(record.expires_at_ms),
+            accepted: AtomicBool::new(false),
         })
     }
 
