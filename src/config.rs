@@ -105,8 +105,8 @@ pub struct LimitsConfig {
     /// The request line and headers together; more gets 431.
     #[serde(deserialize_with = "de_size")]
     pub max_header_size: u64,
-    /// How long a client has to send a request head; also how long a connection with no
-    /// request in flight stays open, in HTTP/1.1 and HTTP/2 (slowloris, idle clients).
+    /// How long a client has to send a request head; a connection with no request in flight
+    /// is closed after one to two times this, in HTTP/1.1 and HTTP/2 (slowloris, idle clients).
     #[serde(deserialize_with = "de_duration")]
     pub header_timeout: Duration,
     /// Connecting to the upstream.

@@ -2,8 +2,8 @@
 //!
 //! ```text
 //! inbound key ─► target check ─► body ─► quota slot ─► token ─► quota spend ─► forward
-//!   ─► on retry_on status: refresh that generation (paced when the upstream never accepted
-//!      it), quota spend, replay once
+//!   ─► on retry_on status: refresh that generation (paced once replays are refused too),
+//!      quota spend, replay once
 //!   ─► respond (hop-by-hop headers removed, rate-limit headers added, body streamed)
 //! ```
 //!
@@ -182,12 +182,8 @@ impl Pipeline {
         }
         let response = self.send(request, trace).await?;
 
-        let refused = self.retry_on.contains(&response.status().as_u16());
-        if !refused {
-            token.mark_accepted();
-        }
         let response = match replay {
-            Some(replay) if refused => {
+            Some(replay) if self.retry_on.contains(&response.status().as_u16()) => {
                 self.replay(response, replay, &token, &mut window, trace)
                     .await?
             }
@@ -259,7 +255,6 @@ impl Pipeline {
         trace: &mut Option<Trace>,
     ) -> Result<Response<Incoming>, ProxyError> {
         if !self.tokens.may_replace(token) {
-            tracing::warn!(upstream = %self.name, status = refused.status().as_u16(), generation = token.generation, token = %token.fingerprint, "upstream refused a token it never accepted, soon after refusing the one before; passing its answer on without a new token");
             return Ok(refused);
         }
         tracing::info!(upstream = %self.name, status = refused.status().as_u16(), generation = token.generation, token = %token.fingerprint, "upstream refused the token; refreshing and replaying once");
@@ -277,9 +272,8 @@ impl Pipeline {
             t.token = Some(fresh.fingerprint.clone());
         }
         let response = self.send(request, trace).await?;
-        if !self.retry_on.contains(&response.status().as_u16()) {
-            fresh.mark_accepted();
-        }
+        self.tokens
+            .replayed(self.retry_on.contains(&response.status().as_u16()));
         Ok(response)
     }
 

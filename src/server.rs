@@ -5,7 +5,7 @@
 //! A [`Listener`] is one address served by every worker ([`Workers`]), each on its own socket
 //! with its own [`Site`] — the handler and connection settings — behind an `ArcSwap`, so a
 //! reload replaces what is served without closing a connection. A connection is closed once
-//! it has had no request in flight for `header_timeout`, in either protocol.
+//! it has had no request in flight for one to two times `header_timeout`, in either protocol.
 
 use crate::config::LimitsConfig;
 use crate::error::ProxyBody;

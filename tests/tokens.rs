@@ -288,22 +288,71 @@ fn sha256(data: &[u8]) -> String {
         .collect()
 }
 
-/// An API that refuses every token (a wrong scope, say): after one refresh for the token it
-/// had accepted and one for the new token it never accepted, tollgate passes the refusals on
-/// without redeeming again for each request; once the API accepts tokens again, all is well.
+/// An API that refuses every token (a wrong scope, say): one refresh, whose replay is refused
+/// too; then its refusals are passed on instead of redeeming once per request, with one
+/// refresh per wait (1 s, then 2 s).
 #[tokio::test]
 async fn an_api_refusing_every_token_does_not_get_a_refresh_per_request() {
     let h = Harness::start(Setup::default()).await;
     assert_eq!(h.get("/warm").await.status, 200);
     let before = h.identity.counters().refreshes;
     h.api.reject_next(1000);
+    let started = Instant::now();
     for i in 0..10 {
         let answer = h.get(&format!("/refused/{i}")).await;
         assert_eq!(answer.status, 401, "the API's refusal is passed on");
+        assert!(
+            answer.headers.contains_key("www-authenticate"),
+            "the API's own answer"
+        );
     }
     let refreshes = h.identity.counters().refreshes - before;
-    assert_eq!(refreshes, 2, "one for the accepted token, one for the next");
+    if started.elapsed() < Duration::from_secs(1) {
+        assert_eq!(refreshes, 1, "one refresh, then the wait");
+    }
+    // Past the first wait, one more refresh, and a longer wait.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let at = h.identity.counters().refreshes;
+    let again = Instant::now();
+    for i in 0..3 {
+        assert_eq!(h.get(&format!("/again/{i}")).await.status, 401);
+    }
+    if again.elapsed() < Duration::from_secs(2) {
+        assert_eq!(h.identity.counters().refreshes - at, 1);
+    }
     h.api.reject_next(0);
     assert_eq!(h.get("/accepted-again").await.status, 200);
-    assert_eq!(h.identity.counters().refreshes - before, 2);
+}
+
+/// Tokens revoked one after another, each replaced and replayed with success: never paced.
+#[tokio::test]
+async fn revoked_tokens_are_always_replaced_while_replays_succeed() {
+    let h = Harness::start(Setup::default()).await;
+    assert_eq!(h.get("/warm").await.status, 200);
+    for i in 0..6 {
+        h.identity.expire_access_tokens();
+        assert_eq!(h.get(&format!("/revoked/{i}")).await.status, 200);
+    }
+}
+
+/// Requests refused together with the same new token share one refresh and are all
+/// replayed: the pacing never turns them away.
+#[tokio::test]
+async fn requests_refused_together_share_one_refresh_and_all_succeed() {
+    let h = Arc::new(Harness::start(Setup::default()).await);
+    assert_eq!(h.get("/warm").await.status, 200);
+    let before = h.identity.counters().refreshes;
+    h.identity.expire_access_tokens();
+    h.identity.delay_next(1, Duration::from_millis(300));
+    let mut requests = Vec::new();
+    for i in 0..10 {
+        let h = Arc::clone(&h);
+        requests.push(tokio::spawn(async move {
+            h.get(&format!("/together/{i}")).await.status
+        }));
+    }
+    for r in requests {
+        assert_eq!(r.await.unwrap(), 200);
+    }
+    assert_eq!(h.identity.counters().refreshes - before, 1);
 }

@@ -18,7 +18,7 @@ use crate::store::{StateStore, StoreError, TokenRecord};
 use arc_swap::ArcSwapOption;
 use grant::{GrantError, Issued, TokenEndpoint};
 use http::HeaderValue;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
@@ -46,21 +46,9 @@ pub struct AccessToken {
     /// When the refresh-ahead task replaces it.
     pub refresh_at: Instant,
     pub expires_at: SystemTime,
-    /// The upstream answered a request carrying this token with something other than a
-    /// refusal (see [`TokenCache::may_replace`]).
-    accepted: AtomicBool,
 }
 
 impl AccessToken {
-    /// The upstream took this token. Read before written: after the first request, a read
-    /// of a cache line every worker shares anyway.
-    #[inline]
-    pub fn mark_accepted(&self) {
-        if !self.accepted.load(Ordering::Relaxed) {
-            self.accepted.store(true, Ordering::Relaxed);
-        }
-    }
-
     pub fn is_usable(&self, now: Instant) -> bool {
         now < self.usable_until && SystemTime::now() < self.usable_until_wall
     }
@@ -188,19 +176,29 @@ pub struct TokenCache {
     last_failure: Mutex<Option<String>>,
     /// Refresh attempts by result, for `/metrics`: see [`REFRESH_RESULTS`].
     refreshes: [AtomicU64; 3],
-    /// Pacing of refreshes for tokens the upstream refused without ever accepting.
-    rejections: Mutex<Rejections>,
+    /// Pacing of the refreshes the upstream's refusals ask for; shared with the cache this one
+    /// continues after a reload.
+    rejections: Arc<Mutex<Rejections>>,
 }
 
-/// When the next refusal of a never-accepted token may be answered with a new token.
+/// When the upstream's next refusal may be answered with a new token.
 #[derive(Default)]
 struct Rejections {
-    next_allowed: Option<Instant>,
-    delay: Duration,
+    /// The newest generation a refresh was granted for: requests refused with it or an older
+    /// one share that refresh.
+    granted: u64,
+    /// Replays in a row that the upstream refused with their new token too.
+    strikes: u32,
+    last_grant: Option<Instant>,
+    /// The wait after `last_grant` while there are strikes.
+    wait: Duration,
+    /// Refusals passed on since the last refresh was granted.
+    passed_on: u64,
 }
 
-/// The first wait between refreshes for never-accepted tokens, doubled up to the second.
-const REJECTED_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
+/// The wait between refreshes for refusals once a replay was refused too, doubled with each
+/// further refused replay up to the second.
+const REFUSED_REPLAY_WAIT: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
 
 /// Wall-clock milliseconds: stored deadlines must survive a restart, which `Instant` does not.
 fn unix_ms() -> u64 {
@@ -249,7 +247,7 @@ impl TokenCache {
             published: watch::channel(0).0,
             last_failure: Mutex::new(None),
             refreshes: Default::default(),
-            rejections: Mutex::default(),
+            rejections: Arc::default(),
         })
     }
 
@@ -274,6 +272,7 @@ impl TokenCache {
             return Ok(next);
         }
         next.flight = Arc::clone(&old.flight);
+        next.rejections = Arc::clone(&old.rejections);
         if let Ok(mut flight) = next.flight.try_lock() {
             // A failure under the old settings (a wrong client secret, say) is tried again.
             flight.final_failure = None;
@@ -290,7 +289,6 @@ impl TokenCache {
                 usable_until_wall: t.usable_until_wall,
                 refresh_at: Instant::now(),
                 expires_at: t.expires_at,
-                accepted: AtomicBool::new(t.accepted.load(Ordering::Relaxed)),
             })));
         }
         Ok(next)
@@ -340,30 +338,48 @@ impl TokenCache {
         }
     }
 
-    /// Whether the upstream's refusal of `token` may be answered with a new token. A token the
-    /// upstream accepted before has expired or been revoked: always. One it never accepted
-    /// points at what a new token will not fix (a wrong scope or audience, an API refusing
-    /// everyone): one refresh, then at most one per backoff period (1 s doubling to 60 s), so
-    /// a broken API cannot make tollgate hammer the identity server (and rotate the refresh
-    /// token) once per request. Meanwhile the upstream's refusal goes to the client.
+    /// Whether the upstream's refusal of `token` may be answered with a new token. Yes, as
+    /// long as new tokens help: a replay with its new token accepted. Once a replay was
+    /// refused too, the API refuses for another reason (a scope it wants, an endpoint closed
+    /// to this client), and one refresh per wait (1 s, doubling to 60 s with each refused
+    /// replay) is granted, so it cannot make tollgate redeem, and rotate the refresh token,
+    /// once per request; the refusals in between are passed on to the client. Requests
+    /// refused with a generation a refresh was already granted for share that refresh.
     pub fn may_replace(&self, token: &AccessToken) -> bool {
         let mut r = self.rejections.lock().unwrap_or_else(|p| p.into_inner());
-        if token.accepted.load(Ordering::Relaxed) {
-            *r = Rejections::default();
-            return true;
-        }
-        if self.generation() > token.generation {
-            // Already replaced: the newer token is handed out without a refresh.
+        if token.generation <= r.granted || self.generation() > token.generation {
             return true;
         }
         let now = Instant::now();
-        if r.next_allowed.is_some_and(|t| now < t) {
-            return false;
+        if let (true, Some(last)) = (r.strikes > 0, r.last_grant) {
+            if now < last + r.wait {
+                if r.passed_on == 0 {
+                    tracing::warn!(upstream = %self.name, wait = ?(last + r.wait - now), "the upstream refused a replay with a new token; passing its refusals on until the wait is over");
+                }
+                r.passed_on += 1;
+                return false;
+            }
         }
-        let (first, max) = REJECTED_BACKOFF;
-        r.delay = (r.delay * 2).clamp(first, max);
-        r.next_allowed = Some(now + r.delay);
+        if r.passed_on > 0 {
+            tracing::info!(upstream = %self.name, passed_on = r.passed_on, "refreshing for the upstream's refusal; that many refusals were passed on meanwhile");
+        }
+        r.granted = token.generation;
+        r.last_grant = Some(now);
+        r.passed_on = 0;
         true
+    }
+
+    /// What the upstream made of a replay with a new token (see [`TokenCache::may_replace`]).
+    pub fn replayed(&self, refused: bool) {
+        let mut r = self.rejections.lock().unwrap_or_else(|p| p.into_inner());
+        if refused {
+            let (first, max) = REFUSED_REPLAY_WAIT;
+            r.strikes += 1;
+            r.wait = (r.wait * 2).clamp(first, max);
+        } else if r.strikes > 0 {
+            r.strikes = 0;
+            r.wait = Duration::ZERO;
+        }
     }
 
     /// The upstream refused `generation`: drop it and get a newer one. A request that carried an
@@ -660,7 +676,6 @@ impl TokenCache {
             usable_until_wall: SystemTime::now() + usable,
             refresh_at,
             expires_at: UNIX_EPOCH + Duration::from_millis(record.expires_at_ms),
-            accepted: AtomicBool::new(false),
         })
     }
 
