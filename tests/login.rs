@@ -9,13 +9,16 @@ use tollgate::config::Config;
 use tollgate::sim::identity::IdentityConfig;
 use tollgate::token::login::{Login, LoginError};
 
-/// A free loopback port for the redirect URI (registered with the identity server up front).
+/// A free loopback port for the redirect URI (registered with the identity server up front,
+/// bound by the login later). Taken below the kernel's ephemeral range (32768 and up by
+/// default), so the servers other tests start on port 0 meanwhile cannot be given it.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    loop {
+        let port = 20_000 + rand::random::<u16>() % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 async fn setup() -> (Harness, String) {
