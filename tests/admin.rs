@@ -174,10 +174,7 @@ async fn status_command_without_admin_says_what_to_add() {
 /// An address nobody listens on: exit 1, saying serve does not seem to be running there.
 #[tokio::test]
 async fn status_command_with_nothing_listening_exits_1() {
-    let free = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let free = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tollgate.toml");
     std::fs::write(&path, format!("[admin]\nlisten = \"{free}\"\n")).unwrap();

@@ -9,20 +9,9 @@ use tollgate::config::Config;
 use tollgate::sim::identity::IdentityConfig;
 use tollgate::token::login::{Login, LoginError};
 
-/// A free loopback port for the redirect URI (registered with the identity server up front,
-/// bound by the login later). Taken below the kernel's ephemeral range (32768 and up by
-/// default), so the servers other tests start on port 0 meanwhile cannot be given it.
-fn free_port() -> u16 {
-    loop {
-        let port = 20_000 + rand::random::<u16>() % 12_000;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
 async fn setup() -> (Harness, String) {
-    let redirect = format!("http://127.0.0.1:{}/callback", free_port());
+    // Registered with the identity server up front, bound by the login later.
+    let redirect = format!("http://127.0.0.1:{}/callback", common::free_port());
     let h = Harness::start(Setup {
         identity: IdentityConfig {
             redirect_uris: vec![redirect.clone()],

@@ -154,9 +154,7 @@ async fn upstream_down_is_502_and_slow_is_504() {
     assert_eq!(slow.json()["status"], 504);
 
     // Point a second proxy at a port where nothing listens.
-    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let dead = format!("http://{}/api", closed.local_addr().unwrap());
-    drop(closed);
+    let dead = format!("http://127.0.0.1:{}/api", common::free_port());
     let api_url = format!("{}/api/v1", h.api_server.url());
     let text = h.config_text.replace(&api_url, &dead);
     let config = tollgate::config::Config::parse(&text, "t", |_| None).unwrap();

@@ -213,10 +213,7 @@ async fn upstreams_come_and_go_and_a_removed_one_drains() {
 /// connections.
 #[tokio::test]
 async fn a_renamed_upstream_takes_over_the_listener_and_its_connections() {
-    let port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
-    };
+    let port = common::free_port();
     let mut h = Harness::start(Setup::default()).await;
     h.stop_proxy().await;
     h.config_text = h.config_text.replace(

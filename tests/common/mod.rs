@@ -21,6 +21,18 @@ use tollgate::Proxy;
 
 pub type TestClient = Client<HttpConnector, Full<Bytes>>;
 
+/// A loopback port nothing listens on now, for a test to bind later or to find closed. Taken
+/// below the kernel's ephemeral range (32768 and up by default), so servers other tests
+/// start on port 0 meanwhile cannot be given it.
+pub fn free_port() -> u16 {
+    loop {
+        let port = 20_000 + rand::random::<u16>() % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 pub fn client() -> TestClient {
     Client::builder(TokioExecutor::new()).build_http()
 }
