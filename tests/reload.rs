@@ -55,6 +55,25 @@ async fn get_on(
     collect(connection.send_request(request).await.unwrap()).await
 }
 
+/// The harness with `FIRST_KEY` as its inbound key.
+async fn with_keys() -> Harness {
+    Harness::start(Setup {
+        extra_tables: keys_table(FIRST_KEY),
+        ..Setup::default()
+    })
+    .await
+}
+
+/// The harness with an admin listener and `quota` as its `[upstream.quota]` lines.
+async fn with_admin(quota: &str) -> Harness {
+    Harness::start(Setup {
+        quota: quota.into(),
+        admin: true,
+        ..Setup::default()
+    })
+    .await
+}
+
 /// Wait (up to 10 s) until `done` holds.
 async fn until(mut done: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -96,6 +115,17 @@ fn second_upstream(h: &Harness, listen: &str) -> String {
             &format!("listen = \"{listen}\""),
         )
         .replace(&h.seed, &h.identity.issue_refresh_token())
+}
+
+/// The statuses of a GET with `FIRST_KEY`, then with `SECOND_KEY`, on `connection`.
+async fn key_statuses(connection: &mut SendRequest<Full<Bytes>>, addr: SocketAddr) -> (u16, u16) {
+    let first = get_on(connection, addr, "/api/v1/x", FIRST_KEY)
+        .await
+        .status;
+    let second = get_on(connection, addr, "/api/v1/x", SECOND_KEY)
+        .await
+        .status;
+    (first, second)
 }
 
 /// Keys and the daily limit change on a connection that stays open; the token is not
@@ -156,11 +186,7 @@ async fn keys_and_quota_change_on_an_open_connection_keeping_token_and_count() {
 /// then stops listening; the admin endpoints show the new set.
 #[tokio::test]
 async fn upstreams_come_and_go_and_a_removed_one_drains() {
-    let mut h = Harness::start(Setup {
-        admin: true,
-        ..Setup::default()
-    })
-    .await;
+    let mut h = with_admin("").await;
     let old_addr = h.proxy().addr("api").unwrap();
     let second = second_upstream(&h, "127.0.0.1:0");
     let both = format!("{}\n{second}", h.config_text);
@@ -244,11 +270,7 @@ async fn a_renamed_upstream_takes_over_the_listener_and_its_connections() {
 /// Nothing changes when any part of the new config cannot be put in force.
 #[tokio::test]
 async fn a_config_that_cannot_be_put_in_force_changes_nothing() {
-    let mut h = Harness::start(Setup {
-        extra_tables: keys_table(FIRST_KEY),
-        ..Setup::default()
-    })
-    .await;
+    let mut h = with_keys().await;
     let addr = h.proxy().addr("api").unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let second = second_upstream(&h, &taken.local_addr().unwrap().to_string());
@@ -269,16 +291,7 @@ async fn a_config_that_cannot_be_put_in_force_changes_nothing() {
 
     assert_eq!(h.proxy().addr("other"), None);
     let mut conn = connect(addr).await;
-    assert_eq!(
-        get_on(&mut conn, addr, "/api/v1/x", FIRST_KEY).await.status,
-        200
-    );
-    assert_eq!(
-        get_on(&mut conn, addr, "/api/v1/x", SECOND_KEY)
-            .await
-            .status,
-        401
-    );
+    assert_eq!(key_statuses(&mut conn, addr).await, (200, 401));
     h.stop_proxy().await;
 }
 
@@ -286,11 +299,7 @@ async fn a_config_that_cannot_be_put_in_force_changes_nothing() {
 /// valid one the new keys are in force.
 #[tokio::test]
 async fn sighup_puts_a_valid_config_in_force_and_keeps_the_old_on_an_invalid_one() {
-    let mut h = Harness::start(Setup {
-        extra_tables: keys_table(FIRST_KEY),
-        ..Setup::default()
-    })
-    .await;
+    let mut h = with_keys().await;
     h.stop_proxy().await;
     let path = h.state.path().join("tollgate.toml");
     std::fs::write(&path, &h.config_text).unwrap();
@@ -323,28 +332,14 @@ async fn sighup_puts_a_valid_config_in_force_and_keeps_the_old_on_an_invalid_one
     spawned.hang_up();
     let reloaded = spawned.wait_for_log("config reloaded");
     assert_eq!(reloaded["fields"]["changed"], "[\"api\"]");
-    assert_eq!(
-        get_on(&mut conn, addr, "/api/v1/x", FIRST_KEY).await.status,
-        401
-    );
-    assert_eq!(
-        get_on(&mut conn, addr, "/api/v1/x", SECOND_KEY)
-            .await
-            .status,
-        200
-    );
+    assert_eq!(key_statuses(&mut conn, addr).await, (401, 200));
 }
 
 /// Requests that arrived before a reload are counted by the new quota: one waiting in line
 /// while the daily limit is removed is sent, not refused.
 #[tokio::test]
 async fn a_request_in_line_across_a_quota_change_is_served() {
-    let mut h = Harness::start(Setup {
-        quota: "per_day = 1000\nconcurrency = 1\nqueue = 5\n".into(),
-        admin: true,
-        ..Setup::default()
-    })
-    .await;
+    let mut h = with_admin("per_day = 1000\nconcurrency = 1\nqueue = 5\n").await;
     let url = h.url("/api/v1/slow?sim_delay_ms=600");
     let first = tokio::spawn(common::get(url.clone()));
     until_line(&h, (1, 0)).await;
@@ -371,12 +366,7 @@ async fn a_request_in_line_across_a_quota_change_is_served() {
 /// Lowering `concurrency` while requests wait in line: the cut applies before they get in.
 #[tokio::test]
 async fn a_lower_concurrency_holds_back_the_requests_already_waiting() {
-    let mut h = Harness::start(Setup {
-        quota: "concurrency = 2\nqueue = 5\n".into(),
-        admin: true,
-        ..Setup::default()
-    })
-    .await;
+    let mut h = with_admin("concurrency = 2\nqueue = 5\n").await;
     let url = h.url("/api/v1/slow?sim_delay_ms=500");
     let started = std::time::Instant::now();
     let mut requests = Vec::new();
@@ -405,11 +395,7 @@ async fn a_lower_concurrency_holds_back_the_requests_already_waiting() {
 /// still ready, and the next token, fetched at once with the new settings, is redeemed once.
 #[tokio::test]
 async fn an_auth_change_keeps_the_token_and_readiness() {
-    let mut h = Harness::start(Setup {
-        admin: true,
-        ..Setup::default()
-    })
-    .await;
+    let mut h = with_admin("").await;
     assert_eq!(h.get("/api/v1/a").await.status, 200);
     let issued = h.identity.counters().issued;
     let text = h.config_text.replace(
@@ -432,11 +418,7 @@ async fn an_auth_change_keeps_the_token_and_readiness() {
 /// new keys of the other are in force on each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_reaches_every_worker() {
-    let mut h = Harness::start(Setup {
-        extra_tables: keys_table(FIRST_KEY),
-        ..Setup::default()
-    })
-    .await;
+    let mut h = with_keys().await;
     h.stop_proxy().await;
     let mut proxy = tollgate::Proxy::start_with_workers(&h.config(), 2)
         .await
