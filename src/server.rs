@@ -132,18 +132,25 @@ pub async fn serve<H: Handler>(
         let _ = stream.set_nodelay(true);
         let settings = Arc::clone(&live.load().settings);
         let live = Arc::clone(&live);
-        let stop = told.clone();
+        let mut stop = told.clone();
         tokio::spawn(async move {
             let started = tokio::time::Instant::now();
             match &settings.tls {
                 None => connection(stream, live, &settings, started, stop).await,
                 Some(acceptor) => {
-                    // The handshake counts against the same deadline as the first request.
+                    // The handshake counts against the same deadline as the first request,
+                    // and is given up when the listener stops: no request is in flight yet.
                     let deadline = started + settings.header_timeout;
-                    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => connection(stream, live, &settings, started, stop).await,
-                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    let handshake = tokio::time::timeout_at(deadline, acceptor.accept(stream));
+                    tokio::select! {
+                        shaken = handshake => match shaken {
+                            Ok(Ok(stream)) => {
+                                connection(stream, live, &settings, started, stop).await
+                            }
+                            Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                            Err(_) => tracing::debug!("TLS handshake timed out"),
+                        },
+                        _ = stop.changed() => {}
                     }
                 }
             }

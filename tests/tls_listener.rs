@@ -205,3 +205,19 @@ async fn sighup_reloads_the_certificate_of_a_running_serve() {
         }
     }
 }
+
+/// A client that opens TCP and never starts its handshake does not hold a shutdown up.
+#[tokio::test]
+async fn a_silent_tls_client_does_not_delay_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    write_certs(dir.path(), &make_ca("silent"));
+    let mut h = harness(dir.path()).await;
+    let _silent = tokio::net::TcpStream::connect(h.proxy().addr("api").unwrap())
+        .await
+        .unwrap();
+    // Let the listener accept it.
+    tokio::task::yield_now().await;
+    tokio::time::timeout(std::time::Duration::from_secs(5), h.stop_proxy())
+        .await
+        .expect("shut down without waiting out the header timeout (30 s)");
+}
