@@ -180,10 +180,10 @@ enum Ending {
 
 /// Serve HTTP/1.1 or HTTP/2 on one connection, until the client closes it, `stop` says so,
 /// or it has been idle — no request in flight — for its `header_timeout` (counted from
-/// `started` for the first request; closed within twice that). hyper's own timeout covers an HTTP/1 head that is slow
-/// to come; this covers a connection silent before its protocol is known, which would
-/// otherwise hold its place forever, and an HTTP/2 connection without streams, whose pings a
-/// live client answers.
+/// `started` for the first request; closed within twice that). hyper's own timeout covers an
+/// HTTP/1 head that is slow to come; this covers a connection silent before its protocol is
+/// known, which would otherwise hold its place forever, and an HTTP/2 connection without
+/// streams, whose pings a live client answers.
 async fn connection<H: Handler, IO>(
     io: IO,
     live: Arc<Live<H>>,
