@@ -20,7 +20,7 @@ use url::Url;
 pub const DEFAULT_PATH: &str = "tollgate.toml";
 
 /// The whole configuration, after interpolation and validation.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -30,7 +30,7 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateConfig {
     /// `file:<dir>`; the directory is relative to the working directory.
@@ -46,7 +46,7 @@ impl Default for StateConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub listen: SocketAddr,

@@ -6,8 +6,9 @@
 //! of it has succeeded, so an invalid config leaves the running one in force. Then, per
 //! upstream (by name), it keeps what is unchanged:
 //!
-//! - the token cache while `[upstream.auth]` and the CA are unchanged (a new one adopts the
-//!   stored token of the same lineage, so even then nothing is redeemed twice);
+//! - the token cache while `[upstream.auth]` and the CA are unchanged; otherwise a
+//!   [`TokenCache::successor`] that, for the same lineage, shares the refresh in flight and
+//!   keeps the running token in use while it fetches the next with the new settings;
 //! - the quota's counts, handed over to a successor ([`Quota::successor`]);
 //! - the pooled upstream connections while the URL, timeouts and CA are unchanged;
 //! - the listener while `listen` is unchanged, or handed to the upstream that now listens on
@@ -473,9 +474,7 @@ impl Proxy {
                 while quota.holders() > 1 && tokio::time::Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                if let Err(e) = quota.give_back().await {
-                    tracing::warn!(upstream = %name, error = %e, "could not give unspent daily quota back; it stays spent for today");
-                }
+                give_back(&name, &quota).await;
             });
         }
         for (_, listener) in old_listeners {
@@ -571,11 +570,17 @@ impl Proxy {
         }
         for up in std::mem::take(&mut self.upstreams).into_values() {
             let _ = up.refresh.handle.await;
-            if let Err(e) = up.quota.give_back().await {
-                tracing::warn!(upstream = %up.config.name, error = %e, "could not give unspent daily quota back; it stays spent for today");
-            }
+            give_back(&up.config.name, &up.quota).await;
         }
         self.workers.stop().await;
+    }
+}
+
+/// Give the unspent daily counts of `upstream` back to the store; a failure only costs them
+/// for today.
+async fn give_back(upstream: &str, quota: &Quota) {
+    if let Err(e) = quota.give_back().await {
+        tracing::warn!(%upstream, error = %e, "could not give unspent daily quota back; it stays spent for today");
     }
 }
 

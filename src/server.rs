@@ -472,9 +472,7 @@ impl<H: Handler> Listener<H> {
     /// A new connection cap (a listener started without one keeps none).
     pub fn resize_cap(&self, cap: usize) {
         if let Some(gate) = &self.cap {
-            if gate.size() != cap {
-                gate.resize(cap);
-            }
+            gate.resize(cap);
         }
     }
 
