@@ -4,18 +4,31 @@
 //! A replay after a 401 needs the body again, so bodies up to `retry_body_limit` are buffered
 //! (most are a few KiB, and GETs have none). A larger body, or one of unknown length that turns
 //! out larger, streams through untouched and is not replayed: the client then gets the 401.
+//! Trailer fields are forwarded either way; a buffered body keeps them for its replay.
 
 use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+/// A request body read whole: what is sent, and sent again by a replay.
+#[derive(Debug, Clone, Default)]
+pub struct Buffered {
+    pub data: Bytes,
+    /// Trailer fields that followed the data (chunked HTTP/1.1, HTTP/2); rare.
+    pub trailers: Option<HeaderMap>,
+}
+
 /// A request body on its way upstream.
 #[derive(Debug)]
 pub enum RequestBody {
-    /// Buffered whole; may be cloned for a replay.
-    Full(Option<Bytes>),
+    /// Buffered whole; the frames not sent yet.
+    Full {
+        data: Option<Bytes>,
+        trailers: Option<HeaderMap>,
+    },
     /// Streams from the client; `prefix` holds what was read while deciding.
     Stream {
         prefix: Option<Bytes>,
@@ -24,8 +37,11 @@ pub enum RequestBody {
 }
 
 impl RequestBody {
-    pub fn full(bytes: Bytes) -> Self {
-        RequestBody::Full(Some(bytes).filter(|b| !b.is_empty()))
+    pub fn full(body: Buffered) -> Self {
+        RequestBody::Full {
+            data: Some(body.data).filter(|b| !b.is_empty()),
+            trailers: body.trailers,
+        }
     }
 }
 
@@ -38,7 +54,12 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            RequestBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            RequestBody::Full { data, trailers } => Poll::Ready(
+                data.take()
+                    .map(Frame::data)
+                    .or_else(|| trailers.take().map(Frame::trailers))
+                    .map(Ok),
+            ),
             RequestBody::Stream { prefix, rest } => match prefix.take() {
                 Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
                 None => Pin::new(rest).poll_frame(cx),
@@ -48,15 +69,24 @@ impl Body for RequestBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            RequestBody::Full(bytes) => bytes.is_none(),
+            RequestBody::Full { data, trailers } => data.is_none() && trailers.is_none(),
             RequestBody::Stream { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            RequestBody::Full(bytes) => {
-                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            RequestBody::Full { data, trailers } => {
+                let len = data.as_ref().map_or(0, |b| b.len() as u64);
+                if trailers.is_some() {
+                    // Not exact: an HTTP/1.1 body with trailers must go chunked, not with a
+                    // Content-Length that leaves no room for them.
+                    let mut hint = SizeHint::new();
+                    hint.set_lower(len);
+                    hint
+                } else {
+                    SizeHint::with_exact(len)
+                }
             }
             RequestBody::Stream { prefix, rest } => {
                 let extra = prefix.as_ref().map_or(0, |b| b.len() as u64);
@@ -115,15 +145,15 @@ impl Body for ResponseBody {
 /// A body ready to send, with a copy for a replay when it was small enough to keep.
 pub struct Prepared {
     pub body: RequestBody,
-    pub replay: Option<Bytes>,
+    pub replay: Option<Buffered>,
 }
 
 /// Read up to `limit` bytes of `body` to decide whether it can be replayed.
 pub async fn prepare(mut body: Incoming, limit: u64) -> Result<Prepared, hyper::Error> {
     if body.is_end_stream() {
         return Ok(Prepared {
-            body: RequestBody::Full(None),
-            replay: Some(Bytes::new()),
+            body: RequestBody::full(Buffered::default()),
+            replay: Some(Buffered::default()),
         });
     }
     if body.size_hint().lower() > limit {
@@ -138,10 +168,15 @@ pub async fn prepare(mut body: Incoming, limit: u64) -> Result<Prepared, hyper::
     let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
     let mut read = 0u64;
+    let mut trailers = None;
     while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
-        let Ok(data) = frame?.into_data() else {
-            // Trailers: the body is over; requests with trailers are rare and not replayed.
-            break;
+        let data = match frame?.into_data() {
+            Ok(data) => data,
+            Err(frame) => {
+                // Trailers end the body.
+                trailers = frame.into_trailers().ok();
+                break;
+            }
         };
         read += data.len() as u64;
         // One frame is kept as it is; only several frames are copied together.
@@ -164,7 +199,10 @@ pub async fn prepare(mut body: Incoming, limit: u64) -> Result<Prepared, hyper::
             });
         }
     }
-    let all = first.unwrap_or_else(|| buf.freeze());
+    let all = Buffered {
+        data: first.unwrap_or_else(|| buf.freeze()),
+        trailers,
+    };
     Ok(Prepared {
         body: RequestBody::full(all.clone()),
         replay: Some(all),

@@ -50,7 +50,6 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            ProxyError::Token(TokenError::Store(_)) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::Token(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -111,7 +110,7 @@ impl ProxyError {
                     quota::add_headers(headers, window);
                 }
             }
-            ProxyError::Quota(QuotaError::Store(_)) => {
+            ProxyError::Quota(QuotaError::Store(_)) | ProxyError::Token(TokenError::Store(_)) => {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(1u64));

@@ -224,15 +224,16 @@ fn hex(b: u8) -> Option<u8> {
     (b as char).to_digit(16).map(|d| d as u8)
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy ones proxies drop.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy ones proxies drop. `Trailer` is not one
+/// (RFC 9110 §6.6.2): it announces the trailer fields, which pass through, and hyper sends
+/// trailer fields over HTTP/1.1 only when it announces them.
+const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
 ];
 

@@ -35,6 +35,9 @@ use config::{Config, StoreLocation};
 use std::future::Future;
 use token::TokenCache;
 
+/// How long `tollgate token` keeps retrying to save a rotated refresh token before it gives up.
+const TOKEN_SAVE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A valid access token for upstream `name`: the stored one while it is fresh, else a new one,
 /// redeemed under the store's refresh lock — safe beside a running `serve`.
 pub async fn access_token(config: &Config, name: &str) -> Result<secret::Secret<String>, String> {
@@ -54,8 +57,14 @@ pub async fn access_token(config: &Config, name: &str) -> Result<secret::Secret<
         ),
         None => None,
     };
-    let cache = TokenCache::new(up, store, roots.as_deref())?;
+    let cache = std::sync::Arc::new(TokenCache::new(up, store, roots.as_deref())?);
     let token = cache.get().await.map_err(|e| e.to_string())?;
+    // A refresh token rotated for this token must be saved before the process ends.
+    if !cache.settle(TOKEN_SAVE_WAIT).await {
+        return Err(format!(
+            "a new refresh token of upstream `{name}` could not be saved to the state store; it is lost when this command ends, so the next refresh redeems the one before it, which an identity server that rotates refuses: fix the store, then run `tollgate login {name}`"
+        ));
+    }
     Ok(token.bearer())
 }
 

@@ -11,7 +11,7 @@
 //! upstream is counted by the quota just before it happens, and every upstream answer is shown
 //! to it (a 429 holds the upstream back).
 
-use crate::body::{self, RequestBody, ResponseBody};
+use crate::body::{self, Buffered, RequestBody, ResponseBody};
 use crate::config::UpstreamConfig;
 use crate::error::{ProxyBody, ProxyError};
 use crate::forward::{self, SendError, TargetError, Upstream};
@@ -19,7 +19,6 @@ use crate::inbound::Keys;
 use crate::quota::{self, Quota, Slot, Window};
 use crate::stats::RequestStats;
 use crate::token::{AccessToken, TokenCache};
-use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
@@ -56,7 +55,7 @@ struct Replay {
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Buffered,
 }
 
 impl Pipeline {
@@ -204,7 +203,7 @@ impl Pipeline {
     }
 
     /// Stage 2: the request body, kept for a replay when it is small enough.
-    async fn body(&self, body: Incoming) -> Result<(RequestBody, Option<Bytes>), ProxyError> {
+    async fn body(&self, body: Incoming) -> Result<(RequestBody, Option<Buffered>), ProxyError> {
         if self.retry_on.is_empty() {
             let stream = RequestBody::Stream {
                 prefix: None,

@@ -7,8 +7,9 @@
 //! upstream (by name), it keeps what is unchanged:
 //!
 //! - the token cache while `[upstream.auth]` and the CA are unchanged; otherwise a
-//!   [`TokenCache::successor`] that, for the same lineage, shares the refresh in flight and
-//!   keeps the running token in use while it fetches the next with the new settings;
+//!   [`TokenCache::successor`] that, for the same lineage, keeps the running token in use
+//!   while it fetches the next with the new settings; the old cache is retired, and a refresh
+//!   it has in the air lands, saves and hands its token over;
 //! - the quota's counts, handed over to a successor ([`Quota::successor`]);
 //! - the pooled upstream connections while the URL, timeouts and CA are unchanged;
 //! - the listener while `listen` is unchanged, or handed to the upstream that now listens on
@@ -439,7 +440,8 @@ impl Proxy {
                     if Arc::ptr_eq(&o.tokens, &p.tokens) {
                         o.refresh
                     } else {
-                        self.retire_task(o.refresh);
+                        o.tokens.retire(&p.tokens);
+                        self.retire_tokens(o.tokens, o.refresh);
                         refresh_task(&p.tokens)
                     }
                 }
@@ -461,7 +463,7 @@ impl Proxy {
         }
         // What no upstream of the new config took over: stop refreshing, drain, give back.
         for (name, gone) in old_upstreams {
-            self.retire_task(gone.refresh);
+            self.retire_tokens(gone.tokens, gone.refresh);
             let drained = old_listeners.remove(&name).map(Listener::stop);
             let quota = gone.quota;
             self.retiring.spawn(async move {
@@ -483,11 +485,13 @@ impl Proxy {
         handovers
     }
 
-    /// Stop a refresh task; shutdown waits for it (a refresh in flight saves its result).
-    fn retire_task(&mut self, task: Task) {
+    /// Stop the refresh-ahead task of a cache no upstream uses any more; shutdown waits for it
+    /// and for a flight in the air, which saves what it redeemed.
+    fn retire_tokens(&mut self, tokens: Arc<TokenCache>, task: Task) {
         let _ = task.stop.send(true);
         self.retiring.spawn(async move {
             let _ = task.handle.await;
+            tokens.settle(SHUTDOWN_GRACE).await;
         });
     }
 
@@ -570,6 +574,7 @@ impl Proxy {
         }
         for up in std::mem::take(&mut self.upstreams).into_values() {
             let _ = up.refresh.handle.await;
+            up.tokens.settle(SHUTDOWN_GRACE).await;
             give_back(&up.config.name, &up.quota).await;
         }
         self.workers.stop().await;

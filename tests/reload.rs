@@ -5,7 +5,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::{collect, Answer, Harness, Setup};
+use common::{collect, until, Answer, Harness, Setup};
 use http::Request;
 use http_body_util::Full;
 use hyper::client::conn::http1::SendRequest;
@@ -72,15 +72,6 @@ async fn with_admin(quota: &str) -> Harness {
         ..Setup::default()
     })
     .await
-}
-
-/// Wait (up to 10 s) until `done` holds.
-async fn until(mut done: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !done() {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// The quota line of the first upstream in `/status`: (in flight, waiting).

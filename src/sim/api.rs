@@ -10,7 +10,7 @@
 //! 64 KiB at a time, so multi-megabyte transfers cost almost nothing.
 //!
 //! Echo answer (200, `application/json`):
-//! `{"method","path","query","headers":[[name,value],...],"body_len","body_sha256","body"}`
+//! `{"method","path","query","headers":[[name,value],...],"trailers":[[name,value],...],"body_len","body_sha256","body"}`
 //! where `query` is null without a query string and `body` is null unless the body is UTF-8
 //! and at most 64 KiB.
 
@@ -385,15 +385,30 @@ fn bad_request(message: &str) -> Response<SimBody> {
         .expect("static headers are valid")
 }
 
+/// Header fields as `[name, value]` pairs, in order.
+fn pairs(fields: &http::HeaderMap) -> impl Iterator<Item = [String; 2]> + '_ {
+    fields.iter().map(|(name, value)| {
+        let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        [name.as_str().to_owned(), value]
+    })
+}
+
 /// Describes the request, hashing the body as it arrives instead of collecting it.
 async fn echo(request: Request<Incoming>) -> Result<Response<SimBody>, hyper::Error> {
     let (parts, mut body) = request.into_parts();
     let mut hasher = Sha256::new();
     let mut body_len = 0u64;
     let mut kept = Vec::new();
+    let mut trailers: Vec<[String; 2]> = Vec::new();
     while let Some(frame) = body.frame().await {
-        let Ok(data) = frame?.into_data() else {
-            continue; // trailers
+        let data = match frame?.into_data() {
+            Ok(data) => data,
+            Err(frame) => {
+                if let Ok(fields) = frame.into_trailers() {
+                    trailers.extend(pairs(&fields));
+                }
+                continue;
+            }
         };
         body_len += data.len() as u64;
         hasher.update(&data);
@@ -405,19 +420,12 @@ async fn echo(request: Request<Incoming>) -> Result<Response<SimBody>, hyper::Er
     } else {
         None
     };
-    let headers: Vec<[String; 2]> = parts
-        .headers
-        .iter()
-        .map(|(name, value)| {
-            let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
-            [name.as_str().to_owned(), value]
-        })
-        .collect();
     let answer = json!({
         "method": parts.method.as_str(),
         "path": parts.uri.path(),
         "query": parts.uri.query(),
-        "headers": headers,
+        "headers": pairs(&parts.headers).collect::<Vec<_>>(),
+        "trailers": trailers,
         "body_len": body_len,
         "body_sha256": hex(&hasher.finalize()),
         "body": text,

@@ -18,7 +18,8 @@
 //!   self-contained JWTs from real identity servers do. Use
 //!   [`IdentitySim::expire_access_tokens`] to force the proxy back to the token endpoint.
 //! - Injected faults answer *instead of* processing the request, so a failed or garbled
-//!   refresh never rotates the refresh token.
+//!   refresh never rotates the refresh token; only [`IdentitySim::answer_late`] processes it
+//!   and then holds the answer back.
 //! - `redirect_uri` must be sent to the authorization endpoint and match a registered one
 //!   exactly (no RFC 8252 §7.3 port wildcard for loopback). An authorization code is used up
 //!   by the first token request that gets as far as checking it, even if that request fails.
@@ -231,6 +232,8 @@ struct Faults {
     fail_status: u16,
     delay_left: u32,
     delay: Duration,
+    late_left: u32,
+    late: Duration,
     garbage_left: u32,
 }
 
@@ -388,6 +391,15 @@ impl IdentitySim {
         state.faults.delay = delay;
     }
 
+    /// The next `n` token requests are processed at once (a refresh token is rotated, a code
+    /// used up) and their answer is held back for `delay`: the client that gives up meanwhile
+    /// never learns what it was issued. Counters move when the request is processed.
+    pub fn answer_late(&self, n: u32, delay: Duration) {
+        let mut state = self.state();
+        state.faults.late_left = n;
+        state.faults.late = delay;
+    }
+
     /// The next `n` token requests get 200 with an HTML body instead of JSON. A pending
     /// `fail_next` goes first.
     pub fn garbage_next(&self, n: u32) {
@@ -437,26 +449,32 @@ impl IdentitySim {
         if request.uri().path() != self.inner.config.token_path {
             return status_only(StatusCode::NOT_FOUND);
         }
-        let (delay, fault) = self.take_faults();
+        let (delay, fault, late) = self.take_faults();
         if let Some(delay) = delay {
             tokio::time::sleep(delay).await;
         }
         if let Some(fault) = fault {
             return fault_response(fault);
         }
-        match self.token_endpoint(request).await {
+        let response = match self.token_endpoint(request).await {
             Ok(response) => response,
             Err(error) if self.inner.config.all_errors_400 => error.into_400().into_response(),
             Err(error) => error.into_response(),
+        };
+        if let Some(late) = late {
+            tokio::time::sleep(late).await;
         }
+        response
     }
 
-    /// Counts the request and decides, under one lock, which injected faults apply to it.
-    fn take_faults(&self) -> (Option<Duration>, Option<Fault>) {
+    /// Counts the request and decides, under one lock, which injected faults apply to it: a
+    /// delay before it is handled, an answer instead of handling it, a delay after.
+    fn take_faults(&self) -> (Option<Duration>, Option<Fault>, Option<Duration>) {
         let mut state = self.state();
         state.counters.token_requests += 1;
         let faults = &mut state.faults;
         let delay = take_one(&mut faults.delay_left).then_some(faults.delay);
+        let late = take_one(&mut faults.late_left).then_some(faults.late);
         let fault = if take_one(&mut faults.fail_left) {
             Some(Fault::Fail(faults.fail_status))
         } else if take_one(&mut faults.garbage_left) {
@@ -467,7 +485,7 @@ impl IdentitySim {
         if fault.is_some() {
             state.counters.failures_injected += 1;
         }
-        (delay, fault)
+        (delay, fault, late)
     }
 
     async fn token_endpoint(
@@ -1626,6 +1644,21 @@ mod tests {
             200
         );
         assert!(started.elapsed() >= Duration::from_millis(150));
+    }
+
+    /// answer_late rotates the refresh token at once and holds the answer back: a client
+    /// that gave up has lost the new token, and the one it presented is spent.
+    #[tokio::test]
+    async fn answer_late_rotates_before_it_answers() {
+        let (sim, _server) = start(IdentityConfig::default()).await;
+        let seed = sim.issue_refresh_token();
+        sim.answer_late(1, Duration::from_secs(5));
+        let gave_up = tokio::time::timeout(Duration::from_millis(200), refresh(&sim, &seed)).await;
+        assert!(gave_up.is_err(), "the answer is held back");
+        assert_eq!(sim.counters().refreshes, 1, "processed before the answer");
+        let again = refresh(&sim, &seed).await;
+        assert_eq!(again.json["error"], "invalid_grant");
+        assert_eq!(sim.counters().reuse_detected, 1);
     }
 
     /// expire_access_tokens and revoke_all do what tests rely on.

@@ -200,11 +200,17 @@ impl StateStore for FileStore {
         &self,
         upstream: &str,
         record: &TokenRecord,
-        _lock: &RefreshLock,
+        lock: &RefreshLock,
     ) -> Result<(), StoreError> {
         let path = self.token_path(upstream);
         let bytes = serde_json::to_vec_pretty(record).expect("a token record always serialises");
-        blocking(move || write_durably(&path, &bytes)).await
+        let held = lock.share();
+        blocking(move || {
+            let written = write_durably(&path, &bytes);
+            drop(held);
+            written
+        })
+        .await
     }
 
     async fn lock_refresh(

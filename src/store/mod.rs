@@ -74,16 +74,26 @@ pub struct Reservation {
     pub used: u64,
 }
 
-/// Held while one process redeems a refresh token; released on drop.
+/// Held while one process redeems a refresh token and saves what it got; released when the
+/// last share of it is dropped.
 pub struct RefreshLock {
     /// Increases every time the lock is taken; a shared store rejects writes with an old fence.
     pub fence: u64,
-    _held: Box<dyn Send + Sync>,
+    held: Arc<dyn Send + Sync>,
 }
 
 impl RefreshLock {
     pub fn new(fence: u64, held: Box<dyn Send + Sync>) -> Self {
-        RefreshLock { fence, _held: held }
+        RefreshLock {
+            fence,
+            held: Arc::from(held),
+        }
+    }
+
+    /// A share of the lock for a write that finishes on its own (a blocking task): the lock
+    /// stays held until the write has landed, even if the caller stopped waiting for it.
+    pub fn share(&self) -> Arc<dyn Send + Sync> {
+        Arc::clone(&self.held)
     }
 }
 
@@ -111,7 +121,8 @@ pub trait StateStore: Send + Sync {
     async fn load_token(&self, upstream: &str) -> Result<Option<TokenRecord>, StoreError>;
 
     /// Durably replace the token record of `upstream`. Returns only once the record would
-    /// survive a crash. Must be called while holding `lock`.
+    /// survive a crash. Must be called while holding `lock`; a write that goes on after the
+    /// caller stopped waiting keeps a [`RefreshLock::share`] until it has landed.
     async fn save_token(
         &self,
         upstream: &str,

@@ -33,6 +33,15 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// Wait (up to 10 s) until `done` holds.
+pub async fn until(mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 pub fn client() -> TestClient {
     Client::builder(TokioExecutor::new()).build_http()
 }

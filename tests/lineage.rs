@@ -1,0 +1,301 @@
+//! A refresh belongs to no request: a client that gives up, a store that will not save, a
+//! reload or a `kill -9` in the middle of a refresh never lose the token lineage, nor make
+//! tollgate redeem a refresh token twice at a strictly rotating identity server.
+
+mod common;
+
+use async_trait::async_trait;
+use common::{until, Harness, Setup};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tollgate::config::Config;
+use tollgate::store::{FileStore, RefreshLock, Reservation, StateStore, StoreError, TokenRecord};
+use tollgate::token::TokenCache;
+
+fn parse(text: &str) -> Config {
+    Config::parse(text, "test.toml", |_| None).expect("test config is valid")
+}
+
+/// GET `path` on a connection of its own and close it after `patience` without an answer: a
+/// client that gives up (`curl -m 1`, a legacy tool's timeout).
+async fn give_up(addr: SocketAddr, path: &str, patience: Duration) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut byte = [0u8; 1];
+    let answered = tokio::time::timeout(patience, stream.read(&mut byte)).await;
+    assert!(answered.is_err(), "answered before the client gave up");
+}
+
+fn stored_generation(h: &Harness) -> u64 {
+    h.stored()["generation"].as_u64().unwrap()
+}
+
+/// The API refuses the token; the identity server rotates the refresh token at once but holds
+/// its answer back, and the client gives up meanwhile. The refresh still lands and is saved:
+/// the next request is served, nothing is redeemed twice. Ten times over.
+#[tokio::test]
+async fn a_client_that_gives_up_during_a_refresh_after_a_401_loses_nothing() {
+    let h = Harness::start(Setup::default()).await;
+    assert_eq!(h.get("/warm").await.status, 200);
+    let addr = h.proxy().addr("api").unwrap();
+    for round in 0..10 {
+        let generation = stored_generation(&h);
+        h.identity.answer_late(1, Duration::from_millis(600));
+        h.identity.expire_access_tokens();
+        give_up(
+            addr,
+            &format!("/gives-up/{round}"),
+            Duration::from_millis(200),
+        )
+        .await;
+        let next = h.get(&format!("/next/{round}")).await;
+        assert_eq!(next.status, 200, "round {round}: {}", next.text());
+        assert_eq!(stored_generation(&h), generation + 1, "round {round}");
+    }
+    let ids = h.identity.counters();
+    assert_eq!((ids.reuse_detected, ids.grants_revoked), (0, 0));
+}
+
+/// The same at start-up: the first request waits for the first token and gives up before
+/// the identity server's late answer; the token still arrives and is saved.
+#[tokio::test]
+async fn a_client_that_gives_up_waiting_for_the_first_token_loses_nothing() {
+    let mut h = Harness::start(Setup::default()).await;
+    h.stop_proxy().await;
+    // A new login: a seed nothing has redeemed yet, and a state store of its own.
+    let seed = h.identity.issue_refresh_token();
+    let state = tempfile::tempdir().unwrap();
+    let text = h.config_text.replace(&h.seed, &seed).replace(
+        &h.state_dir().display().to_string(),
+        &state.path().display().to_string(),
+    );
+    h.identity.answer_late(1, Duration::from_millis(600));
+    let proxy = tollgate::Proxy::start(&parse(&text)).await.unwrap();
+    let addr = proxy.addr("api").unwrap();
+    give_up(addr, "/first", Duration::from_millis(200)).await;
+    let next = common::get(format!("http://{addr}/next")).await;
+    assert_eq!(next.status, 200, "{}", next.text());
+    let ids = h.identity.counters();
+    assert_eq!((ids.reuse_detected, ids.grants_revoked), (0, 0));
+    proxy.shutdown().await;
+}
+
+/// The binary, `kill -9`ed after a client gave up on a refresh with a late answer. Killed once
+/// the answer has arrived: the record was saved although nobody waited for it, and the next
+/// process adopts it without redeeming. Killed while the answer is still held back: the store
+/// holds the record before it, whole — the documented rule — and since the strict identity
+/// server has already rotated that refresh token, the next process says to log in again.
+#[tokio::test]
+async fn kill_9_during_a_late_answer_leaves_the_old_record_or_the_new() {
+    let mut h = Harness::start(Setup::default()).await;
+    h.stop_proxy().await;
+    let path = h.state.path().join("tollgate.toml");
+    std::fs::write(&path, &h.config_text).unwrap();
+
+    // Killed after the answer arrived.
+    let spawned = common::spawn_serve(&path);
+    let addr: SocketAddr = spawned.addr.parse().unwrap();
+    assert_eq!(common::get(format!("http://{addr}/warm")).await.status, 200);
+    let generation = stored_generation(&h);
+    h.identity.answer_late(1, Duration::from_millis(500));
+    h.identity.expire_access_tokens();
+    give_up(addr, "/gives-up", Duration::from_millis(200)).await;
+    until(|| stored_generation(&h) == generation + 1).await;
+    drop(spawned); // SIGKILL
+    let refreshes = h.identity.counters().refreshes;
+    h.start_proxy().await;
+    assert_eq!(h.get("/after-kill").await.status, 200);
+    assert_eq!(
+        h.identity.counters().refreshes,
+        refreshes,
+        "adopted, not redeemed"
+    );
+    h.stop_proxy().await;
+
+    // Killed while the answer is held back.
+    let spawned = common::spawn_serve(&path);
+    let addr: SocketAddr = spawned.addr.parse().unwrap();
+    let before = h.stored();
+    let refreshes = h.identity.counters().refreshes;
+    h.identity.answer_late(1, Duration::from_secs(5));
+    h.identity.expire_access_tokens();
+    give_up(addr, "/gives-up", Duration::from_millis(200)).await;
+    until(|| h.identity.counters().refreshes == refreshes + 1).await;
+    drop(spawned); // SIGKILL
+    assert_eq!(h.stored(), before, "the record before the refresh, whole");
+    h.start_proxy().await;
+    let a = h.get("/after-kill").await;
+    assert_eq!(a.status, 503, "{}", a.text());
+    assert_eq!(a.json()["type"], "urn:tollgate:problem:login-required");
+    assert!(a.text().contains("tollgate login api"), "{}", a.text());
+}
+
+/// A store that refuses the first `failures` saves of a token record; otherwise the file store.
+struct FlakyStore {
+    inner: FileStore,
+    failures: AtomicU32,
+}
+
+#[async_trait]
+impl StateStore for FlakyStore {
+    async fn load_token(&self, upstream: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.inner.load_token(upstream).await
+    }
+
+    async fn save_token(
+        &self,
+        upstream: &str,
+        record: &TokenRecord,
+        lock: &RefreshLock,
+    ) -> Result<(), StoreError> {
+        let fail = self
+            .failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if fail.is_ok() {
+            return Err(StoreError::Io {
+                path: "flaky".into(),
+                source: std::io::Error::other("No space left on device (simulated)"),
+            });
+        }
+        self.inner.save_token(upstream, record, lock).await
+    }
+
+    async fn lock_refresh(
+        &self,
+        upstream: &str,
+        wait: Duration,
+    ) -> Result<RefreshLock, StoreError> {
+        self.inner.lock_refresh(upstream, wait).await
+    }
+
+    async fn reserve_quota(
+        &self,
+        upstream: &str,
+        window: &str,
+        limit: u64,
+        want: u64,
+    ) -> Result<Reservation, StoreError> {
+        self.inner
+            .reserve_quota(upstream, window, limit, want)
+            .await
+    }
+
+    async fn release_quota(
+        &self,
+        upstream: &str,
+        window: &str,
+        count: u64,
+    ) -> Result<(), StoreError> {
+        self.inner.release_quota(upstream, window, count).await
+    }
+
+    async fn quota_used(&self, upstream: &str, window: &str) -> Result<u64, StoreError> {
+        self.inner.quota_used(upstream, window).await
+    }
+}
+
+/// The store refuses the record of a redemption three times. The refresh keeps the store's
+/// lock and retries; the new access token serves meanwhile and readiness says why. A second
+/// cache on the same store, as another process would, waits for the lock and adopts the saved
+/// record rather than redeem the spent refresh token; then both serve the same token.
+#[tokio::test]
+async fn a_failed_save_keeps_the_lock_until_the_record_is_saved() {
+    let mut h = Harness::start(Setup::default()).await;
+    assert_eq!(h.get("/warm").await.status, 200);
+    h.stop_proxy().await;
+    let config = h.config();
+    let upstream = &config.upstreams[0];
+    let flaky = Arc::new(FlakyStore {
+        inner: FileStore::open(&h.state_dir()).unwrap(),
+        failures: AtomicU32::new(3),
+    });
+    let other_store = Arc::new(FileStore::open(&h.state_dir()).unwrap());
+    let a = Arc::new(TokenCache::new(upstream, flaky.clone(), None).unwrap());
+    let b = Arc::new(TokenCache::new(upstream, other_store, None).unwrap());
+    let first = a.get().await.unwrap();
+    assert_eq!(b.get().await.unwrap().generation, first.generation);
+    let refreshes = h.identity.counters().refreshes;
+
+    // The API refused that token, to both.
+    let new = a.replace_rejected(first.generation).await.unwrap();
+    assert_eq!(new.generation, first.generation + 1);
+    let reason = a
+        .unready_reason()
+        .expect("not ready while the record is unsaved");
+    assert!(reason.contains("not saved yet"), "{reason}");
+    assert!(reason.contains("No space left on device"), "{reason}");
+    assert_eq!(
+        a.cached().unwrap().generation,
+        new.generation,
+        "serves meanwhile"
+    );
+    assert_eq!(stored_generation(&h), first.generation, "not saved yet");
+
+    let adopted = b.replace_rejected(first.generation).await.unwrap();
+    assert_eq!(adopted.generation, new.generation);
+    assert_eq!(adopted.header, new.header);
+    assert_eq!(
+        flaky.failures.load(Ordering::SeqCst),
+        0,
+        "saved at the fourth try"
+    );
+    assert!(a.settle(Duration::from_secs(5)).await);
+    assert_eq!(a.unready_reason(), None);
+    assert_eq!(stored_generation(&h), new.generation);
+    let ids = h.identity.counters();
+    assert_eq!(ids.refreshes, refreshes + 1, "one redemption for both");
+    assert_eq!((ids.reuse_detected, ids.grants_revoked), (0, 0));
+}
+
+/// `tollgate_token_refreshes_total{result="error"}` of upstream `api`.
+async fn refresh_errors(h: &Harness) -> u64 {
+    let metrics = common::get(h.admin_url("/metrics")).await.text();
+    let sample = "tollgate_token_refreshes_total{upstream=\"api\",result=\"error\"} ";
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(sample))
+        .expect("the sample is exported")
+        .parse()
+        .unwrap()
+}
+
+/// A reload breaks `token_url`, the API refuses the token, and the refresh for the refused
+/// request fails and retries. A second reload fixes `token_url` while that refresh is in the
+/// air: the request is served with a token fetched under the fixed settings, and the upstream
+/// is ready again.
+#[tokio::test]
+async fn a_reload_that_fixes_the_token_url_serves_a_request_waiting_for_a_refresh() {
+    let mut h = Harness::start(Setup {
+        admin: true,
+        ..Setup::default()
+    })
+    .await;
+    assert_eq!(h.get("/warm").await.status, 200);
+    let fixed = parse(&h.config_text);
+    let closed = format!("http://127.0.0.1:{}/token", common::free_port());
+    let broken = parse(&h.config_text.replace(&h.identity.token_url(), &closed));
+    h.proxy.as_mut().unwrap().reload(&broken).await.unwrap();
+
+    h.identity.expire_access_tokens();
+    let refused = h.api.counters().rejected;
+    let waiting = tokio::spawn(common::get(h.url("/waits")));
+    until(|| h.api.counters().rejected > refused).await;
+    let errors = refresh_errors(&h).await;
+    while refresh_errors(&h).await == errors {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!waiting.is_finished(), "the refresh is still being retried");
+
+    h.proxy.as_mut().unwrap().reload(&fixed).await.unwrap();
+    let answer = waiting.await.unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let ready = common::get(h.admin_url("/readyz")).await;
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    let ids = h.identity.counters();
+    assert_eq!((ids.reuse_detected, ids.grants_revoked), (0, 0));
+    h.stop_proxy().await;
+}
