@@ -97,6 +97,8 @@ impl Pipeline {
     /// Serve one request; errors become problem+json responses here and nowhere else. With
     /// the `tollgate::access` log target at info, one line per request.
     pub async fn handle(&self, request: Request<Incoming>) -> Response<ProxyBody> {
+        // Until the answer's head: what a reload that removes the upstream waits for.
+        let _in_flight = self.stats.arrived();
         if !tracing::enabled!(target: "tollgate::access", tracing::Level::INFO) {
             let response = self.answer(request, &mut None).await;
             self.stats.answered(response.status().as_u16());

@@ -465,7 +465,7 @@ impl Proxy {
         for (name, gone) in old_upstreams {
             self.retire_tokens(gone.tokens, gone.refresh);
             let drained = old_listeners.remove(&name).map(Listener::stop);
-            let quota = gone.quota;
+            let (quota, stats) = (gone.quota, gone.stats);
             self.retiring.spawn(async move {
                 if let Some(drained) = drained {
                     drained.await;
@@ -473,7 +473,8 @@ impl Proxy {
                 // Requests that arrived before the reload (on a listener another upstream
                 // took over) may still be spending, through this quota or an older one.
                 let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
-                while quota.holders() > 1 && tokio::time::Instant::now() < deadline {
+                let in_flight = || stats.iter().map(|s| s.in_flight()).sum::<u64>();
+                while in_flight() > 0 && tokio::time::Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 give_back(&name, &quota).await;

@@ -17,6 +17,8 @@ pub struct RequestStats {
     /// the count is their sum, so a scrape never sees more in a bucket than in all.
     buckets: [AtomicU64; BUCKETS.len() + 1],
     sum_us: AtomicU64,
+    /// Requests between arrival and their answer's head: those that may still spend quota.
+    in_flight: AtomicU64,
 }
 
 impl Default for RequestStats {
@@ -25,11 +27,33 @@ impl Default for RequestStats {
             by_status: (100..600).map(|_| AtomicU64::new(0)).collect(),
             buckets: Default::default(),
             sum_us: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
         }
     }
 }
 
+/// One request being answered; counted in [`RequestStats`] until dropped.
+pub struct InFlight<'a>(&'a AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Release);
+    }
+}
+
 impl RequestStats {
+    /// A request arrived; it is in flight until the guard is dropped (also when the client
+    /// goes away first).
+    pub fn arrived(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(&self.in_flight)
+    }
+
+    /// Requests of this worker between arrival and their answer's head.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
     /// One answer to a client.
     pub fn answered(&self, status: u16) {
         if let Some(n) = self.by_status.get(usize::from(status).wrapping_sub(100)) {

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tollgate::config::Config;
-use tollgate::store::{FileStore, RefreshLock, Reservation, StateStore, StoreError, TokenRecord};
+use tollgate::store::{
+    FileStore, Period, RefreshLock, Reservation, StateStore, StoreError, TokenRecord,
+};
 use tollgate::token::TokenCache;
 
 fn parse(text: &str) -> Config {
@@ -175,26 +177,26 @@ impl StateStore for FlakyStore {
     async fn reserve_quota(
         &self,
         upstream: &str,
-        window: &str,
+        period: &Period,
         limit: u64,
         want: u64,
     ) -> Result<Reservation, StoreError> {
         self.inner
-            .reserve_quota(upstream, window, limit, want)
+            .reserve_quota(upstream, period, limit, want)
             .await
     }
 
     async fn release_quota(
         &self,
         upstream: &str,
-        window: &str,
+        period: &Period,
         count: u64,
     ) -> Result<(), StoreError> {
-        self.inner.release_quota(upstream, window, count).await
+        self.inner.release_quota(upstream, period, count).await
     }
 
-    async fn quota_used(&self, upstream: &str, window: &str) -> Result<u64, StoreError> {
-        self.inner.quota_used(upstream, window).await
+    async fn quota_used(&self, upstream: &str, period: &Period) -> Result<u64, StoreError> {
+        self.inner.quota_used(upstream, period).await
     }
 }
 

@@ -87,6 +87,51 @@ async fn the_day_starts_at_day_starts_utc() {
     assert_eq!(send(&h, 3).await, 2);
 }
 
+/// `day_starts` moved from 00:00 to 07:00 at 03:00 by a reload, and back at 03:00 the next
+/// day by a restart: the day in progress keeps what it spent, so nothing is over-admitted, and
+/// lasts until the new schedule's next start, where a whole day begins.
+#[tokio::test]
+async fn a_changed_day_starts_carries_the_day_in_progress() {
+    const HOUR: Duration = Duration::from_secs(3600);
+    // 03:00 UTC on the 25th.
+    let clock = Clock::manual(LATE + 60_000 + 3 * 3_600_000);
+    let mut h = harness("per_day = 10", clock.clone()).await;
+    let midnight = h.config_text.clone();
+    assert_eq!(send(&h, 6).await, 6);
+
+    let seven = midnight.replace("per_day = 10", "per_day = 10\nday_starts = \"07:00\"");
+    let seven = tollgate::config::Config::parse(&seven, "test.toml", |_| None).unwrap();
+    h.proxy.as_mut().unwrap().reload(&seven).await.unwrap();
+    assert_eq!(
+        send(&h, 6).await,
+        4,
+        "the 6 spent since midnight still count"
+    );
+    assert_eq!(
+        h.get("/refused").await.header("retry-after"),
+        "14400",
+        "until 07:00"
+    );
+    clock.advance(4 * HOUR);
+    assert_eq!(send(&h, 12).await, 10, "a whole day from 07:00");
+
+    // 03:00 on the 26th, back to midnight by a restart: the 10 spent since 07:00 yesterday
+    // count until the next midnight, not from zero.
+    clock.advance(20 * HOUR);
+    h.stop_proxy().await;
+    h.config_text = midnight;
+    h.start_proxy().await;
+    assert_eq!(send(&h, 3).await, 0);
+    assert_eq!(
+        h.get("/refused").await.header("retry-after"),
+        "75600",
+        "until midnight"
+    );
+    clock.advance(21 * HOUR);
+    assert_eq!(send(&h, 12).await, 10, "a whole day from midnight");
+    assert_eq!(h.api.counters().requests, 30);
+}
+
 /// The spawned binary, killed with SIGKILL halfway through the day's quota and at its end:
 /// the API never sees more than the limit, and a kill costs at most one lease (1 request).
 #[tokio::test]

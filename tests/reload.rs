@@ -258,6 +258,42 @@ async fn a_renamed_upstream_takes_over_the_listener_and_its_connections() {
     h.stop_proxy().await;
 }
 
+/// A request that arrived before a reload removed its upstream (renamed on the same port) is
+/// still counted by that upstream's day when it replays after a 401: the day's counts go back
+/// only once no request holds them, not while one does (which refused the replay with 429).
+#[tokio::test]
+async fn a_removed_upstream_counts_its_requests_to_the_end() {
+    let port = common::free_port();
+    let mut h = Harness::start(Setup {
+        quota: "per_day = 100".into(),
+        ..Setup::default()
+    })
+    .await;
+    h.stop_proxy().await;
+    h.config_text = h.config_text.replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+    );
+    h.start_proxy().await;
+    assert_eq!(h.get("/api/v1/warm").await.status, 200);
+
+    // Refused by the API, the request waits for a slow refresh, then replays.
+    h.api.reject_next(1);
+    h.identity.delay_next(1, Duration::from_millis(500));
+    let asked = h.identity.counters().token_requests;
+    let replaying = tokio::spawn(common::get(h.url("/api/v1/replayed")));
+    until(|| h.identity.counters().token_requests > asked).await;
+    let renamed = h
+        .config_text
+        .replace("name = \"api\"", "name = \"renamed\"")
+        .replace(&h.seed, &h.identity.issue_refresh_token());
+    let changes = h.proxy.as_mut().unwrap().reload(&parse(&renamed)).await;
+    assert_eq!(changes.unwrap().removed, vec!["api".to_owned()]);
+    let answer = replaying.await.unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    h.stop_proxy().await;
+}
+
 /// Nothing changes when any part of the new config cannot be put in force.
 #[tokio::test]
 async fn a_config_that_cannot_be_put_in_force_changes_nothing() {

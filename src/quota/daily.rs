@@ -8,7 +8,7 @@
 //! tops it up, so a request waits for the store only when the hand is empty.
 
 use super::{Policy, Window, DAY};
-use crate::store::{StateStore, StoreError};
+use crate::store::{Period, StateStore, StoreError};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -91,6 +91,12 @@ impl Daily {
     /// Which day `unix_ms` falls in, counting days from the first `day_starts` after the epoch.
     fn day_of(&self, unix_ms: u64) -> u64 {
         unix_ms.saturating_sub(self.day_starts_ms) / DAY_MS
+    }
+
+    /// The span of day number `day`, as the store counts it.
+    fn period(&self, day: u64) -> Period {
+        let start = day * DAY_MS + self.day_starts_ms;
+        Period::new(start, start + DAY_MS)
     }
 
     /// How long until the day that holds `unix_ms` ends.
@@ -210,7 +216,7 @@ impl Daily {
             .store
             .reserve_quota(
                 &self.upstream,
-                &window_key(day),
+                &self.period(day),
                 self.limit,
                 self.lease - have,
             )
@@ -231,7 +237,7 @@ impl Daily {
         }
         let used = self
             .store
-            .quota_used(&self.upstream, &window_key(day))
+            .quota_used(&self.upstream, &self.period(day))
             .await?;
         self.used.store(used, Ordering::Relaxed);
         self.hand.store(pack(day, 0), Ordering::Release);
@@ -252,7 +258,7 @@ impl Daily {
         let (day, left) = unpack(self.hand.swap(0, Ordering::AcqRel));
         if left > 0 {
             self.store
-                .release_quota(&self.upstream, &window_key(day), left)
+                .release_quota(&self.upstream, &self.period(day), left)
                 .await?;
         }
         Ok(())
@@ -265,38 +271,10 @@ pub fn lease_size(limit: u64) -> u64 {
     (limit / 100).clamp(1, u64::from(u32::MAX / 2))
 }
 
-/// The store's name for a day: `day:` and the UTC date it starts on.
-fn window_key(day: u64) -> String {
-    let (y, m, d) = civil_from_days(day as i64);
-    format!("day:{y:04}-{m:02}-{d:02}")
-}
-
-/// The proleptic Gregorian date of a day number counted from 1970-01-01 (H. Hinnant's
-/// `civil_from_days`).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::FileStore;
-
-    #[test]
-    fn days_are_named_by_their_utc_date() {
-        assert_eq!(window_key(0), "day:1970-01-01");
-        assert_eq!(window_key(20_416), "day:2025-11-24");
-        assert_eq!(window_key(11_016), "day:2000-02-29");
-    }
 
     #[test]
     fn leases_are_a_hundredth_of_the_day() {
@@ -340,22 +318,17 @@ mod tests {
         // A request that read the clock before 07:00 but reaches the store after: that day is
         // over and stays spent.
         assert!(matches!(daily.spend(next - 1).await, Err(Refused::Spent)));
-        let reserved = store.quota_used("api", &window_key(20_416)).await.unwrap();
+        let today = daily.period(20_416);
+        let reserved = store.quota_used("api", &today).await.unwrap();
         assert!((1..=3).contains(&reserved), "{reserved}");
         daily.give_back().await.unwrap();
-        assert_eq!(
-            store.quota_used("api", &window_key(20_416)).await.unwrap(),
-            1
-        );
+        assert_eq!(store.quota_used("api", &today).await.unwrap(), 1);
         // After giving back, nothing more is reserved.
         assert!(matches!(
             daily.spend(next).await,
             Err(Refused::Retired(None))
         ));
-        assert_eq!(
-            store.quota_used("api", &window_key(20_416)).await.unwrap(),
-            1
-        );
+        assert_eq!(store.quota_used("api", &today).await.unwrap(), 1);
     }
 
     #[tokio::test]
@@ -367,7 +340,7 @@ mod tests {
         for _ in 0..4 {
             assert!(old.spend(now).await.is_ok());
         }
-        let day = window_key(20_416);
+        let day = old.period(20_416);
         // 4 spent from a lease of 10, topped up to a full one when half was gone.
         let reserved = store.quota_used("api", &day).await.unwrap();
         assert!(reserved >= 10, "{reserved}");

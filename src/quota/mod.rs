@@ -239,12 +239,6 @@ impl Quota {
         }
     }
 
-    /// How many quotas of this upstream are alive: this one, and the ones it succeeded that
-    /// requests still hold.
-    pub fn holders(&self) -> usize {
-        Arc::strong_count(&self.hold)
-    }
-
     /// The config this quota enforces.
     pub fn config(&self) -> Option<&QuotaConfig> {
         self.config.as_ref()

@@ -3,7 +3,7 @@
 //! so after a crash the file is either the old record or the new one, never a torn mix.
 //! `flock` on `<name>.lock` serialises refreshes across processes on the same directory.
 
-use super::{RefreshLock, Reservation, StateStore, StoreError, TokenRecord};
+use super::{Period, RefreshLock, Relation, Reservation, StateStore, StoreError, TokenRecord};
 use async_trait::async_trait;
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions, TryLockError};
@@ -62,15 +62,14 @@ impl FileStore {
         self.dir.join(format!("{upstream}.{what}.lock"))
     }
 
-    /// Under the quota lock, replace the count of `window` by `change(count, newer)`, where
-    /// `newer` says a later window has started; older windows are over and dropped. Returns
-    /// the new count and what `change` returned.
+    /// Under the quota lock, apply `change` to the stored counts of `upstream` seen from
+    /// `period`, and write them back if it changed them.
     async fn update_quota<T: Send + 'static>(
         &self,
         upstream: &str,
-        window: &str,
-        change: impl FnOnce(u64, bool) -> (u64, T) + Send + 'static,
-    ) -> Result<(u64, T), StoreError> {
+        period: &Period,
+        change: impl FnOnce(&mut Counts) -> T + Send + 'static,
+    ) -> Result<T, StoreError> {
         let lock = flock(
             self.lock_path(upstream, "quota"),
             "quota",
@@ -79,24 +78,94 @@ impl FileStore {
         )
         .await?;
         let path = self.quota_path(upstream);
-        let window = window.to_owned();
+        let period = *period;
         blocking(move || {
-            let mut used: BTreeMap<String, u64> = read_json(&path)?.unwrap_or_default();
-            // Windows before this one are over. A later one stays: another process may have
-            // moved on to the next day while this one finishes the last.
-            used.retain(|k, _| k.as_str() >= window.as_str());
-            let before = used.get(&window).copied().unwrap_or(0);
-            let newer = used.keys().any(|k| k.as_str() > window.as_str());
-            let (after, out) = change(before, newer);
-            if after != before {
-                used.insert(window, after);
-                let bytes = serde_json::to_vec_pretty(&used).expect("a map always serialises");
+            let stored: BTreeMap<String, u64> = read_json(&path)?.unwrap_or_default();
+            let mut counts = Counts {
+                by_key: stored.clone(),
+                period,
+            };
+            let out = change(&mut counts);
+            if counts.by_key != stored {
+                let bytes =
+                    serde_json::to_vec_pretty(&counts.by_key).expect("a map always serialises");
                 write_durably(&path, &bytes)?;
             }
             drop(lock);
-            Ok((after, out))
+            Ok(out)
         })
         .await
+    }
+}
+
+/// The stored counts of one upstream (`<name>.quota.json`: period key → count), seen from the
+/// period being counted.
+struct Counts {
+    by_key: BTreeMap<String, u64>,
+    period: Period,
+}
+
+impl Counts {
+    fn relation(&self, key: &str) -> Option<Relation> {
+        Period::parse(key, &self.period).map(|p| self.period.relation(&p))
+    }
+
+    /// Whether a later period has started: this one is over.
+    fn over(&self) -> bool {
+        self.by_key
+            .keys()
+            .any(|k| self.relation(k) == Some(Relation::After))
+    }
+
+    /// What the period has counted: its own count and those of periods overlapping it.
+    fn count(&self) -> u64 {
+        self.by_key
+            .iter()
+            .filter(|(k, _)| matches!(self.relation(k), Some(Relation::Same | Relation::Overlaps)))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Move the counts of overlapping periods into this one, so they are never counted
+    /// again by a later period they overlap too, and forget periods that ended before it.
+    fn gather(&mut self) -> u64 {
+        let count = self.count();
+        let period = self.period;
+        self.by_key.retain(|k, _| {
+            let relation = Period::parse(k, &period).map(|p| period.relation(&p));
+            matches!(relation, Some(Relation::After) | None)
+        });
+        self.set(count);
+        count
+    }
+
+    fn set(&mut self, count: u64) {
+        let key = self.period.key();
+        if count > 0 {
+            self.by_key.insert(key, count);
+        } else {
+            self.by_key.remove(&key);
+        }
+    }
+
+    /// Take `n` off what the period has counted, wherever it is kept (its own entry first).
+    fn take(&mut self, mut n: u64) {
+        let mut keys: Vec<String> = self
+            .by_key
+            .keys()
+            .filter(|k| matches!(self.relation(k), Some(Relation::Same | Relation::Overlaps)))
+            .cloned()
+            .collect();
+        keys.sort_by_key(|k| self.relation(k) != Some(Relation::Same));
+        for key in keys {
+            let count = self.by_key.get_mut(&key).expect("listed above");
+            let taken = n.min(*count);
+            *count -= taken;
+            n -= taken;
+            if *count == 0 {
+                self.by_key.remove(&key);
+            }
+        }
     }
 }
 
@@ -231,42 +300,43 @@ impl StateStore for FileStore {
     async fn reserve_quota(
         &self,
         upstream: &str,
-        window: &str,
+        period: &Period,
         limit: u64,
         want: u64,
     ) -> Result<Reservation, StoreError> {
-        self.update_quota(upstream, window, move |spent, newer| {
-            // Once a later window has started, this one is over: it grants nothing more.
-            let granted = if newer {
-                0
-            } else {
-                want.min(limit.saturating_sub(spent))
-            };
-            (spent + granted, granted)
+        self.update_quota(upstream, period, move |counts| {
+            // Once a later period has started, this one is over: it grants nothing more.
+            if counts.over() {
+                let used = counts.count();
+                return Reservation { granted: 0, used };
+            }
+            let spent = counts.gather();
+            let granted = want.min(limit.saturating_sub(spent));
+            counts.set(spent + granted);
+            Reservation {
+                granted,
+                used: spent + granted,
+            }
         })
         .await
-        .map(|(used, granted)| Reservation { granted, used })
     }
 
     async fn release_quota(
         &self,
         upstream: &str,
-        window: &str,
+        period: &Period,
         count: u64,
     ) -> Result<(), StoreError> {
-        self.update_quota(upstream, window, move |spent, _| {
-            (spent.saturating_sub(count), ())
-        })
-        .await
-        .map(|_| ())
+        self.update_quota(upstream, period, move |counts| counts.take(count))
+            .await
     }
 
-    async fn quota_used(&self, upstream: &str, window: &str) -> Result<u64, StoreError> {
+    async fn quota_used(&self, upstream: &str, period: &Period) -> Result<u64, StoreError> {
         let path = self.quota_path(upstream);
-        let window = window.to_owned();
+        let period = *period;
         blocking(move || {
-            let used: BTreeMap<String, u64> = read_json(&path)?.unwrap_or_default();
-            Ok(used.get(&window).copied().unwrap_or(0))
+            let by_key: BTreeMap<String, u64> = read_json(&path)?.unwrap_or_default();
+            Ok(Counts { by_key, period }.count())
         })
         .await
     }
@@ -365,33 +435,90 @@ mod tests {
             .unwrap();
     }
 
+    const DAY: u64 = 86_400_000;
+    const HOUR: u64 = 3_600_000;
+
+    fn day(n: u64, starts_h: u64) -> Period {
+        let start = n * DAY + starts_h * HOUR;
+        Period::new(start, start + DAY)
+    }
+
     #[tokio::test]
     async fn quota_reservations_never_exceed_the_limit() {
         let tmp = tempfile::tempdir().unwrap();
         let store = FileStore::open(tmp.path()).unwrap();
         let granted = |granted, used| Reservation { granted, used };
+        let (first, second) = (day(20_416, 0), day(20_417, 0));
         for (expected, used) in [(10, 10), (10, 20), (5, 25), (0, 25)] {
             assert_eq!(
-                store.reserve_quota("api", "day:1", 25, 10).await.unwrap(),
+                store.reserve_quota("api", &first, 25, 10).await.unwrap(),
                 granted(expected, used)
             );
         }
-        assert_eq!(store.quota_used("api", "day:1").await.unwrap(), 25);
+        assert_eq!(store.quota_used("api", &first).await.unwrap(), 25);
         // Unspent counts given back can be reserved again, by this process or another.
-        store.release_quota("api", "day:1", 3).await.unwrap();
+        store.release_quota("api", &first, 3).await.unwrap();
         assert_eq!(
-            store.reserve_quota("api", "day:1", 25, 10).await.unwrap(),
+            store.reserve_quota("api", &first, 25, 10).await.unwrap(),
             granted(3, 25)
         );
-        // A new window starts from zero and forgets the old one, which grants nothing more.
+        // A new day starts from zero and forgets the old one, which grants nothing more.
         assert_eq!(
-            store.reserve_quota("api", "day:2", 25, 10).await.unwrap(),
+            store.reserve_quota("api", &second, 25, 10).await.unwrap(),
             granted(10, 10)
         );
-        assert_eq!(store.quota_used("api", "day:1").await.unwrap(), 0);
+        assert_eq!(store.quota_used("api", &first).await.unwrap(), 0);
         assert_eq!(
-            store.reserve_quota("api", "day:1", 25, 10).await.unwrap(),
+            store.reserve_quota("api", &first, 25, 10).await.unwrap(),
             granted(0, 0)
         );
+    }
+
+    /// `day_starts` moved from 00:00 to 07:00 at 03:00, and back: the day in progress under
+    /// either schedule carries what the other counted, and the next day starts afresh.
+    #[tokio::test]
+    async fn an_overlapping_day_of_another_schedule_carries_its_count() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FileStore::open(tmp.path()).unwrap();
+        let granted = |granted, used| Reservation { granted, used };
+        let midnight = day(20_416, 0);
+        let seven = day(20_415, 7); // 07:00 yesterday to 07:00 today: the day at 03:00
+        assert_eq!(
+            store
+                .reserve_quota("api", &midnight, 100, 40)
+                .await
+                .unwrap(),
+            granted(40, 40)
+        );
+        assert_eq!(store.quota_used("api", &seven).await.unwrap(), 40);
+        assert_eq!(
+            store.reserve_quota("api", &seven, 100, 70).await.unwrap(),
+            granted(60, 100),
+            "never past the limit"
+        );
+        store.release_quota("api", &midnight, 10).await.unwrap();
+        assert_eq!(store.quota_used("api", &seven).await.unwrap(), 90);
+        assert_eq!(store.quota_used("api", &midnight).await.unwrap(), 90);
+        // At 07:00 the next day of the new schedule is whole.
+        let next = day(20_416, 7);
+        assert_eq!(
+            store.reserve_quota("api", &next, 100, 10).await.unwrap(),
+            granted(10, 10)
+        );
+    }
+
+    /// A count an earlier version kept under the date its day started on is carried into
+    /// that day, not forgotten.
+    #[tokio::test]
+    async fn an_earlier_versions_day_name_is_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(
+            tmp.path().join("api.quota.json"),
+            br#"{"day:2025-11-24": 30}"#,
+        )
+        .unwrap();
+        let store = FileStore::open(tmp.path()).unwrap();
+        assert_eq!(store.quota_used("api", &day(20_416, 7)).await.unwrap(), 30);
+        assert_eq!(store.quota_used("api", &day(20_417, 7)).await.unwrap(), 0);
     }
 }

@@ -1,14 +1,17 @@
 //! The state store: what must survive a restart. Per upstream, the token record (the newest
 //! refresh token of its lineage, the current access token, its expiry and generation), a lock
-//! that makes refreshes of one lineage one-at-a-time across processes, and quota leases.
+//! that makes refreshes of one lineage one-at-a-time across processes, and quota leases per
+//! [`Period`].
 //!
 //! The store never decides anything: the token cache and the quota code do, and call it on their
 //! slow paths only. `file:` is the embedded default ([`FileStore`]); a shared store for several
 //! replicas implements the same trait, using [`RefreshLock::fence`] for compare-and-set.
 
 mod file;
+mod period;
 
 pub use file::FileStore;
+pub use period::{Period, Relation};
 
 use crate::config::StoreLocation;
 use crate::secret::Secret;
@@ -134,27 +137,29 @@ pub trait StateStore: Send + Sync {
     async fn lock_refresh(&self, upstream: &str, wait: Duration)
         -> Result<RefreshLock, StoreError>;
 
-    /// Reserve up to `want` requests of `window` (e.g. `day:2026-11-23`) whose limit is `limit`.
-    /// Grants 0 when the window is spent. Reserved counts are spent even if the process dies,
-    /// so a crash can only under-admit.
+    /// Reserve up to `want` requests of `period` whose limit is `limit`. Grants 0 when the
+    /// period is spent, or over (a later one has started). Counts of an overlapping period (a
+    /// changed `day_starts`) are carried into this one first. Reserved counts are spent even
+    /// if the process dies, so a crash can only under-admit.
     async fn reserve_quota(
         &self,
         upstream: &str,
-        window: &str,
+        period: &Period,
         limit: u64,
         want: u64,
     ) -> Result<Reservation, StoreError>;
 
-    /// Return `count` reserved but unspent requests of `window` (on a clean shutdown).
+    /// Return `count` reserved but unspent requests of `period` (on a clean shutdown).
     async fn release_quota(
         &self,
         upstream: &str,
-        window: &str,
+        period: &Period,
         count: u64,
     ) -> Result<(), StoreError>;
 
-    /// How many requests of `window` have been reserved by every process so far.
-    async fn quota_used(&self, upstream: &str, window: &str) -> Result<u64, StoreError>;
+    /// How many requests of `period`, and of periods overlapping it, every process has
+    /// reserved so far.
+    async fn quota_used(&self, upstream: &str, period: &Period) -> Result<u64, StoreError>;
 }
 
 /// Open the store that `state.store` names.
