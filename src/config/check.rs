@@ -1,0 +1,221 @@
+//! `tollgate check`: the resolved settings, one per line, secrets shown as `[redacted]`; and
+//! the warnings about settings that work but deserve a second look.
+//!
+//! Must not: print a secret, or the value of a `${NAME}` (it may be one).
+
+use super::{AuthConfig, Config, Grant, QuotaConfig};
+use bytesize::ByteSize;
+use url::Url;
+
+impl QuotaConfig {
+    /// The effective limits, one per line, as `check` prints them.
+    pub fn describe(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if let Some(limit) = self.daily_limit() {
+            let how = match (self.per_day, self.edition, self.licenses) {
+                (None, Some(e), Some(l)) => format!(" ({} edition, {l} licences)", e.as_str()),
+                _ => String::new(),
+            };
+            let h = self.day_starts / 3600;
+            let m = self.day_starts % 3600 / 60;
+            out.push((
+                "quota.per_day".into(),
+                format!("{limit}{how}, the day starts at {h:02}:{m:02} UTC"),
+            ));
+        }
+        for (k, v) in [
+            ("per_second", self.per_second),
+            ("per_minute", self.per_minute),
+            ("per_hour", self.per_hour),
+        ] {
+            if let Some(n) = v {
+                out.push((format!("quota.{k}"), format!("{n} (burst {n})")));
+            }
+        }
+        if let Some(n) = self.concurrency {
+            out.push((
+                "quota.concurrency".into(),
+                format!(
+                    "{n} in flight, {} waiting at most {}",
+                    self.queue.unwrap_or(0),
+                    humantime::format_duration(self.queue_timeout)
+                ),
+            ));
+        }
+        out
+    }
+}
+
+impl Config {
+    /// The resolved settings as `check` prints them; secrets show as `[redacted]`.
+    pub fn describe(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let _ = writeln!(out, "state.store = {}", self.state.store);
+        if let Some(admin) = &self.admin {
+            let _ = writeln!(out, "admin.listen = {}", admin.listen);
+        }
+        for up in &self.upstreams {
+            let _ = writeln!(out, "\n[upstream \"{}\"]", up.name);
+            let mut line = |k: &str, v: String| {
+                let _ = writeln!(out, "  {k:<24} {v}");
+            };
+            if let Some(preset) = &up.preset {
+                line(
+                    "preset",
+                    format!(
+                        "{preset} (filled: {})",
+                        if up.preset_filled.is_empty() {
+                            "nothing".into()
+                        } else {
+                            up.preset_filled.join(", ")
+                        }
+                    ),
+                );
+            }
+            line("listen", up.listen.to_string());
+            line("url", up.url.to_string());
+            line("retry_on", format!("{:?}", up.retry_on));
+            line(
+                "retry_body_limit",
+                ByteSize(up.retry_body_limit).to_string(),
+            );
+            line(
+                "timeout",
+                humantime::format_duration(up.timeout).to_string(),
+            );
+            let l = &up.limits;
+            line(
+                "limits",
+                format!(
+                    "{} connections, {} of headers within {}, upstream connect {}",
+                    l.max_connections,
+                    ByteSize(l.max_header_size),
+                    humantime::format_duration(l.header_timeout),
+                    humantime::format_duration(l.connect_timeout)
+                ),
+            );
+            if let Some(ca) = &up.ca_file {
+                line("ca_file", ca.display().to_string());
+            }
+            describe_auth(&up.auth, &up.name, &mut line);
+            if let Some(tls) = &up.tls {
+                line(
+                    "tls",
+                    format!(
+                        "HTTPS on listen: cert {}, key {}",
+                        tls.cert.display(),
+                        tls.key.display()
+                    ),
+                );
+            }
+            if let Some(inbound) = &up.inbound {
+                line(
+                    "inbound.keys",
+                    format!("{} key(s) [redacted]", inbound.keys.len()),
+                );
+            }
+            match &up.quota {
+                Some(quota) => {
+                    for (k, v) in quota.describe() {
+                        line(&k, v);
+                    }
+                }
+                None => line("quota", "(none: no limits enforced)".into()),
+            }
+        }
+        out
+    }
+
+    /// Settings that work but deserve a second look.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for up in &self.upstreams {
+            if !up.listen.ip().is_loopback() && up.tls.is_none() {
+                out.push(format!(
+                    "upstream `{}` listens on {} over plain HTTP: inbound keys cross the network unencrypted; put it behind TLS or a trusted network",
+                    up.name, up.listen
+                ));
+            }
+            for (key, url) in [("url", &up.url), ("auth.token_url", &up.auth.token_url)] {
+                if url.scheme() == "http" && !is_loopback_host(url) {
+                    out.push(format!(
+                        "upstream `{}` {key} uses plain http to a remote host: credentials cross the network unencrypted",
+                        up.name
+                    ));
+                }
+            }
+        }
+        out
+    }
+}
+
+fn redacted(set: bool) -> String {
+    if set {
+        "[redacted]".into()
+    } else {
+        "(not set)".into()
+    }
+}
+
+fn is_loopback_host(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// The `auth.*` lines of one upstream.
+fn describe_auth(a: &AuthConfig, upstream: &str, line: &mut impl FnMut(&str, String)) {
+    line("auth.grant", a.grant.as_str().into());
+    line("auth.token_url", a.token_url.to_string());
+    if a.grant == Grant::WinbooksExchange {
+        line("auth.username", a.username.clone().unwrap_or_default());
+        line("auth.exchange_token", redacted(a.exchange_token.is_some()));
+    } else {
+        line("auth.client_id", a.client_id.clone());
+        line("auth.client_auth", a.client_auth.as_str().into());
+        line("auth.client_secret", redacted(a.client_secret.is_some()));
+    }
+    if a.grant == Grant::Password {
+        line("auth.username", a.username.clone().unwrap_or_default());
+        line("auth.password", redacted(a.password.is_some()));
+    }
+    if a.grant == Grant::RefreshToken {
+        line(
+            "auth.refresh_token",
+            match &a.refresh_token {
+                Some(_) => "[redacted]".into(),
+                None => format!(
+                    "(none: the state store must hold one for upstream `{}`)",
+                    upstream
+                ),
+            },
+        );
+    }
+    if let Some(scope) = &a.scope {
+        line("auth.scope", scope.clone());
+    }
+    for k in a.params.keys() {
+        // Values may be credentials (client assertions and the like).
+        line(&format!("auth.params.{k}"), "[redacted]".into());
+    }
+    let refresh = match a.refresh_before {
+        Some(d) => format!(
+            "at 80% of the lifetime or {} before expiry",
+            humantime::format_duration(d)
+        ),
+        None => "at 80% of the lifetime".into(),
+    };
+    line("refresh", refresh);
+    line(
+        "auth.refresh_wait",
+        humantime::format_duration(a.refresh_wait).to_string(),
+    );
+    line(
+        "auth.timeout",
+        humantime::format_duration(a.timeout).to_string(),
+    );
+}

@@ -1,0 +1,116 @@
+//! The configuration file (`tollgate.toml`): what it may say and how it is read.
+//!
+//! Loading is a pipeline, one file per stage, each returning every problem it finds:
+//!
+//! ```text
+//! text ─► TOML ─► ${NAME} replaced ─► presets filled in ─► typed, unknown keys refused
+//!   (load.rs)     (interpolate.rs)     (load.rs)           (schema.rs, values.rs)
+//!      ─► checks across keys ─► each problem placed on its line
+//!         (validate.rs)          (locate.rs)
+//! ```
+//!
+//! so a message reads `tollgate.toml:14: upstream[0].auth.grant: unknown variant ...`.
+//! [`check`] describes the result for `tollgate check`, secrets redacted. Nothing here logs or
+//! prints the values it loads: they hold secrets.
+
+mod check;
+mod interpolate;
+mod load;
+mod locate;
+mod schema;
+mod validate;
+mod values;
+
+pub use schema::{
+    AdminConfig, AuthConfig, ClientAuth, Config, Edition, Grant, InboundConfig, LimitsConfig,
+    LoginConfig, QuotaConfig, StateConfig, StoreLocation, TlsConfig, UpstreamConfig, MIN_KEY_LEN,
+};
+pub use values::{parse_day_starts, parse_duration, parse_http_url, parse_size};
+
+use std::fmt;
+
+/// Where the config is read from when `-c` is not given and `$TOLLGATE_CONFIG` is unset.
+pub const DEFAULT_PATH: &str = "tollgate.toml";
+
+/// What went wrong in a config file, with where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Key path, e.g. `upstream[0].auth.token_url`; empty for the file as a whole.
+    pub key: String,
+    /// 1-based line of the key in the file, when it could be found.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+/// A config that could not be loaded; lists every problem found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}", self.file)?;
+            if let Some(line) = p.line {
+                write!(f, ":{line}")?;
+            }
+            if !p.key.is_empty() {
+                write!(f, ": {}", p.key)?;
+            }
+            write!(f, ": {}", p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// The upstream called `name`.
+    pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+}
+
+/// What the tests of every stage load.
+#[cfg(test)]
+mod test_support {
+    use super::Config;
+
+    pub const GOOD: &str = r#"
+[state]
+store = "file:/tmp/tollgate-test"
+
+[[upstream]]
+name = "api"
+listen = "127.0.0.1:8080"
+url = "https://api.example.com/v1"
+timeout = "30s"
+retry_body_limit = "2MiB"
+
+[upstream.auth]
+grant = "refresh_token"
+token_url = "https://id.example.com/connect/token"
+client_id = "my.app/first"
+client_secret = "${SECRET}"
+refresh_token = "${SEED}"
+params = { resource = "urn:x" }
+"#;
+
+    pub fn env(name: &str) -> Option<String> {
+        match name {
+            "SECRET" => Some("s3cr3t-value".into()),
+            "SEED" => Some("seed-token-value".into()),
+            _ => None,
+        }
+    }
+
+    pub fn error_of(text: &str) -> String {
+        Config::parse(text, "t.toml", env).unwrap_err().to_string()
+    }
+}

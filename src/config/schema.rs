@@ -1,0 +1,354 @@
+//! What the config file may say: the typed tables and keys, their defaults, and which keys
+//! take durations, sizes and URLs ([`super::values`]). Unknown keys are errors
+//! (`deny_unknown_fields` everywhere).
+//!
+//! Must not: check anything that spans several keys (that is [`super::validate`]), or print a
+//! value (secrets are [`Secret`]s).
+
+use super::values::{de_day_starts, de_duration, de_http_url, de_opt_duration, de_size};
+use crate::secret::Secret;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use url::Url;
+
+/// The whole configuration, after interpolation and validation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub state: StateConfig,
+    pub admin: Option<AdminConfig>,
+    #[serde(default, rename = "upstream")]
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// `file:<dir>`; the directory is relative to the working directory.
+    #[serde(default = "default_store")]
+    pub store: String,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            store: default_store(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+/// One API that tollgate fronts: a listener, the API's base URL, and how to get its tokens.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    /// `beproduct` | `erpnet` | `winbooks` | `spring`: fills the keys below that are not set.
+    pub preset: Option<String>,
+    /// The keys the preset filled (for `check`).
+    #[serde(skip)]
+    pub preset_filled: Vec<String>,
+    #[serde(deserialize_with = "de_http_url")]
+    pub url: Url,
+    /// Upstream statuses that mean "this token was refused": refresh once and replay once.
+    #[serde(default = "default_retry_on")]
+    pub retry_on: Vec<u16>,
+    /// Request bodies up to this size are kept for a replay after a `retry_on` status.
+    #[serde(default = "default_retry_body_limit", deserialize_with = "de_size")]
+    pub retry_body_limit: u64,
+    /// Upstream response timeout (until the response head arrives).
+    #[serde(default = "default_timeout", deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// Extra CA certificates (PEM) trusted for the upstream and the token endpoint.
+    pub ca_file: Option<PathBuf>,
+    pub auth: AuthConfig,
+    pub login: Option<LoginConfig>,
+    /// The organisation's request limits for this API; none when absent.
+    pub quota: Option<QuotaConfig>,
+    /// Keys clients must present; required when `listen` is not a loopback address.
+    pub inbound: Option<InboundConfig>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Serve HTTPS on `listen` with this certificate.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[upstream.tls]`: the listener's certificate chain and key, PEM files re-read on SIGHUP.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// `[upstream.limits]`: what one client connection may cost. The defaults are safe.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Open client connections per listener; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// The request line and headers together; more gets 431.
+    #[serde(deserialize_with = "de_size")]
+    pub max_header_size: u64,
+    /// How long a client has to send a request head; a connection with no request in flight
+    /// is closed after one to two times this, in HTTP/1.1 and HTTP/2 (slowloris, idle clients).
+    #[serde(deserialize_with = "de_duration")]
+    pub header_timeout: Duration,
+    /// Connecting to the upstream.
+    #[serde(deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 1024,
+            max_header_size: 64 * 1024,
+            header_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[upstream.inbound]`: who may use the listener.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundConfig {
+    /// Clients send `Authorization: Bearer KEY` (or `Proxy-Authorization`).
+    pub keys: Vec<Secret<String>>,
+}
+
+/// Inbound keys shorter than this are refused: they could be guessed.
+pub const MIN_KEY_LEN: usize = 16;
+
+/// `[upstream.quota]`: the limits tollgate enforces before a request reaches the API.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    /// Requests per calendar day; or derived from `edition` and `licenses`.
+    pub per_day: Option<u64>,
+    pub edition: Option<Edition>,
+    pub licenses: Option<u64>,
+    /// When the day starts, `HH:MM` UTC, in seconds after midnight.
+    #[serde(default, deserialize_with = "de_day_starts")]
+    pub day_starts: u32,
+    pub per_second: Option<u32>,
+    pub per_minute: Option<u32>,
+    pub per_hour: Option<u32>,
+    /// Requests in flight at once; more wait in a FIFO line of `queue` places.
+    pub concurrency: Option<u32>,
+    pub queue: Option<u32>,
+    #[serde(default = "default_queue_timeout", deserialize_with = "de_duration")]
+    pub queue_timeout: Duration,
+}
+
+/// BeProduct's editions, whose daily limit grows with the number of licences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Edition {
+    Business,
+    Enterprise,
+}
+
+impl Edition {
+    /// Business: min(2000, 250 × licences); Enterprise: min(25000, 500 × licences).
+    pub fn per_day(self, licenses: u64) -> u64 {
+        match self {
+            Edition::Business => (250 * licenses).min(2000),
+            Edition::Enterprise => (500 * licenses).min(25000),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Edition::Business => "business",
+            Edition::Enterprise => "enterprise",
+        }
+    }
+}
+
+impl QuotaConfig {
+    /// The daily limit: `per_day`, else the edition's formula.
+    pub fn daily_limit(&self) -> Option<u64> {
+        match (self.per_day, self.edition, self.licenses) {
+            (Some(n), _, _) => Some(n),
+            (None, Some(edition), Some(licenses)) => Some(edition.per_day(licenses)),
+            _ => None,
+        }
+    }
+}
+
+fn default_queue_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// Where `tollgate login` sends the browser (authorization code + PKCE).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginConfig {
+    #[serde(deserialize_with = "de_http_url")]
+    pub authorize_url: Url,
+    #[serde(default = "default_redirect_uri", deserialize_with = "de_http_url")]
+    pub redirect_uri: Url,
+    /// Extra authorize-URL parameters (`prompt`, ...).
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+}
+
+fn default_redirect_uri() -> Url {
+    Url::parse("http://127.0.0.1:8765/callback").expect("a valid URL")
+}
+
+/// How tokens are obtained from the identity server.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub grant: Grant,
+    #[serde(deserialize_with = "de_http_url")]
+    pub token_url: Url,
+    /// The client id; for `winbooks_exchange` it is not used (the e-mail authenticates).
+    #[serde(default)]
+    pub client_id: String,
+    pub client_secret: Option<Secret<String>>,
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+    /// The seed refresh token (grant = refresh_token). The state store keeps its descendants.
+    pub refresh_token: Option<Secret<String>>,
+    /// The user for `password`; the e-mail for `winbooks_exchange`.
+    pub username: Option<String>,
+    /// The password for `password`.
+    pub password: Option<Secret<String>>,
+    /// The long-lived exchange token for `winbooks_exchange`.
+    pub exchange_token: Option<Secret<String>>,
+    pub scope: Option<String>,
+    /// Refresh this long before expiry, if that comes before 80% of the lifetime.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub refresh_before: Option<Duration>,
+    /// Extra form fields sent on every token request (`resource`, `audience`, ...).
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+    /// Lifetime assumed when a token response has no `expires_in`.
+    #[serde(default = "default_expires_in", deserialize_with = "de_duration")]
+    pub default_expires_in: Duration,
+    /// How long a request waits for a token while the identity server fails, before 503.
+    #[serde(default = "default_refresh_wait", deserialize_with = "de_duration")]
+    pub refresh_wait: Duration,
+    /// Timeout of one token request.
+    #[serde(default = "default_token_timeout", deserialize_with = "de_duration")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Grant {
+    RefreshToken,
+    ClientCredentials,
+    /// Resource-owner password; refreshes while the refresh token works, then logs in again.
+    Password,
+    /// WinBooks on Web: an exchange token traded for tokens, Basic(e-mail) client auth.
+    WinbooksExchange,
+}
+
+impl Grant {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Grant::RefreshToken => "refresh_token",
+            Grant::ClientCredentials => "client_credentials",
+            Grant::Password => "password",
+            Grant::WinbooksExchange => "winbooks_exchange",
+        }
+    }
+}
+
+/// RFC 6749 §2.3.1 client authentication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// `client_id` and `client_secret` in the form body (client_secret_post).
+    #[default]
+    Post,
+    /// HTTP Basic with form-encoded id and secret (client_secret_basic).
+    Basic,
+    /// A public client: only `client_id` in the form body.
+    None,
+}
+
+impl ClientAuth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientAuth::Post => "post",
+            ClientAuth::Basic => "basic",
+            ClientAuth::None => "none",
+        }
+    }
+}
+
+fn default_store() -> String {
+    "file:./state".to_owned()
+}
+fn default_retry_on() -> Vec<u16> {
+    vec![401]
+}
+fn default_retry_body_limit() -> u64 {
+    1024 * 1024
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_expires_in() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_refresh_wait() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_token_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// Where token records live, parsed from `state.store`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    File(PathBuf),
+}
+
+impl StoreLocation {
+    pub fn parse(text: &str) -> Result<StoreLocation, String> {
+        if let Some(dir) = text.strip_prefix("file:") {
+            if dir.is_empty() {
+                return Err("`file:` needs a directory, e.g. \"file:./state\"".into());
+            }
+            Ok(StoreLocation::File(PathBuf::from(dir)))
+        } else if text.starts_with("redis://") || text.starts_with("rediss://") {
+            Err("the Redis store is not available in this version; use \"file:DIR\"".into())
+        } else {
+            Err(format!(
+                "`{text}` is not a store; use \"file:DIR\" (for example \"file:./state\")"
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edition_formula_is_capped() {
+        let limit = |edition: Edition, licenses| edition.per_day(licenses);
+        assert_eq!(limit(Edition::Business, 4), 1000);
+        assert_eq!(limit(Edition::Business, 8), 2000);
+        assert_eq!(limit(Edition::Business, 10), 2000, "not 2500");
+        assert_eq!(limit(Edition::Enterprise, 10), 5000);
+        assert_eq!(limit(Edition::Enterprise, 60), 25_000, "not 30000");
+    }
+}

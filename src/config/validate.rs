@@ -1,0 +1,469 @@
+//! Checks that span several keys, or that types alone cannot express: unique names and
+//! ports, keys a grant requires, inbound keys on a listener others can reach, limits in range.
+//! Every problem is reported, not only the first.
+
+use super::{AuthConfig, ClientAuth, Config, Grant, Problem, QuotaConfig, StoreLocation};
+use super::{UpstreamConfig, MIN_KEY_LEN};
+use std::collections::HashSet;
+
+/// Form fields that tollgate sets itself; `params` may not override them.
+const RESERVED_PARAMS: &[&str] = &[
+    "grant_type",
+    "client_id",
+    "client_secret",
+    "refresh_token",
+    "scope",
+    "code",
+    "username",
+    "password",
+];
+
+impl Config {
+    /// Checks that span several keys or that types alone cannot express.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut report = |key: &str, message: String| {
+            problems.push(Problem {
+                key: key.to_owned(),
+                line: None,
+                message,
+            })
+        };
+        if let Err(message) = StoreLocation::parse(&self.state.store) {
+            report("state.store", message);
+        }
+        if self.upstreams.is_empty() {
+            report(
+                "upstream",
+                "no [[upstream]] is configured; add one with name, listen, url and [upstream.auth]"
+                    .into(),
+            );
+        }
+        let mut names = HashSet::new();
+        let mut listens = HashSet::new();
+        if let Some(admin) = &self.admin {
+            listens.insert(admin.listen);
+        }
+        for (i, up) in self.upstreams.iter().enumerate() {
+            let mut report = Report {
+                problems: &mut problems,
+                upstream: i,
+            };
+            check_name(up, &mut report);
+            if !names.insert(up.name.as_str()) {
+                report.at(
+                    "name",
+                    format!(
+                        "`{}` is used by two upstreams; names must be unique",
+                        up.name
+                    ),
+                );
+            }
+            check_inbound_and_tls(up, &mut report);
+            check_limits(up, &mut report);
+            // Port 0 asks the system for a free port: two of them never clash.
+            if up.listen.port() != 0 && !listens.insert(up.listen) {
+                report.at(
+                    "listen",
+                    format!(
+                        "{} is already used by another listener; give each its own port",
+                        up.listen
+                    ),
+                );
+            }
+            check_target(up, &mut report);
+            check_auth(&up.auth, &mut report);
+            if let Some(quota) = &up.quota {
+                for (k, message) in quota.problems() {
+                    report.at(&format!("quota.{k}"), message);
+                }
+            }
+        }
+        problems
+    }
+}
+
+/// The problems of one upstream, under `upstream[i].`.
+struct Report<'a> {
+    problems: &'a mut Vec<Problem>,
+    upstream: usize,
+}
+
+impl Report<'_> {
+    fn at(&mut self, key: &str, message: String) {
+        self.problems.push(Problem {
+            key: format!("upstream[{}].{key}", self.upstream),
+            line: None,
+            message,
+        });
+    }
+}
+
+fn check_name(up: &UpstreamConfig, report: &mut Report<'_>) {
+    let valid = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-';
+    if up.name.is_empty() || !up.name.bytes().all(valid) {
+        report.at(
+            "name",
+            format!(
+                "`{}` is not a valid name: use lowercase letters, digits and '-'",
+                up.name
+            ),
+        );
+    }
+}
+
+/// Who may reach the listener: inbound keys where others can, and the HTTPS files.
+fn check_inbound_and_tls(up: &UpstreamConfig, report: &mut Report<'_>) {
+    let keys = up.inbound.as_ref().map_or(&[][..], |i| &i.keys[..]);
+    if !up.listen.ip().is_loopback() && keys.is_empty() {
+        report.at(
+            "listen",
+            format!(
+                "{} is reachable from other machines, and anyone who reaches it would call the API with your token; listen on 127.0.0.1, or require keys: [upstream.inbound] keys = [\"${{TOOL_KEY}}\"]",
+                up.listen
+            ),
+        );
+    }
+    if up.inbound.is_some() && keys.is_empty() {
+        report.at(
+            "inbound.keys",
+            "is empty: list at least one key, or remove [upstream.inbound]".into(),
+        );
+    }
+    for (j, k) in keys.iter().enumerate() {
+        if k.expose().chars().count() < MIN_KEY_LEN
+            || k.expose().bytes().any(|b| !b.is_ascii_graphic())
+        {
+            report.at(
+                &format!("inbound.keys[{j}]"),
+                format!("must be at least {MIN_KEY_LEN} visible ASCII characters without spaces; make one with `openssl rand -hex 32`"),
+            );
+        }
+    }
+    if let Some(tls) = &up.tls {
+        for (k, path) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+            if !path.is_file() {
+                report.at(
+                    k,
+                    format!("{} does not exist or is not a file", path.display()),
+                );
+            }
+        }
+    }
+}
+
+/// `[upstream.limits]` in the ranges hyper enforces, and timeouts above zero.
+fn check_limits(up: &UpstreamConfig, report: &mut Report<'_>) {
+    let limits = &up.limits;
+    if !(1..=1_000_000).contains(&limits.max_connections) {
+        report.at(
+            "limits.max_connections",
+            "must be between 1 and 1000000".into(),
+        );
+    }
+    if !(8 * 1024..=16 * 1024 * 1024).contains(&limits.max_header_size) {
+        report.at(
+            "limits.max_header_size",
+            "must be between 8KiB and 16MiB".into(),
+        );
+    }
+    for (k, d) in [
+        ("limits.header_timeout", limits.header_timeout),
+        ("limits.connect_timeout", limits.connect_timeout),
+    ] {
+        if d.is_zero() {
+            report.at(k, "must be more than 0s".into());
+        }
+    }
+    if up.timeout.is_zero() || up.auth.timeout.is_zero() {
+        let k = if up.timeout.is_zero() {
+            "timeout"
+        } else {
+            "auth.timeout"
+        };
+        report.at(k, "must be more than 0s".into());
+    }
+}
+
+/// The API's URL, the statuses that trigger a replay, the CA file.
+fn check_target(up: &UpstreamConfig, report: &mut Report<'_>) {
+    if up.url.query().is_some() || up.url.fragment().is_some() {
+        report.at(
+            "url",
+            "must not have a query or fragment: the client's path and query are appended to it"
+                .into(),
+        );
+    }
+    for (j, status) in up.retry_on.iter().enumerate() {
+        if !(400..=599).contains(status) {
+            report.at(
+                &format!("retry_on[{j}]"),
+                format!("{status} is not an error status; use 400-599, usually 401"),
+            );
+        }
+    }
+    if let Some(ca) = &up.ca_file {
+        if !ca.is_file() {
+            report.at(
+                "ca_file",
+                format!("{} does not exist or is not a file", ca.display()),
+            );
+        }
+    }
+}
+
+/// The keys each grant and client authentication needs, and those it would ignore.
+fn check_auth(auth: &AuthConfig, report: &mut Report<'_>) {
+    let mut require = |set: bool, k: &str, why: &str| {
+        if !set {
+            report.at(
+                k,
+                format!(
+                    "is required with grant = \"{}\"; {why}",
+                    auth.grant.as_str()
+                ),
+            );
+        }
+    };
+    match auth.grant {
+        Grant::WinbooksExchange => {
+            require(
+                auth.username.is_some(),
+                "auth.username",
+                "set it to the e-mail of the WinBooks account",
+            );
+            require(
+                auth.exchange_token.is_some(),
+                "auth.exchange_token",
+                "set it to the exchange token from WinBooks on Web",
+            );
+        }
+        Grant::Password => {
+            require(
+                auth.username.is_some(),
+                "auth.username",
+                "set the user to log in as",
+            );
+            require(
+                auth.password.is_some(),
+                "auth.password",
+                "set it, from the environment: password = \"${VAR}\"",
+            );
+        }
+        Grant::ClientCredentials | Grant::RefreshToken => {}
+    }
+    if auth.grant != Grant::WinbooksExchange {
+        check_client(auth, report);
+    }
+    if auth.grant == Grant::ClientCredentials {
+        if auth.client_auth == ClientAuth::None {
+            report.at(
+                "auth.client_auth",
+                "client_credentials needs a client secret: use \"post\" or \"basic\"".into(),
+            );
+        }
+        if auth.refresh_token.is_some() {
+            report.at(
+                "auth.refresh_token",
+                "is not used by grant = \"client_credentials\"; remove it".into(),
+            );
+        }
+    }
+    for name in auth.params.keys() {
+        if RESERVED_PARAMS.contains(&name.as_str()) {
+            report.at(
+                &format!("auth.params.{name}"),
+                format!("`{name}` is set by tollgate itself; use the auth key instead"),
+            );
+        }
+    }
+    if auth.default_expires_in.is_zero() {
+        report.at("auth.default_expires_in", "must be more than 0s".into());
+    }
+}
+
+/// The client's id and secret, as `client_auth` sends them.
+fn check_client(auth: &AuthConfig, report: &mut Report<'_>) {
+    let has_secret = auth
+        .client_secret
+        .as_ref()
+        .is_some_and(|s| !s.expose().is_empty());
+    match auth.client_auth {
+        ClientAuth::Post | ClientAuth::Basic if !has_secret => report.at(
+            "auth.client_secret",
+            format!(
+                "is required with client_auth = \"{}\"; set it, or use client_auth = \"none\" for a public client",
+                auth.client_auth.as_str()
+            ),
+        ),
+        ClientAuth::None if auth.client_secret.is_some() => report.at(
+            "auth.client_secret",
+            "is set but client_auth = \"none\" would not send it; use \"post\" or \"basic\""
+                .into(),
+        ),
+        _ => {}
+    }
+    if auth.client_id.is_empty() {
+        report.at(
+            "auth.client_id",
+            "is required: the client id the identity server issued".into(),
+        );
+    }
+}
+
+impl QuotaConfig {
+    /// What is wrong with this table, as (key, message).
+    fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        match (self.per_day, self.edition, self.licenses) {
+            (Some(_), Some(_), _) => out.push((
+                "edition",
+                "set either per_day or edition with licenses, not both".into(),
+            )),
+            (_, Some(_), None) => out.push((
+                "licenses",
+                "is required with edition: the number of licences the organisation holds".into(),
+            )),
+            (_, None, Some(_)) => out.push((
+                "licenses",
+                "is only used with edition = \"business\" or \"enterprise\"; add edition, or set per_day".into(),
+            )),
+            _ => {}
+        }
+        let counts = [
+            ("per_day", self.per_day),
+            ("licenses", self.licenses),
+            ("per_second", self.per_second.map(u64::from)),
+            ("per_minute", self.per_minute.map(u64::from)),
+            ("per_hour", self.per_hour.map(u64::from)),
+            ("concurrency", self.concurrency.map(u64::from)),
+        ];
+        for (k, v) in counts {
+            if v == Some(0) {
+                out.push((k, "must be at least 1; remove the key for no limit".into()));
+            }
+        }
+        if self.queue.is_some() && self.concurrency.is_none() {
+            out.push((
+                "queue",
+                "is the wait line of `concurrency`; set concurrency too".into(),
+            ));
+        }
+        if self.queue.unwrap_or(0) > 0 && self.queue_timeout.is_zero() {
+            out.push(("queue_timeout", "must be more than 0s".into()));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{env, error_of, GOOD};
+    use crate::config::Config;
+
+    #[test]
+    fn validate_reports_every_problem() {
+        let text = GOOD
+            .replace("name = \"api\"", "name = \"API!\"")
+            .replace("client_secret = \"${SECRET}\"\n", "");
+        let err = error_of(&text);
+        assert!(err.contains("upstream[0].name"), "{err}");
+        assert!(err.contains("upstream[0].auth.client_secret"), "{err}");
+        assert_eq!(err.lines().count(), 2, "{err}");
+    }
+
+    #[test]
+    fn reserved_params_and_unknown_grant_are_refused() {
+        let err = error_of(&GOOD.replace("resource = \"urn:x\"", "grant_type = \"x\""));
+        assert!(err.contains("auth.params.grant_type"), "{err}");
+        let err = error_of(&GOOD.replace("\"refresh_token\"\n", "\"magic\"\n"));
+        assert!(err.contains("upstream[0].auth.grant"), "{err}");
+        assert!(err.contains("client_credentials"), "{err}");
+    }
+
+    #[test]
+    fn remote_listen_and_url_credentials_are_refused() {
+        let err = error_of(&GOOD.replace("127.0.0.1:8080", "0.0.0.0:8080"));
+        assert!(
+            err.contains("upstream[0].listen") && err.contains("reachable from other machines"),
+            "{err}"
+        );
+        let err = error_of(&GOOD.replace(
+            "https://api.example.com/v1",
+            "https://u:${SECRET}@api.example.com/v1",
+        ));
+        assert!(
+            err.contains("upstream[0].url") && err.contains("user:password"),
+            "{err}"
+        );
+        assert!(!err.contains("s3cr3t-value"), "{err}");
+    }
+
+    #[test]
+    fn a_remote_listen_needs_inbound_keys_that_are_long_enough() {
+        let remote = GOOD.replace("127.0.0.1:8080", "0.0.0.0:8080");
+        let with_keys = |keys: &str| format!("{remote}\n[upstream.inbound]\nkeys = {keys}\n");
+        let config =
+            Config::parse(&with_keys("[\"${SECRET}-and-then-some\"]"), "t.toml", env).unwrap();
+        let described = config.describe();
+        assert!(described.contains("1 key(s) [redacted]"), "{described}");
+        assert!(!described.contains("s3cr3t"), "{described}");
+        assert!(config.warnings().iter().any(|w| w.contains("plain HTTP")));
+        for (keys, expected) in [
+            ("[]", "upstream[0].inbound.keys: is empty"),
+            ("[\"short\"]", "inbound.keys[0]: must be at least 16"),
+            (
+                "[\"has a space in the middle\"]",
+                "inbound.keys[0]: must be at least 16",
+            ),
+        ] {
+            let err = Config::parse(&with_keys(keys), "t.toml", env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{keys}: {err}");
+        }
+    }
+
+    #[test]
+    fn quota_keys_are_checked_and_described() {
+        let with_quota = |lines: &str| format!("{GOOD}\n[upstream.quota]\n{lines}\n");
+        let config = Config::parse(
+            &with_quota(
+                "edition = \"enterprise\"\nlicenses = 7\nday_starts = \"06:30\"\nper_minute = 600",
+            ),
+            "t.toml",
+            env,
+        )
+        .unwrap();
+        let described = config.describe();
+        assert!(
+            described
+                .contains("3500 (enterprise edition, 7 licences), the day starts at 06:30 UTC"),
+            "{described}"
+        );
+        assert!(described.contains("600 (burst 600)"), "{described}");
+        for (lines, expected) in [
+            (
+                "per_day = 10\nedition = \"business\"\nlicenses = 2",
+                "quota.edition: set either per_day",
+            ),
+            (
+                "edition = \"business\"",
+                "quota.licenses: is required with edition",
+            ),
+            ("per_minute = 0", "quota.per_minute: must be at least 1"),
+            (
+                "queue = 5",
+                "quota.queue: is the wait line of `concurrency`",
+            ),
+            ("day_starts = \"25:00\"", "is not a time of day"),
+            ("edition = \"gold\"", "edition"),
+            ("per_week = 3", "per_week"),
+        ] {
+            let error = Config::parse(&with_quota(lines), "t.toml", env)
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(expected), "{lines}: {error}");
+        }
+    }
+}
