@@ -1,10 +1,7 @@
-//! The running proxy: what [`Proxy::start`] binds and starts, what [`Proxy::reload`] changes
-//! in place, and the order [`Proxy::shutdown`] stops it in.
-//!
-//! Starting is a reload from nothing. A reload first prepares everything that can fail —
-//! reading files, binding new sockets, loading the day's count — and changes nothing until all
-//! of it has succeeded, so an invalid config leaves the running one in force. Then, per
-//! upstream (by name), it keeps what is unchanged:
+//! [`Proxy::reload`] (SIGHUP), and [`Proxy::start`] as a reload from nothing. A reload first
+//! prepares everything that can fail — reading files, binding new sockets, loading the day's
+//! count — and changes nothing until all of it has succeeded, so an invalid config leaves the
+//! running one in force. Then, per upstream (by name), it keeps what is unchanged:
 //!
 //! - the token cache while `[upstream.auth]` and the CA are unchanged; otherwise a
 //!   [`TokenCache::successor`] that, for the same lineage, keeps the running token in use
@@ -16,45 +13,23 @@
 //!   its address, with open connections kept; each request is served by the config in force
 //!   when it arrives.
 //!
-//! Listeners no upstream uses any more stop accepting and drain their connections.
+//! Listeners no upstream uses any more stop accepting and drain their connections; a removed
+//! upstream gives its daily counts back once none of its requests is in flight.
 
+use super::{give_back, refresh_task, Proxy, Running, StartError, SHUTDOWN_GRACE};
 use crate::admin::{self, Admin};
-use crate::config::{Config, StoreLocation, UpstreamConfig};
+use crate::config::{Config, UpstreamConfig};
 use crate::forward;
 use crate::pipeline::Pipeline;
-use crate::quota::{Clock, Quota};
-use crate::server::{self, Bound, Listener, Site, Workers};
+use crate::quota::Quota;
+use crate::server::{Bound, Listener, Site, Workers};
 use crate::stats::RequestStats;
-use crate::store::{self, StateStore};
 use crate::tls::CertStore;
 use crate::token::TokenCache;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
-use tokio::task::{JoinHandle, JoinSet};
-
-/// How long in-flight requests may take to finish after a shutdown signal, or after a reload
-/// removed their listener.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-
-/// Why the proxy could not start, or why a reload was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("upstream `{upstream}`: cannot listen on {addr}: {source}")]
-    Bind {
-        upstream: String,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("upstream `{upstream}`: {reason}")]
-    Upstream { upstream: String, reason: String },
-    #[error("state store: {0}")]
-    Store(#[from] store::StoreError),
-    #[error("state.store: {0}")]
-    StoreLocation(String),
-}
 
 /// What a reload changed, by upstream name.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -64,36 +39,8 @@ pub struct Reloaded {
     pub changed: Vec<String>,
 }
 
-/// A running proxy: every listener bound, every refresh-ahead task started.
-pub struct Proxy {
-    config: Config,
-    store: Arc<dyn StateStore>,
-    clock: Clock,
-    workers: Workers,
-    upstreams: BTreeMap<String, Running>,
-    listeners: BTreeMap<String, Listener<Pipeline>>,
-    admin: Option<Listener<Admin>>,
-    /// Listeners a reload removed, draining, and what is given back after them.
-    retiring: JoinSet<()>,
-}
-
-/// The state of one upstream that outlives a reload.
-struct Running {
-    config: UpstreamConfig,
-    roots: Option<Vec<u8>>,
-    tokens: Arc<TokenCache>,
-    refresh: Task,
-    quota: Arc<Quota>,
-    certs: Option<Arc<CertStore>>,
-    /// One per worker.
-    stats: Vec<Arc<RequestStats>>,
-}
-
-/// A background task and the switch that stops it.
-struct Task {
-    stop: watch::Sender<bool>,
-    handle: JoinHandle<()>,
-}
+/// A quota replaced by a reload: the upstream's name, the old quota and its successor.
+type Handover = (String, Arc<Quota>, Arc<Quota>);
 
 /// One upstream of the new config, with everything that could fail already done.
 struct Prepared {
@@ -116,61 +63,6 @@ enum Socket {
 }
 
 impl Proxy {
-    /// Bind the listeners of `config` and serve on the caller's runtime (tests, embedding).
-    pub async fn start(config: &Config) -> Result<Proxy, StartError> {
-        Proxy::start_with_workers(config, 1).await
-    }
-
-    /// Bind the listeners of `config` and serve them on `workers` threads.
-    ///
-    /// With more than one worker, each is an OS thread with its own single-threaded runtime,
-    /// its own `SO_REUSEPORT` socket per listener and its own upstream connection pool, so a
-    /// request is accepted, forwarded and answered on one thread without cross-thread wakeups
-    /// (the event-loop-per-core model nginx uses). The token caches are shared and lock-free.
-    pub async fn start_with_workers(config: &Config, workers: usize) -> Result<Proxy, StartError> {
-        Proxy::start_inner(config, workers, Clock::system()).await
-    }
-
-    /// [`Proxy::start`] with quotas that read `clock`: tests move it to pass a day or a minute.
-    pub async fn start_with_clock(config: &Config, clock: Clock) -> Result<Proxy, StartError> {
-        Proxy::start_inner(config, 1, clock).await
-    }
-
-    async fn start_inner(
-        config: &Config,
-        workers: usize,
-        clock: Clock,
-    ) -> Result<Proxy, StartError> {
-        let location =
-            StoreLocation::parse(&config.state.store).map_err(StartError::StoreLocation)?;
-        let store = store::open(&location)?;
-        let workers = Workers::start(workers).map_err(|e| StartError::Upstream {
-            upstream: "*".into(),
-            reason: format!("cannot start the worker threads: {e}"),
-        })?;
-        let mut proxy = Proxy {
-            config: config.clone(),
-            store,
-            clock,
-            workers,
-            upstreams: BTreeMap::new(),
-            listeners: BTreeMap::new(),
-            admin: None,
-            retiring: JoinSet::new(),
-        };
-        proxy.apply(config).await?;
-        Ok(proxy)
-    }
-
-    /// The address the listener of upstream `name` is bound to.
-    pub fn addr(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners.get(name).map(|l| l.local)
-    }
-
-    pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin.as_ref().map(|l| l.local)
-    }
-
     /// Put `config` in force without dropping connections or losing token and quota state
     /// (SIGHUP). When any part of it cannot be put in force, nothing changes and the reason is
     /// returned.
@@ -201,7 +93,7 @@ impl Proxy {
     }
 
     /// Prepare every upstream of `config`, then switch to them.
-    async fn apply(&mut self, config: &Config) -> Result<(), StartError> {
+    pub(super) async fn apply(&mut self, config: &Config) -> Result<(), StartError> {
         // Listeners drained since the last reload.
         while self.retiring.try_join_next().is_some() {}
         let mut claimed = BTreeSet::new();
@@ -379,106 +271,19 @@ impl Proxy {
     }
 
     /// Switch every listener to the prepared upstreams; stop what the new config dropped.
-    /// Returns the quotas that have a successor now, with it, to be handed over.
-    #[allow(clippy::type_complexity)]
-    fn commit(&mut self, prepared: Vec<Prepared>) -> Vec<(String, Arc<Quota>, Arc<Quota>)> {
+    /// Returns the quotas that have a successor now, to be handed over.
+    fn commit(&mut self, prepared: Vec<Prepared>) -> Vec<Handover> {
         let mut old_upstreams = std::mem::take(&mut self.upstreams);
         let mut old_listeners = std::mem::take(&mut self.listeners);
         let mut handovers = Vec::new();
         for p in prepared {
             let old = old_upstreams.remove(&p.config.name);
-            let stats = match &old {
-                Some(o) => o.stats.clone(),
-                None => (0..self.workers.len())
-                    .map(|_| Arc::new(RequestStats::default()))
-                    .collect(),
-            };
-            let local = match &p.socket {
-                Socket::Keep(from) => old_listeners[from].local,
-                Socket::New(bound) => bound.local,
-            };
-            let tls = p.certs.as_ref().map(CertStore::acceptor);
-            let sites: Vec<Site<Pipeline>> = p
-                .forwards
-                .into_iter()
-                .zip(&stats)
-                .map(|(forward, stats)| {
-                    let pipeline = Pipeline::new(
-                        &p.config,
-                        local,
-                        forward,
-                        Arc::clone(&p.tokens),
-                        Arc::clone(&p.quota),
-                        Arc::clone(stats),
-                    );
-                    Site::new(pipeline, &p.config.limits, tls.clone())
-                })
-                .collect();
-            let listener = match p.socket {
-                Socket::Keep(from) => {
-                    let listener = old_listeners.remove(&from).expect("claimed once");
-                    listener.swap(sites);
-                    listener.resize_cap(p.config.limits.max_connections);
-                    listener
-                }
-                Socket::New(bound) => {
-                    tracing::info!(upstream = %p.config.name, listen = %local, url = %p.config.url, workers = self.workers.len(), "listening");
-                    Listener::serve(
-                        bound,
-                        sites,
-                        Some(p.config.limits.max_connections),
-                        &self.workers,
-                        SHUTDOWN_GRACE,
-                    )
-                }
-            };
-            let refresh = match old {
-                Some(o) => {
-                    if !Arc::ptr_eq(&o.quota, &p.quota) {
-                        handovers.push((p.config.name.clone(), o.quota, Arc::clone(&p.quota)));
-                    }
-                    if Arc::ptr_eq(&o.tokens, &p.tokens) {
-                        o.refresh
-                    } else {
-                        o.tokens.retire(&p.tokens);
-                        self.retire_tokens(o.tokens, o.refresh);
-                        refresh_task(&p.tokens)
-                    }
-                }
-                None => refresh_task(&p.tokens),
-            };
-            self.listeners.insert(p.config.name.clone(), listener);
-            self.upstreams.insert(
-                p.config.name.clone(),
-                Running {
-                    config: p.config,
-                    roots: p.roots,
-                    tokens: p.tokens,
-                    refresh,
-                    quota: p.quota,
-                    certs: p.certs,
-                    stats,
-                },
-            );
+            handovers.extend(self.put_in_force(p, old, &mut old_listeners));
         }
         // What no upstream of the new config took over: stop refreshing, drain, give back.
         for (name, gone) in old_upstreams {
-            self.retire_tokens(gone.tokens, gone.refresh);
             let drained = old_listeners.remove(&name).map(Listener::stop);
-            let (quota, stats) = (gone.quota, gone.stats);
-            self.retiring.spawn(async move {
-                if let Some(drained) = drained {
-                    drained.await;
-                }
-                // Requests that arrived before the reload (on a listener another upstream
-                // took over) may still be spending, through this quota or an older one.
-                let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
-                let in_flight = || stats.iter().map(|s| s.in_flight()).sum::<u64>();
-                while in_flight() > 0 && tokio::time::Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                give_back(&name, &quota).await;
-            });
+            self.retire_upstream(name, gone, drained);
         }
         for (_, listener) in old_listeners {
             self.retiring.spawn(listener.stop());
@@ -486,13 +291,107 @@ impl Proxy {
         handovers
     }
 
-    /// Stop the refresh-ahead task of a cache no upstream uses any more; shutdown waits for it
-    /// and for a flight in the air, which saves what it redeemed.
-    fn retire_tokens(&mut self, tokens: Arc<TokenCache>, task: Task) {
-        let _ = task.stop.send(true);
+    /// Serve `p` on its socket (kept from `old_listeners`, or new), continuing what `old`
+    /// ran under the same name. Returns the quota handover, when the quota was replaced.
+    fn put_in_force(
+        &mut self,
+        p: Prepared,
+        old: Option<Running>,
+        old_listeners: &mut BTreeMap<String, Listener<Pipeline>>,
+    ) -> Option<Handover> {
+        let stats = match &old {
+            Some(o) => o.stats.clone(),
+            None => (0..self.workers.len())
+                .map(|_| Arc::new(RequestStats::default()))
+                .collect(),
+        };
+        let local = match &p.socket {
+            Socket::Keep(from) => old_listeners[from].local,
+            Socket::New(bound) => bound.local,
+        };
+        let tls = p.certs.as_ref().map(CertStore::acceptor);
+        let sites: Vec<Site<Pipeline>> = p
+            .forwards
+            .into_iter()
+            .zip(&stats)
+            .map(|(forward, stats)| {
+                let pipeline = Pipeline::new(
+                    &p.config,
+                    local,
+                    forward,
+                    Arc::clone(&p.tokens),
+                    Arc::clone(&p.quota),
+                    Arc::clone(stats),
+                );
+                Site::new(pipeline, &p.config.limits, tls.clone())
+            })
+            .collect();
+        let listener = match p.socket {
+            Socket::Keep(from) => {
+                let listener = old_listeners.remove(&from).expect("claimed once");
+                listener.swap(sites);
+                listener.resize_cap(p.config.limits.max_connections);
+                listener
+            }
+            Socket::New(bound) => {
+                tracing::info!(upstream = %p.config.name, listen = %local, url = %p.config.url, workers = self.workers.len(), "listening");
+                let cap = Some(p.config.limits.max_connections);
+                Listener::serve(bound, sites, cap, &self.workers, SHUTDOWN_GRACE)
+            }
+        };
+        let mut handover = None;
+        let refresh = match old {
+            Some(o) => {
+                if !Arc::ptr_eq(&o.quota, &p.quota) {
+                    handover = Some((p.config.name.clone(), o.quota, Arc::clone(&p.quota)));
+                }
+                if Arc::ptr_eq(&o.tokens, &p.tokens) {
+                    o.refresh
+                } else {
+                    o.tokens.retire(&p.tokens);
+                    self.retire_tokens(o.tokens, o.refresh);
+                    refresh_task(&p.tokens)
+                }
+            }
+            None => refresh_task(&p.tokens),
+        };
+        let name = p.config.name.clone();
+        self.listeners.insert(name.clone(), listener);
+        let running = Running {
+            config: p.config,
+            roots: p.roots,
+            tokens: p.tokens,
+            refresh,
+            quota: p.quota,
+            certs: p.certs,
+            stats,
+        };
+        self.upstreams.insert(name, running);
+        handover
+    }
+
+    /// An upstream the new config dropped: stop refreshing; once its listener has drained
+    /// and none of its requests is in flight, give its daily counts back.
+    fn retire_upstream(
+        &mut self,
+        name: String,
+        gone: Running,
+        drained: Option<impl std::future::Future<Output = ()> + Send + 'static>,
+    ) {
+        self.retire_tokens(gone.tokens, gone.refresh);
+        let (quota, stats) = (gone.quota, gone.stats);
         self.retiring.spawn(async move {
-            let _ = task.handle.await;
-            tokens.settle(SHUTDOWN_GRACE).await;
+            if let Some(drained) = drained {
+                drained.await;
+            }
+            // Requests that arrived before the reload (on a listener another upstream took
+            // over) may still be spending, through this quota or an older one.
+            let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+            let in_flight = || stats.iter().map(|s| s.in_flight()).sum::<u64>();
+            while in_flight() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            give_back(&name, &quota).await;
         });
     }
 
@@ -537,64 +436,4 @@ impl Proxy {
             }
         }
     }
-
-    /// Read every TLS listener's certificate and key again (SIGHUP). A listener whose files
-    /// cannot be read keeps its certificate; the errors are returned, one per listener.
-    pub fn reload_tls(&self) -> Vec<String> {
-        let mut errors = Vec::new();
-        for (name, up) in &self.upstreams {
-            let Some(certs) = &up.certs else { continue };
-            match certs.reload() {
-                Ok(()) => tracing::info!(upstream = %name, "TLS certificate reloaded"),
-                Err(e) => {
-                    tracing::error!(upstream = %name, error = %e, "TLS certificate not reloaded; the old one stays in use");
-                    errors.push(format!("upstream `{name}`: {e}"));
-                }
-            }
-        }
-        errors
-    }
-
-    /// Stop accepting, let in-flight requests finish (up to [`SHUTDOWN_GRACE`]), stop refreshing,
-    /// give unspent daily quota back to the store.
-    pub async fn shutdown(mut self) {
-        let drained: Vec<_> = std::mem::take(&mut self.listeners)
-            .into_values()
-            .map(Listener::stop)
-            .collect();
-        let admin = self.admin.take().map(Listener::stop);
-        for d in drained {
-            d.await;
-        }
-        if let Some(admin) = admin {
-            admin.await;
-        }
-        while self.retiring.join_next().await.is_some() {}
-        for up in self.upstreams.values_mut() {
-            let _ = up.refresh.stop.send(true);
-        }
-        for up in std::mem::take(&mut self.upstreams).into_values() {
-            let _ = up.refresh.handle.await;
-            up.tokens.settle(SHUTDOWN_GRACE).await;
-            give_back(&up.config.name, &up.quota).await;
-        }
-        self.workers.stop().await;
-    }
-}
-
-/// Give the unspent daily counts of `upstream` back to the store; a failure only costs them
-/// for today.
-async fn give_back(upstream: &str, quota: &Quota) {
-    if let Err(e) = quota.give_back().await {
-        tracing::warn!(%upstream, error = %e, "could not give unspent daily quota back; it stays spent for today");
-    }
-}
-
-/// Refresh `tokens` ahead of expiry until stopped.
-fn refresh_task(tokens: &Arc<TokenCache>) -> Task {
-    let (stop, mut stopped) = watch::channel(false);
-    let handle = tokio::spawn(Arc::clone(tokens).refresh_ahead(async move {
-        server::stopped(&mut stopped).await;
-    }));
-    Task { stop, handle }
 }

@@ -1,0 +1,207 @@
+//! The running proxy: what [`Proxy::start`] binds and starts, and the order
+//! [`Proxy::shutdown`] stops it in. Starting is a reload from nothing ([`reload`]: what a
+//! reload prepares, what it keeps and what carries over).
+//!
+//! Owns the per-upstream state that outlives a reload ([`Running`]): the token cache and its
+//! refresh-ahead task, the quota, the TLS certificate, the request counters; and the
+//! background work a reload leaves behind (listeners draining, retired token caches
+//! landing their refresh), which shutdown waits for.
+
+mod reload;
+
+pub use reload::Reloaded;
+
+use crate::admin::Admin;
+use crate::config::{Config, StoreLocation, UpstreamConfig};
+use crate::pipeline::Pipeline;
+use crate::quota::{Clock, Quota};
+use crate::server::{self, Listener, Workers};
+use crate::stats::RequestStats;
+use crate::store::{self, StateStore};
+use crate::tls::CertStore;
+use crate::token::TokenCache;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+
+/// How long in-flight requests may take to finish after a shutdown signal, or after a reload
+/// removed their listener.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Why the proxy could not start, or why a reload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("upstream `{upstream}`: cannot listen on {addr}: {source}")]
+    Bind {
+        upstream: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("upstream `{upstream}`: {reason}")]
+    Upstream { upstream: String, reason: String },
+    #[error("state store: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("state.store: {0}")]
+    StoreLocation(String),
+}
+
+/// A running proxy: every listener bound, every refresh-ahead task started.
+pub struct Proxy {
+    config: Config,
+    store: Arc<dyn StateStore>,
+    clock: Clock,
+    workers: Workers,
+    upstreams: BTreeMap<String, Running>,
+    listeners: BTreeMap<String, Listener<Pipeline>>,
+    admin: Option<Listener<Admin>>,
+    /// Listeners a reload removed, draining, and what is given back after them.
+    retiring: JoinSet<()>,
+}
+
+/// The state of one upstream that outlives a reload.
+struct Running {
+    config: UpstreamConfig,
+    roots: Option<Vec<u8>>,
+    tokens: Arc<TokenCache>,
+    refresh: Task,
+    quota: Arc<Quota>,
+    certs: Option<Arc<CertStore>>,
+    /// One per worker.
+    stats: Vec<Arc<RequestStats>>,
+}
+
+/// A background task and the switch that stops it.
+struct Task {
+    stop: watch::Sender<bool>,
+    handle: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Bind the listeners of `config` and serve on the caller's runtime (tests, embedding).
+    pub async fn start(config: &Config) -> Result<Proxy, StartError> {
+        Proxy::start_with_workers(config, 1).await
+    }
+
+    /// Bind the listeners of `config` and serve them on `workers` threads.
+    ///
+    /// With more than one worker, each is an OS thread with its own single-threaded runtime,
+    /// its own `SO_REUSEPORT` socket per listener and its own upstream connection pool, so a
+    /// request is accepted, forwarded and answered on one thread without cross-thread wakeups
+    /// (the event-loop-per-core model nginx uses). The token caches are shared and lock-free.
+    pub async fn start_with_workers(config: &Config, workers: usize) -> Result<Proxy, StartError> {
+        Proxy::start_inner(config, workers, Clock::system()).await
+    }
+
+    /// [`Proxy::start`] with quotas that read `clock`: tests move it to pass a day or a minute.
+    pub async fn start_with_clock(config: &Config, clock: Clock) -> Result<Proxy, StartError> {
+        Proxy::start_inner(config, 1, clock).await
+    }
+
+    async fn start_inner(
+        config: &Config,
+        workers: usize,
+        clock: Clock,
+    ) -> Result<Proxy, StartError> {
+        let location =
+            StoreLocation::parse(&config.state.store).map_err(StartError::StoreLocation)?;
+        let store = store::open(&location)?;
+        let workers = Workers::start(workers).map_err(|e| StartError::Upstream {
+            upstream: "*".into(),
+            reason: format!("cannot start the worker threads: {e}"),
+        })?;
+        let mut proxy = Proxy {
+            config: config.clone(),
+            store,
+            clock,
+            workers,
+            upstreams: BTreeMap::new(),
+            listeners: BTreeMap::new(),
+            admin: None,
+            retiring: JoinSet::new(),
+        };
+        proxy.apply(config).await?;
+        Ok(proxy)
+    }
+
+    /// The address the listener of upstream `name` is bound to.
+    pub fn addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners.get(name).map(|l| l.local)
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|l| l.local)
+    }
+
+    /// Stop the refresh-ahead task of a cache no upstream uses any more; shutdown waits for it
+    /// and for a flight in the air, which saves what it redeemed.
+    fn retire_tokens(&mut self, tokens: Arc<TokenCache>, task: Task) {
+        let _ = task.stop.send(true);
+        self.retiring.spawn(async move {
+            let _ = task.handle.await;
+            tokens.settle(SHUTDOWN_GRACE).await;
+        });
+    }
+
+    /// Read every TLS listener's certificate and key again (SIGHUP). A listener whose files
+    /// cannot be read keeps its certificate; the errors are returned, one per listener.
+    pub fn reload_tls(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        for (name, up) in &self.upstreams {
+            let Some(certs) = &up.certs else { continue };
+            match certs.reload() {
+                Ok(()) => tracing::info!(upstream = %name, "TLS certificate reloaded"),
+                Err(e) => {
+                    tracing::error!(upstream = %name, error = %e, "TLS certificate not reloaded; the old one stays in use");
+                    errors.push(format!("upstream `{name}`: {e}"));
+                }
+            }
+        }
+        errors
+    }
+
+    /// Stop accepting, let in-flight requests finish (up to [`SHUTDOWN_GRACE`]), stop refreshing,
+    /// give unspent daily quota back to the store.
+    pub async fn shutdown(mut self) {
+        let drained: Vec<_> = std::mem::take(&mut self.listeners)
+            .into_values()
+            .map(Listener::stop)
+            .collect();
+        let admin = self.admin.take().map(Listener::stop);
+        for d in drained {
+            d.await;
+        }
+        if let Some(admin) = admin {
+            admin.await;
+        }
+        while self.retiring.join_next().await.is_some() {}
+        for up in self.upstreams.values_mut() {
+            let _ = up.refresh.stop.send(true);
+        }
+        for up in std::mem::take(&mut self.upstreams).into_values() {
+            let _ = up.refresh.handle.await;
+            up.tokens.settle(SHUTDOWN_GRACE).await;
+            give_back(&up.config.name, &up.quota).await;
+        }
+        self.workers.stop().await;
+    }
+}
+
+/// Give the unspent daily counts of `upstream` back to the store; a failure only costs them
+/// for today.
+async fn give_back(upstream: &str, quota: &Quota) {
+    if let Err(e) = quota.give_back().await {
+        tracing::warn!(%upstream, error = %e, "could not give unspent daily quota back; it stays spent for today");
+    }
+}
+
+/// Refresh `tokens` ahead of expiry until stopped.
+fn refresh_task(tokens: &Arc<TokenCache>) -> Task {
+    let (stop, mut stopped) = watch::channel(false);
+    let handle = tokio::spawn(Arc::clone(tokens).refresh_ahead(async move {
+        server::stopped(&mut stopped).await;
+    }));
+    Task { stop, handle }
+}
