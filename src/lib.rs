@@ -41,22 +41,10 @@ const TOKEN_SAVE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// A valid access token for upstream `name`: the stored one while it is fresh, else a new one,
 /// redeemed under the store's refresh lock — safe beside a running `serve`.
 pub async fn access_token(config: &Config, name: &str) -> Result<secret::Secret<String>, String> {
-    let up = config.upstream(name).ok_or_else(|| {
-        let names: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
-        format!(
-            "no upstream named `{name}`; the config has: {}",
-            names.join(", ")
-        )
-    })?;
+    let up = config.upstream_named(name)?;
     let location = StoreLocation::parse(&config.state.store)?;
     let store = store::open(&location).map_err(|e| e.to_string())?;
-    let roots = match &up.ca_file {
-        Some(path) => Some(
-            std::fs::read(path)
-                .map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?,
-        ),
-        None => None,
-    };
+    let roots = up.read_ca()?;
     let cache = std::sync::Arc::new(TokenCache::new(up, store, roots.as_deref())?);
     let token = cache.get().await.map_err(|e| e.to_string())?;
     // A refresh token rotated for this token must be saved before the process ends.

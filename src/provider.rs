@@ -26,93 +26,12 @@ pub fn apply(upstream: &mut Table) -> Result<Vec<String>, String> {
         .as_str()
         .ok_or("must be a string: one of beproduct, erpnet, winbooks, spring")?
         .to_owned();
-    let mut filled = Vec::new();
-    let mut fill = |table: &mut Table, section: &str, key: &str, value: &str| {
-        if !table.contains_key(key) {
-            table.insert(key.to_owned(), Value::String(value.to_owned()));
-            filled.push(if section.is_empty() {
-                key.to_owned()
-            } else {
-                format!("{section}.{key}")
-            });
-        }
-    };
+    let mut filled = Filled::default();
     match preset.as_str() {
-        "beproduct" => {
-            fill(upstream, "", "url", "https://developers.beproduct.com");
-            let auth = section(upstream, "auth")?;
-            fill(auth, "auth", "grant", "refresh_token");
-            fill(
-                auth,
-                "auth",
-                "token_url",
-                "https://id.winks.io/ids/connect/token",
-            );
-            fill(auth, "auth", "client_auth", "post");
-            fill(auth, "auth", "scope", BEPRODUCT_SCOPE);
-            if upstream.contains_key("login") {
-                let login = section(upstream, "login")?;
-                fill(
-                    login,
-                    "login",
-                    "authorize_url",
-                    "https://id.winks.io/ids/connect/authorize",
-                );
-            }
-        }
-        "erpnet" => {
-            let origin = origin_of(upstream, "erpnet")?;
-            let auth = section(upstream, "auth")?;
-            fill(auth, "auth", "grant", "refresh_token");
-            fill(
-                auth,
-                "auth",
-                "token_url",
-                &format!("{origin}/id/connect/token"),
-            );
-            fill(auth, "auth", "client_auth", "post");
-            let scope = match auth.get("grant").and_then(Value::as_str) {
-                Some("client_credentials") => "read update",
-                _ => ERPNET_LOGIN_SCOPE,
-            };
-            fill(auth, "auth", "scope", scope);
-            if upstream.contains_key("login") {
-                let login = section(upstream, "login")?;
-                fill(
-                    login,
-                    "login",
-                    "authorize_url",
-                    &format!("{origin}/id/connect/authorize"),
-                );
-            }
-            // Per session, answered with 429 past them (PROVIDERS.md).
-            let quota = section(upstream, "quota")?;
-            for (key, n) in [("per_minute", 600), ("concurrency", 1), ("queue", 5)] {
-                if !quota.contains_key(key) {
-                    quota.insert(key.to_owned(), Value::Integer(n));
-                    filled.push(format!("quota.{key}"));
-                }
-            }
-        }
-        "winbooks" => {
-            fill(upstream, "", "url", "https://rapi.winbooksonweb.be");
-            let auth = section(upstream, "auth")?;
-            fill(auth, "auth", "grant", "winbooks_exchange");
-            fill(
-                auth,
-                "auth",
-                "token_url",
-                "https://rapi.winbooksonweb.be/OAuth20/Token",
-            );
-        }
-        "spring" => {
-            let origin = origin_of(upstream, "spring")?;
-            let auth = section(upstream, "auth")?;
-            fill(auth, "auth", "grant", "password");
-            fill(auth, "auth", "token_url", &format!("{origin}/oauth/token"));
-            fill(auth, "auth", "client_auth", "basic");
-            fill(auth, "auth", "scope", "read write");
-        }
+        "beproduct" => beproduct(upstream, &mut filled)?,
+        "erpnet" => erpnet(upstream, &mut filled)?,
+        "winbooks" => winbooks(upstream, &mut filled)?,
+        "spring" => spring(upstream, &mut filled)?,
         other => {
             return Err(format!(
                 "`{other}` is not a preset; use one of {}",
@@ -120,7 +39,86 @@ pub fn apply(upstream: &mut Table) -> Result<Vec<String>, String> {
             ))
         }
     }
-    Ok(filled)
+    Ok(filled.0)
+}
+
+/// The keys a preset filled, as paths relative to the upstream.
+#[derive(Default)]
+struct Filled(Vec<String>);
+
+impl Filled {
+    /// Set `key` of `table` (the upstream's `section`, "" for the upstream itself) to `value`,
+    /// unless the user set it.
+    fn fill(&mut self, table: &mut Table, section: &str, key: &str, value: impl Into<Value>) {
+        if !table.contains_key(key) {
+            table.insert(key.to_owned(), value.into());
+            self.0.push(if section.is_empty() {
+                key.to_owned()
+            } else {
+                format!("{section}.{key}")
+            });
+        }
+    }
+}
+
+fn beproduct(upstream: &mut Table, filled: &mut Filled) -> Result<(), String> {
+    filled.fill(upstream, "", "url", "https://developers.beproduct.com");
+    let auth = section(upstream, "auth")?;
+    filled.fill(auth, "auth", "grant", "refresh_token");
+    let token_url = "https://id.winks.io/ids/connect/token";
+    filled.fill(auth, "auth", "token_url", token_url);
+    filled.fill(auth, "auth", "client_auth", "post");
+    filled.fill(auth, "auth", "scope", BEPRODUCT_SCOPE);
+    if upstream.contains_key("login") {
+        let login = section(upstream, "login")?;
+        let authorize_url = "https://id.winks.io/ids/connect/authorize";
+        filled.fill(login, "login", "authorize_url", authorize_url);
+    }
+    Ok(())
+}
+
+fn erpnet(upstream: &mut Table, filled: &mut Filled) -> Result<(), String> {
+    let origin = origin_of(upstream, "erpnet")?;
+    let auth = section(upstream, "auth")?;
+    filled.fill(auth, "auth", "grant", "refresh_token");
+    let token_url = format!("{origin}/id/connect/token");
+    filled.fill(auth, "auth", "token_url", token_url);
+    filled.fill(auth, "auth", "client_auth", "post");
+    let scope = match auth.get("grant").and_then(Value::as_str) {
+        Some("client_credentials") => "read update",
+        _ => ERPNET_LOGIN_SCOPE,
+    };
+    filled.fill(auth, "auth", "scope", scope);
+    if upstream.contains_key("login") {
+        let login = section(upstream, "login")?;
+        let authorize_url = format!("{origin}/id/connect/authorize");
+        filled.fill(login, "login", "authorize_url", authorize_url);
+    }
+    // Per session, answered with 429 past them (PROVIDERS.md).
+    let quota = section(upstream, "quota")?;
+    for (key, n) in [("per_minute", 600), ("concurrency", 1), ("queue", 5)] {
+        filled.fill(quota, "quota", key, Value::Integer(n));
+    }
+    Ok(())
+}
+
+fn winbooks(upstream: &mut Table, filled: &mut Filled) -> Result<(), String> {
+    filled.fill(upstream, "", "url", "https://rapi.winbooksonweb.be");
+    let auth = section(upstream, "auth")?;
+    filled.fill(auth, "auth", "grant", "winbooks_exchange");
+    let token_url = "https://rapi.winbooksonweb.be/OAuth20/Token";
+    filled.fill(auth, "auth", "token_url", token_url);
+    Ok(())
+}
+
+fn spring(upstream: &mut Table, filled: &mut Filled) -> Result<(), String> {
+    let origin = origin_of(upstream, "spring")?;
+    let auth = section(upstream, "auth")?;
+    filled.fill(auth, "auth", "grant", "password");
+    filled.fill(auth, "auth", "token_url", format!("{origin}/oauth/token"));
+    filled.fill(auth, "auth", "client_auth", "basic");
+    filled.fill(auth, "auth", "scope", "read write");
+    Ok(())
 }
 
 /// `[upstream.NAME]`, created empty when missing so the preset can fill it.

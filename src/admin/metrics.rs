@@ -31,10 +31,17 @@ pub fn render(upstreams: &[Upstream]) -> String {
         .iter()
         .map(|u| stats::totals(u.stats.iter().map(|s| &**s)))
         .collect();
+    requests(&mut out, upstreams, &totals);
+    refreshes(&mut out, upstreams);
+    quotas(&mut out, upstreams);
+    out
+}
 
+/// Answers by status and the upstream's response time.
+fn requests(out: &mut String, upstreams: &[Upstream], totals: &[stats::Totals]) {
     let name = "tollgate_requests_total";
-    let mut f = Family::new(&mut out, name, "counter", "Answers to clients, by status.");
-    for (u, t) in upstreams.iter().zip(&totals) {
+    let mut f = Family::new(out, name, "counter", "Answers to clients, by status.");
+    for (u, t) in upstreams.iter().zip(totals) {
         for (status, n) in &t.by_status {
             f.sample(
                 name,
@@ -46,12 +53,12 @@ pub fn render(upstreams: &[Upstream]) -> String {
 
     let name = "tollgate_upstream_duration_seconds";
     let mut f = Family::new(
-        &mut out,
+        out,
         name,
         "histogram",
         "Time from sending a request upstream to its response head.",
     );
-    for (u, t) in upstreams.iter().zip(&totals) {
+    for (u, t) in upstreams.iter().zip(totals) {
         for (le, n) in BUCKETS.iter().zip(&t.cumulative) {
             let le = le.to_string();
             f.sample(
@@ -72,10 +79,12 @@ pub fn render(upstreams: &[Upstream]) -> String {
         );
         f.sample(&format!("{name}_count"), &[("upstream", &u.name)], t.count);
     }
+}
 
+fn refreshes(out: &mut String, upstreams: &[Upstream]) {
     let name = "tollgate_token_refreshes_total";
     let mut f = Family::new(
-        &mut out,
+        out,
         name,
         "counter",
         "Token refresh attempts, by result (ok, error: retried, refused: needs a new grant).",
@@ -85,14 +94,12 @@ pub fn render(upstreams: &[Upstream]) -> String {
             f.sample(name, &[("upstream", &u.name), ("result", result)], n);
         }
     }
+}
 
+/// What is left of each window, and the refusals by the limit that made them.
+fn quotas(out: &mut String, upstreams: &[Upstream]) {
     let name = "tollgate_quota_remaining";
-    let mut f = Family::new(
-        &mut out,
-        name,
-        "gauge",
-        "Requests left in the quota window.",
-    );
+    let mut f = Family::new(out, name, "gauge", "Requests left in the quota window.");
     for u in upstreams {
         for w in u.quota.windows() {
             f.sample(
@@ -105,7 +112,7 @@ pub fn render(upstreams: &[Upstream]) -> String {
 
     let name = "tollgate_rejected_total";
     let mut f = Family::new(
-        &mut out,
+        out,
         name,
         "counter",
         "Requests tollgate answered with 429 itself, by the limit that refused them.",
@@ -119,5 +126,4 @@ pub fn render(upstreams: &[Upstream]) -> String {
             );
         }
     }
-    out
 }

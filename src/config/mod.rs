@@ -75,6 +75,30 @@ impl Config {
     pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
         self.upstreams.iter().find(|u| u.name == name)
     }
+
+    /// The upstream called `name`, or a message listing the names there are (for the
+    /// commands that take a NAME).
+    pub fn upstream_named(&self, name: &str) -> Result<&UpstreamConfig, String> {
+        self.upstream(name).ok_or_else(|| {
+            let names: Vec<&str> = self.upstreams.iter().map(|u| u.name.as_str()).collect();
+            format!(
+                "no upstream named `{name}`; the config has: {}",
+                names.join(", ")
+            )
+        })
+    }
+}
+
+impl UpstreamConfig {
+    /// The PEM of `ca_file`, when one is set.
+    pub fn read_ca(&self) -> Result<Option<Vec<u8>>, String> {
+        let Some(path) = &self.ca_file else {
+            return Ok(None);
+        };
+        std::fs::read(path)
+            .map(Some)
+            .map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))
+    }
 }
 
 /// What the tests of every stage load.

@@ -135,13 +135,7 @@ impl Proxy {
             upstream: up.name.clone(),
             reason,
         };
-        let roots = match &up.ca_file {
-            Some(path) => Some(
-                std::fs::read(path)
-                    .map_err(|e| fail(format!("cannot read ca_file {}: {e}", path.display())))?,
-            ),
-            None => None,
-        };
+        let roots = up.read_ca().map_err(&fail)?;
         let old = self.upstreams.get(&up.name);
         let store = Arc::clone(&self.store);
         let tokens = match old {

@@ -22,6 +22,7 @@ use rand::Rng;
 use sha2::{Digest, Sha256};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use url::Url;
 
@@ -52,7 +53,7 @@ pub struct Login {
     pub authorize_url: Url,
     upstream: UpstreamConfig,
     redirect_uri: Url,
-    listener: tokio::net::TcpListener,
+    listener: TcpListener,
     state: String,
     verifier: Secret<String>,
     store: Arc<dyn StateStore>,
@@ -73,17 +74,50 @@ pub fn challenge(verifier: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()))
 }
 
+/// Listen where `redirect_uri` points, which must be plain HTTP on loopback; with port 0,
+/// the URI gets the port the system chose.
+async fn bind_redirect(mut redirect_uri: Url) -> Result<(TcpListener, Url), LoginError> {
+    let setup = |m: String| LoginError::Setup(m);
+    let host = redirect_uri.host_str().unwrap_or_default().to_owned();
+    let ip = match host.as_str() {
+        "localhost" => std::net::Ipv4Addr::LOCALHOST.into(),
+        h => h
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .ok()
+            .filter(|ip| ip.is_loopback())
+            .ok_or_else(|| {
+                setup(format!(
+                    "login.redirect_uri must be a loopback address (http://127.0.0.1:PORT/callback), not {redirect_uri}"
+                ))
+            })?,
+    };
+    if redirect_uri.scheme() != "http" {
+        return Err(setup(
+            "login.redirect_uri must be http:// on loopback".into(),
+        ));
+    }
+    let port = redirect_uri.port_or_known_default().unwrap_or(80);
+    let listener = TcpListener::bind((ip, port)).await.map_err(|e| {
+        setup(format!(
+            "cannot listen on {ip}:{port} for the redirect: {e}"
+        ))
+    })?;
+    if port == 0 {
+        let bound = listener
+            .local_addr()
+            .map_err(|e| setup(e.to_string()))?
+            .port();
+        let _ = redirect_uri.set_port(Some(bound));
+    }
+    Ok((listener, redirect_uri))
+}
+
 impl Login {
     /// Check the config, bind the redirect listener and build the authorize URL.
     pub async fn prepare(config: &Config, name: &str) -> Result<Login, LoginError> {
         let setup = |m: String| LoginError::Setup(m);
-        let up = config.upstream(name).ok_or_else(|| {
-            let names: Vec<&str> = config.upstreams.iter().map(|u| u.name.as_str()).collect();
-            setup(format!(
-                "no upstream named `{name}`; the config has: {}",
-                names.join(", ")
-            ))
-        })?;
+        let up = config.upstream_named(name).map_err(setup)?;
         let login = up.login.as_ref().ok_or_else(|| {
             setup(format!(
                 "upstream `{name}` has no [upstream.login]; add authorize_url (and redirect_uri) there"
@@ -95,51 +129,10 @@ impl Login {
                 up.auth.grant.as_str()
             )));
         }
-        let mut redirect_uri = login.redirect_uri.clone();
-        let host = redirect_uri.host_str().unwrap_or_default().to_owned();
-        let ip = match host.as_str() {
-            "localhost" => std::net::Ipv4Addr::LOCALHOST.into(),
-            h => h
-                .trim_matches(['[', ']'])
-                .parse::<std::net::IpAddr>()
-                .ok()
-                .filter(|ip| ip.is_loopback())
-                .ok_or_else(|| {
-                    setup(format!(
-                        "login.redirect_uri must be a loopback address (http://127.0.0.1:PORT/callback), not {redirect_uri}"
-                    ))
-                })?,
-        };
-        if redirect_uri.scheme() != "http" {
-            return Err(setup(
-                "login.redirect_uri must be http:// on loopback".into(),
-            ));
-        }
-        let port = redirect_uri.port_or_known_default().unwrap_or(80);
-        let listener = tokio::net::TcpListener::bind((ip, port))
-            .await
-            .map_err(|e| {
-                setup(format!(
-                    "cannot listen on {ip}:{port} for the redirect: {e}"
-                ))
-            })?;
-        if port == 0 {
-            let bound = listener
-                .local_addr()
-                .map_err(|e| setup(e.to_string()))?
-                .port();
-            let _ = redirect_uri.set_port(Some(bound));
-        }
-
+        let (listener, redirect_uri) = bind_redirect(login.redirect_uri.clone()).await?;
         let location = StoreLocation::parse(&config.state.store).map_err(setup)?;
         let store = store::open(&location).map_err(|e| LoginError::Store(e.to_string()))?;
-        let roots = match &up.ca_file {
-            Some(path) => Some(
-                std::fs::read(path)
-                    .map_err(|e| setup(format!("cannot read ca_file {}: {e}", path.display())))?,
-            ),
-            None => None,
-        };
+        let roots = up.read_ca().map_err(setup)?;
         let endpoint = TokenEndpoint::new(&up.auth, roots.as_deref()).map_err(setup)?;
 
         let verifier = random_verifier();
