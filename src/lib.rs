@@ -46,14 +46,15 @@ pub async fn access_token(config: &Config, name: &str) -> Result<secret::Secret<
     let store = store::open(&location).map_err(|e| e.to_string())?;
     let roots = up.read_ca()?;
     let cache = std::sync::Arc::new(TokenCache::new(up, store, roots.as_deref())?);
-    let token = cache.get().await.map_err(|e| e.to_string())?;
-    // A refresh token rotated for this token must be saved before the process ends.
+    let token = cache.get().await;
+    // A refresh token rotated on the way, even by a refresh that failed after, must be saved
+    // before the process ends.
     if !cache.settle(TOKEN_SAVE_WAIT).await {
         return Err(format!(
             "a new refresh token of upstream `{name}` could not be saved to the state store; it is lost when this command ends, so the next refresh redeems the one before it, which an identity server that rotates refuses: fix the store, then run `tollgate login {name}`"
         ));
     }
-    Ok(token.bearer())
+    Ok(token.map_err(|e| e.to_string())?.bearer())
 }
 
 /// Run the proxy on `workers` threads (default: one per CPU) until `shutdown` resolves, then

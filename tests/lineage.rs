@@ -301,3 +301,81 @@ async fn a_reload_that_fixes_the_token_url_serves_a_request_waiting_for_a_refres
     assert_eq!((ids.reuse_detected, ids.grants_revoked), (0, 0));
     h.stop_proxy().await;
 }
+
+/// A reload that starts a new lineage (a new seed: another account) never serves the old
+/// lineage's token, not even for a moment: the next request carries a token of the new one.
+#[tokio::test]
+async fn a_reload_to_a_new_lineage_never_serves_the_old_token() {
+    let mut h = Harness::start(Setup::default()).await;
+    assert_eq!(h.get("/warm").await.status, 200);
+    let old = h.api.last_authorization().unwrap();
+    let refreshes = h.identity.counters().refreshes;
+    let text = h
+        .config_text
+        .replace(&h.seed, &h.identity.issue_refresh_token());
+    h.proxy
+        .as_mut()
+        .unwrap()
+        .reload(&parse(&text))
+        .await
+        .unwrap();
+    assert_eq!(h.get("/after").await.status, 200);
+    assert_ne!(h.api.last_authorization().unwrap(), old);
+    assert_eq!(
+        h.identity.counters().refreshes,
+        refreshes + 1,
+        "the new seed, redeemed"
+    );
+    h.stop_proxy().await;
+}
+
+/// A token endpoint that answers every request 503 with `Retry-After: {seconds}`; returns
+/// its URL and how many requests it answered.
+async fn asks_to_wait(seconds: u64) -> (String, Arc<AtomicU32>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/token", listener.local_addr().unwrap());
+    let asked = Arc::new(AtomicU32::new(0));
+    let counter = Arc::clone(&asked);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counter = Arc::clone(&counter);
+            tokio::spawn(async move {
+                let mut head = [0u8; 4096];
+                let _ = stream.read(&mut head).await;
+                counter.fetch_add(1, Ordering::SeqCst);
+                let answer = format!("HTTP/1.1 503 Service Unavailable\r\nretry-after: {seconds}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    (url, asked)
+}
+
+/// A refresh under the old settings waits out the identity server's Retry-After (8 s): a
+/// reload that fixes `token_url` meanwhile serves the request waiting for it at once, with
+/// the new settings, instead of after the wait.
+#[tokio::test]
+async fn a_reload_ends_a_retry_after_wait_of_the_old_settings() {
+    let mut h = Harness::start(Setup::default()).await;
+    assert_eq!(h.get("/warm").await.status, 200);
+    let fixed = parse(&h.config_text);
+    let (busy, asked) = asks_to_wait(8).await;
+    let broken = parse(&h.config_text.replace(&h.identity.token_url(), &busy));
+    h.proxy.as_mut().unwrap().reload(&broken).await.unwrap();
+
+    h.identity.expire_access_tokens();
+    let refused = h.api.counters().rejected;
+    let waiting = tokio::spawn(common::get(h.url("/waits")));
+    until(|| h.api.counters().rejected > refused && asked.load(Ordering::SeqCst) > 0).await;
+    assert!(!waiting.is_finished(), "waiting out the Retry-After");
+
+    h.proxy.as_mut().unwrap().reload(&fixed).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("served without waiting out the Retry-After")
+        .unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let ids = h.identity.counters();
+    assert_eq!((ids.reuse_detected, ids.grants_revoked), (0, 0));
+    h.stop_proxy().await;
+}

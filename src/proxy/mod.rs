@@ -177,14 +177,17 @@ impl Proxy {
             admin.await;
         }
         while self.retiring.join_next().await.is_some() {}
-        for up in self.upstreams.values_mut() {
-            let _ = up.refresh.stop.send(true);
-        }
+        // Every upstream at once: a refresh still saving must not hold the others back.
+        let mut stopping = JoinSet::new();
         for up in std::mem::take(&mut self.upstreams).into_values() {
-            let _ = up.refresh.handle.await;
-            up.tokens.settle(SHUTDOWN_GRACE).await;
-            give_back(&up.config.name, &up.quota).await;
+            let _ = up.refresh.stop.send(true);
+            stopping.spawn(async move {
+                let _ = up.refresh.handle.await;
+                up.tokens.settle(SHUTDOWN_GRACE).await;
+                give_back(&up.config.name, &up.quota).await;
+            });
         }
+        while stopping.join_next().await.is_some() {}
         self.workers.stop().await;
     }
 }

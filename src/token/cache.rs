@@ -14,13 +14,18 @@ use crate::store::{StateStore, TokenRecord};
 use arc_swap::ArcSwapOption;
 use http::HeaderValue;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
 /// The `result` label values of `tollgate_token_refreshes_total`, by index.
 pub const REFRESH_RESULTS: [&str; 3] = ["ok", "error", "refused"];
+
+/// A `std` mutex, through a panic elsewhere (the data it guards stays consistent).
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// What one refresh attempt came to, by its index in [`REFRESH_RESULTS`].
 #[derive(Debug, Clone, Copy)]
@@ -116,13 +121,19 @@ pub struct TokenCache {
     pub(super) flight: Mutex<Flight>,
     /// What one flight leaves the next; only the flight in the air holds it.
     pub(super) lineage: tokio::sync::Mutex<Lineage>,
+    /// The identity server asked (Retry-After) not to be called before this instant. Carried
+    /// over a reload that keeps `token_url`.
+    pub(super) not_before: Mutex<Option<Instant>>,
     /// This cache has served a record of its own lineage; a different lineage appearing in the
     /// store later means another process logged in anew, and this one must not redeem.
     pub(super) lineage_used: AtomicBool,
     /// Where flights run: the runtime the cache was built on, which outlives every request.
     runtime: Option<Handle>,
-    /// Set by [`TokenCache::retire`].
-    next: OnceLock<Weak<TokenCache>>,
+    /// Set by [`TokenCache::retire`]. The chain only points forward, so it holds no cycle.
+    next: OnceLock<Arc<TokenCache>>,
+    /// Turns true at [`TokenCache::retire`]; wakes a flight waiting to retry, so the successor's
+    /// settings take over at once.
+    pub(super) retired: watch::Sender<bool>,
 }
 
 impl TokenCache {
@@ -159,9 +170,11 @@ impl TokenCache {
             pacing: Arc::default(),
             flight: Mutex::new(Flight::Idle),
             lineage: tokio::sync::Mutex::new(Lineage::default()),
+            not_before: Mutex::new(None),
             lineage_used: AtomicBool::new(false),
             runtime: Handle::try_current().ok(),
             next: OnceLock::new(),
+            retired: watch::channel(false).0,
         })
     }
 
@@ -182,6 +195,10 @@ impl TokenCache {
     ) -> Result<Self, String> {
         let mut next = TokenCache::new(upstream, store, extra_roots)?;
         next.refreshes = Arc::clone(&old.refreshes);
+        if next.endpoint.url() == old.endpoint.url() {
+            // The same identity server: it asked to wait, whatever else changed.
+            *lock(&next.not_before) = *lock(&old.not_before);
+        }
         if next.seed_hash != old.seed_hash {
             return Ok(next);
         }
@@ -194,20 +211,30 @@ impl TokenCache {
         Ok(next)
     }
 
-    /// A reload put `next` in this cache's place: a flight in the air here still lands and
-    /// saves, and hands its token to `next`; requests still holding this cache get their new
-    /// tokens from `next`; no refresh starts here any more.
+    /// A reload put `next` in this cache's place: requests still holding this cache get their
+    /// new tokens from `next`; no refresh starts here any more, and one waiting to retry gives
+    /// up at once; one holding the store lock lands and saves, and hands its token to `next`
+    /// when both serve the same lineage.
     pub fn retire(&self, next: &Arc<TokenCache>) {
-        let _ = self.next.set(Arc::downgrade(next));
-        // A flight may have landed since `next` copied the running token.
+        let _ = self.next.set(Arc::clone(next));
+        self.retired.send_replace(true);
+        if next.seed_hash != self.seed_hash {
+            return;
+        }
+        // What happened since `next` was built from this cache.
+        next.refused
+            .fetch_max(self.refused.load(Ordering::Acquire), Ordering::AcqRel);
+        if self.lineage_used.load(Ordering::Acquire) {
+            next.lineage_used.store(true, Ordering::Release);
+        }
         if let Some(t) = self.current.load_full() {
             next.offer(&t);
         }
     }
 
-    /// The cache that replaced this one, while it runs.
-    pub(super) fn replaced_by(&self) -> Option<Arc<TokenCache>> {
-        self.next.get().and_then(Weak::upgrade)
+    /// The cache that replaced this one.
+    pub(super) fn replaced_by(&self) -> Option<&Arc<TokenCache>> {
+        self.next.get()
     }
 
     /// Refresh attempts so far, by result: `ok`, `error` (will be retried), `refused` (the
@@ -226,7 +253,7 @@ impl TokenCache {
     /// Why the upstream is not ready, or `None` when it is: a usable token, and every record
     /// the identity server issued saved.
     pub fn unready_reason(&self) -> Option<String> {
-        let unsaved = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
+        let unsaved = lock(&self.unsaved);
         if let Some(reason) = unsaved.as_ref() {
             return Some(reason.clone());
         }
@@ -234,11 +261,7 @@ impl TokenCache {
         if self.cached().is_some() {
             return None;
         }
-        let failure = self
-            .last_failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let failure = lock(&self.last_failure).clone();
         Some(failure.unwrap_or_else(|| "no token yet".to_owned()))
     }
 
@@ -283,6 +306,9 @@ impl TokenCache {
             Some(t) if t.generation == generation => None,
             other => other.clone(),
         });
+        if let Some(next) = self.replaced_by() {
+            return Box::pin(next.replace_rejected(generation)).await;
+        }
         self.refresh(Purpose::Rejected(generation)).await
     }
 
@@ -342,25 +368,29 @@ impl TokenCache {
         })
     }
 
-    /// Put `token` on requests from now on, here and in the cache that replaced this one.
+    /// Put `token` on requests from now on, here and, for the same lineage, in the cache that
+    /// replaced this one.
     pub(super) fn publish(&self, token: AccessToken) -> Arc<AccessToken> {
         let token = Arc::new(token);
         self.current.store(Some(Arc::clone(&token)));
         self.published.send_replace(token.generation);
-        if let Some(next) = self.replaced_by() {
+        if let Some(next) = self.replaced_by().filter(|n| n.seed_hash == self.seed_hash) {
             next.offer(&token);
         }
         token
     }
 
-    /// Take `token` over from the cache this one replaced, unless a newer one is in use.
-    fn offer(&self, token: &Arc<AccessToken>) {
+    /// Take over a token of the same lineage that the cache this one replaced obtained under
+    /// its old settings, unless a newer one is in use; it is due at once, so the next one is
+    /// fetched with the new settings.
+    fn offer(&self, token: &AccessToken) {
+        let token = Arc::new(token.due_now());
         let mut taken = false;
         self.current.rcu(|cur| match cur {
             Some(c) if c.generation >= token.generation => cur.clone(),
             _ => {
                 taken = true;
-                Some(Arc::clone(token))
+                Some(Arc::clone(&token))
             }
         });
         if taken {
@@ -409,6 +439,18 @@ impl TokenCache {
         match self.current.load().as_ref() {
             Some(t) => t.refresh_at,
             None => Instant::now(),
+        }
+    }
+
+    /// Wait until `until`; false when the cache was retired first (see [`TokenCache::retire`]).
+    pub(super) async fn pause_until(&self, until: Instant) -> bool {
+        let mut retired = self.retired.subscribe();
+        if *retired.borrow_and_update() {
+            return false;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(until.into()) => true,
+            _ = retired.changed() => false,
         }
     }
 
@@ -517,5 +559,31 @@ mod tests {
             within(ahead, Duration::from_secs(299), Duration::from_secs(300)),
             "{ahead:?}"
         );
+    }
+
+    /// A flight whose task is dropped before it ever runs (its runtime is gone) still leaves
+    /// the cache idle: requests get an error instead of waiting forever, and `settle` ends.
+    #[test]
+    fn a_flight_dropped_before_it_runs_leaves_the_cache_idle() {
+        let built = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (cache, _tmp) = built.block_on(async { cache("") });
+        let cache = Arc::new(cache);
+        drop(built);
+        let other = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        other.block_on(async {
+            for _ in 0..2 {
+                let waited = tokio::time::timeout(Duration::from_secs(5), cache.get()).await;
+                assert!(waited.expect("answered, not stuck").is_err());
+            }
+            let settled =
+                tokio::time::timeout(Duration::from_secs(5), cache.settle(Duration::from_secs(1)));
+            assert!(settled.await.expect("settle ends"));
+        });
     }
 }

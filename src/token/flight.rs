@@ -4,21 +4,21 @@
 //! Idle ──(a request, or the refresh-ahead task, needs a token)──► Busy: a task is spawned
 //! Busy:  lock the store ─► read it ─► adopt a newer record, or redeem ─► save ─► unlock
 //!        ─► publish ─► Idle, and every waiter gets the result
-//! Busy, the save failed: publish and answer the waiters at once, keep the lock, retry the
-//!        save with backoff ─► Idle once saved
+//! Busy, the save failed: publish, answer the waiters at once (Unsaved), keep the lock and
+//!        retry the save with backoff ─► Idle once saved
 //! ```
 //!
 //! Requests wait for a flight's [`Progress`], never for its task: one that goes away drops its
 //! receiver and nothing else. A request that arrives while a flight is in the air joins it;
 //! one that needs more than the flight brought (a newer generation than it adopted) starts the
 //! next. A failing flight retries with backoff until `auth.refresh_wait` is over, holding no
-//! lock between attempts.
+//! lock between attempts; a reload that retires the cache ends those waits at once.
 //!
 //! Must not: redeem without the store's refresh lock, hold a `std` mutex across an `.await`, or
 //! release the lock of a record the store has not taken.
 
 use super::backoff::Backoff;
-use super::cache::{AccessToken, Counted, TokenCache};
+use super::cache::{lock, AccessToken, Counted, TokenCache};
 use super::grant::GrantError;
 use super::{new_record, whole_seconds, Purpose, TokenError};
 use crate::config::Grant;
@@ -37,8 +37,7 @@ const SAVE_RETRY_MAX: Duration = Duration::from_secs(10);
 pub(super) enum Flight {
     /// No refresh is in the air.
     Idle,
-    /// A task is refreshing; it reports on the channel. With a result already sent, the task is
-    /// still saving the record it obtained (see [`TokenCache::unready_reason`]).
+    /// A task is refreshing, and reports on the channel.
     Busy(watch::Receiver<Progress>),
 }
 
@@ -46,6 +45,9 @@ pub(super) enum Flight {
 #[derive(Clone)]
 pub(super) enum Progress {
     Running,
+    /// The identity server issued a token whose record the store has not taken yet: the token
+    /// (if it is usable) serves, and nothing more can be redeemed until the record is saved.
+    Unsaved(Option<Arc<AccessToken>>),
     Done(Result<Arc<AccessToken>, TokenError>),
 }
 
@@ -53,10 +55,8 @@ pub(super) enum Progress {
 #[derive(Default)]
 pub(super) struct Lineage {
     /// A final failure, with the store generation it happened on; cleared when the store holds
-    /// a newer record (a login) or the process restarts with a new seed.
+    /// a newer record of this lineage (a login) or the process restarts with a new seed.
     final_failure: Option<(TokenError, u64)>,
-    /// The identity server asked (Retry-After) not to be called before this instant.
-    not_before: Option<Instant>,
 }
 
 /// The outcome of one redemption attempt that did not produce a token.
@@ -66,6 +66,8 @@ enum Attempt {
         reason: String,
         hint: Option<Duration>,
     },
+    /// A reload retired the cache: the successor refreshes with the new settings.
+    Replaced,
 }
 
 impl Attempt {
@@ -80,27 +82,45 @@ impl Attempt {
     }
 }
 
-/// Makes the flight idle when its task ends, however it ends (a panic, a runtime shutting
-/// down): otherwise the cache would wait for a flight that never lands.
-struct Landing<'a> {
-    cache: &'a TokenCache,
-    /// Identifies this flight's channel, so a later flight is never landed by mistake.
-    mine: watch::Receiver<Progress>,
-    landed: bool,
+/// What the store holds, for one attempt.
+enum Consulted {
+    /// A token another process saved, newer than the one to replace: nothing to redeem.
+    Adopted(Arc<AccessToken>),
+    /// Redeem `refresh_token` (none for the grants that log in by themselves); the store is
+    /// at `generation` of this lineage.
+    Redeem {
+        generation: u64,
+        refresh_token: Option<crate::secret::Secret<String>>,
+    },
 }
 
-impl Landing<'_> {
+fn replaced() -> TokenError {
+    TokenError::Unavailable {
+        reason: "the auth settings were replaced by a reload".into(),
+        retry_after: Duration::from_secs(1),
+    }
+}
+
+/// Makes the flight idle when its task ends, however it ends — landed, panicked, or dropped
+/// with its runtime before it ever ran: otherwise the cache would wait for a flight that
+/// never lands.
+struct Landing {
+    cache: Arc<TokenCache>,
+    /// Identifies this flight's channel, so a later flight is never landed by mistake.
+    mine: watch::Receiver<Progress>,
+}
+
+impl Landing {
     /// Idle, and the result to every waiter, in one step: a request never finds the flight
-    /// busy with a result unless it is still saving.
+    /// busy with a result of a flight that has ended.
     fn land(
-        mut self,
+        self,
         progress: &watch::Sender<Progress>,
         result: Result<Arc<AccessToken>, TokenError>,
     ) {
         let mut flight = self.cache.flight();
         self.make_idle(&mut flight);
         progress.send_replace(Progress::Done(result));
-        self.landed = true;
     }
 
     fn make_idle(&self, flight: &mut Flight) {
@@ -110,18 +130,16 @@ impl Landing<'_> {
     }
 }
 
-impl Drop for Landing<'_> {
+impl Drop for Landing {
     fn drop(&mut self) {
-        if !self.landed {
-            let mut flight = self.cache.flight();
-            self.make_idle(&mut flight);
-        }
+        let mut flight = self.cache.flight();
+        self.make_idle(&mut flight);
     }
 }
 
 impl TokenCache {
     fn flight(&self) -> MutexGuard<'_, Flight> {
-        self.flight.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.flight)
     }
 
     /// A token good enough for `purpose`: the one in use, or what a flight brings.
@@ -137,33 +155,43 @@ impl TokenCache {
             if let Some(next) = self.replaced_by() {
                 return Box::pin(next.refresh(purpose)).await;
             }
-            let (mut progress, own) = {
+            let (mut progress, task) = {
                 let mut flight = self.flight();
                 match &*flight {
-                    Flight::Busy(p) if matches!(*p.borrow(), Progress::Running) => {
-                        (p.clone(), false)
+                    Flight::Busy(p) => {
+                        if let Progress::Unsaved(_) = &*p.borrow() {
+                            // Nothing may be redeemed until the store has the record.
+                            return Err(self.unsaved_error());
+                        }
+                        (p.clone(), None)
                     }
-                    // Landed with a token that is not enough, and still saving it: nothing
-                    // may be redeemed until the store has the record.
-                    Flight::Busy(_) => return Err(self.unsaved_error()),
                     Flight::Idle => {
-                        let p = self.launch(purpose);
+                        let (p, task) = self.flight_for(purpose);
                         *flight = Flight::Busy(p.clone());
-                        (p, true)
+                        (p, Some(task))
                     }
                 }
             };
-            let result = match progress.wait_for(|p| matches!(p, Progress::Done(_))).await {
-                Ok(done) => match &*done {
-                    Progress::Done(result) => result.clone(),
-                    Progress::Running => unreachable!("waited for Done"),
-                },
+            // Spawned once the flight lock is let go: a task its runtime drops at once lands
+            // (and takes that lock) as it is dropped.
+            let own = task.is_some();
+            if let Some(task) = task {
+                self.spawn(task);
+            }
+            let answer = progress.wait_for(|p| !matches!(p, Progress::Running)).await;
+            let result = match answer.as_deref() {
+                Ok(Progress::Done(result)) => result.clone(),
+                Ok(Progress::Unsaved(Some(token))) => Ok(Arc::clone(token)),
+                Ok(Progress::Unsaved(None)) => Err(self.unsaved_error()),
+                Ok(Progress::Running) => unreachable!("waited for an answer"),
                 Err(_) => Err(TokenError::Unavailable {
                     reason: "the refresh was stopped: tollgate is shutting down".into(),
                     retry_after: Duration::from_secs(1),
                 }),
             };
             match result {
+                // A second joined flight started after this request's own need arose (after a
+                // refusal raised the floor it adopts above), so what it brings is enough.
                 Ok(t) if own || joined => return Ok(t),
                 // Another request's flight, which may have brought less than this one needs.
                 Ok(_) => joined = true,
@@ -175,36 +203,33 @@ impl TokenCache {
     }
 
     fn unsaved_error(&self) -> TokenError {
-        let reason = self
-            .unsaved
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let reason = lock(&self.unsaved).clone();
         TokenError::Store(reason.unwrap_or_else(|| "a new token record is being saved".into()))
     }
 
-    /// Start a flight for `purpose`; the caller makes the cache busy with the receiver.
-    fn launch(self: &Arc<Self>, purpose: Purpose) -> watch::Receiver<Progress> {
+    /// A flight for `purpose`: the receiver the cache is busy with, and the task to spawn.
+    fn flight_for(
+        self: &Arc<Self>,
+        purpose: Purpose,
+    ) -> (
+        watch::Receiver<Progress>,
+        impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
         let (progress, receiver) = watch::channel(Progress::Running);
-        let cache = Arc::clone(self);
-        self.spawn(async move { cache.fly(purpose, progress).await });
-        receiver
-    }
-
-    /// The flight's task.
-    async fn fly(self: Arc<Self>, purpose: Purpose, progress: watch::Sender<Progress>) {
         let landing = Landing {
-            cache: &self,
-            mine: progress.subscribe(),
-            landed: false,
+            cache: Arc::clone(self),
+            mine: receiver.clone(),
         };
-        let result = {
-            let mut lineage = self.lineage.lock().await;
-            self.attempts(&mut lineage, purpose, &progress).await
+        let task = async move {
+            let cache = Arc::clone(&landing.cache);
+            let result = {
+                let mut lineage = cache.lineage.lock().await;
+                cache.attempts(&mut lineage, purpose, &progress).await
+            };
+            *lock(&cache.last_failure) = result.as_ref().err().map(|e| e.to_string());
+            landing.land(&progress, result);
         };
-        *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) =
-            result.as_ref().err().map(|e| e.to_string());
-        landing.land(&progress, result);
+        (receiver, task)
     }
 
     /// Redeem, retrying transient failures with backoff until `refresh_wait` is over.
@@ -217,13 +242,8 @@ impl TokenCache {
         let deadline = Instant::now() + self.refresh_wait;
         let mut backoff = Backoff::new(self.backoff_initial, self.backoff_max);
         loop {
-            if self.replaced_by().is_some() {
-                return Err(TokenError::Unavailable {
-                    reason: "the auth settings were replaced by a reload".into(),
-                    retry_after: Duration::from_secs(1),
-                });
-            }
-            if let Some(not_before) = lineage.not_before.filter(|t| *t > Instant::now()) {
+            let not_before = lock(&self.not_before).filter(|t| *t > Instant::now());
+            if let Some(not_before) = not_before {
                 let keep_current = purpose == Purpose::Ahead && self.cached().is_some();
                 if keep_current || not_before > deadline {
                     return Err(TokenError::Unavailable {
@@ -231,7 +251,9 @@ impl TokenCache {
                         retry_after: whole_seconds(not_before - Instant::now()),
                     });
                 }
-                tokio::time::sleep_until(not_before.into()).await;
+                if !self.pause_until(not_before).await {
+                    return Err(replaced());
+                }
             }
             let lock_wait = deadline
                 .saturating_duration_since(Instant::now())
@@ -241,6 +263,7 @@ impl TokenCache {
                     self.count_refresh(Counted::Ok);
                     return Ok(t);
                 }
+                Err(Attempt::Replaced) => return Err(replaced()),
                 Err(Attempt::Final(e)) => {
                     self.count_refresh(match &e {
                         TokenError::NeedsLogin(_) | TokenError::Refused(_) => Counted::Refused,
@@ -254,7 +277,7 @@ impl TokenCache {
                 }
             };
             if let Some(wait) = hint {
-                lineage.not_before = Some(Instant::now() + wait);
+                *lock(&self.not_before) = Some(Instant::now() + wait);
             }
             let delay = backoff.next_delay().max(hint.unwrap_or_default());
             let retry_after = whole_seconds(delay);
@@ -268,7 +291,9 @@ impl TokenCache {
                 });
             }
             tracing::info!(upstream = %self.name, %reason, retry_in = ?delay, "token refresh failed; retrying");
-            tokio::time::sleep(delay).await;
+            if !self.pause_until(Instant::now() + delay).await {
+                return Err(replaced());
+            }
         }
     }
 
@@ -281,11 +306,56 @@ impl TokenCache {
         lock_wait: Duration,
         progress: &watch::Sender<Progress>,
     ) -> Result<Arc<AccessToken>, Attempt> {
-        let lock = self
+        let mut retired = self.retired.subscribe();
+        let store_lock = tokio::select! {
+            taken = self.store.lock_refresh(&self.name, lock_wait) => taken.map_err(Attempt::store)?,
+            _ = retired.wait_for(|retired| *retired) => return Err(Attempt::Replaced),
+        };
+        // Retired while taking the lock: the successor redeems, with the new settings.
+        if self.replaced_by().is_some() {
+            return Err(Attempt::Replaced);
+        }
+        let (stored_generation, refresh_token) = match self.consult(lineage, purpose).await? {
+            Consulted::Adopted(token) => return Ok(token),
+            Consulted::Redeem {
+                generation,
+                refresh_token,
+            } => (generation, refresh_token),
+        };
+        let issued = match self.endpoint.obtain(refresh_token.as_ref()).await {
+            Ok(issued) => issued,
+            Err(e) => return Err(self.classify(e, lineage, stored_generation)),
+        };
+        let record = new_record(
+            &self.seed_hash,
+            issued,
+            refresh_token,
+            stored_generation.max(self.generation()),
+        );
+        self.lineage_used.store(true, Ordering::Release);
+        let saved = self
             .store
-            .lock_refresh(&self.name, lock_wait)
-            .await
-            .map_err(Attempt::store)?;
+            .save_token(&self.name, &record, &store_lock)
+            .await;
+        let token = self.token_from(&record).map(|t| self.publish(t));
+        match saved {
+            Ok(()) => drop(store_lock),
+            Err(e) => {
+                self.save_later(&record, store_lock, e, token.clone(), progress)
+                    .await
+            }
+        }
+        let token = token.ok_or_else(|| Attempt::Retry {
+            reason: "the identity server issued a token that expires at once".into(),
+            hint: None,
+        })?;
+        tracing::info!(upstream = %self.name, generation = token.generation, token = %token.fingerprint, "token refreshed");
+        Ok(token)
+    }
+
+    /// Under the store lock: what the store holds decides whether to adopt a token another
+    /// process saved, to redeem (which refresh token, at which generation), or neither.
+    async fn consult(&self, lineage: &mut Lineage, purpose: Purpose) -> Result<Consulted, Attempt> {
         let stored = self
             .store
             .load_token(&self.name)
@@ -298,15 +368,16 @@ impl TokenCache {
                     self.name
                 ));
                 tracing::error!(upstream = %self.name, generation = foreign.generation, "{e}");
+                // Generation 0: final until the store holds a record of this lineage again.
                 lineage.final_failure = Some((e.clone(), 0));
                 return Err(Attempt::Final(e));
             }
         }
         let stored = stored.filter(|r| r.seed_hash == self.seed_hash);
-        let stored_generation = stored.as_ref().map_or(0, |r| r.generation);
+        let generation = stored.as_ref().map_or(0, |r| r.generation);
 
-        if let Some((error, generation)) = &lineage.final_failure {
-            if stored_generation <= *generation {
+        if let Some((error, failed_at)) = &lineage.final_failure {
+            if generation <= *failed_at {
                 return Err(Attempt::Final(error.clone()));
             }
             lineage.final_failure = None;
@@ -315,10 +386,9 @@ impl TokenCache {
             if let Some(token) = self.adoptable(record, purpose) {
                 tracing::info!(upstream = %self.name, generation = token.generation, token = %token.fingerprint, "using the token another process refreshed");
                 self.lineage_used.store(true, Ordering::Release);
-                return Ok(self.publish(token));
+                return Ok(Consulted::Adopted(self.publish(token)));
             }
         }
-
         let refresh_token = stored
             .as_ref()
             .and_then(|r| r.refresh_token.clone())
@@ -328,36 +398,13 @@ impl TokenCache {
                 "upstream `{0}` has no refresh token: run `tollgate login {0}` (with [upstream.login] configured), or set auth.refresh_token and restart",
                 self.name
             ));
-            lineage.final_failure = Some((e.clone(), stored_generation));
+            lineage.final_failure = Some((e.clone(), generation));
             return Err(Attempt::Final(e));
         }
-
-        let issued = match self.endpoint.obtain(refresh_token.as_ref()).await {
-            Ok(issued) => issued,
-            Err(e) => return Err(self.classify(e, lineage, stored_generation)),
-        };
-        let record = new_record(
-            &self.seed_hash,
-            issued,
+        Ok(Consulted::Redeem {
+            generation,
             refresh_token,
-            stored_generation.max(self.generation()),
-        );
-        self.lineage_used.store(true, Ordering::Release);
-        let saved = self.store.save_token(&self.name, &record, &lock).await;
-        let token = self.token_from(&record).map(|t| self.publish(t));
-        match saved {
-            Ok(()) => drop(lock),
-            Err(e) => {
-                self.save_later(&record, lock, e, token.as_ref(), progress)
-                    .await
-            }
-        }
-        let token = token.ok_or_else(|| Attempt::Retry {
-            reason: "the identity server issued a token that expires at once".into(),
-            hint: None,
-        })?;
-        tracing::info!(upstream = %self.name, generation = token.generation, token = %token.fingerprint, "token refreshed");
-        Ok(token)
+        })
     }
 
     /// The store refused `record`, the only copy of a refresh token the identity server has
@@ -367,9 +414,9 @@ impl TokenCache {
     async fn save_later(
         &self,
         record: &TokenRecord,
-        lock: RefreshLock,
+        store_lock: RefreshLock,
         error: StoreError,
-        token: Option<&Arc<AccessToken>>,
+        token: Option<Arc<AccessToken>>,
         progress: &watch::Sender<Progress>,
     ) {
         let unsaved = |e: &StoreError| {
@@ -378,25 +425,24 @@ impl TokenCache {
             )
         };
         tracing::error!(upstream = %self.name, %error, "the state store did not take the new refresh token; holding the refresh lock and retrying the save");
-        *self.unsaved.lock().unwrap_or_else(|p| p.into_inner()) = Some(unsaved(&error));
-        let answer = token
-            .cloned()
-            .ok_or_else(|| TokenError::Store(unsaved(&error)));
-        progress.send_replace(Progress::Done(answer));
+        *lock(&self.unsaved) = Some(unsaved(&error));
+        progress.send_replace(Progress::Unsaved(token));
         let mut backoff = Backoff::new(self.backoff_initial, SAVE_RETRY_MAX);
         let mut failures = 1u32;
         loop {
             tokio::time::sleep(backoff.next_delay()).await;
-            match self.store.save_token(&self.name, record, &lock).await {
+            match self.store.save_token(&self.name, record, &store_lock).await {
                 Ok(()) => break,
                 Err(e) => {
                     failures += 1;
                     tracing::debug!(upstream = %self.name, error = %e, "the new refresh token is still not saved");
-                    *self.unsaved.lock().unwrap_or_else(|p| p.into_inner()) = Some(unsaved(&e));
+                    *lock(&self.unsaved) = Some(unsaved(&e));
                 }
             }
         }
-        *self.unsaved.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        // Running again until the flight lands: requests join it rather than be told it saves.
+        progress.send_replace(Progress::Running);
+        *lock(&self.unsaved) = None;
         tracing::info!(upstream = %self.name, failures, "the state store took the new refresh token");
     }
 
@@ -409,15 +455,10 @@ impl TokenCache {
                 Flight::Idle => return true,
                 Flight::Busy(p) => p.clone(),
             };
-            // The task drops its sender when it ends.
+            // The task drops its sender when it ends, after making the flight idle.
             let ended = async { while progress.changed().await.is_ok() {} };
             if tokio::time::timeout_at(deadline, ended).await.is_err() {
-                if let Some(reason) = self
-                    .unsaved
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone()
-                {
+                if let Some(reason) = lock(&self.unsaved).clone() {
                     tracing::error!(upstream = %self.name, "{reason}; stopping now loses it: the next start redeems the refresh token before it, which an identity server that rotates refuses (then run `tollgate login {}`)", self.name);
                 }
                 return false;

@@ -128,6 +128,10 @@ impl TokenEndpoint {
         self.grant
     }
 
+    pub fn url(&self) -> &Url {
+        &self.url
+    }
+
     /// Get a new access token. `refresh_token` is the newest one the store holds, if any.
     ///
     /// `refresh_token` and `client_credentials` make one request. `password` and
