@@ -22,7 +22,7 @@ use super::cache::{lock, AccessToken, Counted, TokenCache};
 use super::grant::GrantError;
 use super::{new_record, whole_seconds, Purpose, TokenError};
 use crate::config::Grant;
-use crate::store::{RefreshLock, StoreError, TokenRecord};
+use crate::store::{StoreError, TokenRecord};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
@@ -30,8 +30,6 @@ use tokio::sync::watch;
 
 /// How long a refresh waits for another process holding the store's refresh lock.
 const LOCK_WAIT: Duration = Duration::from_secs(30);
-/// The longest pause between retries of a save the store refused.
-const SAVE_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// The state of a cache's refresh.
 pub(super) enum Flight {
@@ -405,45 +403,6 @@ impl TokenCache {
             generation,
             refresh_token,
         })
-    }
-
-    /// The store refused `record`, the only copy of a refresh token the identity server has
-    /// just rotated. Keep the lock, so nothing redeems meanwhile, here or in another process
-    /// on the store; let the waiting requests have the new access token at once; retry the
-    /// save with backoff until the store takes it.
-    async fn save_later(
-        &self,
-        record: &TokenRecord,
-        store_lock: RefreshLock,
-        error: StoreError,
-        token: Option<Arc<AccessToken>>,
-        progress: &watch::Sender<Progress>,
-    ) {
-        let unsaved = |e: &StoreError| {
-            format!(
-                "the new refresh token is not saved yet ({e}); tollgate holds the refresh lock and retries, the new access token serves meanwhile, and nothing is redeemed until the store takes it"
-            )
-        };
-        tracing::error!(upstream = %self.name, %error, "the state store did not take the new refresh token; holding the refresh lock and retrying the save");
-        *lock(&self.unsaved) = Some(unsaved(&error));
-        progress.send_replace(Progress::Unsaved(token));
-        let mut backoff = Backoff::new(self.backoff_initial, SAVE_RETRY_MAX);
-        let mut failures = 1u32;
-        loop {
-            tokio::time::sleep(backoff.next_delay()).await;
-            match self.store.save_token(&self.name, record, &store_lock).await {
-                Ok(()) => break,
-                Err(e) => {
-                    failures += 1;
-                    tracing::debug!(upstream = %self.name, error = %e, "the new refresh token is still not saved");
-                    *lock(&self.unsaved) = Some(unsaved(&e));
-                }
-            }
-        }
-        // Running again until the flight lands: requests join it rather than be told it saves.
-        progress.send_replace(Progress::Running);
-        *lock(&self.unsaved) = None;
-        tracing::info!(upstream = %self.name, failures, "the state store took the new refresh token");
     }
 
     /// Wait, up to `wait`, until no flight is in the air, so that what one redeemed is saved

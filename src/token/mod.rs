@@ -2,7 +2,8 @@
 //! a request gets one.
 //!
 //! - [`cache`]: [`TokenCache`], read lock-free by every request, and the refresh-ahead task.
-//! - [`flight`]: one refresh at a time per cache, run by a task the cache owns (below).
+//! - [`flight`]: one refresh at a time per cache, run by a task the cache owns (below);
+//!   [`save`]: a redeemed record the store will not take yet.
 //! - [`pacing`]: when the upstream's refusal (401) may be answered with a new token.
 //! - [`grant`]: the token endpoint calls; [`login`]: the authorization-code login.
 //!
@@ -44,6 +45,7 @@ mod flight;
 pub mod grant;
 pub mod login;
 mod pacing;
+mod save;
 
 pub use backoff::Backoff;
 pub use cache::{AccessToken, TokenCache, REFRESH_RESULTS};

@@ -1,0 +1,57 @@
+//! A redeemed record the store will not take (a full disk, a permission changed): it holds the
+//! only copy of a refresh token the identity server has just rotated. Until the store takes
+//! it, its flight keeps the store's refresh lock — so nothing of the lineage is redeemed, in
+//! this process or another on the store — lets the new access token serve, says why in
+//! `/readyz`, and retries the save with backoff.
+
+use super::backoff::Backoff;
+use super::cache::{lock, AccessToken, TokenCache};
+use super::flight::Progress;
+use crate::store::{RefreshLock, StoreError, TokenRecord};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// The longest pause between retries of a save the store refused.
+const SAVE_RETRY_MAX: Duration = Duration::from_secs(10);
+
+impl TokenCache {
+    /// The store refused `record`, the only copy of a refresh token the identity server has
+    /// just rotated. Keep the lock, so nothing redeems meanwhile, here or in another process
+    /// on the store; let the waiting requests have the new access token at once; retry the
+    /// save with backoff until the store takes it.
+    pub(super) async fn save_later(
+        &self,
+        record: &TokenRecord,
+        store_lock: RefreshLock,
+        error: StoreError,
+        token: Option<Arc<AccessToken>>,
+        progress: &watch::Sender<Progress>,
+    ) {
+        let unsaved = |e: &StoreError| {
+            format!(
+                "the new refresh token is not saved yet ({e}); tollgate holds the refresh lock and retries, the new access token serves meanwhile, and nothing is redeemed until the store takes it"
+            )
+        };
+        tracing::error!(upstream = %self.name, %error, "the state store did not take the new refresh token; holding the refresh lock and retrying the save");
+        *lock(&self.unsaved) = Some(unsaved(&error));
+        progress.send_replace(Progress::Unsaved(token));
+        let mut backoff = Backoff::new(self.backoff_initial, SAVE_RETRY_MAX);
+        let mut failures = 1u32;
+        loop {
+            tokio::time::sleep(backoff.next_delay()).await;
+            match self.store.save_token(&self.name, record, &store_lock).await {
+                Ok(()) => break,
+                Err(e) => {
+                    failures += 1;
+                    tracing::debug!(upstream = %self.name, error = %e, "the new refresh token is still not saved");
+                    *lock(&self.unsaved) = Some(unsaved(&e));
+                }
+            }
+        }
+        // Running again until the flight lands: requests join it rather than be told it saves.
+        progress.send_replace(Progress::Running);
+        *lock(&self.unsaved) = None;
+        tracing::info!(upstream = %self.name, failures, "the state store took the new refresh token");
+    }
+}
