@@ -58,8 +58,7 @@ async fn a_client_that_gives_up_during_a_refresh_after_a_401_loses_nothing() {
         assert_eq!(next.status, 200, "round {round}: {}", next.text());
         assert_eq!(stored_generation(&h), generation + 1, "round {round}");
     }
-    let ids = h.identity.counters();
-    assert_eq!((ids.reuse_detected, ids.grants_revoked), (0, 0));
+    h.assert_lineage_intact();
 }
 
 /// The same at start-up: the first request waits for the first token and gives up before
@@ -81,8 +80,7 @@ async fn a_client_that_gives_up_waiting_for_the_first_token_loses_nothing() {
     give_up(addr, "/first", Duration::from_millis(200)).await;
     let next = common::get(format!("http://{addr}/next")).await;
     assert_eq!(next.status, 200, "{}", next.text());
-    let ids = h.identity.counters();
-    assert_eq!((ids.reuse_detected, ids.grants_revoked), (0, 0));
+    h.assert_lineage_intact();
     proxy.shutdown().await;
 }
 
@@ -277,10 +275,10 @@ async fn a_reload_that_fixes_the_token_url_serves_a_request_waiting_for_a_refres
     })
     .await;
     assert_eq!(h.get("/warm").await.status, 200);
-    let fixed = parse(&h.config_text);
+    let fixed = h.config_text.clone();
     let closed = format!("http://127.0.0.1:{}/token", common::free_port());
-    let broken = parse(&h.config_text.replace(&h.identity.token_url(), &closed));
-    h.proxy.as_mut().unwrap().reload(&broken).await.unwrap();
+    let broken = h.config_text.replace(&h.identity.token_url(), &closed);
+    h.reload(&broken).await.unwrap();
 
     h.identity.expire_access_tokens();
     let refused = h.api.counters().rejected;
@@ -292,13 +290,12 @@ async fn a_reload_that_fixes_the_token_url_serves_a_request_waiting_for_a_refres
     }
     assert!(!waiting.is_finished(), "the refresh is still being retried");
 
-    h.proxy.as_mut().unwrap().reload(&fixed).await.unwrap();
+    h.reload(&fixed).await.unwrap();
     let answer = waiting.await.unwrap();
     assert_eq!(answer.status, 200, "{}", answer.text());
     let ready = common::get(h.admin_url("/readyz")).await;
     assert_eq!(ready.status, 200, "{}", ready.text());
-    let ids = h.identity.counters();
-    assert_eq!((ids.reuse_detected, ids.grants_revoked), (0, 0));
+    h.assert_lineage_intact();
     h.stop_proxy().await;
 }
 
@@ -313,12 +310,7 @@ async fn a_reload_to_a_new_lineage_never_serves_the_old_token() {
     let text = h
         .config_text
         .replace(&h.seed, &h.identity.issue_refresh_token());
-    h.proxy
-        .as_mut()
-        .unwrap()
-        .reload(&parse(&text))
-        .await
-        .unwrap();
+    h.reload(&text).await.unwrap();
     assert_eq!(h.get("/after").await.status, 200);
     assert_ne!(h.api.last_authorization().unwrap(), old);
     assert_eq!(
@@ -358,10 +350,10 @@ async fn asks_to_wait(seconds: u64) -> (String, Arc<AtomicU32>) {
 async fn a_reload_ends_a_retry_after_wait_of_the_old_settings() {
     let mut h = Harness::start(Setup::default()).await;
     assert_eq!(h.get("/warm").await.status, 200);
-    let fixed = parse(&h.config_text);
+    let fixed = h.config_text.clone();
     let (busy, asked) = asks_to_wait(8).await;
-    let broken = parse(&h.config_text.replace(&h.identity.token_url(), &busy));
-    h.proxy.as_mut().unwrap().reload(&broken).await.unwrap();
+    let broken = h.config_text.replace(&h.identity.token_url(), &busy);
+    h.reload(&broken).await.unwrap();
 
     h.identity.expire_access_tokens();
     let refused = h.api.counters().rejected;
@@ -369,13 +361,12 @@ async fn a_reload_ends_a_retry_after_wait_of_the_old_settings() {
     until(|| h.api.counters().rejected > refused && asked.load(Ordering::SeqCst) > 0).await;
     assert!(!waiting.is_finished(), "waiting out the Retry-After");
 
-    h.proxy.as_mut().unwrap().reload(&fixed).await.unwrap();
+    h.reload(&fixed).await.unwrap();
     let answer = tokio::time::timeout(Duration::from_secs(5), waiting)
         .await
         .expect("served without waiting out the Retry-After")
         .unwrap();
     assert_eq!(answer.status, 200, "{}", answer.text());
-    let ids = h.identity.counters();
-    assert_eq!((ids.reuse_detected, ids.grants_revoked), (0, 0));
+    h.assert_lineage_intact();
     h.stop_proxy().await;
 }

@@ -100,8 +100,7 @@ async fn a_changed_day_starts_carries_the_day_in_progress() {
     assert_eq!(send(&h, 6).await, 6);
 
     let seven = midnight.replace("per_day = 10", "per_day = 10\nday_starts = \"07:00\"");
-    let seven = tollgate::config::Config::parse(&seven, "test.toml", |_| None).unwrap();
-    h.proxy.as_mut().unwrap().reload(&seven).await.unwrap();
+    h.reload(&seven).await.unwrap();
     assert_eq!(
         send(&h, 6).await,
         4,

@@ -144,7 +144,7 @@ async fn keys_and_quota_change_on_an_open_connection_keeping_token_and_count() {
         .config_text
         .replace(FIRST_KEY, SECOND_KEY)
         .replace("per_day = 1000", "per_day = 2000");
-    let changes = h.proxy.as_mut().unwrap().reload(&parse(&text)).await;
+    let changes = h.reload(&text).await;
     assert_eq!(
         changes.unwrap(),
         Reloaded {
@@ -181,7 +181,7 @@ async fn upstreams_come_and_go_and_a_removed_one_drains() {
     let old_addr = h.proxy().addr("api").unwrap();
     let second = second_upstream(&h, "127.0.0.1:0");
     let both = format!("{}\n{second}", h.config_text);
-    let changes = h.proxy.as_mut().unwrap().reload(&parse(&both)).await;
+    let changes = h.reload(&both).await;
     assert_eq!(changes.unwrap().added, vec!["other".to_owned()]);
     let other = h.proxy().addr("other").expect("other listens");
     assert_eq!(
@@ -204,7 +204,7 @@ async fn upstreams_come_and_go_and_a_removed_one_drains() {
         "{}\n{second}",
         h.config_text.split("[[upstream]]").next().unwrap()
     );
-    let changes = h.proxy.as_mut().unwrap().reload(&parse(&only_other)).await;
+    let changes = h.reload(&only_other).await;
     assert_eq!(changes.unwrap().removed, vec!["api".to_owned()]);
     assert_eq!(h.proxy().addr("api"), None);
     assert_eq!(
@@ -247,7 +247,7 @@ async fn a_renamed_upstream_takes_over_the_listener_and_its_connections() {
         .config_text
         .replace("name = \"api\"", "name = \"renamed\"")
         .replace(&h.seed, &h.identity.issue_refresh_token());
-    let changes = h.proxy.as_mut().unwrap().reload(&parse(&renamed)).await;
+    let changes = h.reload(&renamed).await;
     let changes = changes.unwrap();
     assert_eq!(
         (changes.added, changes.removed),
@@ -287,7 +287,7 @@ async fn a_removed_upstream_counts_its_requests_to_the_end() {
         .config_text
         .replace("name = \"api\"", "name = \"renamed\"")
         .replace(&h.seed, &h.identity.issue_refresh_token());
-    let changes = h.proxy.as_mut().unwrap().reload(&parse(&renamed)).await;
+    let changes = h.reload(&renamed).await;
     assert_eq!(changes.unwrap().removed, vec!["api".to_owned()]);
     let answer = replaying.await.unwrap();
     assert_eq!(answer.status, 200, "{}", answer.text());
@@ -302,7 +302,7 @@ async fn a_config_that_cannot_be_put_in_force_changes_nothing() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let second = second_upstream(&h, &taken.local_addr().unwrap().to_string());
     let text = format!("{}\n{second}", h.config_text.replace(FIRST_KEY, SECOND_KEY));
-    let error = h.proxy.as_mut().unwrap().reload(&parse(&text)).await;
+    let error = h.reload(&text).await;
     let error = error.unwrap_err().to_string();
     assert!(
         error.contains("upstream `other`: cannot listen on"),
@@ -312,7 +312,7 @@ async fn a_config_that_cannot_be_put_in_force_changes_nothing() {
     let moved = h
         .config_text
         .replace("store = \"file:", "store = \"file:/elsewhere");
-    let error = h.proxy.as_mut().unwrap().reload(&parse(&moved)).await;
+    let error = h.reload(&moved).await;
     let error = error.unwrap_err().to_string();
     assert!(error.contains("takes a restart"), "{error}");
 
@@ -374,12 +374,7 @@ async fn a_request_in_line_across_a_quota_change_is_served() {
     until_line(&h, (1, 1)).await;
 
     let text = h.config_text.replace("per_day = 1000\n", "");
-    h.proxy
-        .as_mut()
-        .unwrap()
-        .reload(&parse(&text))
-        .await
-        .unwrap();
+    h.reload(&text).await.unwrap();
     assert_eq!(first.await.unwrap().status, 200);
     let second = second.await.unwrap();
     assert_eq!(second.status, 200, "{}", second.text());
@@ -402,12 +397,7 @@ async fn a_lower_concurrency_holds_back_the_requests_already_waiting() {
         until_line(&h, want).await;
     }
     let text = h.config_text.replace("concurrency = 2", "concurrency = 1");
-    h.proxy
-        .as_mut()
-        .unwrap()
-        .reload(&parse(&text))
-        .await
-        .unwrap();
+    h.reload(&text).await.unwrap();
     for r in requests {
         assert_eq!(r.await.unwrap().status, 200);
     }
@@ -429,7 +419,7 @@ async fn an_auth_change_keeps_the_token_and_readiness() {
         "[upstream.auth]\n",
         "[upstream.auth]\nrefresh_before = \"1s\"\n",
     );
-    let changes = h.proxy.as_mut().unwrap().reload(&parse(&text)).await;
+    let changes = h.reload(&text).await;
     assert_eq!(changes.unwrap().changed, vec!["api".to_owned()]);
     let ready = common::get(h.admin_url("/readyz")).await;
     assert_eq!(ready.status, 200, "{}", ready.text());

@@ -190,6 +190,26 @@ impl Harness {
         self.proxy.take().expect("proxy running").shutdown().await;
     }
 
+    /// Put the config `text` in force on the running proxy (SIGHUP).
+    pub async fn reload(&mut self, text: &str) -> Result<tollgate::Reloaded, tollgate::StartError> {
+        let config = Config::parse(text, "test.toml", |_| None).expect("test config is valid");
+        self.proxy
+            .as_mut()
+            .expect("proxy running")
+            .reload(&config)
+            .await
+    }
+
+    /// The strict identity server never saw a refresh token twice, nor revoked a grant.
+    pub fn assert_lineage_intact(&self) {
+        let ids = self.identity.counters();
+        assert_eq!(
+            (ids.reuse_detected, ids.grants_revoked),
+            (0, 0),
+            "a refresh token was redeemed twice"
+        );
+    }
+
     pub fn proxy(&self) -> &Proxy {
         self.proxy.as_ref().expect("proxy running")
     }
