@@ -79,7 +79,7 @@ fn token_read(c: &mut Criterion) {
             identity.token_url()
         );
         let config = Config::parse(&text, "bench", |_| None).unwrap();
-        let store = tollgate::store::open(&tollgate::config::StoreLocation::parse(&config.state.store).unwrap()).unwrap();
+        let store = tollgate::store::open(&config.state).unwrap();
         let cache = Arc::new(TokenCache::new(&config.upstreams[0], store, None).unwrap());
         cache.get().await.unwrap();
         (cache, identity, server, state)

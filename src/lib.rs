@@ -31,7 +31,7 @@ pub mod token;
 
 pub use proxy::{Proxy, Reloaded, StartError, SHUTDOWN_GRACE};
 
-use config::{Config, StoreLocation};
+use config::Config;
 use std::future::Future;
 use token::TokenCache;
 
@@ -42,14 +42,15 @@ const TOKEN_SAVE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// redeemed under the store's refresh lock — safe beside a running `serve`.
 pub async fn access_token(config: &Config, name: &str) -> Result<secret::Secret<String>, String> {
     let up = config.upstream_named(name)?;
-    let location = StoreLocation::parse(&config.state.store)?;
-    let store = store::open(&location).map_err(|e| e.to_string())?;
+    let store = store::open(&config.state).map_err(|e| e.to_string())?;
     let roots = up.read_ca()?;
-    let cache = std::sync::Arc::new(TokenCache::new(up, store, roots.as_deref())?);
+    let cache = std::sync::Arc::new(TokenCache::new(up, store.clone(), roots.as_deref())?);
     let token = cache.get().await;
     // A refresh token rotated on the way, even by a refresh that failed after, must be saved
-    // before the process ends.
-    if !cache.settle(TOKEN_SAVE_WAIT).await {
+    // before the process ends, and the refresh lock let go.
+    let settled = cache.settle(TOKEN_SAVE_WAIT).await;
+    store.flush().await;
+    if !settled {
         return Err(format!(
             "a new refresh token of upstream `{name}` could not be saved to the state store; it is lost when this command ends, so the next refresh redeems the one before it, which an identity server that rotates refuses: fix the store, then run `tollgate login {name}`"
         ));

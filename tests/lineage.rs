@@ -168,8 +168,9 @@ impl StateStore for FlakyStore {
         &self,
         upstream: &str,
         wait: Duration,
+        hold: Duration,
     ) -> Result<RefreshLock, StoreError> {
-        self.inner.lock_refresh(upstream, wait).await
+        self.inner.lock_refresh(upstream, wait, hold).await
     }
 
     async fn reserve_quota(

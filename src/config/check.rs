@@ -3,7 +3,7 @@
 //!
 //! Must not: print a secret, or the value of a `${NAME}` (it may be one).
 
-use super::{AuthConfig, Config, Grant, QuotaConfig};
+use super::{AuthConfig, Config, Grant, QuotaConfig, StoreLocation};
 use bytesize::ByteSize;
 use url::Url;
 
@@ -51,7 +51,21 @@ impl Config {
     pub fn describe(&self) -> String {
         use std::fmt::Write;
         let mut out = String::new();
-        let _ = writeln!(out, "state.store = {}", self.state.store);
+        match self.state.location() {
+            Ok(location @ StoreLocation::Redis(_)) => {
+                let _ = writeln!(out, "state.store = {}", location.shown());
+                let _ = writeln!(out, "state.prefix = {}", self.state.prefix);
+                let timeout = humantime::format_duration(self.state.timeout);
+                let _ = writeln!(out, "state.timeout = {timeout}");
+                if let Some(ca) = &self.state.ca_file {
+                    let _ = writeln!(out, "state.ca_file = {}", ca.display());
+                }
+            }
+            Ok(location) => {
+                let _ = writeln!(out, "state.store = {}", location.shown());
+            }
+            Err(_) => {}
+        }
         if let Some(admin) = &self.admin {
             let _ = writeln!(out, "admin.listen = {}", admin.listen);
         }

@@ -23,7 +23,8 @@ mod values;
 
 pub use schema::{
     AdminConfig, AuthConfig, ClientAuth, Config, Edition, Grant, InboundConfig, LimitsConfig,
-    LoginConfig, QuotaConfig, StateConfig, StoreLocation, TlsConfig, UpstreamConfig, MIN_KEY_LEN,
+    LoginConfig, QuotaConfig, RedisUrl, StateConfig, StoreLocation, TlsConfig, UpstreamConfig,
+    MIN_KEY_LEN,
 };
 pub use values::{parse_day_starts, parse_duration, parse_http_url, parse_size};
 

@@ -25,18 +25,38 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateConfig {
-    /// `file:<dir>`; the directory is relative to the working directory.
+    /// `file:<dir>` (relative to the working directory), or `redis://…` / `rediss://…` for
+    /// several replicas. A secret: a Redis URL may hold a password ([`StoreLocation::shown`]
+    /// is what may be printed).
     #[serde(default = "default_store")]
-    pub store: String,
+    pub store: Secret<String>,
+    /// The key namespace on a shared store, so several deployments can share one Redis.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// How long one operation on a shared store may take.
+    #[serde(default = "default_store_timeout", deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// PEM certificates trusted for `rediss://`, besides the system's.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl StateConfig {
+    /// Where `store` points.
+    pub fn location(&self) -> Result<StoreLocation, String> {
+        StoreLocation::parse(self.store.expose())
+    }
 }
 
 impl Default for StateConfig {
     fn default() -> Self {
         StateConfig {
             store: default_store(),
+            prefix: default_prefix(),
+            timeout: default_store_timeout(),
+            ca_file: None,
         }
     }
 }
@@ -293,8 +313,14 @@ impl ClientAuth {
     }
 }
 
-fn default_store() -> String {
-    "file:./state".to_owned()
+fn default_store() -> Secret<String> {
+    Secret::from("file:./state")
+}
+fn default_prefix() -> String {
+    "tollgate".to_owned()
+}
+fn default_store_timeout() -> Duration {
+    Duration::from_secs(1)
 }
 fn default_retry_on() -> Vec<u16> {
     vec![401]
@@ -319,9 +345,20 @@ fn default_token_timeout() -> Duration {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreLocation {
     File(PathBuf),
+    /// A Redis (or Valkey) server that several replicas share.
+    Redis(RedisUrl),
+}
+
+/// A `redis://` or `rediss://` URL: the secret whole, and what may be shown of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisUrl {
+    pub url: Secret<String>,
+    /// The URL with its password, if any, as `[redacted]`.
+    pub shown: String,
 }
 
 impl StoreLocation {
+    /// Parse `state.store`. A message never quotes a Redis URL whole: it may hold a password.
     pub fn parse(text: &str) -> Result<StoreLocation, String> {
         if let Some(dir) = text.strip_prefix("file:") {
             if dir.is_empty() {
@@ -329,18 +366,80 @@ impl StoreLocation {
             }
             Ok(StoreLocation::File(PathBuf::from(dir)))
         } else if text.starts_with("redis://") || text.starts_with("rediss://") {
-            Err("the Redis store is not available in this version; use \"file:DIR\"".into())
+            RedisUrl::parse(text).map(StoreLocation::Redis)
         } else {
             Err(format!(
-                "`{text}` is not a store; use \"file:DIR\" (for example \"file:./state\")"
+                "`{text}` is not a store; use \"file:DIR\" (for example \"file:./state\") or \"redis://HOST:PORT/DB\""
             ))
         }
+    }
+
+    /// The location as messages and `check` show it.
+    pub fn shown(&self) -> String {
+        match self {
+            StoreLocation::File(dir) => format!("file:{}", dir.display()),
+            StoreLocation::Redis(redis) => redis.shown.clone(),
+        }
+    }
+}
+
+impl RedisUrl {
+    fn parse(text: &str) -> Result<RedisUrl, String> {
+        let help = "write it as redis://[USER:PASSWORD@]HOST:PORT/DB (rediss:// for TLS)";
+        let url = Url::parse(text).map_err(|e| format!("not a Redis URL ({e}); {help}"))?;
+        let host = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| format!("the Redis URL has no host; {help}"))?;
+        let db = url.path().trim_start_matches('/');
+        if !db.is_empty() && db.parse::<u32>().is_err() {
+            return Err(format!("the Redis database must be a number; {help}"));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(format!("the Redis URL takes no query or fragment; {help}"));
+        }
+        let user = match (url.username(), url.password()) {
+            ("", None) => String::new(),
+            (user, None) => format!("{user}@"),
+            (user, Some(_)) => format!("{user}:[redacted]@"),
+        };
+        let port = url.port().unwrap_or(6379);
+        let db = if db.is_empty() { "0" } else { db };
+        Ok(RedisUrl {
+            url: Secret::from(text),
+            shown: format!("{}://{user}{host}:{port}/{db}", url.scheme()),
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_redis_url_is_shown_without_its_password() {
+        let shown = |text: &str| StoreLocation::parse(text).map(|l| l.shown());
+        assert_eq!(
+            shown("redis://:s3cret@redis.internal:6380/2").unwrap(),
+            "redis://:[redacted]@redis.internal:6380/2"
+        );
+        assert_eq!(
+            shown("rediss://app:s3cret@r.example").unwrap(),
+            "rediss://app:[redacted]@r.example:6379/0"
+        );
+        assert_eq!(
+            shown("redis://127.0.0.1").unwrap(),
+            "redis://127.0.0.1:6379/0"
+        );
+        for bad in [
+            "redis://:s3cret@/0",
+            "redis://:s3cret@h/zero",
+            "redis://:s3cret@h/0?x=1",
+        ] {
+            let message = shown(bad).unwrap_err();
+            assert!(!message.contains("s3cret"), "{message}");
+        }
+    }
 
     #[test]
     fn edition_formula_is_capped() {

@@ -29,8 +29,33 @@ impl Config {
                 message,
             })
         };
-        if let Err(message) = StoreLocation::parse(&self.state.store) {
-            report("state.store", message);
+        match self.state.location() {
+            Err(message) => report("state.store", message),
+            Ok(StoreLocation::File(_)) => {}
+            Ok(StoreLocation::Redis(redis)) => {
+                let state = &self.state;
+                let valid = |b: u8| b.is_ascii_alphanumeric() || b"-_.:".contains(&b);
+                if state.prefix.is_empty() || !state.prefix.bytes().all(valid) {
+                    report(
+                        "state.prefix",
+                        "must be letters, digits and `-_.:`, e.g. \"tollgate\"".into(),
+                    );
+                }
+                if state.timeout.is_zero() {
+                    report("state.timeout", "must be more than 0s".into());
+                }
+                match &state.ca_file {
+                    Some(_) if !redis.shown.starts_with("rediss://") => report(
+                        "state.ca_file",
+                        "is only used with rediss:// (Redis over TLS)".into(),
+                    ),
+                    Some(ca) if !ca.is_file() => report(
+                        "state.ca_file",
+                        format!("{} does not exist or is not a file", ca.display()),
+                    ),
+                    _ => {}
+                }
+            }
         }
         if self.upstreams.is_empty() {
             report(

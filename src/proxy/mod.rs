@@ -12,7 +12,7 @@ mod reload;
 pub use reload::Reloaded;
 
 use crate::admin::Admin;
-use crate::config::{Config, StoreLocation, UpstreamConfig};
+use crate::config::{Config, UpstreamConfig};
 use crate::pipeline::Pipeline;
 use crate::quota::{Clock, Quota};
 use crate::server::{self, Listener, Workers};
@@ -105,9 +105,10 @@ impl Proxy {
         workers: usize,
         clock: Clock,
     ) -> Result<Proxy, StartError> {
-        let location =
-            StoreLocation::parse(&config.state.store).map_err(StartError::StoreLocation)?;
-        let store = store::open(&location)?;
+        let store = store::open(&config.state).map_err(|e| match e {
+            store::StoreError::Location(message) => StartError::StoreLocation(message),
+            other => StartError::Store(other),
+        })?;
         let workers = Workers::start(workers).map_err(|e| StartError::Upstream {
             upstream: "*".into(),
             reason: format!("cannot start the worker threads: {e}"),
@@ -188,6 +189,7 @@ impl Proxy {
             });
         }
         while stopping.join_next().await.is_some() {}
+        self.store.flush().await;
         self.workers.stop().await;
     }
 }

@@ -67,10 +67,12 @@ impl Proxy {
     /// (SIGHUP). When any part of it cannot be put in force, nothing changes and the reason is
     /// returned.
     pub async fn reload(&mut self, config: &Config) -> Result<Reloaded, StartError> {
-        if config.state.store != self.config.state.store {
+        if config.state != self.config.state {
+            let shown = |c: &Config| c.state.location().map_or_else(|e| e, |l| l.shown());
             return Err(StartError::StoreLocation(format!(
-                "changed from `{}` to `{}`; moving the state store takes a restart",
-                self.config.state.store, config.state.store
+                "[state] changed (now `{}`, was `{}`); moving the state store takes a restart",
+                shown(config),
+                shown(&self.config)
             )));
         }
         let mut changes = Reloaded::default();

@@ -286,6 +286,7 @@ impl StateStore for FileStore {
         &self,
         upstream: &str,
         wait: Duration,
+        _hold: Duration,
     ) -> Result<RefreshLock, StoreError> {
         let file = flock(
             self.lock_path(upstream, "refresh"),
@@ -294,7 +295,7 @@ impl StateStore for FileStore {
             wait,
         )
         .await?;
-        Ok(RefreshLock::new(0, Box::new(file)))
+        Ok(RefreshLock::new(0, None, Box::new(file)))
     }
 
     async fn reserve_quota(
@@ -370,7 +371,7 @@ mod tests {
         assert!(store.load_token("api").await.unwrap().is_none());
 
         let lock = store
-            .lock_refresh("api", Duration::from_secs(1))
+            .lock_refresh("api", Duration::from_secs(1), Duration::MAX)
             .await
             .unwrap();
         store.save_token("api", &record(1), &lock).await.unwrap();
@@ -418,19 +419,22 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let a = FileStore::open(tmp.path()).unwrap();
         let b = FileStore::open(tmp.path()).unwrap();
-        let held = a.lock_refresh("api", Duration::from_secs(1)).await.unwrap();
+        let held = a
+            .lock_refresh("api", Duration::from_secs(1), Duration::MAX)
+            .await
+            .unwrap();
         let err = b
-            .lock_refresh("api", Duration::from_millis(100))
+            .lock_refresh("api", Duration::from_millis(100), Duration::MAX)
             .await
             .err()
             .unwrap();
         assert!(matches!(err, StoreError::LockTimeout { .. }));
         // Another upstream is independent.
-        b.lock_refresh("other", Duration::from_millis(100))
+        b.lock_refresh("other", Duration::from_millis(100), Duration::MAX)
             .await
             .unwrap();
         drop(held);
-        b.lock_refresh("api", Duration::from_millis(500))
+        b.lock_refresh("api", Duration::from_millis(500), Duration::MAX)
             .await
             .unwrap();
     }

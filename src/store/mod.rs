@@ -9,17 +9,19 @@
 
 mod file;
 mod period;
+mod redis;
 
+pub use self::redis::RedisStore;
 pub use file::FileStore;
 pub use period::{Period, Relation};
 
-use crate::config::StoreLocation;
+use crate::config::{StateConfig, StoreLocation};
 use crate::secret::Secret;
 use async_trait::async_trait;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The persisted token state of one upstream.
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -82,13 +84,16 @@ pub struct Reservation {
 pub struct RefreshLock {
     /// Increases every time the lock is taken; a shared store rejects writes with an old fence.
     pub fence: u64,
+    /// When a shared store lets the lock go by itself (its TTL); never, for `flock`.
+    pub expires: Option<Instant>,
     held: Arc<dyn Send + Sync>,
 }
 
 impl RefreshLock {
-    pub fn new(fence: u64, held: Box<dyn Send + Sync>) -> Self {
+    pub fn new(fence: u64, expires: Option<Instant>, held: Box<dyn Send + Sync>) -> Self {
         RefreshLock {
             fence,
+            expires,
             held: Arc::from(held),
         }
     }
@@ -115,6 +120,15 @@ pub enum StoreError {
         upstream: String,
         waited: Duration,
     },
+    /// A shared store that does not answer (in time).
+    #[error("the state store {store} is unreachable: {reason}")]
+    Unreachable { store: String, reason: String },
+    /// A later holder of the refresh lock saved a newer record: this one is stale.
+    #[error("another replica saved a newer token record of `{upstream}`")]
+    Superseded { upstream: String },
+    /// `state.store` names no store this version can open.
+    #[error("state.store: {0}")]
+    Location(String),
 }
 
 /// Persistent state shared by every tollgate process that uses the same store.
@@ -133,9 +147,14 @@ pub trait StateStore: Send + Sync {
         lock: &RefreshLock,
     ) -> Result<(), StoreError>;
 
-    /// Wait (up to `wait`) for the right to redeem `upstream`'s refresh token.
-    async fn lock_refresh(&self, upstream: &str, wait: Duration)
-        -> Result<RefreshLock, StoreError>;
+    /// Wait (up to `wait`) for the right to redeem `upstream`'s refresh token, for at least
+    /// `hold` (a shared store's lock expires after that, in case its holder died).
+    async fn lock_refresh(
+        &self,
+        upstream: &str,
+        wait: Duration,
+        hold: Duration,
+    ) -> Result<RefreshLock, StoreError>;
 
     /// Reserve up to `want` requests of `period` whose limit is `limit`. Grants 0 when the
     /// period is spent, or over (a later one has started). Counts of an overlapping period (a
@@ -160,11 +179,16 @@ pub trait StateStore: Send + Sync {
     /// How many requests of `period`, and of periods overlapping it, every process has
     /// reserved so far.
     async fn quota_used(&self, upstream: &str, period: &Period) -> Result<u64, StoreError>;
+
+    /// Wait (briefly) for work the store finishes on its own — a lock released as it was
+    /// dropped — before the process exits, so another process need not wait for it to expire.
+    async fn flush(&self) {}
 }
 
-/// Open the store that `state.store` names.
-pub fn open(location: &StoreLocation) -> Result<Arc<dyn StateStore>, StoreError> {
-    match location {
-        StoreLocation::File(dir) => Ok(Arc::new(FileStore::open(dir)?)),
+/// Open the store that `state.store` names. A Redis store connects on first use.
+pub fn open(state: &StateConfig) -> Result<Arc<dyn StateStore>, StoreError> {
+    match state.location().map_err(StoreError::Location)? {
+        StoreLocation::File(dir) => Ok(Arc::new(FileStore::open(&dir)?)),
+        StoreLocation::Redis(url) => Ok(Arc::new(RedisStore::open(&url, state)?)),
     }
 }

@@ -105,6 +105,8 @@ pub struct TokenCache {
     pub(super) seed_hash: String,
     refresh_before: Option<Duration>,
     pub(super) refresh_wait: Duration,
+    /// How long one token request may take (`auth.timeout`).
+    pub(super) request_timeout: Duration,
     pub(super) backoff_initial: Duration,
     pub(super) backoff_max: Duration,
     published: watch::Sender<u64>,
@@ -161,6 +163,7 @@ impl TokenCache {
             store,
             refresh_before: auth.refresh_before,
             refresh_wait: auth.refresh_wait,
+            request_timeout: auth.timeout,
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
             published: watch::channel(0).0,

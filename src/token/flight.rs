@@ -20,7 +20,7 @@
 use super::backoff::Backoff;
 use super::cache::{lock, AccessToken, Counted, TokenCache};
 use super::grant::GrantError;
-use super::{new_record, whole_seconds, Purpose, TokenError};
+use super::{new_record, whole_seconds, Purpose, TokenError, LOCK_MARGIN};
 use crate::config::Grant;
 use crate::store::{StoreError, TokenRecord};
 use std::sync::atomic::Ordering;
@@ -306,7 +306,7 @@ impl TokenCache {
     ) -> Result<Arc<AccessToken>, Attempt> {
         let mut retired = self.retired.subscribe();
         let store_lock = tokio::select! {
-            taken = self.store.lock_refresh(&self.name, lock_wait) => taken.map_err(Attempt::store)?,
+            taken = self.store.lock_refresh(&self.name, lock_wait, self.request_timeout + LOCK_MARGIN) => taken.map_err(Attempt::store)?,
             _ = retired.wait_for(|retired| *retired) => return Err(Attempt::Replaced),
         };
         // Retired while taking the lock: the successor redeems, with the new settings.
@@ -320,6 +320,16 @@ impl TokenCache {
                 refresh_token,
             } => (generation, refresh_token),
         };
+        // A shared store's lock expires by itself: never start a token request it would not
+        // outlive, or another replica could redeem the same refresh token meanwhile.
+        if let Some(expires) = store_lock.expires {
+            if Instant::now() + self.request_timeout >= expires {
+                return Err(Attempt::Retry {
+                    reason: "the refresh lock would expire before a token request could end".into(),
+                    hint: None,
+                });
+            }
+        }
         let issued = match self.endpoint.obtain(refresh_token.as_ref()).await {
             Ok(issued) => issued,
             Err(e) => return Err(self.classify(e, lineage, stored_generation)),

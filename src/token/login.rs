@@ -8,7 +8,7 @@
 
 use super::grant::{GrantError, TokenEndpoint};
 use super::{lineage_hash, new_record};
-use crate::config::{Config, Grant, StoreLocation, UpstreamConfig};
+use crate::config::{Config, Grant, UpstreamConfig};
 use crate::secret::Secret;
 use crate::store::{self, StateStore};
 use base64::Engine;
@@ -130,8 +130,7 @@ impl Login {
             )));
         }
         let (listener, redirect_uri) = bind_redirect(login.redirect_uri.clone()).await?;
-        let location = StoreLocation::parse(&config.state.store).map_err(setup)?;
-        let store = store::open(&location).map_err(|e| LoginError::Store(e.to_string()))?;
+        let store = store::open(&config.state).map_err(|e| LoginError::Store(e.to_string()))?;
         let roots = up.read_ca().map_err(setup)?;
         let endpoint = TokenEndpoint::new(&up.auth, roots.as_deref()).map_err(setup)?;
 
@@ -196,7 +195,7 @@ impl Login {
                 }
             }
         };
-        tokio::select! {
+        let result = tokio::select! {
             _ = accept => unreachable!("the accept loop never ends"),
             result = tokio::time::timeout(timeout, outcome.recv()) => match result {
                 Ok(Some(result)) => {
@@ -207,7 +206,10 @@ impl Login {
                 Ok(None) => unreachable!("the sender lives in the callback"),
                 Err(_) => Err(LoginError::Timeout(timeout)),
             },
-        }
+        };
+        // The refresh lock is let go before the process exits, not left to expire.
+        login.login.store.flush().await;
+        result
     }
 }
 
@@ -318,7 +320,11 @@ impl Callback {
         let store_error = |e: crate::store::StoreError| LoginError::Store(e.to_string());
         let lock = login
             .store
-            .lock_refresh(name, Duration::from_secs(30))
+            .lock_refresh(
+                name,
+                Duration::from_secs(30),
+                login.upstream.auth.timeout + super::LOCK_MARGIN,
+            )
             .await
             .map_err(store_error)?;
         let issued = login

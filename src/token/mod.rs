@@ -87,6 +87,10 @@ enum Purpose {
     Ahead,
 }
 
+/// How much longer than one token request (`auth.timeout`) a shared store's refresh lock
+/// lives: the store's reads and the save fit in it too.
+pub(crate) const LOCK_MARGIN: Duration = Duration::from_secs(10);
+
 /// Wall-clock milliseconds: stored deadlines must survive a restart, which `Instant` does not.
 fn unix_ms() -> u64 {
     SystemTime::now()

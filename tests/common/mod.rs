@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod redis_server;
 
 use bytes::Bytes;
 use http::{Request, Response};

@@ -1,0 +1,313 @@
+//! `redis://` / `rediss://` — the state store several replicas share: one token lineage and
+//! one set of day counts per upstream, in a Redis (or Valkey) server.
+//!
+//! Keys live under `{prefix}:{upstream}:` (`[state] prefix`, default `tollgate`):
+//!
+//! - `token` — a hash: the record (JSON, as the file store writes it), its `generation`,
+//!   `seed_hash`, and the `fence` of the lock it was saved under;
+//! - `lock` — the refresh lock, `SET NX PX` with its holder's `id:fence`, living longer than a
+//!   token request (`auth.timeout`), so a holder that dies cannot hold it forever;
+//! - `fence` — a counter, never expiring, bumped each time the lock is taken;
+//! - `days` — a hash of day counts by span (`start-end` in Unix ms), expiring a day after the
+//!   last day it counts.
+//!
+//! Every write that decides something is a Lua script (`redis/*.lua`, loaded with EVALSHA):
+//! the lock is taken only when free, a record is saved only by a fence at least as new as the
+//! stored one and only forward in its lineage, and a day never grants past its limit. Every
+//! operation is bounded by `[state] timeout`; the connection reconnects by itself.
+//!
+//! Must not: print the URL whole (it may hold a password), or decide anything the token cache
+//! or the quota decides.
+
+use super::{Period, RefreshLock, Reservation, StateStore, StoreError, TokenRecord};
+use crate::config::{RedisUrl, StateConfig};
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// A Redis server shared by several replicas.
+pub struct RedisStore {
+    conn: ConnectionManager,
+    prefix: String,
+    timeout: Duration,
+    /// The URL as messages show it.
+    shown: String,
+    /// This replica, as its locks name it.
+    id: String,
+    scripts: Scripts,
+    /// Lock releases still running in tasks of their own (see [`Held`]).
+    releasing: Arc<Releasing>,
+}
+
+#[derive(Default)]
+struct Releasing {
+    running: AtomicUsize,
+    done: Notify,
+}
+
+struct Scripts {
+    lock: Script,
+    unlock: Script,
+    save: Script,
+    days: Script,
+}
+
+/// How often a waiter asks again for a lock another replica holds.
+const LOCK_POLL: Duration = Duration::from_millis(50);
+
+impl RedisStore {
+    /// A store for `url`; it connects on first use, and reconnects with backoff.
+    pub fn open(url: &RedisUrl, state: &StateConfig) -> Result<RedisStore, StoreError> {
+        let fail = |reason: String| StoreError::Unreachable {
+            store: url.shown.clone(),
+            reason,
+        };
+        let client = match &state.ca_file {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    fail(format!("cannot read state.ca_file {}: {e}", path.display()))
+                })?;
+                let certs = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                };
+                redis::Client::build_with_tls(url.url.expose().as_str(), certs)
+            }
+            None => redis::Client::open(url.url.expose().as_str()),
+        }
+        .map_err(|e| fail(e.to_string()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(state.timeout))
+            .set_response_timeout(Some(state.timeout))
+            .set_max_delay(Duration::from_secs(5));
+        let conn = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(RedisStore {
+            conn,
+            prefix: state.prefix.clone(),
+            timeout: state.timeout,
+            shown: url.shown.clone(),
+            id: format!("{:016x}", rand::random::<u64>()),
+            scripts: Scripts {
+                lock: Script::new(include_str!("redis/lock.lua")),
+                unlock: Script::new(include_str!("redis/unlock.lua")),
+                save: Script::new(include_str!("redis/save.lua")),
+                days: Script::new(include_str!("redis/days.lua")),
+            },
+            releasing: Arc::default(),
+        })
+    }
+
+    /// This replica's id, as its locks name it.
+    pub fn replica(&self) -> &str {
+        &self.id
+    }
+
+    fn key(&self, upstream: &str, what: &str) -> String {
+        format!("{}:{upstream}:{what}", self.prefix)
+    }
+
+    /// Run one operation, bounded by `[state] timeout`.
+    async fn run<T>(
+        &self,
+        operation: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, operation).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(self.unreachable(e.to_string())),
+            Err(_) => Err(self.unreachable(format!(
+                "no answer within {} ([state] timeout)",
+                humantime::format_duration(self.timeout)
+            ))),
+        }
+    }
+
+    fn unreachable(&self, reason: String) -> StoreError {
+        StoreError::Unreachable {
+            store: self.shown.clone(),
+            reason,
+        }
+    }
+
+    /// One operation of `days.lua` on `upstream`'s day counts.
+    async fn days<T: redis::FromRedisValue>(
+        &self,
+        upstream: &str,
+        operation: &str,
+        period: &Period,
+        args: &[u64],
+    ) -> Result<T, StoreError> {
+        let mut invocation = self.scripts.days.key(self.key(upstream, "days"));
+        invocation
+            .arg(operation)
+            .arg(period.start_ms)
+            .arg(period.end_ms);
+        for a in args {
+            invocation.arg(*a);
+        }
+        let mut conn = self.conn.clone();
+        self.run(invocation.invoke_async(&mut conn)).await
+    }
+}
+
+/// Releases a Redis refresh lock when the last share of it is dropped — if its holder still
+/// has it. The release runs in a task of its own; if it cannot run, the lock expires.
+struct Held {
+    conn: ConnectionManager,
+    unlock: Script,
+    key: String,
+    value: String,
+    timeout: Duration,
+    releasing: Arc<Releasing>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut conn = self.conn.clone();
+        let (unlock, key, value) = (
+            self.unlock.clone(),
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.value),
+        );
+        let (timeout, releasing) = (self.timeout, Arc::clone(&self.releasing));
+        releasing.running.fetch_add(1, Ordering::AcqRel);
+        runtime.spawn(async move {
+            let mut invocation = unlock.key(key);
+            invocation.arg(value);
+            let release = invocation.invoke_async::<i64>(&mut conn);
+            let _ = tokio::time::timeout(timeout, release).await;
+            releasing.running.fetch_sub(1, Ordering::AcqRel);
+            releasing.done.notify_waiters();
+        });
+    }
+}
+
+#[async_trait]
+impl StateStore for RedisStore {
+    async fn load_token(&self, upstream: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let mut conn = self.conn.clone();
+        let key = self.key(upstream, "token");
+        let json: Option<String> = self.run(conn.hget(&key, "record")).await?;
+        json.map(|json| {
+            serde_json::from_str(&json).map_err(|e| StoreError::Corrupt {
+                path: format!("{} key {key}", self.shown),
+                reason: e.to_string(),
+            })
+        })
+        .transpose()
+    }
+
+    async fn save_token(
+        &self,
+        upstream: &str,
+        record: &TokenRecord,
+        lock: &RefreshLock,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_string(record).expect("a token record always serialises");
+        let mut invocation = self.scripts.save.key(self.key(upstream, "token"));
+        invocation
+            .arg(lock.fence)
+            .arg(record.generation)
+            .arg(&record.seed_hash)
+            .arg(json)
+            .arg(self.key(upstream, "generation"));
+        let mut conn = self.conn.clone();
+        let outcome: String = self.run(invocation.invoke_async(&mut conn)).await?;
+        match outcome.as_str() {
+            "ok" => Ok(()),
+            _ => Err(StoreError::Superseded {
+                upstream: upstream.to_owned(),
+            }),
+        }
+    }
+
+    async fn lock_refresh(
+        &self,
+        upstream: &str,
+        wait: Duration,
+        hold: Duration,
+    ) -> Result<RefreshLock, StoreError> {
+        let key = self.key(upstream, "lock");
+        let started = Instant::now();
+        let hold_ms = hold.as_millis().clamp(1, u128::from(u32::MAX)) as u64;
+        loop {
+            let taken_at = Instant::now();
+            let mut invocation = self.scripts.lock.key(&key);
+            invocation
+                .key(self.key(upstream, "fence"))
+                .arg(&self.id)
+                .arg(hold_ms);
+            let mut conn = self.conn.clone();
+            let fence: u64 = self.run(invocation.invoke_async(&mut conn)).await?;
+            if fence > 0 {
+                let held = Held {
+                    conn: self.conn.clone(),
+                    unlock: self.scripts.unlock.clone(),
+                    key,
+                    value: format!("{}:{fence}", self.id),
+                    timeout: self.timeout,
+                    releasing: Arc::clone(&self.releasing),
+                };
+                // Counted from before the request: the lock cannot have been set earlier.
+                let expires = taken_at + Duration::from_millis(hold_ms);
+                return Ok(RefreshLock::new(fence, Some(expires), Box::new(held)));
+            }
+            if started.elapsed() >= wait {
+                return Err(StoreError::LockTimeout {
+                    what: "refresh",
+                    upstream: upstream.to_owned(),
+                    waited: wait,
+                });
+            }
+            tokio::time::sleep(LOCK_POLL).await;
+        }
+    }
+
+    async fn reserve_quota(
+        &self,
+        upstream: &str,
+        period: &Period,
+        limit: u64,
+        want: u64,
+    ) -> Result<Reservation, StoreError> {
+        let (granted, used): (u64, u64) = self
+            .days(upstream, "reserve", period, &[limit, want])
+            .await?;
+        Ok(Reservation { granted, used })
+    }
+
+    async fn release_quota(
+        &self,
+        upstream: &str,
+        period: &Period,
+        count: u64,
+    ) -> Result<(), StoreError> {
+        let _: u64 = self.days(upstream, "release", period, &[count]).await?;
+        Ok(())
+    }
+
+    async fn quota_used(&self, upstream: &str, period: &Period) -> Result<u64, StoreError> {
+        self.days(upstream, "used", period, &[]).await
+    }
+
+    async fn flush(&self) {
+        let wait = async {
+            loop {
+                let done = self.releasing.done.notified();
+                if self.releasing.running.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                done.await;
+            }
+        };
+        let _ = tokio::time::timeout(self.timeout, wait).await;
+    }
+}

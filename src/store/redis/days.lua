@@ -1,0 +1,65 @@
+-- The day counts of one upstream, kept in one hash whose fields name a day by its span in
+-- Unix ms ("start-end"). A day of another schedule that overlaps the one being counted (a
+-- changed day_starts) is the same count: reserving moves it into this day, so it is never
+-- counted twice; a day that ended before this one started is forgotten; once a later day has
+-- started this one grants nothing more. Never grants past the limit.
+-- KEYS[1] the days hash
+-- ARGV[1] operation: reserve | release | used
+-- ARGV[2] start ms   ARGV[3] end ms
+-- reserve: ARGV[4] limit, ARGV[5] want -> {granted, used}
+-- release: ARGV[4] count -> 0
+-- used:    -> used
+local op, start, finish = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local me = ARGV[2] .. '-' .. ARGV[3]
+local fields = redis.call('HGETALL', KEYS[1])
+local mine, others, ended, count, over = nil, {}, {}, 0, false
+for i = 1, #fields, 2 do
+  local s, e = string.match(fields[i], '^(%d+)-(%d+)$')
+  if s then
+    s, e = tonumber(s), tonumber(e)
+    local n = tonumber(fields[i + 1])
+    if fields[i] == me then
+      mine = n
+      count = count + n
+    elseif e <= start then
+      ended[#ended + 1] = fields[i]
+    elseif s >= finish then
+      over = true
+    else
+      others[#others + 1] = {fields[i], n}
+      count = count + n
+    end
+  end
+end
+if op == 'used' then
+  return count
+end
+if op == 'release' then
+  local left = tonumber(ARGV[4])
+  if mine then
+    local taken = math.min(left, mine)
+    left = left - taken
+    if mine - taken > 0 then redis.call('HSET', KEYS[1], me, mine - taken) else redis.call('HDEL', KEYS[1], me) end
+  end
+  for _, other in ipairs(others) do
+    if left == 0 then break end
+    local taken = math.min(left, other[2])
+    left = left - taken
+    if other[2] - taken > 0 then redis.call('HSET', KEYS[1], other[1], other[2] - taken) else redis.call('HDEL', KEYS[1], other[1]) end
+  end
+  return 0
+end
+-- reserve
+if over then
+  return {0, count}
+end
+for _, field in ipairs(ended) do redis.call('HDEL', KEYS[1], field) end
+for _, other in ipairs(others) do redis.call('HDEL', KEYS[1], other[1]) end
+local limit, want = tonumber(ARGV[4]), tonumber(ARGV[5])
+local granted = math.max(0, math.min(want, limit - count))
+if count + granted > 0 then
+  redis.call('HSET', KEYS[1], me, count + granted)
+end
+-- The hash outlives the day it counts by a day, then goes.
+redis.call('PEXPIREAT', KEYS[1], finish + 86400000)
+return {granted, count + granted}

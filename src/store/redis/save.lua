@@ -1,0 +1,17 @@
+-- Replace the token record of one upstream: a compare-and-set on the fence and the generation,
+-- so a replica that was paused past its lock can never write over what a later holder wrote,
+-- and a lineage never goes back. Announces the new generation on success.
+-- KEYS[1] token record (hash)
+-- ARGV[1] fence   ARGV[2] generation   ARGV[3] seed hash   ARGV[4] record (JSON)
+-- ARGV[5] channel to announce the generation on
+local stored = redis.call('HMGET', KEYS[1], 'fence', 'generation', 'seed_hash')
+if stored[1] and tonumber(stored[1]) > tonumber(ARGV[1]) then
+  return 'fence'
+end
+if stored[3] == ARGV[3] and stored[2] and tonumber(stored[2]) >= tonumber(ARGV[2]) then
+  return 'generation'
+end
+redis.call('HSET', KEYS[1], 'fence', ARGV[1], 'generation', ARGV[2], 'seed_hash', ARGV[3],
+  'record', ARGV[4])
+redis.call('PUBLISH', ARGV[5], ARGV[2])
+return 'ok'

@@ -1,0 +1,357 @@
+//! Several tollgates on one Redis (`redis://` state store): one token lineage and one day for
+//! the group, against a real `redis-server` each test starts, stops and flushes itself.
+
+mod common;
+
+use common::redis_server::RedisServer;
+use common::{until, Harness, Setup};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tollgate::config::{Config, StateConfig};
+use tollgate::secret::Secret;
+use tollgate::sim::identity::IdentityConfig;
+use tollgate::store::{RedisStore, StateStore, StoreError, TokenRecord};
+use tollgate::Proxy;
+
+/// The harness's simulators, with the config rewritten for `redis` and a seed of its own (the
+/// harness's own proxy, on a file store, is stopped first).
+async fn on_redis(setup: Setup, redis: &RedisServer) -> (Harness, String) {
+    let mut h = Harness::start(setup).await;
+    h.stop_proxy().await;
+    let store = format!("store = \"file:{}\"", h.state_dir().display());
+    let text = h
+        .config_text
+        .replace(
+            &store,
+            &format!("store = \"{}\"\ntimeout = \"500ms\"", redis.url()),
+        )
+        .replace(&h.seed, &h.identity.issue_refresh_token());
+    (h, text)
+}
+
+fn parse(text: &str) -> Config {
+    Config::parse(text, "replicas.toml", |_| None).expect("test config is valid")
+}
+
+async fn replicas(text: &str, n: usize) -> Vec<Proxy> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(Proxy::start(&parse(text)).await.expect("replica starts"));
+    }
+    out
+}
+
+fn url(proxy: &Proxy, path: &str) -> String {
+    format!("http://{}{path}", proxy.addr("api").unwrap())
+}
+
+/// Three replicas under concurrent load over several token lifetimes and forced 401s: every
+/// request is served, no refresh token is redeemed twice, and the group refreshes about once
+/// per lifetime, not once per replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_lineage() {
+    let redis = RedisServer::start();
+    let setup = Setup {
+        identity: IdentityConfig {
+            access_lifetime: Duration::from_secs(3),
+            ..IdentityConfig::default()
+        },
+        ..Setup::default()
+    };
+    let (h, text) = on_redis(setup, &redis).await;
+    let group = replicas(&text, 3).await;
+    let addrs: Vec<SocketAddr> = group.iter().map(|p| p.addr("api").unwrap()).collect();
+    let started = std::time::Instant::now();
+    let run_for = Duration::from_millis(5500);
+    let mut clients = Vec::new();
+    for i in 0..12 {
+        let addr = addrs[i % addrs.len()];
+        clients.push(tokio::spawn(async move {
+            let mut served = 0u32;
+            while started.elapsed() < run_for {
+                let a = common::get(format!("http://{addr}/load/{i}")).await;
+                assert_eq!(a.status, 200, "client {i}: {}", a.text());
+                served += 1;
+            }
+            served
+        }));
+    }
+    for at in [1500, 3500] {
+        tokio::time::sleep_until((started + Duration::from_millis(at)).into()).await;
+        h.identity.expire_access_tokens();
+    }
+    let mut total = 0;
+    for c in clients {
+        total += c.await.unwrap();
+    }
+    assert!(total > 100, "load ran: {total}");
+    h.assert_lineage_intact();
+    assert!(h.api.counters().rejected >= 2, "the forced 401s were seen");
+    // A 3 s token is refreshed ahead after 1.6 s: over 5.5 s, 1 first + 2 forced + about 3
+    // ahead for the group. Each replica on its own would make three times as many.
+    let refreshes = h.identity.counters().refreshes;
+    assert!((4..=9).contains(&refreshes), "refreshes: {refreshes}");
+    for proxy in group {
+        proxy.shutdown().await;
+    }
+}
+
+fn state(redis: &RedisServer) -> StateConfig {
+    StateConfig {
+        store: Secret::from(redis.url()),
+        ..StateConfig::default()
+    }
+}
+
+fn store(redis: &RedisServer) -> RedisStore {
+    let state = state(redis);
+    let Ok(tollgate::config::StoreLocation::Redis(url)) = state.location() else {
+        panic!("a redis:// location")
+    };
+    RedisStore::open(&url, &state).unwrap()
+}
+
+fn record(generation: u64, refresh: &str) -> TokenRecord {
+    TokenRecord {
+        seed_hash: "lineage".into(),
+        refresh_token: Some(Secret::from(refresh)),
+        access_token: Some(Secret::from("at")),
+        issued_at_ms: 1,
+        expires_at_ms: 2,
+        generation,
+    }
+}
+
+/// A replica paused past its lock (the lock expired and another replica took it, with a newer
+/// fence, and saved) can never write its stale record over the newer one; nor can anyone save
+/// a generation that is not newer than the stored one of the same lineage.
+#[tokio::test]
+async fn a_paused_replica_cannot_save_over_a_newer_lineage() {
+    let redis = RedisServer::start();
+    let (paused, other) = (store(&redis), store(&redis));
+    let hold = Duration::from_secs(30);
+    let stale = paused
+        .lock_refresh("api", Duration::ZERO, hold)
+        .await
+        .unwrap();
+    let busy = other
+        .lock_refresh("api", Duration::from_millis(100), hold)
+        .await;
+    assert!(matches!(busy, Err(StoreError::LockTimeout { .. })), "held");
+
+    // The paused replica's lock expires while it is stopped.
+    redis.command(&["DEL", "tollgate:api:lock"]);
+    let current = other
+        .lock_refresh("api", Duration::ZERO, hold)
+        .await
+        .unwrap();
+    assert!(current.fence > stale.fence);
+    other
+        .save_token("api", &record(6, "rt-6"), &current)
+        .await
+        .unwrap();
+
+    let refused = paused
+        .save_token("api", &record(6, "rt-stale"), &stale)
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::Superseded { .. })),
+        "{refused:?}"
+    );
+    let refused = paused
+        .save_token("api", &record(7, "rt-stale"), &stale)
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::Superseded { .. })),
+        "{refused:?}"
+    );
+    let refused = other
+        .save_token("api", &record(5, "rt-older"), &current)
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::Superseded { .. })),
+        "{refused:?}"
+    );
+    let stored = other.load_token("api").await.unwrap().unwrap();
+    assert_eq!(stored.refresh_token.unwrap().expose(), "rt-6");
+
+    // Released by its holder only: the stale holder's release leaves the lock alone.
+    drop(stale);
+    let still = paused
+        .lock_refresh("api", Duration::from_millis(100), hold)
+        .await;
+    assert!(matches!(still, Err(StoreError::LockTimeout { .. })));
+    drop(current);
+    paused
+        .lock_refresh("api", Duration::from_secs(2), hold)
+        .await
+        .expect("released by its holder");
+}
+
+/// Send GETs round-robin over `proxies` until `n` were sent; returns how many were served.
+async fn spend(proxies: &[&Proxy], n: usize) -> usize {
+    let mut served = 0;
+    for i in 0..n {
+        let a = common::get(url(proxies[i % proxies.len()], &format!("/day/{i}"))).await;
+        match a.status {
+            200 => served += 1,
+            429 => {}
+            other => panic!("unexpected {other}: {}", a.text()),
+        }
+    }
+    served
+}
+
+/// `per_day = 50` shared by three replicas: the API sees exactly 50, whichever replica
+/// admits them; a replica restarted later finds the day spent.
+#[tokio::test]
+async fn three_replicas_share_one_day() {
+    let redis = RedisServer::start();
+    let setup = Setup {
+        quota: "per_day = 50".into(),
+        ..Setup::default()
+    };
+    let (h, text) = on_redis(setup, &redis).await;
+    let group = replicas(&text, 3).await;
+    let all: Vec<&Proxy> = group.iter().collect();
+    assert_eq!(spend(&all, 70).await, 50);
+    assert_eq!(h.api.counters().requests, 50);
+    for proxy in group {
+        proxy.shutdown().await;
+    }
+    let late = Proxy::start(&parse(&text)).await.unwrap();
+    assert_eq!(spend(&[&late], 5).await, 0, "the day holds");
+    late.shutdown().await;
+    assert_eq!(h.api.counters().requests, 50);
+}
+
+/// A replica killed with `kill -9` (the binary) loses at most its lease of the day; the
+/// replicas left go on, and the day never passes its limit.
+#[tokio::test]
+async fn a_replica_killed_loses_at_most_its_lease() {
+    let redis = RedisServer::start();
+    let setup = Setup {
+        quota: "per_day = 50".into(),
+        ..Setup::default()
+    };
+    let (h, text) = on_redis(setup, &redis).await;
+    let path = h.state.path().join("replica.toml");
+    std::fs::write(&path, &text).unwrap();
+    let spawned = common::spawn_serve(&path);
+    let other = Proxy::start(&parse(&text)).await.unwrap();
+    for i in 0..20 {
+        let a = common::get(format!("http://{}/spawned/{i}", spawned.addr)).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+    drop(spawned); // SIGKILL, holding what is left of its lease
+    let served = spend(&[&other], 40).await;
+    let lease = 1; // 1% of 50, at least 1
+    assert!((30 - lease..=30).contains(&served), "served {served}");
+    assert!(h.api.counters().requests <= 50);
+    other.shutdown().await;
+}
+
+/// Redis stops under load: a valid token keeps serving and the day spends what is left of its
+/// lease; a refused token is never replaced without the store (503 naming it, quickly); no
+/// request is over-admitted. Redis comes back: every replica recovers without a restart.
+#[tokio::test]
+async fn redis_down_then_back() {
+    let mut redis = RedisServer::start();
+    let setup = Setup {
+        quota: "per_day = 1000".into(),
+        admin: true,
+        ..Setup::default()
+    };
+    let (h, text) = on_redis(setup, &redis).await;
+    let proxy = Proxy::start(&parse(&text)).await.unwrap();
+    assert_eq!(common::get(url(&proxy, "/warm")).await.status, 200);
+
+    redis.stop();
+    // The lease in hand (10, topped up at half) keeps serving; then 503, never more.
+    let mut served = 0;
+    let mut refused = None;
+    for i in 0..30 {
+        let a = common::get(url(&proxy, &format!("/down/{i}"))).await;
+        match a.status {
+            200 => served += 1,
+            503 => {
+                refused = Some(a);
+                break;
+            }
+            other => panic!("unexpected {other}: {}", a.text()),
+        }
+    }
+    let refused = refused.expect("refused once the lease is spent");
+    assert!((1..=20).contains(&served), "served {served} from the lease");
+    assert_eq!(refused.json()["type"], "urn:tollgate:problem:quota-store");
+
+    // A refused token is not replaced while the store is down.
+    h.identity.expire_access_tokens();
+    let started = std::time::Instant::now();
+    let a = common::get(url(&proxy, "/expired")).await;
+    assert_eq!(a.status, 503, "{}", a.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "quick: {:?}",
+        started.elapsed()
+    );
+    let refreshes = h.identity.counters().refreshes;
+
+    redis.restart();
+    let back = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&back);
+    let probe = url(&proxy, "/back");
+    let watcher = tokio::spawn(async move {
+        for _ in 0..200 {
+            if common::get(probe.clone()).await.status == 200 {
+                flag.store(true, Ordering::SeqCst);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    until(|| back.load(Ordering::SeqCst)).await;
+    watcher.await.unwrap();
+    assert_eq!(
+        h.identity.counters().refreshes,
+        refreshes + 1,
+        "one refresh once back"
+    );
+    h.assert_lineage_intact();
+    proxy.shutdown().await;
+}
+
+/// `tollgate token` on the Redis store joins the group's lineage: it prints the token the
+/// replicas use (adopted, not redeemed again), and lets the refresh lock go before it exits
+/// rather than leave the replicas waiting for it to expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_command_joins_the_lineage() {
+    let redis = RedisServer::start();
+    let (h, text) = on_redis(Setup::default(), &redis).await;
+    let path = h.state.path().join("replica.toml");
+    std::fs::write(&path, &text).unwrap();
+    let replica = Proxy::start(&parse(&text)).await.unwrap();
+    assert_eq!(common::get(url(&replica, "/warm")).await.status, 200);
+    let refreshes = h.identity.counters().refreshes;
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["token", "api", "-c"])
+            .arg(&path)
+            .env("RUST_LOG", "off")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap();
+    let used = h.api.last_authorization().unwrap();
+    assert_eq!(format!("Bearer {}", token.trim_end()), used);
+    assert_eq!(h.identity.counters().refreshes, refreshes, "adopted");
+    let lock = redis.command(&["EXISTS", "tollgate:api:lock"]);
+    assert_eq!(lock, redis::Value::Int(0), "the lock was let go");
+    replica.shutdown().await;
+}
+
