@@ -179,9 +179,10 @@ impl StateStore for FlakyStore {
         period: &Period,
         limit: u64,
         want: u64,
+        seen: u64,
     ) -> Result<Reservation, StoreError> {
         self.inner
-            .reserve_quota(upstream, period, limit, want)
+            .reserve_quota(upstream, period, limit, want, seen)
             .await
     }
 

@@ -345,7 +345,11 @@ async fn the_token_command_joins_the_lineage() {
     })
     .await
     .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let token = String::from_utf8(out.stdout).unwrap();
     let used = h.api.last_authorization().unwrap();
     assert_eq!(format!("Bearer {}", token.trim_end()), used);
@@ -355,3 +359,45 @@ async fn the_token_command_joins_the_lineage() {
     replica.shutdown().await;
 }
 
+/// Redis loses its data (FLUSHALL: a restart without persistence, a failover to a stale
+/// replica) in the middle of the day: the replicas write back the newest token record they
+/// hold, so the lineage goes on from it (the strict identity server sees no reuse of a rotated
+/// refresh token), and the highest day count they have seen, so the day does not start over.
+/// What another replica reserved after that count was seen is not known to anyone: at most
+/// one lease per replica can be admitted again.
+#[tokio::test]
+async fn redis_losing_its_data_loses_neither_the_lineage_nor_the_day() {
+    let redis = RedisServer::start();
+    let setup = Setup {
+        quota: "per_day = 60".into(),
+        ..Setup::default()
+    };
+    let (h, text) = on_redis(setup, &redis).await;
+    let group = replicas(&text, 2).await;
+    let both: Vec<&Proxy> = group.iter().collect();
+    // A few rotations first, so the seed in the config is long spent.
+    for _ in 0..3 {
+        h.identity.expire_access_tokens();
+        assert_eq!(spend(&both, 2).await, 2);
+    }
+    assert_eq!(spend(&both, 24).await, 24);
+    // Every send counts, the API's 401s and their replays included.
+    let spent = h.api.counters().requests;
+    assert!(spent >= 30, "{spent}");
+
+    redis.command(&["FLUSHALL"]);
+    h.identity.expire_access_tokens();
+    spend(&both, 70).await;
+    let total = h.api.counters().requests;
+    let leases = 2; // one lease (1% of 60, at least 1) per replica
+    assert!(
+        (60..=60 + leases).contains(&total),
+        "the day went on from {spent}, not from 0: {total}"
+    );
+    h.assert_lineage_intact();
+    let stored = redis.command(&["HGET", "tollgate:api:token", "generation"]);
+    assert!(stored != redis::Value::Nil, "the record is back in Redis");
+    for proxy in group {
+        proxy.shutdown().await;
+    }
+}

@@ -219,6 +219,7 @@ impl Daily {
                 &self.period(day),
                 self.limit,
                 self.lease - have,
+                self.used.load(Ordering::Relaxed),
             )
             .await?;
         self.used.store(reservation.used, Ordering::Relaxed);

@@ -126,6 +126,14 @@ impl Counts {
             .sum()
     }
 
+    /// Whether the store holds anything of this period (its own entry, or an overlapping
+    /// one): entries stay, at 0 too, until their period ends, so nothing means data lost.
+    fn knows(&self) -> bool {
+        self.by_key
+            .keys()
+            .any(|k| matches!(self.relation(k), Some(Relation::Same | Relation::Overlaps)))
+    }
+
     /// Move the counts of overlapping periods into this one, so they are never counted
     /// again by a later period they overlap too, and forget periods that ended before it.
     fn gather(&mut self) -> u64 {
@@ -140,12 +148,7 @@ impl Counts {
     }
 
     fn set(&mut self, count: u64) {
-        let key = self.period.key();
-        if count > 0 {
-            self.by_key.insert(key, count);
-        } else {
-            self.by_key.remove(&key);
-        }
+        self.by_key.insert(self.period.key(), count);
     }
 
     /// Take `n` off what the period has counted, wherever it is kept (its own entry first).
@@ -162,9 +165,6 @@ impl Counts {
             let taken = n.min(*count);
             *count -= taken;
             n -= taken;
-            if *count == 0 {
-                self.by_key.remove(&key);
-            }
         }
     }
 }
@@ -304,6 +304,7 @@ impl StateStore for FileStore {
         period: &Period,
         limit: u64,
         want: u64,
+        seen: u64,
     ) -> Result<Reservation, StoreError> {
         self.update_quota(upstream, period, move |counts| {
             // Once a later period has started, this one is over: it grants nothing more.
@@ -311,7 +312,11 @@ impl StateStore for FileStore {
                 let used = counts.count();
                 return Reservation { granted: 0, used };
             }
-            let spent = counts.gather();
+            let spent = if counts.knows() {
+                counts.gather()
+            } else {
+                counts.gather().max(seen)
+            };
             let granted = want.min(limit.saturating_sub(spent));
             counts.set(spent + granted);
             Reservation {
@@ -455,7 +460,7 @@ mod tests {
         let (first, second) = (day(20_416, 0), day(20_417, 0));
         for (expected, used) in [(10, 10), (10, 20), (5, 25), (0, 25)] {
             assert_eq!(
-                store.reserve_quota("api", &first, 25, 10).await.unwrap(),
+                store.reserve_quota("api", &first, 25, 10, 0).await.unwrap(),
                 granted(expected, used)
             );
         }
@@ -463,17 +468,20 @@ mod tests {
         // Unspent counts given back can be reserved again, by this process or another.
         store.release_quota("api", &first, 3).await.unwrap();
         assert_eq!(
-            store.reserve_quota("api", &first, 25, 10).await.unwrap(),
+            store.reserve_quota("api", &first, 25, 10, 0).await.unwrap(),
             granted(3, 25)
         );
         // A new day starts from zero and forgets the old one, which grants nothing more.
         assert_eq!(
-            store.reserve_quota("api", &second, 25, 10).await.unwrap(),
+            store
+                .reserve_quota("api", &second, 25, 10, 0)
+                .await
+                .unwrap(),
             granted(10, 10)
         );
         assert_eq!(store.quota_used("api", &first).await.unwrap(), 0);
         assert_eq!(
-            store.reserve_quota("api", &first, 25, 10).await.unwrap(),
+            store.reserve_quota("api", &first, 25, 10, 0).await.unwrap(),
             granted(0, 0)
         );
     }
@@ -489,14 +497,17 @@ mod tests {
         let seven = day(20_415, 7); // 07:00 yesterday to 07:00 today: the day at 03:00
         assert_eq!(
             store
-                .reserve_quota("api", &midnight, 100, 40)
+                .reserve_quota("api", &midnight, 100, 40, 0)
                 .await
                 .unwrap(),
             granted(40, 40)
         );
         assert_eq!(store.quota_used("api", &seven).await.unwrap(), 40);
         assert_eq!(
-            store.reserve_quota("api", &seven, 100, 70).await.unwrap(),
+            store
+                .reserve_quota("api", &seven, 100, 70, 0)
+                .await
+                .unwrap(),
             granted(60, 100),
             "never past the limit"
         );
@@ -506,7 +517,7 @@ mod tests {
         // At 07:00 the next day of the new schedule is whole.
         let next = day(20_416, 7);
         assert_eq!(
-            store.reserve_quota("api", &next, 100, 10).await.unwrap(),
+            store.reserve_quota("api", &next, 100, 10, 0).await.unwrap(),
             granted(10, 10)
         );
     }

@@ -158,14 +158,17 @@ pub trait StateStore: Send + Sync {
 
     /// Reserve up to `want` requests of `period` whose limit is `limit`. Grants 0 when the
     /// period is spent, or over (a later one has started). Counts of an overlapping period (a
-    /// changed `day_starts`) are carried into this one first. Reserved counts are spent even
-    /// if the process dies, so a crash can only under-admit.
+    /// changed `day_starts`) are carried into this one first. `seen` is the highest count
+    /// this process has seen of the period: a store that knows nothing of the period has lost
+    /// its data, and takes that count back before granting. Reserved counts are spent even if the process dies, so a
+    /// crash can only under-admit.
     async fn reserve_quota(
         &self,
         upstream: &str,
         period: &Period,
         limit: u64,
         want: u64,
+        seen: u64,
     ) -> Result<Reservation, StoreError>;
 
     /// Return `count` reserved but unspent requests of `period` (on a clean shutdown).

@@ -277,9 +277,10 @@ impl StateStore for RedisStore {
         period: &Period,
         limit: u64,
         want: u64,
+        seen: u64,
     ) -> Result<Reservation, StoreError> {
         let (granted, used): (u64, u64) = self
-            .days(upstream, "reserve", period, &[limit, want])
+            .days(upstream, "reserve", period, &[limit, want, seen])
             .await?;
         Ok(Reservation { granted, used })
     }

@@ -114,6 +114,9 @@ pub struct TokenCache {
     pub(super) last_failure: Mutex<Option<String>>,
     /// Why a record the identity server issued is not saved yet (see [`super::flight`]).
     pub(super) unsaved: Mutex<Option<String>>,
+    /// The newest record of this lineage the cache has saved or read: written back when the
+    /// store turns out to have lost it (a Redis flushed or failed over to a stale replica).
+    pub(super) known: Mutex<Option<TokenRecord>>,
     /// Refresh attempts by result, for `/metrics`: see [`REFRESH_RESULTS`]. Shared with the
     /// cache this one continues after a reload, so the counters never go back.
     refreshes: Arc<[AtomicU64; 3]>,
@@ -169,6 +172,7 @@ impl TokenCache {
             published: watch::channel(0).0,
             last_failure: Mutex::new(None),
             unsaved: Mutex::new(None),
+            known: Mutex::new(None),
             refreshes: Default::default(),
             pacing: Arc::default(),
             flight: Mutex::new(Flight::Idle),

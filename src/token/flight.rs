@@ -22,7 +22,7 @@ use super::cache::{lock, AccessToken, Counted, TokenCache};
 use super::grant::GrantError;
 use super::{new_record, whole_seconds, Purpose, TokenError, LOCK_MARGIN};
 use crate::config::Grant;
-use crate::store::{StoreError, TokenRecord};
+use crate::store::{RefreshLock, StoreError, TokenRecord};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
@@ -313,7 +313,8 @@ impl TokenCache {
         if self.replaced_by().is_some() {
             return Err(Attempt::Replaced);
         }
-        let (stored_generation, refresh_token) = match self.consult(lineage, purpose).await? {
+        let consulted = self.consult(lineage, purpose, &store_lock).await?;
+        let (stored_generation, refresh_token) = match consulted {
             Consulted::Adopted(token) => return Ok(token),
             Consulted::Redeem {
                 generation,
@@ -345,9 +346,19 @@ impl TokenCache {
             .store
             .save_token(&self.name, &record, &store_lock)
             .await;
+        if let Err(StoreError::Superseded { .. }) = saved {
+            // This lock expired and a later holder saved: what it saved is the lineage now.
+            return Err(Attempt::Retry {
+                reason: "another replica saved a newer token record".into(),
+                hint: None,
+            });
+        }
         let token = self.token_from(&record).map(|t| self.publish(t));
         match saved {
-            Ok(()) => drop(store_lock),
+            Ok(()) => {
+                self.remember(&record);
+                drop(store_lock);
+            }
             Err(e) => {
                 self.save_later(&record, store_lock, e, token.clone(), progress)
                     .await
@@ -363,12 +374,13 @@ impl TokenCache {
 
     /// Under the store lock: what the store holds decides whether to adopt a token another
     /// process saved, to redeem (which refresh token, at which generation), or neither.
-    async fn consult(&self, lineage: &mut Lineage, purpose: Purpose) -> Result<Consulted, Attempt> {
-        let stored = self
-            .store
-            .load_token(&self.name)
-            .await
-            .map_err(Attempt::store)?;
+    async fn consult(
+        &self,
+        lineage: &mut Lineage,
+        purpose: Purpose,
+        store_lock: &RefreshLock,
+    ) -> Result<Consulted, Attempt> {
+        let stored = self.recovered(store_lock).await?;
         if let Some(foreign) = stored.as_ref().filter(|r| r.seed_hash != self.seed_hash) {
             if self.lineage_used.load(Ordering::Acquire) {
                 let e = TokenError::NeedsLogin(format!(
@@ -382,6 +394,9 @@ impl TokenCache {
             }
         }
         let stored = stored.filter(|r| r.seed_hash == self.seed_hash);
+        if let Some(record) = &stored {
+            self.remember(record);
+        }
         let generation = stored.as_ref().map_or(0, |r| r.generation);
 
         if let Some((error, failed_at)) = &lineage.final_failure {
@@ -413,6 +428,51 @@ impl TokenCache {
             generation,
             refresh_token,
         })
+    }
+
+    /// The store's record, after writing back the newest this cache knows when the store holds
+    /// less of its lineage: data lost (a Redis flushed, or failed over to a stale replica)
+    /// must not send the lineage back to an old, long-rotated refresh token.
+    async fn recovered(&self, store_lock: &RefreshLock) -> Result<Option<TokenRecord>, Attempt> {
+        let stored = self
+            .store
+            .load_token(&self.name)
+            .await
+            .map_err(Attempt::store)?;
+        let Some(known) = lock(&self.known).clone() else {
+            return Ok(stored);
+        };
+        let lost = match &stored {
+            None => true,
+            Some(s) => s.seed_hash == known.seed_hash && s.generation < known.generation,
+        };
+        if !lost {
+            return Ok(stored);
+        }
+        match self.store.save_token(&self.name, &known, store_lock).await {
+            Ok(()) => {
+                tracing::warn!(upstream = %self.name, generation = known.generation, "the state store had lost the newest token record; wrote back the one this process holds");
+                Ok(Some(known))
+            }
+            // Another replica wrote back a newer one first.
+            Err(StoreError::Superseded { .. }) => self
+                .store
+                .load_token(&self.name)
+                .await
+                .map_err(Attempt::store),
+            Err(e) => Err(Attempt::store(e)),
+        }
+    }
+
+    /// Keep `record` as the newest known, unless a newer one of the lineage is known.
+    pub(super) fn remember(&self, record: &TokenRecord) {
+        let mut known = lock(&self.known);
+        let newer = known
+            .as_ref()
+            .is_none_or(|k| k.seed_hash != record.seed_hash || k.generation < record.generation);
+        if newer {
+            *known = Some(record.clone());
+        }
     }
 
     /// Wait, up to `wait`, until no flight is in the air, so that what one redeemed is saved

@@ -38,20 +38,28 @@ impl TokenCache {
         progress.send_replace(Progress::Unsaved(token));
         let mut backoff = Backoff::new(self.backoff_initial, SAVE_RETRY_MAX);
         let mut failures = 1u32;
-        loop {
+        let saved = loop {
             tokio::time::sleep(backoff.next_delay()).await;
             match self.store.save_token(&self.name, record, &store_lock).await {
-                Ok(()) => break,
+                Ok(()) => break true,
+                Err(StoreError::Superseded { .. }) => break false,
                 Err(e) => {
                     failures += 1;
                     tracing::debug!(upstream = %self.name, error = %e, "the new refresh token is still not saved");
                     *lock(&self.unsaved) = Some(unsaved(&e));
                 }
             }
+        };
+        if saved {
+            self.remember(record);
         }
         // Running again until the flight lands: requests join it rather than be told it saves.
         progress.send_replace(Progress::Running);
         *lock(&self.unsaved) = None;
+        if !saved {
+            tracing::warn!(upstream = %self.name, "another replica saved a newer token record meanwhile; this one is dropped");
+            return;
+        }
         tracing::info!(upstream = %self.name, failures, "the state store took the new refresh token");
     }
 }

@@ -6,7 +6,10 @@
 -- KEYS[1] the days hash
 -- ARGV[1] operation: reserve | release | used
 -- ARGV[2] start ms   ARGV[3] end ms
--- reserve: ARGV[4] limit, ARGV[5] want -> {granted, used}
+-- reserve: ARGV[4] limit, ARGV[5] want, ARGV[6] the highest count the caller has seen of
+--          the day (when Redis knows nothing of the day, it lost its data: that count comes
+--          back first) -> {granted, used}
+-- A day's field stays (at 0, too) until the day ends, so "knows nothing" means data lost.
 -- release: ARGV[4] count -> 0
 -- used:    -> used
 local op, start, finish = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -39,13 +42,13 @@ if op == 'release' then
   if mine then
     local taken = math.min(left, mine)
     left = left - taken
-    if mine - taken > 0 then redis.call('HSET', KEYS[1], me, mine - taken) else redis.call('HDEL', KEYS[1], me) end
+    redis.call('HSET', KEYS[1], me, mine - taken)
   end
   for _, other in ipairs(others) do
     if left == 0 then break end
     local taken = math.min(left, other[2])
     left = left - taken
-    if other[2] - taken > 0 then redis.call('HSET', KEYS[1], other[1], other[2] - taken) else redis.call('HDEL', KEYS[1], other[1]) end
+    redis.call('HSET', KEYS[1], other[1], other[2] - taken)
   end
   return 0
 end
@@ -56,10 +59,11 @@ end
 for _, field in ipairs(ended) do redis.call('HDEL', KEYS[1], field) end
 for _, other in ipairs(others) do redis.call('HDEL', KEYS[1], other[1]) end
 local limit, want = tonumber(ARGV[4]), tonumber(ARGV[5])
-local granted = math.max(0, math.min(want, limit - count))
-if count + granted > 0 then
-  redis.call('HSET', KEYS[1], me, count + granted)
+if mine == nil and #others == 0 then
+  count = tonumber(ARGV[6])
 end
+local granted = math.max(0, math.min(want, limit - count))
+redis.call('HSET', KEYS[1], me, count + granted)
 -- The hash outlives the day it counts by a day, then goes.
 redis.call('PEXPIREAT', KEYS[1], finish + 86400000)
 return {granted, count + granted}
