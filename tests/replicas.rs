@@ -4,11 +4,9 @@
 mod common;
 
 use common::redis_server::RedisServer;
-use common::{until, Harness, Setup};
+use common::{Harness, Setup};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tollgate::config::{Config, StateConfig};
 use tollgate::secret::Secret;
 use tollgate::sim::identity::IdentityConfig;
@@ -267,6 +265,14 @@ async fn redis_down_then_back() {
     let (h, text) = on_redis(setup, &redis).await;
     let proxy = Proxy::start(&parse(&text)).await.unwrap();
     assert_eq!(common::get(url(&proxy, "/warm")).await.status, 200);
+    let admin = |path: &str| format!("http://{}{path}", proxy.admin_addr().unwrap());
+    let status = common::get(admin("/status")).await.json();
+    assert_eq!(status["store"]["store"], redis.url());
+    assert_eq!(
+        status["store"]["replicas"].as_array().unwrap().len(),
+        1,
+        "{status}"
+    );
 
     redis.stop();
     // The lease in hand (10, topped up at half) keeps serving; then 503, never more.
@@ -289,37 +295,33 @@ async fn redis_down_then_back() {
 
     // A refused token is not replaced while the store is down.
     h.identity.expire_access_tokens();
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let a = common::get(url(&proxy, "/expired")).await;
     assert_eq!(a.status, 503, "{}", a.text());
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "quick: {:?}",
-        started.elapsed()
-    );
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "quick: {took:?}");
     let refreshes = h.identity.counters().refreshes;
+    let ready = common::get(admin("/readyz")).await;
+    assert_eq!(ready.status, 503);
+    assert!(ready.text().contains("state store"), "{}", ready.text());
+    let metrics = common::get(admin("/metrics")).await.text();
+    let errors = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tollgate_state_store_errors_total "))
+        .expect("exported");
+    assert!(errors.parse::<u64>().unwrap() > 0, "{metrics}");
 
     redis.restart();
-    let back = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&back);
-    let probe = url(&proxy, "/back");
-    let watcher = tokio::spawn(async move {
-        for _ in 0..200 {
-            if common::get(probe.clone()).await.status == 200 {
-                flag.store(true, Ordering::SeqCst);
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    });
-    until(|| back.load(Ordering::SeqCst)).await;
-    watcher.await.unwrap();
-    assert_eq!(
-        h.identity.counters().refreshes,
-        refreshes + 1,
-        "one refresh once back"
-    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while common::get(url(&proxy, "/back")).await.status != 200 {
+        assert!(Instant::now() < deadline, "no recovery without a restart");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let once = h.identity.counters().refreshes;
+    assert_eq!(once, refreshes + 1, "one refresh once back");
     h.assert_lineage_intact();
+    let ready = common::get(admin("/readyz")).await;
+    assert_eq!(ready.status, 200, "{}", ready.text());
     proxy.shutdown().await;
 }
 
@@ -400,4 +402,28 @@ async fn redis_losing_its_data_loses_neither_the_lineage_nor_the_day() {
     for proxy in group {
         proxy.shutdown().await;
     }
+}
+
+/// Each replica shows itself on the store; each sees the others. A Redis that does not
+/// persist is named at start (tollgate cannot keep what Redis forgets).
+#[tokio::test]
+async fn replicas_see_each_other_and_a_redis_without_persistence_is_named() {
+    let redis = RedisServer::start();
+    let (a, b) = (store(&redis), store(&redis));
+    a.heartbeat().await;
+    b.heartbeat().await;
+    a.heartbeat().await;
+    let seen = a.health().unwrap();
+    assert_eq!(seen.replicas.len(), 2, "{seen:?}");
+    assert!(seen.replicas.contains(&b.replica().to_owned()));
+    assert_eq!((seen.problem, seen.errors), (None, 0));
+
+    assert_eq!(
+        a.durability_warning().await,
+        None,
+        "the test Redis persists"
+    );
+    redis.command(&["CONFIG", "SET", "appendonly", "no"]);
+    let warning = a.durability_warning().await.expect("named");
+    assert!(warning.contains("appendonly"), "{warning}");
 }

@@ -5,6 +5,7 @@
 
 use super::Upstream;
 use crate::stats::{self, BUCKETS};
+use crate::store::StateStore;
 use std::fmt::Write;
 
 /// One metric family: its HELP and TYPE lines, then its samples.
@@ -20,12 +21,16 @@ impl<'a> Family<'a> {
     }
 
     fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        if labels.is_empty() {
+            let _ = writeln!(self.out, "{name} {value}");
+            return;
+        }
         let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
         let _ = writeln!(self.out, "{name}{{{}}} {value}", labels.join(","));
     }
 }
 
-pub fn render(upstreams: &[Upstream]) -> String {
+pub fn render(upstreams: &[Upstream], store: &dyn StateStore) -> String {
     let mut out = String::new();
     let totals: Vec<stats::Totals> = upstreams
         .iter()
@@ -34,6 +39,16 @@ pub fn render(upstreams: &[Upstream]) -> String {
     requests(&mut out, upstreams, &totals);
     refreshes(&mut out, upstreams);
     quotas(&mut out, upstreams);
+    if let Some(health) = store.health() {
+        let name = "tollgate_state_store_errors_total";
+        let help = "Operations on the shared state store that failed or timed out.";
+        let mut f = Family::new(&mut out, name, "counter", help);
+        f.sample(name, &[], health.errors);
+        let name = "tollgate_replicas";
+        let help = "Replicas seen on the shared state store in the last 30 s.";
+        let mut f = Family::new(&mut out, name, "gauge", help);
+        f.sample(name, &[], health.replicas.len());
+    }
     out
 }
 

@@ -19,6 +19,7 @@ use crate::error::{problem, ProxyBody};
 use crate::quota::Quota;
 use crate::server::Handler;
 use crate::stats::RequestStats;
+use crate::store::StateStore;
 use crate::token::TokenCache;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -38,15 +39,16 @@ pub struct Upstream {
 
 pub struct Admin {
     upstreams: Vec<Upstream>,
+    store: Arc<dyn StateStore>,
 }
 
 impl Admin {
-    pub fn new(upstreams: Vec<Upstream>) -> Admin {
-        Admin { upstreams }
+    pub fn new(upstreams: Vec<Upstream>, store: Arc<dyn StateStore>) -> Admin {
+        Admin { upstreams, store }
     }
 
     fn readiness(&self) -> Response<ProxyBody> {
-        let unready: Vec<String> = self
+        let mut unready: Vec<String> = self
             .upstreams
             .iter()
             .filter_map(|u| {
@@ -55,6 +57,9 @@ impl Admin {
                     .map(|r| format!("{}: {r}", u.name))
             })
             .collect();
+        if let Some(problem) = self.store.health().and_then(|h| h.problem) {
+            unready.push(format!("state store: {problem}"));
+        }
         if unready.is_empty() {
             text(StatusCode::OK, "ready\n")
         } else {
@@ -79,14 +84,14 @@ impl Admin {
             "/" => respond(
                 StatusCode::OK,
                 "text/html; charset=utf-8",
-                page::render(&status::gather(&self.upstreams)),
+                page::render(&status::gather(&self.upstreams, &*self.store)),
             ),
             "/healthz" => text(StatusCode::OK, "ok\n"),
             "/readyz" => self.readiness(),
             "/status" => respond(
                 StatusCode::OK,
                 "application/json",
-                serde_json::to_string(&status::gather(&self.upstreams))
+                serde_json::to_string(&status::gather(&self.upstreams, &*self.store))
                     .expect("a Status serialises"),
             ),
             "/metrics" => respond(
@@ -105,7 +110,7 @@ impl Admin {
     }
 
     fn metrics(&self) -> String {
-        metrics::render(&self.upstreams)
+        metrics::render(&self.upstreams, &*self.store)
     }
 }
 

@@ -41,6 +41,25 @@ pub fn render(status: &Status) -> String {
     for upstream in &status.upstreams {
         section(&mut out, upstream);
     }
+    if let Some(store) = &status.store {
+        let _ = writeln!(
+            out,
+            "<section>\n<h2>Replicas</h2>\n<p>{} on {}, this one <code>{}</code>: {}</p>",
+            store.replicas.len(),
+            escape(&store.store),
+            escape(&store.replica),
+            store
+                .replicas
+                .iter()
+                .map(|r| format!("<code>{}</code>", escape(r)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        if let Some(problem) = &store.problem {
+            let _ = writeln!(out, "<p class=\"warn\">{}</p>", escape(problem));
+        }
+        out.push_str("</section>\n");
+    }
     let _ = write!(
         out,
         "<footer>{} &middot; reloads every {REFRESH_S} s &middot; \
@@ -187,6 +206,7 @@ mod tests {
                 },
                 quota: QuotaStatus::default(),
             }],
+            store: None,
         };
         let page = render(&status);
         assert!(
@@ -218,6 +238,7 @@ mod tests {
                     ..QuotaStatus::default()
                 },
             }],
+            store: None,
         };
         let page = render(&status);
         assert!(

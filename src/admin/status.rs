@@ -5,6 +5,7 @@
 //! to print a table. A `Status` holds token *states* (ready, generation, expiry), never a token.
 
 use super::Upstream;
+use crate::store::StateStore;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::SystemTime;
@@ -13,6 +14,23 @@ use std::time::SystemTime;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     pub upstreams: Vec<UpstreamStatus>,
+    /// A state store shared by several replicas; absent for a store of this machine alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreStatus>,
+}
+
+/// A shared state store, as this replica sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoreStatus {
+    /// The store (no password).
+    pub store: String,
+    /// This replica's id, as it printed it at start.
+    pub replica: String,
+    /// The replicas seen in the last 30 s.
+    pub replicas: Vec<String>,
+    /// Why the store is failing, while it fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -57,10 +75,16 @@ pub struct WindowStatus {
     pub resets_in_s: u64,
 }
 
-/// Read each upstream's token cache and quota now.
-pub fn gather(upstreams: &[Upstream]) -> Status {
+/// Read each upstream's token cache and quota, and the shared store, now.
+pub fn gather(upstreams: &[Upstream], store: &dyn StateStore) -> Status {
     Status {
         upstreams: upstreams.iter().map(upstream).collect(),
+        store: store.health().map(|h| StoreStatus {
+            store: h.store,
+            replica: h.replica,
+            replicas: h.replicas,
+            problem: h.problem,
+        }),
     }
 }
 
@@ -145,6 +169,7 @@ mod tests {
                     quota: QuotaStatus::default(),
                 },
             ],
+            store: None,
         };
         let json = serde_json::to_value(&status).unwrap();
         assert_eq!(

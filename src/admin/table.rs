@@ -52,6 +52,18 @@ pub fn render(status: &Status) -> String {
         out.push_str(line.trim_end());
         out.push('\n');
     }
+    if let Some(store) = &status.store {
+        out.push_str(&format!(
+            "\n{} replica(s) on {} (this one {}): {}\n",
+            store.replicas.len(),
+            store.store,
+            store.replica,
+            store.replicas.join(", ")
+        ));
+        if let Some(problem) = &store.problem {
+            reasons.push(format!("state store: {problem}"));
+        }
+    }
     if !reasons.is_empty() {
         out.push('\n');
         for reason in reasons {
@@ -144,6 +156,7 @@ mod tests {
                     quota: QuotaStatus::default(),
                 },
             ],
+            store: None,
         };
         assert_eq!(
             render(&status),
@@ -159,7 +172,10 @@ erp: unready: invalid_grant: run `tollgate login erp`
 
     #[test]
     fn no_upstreams() {
-        let status = Status { upstreams: vec![] };
+        let status = Status {
+            upstreams: vec![],
+            store: None,
+        };
         assert_eq!(render(&status), "no upstream is configured\n");
     }
 }

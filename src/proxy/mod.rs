@@ -59,6 +59,8 @@ pub struct Proxy {
     admin: Option<Listener<Admin>>,
     /// Listeners a reload removed, draining, and what is given back after them.
     retiring: JoinSet<()>,
+    /// Shows this replica to the others on a shared store.
+    heartbeat: Option<Task>,
 }
 
 /// The state of one upstream that outlives a reload.
@@ -113,6 +115,16 @@ impl Proxy {
             upstream: "*".into(),
             reason: format!("cannot start the worker threads: {e}"),
         })?;
+        let heartbeat = match store.health() {
+            Some(health) => {
+                tracing::info!(store = %health.store, replica = %health.replica, "sharing the state store with other replicas");
+                if let Some(warning) = store.durability_warning().await {
+                    tracing::warn!("{warning}");
+                }
+                Some(heartbeat_task(&store))
+            }
+            None => None,
+        };
         let mut proxy = Proxy {
             config: config.clone(),
             store,
@@ -122,6 +134,7 @@ impl Proxy {
             listeners: BTreeMap::new(),
             admin: None,
             retiring: JoinSet::new(),
+            heartbeat,
         };
         proxy.apply(config).await?;
         Ok(proxy)
@@ -189,6 +202,10 @@ impl Proxy {
             });
         }
         while stopping.join_next().await.is_some() {}
+        if let Some(heartbeat) = self.heartbeat.take() {
+            let _ = heartbeat.stop.send(true);
+            let _ = heartbeat.handle.await;
+        }
         self.store.flush().await;
         self.workers.stop().await;
     }
@@ -200,6 +217,22 @@ async fn give_back(upstream: &str, quota: &Quota) {
     if let Err(e) = quota.give_back().await {
         tracing::warn!(%upstream, error = %e, "could not give unspent daily quota back; it stays spent for today");
     }
+}
+
+/// Show this replica on the shared store every [`store::HEARTBEAT`] until stopped.
+fn heartbeat_task(store: &Arc<dyn StateStore>) -> Task {
+    let (stop, mut stopped) = watch::channel(false);
+    let store = Arc::clone(store);
+    let handle = tokio::spawn(async move {
+        loop {
+            store.heartbeat().await;
+            tokio::select! {
+                _ = server::stopped(&mut stopped) => return,
+                _ = tokio::time::sleep(store::HEARTBEAT) => {}
+            }
+        }
+    });
+    Task { stop, handle }
 }
 
 /// Refresh `tokens` ahead of expiry until stopped.

@@ -405,7 +405,7 @@ impl Proxy {
             .collect();
         let site = || {
             Site::new(
-                Admin::new(upstreams),
+                Admin::new(upstreams, Arc::clone(&self.store)),
                 &crate::config::LimitsConfig::default(),
                 None,
             )

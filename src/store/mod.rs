@@ -186,6 +186,41 @@ pub trait StateStore: Send + Sync {
     /// Wait (briefly) for work the store finishes on its own — a lock released as it was
     /// dropped — before the process exits, so another process need not wait for it to expire.
     async fn flush(&self) {}
+
+    /// How a store shared by several replicas is doing; `None` for one of this machine alone.
+    fn health(&self) -> Option<StoreHealth> {
+        None
+    }
+
+    /// Show this replica to the others, and notice a store that stopped answering while
+    /// nothing else asked it. The proxy calls it every [`HEARTBEAT`] while it runs.
+    async fn heartbeat(&self) {}
+
+    /// Why the store may lose what tollgate writes to it (a Redis without persistence), asked
+    /// once at start.
+    async fn durability_warning(&self) -> Option<String> {
+        None
+    }
+}
+
+/// How often a replica shows itself to the others on a shared store; one not seen for
+/// [`REPLICA_WINDOW`] is forgotten.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+pub const REPLICA_WINDOW: Duration = Duration::from_secs(30);
+
+/// What `/readyz`, `/status` and `/metrics` say of a shared store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreHealth {
+    /// The store, as it may be shown (no password).
+    pub store: String,
+    /// This replica's id.
+    pub replica: String,
+    /// The replicas seen within [`REPLICA_WINDOW`], by id.
+    pub replicas: Vec<String>,
+    /// Why the last operation failed, while the store fails.
+    pub problem: Option<String>,
+    /// Failed operations since the start.
+    pub errors: u64,
 }
 
 /// Open the store that `state.store` names. A Redis store connects on first use.

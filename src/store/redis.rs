@@ -19,14 +19,15 @@
 //! Must not: print the URL whole (it may hold a password), or decide anything the token cache
 //! or the quota decides.
 
-use super::{Period, RefreshLock, Reservation, StateStore, StoreError, TokenRecord};
+use super::REPLICA_WINDOW;
+use super::{Period, RefreshLock, Reservation, StateStore, StoreError, StoreHealth, TokenRecord};
 use crate::config::{RedisUrl, StateConfig};
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
@@ -42,6 +43,11 @@ pub struct RedisStore {
     scripts: Scripts,
     /// Lock releases still running in tasks of their own (see [`Held`]).
     releasing: Arc<Releasing>,
+    /// Failed operations, and why the last one failed while the store fails.
+    errors: AtomicU64,
+    problem: Mutex<Option<String>>,
+    /// The replicas the last heartbeat saw.
+    replicas: Mutex<Vec<String>>,
 }
 
 #[derive(Default)]
@@ -55,6 +61,7 @@ struct Scripts {
     unlock: Script,
     save: Script,
     days: Script,
+    heartbeat: Script,
 }
 
 /// How often a waiter asks again for a lock another replica holds.
@@ -98,8 +105,12 @@ impl RedisStore {
                 unlock: Script::new(include_str!("redis/unlock.lua")),
                 save: Script::new(include_str!("redis/save.lua")),
                 days: Script::new(include_str!("redis/days.lua")),
+                heartbeat: Script::new(include_str!("redis/heartbeat.lua")),
             },
             releasing: Arc::default(),
+            errors: AtomicU64::new(0),
+            problem: Mutex::new(None),
+            replicas: Mutex::new(Vec::new()),
         })
     }
 
@@ -112,19 +123,26 @@ impl RedisStore {
         format!("{}:{upstream}:{what}", self.prefix)
     }
 
-    /// Run one operation, bounded by `[state] timeout`.
+    /// Run one operation, bounded by `[state] timeout`; remember whether the store answers.
     async fn run<T>(
         &self,
         operation: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, operation).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(self.unreachable(e.to_string())),
-            Err(_) => Err(self.unreachable(format!(
+        let failed = match tokio::time::timeout(self.timeout, operation).await {
+            Ok(Ok(value)) => {
+                *self.problem.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                return Ok(value);
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!(
                 "no answer within {} ([state] timeout)",
                 humantime::format_duration(self.timeout)
-            ))),
-        }
+            ),
+        };
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let error = self.unreachable(failed);
+        *self.problem.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
+        Err(error)
     }
 
     fn unreachable(&self, reason: String) -> StoreError {
@@ -297,6 +315,59 @@ impl StateStore for RedisStore {
 
     async fn quota_used(&self, upstream: &str, period: &Period) -> Result<u64, StoreError> {
         self.days(upstream, "used", period, &[]).await
+    }
+
+    fn health(&self) -> Option<StoreHealth> {
+        Some(StoreHealth {
+            store: self.shown.clone(),
+            replica: self.id.clone(),
+            replicas: self
+                .replicas
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            problem: self
+                .problem
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            errors: self.errors.load(Ordering::Relaxed),
+        })
+    }
+
+    async fn heartbeat(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut invocation = self
+            .scripts
+            .heartbeat
+            .key(format!("{}:replicas", self.prefix));
+        invocation
+            .arg(&self.id)
+            .arg(now)
+            .arg(REPLICA_WINDOW.as_millis() as u64);
+        let mut conn = self.conn.clone();
+        if let Ok(seen) = self
+            .run(invocation.invoke_async::<Vec<String>>(&mut conn))
+            .await
+        {
+            *self.replicas.lock().unwrap_or_else(|p| p.into_inner()) = seen;
+        }
+    }
+
+    async fn durability_warning(&self) -> Option<String> {
+        let mut conn = self.conn.clone();
+        let mut query = redis::cmd("CONFIG");
+        query.arg("GET").arg("appendonly");
+        // Managed Redis services often refuse CONFIG: then nothing can be said.
+        let answer: Vec<String> = self.run(query.query_async(&mut conn)).await.ok()?;
+        (answer.get(1).map(String::as_str) == Some("no")).then(|| {
+            format!(
+                "the state store {} runs without appendonly: a restart of Redis loses what tollgate wrote since its last snapshot; the replicas then write back the newest token record and day count they know, but set `appendonly yes` (see the README, \"Several replicas\")",
+                self.shown
+            )
+        })
     }
 
     async fn flush(&self) {
