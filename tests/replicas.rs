@@ -427,3 +427,56 @@ async fn replicas_see_each_other_and_a_redis_without_persistence_is_named() {
     let warning = a.durability_warning().await.expect("named");
     assert!(warning.contains("appendonly"), "{warning}");
 }
+
+/// The generation of `proxy`'s token, from its admin listener.
+async fn generation(proxy: &Proxy) -> u64 {
+    let status = common::get(format!("http://{}/status", proxy.admin_addr().unwrap()))
+        .await
+        .json();
+    status["upstreams"][0]["token"]["generation"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// One replica refreshes after the API refused its token: the other hears of the new
+/// generation on the store's pub/sub and switches to it at once, without a refresh of its own
+/// and without waiting for its token to come due.
+#[tokio::test]
+async fn a_new_generation_is_announced_to_the_other_replicas() {
+    let redis = RedisServer::start();
+    let setup = Setup {
+        admin: true,
+        ..Setup::default()
+    };
+    let (h, text) = on_redis(setup, &redis).await;
+    let group = replicas(&text, 2).await;
+    let (a, b) = (&group[0], &group[1]);
+    assert_eq!(common::get(url(a, "/warm")).await.status, 200);
+    assert_eq!(common::get(url(b, "/warm")).await.status, 200);
+    let before = generation(b).await;
+    assert_eq!(generation(a).await, before, "one token for the group");
+    let refreshes = h.identity.counters().refreshes;
+
+    h.api.reject_next(1);
+    assert_eq!(common::get(url(a, "/refused")).await.status, 200);
+    let now = generation(a).await;
+    assert_eq!(now, before + 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while generation(b).await != now {
+        assert!(
+            Instant::now() < deadline,
+            "the other replica never switched"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        h.identity.counters().refreshes,
+        refreshes + 1,
+        "one refresh"
+    );
+    assert_eq!(common::get(url(b, "/after")).await.status, 200);
+    h.assert_lineage_intact();
+    for proxy in group {
+        proxy.shutdown().await;
+    }
+}

@@ -196,6 +196,13 @@ pub trait StateStore: Send + Sync {
     /// nothing else asked it. The proxy calls it every [`HEARTBEAT`] while it runs.
     async fn heartbeat(&self) {}
 
+    /// Generations of `upstream`'s token record saved by any process, as they are announced
+    /// (a shared store's pub/sub), so a replica switches to a newer token without waiting for
+    /// its own refresh; `None` where nothing is announced.
+    fn announcements(&self, _upstream: &str) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
     /// Why the store may lose what tollgate writes to it (a Redis without persistence), asked
     /// once at start.
     async fn durability_warning(&self) -> Option<String> {

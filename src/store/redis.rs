@@ -25,14 +25,16 @@ use crate::config::{RedisUrl, StateConfig};
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 /// A Redis server shared by several replicas.
 pub struct RedisStore {
+    client: redis::Client,
     conn: ConnectionManager,
     prefix: String,
     timeout: Duration,
@@ -48,6 +50,11 @@ pub struct RedisStore {
     problem: Mutex<Option<String>>,
     /// The replicas the last heartbeat saw.
     replicas: Mutex<Vec<String>>,
+    /// Generations announced on `{prefix}:{upstream}:generation`, by upstream; the listener
+    /// task starts with the first subscriber.
+    announced: Arc<Mutex<HashMap<String, watch::Sender<u64>>>>,
+    /// Dropped with the store: ends its listener.
+    open: watch::Sender<()>,
 }
 
 #[derive(Default)]
@@ -92,9 +99,10 @@ impl RedisStore {
             .set_connection_timeout(Some(state.timeout))
             .set_response_timeout(Some(state.timeout))
             .set_max_delay(Duration::from_secs(5));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|e| fail(e.to_string()))?;
         Ok(RedisStore {
+            client,
             conn,
             prefix: state.prefix.clone(),
             timeout: state.timeout,
@@ -111,6 +119,8 @@ impl RedisStore {
             errors: AtomicU64::new(0),
             problem: Mutex::new(None),
             replicas: Mutex::new(Vec::new()),
+            announced: Arc::default(),
+            open: watch::channel(()).0,
         })
     }
 
@@ -356,6 +366,26 @@ impl StateStore for RedisStore {
         }
     }
 
+    fn announcements(&self, upstream: &str) -> Option<watch::Receiver<u64>> {
+        let mut announced = self.announced.lock().unwrap_or_else(|p| p.into_inner());
+        if announced.is_empty() {
+            let listener = Listener {
+                client: self.client.clone(),
+                pattern: format!("{}:*:generation", self.prefix),
+                prefix: format!("{}:", self.prefix),
+                announced: Arc::downgrade(&self.announced),
+                open: self.open.subscribe(),
+            };
+            tokio::runtime::Handle::try_current()
+                .ok()?
+                .spawn(listener.run());
+        }
+        let sender = announced
+            .entry(upstream.to_owned())
+            .or_insert_with(|| watch::channel(0).0);
+        Some(sender.subscribe())
+    }
+
     async fn durability_warning(&self) -> Option<String> {
         let mut conn = self.conn.clone();
         let mut query = redis::cmd("CONFIG");
@@ -381,5 +411,72 @@ impl StateStore for RedisStore {
             }
         };
         let _ = tokio::time::timeout(self.timeout, wait).await;
+    }
+}
+
+/// Listens for the generations other replicas announce, and hands each to the subscribers of
+/// its upstream; reconnects with backoff, and ends with the store.
+struct Listener {
+    client: redis::Client,
+    pattern: String,
+    /// `{prefix}:`, cut from a channel's name to find its upstream.
+    prefix: String,
+    announced: std::sync::Weak<Mutex<HashMap<String, watch::Sender<u64>>>>,
+    /// Closed when the store is dropped.
+    open: watch::Receiver<()>,
+}
+
+impl Listener {
+    async fn run(mut self) {
+        let mut closed = self.open.clone();
+        tokio::select! {
+            _ = closed.changed() => {}
+            _ = self.listen() => {}
+        }
+    }
+
+    async fn listen(&mut self) {
+        use futures_util::StreamExt;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            if let Ok(mut pubsub) = self.client.get_async_pubsub().await {
+                if pubsub.psubscribe(&self.pattern).await.is_ok() {
+                    pause = Duration::from_millis(100);
+                    let mut messages = pubsub.on_message();
+                    while let Some(message) = messages.next().await {
+                        if !self.deliver(message.get_channel_name(), message.get_payload()) {
+                            return;
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Hand `generation` to the subscribers of the channel's upstream; false once the store
+    /// is gone.
+    fn deliver(&self, channel: &str, generation: redis::RedisResult<u64>) -> bool {
+        let Some(announced) = self.announced.upgrade() else {
+            return false;
+        };
+        let upstream = channel
+            .strip_prefix(&self.prefix)
+            .and_then(|rest| rest.strip_suffix(":generation"));
+        if let (Some(upstream), Ok(generation)) = (upstream, generation) {
+            if let Some(sender) = announced
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(upstream)
+            {
+                sender.send_if_modified(|seen| {
+                    let newer = generation > *seen;
+                    *seen = (*seen).max(generation);
+                    newer
+                });
+            }
+        }
+        true
     }
 }

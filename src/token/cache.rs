@@ -22,6 +22,18 @@ use tokio::sync::watch;
 /// The `result` label values of `tollgate_token_refreshes_total`, by index.
 pub const REFRESH_RESULTS: [&str; 3] = ["ok", "error", "refused"];
 
+/// The next generation announced on `announced`; never, when nothing is announced.
+async fn next_announcement(announced: &mut Option<watch::Receiver<u64>>) -> Option<u64> {
+    match announced {
+        Some(receiver) => match receiver.changed().await {
+            Ok(()) => Some(*receiver.borrow_and_update()),
+            // The store is gone: nothing more will come.
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
 /// A `std` mutex, through a panic elsewhere (the data it guards stays consistent).
 pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -407,9 +419,13 @@ impl TokenCache {
 
     /// Refresh ahead of expiry until `shutdown` resolves. Fetches the first token at once, so
     /// the first request does not wait for it.
+    ///
+    /// On a shared store it also follows the generations other replicas announce, taking a
+    /// newer token over as soon as it is saved.
     pub async fn refresh_ahead(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut published = self.published.subscribe();
+        let mut announced = self.store.announcements(&self.name);
         let mut backoff = Backoff::new(self.backoff_initial, self.backoff_max);
         let mut wake_at = Instant::now();
         loop {
@@ -418,6 +434,12 @@ impl TokenCache {
                 _ = tokio::time::sleep_until(wake_at.into()) => {}
                 _ = published.changed() => {
                     wake_at = self.next_wake();
+                    continue;
+                }
+                Some(generation) = next_announcement(&mut announced) => {
+                    if generation > self.generation() {
+                        self.take_announced().await;
+                    }
                     continue;
                 }
             }
@@ -439,6 +461,27 @@ impl TokenCache {
                     wake_at = Instant::now() + backoff.next_delay();
                 }
             }
+        }
+    }
+
+    /// A generation another replica saved and announced: take its token over, without the
+    /// lock (it only reads), when it is of this lineage, newer and usable.
+    async fn take_announced(&self) {
+        let Ok(Some(record)) = self.store.load_token(&self.name).await else {
+            return;
+        };
+        if record.seed_hash != self.seed_hash
+            || record.generation <= self.generation().max(self.refused.load(Ordering::Acquire))
+        {
+            return;
+        }
+        self.remember(&record);
+        if let Some(token) = self
+            .token_from(&record)
+            .filter(|t| t.is_usable(Instant::now()))
+        {
+            tracing::debug!(upstream = %self.name, generation = token.generation, "using the token another replica announced");
+            self.publish(token);
         }
     }
 
