@@ -480,3 +480,49 @@ async fn a_new_generation_is_announced_to_the_other_replicas() {
         proxy.shutdown().await;
     }
 }
+
+/// The API answers one replica 429 with `Retry-After: 30`: every replica holds back — the
+/// other answers 429 itself, without contacting the API — not only the one that was told.
+#[tokio::test]
+async fn an_upstream_429_to_one_replica_holds_every_replica_back() {
+    let redis = RedisServer::start();
+    let (h, text) = on_redis(Setup::default(), &redis).await;
+    let group = replicas(&text, 2).await;
+    let (a, b) = (&group[0], &group[1]);
+    assert_eq!(common::get(url(a, "/warm")).await.status, 200);
+    assert_eq!(common::get(url(b, "/warm")).await.status, 200);
+
+    let throttled = common::get(url(a, "/x?sim_status=429&sim_retry_after=30")).await;
+    assert_eq!(throttled.status, 429, "the API's own 429");
+    let sent = h.api.counters().requests;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let held = loop {
+        let answer = common::get(url(b, "/other")).await;
+        if answer.status == 429 {
+            break answer;
+        }
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        assert!(
+            Instant::now() < deadline,
+            "the other replica was never held back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        held.json()["type"],
+        "urn:tollgate:problem:upstream-throttled"
+    );
+    let retry: u64 = held.header("retry-after").parse().unwrap();
+    assert!((25..=30).contains(&retry), "{retry}");
+    let before = h.api.counters().requests;
+    assert_eq!(common::get(url(b, "/held")).await.status, 429);
+    assert_eq!(
+        h.api.counters().requests,
+        before,
+        "not contacted while held"
+    );
+    assert!(before <= sent + 5);
+    for proxy in group {
+        proxy.shutdown().await;
+    }
+}

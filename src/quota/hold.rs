@@ -1,7 +1,8 @@
 //! Holding an upstream back after it answered 429: until its `Retry-After` (seconds or an HTTP
 //! date), or without one for a backoff that starts at 1 s and doubles up to 60 s. Meanwhile
 //! tollgate answers 429 itself and the API is not contacted. A response other than 429 ends the
-//! backoff sequence.
+//! backoff sequence. On a shared store the hold is shared: one replica's 429 holds every
+//! replica back.
 
 use super::Clock;
 use http::{header, HeaderMap, StatusCode};
@@ -75,6 +76,32 @@ impl Hold {
         let until = clock.mono().as_u64() + hold.as_nanos() as u64;
         self.until_ns.fetch_max(until, Ordering::AcqRel);
         Some(hold)
+    }
+}
+
+impl Hold {
+    /// Another replica was answered 429: hold back until `until_ms` (Unix ms) too.
+    pub fn hold_until(&self, until_ms: u64, clock: &Clock) {
+        let left = until_ms.saturating_sub(clock.unix_ms());
+        if left > 0 {
+            let until = clock.mono().as_u64() + Duration::from_millis(left).as_nanos() as u64;
+            self.until_ns.fetch_max(until, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Apply the holds other replicas announce to `hold`, while it is in use.
+pub async fn follow(
+    hold: std::sync::Weak<Hold>,
+    mut announced: tokio::sync::watch::Receiver<u64>,
+    clock: Clock,
+) {
+    while announced.changed().await.is_ok() {
+        let until_ms = *announced.borrow_and_update();
+        let Some(hold) = hold.upgrade() else {
+            return;
+        };
+        hold.hold_until(until_ms, &clock);
     }
 }
 

@@ -132,6 +132,16 @@ impl Quota {
         store: Arc<dyn StateStore>,
         clock: Clock,
     ) -> Quota {
+        let hold = Arc::new(Hold::default());
+        if let (Some(announced), Ok(runtime)) =
+            (store.holds(upstream), tokio::runtime::Handle::try_current())
+        {
+            runtime.spawn(hold::follow(
+                Arc::downgrade(&hold),
+                announced,
+                clock.clone(),
+            ));
+        }
         let empty = Quota {
             upstream: upstream.to_owned(),
             config: None,
@@ -140,7 +150,7 @@ impl Quota {
             daily: None,
             rates: Vec::new(),
             queue: None,
-            hold: Arc::default(),
+            hold,
             rejected: Arc::default(),
             successor: OnceLock::new(),
         };
@@ -345,6 +355,12 @@ impl Quota {
     /// Learn from an upstream response: a 429 holds the upstream back.
     pub fn upstream_answered(&self, status: StatusCode, headers: &HeaderMap) {
         if let Some(hold) = self.hold.observe(status, headers, &self.clock) {
+            if self.store.is_shared() {
+                let (store, upstream) = (Arc::clone(&self.store), self.upstream.clone());
+                let until_ms = self.clock.unix_ms() + hold.as_millis() as u64;
+                // No request waits for it: the other replicas learn of it in the background.
+                tokio::spawn(async move { store.share_hold(&upstream, until_ms).await });
+            }
             tracing::warn!(
                 upstream = %self.upstream,
                 hold_s = ceil_secs(hold),

@@ -187,6 +187,11 @@ pub trait StateStore: Send + Sync {
     /// dropped — before the process exits, so another process need not wait for it to expire.
     async fn flush(&self) {}
 
+    /// Whether several replicas share the store (Redis), not this machine alone.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
     /// How a store shared by several replicas is doing; `None` for one of this machine alone.
     fn health(&self) -> Option<StoreHealth> {
         None
@@ -200,6 +205,15 @@ pub trait StateStore: Send + Sync {
     /// (a shared store's pub/sub), so a replica switches to a newer token without waiting for
     /// its own refresh; `None` where nothing is announced.
     fn announcements(&self, _upstream: &str) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
+    /// Hold every replica back from `upstream` until `until_ms` (Unix ms): it answered 429
+    /// to this one. Nothing to do for a store of this machine alone.
+    async fn share_hold(&self, _upstream: &str, _until_ms: u64) {}
+
+    /// The holds other replicas share for `upstream` (Unix ms), as they are announced.
+    fn holds(&self, _upstream: &str) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }
 

@@ -50,8 +50,8 @@ pub struct RedisStore {
     problem: Mutex<Option<String>>,
     /// The replicas the last heartbeat saw.
     replicas: Mutex<Vec<String>>,
-    /// Generations announced on `{prefix}:{upstream}:generation`, by upstream; the listener
-    /// task starts with the first subscriber.
+    /// What is announced on `{prefix}:{upstream}:generation` and `…:hold`, by channel; the
+    /// listener task starts with the first subscriber.
     announced: Arc<Mutex<HashMap<String, watch::Sender<u64>>>>,
     /// Dropped with the store: ends its listener.
     open: watch::Sender<()>,
@@ -69,6 +69,7 @@ struct Scripts {
     save: Script,
     days: Script,
     heartbeat: Script,
+    hold: Script,
 }
 
 /// How often a waiter asks again for a lock another replica holds.
@@ -114,6 +115,7 @@ impl RedisStore {
                 save: Script::new(include_str!("redis/save.lua")),
                 days: Script::new(include_str!("redis/days.lua")),
                 heartbeat: Script::new(include_str!("redis/heartbeat.lua")),
+                hold: Script::new(include_str!("redis/hold.lua")),
             },
             releasing: Arc::default(),
             errors: AtomicU64::new(0),
@@ -160,6 +162,29 @@ impl RedisStore {
             store: self.shown.clone(),
             reason,
         }
+    }
+
+    /// The values announced on `channel`, from the store's one listener (started here).
+    fn listen(&self, channel: String) -> Option<watch::Receiver<u64>> {
+        let mut announced = self.announced.lock().unwrap_or_else(|p| p.into_inner());
+        if announced.is_empty() {
+            let listener = Listener {
+                client: self.client.clone(),
+                patterns: vec![
+                    format!("{}:*:generation", self.prefix),
+                    format!("{}:*:hold", self.prefix),
+                ],
+                announced: Arc::downgrade(&self.announced),
+                open: self.open.subscribe(),
+            };
+            tokio::runtime::Handle::try_current()
+                .ok()?
+                .spawn(listener.run());
+        }
+        let sender = announced
+            .entry(channel)
+            .or_insert_with(|| watch::channel(0).0);
+        Some(sender.subscribe())
     }
 
     /// One operation of `days.lua` on `upstream`'s day counts.
@@ -327,6 +352,10 @@ impl StateStore for RedisStore {
         self.days(upstream, "used", period, &[]).await
     }
 
+    fn is_shared(&self) -> bool {
+        true
+    }
+
     fn health(&self) -> Option<StoreHealth> {
         Some(StoreHealth {
             store: self.shown.clone(),
@@ -367,23 +396,26 @@ impl StateStore for RedisStore {
     }
 
     fn announcements(&self, upstream: &str) -> Option<watch::Receiver<u64>> {
-        let mut announced = self.announced.lock().unwrap_or_else(|p| p.into_inner());
-        if announced.is_empty() {
-            let listener = Listener {
-                client: self.client.clone(),
-                pattern: format!("{}:*:generation", self.prefix),
-                prefix: format!("{}:", self.prefix),
-                announced: Arc::downgrade(&self.announced),
-                open: self.open.subscribe(),
-            };
-            tokio::runtime::Handle::try_current()
-                .ok()?
-                .spawn(listener.run());
+        self.listen(self.key(upstream, "generation"))
+    }
+
+    async fn share_hold(&self, upstream: &str, until_ms: u64) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut invocation = self.scripts.hold.key(self.key(upstream, "hold"));
+        invocation
+            .arg(until_ms)
+            .arg(now)
+            .arg(self.key(upstream, "hold"));
+        let mut conn = self.conn.clone();
+        if let Err(e) = self.run(invocation.invoke_async::<u64>(&mut conn)).await {
+            tracing::warn!(%upstream, error = %e, "could not share the hold after a 429 with the other replicas");
         }
-        let sender = announced
-            .entry(upstream.to_owned())
-            .or_insert_with(|| watch::channel(0).0);
-        Some(sender.subscribe())
+    }
+
+    fn holds(&self, upstream: &str) -> Option<watch::Receiver<u64>> {
+        self.listen(self.key(upstream, "hold"))
     }
 
     async fn durability_warning(&self) -> Option<String> {
@@ -414,13 +446,12 @@ impl StateStore for RedisStore {
     }
 }
 
-/// Listens for the generations other replicas announce, and hands each to the subscribers of
-/// its upstream; reconnects with backoff, and ends with the store.
+/// Listens for what other replicas announce (new generations, holds after a 429), and hands
+/// each value to the subscribers of its channel; reconnects with backoff, and ends with the
+/// store.
 struct Listener {
     client: redis::Client,
-    pattern: String,
-    /// `{prefix}:`, cut from a channel's name to find its upstream.
-    prefix: String,
+    patterns: Vec<String>,
     announced: std::sync::Weak<Mutex<HashMap<String, watch::Sender<u64>>>>,
     /// Closed when the store is dropped.
     open: watch::Receiver<()>,
@@ -440,7 +471,7 @@ impl Listener {
         let mut pause = Duration::from_millis(100);
         loop {
             if let Ok(mut pubsub) = self.client.get_async_pubsub().await {
-                if pubsub.psubscribe(&self.pattern).await.is_ok() {
+                if pubsub.psubscribe(&self.patterns).await.is_ok() {
                     pause = Duration::from_millis(100);
                     let mut messages = pubsub.on_message();
                     while let Some(message) = messages.next().await {
@@ -455,27 +486,25 @@ impl Listener {
         }
     }
 
-    /// Hand `generation` to the subscribers of the channel's upstream; false once the store
-    /// is gone.
-    fn deliver(&self, channel: &str, generation: redis::RedisResult<u64>) -> bool {
+    /// Hand `value` to the subscribers of `channel`, when it is higher than the last (both a
+    /// generation and the end of a hold only grow); false once the store is gone.
+    fn deliver(&self, channel: &str, value: redis::RedisResult<u64>) -> bool {
         let Some(announced) = self.announced.upgrade() else {
             return false;
         };
-        let upstream = channel
-            .strip_prefix(&self.prefix)
-            .and_then(|rest| rest.strip_suffix(":generation"));
-        if let (Some(upstream), Ok(generation)) = (upstream, generation) {
-            if let Some(sender) = announced
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(upstream)
-            {
-                sender.send_if_modified(|seen| {
-                    let newer = generation > *seen;
-                    *seen = (*seen).max(generation);
-                    newer
-                });
-            }
+        let Ok(value) = value else {
+            return true;
+        };
+        if let Some(sender) = announced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(channel)
+        {
+            sender.send_if_modified(|seen| {
+                let higher = value > *seen;
+                *seen = (*seen).max(value);
+                higher
+            });
         }
         true
     }
