@@ -188,6 +188,32 @@ async fn a_paused_replica_cannot_save_over_a_newer_lineage() {
         .expect("released by its holder");
 }
 
+/// A lock this process left set although none of its flights holds it — the answer to the
+/// lock request was lost (Redis restarted under it), or its release failed — is taken back
+/// by this process at once, not waited out for its TTL; another process still waits.
+#[tokio::test]
+async fn a_lock_left_over_by_this_process_is_taken_back() {
+    let redis = RedisServer::start();
+    let (ours, theirs) = (store(&redis), store(&redis));
+    let left = format!("{}:0123456789abcdef", ours.replica());
+    redis.command(&["SET", "tollgate:api:lock", &left, "PX", "60000"]);
+    let hold = Duration::from_secs(30);
+    let busy = theirs
+        .lock_refresh("api", Duration::from_millis(100), hold)
+        .await;
+    assert!(
+        matches!(busy, Err(StoreError::LockTimeout { .. })),
+        "another process waits"
+    );
+    let taken = ours.lock_refresh("api", Duration::ZERO, hold).await;
+    assert!(taken.is_ok(), "taken back at once: {:?}", taken.err());
+    // One this process holds is not taken back by it.
+    let again = ours
+        .lock_refresh("api", Duration::from_millis(100), hold)
+        .await;
+    assert!(matches!(again, Err(StoreError::LockTimeout { .. })), "held");
+}
+
 /// Send GETs round-robin over `proxies` until `n` were sent; returns how many were served.
 async fn spend(proxies: &[&Proxy], n: usize) -> usize {
     let mut served = 0;
@@ -251,9 +277,9 @@ async fn a_replica_killed_loses_at_most_its_lease() {
     other.shutdown().await;
 }
 
-/// Redis stops under load: a valid token keeps serving and the day spends what is left of its
-/// lease; a refused token is never replaced without the store (503 naming it, quickly); no
-/// request is over-admitted. Redis comes back: every replica recovers without a restart.
+/// Redis stops: a valid token keeps serving and the day spends what is left of its lease,
+/// then 503 for the day, never more; `/readyz` names the store. Redis comes back: the replica
+/// recovers without a restart.
 #[tokio::test]
 async fn redis_down_then_back() {
     let mut redis = RedisServer::start();
@@ -268,11 +294,8 @@ async fn redis_down_then_back() {
     let admin = |path: &str| format!("http://{}{path}", proxy.admin_addr().unwrap());
     let status = common::get(admin("/status")).await.json();
     assert_eq!(status["store"]["store"], redis.url());
-    assert_eq!(
-        status["store"]["replicas"].as_array().unwrap().len(),
-        1,
-        "{status}"
-    );
+    let replicas = status["store"]["replicas"].as_array().unwrap().len();
+    assert_eq!(replicas, 1, "{status}");
 
     redis.stop();
     // The lease in hand (10, topped up at half) keeps serving; then 503, never more.
@@ -292,15 +315,6 @@ async fn redis_down_then_back() {
     let refused = refused.expect("refused once the lease is spent");
     assert!((1..=20).contains(&served), "served {served} from the lease");
     assert_eq!(refused.json()["type"], "urn:tollgate:problem:quota-store");
-
-    // A refused token is not replaced while the store is down.
-    h.identity.expire_access_tokens();
-    let started = Instant::now();
-    let a = common::get(url(&proxy, "/expired")).await;
-    assert_eq!(a.status, 503, "{}", a.text());
-    let took = started.elapsed();
-    assert!(took < Duration::from_secs(3), "quick: {took:?}");
-    let refreshes = h.identity.counters().refreshes;
     let ready = common::get(admin("/readyz")).await;
     assert_eq!(ready.status, 503);
     assert!(ready.text().contains("state store"), "{}", ready.text());
@@ -317,11 +331,63 @@ async fn redis_down_then_back() {
         assert!(Instant::now() < deadline, "no recovery without a restart");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let ready = common::get(admin("/readyz")).await;
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    h.assert_lineage_intact();
+    proxy.shutdown().await;
+}
+
+/// Redis stops and the API refuses the token: it is not replaced without the store's lock —
+/// 503 naming the state store, within a few `[state] timeout`s — and nothing is sent without
+/// a token. Redis comes back: one refresh, and requests are served again.
+#[tokio::test]
+async fn a_refused_token_is_not_replaced_while_redis_is_down() {
+    let mut redis = RedisServer::start();
+    let (h, text) = on_redis(Setup::default(), &redis).await;
+    let proxy = Proxy::start(&parse(&text)).await.unwrap();
+    assert_eq!(common::get(url(&proxy, "/warm")).await.status, 200);
+
+    redis.stop();
+    h.identity.expire_access_tokens();
+    let sent = h.api.counters().requests;
+    let started = Instant::now();
+    let a = common::get(url(&proxy, "/refused")).await;
+    let took = started.elapsed();
+    assert_eq!(a.status, 503, "{}", a.text());
+    assert_eq!(a.json()["type"], "urn:tollgate:problem:state-store");
+    assert!(a.text().contains(&redis.url()), "{}", a.text());
+    assert!(took < Duration::from_secs(3), "quick: {took:?}");
+    assert_eq!(
+        h.api.counters().requests,
+        sent + 1,
+        "the refused send, no more"
+    );
+    let again = common::get(url(&proxy, "/again")).await;
+    assert_eq!(again.json()["type"], "urn:tollgate:problem:state-store");
+    assert_eq!(
+        h.api.counters().requests,
+        sent + 1,
+        "nothing sent without a token"
+    );
+    let refreshes = h.identity.counters().refreshes;
+
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let a = common::get(url(&proxy, "/back")).await;
+        if a.status == 200 {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let lock = redis.command(&["GET", "tollgate:api:lock"]);
+            let ttl = redis.command(&["PTTL", "tollgate:api:lock"]);
+            panic!("no recovery: {} lock {lock:?} ttl {ttl:?}", a.text());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let once = h.identity.counters().refreshes;
     assert_eq!(once, refreshes + 1, "one refresh once back");
     h.assert_lineage_intact();
-    let ready = common::get(admin("/readyz")).await;
-    assert_eq!(ready.status, 200, "{}", ready.text());
     proxy.shutdown().await;
 }
 

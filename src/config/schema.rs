@@ -39,7 +39,8 @@ pub struct StateConfig {
     /// How long one operation on a shared store may take.
     #[serde(default = "default_store_timeout", deserialize_with = "de_duration")]
     pub timeout: Duration,
-    /// PEM certificates trusted for `rediss://`, besides the system's.
+    /// PEM certificates of the CA that signed the Redis server's certificate, for `rediss://`
+    /// with a private CA: then only they are trusted.
     pub ca_file: Option<PathBuf>,
 }
 
@@ -365,11 +366,20 @@ impl StoreLocation {
                 return Err("`file:` needs a directory, e.g. \"file:./state\"".into());
             }
             Ok(StoreLocation::File(PathBuf::from(dir)))
-        } else if text.starts_with("redis://") || text.starts_with("rediss://") {
+        } else if ["redis://", "rediss://"].iter().any(|s| {
+            text.get(..s.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(s))
+        }) {
             RedisUrl::parse(text).map(StoreLocation::Redis)
         } else {
+            // A URL may carry a password: quote the value only when it cannot.
+            let shown = if text.contains('@') {
+                "the value"
+            } else {
+                text
+            };
             Err(format!(
-                "`{text}` is not a store; use \"file:DIR\" (for example \"file:./state\") or \"redis://HOST:PORT/DB\""
+                "`{shown}` is not a store; use \"file:DIR\" (for example \"file:./state\") or \"redis://HOST:PORT/DB\""
             ))
         }
     }
@@ -431,10 +441,13 @@ mod tests {
             shown("redis://127.0.0.1").unwrap(),
             "redis://127.0.0.1:6379/0"
         );
+        assert_eq!(shown("REDIS://h").unwrap(), "redis://h:6379/0");
         for bad in [
             "redis://:s3cret@/0",
             "redis://:s3cret@h/zero",
             "redis://:s3cret@h/0?x=1",
+            "valkey://:s3cret@h",
+            "redis:/:s3cret@h",
         ] {
             let message = shown(bad).unwrap_err();
             assert!(!message.contains("s3cret"), "{message}");

@@ -245,6 +245,22 @@ impl Daily {
         Ok(())
     }
 
+    /// Read again what every process has reserved of the day at `unix_ms` (after a reload's
+    /// predecessor gave its lease back), so it is not taken for a higher count this process saw.
+    pub async fn relearn(&self, unix_ms: u64) -> Result<(), StoreError> {
+        let _one_at_a_time = self.refill.lock().await;
+        let day = self.day_of(unix_ms);
+        if unpack(self.hand.load(Ordering::Acquire)).0 != day {
+            return Ok(());
+        }
+        let used = self
+            .store
+            .quota_used(&self.upstream, &self.period(day))
+            .await?;
+        self.used.store(used, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// A reload replaced this day's limit or start, or removed the limit: from now on `next`
     /// counts, and the counts in hand go back to the store.
     pub async fn retire(&self, next: Next) -> Result<(), StoreError> {

@@ -234,7 +234,11 @@ impl Quota {
         }
         match (&self.daily, &next.daily) {
             (Some(old), Some(new)) if Arc::ptr_eq(old, new) => Ok(()),
-            (Some(old), Some(new)) => old.retire(Next::Day(Arc::clone(new))).await,
+            (Some(old), Some(new)) => {
+                old.retire(Next::Day(Arc::clone(new))).await?;
+                // What the new day saw when it was prepared included the lease just given back.
+                new.relearn(self.clock.unix_ms()).await
+            }
             (Some(old), None) => old.retire(Next::Unlimited).await,
             (None, _) => Ok(()),
         }

@@ -126,14 +126,6 @@ impl Counts {
             .sum()
     }
 
-    /// Whether the store holds anything of this period (its own entry, or an overlapping
-    /// one): entries stay, at 0 too, until their period ends, so nothing means data lost.
-    fn knows(&self) -> bool {
-        self.by_key
-            .keys()
-            .any(|k| matches!(self.relation(k), Some(Relation::Same | Relation::Overlaps)))
-    }
-
     /// Move the counts of overlapping periods into this one, so they are never counted
     /// again by a later period they overlap too, and forget periods that ended before it.
     fn gather(&mut self) -> u64 {
@@ -312,11 +304,7 @@ impl StateStore for FileStore {
                 let used = counts.count();
                 return Reservation { granted: 0, used };
             }
-            let spent = if counts.knows() {
-                counts.gather()
-            } else {
-                counts.gather().max(seen)
-            };
+            let spent = counts.gather().max(seen);
             let granted = want.min(limit.saturating_sub(spent));
             counts.set(spent + granted);
             Reservation {

@@ -120,8 +120,8 @@ pub enum StoreError {
         upstream: String,
         waited: Duration,
     },
-    /// A shared store that does not answer (in time).
-    #[error("the state store {store} is unreachable: {reason}")]
+    /// A shared store that does not answer (in time), or refuses an operation.
+    #[error("the state store {store} failed: {reason}")]
     Unreachable { store: String, reason: String },
     /// A later holder of the refresh lock saved a newer record: this one is stale.
     #[error("another replica saved a newer token record of `{upstream}`")]
@@ -159,8 +159,9 @@ pub trait StateStore: Send + Sync {
     /// Reserve up to `want` requests of `period` whose limit is `limit`. Grants 0 when the
     /// period is spent, or over (a later one has started). Counts of an overlapping period (a
     /// changed `day_starts`) are carried into this one first. `seen` is the highest count
-    /// this process has seen of the period: a store that knows nothing of the period has lost
-    /// its data, and takes that count back before granting. Reserved counts are spent even if the process dies, so a
+    /// this process has seen of the period: a store that counts less has lost data, and takes
+    /// that count back before granting (a count another process gave back since is then
+    /// counted again: it can only under-admit). Reserved counts are spent even if the process dies, so a
     /// crash can only under-admit.
     async fn reserve_quota(
         &self,

@@ -25,7 +25,7 @@ use crate::config::{RedisUrl, StateConfig};
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -55,6 +55,14 @@ pub struct RedisStore {
     announced: Arc<Mutex<HashMap<String, watch::Sender<u64>>>>,
     /// Dropped with the store: ends its listener.
     open: watch::Sender<()>,
+    /// The values of the refresh locks this process holds now. A lock set with this
+    /// process's id but none of these values was left over (an attempt whose answer was lost,
+    /// a release that failed): it is taken back rather than waited out.
+    live: Arc<Mutex<HashSet<String>>>,
+}
+
+fn lock_map<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[derive(Default)]
@@ -123,6 +131,7 @@ impl RedisStore {
             replicas: Mutex::new(Vec::new()),
             announced: Arc::default(),
             open: watch::channel(()).0,
+            live: Arc::default(),
         })
     }
 
@@ -209,7 +218,8 @@ impl RedisStore {
 }
 
 /// Releases a Redis refresh lock when the last share of it is dropped — if its holder still
-/// has it. The release runs in a task of its own; if it cannot run, the lock expires.
+/// has it. The release runs in a task of its own; if it fails, the lock stays set until it
+/// expires, or until this process's next attempt takes it back (it holds it no more).
 struct Held {
     conn: ConnectionManager,
     unlock: Script,
@@ -217,6 +227,7 @@ struct Held {
     value: String,
     timeout: Duration,
     releasing: Arc<Releasing>,
+    live: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Drop for Held {
@@ -230,11 +241,12 @@ impl Drop for Held {
             std::mem::take(&mut self.key),
             std::mem::take(&mut self.value),
         );
+        lock_map(&self.live).remove(&value);
         let (timeout, releasing) = (self.timeout, Arc::clone(&self.releasing));
         releasing.running.fetch_add(1, Ordering::AcqRel);
         runtime.spawn(async move {
-            let mut invocation = unlock.key(key);
-            invocation.arg(value);
+            let mut invocation = unlock.key(&key);
+            invocation.arg(&value);
             let release = invocation.invoke_async::<i64>(&mut conn);
             let _ = tokio::time::timeout(timeout, release).await;
             releasing.running.fetch_sub(1, Ordering::AcqRel);
@@ -291,27 +303,43 @@ impl StateStore for RedisStore {
         let key = self.key(upstream, "lock");
         let started = Instant::now();
         let hold_ms = hold.as_millis().clamp(1, u128::from(u32::MAX)) as u64;
+        let mut left_over = String::new();
         loop {
             let taken_at = Instant::now();
+            let value = format!("{}:{:016x}", self.id, rand::random::<u64>());
             let mut invocation = self.scripts.lock.key(&key);
             invocation
                 .key(self.key(upstream, "fence"))
-                .arg(&self.id)
-                .arg(hold_ms);
+                .key(self.key(upstream, "token"))
+                .arg(&value)
+                .arg(hold_ms)
+                .arg(&left_over);
             let mut conn = self.conn.clone();
             let fence: u64 = self.run(invocation.invoke_async(&mut conn)).await?;
             if fence > 0 {
+                lock_map(&self.live).insert(value.clone());
                 let held = Held {
                     conn: self.conn.clone(),
                     unlock: self.scripts.unlock.clone(),
                     key,
-                    value: format!("{}:{fence}", self.id),
+                    value,
                     timeout: self.timeout,
                     releasing: Arc::clone(&self.releasing),
+                    live: Arc::clone(&self.live),
                 };
                 // Counted from before the request: the lock cannot have been set earlier.
                 let expires = taken_at + Duration::from_millis(hold_ms);
                 return Ok(RefreshLock::new(fence, Some(expires), Box::new(held)));
+            }
+            // Held: by another process, or left over by this one.
+            let mut conn = self.conn.clone();
+            let holder: Option<String> = self.run(conn.get(&key)).await?;
+            if let Some(holder) = holder {
+                let ours = holder.starts_with(&format!("{}:", self.id));
+                if ours && holder != left_over && !lock_map(&self.live).contains(&holder) {
+                    left_over = holder;
+                    continue;
+                }
             }
             if started.elapsed() >= wait {
                 return Err(StoreError::LockTimeout {
@@ -422,8 +450,10 @@ impl StateStore for RedisStore {
         let mut conn = self.conn.clone();
         let mut query = redis::cmd("CONFIG");
         query.arg("GET").arg("appendonly");
-        // Managed Redis services often refuse CONFIG: then nothing can be said.
-        let answer: Vec<String> = self.run(query.query_async(&mut conn)).await.ok()?;
+        // Managed Redis services often refuse CONFIG: then nothing can be said, and nothing
+        // failed (it is not counted as an error of the store).
+        let answer = tokio::time::timeout(self.timeout, query.query_async(&mut conn));
+        let answer: Vec<String> = answer.await.ok()?.ok()?;
         (answer.get(1).map(String::as_str) == Some("no")).then(|| {
             format!(
                 "the state store {} runs without appendonly: a restart of Redis loses what tollgate wrote since its last snapshot; the replicas then write back the newest token record and day count they know, but set `appendonly yes` (see the README, \"Several replicas\")",

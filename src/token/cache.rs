@@ -403,7 +403,11 @@ impl TokenCache {
     /// its old settings, unless a newer one is in use; it is due at once, so the next one is
     /// fetched with the new settings.
     fn offer(&self, token: &AccessToken) {
-        let token = Arc::new(token.due_now());
+        self.publish_if_newer(Arc::new(token.due_now()));
+    }
+
+    /// Put `token` on requests unless one of a newer (or the same) generation is in use.
+    fn publish_if_newer(&self, token: Arc<AccessToken>) {
         let mut taken = false;
         self.current.rcu(|cur| match cur {
             Some(c) if c.generation >= token.generation => cur.clone(),
@@ -481,7 +485,8 @@ impl TokenCache {
             .filter(|t| t.is_usable(Instant::now()))
         {
             tracing::debug!(upstream = %self.name, generation = token.generation, "using the token another replica announced");
-            self.publish(token);
+            // Unless a flight published a newer one meanwhile.
+            self.publish_if_newer(Arc::new(token));
         }
     }
 

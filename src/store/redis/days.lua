@@ -7,9 +7,8 @@
 -- ARGV[1] operation: reserve | release | used
 -- ARGV[2] start ms   ARGV[3] end ms
 -- reserve: ARGV[4] limit, ARGV[5] want, ARGV[6] the highest count the caller has seen of
---          the day (when Redis knows nothing of the day, it lost its data: that count comes
---          back first) -> {granted, used}
--- A day's field stays (at 0, too) until the day ends, so "knows nothing" means data lost.
+--          the day: a day that counts less lost data (Redis flushed, or failed over to a
+--          stale replica), and takes that count back first -> {granted, used}
 -- release: ARGV[4] count -> 0
 -- used:    -> used
 local op, start, finish = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -59,9 +58,7 @@ end
 for _, field in ipairs(ended) do redis.call('HDEL', KEYS[1], field) end
 for _, other in ipairs(others) do redis.call('HDEL', KEYS[1], other[1]) end
 local limit, want = tonumber(ARGV[4]), tonumber(ARGV[5])
-if mine == nil and #others == 0 then
-  count = tonumber(ARGV[6])
-end
+count = math.max(count, tonumber(ARGV[6]))
 local granted = math.max(0, math.min(want, limit - count))
 redis.call('HSET', KEYS[1], me, count + granted)
 -- The hash outlives the day it counts by a day, then goes.

@@ -5,6 +5,10 @@
 -- ARGV[1] fence   ARGV[2] generation   ARGV[3] seed hash   ARGV[4] record (JSON)
 -- ARGV[5] channel to announce the generation on
 local stored = redis.call('HMGET', KEYS[1], 'fence', 'generation', 'seed_hash')
+-- A retry of a save that landed but whose answer was lost: it is done.
+if stored[1] == ARGV[1] and stored[2] == ARGV[2] and stored[3] == ARGV[3] then
+  return 'ok'
+end
 if stored[1] and tonumber(stored[1]) > tonumber(ARGV[1]) then
   return 'fence'
 end
