@@ -592,3 +592,28 @@ async fn an_upstream_429_to_one_replica_holds_every_replica_back() {
         proxy.shutdown().await;
     }
 }
+
+/// A lock is kept alive while its holder holds it, past the time it was taken for (a slow
+/// token request, a save the store keeps refusing): another replica cannot take it meanwhile.
+#[tokio::test]
+async fn a_held_lock_is_kept_alive() {
+    let redis = RedisServer::start();
+    let (holder, other) = (store(&redis), store(&redis));
+    let short = Duration::from_millis(300);
+    let held = holder
+        .lock_refresh("api", Duration::ZERO, short)
+        .await
+        .unwrap();
+    let busy = other
+        .lock_refresh("api", Duration::from_secs(1), short)
+        .await;
+    assert!(
+        matches!(busy, Err(StoreError::LockTimeout { .. })),
+        "kept alive past 300 ms"
+    );
+    drop(held);
+    other
+        .lock_refresh("api", Duration::from_secs(2), short)
+        .await
+        .expect("free once let go");
+}

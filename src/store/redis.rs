@@ -78,10 +78,13 @@ struct Scripts {
     days: Script,
     heartbeat: Script,
     hold: Script,
+    extend: Script,
 }
 
 /// How often a waiter asks again for a lock another replica holds.
 const LOCK_POLL: Duration = Duration::from_millis(50);
+/// How long the announcement listener waits to connect, or for an answer to its ping.
+const LISTENER_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl RedisStore {
     /// A store for `url`; it connects on first use, and reconnects with backoff.
@@ -90,6 +93,14 @@ impl RedisStore {
             store: url.shown.clone(),
             reason,
         };
+        // A peer that vanished without closing (a failover to another host) is noticed when
+        // data sent to it stays unacknowledged, and the connection is made again.
+        let tcp = redis::io::tcp::TcpSettings::default()
+            .set_nodelay(true)
+            .set_user_timeout((state.timeout * 3).max(Duration::from_secs(5)));
+        let info = redis::IntoConnectionInfo::into_connection_info(url.url.expose().as_str())
+            .map_err(|e| fail(e.to_string()))?
+            .set_tcp_settings(tcp);
         let client = match &state.ca_file {
             Some(path) => {
                 let pem = std::fs::read(path).map_err(|e| {
@@ -99,9 +110,9 @@ impl RedisStore {
                     client_tls: None,
                     root_cert: Some(pem),
                 };
-                redis::Client::build_with_tls(url.url.expose().as_str(), certs)
+                redis::Client::build_with_tls(info, certs)
             }
-            None => redis::Client::open(url.url.expose().as_str()),
+            None => redis::Client::open(info),
         }
         .map_err(|e| fail(e.to_string()))?;
         let config = ConnectionManagerConfig::new()
@@ -124,6 +135,7 @@ impl RedisStore {
                 days: Script::new(include_str!("redis/days.lua")),
                 heartbeat: Script::new(include_str!("redis/heartbeat.lua")),
                 hold: Script::new(include_str!("redis/hold.lua")),
+                extend: Script::new(include_str!("redis/extend.lua")),
             },
             releasing: Arc::default(),
             errors: AtomicU64::new(0),
@@ -170,6 +182,35 @@ impl RedisStore {
         StoreError::Unreachable {
             store: self.shown.clone(),
             reason,
+        }
+    }
+
+    /// Keep the lock `key` (set to `value`) alive, a third of its life at a time, while it is
+    /// held — a slow token request, a save the store refuses for a while — until `ended`
+    /// closes, or the lock turns out lost.
+    fn keep_alive(
+        &self,
+        key: String,
+        value: String,
+        hold_ms: u64,
+        mut ended: watch::Receiver<()>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let (mut conn, extend, timeout) =
+            (self.conn.clone(), self.scripts.extend.clone(), self.timeout);
+        async move {
+            let every = Duration::from_millis(hold_ms / 3).max(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    _ = ended.changed() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                let mut invocation = extend.key(&key);
+                invocation.arg(&value).arg(hold_ms);
+                let extended = invocation.invoke_async::<i64>(&mut conn);
+                if let Ok(Ok(0)) = tokio::time::timeout(timeout, extended).await {
+                    return;
+                }
+            }
         }
     }
 
@@ -228,6 +269,8 @@ struct Held {
     timeout: Duration,
     releasing: Arc<Releasing>,
     live: Arc<Mutex<HashSet<String>>>,
+    /// Dropped with the lock: ends the task that keeps it alive.
+    _alive: watch::Sender<()>,
 }
 
 impl Drop for Held {
@@ -318,6 +361,8 @@ impl StateStore for RedisStore {
             let fence: u64 = self.run(invocation.invoke_async(&mut conn)).await?;
             if fence > 0 {
                 lock_map(&self.live).insert(value.clone());
+                let (alive, ended) = watch::channel(());
+                tokio::spawn(self.keep_alive(key.clone(), value.clone(), hold_ms, ended));
                 let held = Held {
                     conn: self.conn.clone(),
                     unlock: self.scripts.unlock.clone(),
@@ -326,6 +371,7 @@ impl StateStore for RedisStore {
                     timeout: self.timeout,
                     releasing: Arc::clone(&self.releasing),
                     live: Arc::clone(&self.live),
+                    _alive: alive,
                 };
                 // Counted from before the request: the lock cannot have been set earlier.
                 let expires = taken_at + Duration::from_millis(hold_ms);
@@ -497,22 +543,46 @@ impl Listener {
     }
 
     async fn listen(&mut self) {
-        use futures_util::StreamExt;
         let mut pause = Duration::from_millis(100);
         loop {
-            if let Ok(mut pubsub) = self.client.get_async_pubsub().await {
+            let connect = tokio::time::timeout(LISTENER_TIMEOUT, self.client.get_async_pubsub());
+            if let Ok(Ok(mut pubsub)) = connect.await {
                 if pubsub.psubscribe(&self.patterns).await.is_ok() {
                     pause = Duration::from_millis(100);
-                    let mut messages = pubsub.on_message();
-                    while let Some(message) = messages.next().await {
-                        if !self.deliver(message.get_channel_name(), message.get_payload()) {
-                            return;
-                        }
+                    if !self.receive(pubsub).await {
+                        return;
                     }
                 }
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Deliver what comes on `pubsub` until the connection fails or stops answering a ping
+    /// (a subscriber sends nothing otherwise, so a vanished server would go unnoticed); false
+    /// once the store is gone.
+    async fn receive(&self, pubsub: redis::aio::PubSub) -> bool {
+        use futures_util::StreamExt;
+        let (mut sink, mut messages) = pubsub.split();
+        let mut ping = tokio::time::interval(super::HEARTBEAT);
+        loop {
+            tokio::select! {
+                message = messages.next() => match message {
+                    Some(message) => {
+                        if !self.deliver(message.get_channel_name(), message.get_payload()) {
+                            return false;
+                        }
+                    }
+                    None => return true,
+                },
+                _ = ping.tick() => {
+                    let pong = tokio::time::timeout(LISTENER_TIMEOUT, sink.ping::<redis::Value>());
+                    if !matches!(pong.await, Ok(Ok(_))) {
+                        return true;
+                    }
+                }
+            }
         }
     }
 
