@@ -6,11 +6,13 @@ mod common;
 use common::redis_server::RedisServer;
 use common::{Harness, Setup};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tollgate::config::{Config, StateConfig};
 use tollgate::secret::Secret;
 use tollgate::sim::identity::IdentityConfig;
 use tollgate::store::{RedisStore, StateStore, StoreError, TokenRecord};
+use tollgate::token::TokenCache;
 use tollgate::Proxy;
 
 /// The harness's simulators, with the config rewritten for `redis` and a seed of its own (the
@@ -119,6 +121,7 @@ fn record(generation: u64, refresh: &str) -> TokenRecord {
         issued_at_ms: 1,
         expires_at_ms: 2,
         generation,
+        login_at_ms: 0,
     }
 }
 
@@ -616,4 +619,104 @@ async fn a_held_lock_is_kept_alive() {
         .lock_refresh("api", Duration::from_secs(2), short)
         .await
         .expect("free once let go");
+}
+
+/// Redis loses its data while one replica is behind (it missed the newest generation): it
+/// writes back what it knows, but before it redeems, the replica that knows the newer record
+/// hears of the older one and writes the newer back, which the first then uses. No refresh
+/// token rotated away is redeemed: the strict identity server sees no reuse.
+#[tokio::test]
+async fn after_a_data_loss_the_newest_record_wins_over_a_stale_replica() {
+    let redis = RedisServer::start();
+    let (h, text) = on_redis(Setup::default(), &redis).await;
+    let config = parse(&text);
+    let upstream = &config.upstreams[0];
+    let cache = |s: RedisStore| Arc::new(TokenCache::new(upstream, Arc::new(s), None).unwrap());
+    // `behind` follows no announcements (no refresh-ahead task); `ahead` does.
+    let (behind, ahead) = (cache(store_of(&text)), cache(store_of(&text)));
+    let first = behind.get().await.unwrap();
+    assert_eq!(ahead.get().await.unwrap().generation, first.generation);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(Arc::clone(&ahead).refresh_ahead(async move {
+        let _ = stopped.await;
+    }));
+    let newer = ahead.replace_rejected(first.generation).await.unwrap();
+    assert_eq!(newer.generation, first.generation + 1);
+    assert_eq!(
+        behind.cached().unwrap().generation,
+        first.generation,
+        "behind"
+    );
+
+    redis.command(&["FLUSHALL"]);
+    let token = behind.replace_rejected(first.generation).await.unwrap();
+    assert!(token.generation > first.generation, "{}", token.generation);
+    h.assert_lineage_intact();
+    let _ = stop.send(());
+    task.await.unwrap();
+}
+
+/// A RedisStore for the `[state]` of config `text`.
+fn store_of(text: &str) -> RedisStore {
+    let config = parse(text);
+    let Ok(tollgate::config::StoreLocation::Redis(url)) = config.state.location() else {
+        panic!("a redis:// location")
+    };
+    RedisStore::open(&url, &config.state).unwrap()
+}
+
+/// After Redis lost its data, a new login (`tollgate login`, here its record saved directly)
+/// wins over what the replicas know of the older lineage: they use its refresh token rather
+/// than write theirs back over it.
+#[tokio::test]
+async fn a_login_after_a_data_loss_is_not_overwritten() {
+    let redis = RedisServer::start();
+    let (h, text) = on_redis(Setup::default(), &redis).await;
+    let config = parse(&text);
+    let upstream = &config.upstreams[0];
+    let replica = Arc::new(TokenCache::new(upstream, Arc::new(store_of(&text)), None).unwrap());
+    let first = replica.get().await.unwrap();
+    let first = replica.replace_rejected(first.generation).await.unwrap();
+
+    redis.command(&["FLUSHALL"]);
+    let login_store = store_of(&text);
+    let login = TokenRecord {
+        seed_hash: tollgate::token::lineage_hash(&upstream.auth),
+        refresh_token: Some(Secret::from(h.identity.issue_refresh_token())),
+        access_token: None,
+        issued_at_ms: 0,
+        expires_at_ms: 0,
+        generation: 1,
+        login_at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64,
+    };
+    let held = login_store
+        .lock_refresh("api", Duration::from_secs(1), Duration::from_secs(30))
+        .await
+        .unwrap();
+    login_store.save_token("api", &login, &held).await.unwrap();
+    drop(held);
+    login_store.flush().await;
+
+    let refreshes = h.identity.counters().refreshes;
+    let token = replica.replace_rejected(first.generation).await.unwrap();
+    assert!(
+        token.generation > first.generation,
+        "{} then {}",
+        first.generation,
+        token.generation
+    );
+    assert_eq!(
+        h.identity.counters().refreshes,
+        refreshes + 1,
+        "the login's token, redeemed"
+    );
+    let stored = login_store.load_token("api").await.unwrap().unwrap();
+    assert_eq!(
+        stored.login_at_ms, login.login_at_ms,
+        "the login's lineage goes on"
+    );
+    h.assert_lineage_intact();
 }

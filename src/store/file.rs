@@ -349,6 +349,7 @@ mod tests {
             issued_at_ms: 1,
             expires_at_ms: 2,
             generation,
+            login_at_ms: 0,
         }
     }
 

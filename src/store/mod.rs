@@ -48,6 +48,18 @@ pub struct TokenRecord {
     pub expires_at_ms: u64,
     /// Counts refreshes of this lineage; the cache uses it to tell tokens apart.
     pub generation: u64,
+    /// When `tollgate login` started this lineage (Unix ms); 0 when it grew from the seed in
+    /// the config. A newer login wins over any generation of an older one.
+    #[serde(default)]
+    pub login_at_ms: u64,
+}
+
+impl TokenRecord {
+    /// Whether this record comes after `other` in their lineage: a later login, or a later
+    /// generation of the same login.
+    pub fn is_after(&self, other: &TokenRecord) -> bool {
+        (self.login_at_ms, self.generation) > (other.login_at_ms, other.generation)
+    }
 }
 
 impl fmt::Debug for TokenRecord {
@@ -59,6 +71,7 @@ impl fmt::Debug for TokenRecord {
             .field("issued_at_ms", &self.issued_at_ms)
             .field("expires_at_ms", &self.expires_at_ms)
             .field("generation", &self.generation)
+            .field("login_at_ms", &self.login_at_ms)
             .finish()
     }
 }

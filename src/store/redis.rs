@@ -326,7 +326,8 @@ impl StateStore for RedisStore {
             .arg(record.generation)
             .arg(&record.seed_hash)
             .arg(json)
-            .arg(self.key(upstream, "generation"));
+            .arg(self.key(upstream, "generation"))
+            .arg(record.login_at_ms);
         let mut conn = self.conn.clone();
         let outcome: String = self.run(invocation.invoke_async(&mut conn)).await?;
         match outcome.as_str() {
@@ -586,8 +587,8 @@ impl Listener {
         }
     }
 
-    /// Hand `value` to the subscribers of `channel`, when it is higher than the last (both a
-    /// generation and the end of a hold only grow); false once the store is gone.
+    /// Hand `value` to the subscribers of `channel`, when it differs from the last (a lower
+    /// generation is news too: the store lost data); false once the store is gone.
     fn deliver(&self, channel: &str, value: redis::RedisResult<u64>) -> bool {
         let Some(announced) = self.announced.upgrade() else {
             return false;
@@ -600,11 +601,7 @@ impl Listener {
             .unwrap_or_else(|p| p.into_inner())
             .get(channel)
         {
-            sender.send_if_modified(|seen| {
-                let higher = value > *seen;
-                *seen = (*seen).max(value);
-                higher
-            });
+            sender.send_if_modified(|seen| std::mem::replace(seen, value) != value);
         }
         true
     }

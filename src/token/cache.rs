@@ -440,10 +440,8 @@ impl TokenCache {
                     wake_at = self.next_wake();
                     continue;
                 }
-                Some(generation) = next_announcement(&mut announced) => {
-                    if generation > self.generation() {
-                        self.take_announced().await;
-                    }
+                Some(_) = next_announcement(&mut announced) => {
+                    self.take_announced().await;
                     continue;
                 }
             }
@@ -469,11 +467,20 @@ impl TokenCache {
     }
 
     /// A generation another replica saved and announced: take its token over, without the
-    /// lock (it only reads), when it is of this lineage, newer and usable.
+    /// lock (it only reads), when it is of this lineage, newer and usable; write back what
+    /// this cache knows when the store holds less (it lost data).
     async fn take_announced(&self) {
         let Ok(Some(record)) = self.store.load_token(&self.name).await else {
             return;
         };
+        let behind = lock(&self.known)
+            .as_ref()
+            .is_some_and(|k| k.seed_hash == record.seed_hash && k.is_after(&record));
+        if behind {
+            // The store lost data and another replica wrote back less than this one knows.
+            self.write_back().await;
+            return;
+        }
         if record.seed_hash != self.seed_hash
             || record.generation <= self.generation().max(self.refused.load(Ordering::Acquire))
         {
@@ -547,6 +554,7 @@ mod tests {
             issued_at_ms: now,
             expires_at_ms: now + lifetime.as_millis() as u64,
             generation: 1,
+            login_at_ms: 0,
         }
     }
 

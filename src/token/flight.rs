@@ -30,6 +30,9 @@ use tokio::sync::watch;
 
 /// How long a refresh waits for another process holding the store's refresh lock.
 const LOCK_WAIT: Duration = Duration::from_secs(30);
+/// After writing back a record the store had lost, how long a refresh waits before it may
+/// redeem, so that a replica that knows a newer record can write that back first.
+const WRITE_BACK_WAIT: Duration = Duration::from_millis(500);
 
 /// The state of a cache's refresh.
 pub(super) enum Flight {
@@ -85,9 +88,10 @@ enum Consulted {
     /// A token another process saved, newer than the one to replace: nothing to redeem.
     Adopted(Arc<AccessToken>),
     /// Redeem `refresh_token` (none for the grants that log in by themselves); the store is
-    /// at `generation` of this lineage.
+    /// at `generation` of this lineage, which a login started at `login_at_ms` (or 0).
     Redeem {
         generation: u64,
+        login_at_ms: u64,
         refresh_token: Option<crate::secret::Secret<String>>,
     },
 }
@@ -314,12 +318,13 @@ impl TokenCache {
             return Err(Attempt::Replaced);
         }
         let consulted = self.consult(lineage, purpose, &store_lock).await?;
-        let (stored_generation, refresh_token) = match consulted {
+        let (stored_generation, login_at_ms, refresh_token) = match consulted {
             Consulted::Adopted(token) => return Ok(token),
             Consulted::Redeem {
                 generation,
+                login_at_ms,
                 refresh_token,
-            } => (generation, refresh_token),
+            } => (generation, login_at_ms, refresh_token),
         };
         // A shared store's lock expires by itself: never start a token request it would not
         // outlive, or another replica could redeem the same refresh token meanwhile.
@@ -339,7 +344,12 @@ impl TokenCache {
             &self.seed_hash,
             issued,
             refresh_token,
-            stored_generation.max(self.generation()),
+            // Generations only grow here, whatever the store holds (a login after data loss
+            // starts again at 1): a refused generation must never come back.
+            stored_generation
+                .max(self.generation())
+                .max(self.refused.load(Ordering::Acquire)),
+            login_at_ms,
         );
         self.lineage_used.store(true, Ordering::Release);
         let saved = self
@@ -380,7 +390,7 @@ impl TokenCache {
         purpose: Purpose,
         store_lock: &RefreshLock,
     ) -> Result<Consulted, Attempt> {
-        let stored = self.recovered(store_lock).await?;
+        let (stored, wrote_back) = self.recovered(store_lock).await?;
         if let Some(foreign) = stored.as_ref().filter(|r| r.seed_hash != self.seed_hash) {
             if self.lineage_used.load(Ordering::Acquire) {
                 let e = TokenError::NeedsLogin(format!(
@@ -412,6 +422,14 @@ impl TokenCache {
                 return Ok(Consulted::Adopted(self.publish(token)));
             }
         }
+        if wrote_back {
+            // Another replica may know a newer record than the one written back: it writes
+            // it back when it hears of this one, before anything is redeemed.
+            return Err(Attempt::Retry {
+                reason: "the state store had lost the newest token record; waiting a moment for the other replicas to write theirs back".into(),
+                hint: Some(WRITE_BACK_WAIT),
+            });
+        }
         let refresh_token = stored
             .as_ref()
             .and_then(|r| r.refresh_token.clone())
@@ -426,42 +444,56 @@ impl TokenCache {
         }
         Ok(Consulted::Redeem {
             generation,
+            login_at_ms: stored.as_ref().map_or(0, |r| r.login_at_ms),
             refresh_token,
         })
     }
 
     /// The store's record, after writing back the newest this cache knows when the store holds
     /// less of its lineage: data lost (a Redis flushed, or failed over to a stale replica)
-    /// must not send the lineage back to an old, long-rotated refresh token.
-    async fn recovered(&self, store_lock: &RefreshLock) -> Result<Option<TokenRecord>, Attempt> {
+    /// must not send the lineage back to an old, long-rotated refresh token. Also says whether
+    /// it wrote back.
+    async fn recovered(
+        &self,
+        store_lock: &RefreshLock,
+    ) -> Result<(Option<TokenRecord>, bool), Attempt> {
         let stored = self
             .store
             .load_token(&self.name)
             .await
             .map_err(Attempt::store)?;
         let Some(known) = lock(&self.known).clone() else {
-            return Ok(stored);
+            return Ok((stored, false));
         };
         let lost = match &stored {
             None => true,
-            Some(s) => s.seed_hash == known.seed_hash && s.generation < known.generation,
+            Some(s) => s.seed_hash == known.seed_hash && known.is_after(s),
         };
         if !lost {
-            return Ok(stored);
+            return Ok((stored, false));
         }
         match self.store.save_token(&self.name, &known, store_lock).await {
             Ok(()) => {
                 tracing::warn!(upstream = %self.name, generation = known.generation, "the state store had lost the newest token record; wrote back the one this process holds");
-                Ok(Some(known))
+                Ok((Some(known), true))
             }
             // Another replica wrote back a newer one first.
-            Err(StoreError::Superseded { .. }) => self
-                .store
-                .load_token(&self.name)
-                .await
-                .map_err(Attempt::store),
+            Err(StoreError::Superseded { .. }) => {
+                let stored = self.store.load_token(&self.name).await;
+                Ok((stored.map_err(Attempt::store)?, false))
+            }
             Err(e) => Err(Attempt::store(e)),
         }
+    }
+
+    /// The store lost records and announced an older generation than this cache knows: write
+    /// the newest known back, so that no replica redeems a refresh token rotated before it.
+    pub(super) async fn write_back(&self) {
+        let hold = self.request_timeout + LOCK_MARGIN;
+        let Ok(store_lock) = self.store.lock_refresh(&self.name, LOCK_WAIT, hold).await else {
+            return;
+        };
+        let _ = self.recovered(&store_lock).await;
     }
 
     /// Keep `record` as the newest known, unless a newer one of the lineage is known.
@@ -469,7 +501,7 @@ impl TokenCache {
         let mut known = lock(&self.known);
         let newer = known
             .as_ref()
-            .is_none_or(|k| k.seed_hash != record.seed_hash || k.generation < record.generation);
+            .is_none_or(|k| k.seed_hash != record.seed_hash || record.is_after(k));
         if newer {
             *known = Some(record.clone());
         }

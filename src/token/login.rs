@@ -346,7 +346,8 @@ impl Callback {
             .map_or(0, |r| r.generation);
         let mut issued = issued;
         issued.logged_in = true;
-        let record = new_record(&lineage_hash(&login.upstream.auth), issued, None, previous);
+        let lineage = lineage_hash(&login.upstream.auth);
+        let record = new_record(&lineage, issued, None, previous, super::unix_ms());
         login
             .store
             .save_token(name, &record, &lock)

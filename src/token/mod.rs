@@ -104,12 +104,14 @@ fn whole_seconds(d: Duration) -> Duration {
     Duration::from_secs(d.as_secs_f64().ceil().max(1.0) as u64)
 }
 
-/// The record to store after the identity server issued `issued` in exchange for `redeemed`.
+/// The record to store after the identity server issued `issued` in exchange for `redeemed`,
+/// continuing a lineage at `previous_generation` that a login started at `login_at_ms`.
 pub(crate) fn new_record(
     seed_hash: &str,
     issued: Issued,
     redeemed: Option<Secret<String>>,
     previous_generation: u64,
+    login_at_ms: u64,
 ) -> TokenRecord {
     let now = unix_ms();
     TokenRecord {
@@ -125,6 +127,7 @@ pub(crate) fn new_record(
         issued_at_ms: now,
         expires_at_ms: now + issued.expires_in.as_millis() as u64,
         generation: previous_generation + 1,
+        login_at_ms,
     }
 }
 

@@ -1,10 +1,11 @@
--- Replace the token record of one upstream: a compare-and-set on the fence and the generation,
--- so a replica that was paused past its lock can never write over what a later holder wrote,
--- and a lineage never goes back. Announces the new generation on success.
+-- Replace the token record of one upstream: a compare-and-set on the fence and on the place in
+-- the lineage (login, then generation), so a replica that was paused past its lock can never
+-- write over what a later holder wrote, and a lineage never goes back. Announces the new
+-- generation on success.
 -- KEYS[1] token record (hash)
 -- ARGV[1] fence   ARGV[2] generation   ARGV[3] seed hash   ARGV[4] record (JSON)
--- ARGV[5] channel to announce the generation on
-local stored = redis.call('HMGET', KEYS[1], 'fence', 'generation', 'seed_hash')
+-- ARGV[5] channel to announce the generation on   ARGV[6] login time (ms, 0 for the seed's)
+local stored = redis.call('HMGET', KEYS[1], 'fence', 'generation', 'seed_hash', 'login_at')
 -- A retry of a save that landed but whose answer was lost: it is done.
 if stored[1] == ARGV[1] and stored[2] == ARGV[2] and stored[3] == ARGV[3] then
   return 'ok'
@@ -12,10 +13,13 @@ end
 if stored[1] and tonumber(stored[1]) > tonumber(ARGV[1]) then
   return 'fence'
 end
-if stored[3] == ARGV[3] and stored[2] and tonumber(stored[2]) >= tonumber(ARGV[2]) then
-  return 'generation'
+if stored[3] == ARGV[3] and stored[2] then
+  local stored_login, login = tonumber(stored[4] or '0'), tonumber(ARGV[6])
+  if stored_login > login or (stored_login == login and tonumber(stored[2]) >= tonumber(ARGV[2])) then
+    return 'generation'
+  end
 end
 redis.call('HSET', KEYS[1], 'fence', ARGV[1], 'generation', ARGV[2], 'seed_hash', ARGV[3],
-  'record', ARGV[4])
+  'record', ARGV[4], 'login_at', ARGV[6])
 redis.call('PUBLISH', ARGV[5], ARGV[2])
 return 'ok'
