@@ -6,6 +6,11 @@
 #   quotas: QUOTA_TOML='quota = { per_day = 1000000000, per_minute = 100000000 }' benches/compare.sh
 #           adds a third contender, tollgate with that quota, and prints its throughput
 #           against tollgate without (target >= 0.95)
+#   Redis:  STORE=redis QUOTA_TOML='quota = { per_day = 1000000000, per_minute = 100000000 }' \
+#             benches/compare.sh
+#           adds tollgate with the same quota on a Redis state store (a redis-server the script
+#           starts), prints its throughput against the quota on the file store (target >= 0.95)
+#           and the Redis commands it sent per 1,000 requests (INFO commandstats)
 #   A/B:    BASELINE_BIN=/path/to/an/older/tollgate benches/compare.sh
 #           adds that binary as a contender, with the same config as tollgate, and prints
 #           tollgate's throughput and p99 against it (a change's cost, beside nginx's)
@@ -31,6 +36,13 @@ EXTRA_UPSTREAM_TOML=${EXTRA_UPSTREAM_TOML:-}
 QUOTA_TOML=${QUOTA_TOML:-}
 BASELINE_BIN=${BASELINE_BIN:-}
 BASELINE_PORT=${BASELINE_PORT:-18085}
+STORE=${STORE:-file}
+REDIS_PORT=${REDIS_PORT:-18086}
+REDIS_TOLLGATE_PORT=${REDIS_TOLLGATE_PORT:-18087}
+if [ "$STORE" = redis ]; then
+  [ -n "$QUOTA_TOML" ] || { echo "STORE=redis compares quotas: set QUOTA_TOML too" >&2; exit 1; }
+  command -v redis-server >/dev/null || { echo "needs redis-server: apt-get install redis-server" >&2; exit 1; }
+fi
 
 for tool in nginx wrk; do
   command -v "$tool" >/dev/null || { echo "needs $tool: apt-get install nginx wrk" >&2; exit 1; }
@@ -42,6 +54,7 @@ cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   [ -f "$work/upstream.pid" ] && kill "$(cat "$work/upstream.pid")" 2>/dev/null || true
   [ -f "$work/proxy.pid" ] && kill "$(cat "$work/proxy.pid")" 2>/dev/null || true
+  [ -f "$work/redis.pid" ] && kill "$(cat "$work/redis.pid")" 2>/dev/null || true
   sleep 0.2
   rm -rf "$work"
 }
@@ -103,7 +116,7 @@ tollgate_pids=()
 start_tollgate() { # name port extra-upstream-toml [binary]
   cat > "$work/$1.toml" <<CONF
 [state]
-store = "file:$work/state-$1"
+store = "${STORE_URL:-file:$work/state-$1}"
 
 [[upstream]]
 name = "bench"
@@ -134,6 +147,15 @@ fi
 if [ -n "$BASELINE_BIN" ]; then
   start_tollgate baseline "$BASELINE_PORT" "$EXTRA_UPSTREAM_TOML" "$BASELINE_BIN"
   contenders="$contenders baseline"
+fi
+if [ "$STORE" = redis ]; then
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$work" --appendonly yes \
+    --appendfsync everysec --save "" --daemonize yes --pidfile "$work/redis.pid" \
+    --logfile "$work/redis.log"
+  for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  STORE_URL="redis://127.0.0.1:$REDIS_PORT/0" start_tollgate redis "$REDIS_TOLLGATE_PORT" "$EXTRA_UPSTREAM_TOML
+$QUOTA_TOML"
+  contenders="$contenders redis"
 fi
 curl -fs "http://127.0.0.1:$NGINX_PORT/" >/dev/null
 
@@ -167,11 +189,15 @@ wrk -t2 -c"$CONNECTIONS" -d2s "http://127.0.0.1:$NGINX_PORT/" >/dev/null
 wrk -t2 -c"$CONNECTIONS" -d2s "http://127.0.0.1:$TOLLGATE_PORT/" >/dev/null
 [ -n "$QUOTA_TOML" ] && wrk -t2 -c"$CONNECTIONS" -d2s "http://127.0.0.1:$QUOTA_PORT/" >/dev/null
 [ -n "$BASELINE_BIN" ] && wrk -t2 -c"$CONNECTIONS" -d2s "http://127.0.0.1:$BASELINE_PORT/" >/dev/null
+[ "$STORE" = redis ] && wrk -t2 -c"$CONNECTIONS" -d2s "http://127.0.0.1:$REDIS_TOLLGATE_PORT/" >/dev/null
+# Redis commands from here on: the rounds' (and the replica's heartbeats, every 5 s).
+redis_calls() { redis-cli -p "$REDIS_PORT" info commandstats | awk -F'[=,]' '/^cmdstat_/{s+=$2} END {print s+0}'; }
+[ "$STORE" = redis ] && redis_before=$(redis_calls)
 
 printf '\nwrk -t2 -c%s -d%ss, %s rounds, %s cores\n\n' "$CONNECTIONS" "$SECONDS_PER_ROUND" "$ROUNDS" "$(nproc)"
 printf '%-6s %-9s %12s %10s %10s %8s\n' round proxy req/s p50_ms p99_ms non2xx
-: > "$work/nginx.txt"; : > "$work/tollgate.txt"; : > "$work/quota.txt"; : > "$work/baseline.txt"
-port_of() { case $1 in nginx) echo "$NGINX_PORT";; tollgate) echo "$TOLLGATE_PORT";; quota) echo "$QUOTA_PORT";; baseline) echo "$BASELINE_PORT";; esac; }
+: > "$work/nginx.txt"; : > "$work/tollgate.txt"; : > "$work/quota.txt"; : > "$work/baseline.txt"; : > "$work/redis.txt"
+port_of() { case $1 in nginx) echo "$NGINX_PORT";; tollgate) echo "$TOLLGATE_PORT";; quota) echo "$QUOTA_PORT";; baseline) echo "$BASELINE_PORT";; redis) echo "$REDIS_TOLLGATE_PORT";; esac; }
 for r in $(seq "$ROUNDS"); do
   # Rotate who goes first, so no one always runs on a warmer machine.
   order=$(tr ' ' '\n' <<<"$contenders" | awk -v r="$r" '{a[NR]=$0} END {for (i=0;i<NR;i++) print a[(i+r)%NR+1]}')
@@ -202,6 +228,16 @@ if [ -n "$QUOTA_TOML" ]; then
   printf '\nwith quota   %s\n' "$QUOTA_TOML"
   printf '             tollgate+quota %7s req/s  p99 %s ms  non-2xx %s\n' "$q_rps" "$q_p99" "$q_bad"
   awk -v a="$q_rps" -v b="$t_rps" 'BEGIN { printf "throughput   with quota / without = %.3f  (target >= 0.95)\n", a/b }'
+fi
+if [ "$STORE" = redis ]; then
+  r_rps=$(col 1 redis); r_p99=$(col 3 redis)
+  r_bad=$(awk '{s+=$4} END {print s+0}' "$work/redis.txt")
+  r_requests=$(awk -v s="$SECONDS_PER_ROUND" '{n+=$1*s} END {printf "%d", n}' "$work/redis.txt")
+  r_calls=$(( $(redis_calls) - redis_before ))
+  printf '\non Redis     %s, state store redis://127.0.0.1:%s/0\n' "$QUOTA_TOML" "$REDIS_PORT"
+  printf '             tollgate+quota on Redis %7s req/s  p99 %s ms  non-2xx %s\n' "$r_rps" "$r_p99" "$r_bad"
+  awk -v a="$r_rps" -v b="$(col 1 quota)" 'BEGIN { printf "throughput   Redis / file store = %.3f  (target >= 0.95)\n", a/b }'
+  awk -v c="$r_calls" -v n="$r_requests" 'BEGIN { printf "Redis commands per 1,000 requests: %.3f  (%d commands, about %d requests)\n", c*1000/n, c, n }'
 fi
 if [ -n "$BASELINE_BIN" ]; then
   b_rps=$(col 1 baseline); b_p99=$(col 3 baseline)
