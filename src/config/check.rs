@@ -3,7 +3,7 @@
 //!
 //! Must not: print a secret, or the value of a `${NAME}` (it may be one).
 
-use super::{AuthConfig, Config, Grant, QuotaConfig, StoreLocation};
+use super::{AuthConfig, Config, Grant, QuotaConfig, StateConfig, StoreLocation};
 use bytesize::ByteSize;
 use url::Url;
 
@@ -50,22 +50,7 @@ impl Config {
     /// The resolved settings as `check` prints them; secrets show as `[redacted]`.
     pub fn describe(&self) -> String {
         use std::fmt::Write;
-        let mut out = String::new();
-        match self.state.location() {
-            Ok(location @ StoreLocation::Redis(_)) => {
-                let _ = writeln!(out, "state.store = {}", location.shown());
-                let _ = writeln!(out, "state.prefix = {}", self.state.prefix);
-                let timeout = humantime::format_duration(self.state.timeout);
-                let _ = writeln!(out, "state.timeout = {timeout}");
-                if let Some(ca) = &self.state.ca_file {
-                    let _ = writeln!(out, "state.ca_file = {}", ca.display());
-                }
-            }
-            Ok(location) => {
-                let _ = writeln!(out, "state.store = {}", location.shown());
-            }
-            Err(_) => {}
-        }
+        let mut out = describe_state(&self.state);
         if let Some(admin) = &self.admin {
             let _ = writeln!(out, "admin.listen = {}", admin.listen);
         }
@@ -179,6 +164,25 @@ fn is_loopback_host(url: &Url) -> bool {
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
         None => false,
     }
+}
+
+/// The `state.*` lines: the store (a Redis password as `[redacted]`), and for Redis its keys.
+fn describe_state(state: &StateConfig) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let Ok(location) = state.location() else {
+        return out;
+    };
+    let _ = writeln!(out, "state.store = {}", location.shown());
+    if let StoreLocation::Redis(_) = location {
+        let _ = writeln!(out, "state.prefix = {}", state.prefix);
+        let timeout = humantime::format_duration(state.timeout);
+        let _ = writeln!(out, "state.timeout = {timeout}");
+        if let Some(ca) = &state.ca_file {
+            let _ = writeln!(out, "state.ca_file = {}", ca.display());
+        }
+    }
+    out
 }
 
 /// The `auth.*` lines of one upstream.

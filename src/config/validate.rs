@@ -2,7 +2,8 @@
 //! ports, keys a grant requires, inbound keys on a listener others can reach, limits in range.
 //! Every problem is reported, not only the first.
 
-use super::{AuthConfig, ClientAuth, Config, Grant, Problem, QuotaConfig, StoreLocation};
+use super::StoreLocation;
+use super::{AuthConfig, ClientAuth, Config, Grant, Problem, QuotaConfig, StateConfig};
 use super::{UpstreamConfig, MIN_KEY_LEN};
 use std::collections::HashSet;
 
@@ -29,34 +30,7 @@ impl Config {
                 message,
             })
         };
-        match self.state.location() {
-            Err(message) => report("state.store", message),
-            Ok(StoreLocation::File(_)) => {}
-            Ok(StoreLocation::Redis(redis)) => {
-                let state = &self.state;
-                let valid = |b: u8| b.is_ascii_alphanumeric() || b"-_.:".contains(&b);
-                if state.prefix.is_empty() || !state.prefix.bytes().all(valid) {
-                    report(
-                        "state.prefix",
-                        "must be letters, digits and `-_.:`, e.g. \"tollgate\"".into(),
-                    );
-                }
-                if state.timeout.is_zero() {
-                    report("state.timeout", "must be more than 0s".into());
-                }
-                match &state.ca_file {
-                    Some(_) if !redis.shown.starts_with("rediss://") => report(
-                        "state.ca_file",
-                        "is only used with rediss:// (Redis over TLS)".into(),
-                    ),
-                    Some(ca) if !ca.is_file() => report(
-                        "state.ca_file",
-                        format!("{} does not exist or is not a file", ca.display()),
-                    ),
-                    _ => {}
-                }
-            }
-        }
+        check_state(&self.state, &mut report);
         if self.upstreams.is_empty() {
             report(
                 "upstream",
@@ -105,6 +79,36 @@ impl Config {
             }
         }
         problems
+    }
+}
+
+/// `[state]`: a store tollgate can open, and what a Redis store needs.
+fn check_state(state: &StateConfig, report: &mut impl FnMut(&str, String)) {
+    let redis = match state.location() {
+        Err(message) => return report("state.store", message),
+        Ok(StoreLocation::File(_)) => return,
+        Ok(StoreLocation::Redis(redis)) => redis,
+    };
+    let valid = |b: u8| b.is_ascii_alphanumeric() || b"-_.:".contains(&b);
+    if state.prefix.is_empty() || !state.prefix.bytes().all(valid) {
+        report(
+            "state.prefix",
+            "must be letters, digits and `-_.:`, e.g. \"tollgate\"".into(),
+        );
+    }
+    if state.timeout.is_zero() {
+        report("state.timeout", "must be more than 0s".into());
+    }
+    match &state.ca_file {
+        Some(_) if !redis.shown.starts_with("rediss://") => report(
+            "state.ca_file",
+            "is only used with rediss:// (Redis over TLS)".into(),
+        ),
+        Some(ca) if !ca.is_file() => report(
+            "state.ca_file",
+            format!("{} does not exist or is not a file", ca.display()),
+        ),
+        _ => {}
     }
 }
 

@@ -231,26 +231,21 @@ impl Daily {
     /// Learn what every process has spent of the day at `unix_ms` so far, so that the first
     /// headers and `/status` after a start are right. Reserves nothing.
     pub async fn load(&self, unix_ms: u64) -> Result<(), StoreError> {
-        let _one_at_a_time = self.refill.lock().await;
-        let day = self.day_of(unix_ms);
-        if unpack(self.hand.load(Ordering::Acquire)).0 == day {
-            return Ok(());
-        }
-        let used = self
-            .store
-            .quota_used(&self.upstream, &self.period(day))
-            .await?;
-        self.used.store(used, Ordering::Relaxed);
-        self.hand.store(pack(day, 0), Ordering::Release);
-        Ok(())
+        self.read_used(unix_ms, false).await
     }
 
     /// Read again what every process has reserved of the day at `unix_ms` (after a reload's
     /// predecessor gave its lease back), so it is not taken for a higher count this process saw.
     pub async fn relearn(&self, unix_ms: u64) -> Result<(), StoreError> {
+        self.read_used(unix_ms, true).await
+    }
+
+    /// Read the day's count from the store: when the hand is not yet on the day (`load`), or
+    /// when it is (`relearn`).
+    async fn read_used(&self, unix_ms: u64, again: bool) -> Result<(), StoreError> {
         let _one_at_a_time = self.refill.lock().await;
         let day = self.day_of(unix_ms);
-        if unpack(self.hand.load(Ordering::Acquire)).0 != day {
+        if (unpack(self.hand.load(Ordering::Acquire)).0 == day) != again {
             return Ok(());
         }
         let used = self
@@ -258,6 +253,9 @@ impl Daily {
             .quota_used(&self.upstream, &self.period(day))
             .await?;
         self.used.store(used, Ordering::Relaxed);
+        if !again {
+            self.hand.store(pack(day, 0), Ordering::Release);
+        }
         Ok(())
     }
 

@@ -20,17 +20,22 @@
 //! or the quota decides.
 
 use super::REPLICA_WINDOW;
+mod listener;
+mod lock;
+
 use super::{Period, RefreshLock, Reservation, StateStore, StoreError, StoreHealth, TokenRecord};
 use crate::config::{RedisUrl, StateConfig};
 use async_trait::async_trait;
+use listener::Listener;
+use lock::Releasing;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-use tokio::sync::{watch, Notify};
+use std::time::Duration;
+use tokio::sync::watch;
 
 /// A Redis server shared by several replicas.
 pub struct RedisStore {
@@ -61,14 +66,8 @@ pub struct RedisStore {
     live: Arc<Mutex<HashSet<String>>>,
 }
 
-fn lock_map<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock_map<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-#[derive(Default)]
-struct Releasing {
-    running: AtomicUsize,
-    done: Notify,
 }
 
 struct Scripts {
@@ -80,11 +79,6 @@ struct Scripts {
     hold: Script,
     extend: Script,
 }
-
-/// How often a waiter asks again for a lock another replica holds.
-const LOCK_POLL: Duration = Duration::from_millis(50);
-/// How long the announcement listener waits to connect, or for an answer to its ping.
-const LISTENER_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl RedisStore {
     /// A store for `url`; it connects on first use, and reconnects with backoff.
@@ -185,35 +179,6 @@ impl RedisStore {
         }
     }
 
-    /// Keep the lock `key` (set to `value`) alive, a third of its life at a time, while it is
-    /// held — a slow token request, a save the store refuses for a while — until `ended`
-    /// closes, or the lock turns out lost.
-    fn keep_alive(
-        &self,
-        key: String,
-        value: String,
-        hold_ms: u64,
-        mut ended: watch::Receiver<()>,
-    ) -> impl Future<Output = ()> + Send + 'static {
-        let (mut conn, extend, timeout) =
-            (self.conn.clone(), self.scripts.extend.clone(), self.timeout);
-        async move {
-            let every = Duration::from_millis(hold_ms / 3).max(Duration::from_millis(100));
-            loop {
-                tokio::select! {
-                    _ = ended.changed() => return,
-                    _ = tokio::time::sleep(every) => {}
-                }
-                let mut invocation = extend.key(&key);
-                invocation.arg(&value).arg(hold_ms);
-                let extended = invocation.invoke_async::<i64>(&mut conn);
-                if let Ok(Ok(0)) = tokio::time::timeout(timeout, extended).await {
-                    return;
-                }
-            }
-        }
-    }
-
     /// The values announced on `channel`, from the store's one listener (started here).
     fn listen(&self, channel: String) -> Option<watch::Receiver<u64>> {
         let mut announced = self.announced.lock().unwrap_or_else(|p| p.into_inner());
@@ -255,46 +220,6 @@ impl RedisStore {
         }
         let mut conn = self.conn.clone();
         self.run(invocation.invoke_async(&mut conn)).await
-    }
-}
-
-/// Releases a Redis refresh lock when the last share of it is dropped — if its holder still
-/// has it. The release runs in a task of its own; if it fails, the lock stays set until it
-/// expires, or until this process's next attempt takes it back (it holds it no more).
-struct Held {
-    conn: ConnectionManager,
-    unlock: Script,
-    key: String,
-    value: String,
-    timeout: Duration,
-    releasing: Arc<Releasing>,
-    live: Arc<Mutex<HashSet<String>>>,
-    /// Dropped with the lock: ends the task that keeps it alive.
-    _alive: watch::Sender<()>,
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let mut conn = self.conn.clone();
-        let (unlock, key, value) = (
-            self.unlock.clone(),
-            std::mem::take(&mut self.key),
-            std::mem::take(&mut self.value),
-        );
-        lock_map(&self.live).remove(&value);
-        let (timeout, releasing) = (self.timeout, Arc::clone(&self.releasing));
-        releasing.running.fetch_add(1, Ordering::AcqRel);
-        runtime.spawn(async move {
-            let mut invocation = unlock.key(&key);
-            invocation.arg(&value);
-            let release = invocation.invoke_async::<i64>(&mut conn);
-            let _ = tokio::time::timeout(timeout, release).await;
-            releasing.running.fetch_sub(1, Ordering::AcqRel);
-            releasing.done.notify_waiters();
-        });
     }
 }
 
@@ -344,59 +269,7 @@ impl StateStore for RedisStore {
         wait: Duration,
         hold: Duration,
     ) -> Result<RefreshLock, StoreError> {
-        let key = self.key(upstream, "lock");
-        let started = Instant::now();
-        let hold_ms = hold.as_millis().clamp(1, u128::from(u32::MAX)) as u64;
-        let mut left_over = String::new();
-        loop {
-            let taken_at = Instant::now();
-            let value = format!("{}:{:016x}", self.id, rand::random::<u64>());
-            let mut invocation = self.scripts.lock.key(&key);
-            invocation
-                .key(self.key(upstream, "fence"))
-                .key(self.key(upstream, "token"))
-                .arg(&value)
-                .arg(hold_ms)
-                .arg(&left_over);
-            let mut conn = self.conn.clone();
-            let fence: u64 = self.run(invocation.invoke_async(&mut conn)).await?;
-            if fence > 0 {
-                lock_map(&self.live).insert(value.clone());
-                let (alive, ended) = watch::channel(());
-                tokio::spawn(self.keep_alive(key.clone(), value.clone(), hold_ms, ended));
-                let held = Held {
-                    conn: self.conn.clone(),
-                    unlock: self.scripts.unlock.clone(),
-                    key,
-                    value,
-                    timeout: self.timeout,
-                    releasing: Arc::clone(&self.releasing),
-                    live: Arc::clone(&self.live),
-                    _alive: alive,
-                };
-                // Counted from before the request: the lock cannot have been set earlier.
-                let expires = taken_at + Duration::from_millis(hold_ms);
-                return Ok(RefreshLock::new(fence, Some(expires), Box::new(held)));
-            }
-            // Held: by another process, or left over by this one.
-            let mut conn = self.conn.clone();
-            let holder: Option<String> = self.run(conn.get(&key)).await?;
-            if let Some(holder) = holder {
-                let ours = holder.starts_with(&format!("{}:", self.id));
-                if ours && holder != left_over && !lock_map(&self.live).contains(&holder) {
-                    left_over = holder;
-                    continue;
-                }
-            }
-            if started.elapsed() >= wait {
-                return Err(StoreError::LockTimeout {
-                    what: "refresh",
-                    upstream: upstream.to_owned(),
-                    waited: wait,
-                });
-            }
-            tokio::time::sleep(LOCK_POLL).await;
-        }
+        self.take_lock(upstream, wait, hold).await
     }
 
     async fn reserve_quota(
@@ -520,89 +393,5 @@ impl StateStore for RedisStore {
             }
         };
         let _ = tokio::time::timeout(self.timeout, wait).await;
-    }
-}
-
-/// Listens for what other replicas announce (new generations, holds after a 429), and hands
-/// each value to the subscribers of its channel; reconnects with backoff, and ends with the
-/// store.
-struct Listener {
-    client: redis::Client,
-    patterns: Vec<String>,
-    announced: std::sync::Weak<Mutex<HashMap<String, watch::Sender<u64>>>>,
-    /// Closed when the store is dropped.
-    open: watch::Receiver<()>,
-}
-
-impl Listener {
-    async fn run(mut self) {
-        let mut closed = self.open.clone();
-        tokio::select! {
-            _ = closed.changed() => {}
-            _ = self.listen() => {}
-        }
-    }
-
-    async fn listen(&mut self) {
-        let mut pause = Duration::from_millis(100);
-        loop {
-            let connect = tokio::time::timeout(LISTENER_TIMEOUT, self.client.get_async_pubsub());
-            if let Ok(Ok(mut pubsub)) = connect.await {
-                if pubsub.psubscribe(&self.patterns).await.is_ok() {
-                    pause = Duration::from_millis(100);
-                    if !self.receive(pubsub).await {
-                        return;
-                    }
-                }
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(5));
-        }
-    }
-
-    /// Deliver what comes on `pubsub` until the connection fails or stops answering a ping
-    /// (a subscriber sends nothing otherwise, so a vanished server would go unnoticed); false
-    /// once the store is gone.
-    async fn receive(&self, pubsub: redis::aio::PubSub) -> bool {
-        use futures_util::StreamExt;
-        let (mut sink, mut messages) = pubsub.split();
-        let mut ping = tokio::time::interval(super::HEARTBEAT);
-        loop {
-            tokio::select! {
-                message = messages.next() => match message {
-                    Some(message) => {
-                        if !self.deliver(message.get_channel_name(), message.get_payload()) {
-                            return false;
-                        }
-                    }
-                    None => return true,
-                },
-                _ = ping.tick() => {
-                    let pong = tokio::time::timeout(LISTENER_TIMEOUT, sink.ping::<redis::Value>());
-                    if !matches!(pong.await, Ok(Ok(_))) {
-                        return true;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Hand `value` to the subscribers of `channel`, when it differs from the last (a lower
-    /// generation is news too: the store lost data); false once the store is gone.
-    fn deliver(&self, channel: &str, value: redis::RedisResult<u64>) -> bool {
-        let Some(announced) = self.announced.upgrade() else {
-            return false;
-        };
-        let Ok(value) = value else {
-            return true;
-        };
-        if let Some(sender) = announced
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(channel)
-        {
-            sender.send_if_modified(|seen| std::mem::replace(seen, value) != value);
-        }
-        true
     }
 }

@@ -7,7 +7,7 @@
 use super::flight::{Flight, Lineage};
 use super::grant::TokenEndpoint;
 use super::pacing::Pacing;
-use super::{lineage_hash, unix_ms, Backoff, Purpose, TokenError};
+use super::{lineage_hash, unix_ms, Purpose, TokenError};
 use crate::config::{Grant, UpstreamConfig};
 use crate::secret::{fingerprint, Secret};
 use crate::store::{StateStore, TokenRecord};
@@ -21,18 +21,6 @@ use tokio::sync::watch;
 
 /// The `result` label values of `tollgate_token_refreshes_total`, by index.
 pub const REFRESH_RESULTS: [&str; 3] = ["ok", "error", "refused"];
-
-/// The next generation announced on `announced`; never, when nothing is announced.
-async fn next_announcement(announced: &mut Option<watch::Receiver<u64>>) -> Option<u64> {
-    match announced {
-        Some(receiver) => match receiver.changed().await {
-            Ok(()) => Some(*receiver.borrow_and_update()),
-            // The store is gone: nothing more will come.
-            Err(_) => std::future::pending().await,
-        },
-        None => std::future::pending().await,
-    }
-}
 
 /// A `std` mutex, through a panic elsewhere (the data it guards stays consistent).
 pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -108,7 +96,7 @@ impl std::fmt::Debug for AccessToken {
 /// The token cache of one upstream.
 pub struct TokenCache {
     pub(super) name: String,
-    current: ArcSwapOption<AccessToken>,
+    pub(super) current: ArcSwapOption<AccessToken>,
     /// The newest generation the upstream refused; it and older ones are never used again.
     pub(super) refused: AtomicU64,
     pub(super) endpoint: TokenEndpoint,
@@ -121,7 +109,7 @@ pub struct TokenCache {
     pub(super) request_timeout: Duration,
     pub(super) backoff_initial: Duration,
     pub(super) backoff_max: Duration,
-    published: watch::Sender<u64>,
+    pub(super) published: watch::Sender<u64>,
     /// The last refresh failure, for readiness and status; cleared by a success.
     pub(super) last_failure: Mutex<Option<String>>,
     /// Why a record the identity server issued is not saved yet (see [`super::flight`]).
@@ -407,7 +395,7 @@ impl TokenCache {
     }
 
     /// Put `token` on requests unless one of a newer (or the same) generation is in use.
-    fn publish_if_newer(&self, token: Arc<AccessToken>) {
+    pub(super) fn publish_if_newer(&self, token: Arc<AccessToken>) {
         let mut taken = false;
         self.current.rcu(|cur| match cur {
             Some(c) if c.generation >= token.generation => cur.clone(),
@@ -418,89 +406,6 @@ impl TokenCache {
         });
         if taken {
             self.published.send_replace(token.generation);
-        }
-    }
-
-    /// Refresh ahead of expiry until `shutdown` resolves. Fetches the first token at once, so
-    /// the first request does not wait for it.
-    ///
-    /// On a shared store it also follows the generations other replicas announce, taking a
-    /// newer token over as soon as it is saved.
-    pub async fn refresh_ahead(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
-        tokio::pin!(shutdown);
-        let mut published = self.published.subscribe();
-        let mut announced = self.store.announcements(&self.name);
-        let mut backoff = Backoff::new(self.backoff_initial, self.backoff_max);
-        let mut wake_at = Instant::now();
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => return,
-                _ = tokio::time::sleep_until(wake_at.into()) => {}
-                _ = published.changed() => {
-                    wake_at = self.next_wake();
-                    continue;
-                }
-                Some(_) = next_announcement(&mut announced) => {
-                    self.take_announced().await;
-                    continue;
-                }
-            }
-            let purpose = if self.cached().is_some() {
-                Purpose::Ahead
-            } else {
-                Purpose::Missing
-            };
-            match self.refresh(purpose).await {
-                Ok(_) => {
-                    backoff.reset();
-                    wake_at = self.next_wake();
-                }
-                Err(TokenError::NeedsLogin(_) | TokenError::Refused(_)) => {
-                    // Final until the store changes; look again now and then for a login.
-                    wake_at = Instant::now() + Duration::from_secs(30);
-                }
-                Err(TokenError::Unavailable { .. } | TokenError::Store(_)) => {
-                    wake_at = Instant::now() + backoff.next_delay();
-                }
-            }
-        }
-    }
-
-    /// A generation another replica saved and announced: take its token over, without the
-    /// lock (it only reads), when it is of this lineage, newer and usable; write back what
-    /// this cache knows when the store holds less (it lost data).
-    async fn take_announced(&self) {
-        let Ok(Some(record)) = self.store.load_token(&self.name).await else {
-            return;
-        };
-        let behind = lock(&self.known)
-            .as_ref()
-            .is_some_and(|k| k.seed_hash == record.seed_hash && k.is_after(&record));
-        if behind {
-            // The store lost data and another replica wrote back less than this one knows.
-            self.write_back().await;
-            return;
-        }
-        if record.seed_hash != self.seed_hash
-            || record.generation <= self.generation().max(self.refused.load(Ordering::Acquire))
-        {
-            return;
-        }
-        self.remember(&record);
-        if let Some(token) = self
-            .token_from(&record)
-            .filter(|t| t.is_usable(Instant::now()))
-        {
-            tracing::debug!(upstream = %self.name, generation = token.generation, "using the token another replica announced");
-            // Unless a flight published a newer one meanwhile.
-            self.publish_if_newer(Arc::new(token));
-        }
-    }
-
-    fn next_wake(&self) -> Instant {
-        match self.current.load().as_ref() {
-            Some(t) => t.refresh_at,
-            None => Instant::now(),
         }
     }
 

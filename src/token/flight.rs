@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// How long a refresh waits for another process holding the store's refresh lock.
-const LOCK_WAIT: Duration = Duration::from_secs(30);
+pub(super) const LOCK_WAIT: Duration = Duration::from_secs(30);
 /// After writing back a record the store had lost, how long a refresh waits before it may
 /// redeem, so that a replica that knows a newer record can write that back first.
 const WRITE_BACK_WAIT: Duration = Duration::from_millis(500);
@@ -61,7 +61,7 @@ pub(super) struct Lineage {
 }
 
 /// The outcome of one redemption attempt that did not produce a token.
-enum Attempt {
+pub(super) enum Attempt {
     Final(TokenError),
     Retry {
         reason: String,
@@ -72,7 +72,7 @@ enum Attempt {
 }
 
 impl Attempt {
-    fn store(e: StoreError) -> Attempt {
+    pub(super) fn store(e: StoreError) -> Attempt {
         match e {
             StoreError::LockTimeout { .. } => Attempt::Retry {
                 reason: e.to_string(),
@@ -140,7 +140,7 @@ impl Drop for Landing {
 }
 
 impl TokenCache {
-    fn flight(&self) -> MutexGuard<'_, Flight> {
+    pub(super) fn flight(&self) -> MutexGuard<'_, Flight> {
         lock(&self.flight)
     }
 
@@ -447,84 +447,6 @@ impl TokenCache {
             login_at_ms: stored.as_ref().map_or(0, |r| r.login_at_ms),
             refresh_token,
         })
-    }
-
-    /// The store's record, after writing back the newest this cache knows when the store holds
-    /// less of its lineage: data lost (a Redis flushed, or failed over to a stale replica)
-    /// must not send the lineage back to an old, long-rotated refresh token. Also says whether
-    /// it wrote back.
-    async fn recovered(
-        &self,
-        store_lock: &RefreshLock,
-    ) -> Result<(Option<TokenRecord>, bool), Attempt> {
-        let stored = self
-            .store
-            .load_token(&self.name)
-            .await
-            .map_err(Attempt::store)?;
-        let Some(known) = lock(&self.known).clone() else {
-            return Ok((stored, false));
-        };
-        let lost = match &stored {
-            None => true,
-            Some(s) => s.seed_hash == known.seed_hash && known.is_after(s),
-        };
-        if !lost {
-            return Ok((stored, false));
-        }
-        match self.store.save_token(&self.name, &known, store_lock).await {
-            Ok(()) => {
-                tracing::warn!(upstream = %self.name, generation = known.generation, "the state store had lost the newest token record; wrote back the one this process holds");
-                Ok((Some(known), true))
-            }
-            // Another replica wrote back a newer one first.
-            Err(StoreError::Superseded { .. }) => {
-                let stored = self.store.load_token(&self.name).await;
-                Ok((stored.map_err(Attempt::store)?, false))
-            }
-            Err(e) => Err(Attempt::store(e)),
-        }
-    }
-
-    /// The store lost records and announced an older generation than this cache knows: write
-    /// the newest known back, so that no replica redeems a refresh token rotated before it.
-    pub(super) async fn write_back(&self) {
-        let hold = self.request_timeout + LOCK_MARGIN;
-        let Ok(store_lock) = self.store.lock_refresh(&self.name, LOCK_WAIT, hold).await else {
-            return;
-        };
-        let _ = self.recovered(&store_lock).await;
-    }
-
-    /// Keep `record` as the newest known, unless a newer one of the lineage is known.
-    pub(super) fn remember(&self, record: &TokenRecord) {
-        let mut known = lock(&self.known);
-        let newer = known
-            .as_ref()
-            .is_none_or(|k| k.seed_hash != record.seed_hash || record.is_after(k));
-        if newer {
-            *known = Some(record.clone());
-        }
-    }
-
-    /// Wait, up to `wait`, until no flight is in the air, so that what one redeemed is saved
-    /// (at shutdown, and before `tollgate token` exits). Returns whether none is.
-    pub async fn settle(&self, wait: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let mut progress = match &*self.flight() {
-                Flight::Idle => return true,
-                Flight::Busy(p) => p.clone(),
-            };
-            // The task drops its sender when it ends, after making the flight idle.
-            let ended = async { while progress.changed().await.is_ok() {} };
-            if tokio::time::timeout_at(deadline, ended).await.is_err() {
-                if let Some(reason) = lock(&self.unsaved).clone() {
-                    tracing::error!(upstream = %self.name, "{reason}; stopping now loses it: the next start redeems the refresh token before it, which an identity server that rotates refuses (then run `tollgate login {}`)", self.name);
-                }
-                return false;
-            }
-        }
     }
 
     fn classify(&self, e: GrantError, lineage: &mut Lineage, generation: u64) -> Attempt {

@@ -1,9 +1,11 @@
 //! The access token of each upstream: who fetches it, who may redeem a refresh token, and when
 //! a request gets one.
 //!
-//! - [`cache`]: [`TokenCache`], read lock-free by every request, and the refresh-ahead task.
+//! - [`cache`]: [`TokenCache`], read lock-free by every request; [`ahead`]: its refresh-ahead
+//!   task.
 //! - [`flight`]: one refresh at a time per cache, run by a task the cache owns (below);
-//!   [`save`]: a redeemed record the store will not take yet.
+//!   [`save`]: a redeemed record the store will not take yet; [`recover`]: writing back what a
+//!   store lost.
 //! - [`pacing`]: when the upstream's refusal (401) may be answered with a new token.
 //! - [`grant`]: the token endpoint calls; [`login`]: the authorization-code login.
 //!
@@ -39,12 +41,14 @@
 //! ([`TokenCache::retire`]), lets a flight in the air land and save, hands what it obtained to
 //! its successor, and sends its own waiting requests there.
 
+mod ahead;
 mod backoff;
 mod cache;
 mod flight;
 pub mod grant;
 pub mod login;
 mod pacing;
+mod recover;
 mod save;
 
 pub use backoff::Backoff;

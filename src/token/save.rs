@@ -1,12 +1,13 @@
 //! A redeemed record the store will not take (a full disk, a permission changed): it holds the
-//! only copy of a refresh token the identity server has just rotated. Until the store takes
+//! only copy of a refresh token the identity server has just rotated. And waiting, before the
+//! process ends, for what a flight redeemed to be saved ([`TokenCache::settle`]). Until the store takes
 //! it, its flight keeps the store's refresh lock — so nothing of the lineage is redeemed, in
 //! this process or another on the store — lets the new access token serve, says why in
 //! `/readyz`, and retries the save with backoff.
 
 use super::backoff::Backoff;
 use super::cache::{lock, AccessToken, TokenCache};
-use super::flight::Progress;
+use super::flight::{Flight, Progress};
 use crate::store::{RefreshLock, StoreError, TokenRecord};
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,5 +62,25 @@ impl TokenCache {
             return;
         }
         tracing::info!(upstream = %self.name, failures, "the state store took the new refresh token");
+    }
+
+    /// Wait, up to `wait`, until no flight is in the air, so that what one redeemed is saved
+    /// (at shutdown, and before `tollgate token` exits). Returns whether none is.
+    pub async fn settle(&self, wait: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let mut progress = match &*self.flight() {
+                Flight::Idle => return true,
+                Flight::Busy(p) => p.clone(),
+            };
+            // The task drops its sender when it ends, after making the flight idle.
+            let ended = async { while progress.changed().await.is_ok() {} };
+            if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                if let Some(reason) = lock(&self.unsaved).clone() {
+                    tracing::error!(upstream = %self.name, "{reason}; stopping now loses it: the next start redeems the refresh token before it, which an identity server that rotates refuses (then run `tollgate login {}`)", self.name);
+                }
+                return false;
+            }
+        }
     }
 }

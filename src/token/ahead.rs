@@ -1,0 +1,107 @@
+//! The refresh-ahead task of a token cache: it fetches the first token at once, replaces the
+//! token before it is due, retries with backoff while the identity server fails, and on a
+//! shared store follows the generations other replicas announce.
+
+use super::cache::{lock, TokenCache};
+use super::{Backoff, Purpose, TokenError};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+impl TokenCache {
+    /// Refresh ahead of expiry until `shutdown` resolves. Fetches the first token at once, so
+    /// the first request does not wait for it.
+    ///
+    /// On a shared store it also follows the generations other replicas announce, taking a
+    /// newer token over as soon as it is saved.
+    pub async fn refresh_ahead(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut published = self.published.subscribe();
+        let mut announced = self.store.announcements(&self.name);
+        let mut backoff = Backoff::new(self.backoff_initial, self.backoff_max);
+        let mut wake_at = Instant::now();
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tokio::time::sleep_until(wake_at.into()) => {}
+                _ = published.changed() => {
+                    wake_at = self.next_wake();
+                    continue;
+                }
+                Some(_) = next_announcement(&mut announced) => {
+                    self.take_announced().await;
+                    continue;
+                }
+            }
+            let purpose = if self.cached().is_some() {
+                Purpose::Ahead
+            } else {
+                Purpose::Missing
+            };
+            match self.refresh(purpose).await {
+                Ok(_) => {
+                    backoff.reset();
+                    wake_at = self.next_wake();
+                }
+                Err(TokenError::NeedsLogin(_) | TokenError::Refused(_)) => {
+                    // Final until the store changes; look again now and then for a login.
+                    wake_at = Instant::now() + Duration::from_secs(30);
+                }
+                Err(TokenError::Unavailable { .. } | TokenError::Store(_)) => {
+                    wake_at = Instant::now() + backoff.next_delay();
+                }
+            }
+        }
+    }
+
+    /// A generation another replica saved and announced: take its token over, without the
+    /// lock (it only reads), when it is of this lineage, newer and usable; write back what
+    /// this cache knows when the store holds less (it lost data).
+    async fn take_announced(&self) {
+        let Ok(Some(record)) = self.store.load_token(&self.name).await else {
+            return;
+        };
+        let behind = lock(&self.known)
+            .as_ref()
+            .is_some_and(|k| k.seed_hash == record.seed_hash && k.is_after(&record));
+        if behind {
+            // The store lost data and another replica wrote back less than this one knows.
+            self.write_back().await;
+            return;
+        }
+        if record.seed_hash != self.seed_hash
+            || record.generation <= self.generation().max(self.refused.load(Ordering::Acquire))
+        {
+            return;
+        }
+        self.remember(&record);
+        if let Some(token) = self
+            .token_from(&record)
+            .filter(|t| t.is_usable(Instant::now()))
+        {
+            tracing::debug!(upstream = %self.name, generation = token.generation, "using the token another replica announced");
+            // Unless a flight published a newer one meanwhile.
+            self.publish_if_newer(Arc::new(token));
+        }
+    }
+
+    fn next_wake(&self) -> Instant {
+        match self.current.load().as_ref() {
+            Some(t) => t.refresh_at,
+            None => Instant::now(),
+        }
+    }
+}
+
+/// The next generation announced on `announced`; never, when nothing is announced.
+async fn next_announcement(announced: &mut Option<watch::Receiver<u64>>) -> Option<u64> {
+    match announced {
+        Some(receiver) => match receiver.changed().await {
+            Ok(()) => Some(*receiver.borrow_and_update()),
+            // The store is gone: nothing more will come.
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
