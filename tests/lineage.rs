@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tollgate::config::Config;
 use tollgate::store::{
-    FileStore, Period, RefreshLock, Reservation, StateStore, StoreError, TokenRecord,
+    FileStore, Period, RefreshLock, Reservation, Seen, StateStore, StoreError, TokenRecord,
 };
 use tollgate::token::TokenCache;
 
@@ -179,7 +179,7 @@ impl StateStore for FlakyStore {
         period: &Period,
         limit: u64,
         want: u64,
-        seen: u64,
+        seen: Seen,
     ) -> Result<Reservation, StoreError> {
         self.inner
             .reserve_quota(upstream, period, limit, want, seen)

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tollgate::config::{Config, StateConfig};
 use tollgate::secret::Secret;
 use tollgate::sim::identity::IdentityConfig;
-use tollgate::store::{RedisStore, StateStore, StoreError, TokenRecord};
+use tollgate::store::{Period, RedisStore, Reservation, Seen, StateStore, StoreError, TokenRecord};
 use tollgate::token::TokenCache;
 use tollgate::Proxy;
 
@@ -719,4 +719,82 @@ async fn a_login_after_a_data_loss_is_not_overwritten() {
         "the login's lineage goes on"
     );
     h.assert_lineage_intact();
+}
+
+/// Counts given back by one replica can be reserved by another: a count below what a replica
+/// saw is a loss only when the store's version went back too (a flush), not after a release.
+#[tokio::test]
+async fn a_count_given_back_is_not_taken_for_a_loss() {
+    let redis = RedisServer::start();
+    let (a, b) = (store(&redis), store(&redis));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let day = Period::new(now - now % 86_400_000, now - now % 86_400_000 + 86_400_000);
+    let seen = |r: &Reservation| Seen {
+        count: r.used,
+        version: r.version,
+    };
+    let first = a
+        .reserve_quota("api", &day, 100, 60, Seen::default())
+        .await
+        .unwrap();
+    assert_eq!((first.granted, first.used), (60, 60));
+    let second = b
+        .reserve_quota("api", &day, 100, 40, Seen::default())
+        .await
+        .unwrap();
+    assert_eq!((second.granted, second.used), (40, 100));
+    a.release_quota("api", &day, 30).await.unwrap();
+    // B saw 100; the store counts 70 because A gave 30 back, not because it lost anything.
+    let again = b
+        .reserve_quota("api", &day, 100, 10, seen(&second))
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.granted, again.used),
+        (10, 80),
+        "released counts are reserved again"
+    );
+
+    // A flush is a loss: the highest count seen comes back before anything is granted.
+    redis.command(&["FLUSHALL"]);
+    let after = b
+        .reserve_quota("api", &day, 100, 10, seen(&again))
+        .await
+        .unwrap();
+    assert_eq!(
+        (after.granted, after.used),
+        (10, 90),
+        "the day goes on from 80"
+    );
+}
+
+/// Tasks of one process contend for the lock on one store: never two hold it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_holder_at_a_time_within_a_process() {
+    let redis = RedisServer::start();
+    let shared = Arc::new(store(&redis));
+    let holders = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (shared, holders) = (Arc::clone(&shared), Arc::clone(&holders));
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..10 {
+                let lock = shared
+                    .lock_refresh("api", Duration::from_secs(10), Duration::from_secs(30))
+                    .await
+                    .unwrap();
+                let before = holders.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                assert_eq!(before, 0, "two holders at once");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                holders.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                drop(lock);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
 }

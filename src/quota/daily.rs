@@ -8,7 +8,7 @@
 //! tops it up, so a request waits for the store only when the hand is empty.
 
 use super::{Policy, Window, DAY};
-use crate::store::{Period, StateStore, StoreError};
+use crate::store::{Period, Seen, StateStore, StoreError};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -26,6 +26,8 @@ pub struct Daily {
     hand: AtomicU64,
     /// What every process had reserved of the day at our last reservation.
     used: AtomicU64,
+    /// The store's version of the day's counts at our last reservation (see [`Seen`]).
+    version: AtomicU64,
     /// Until when (Unix ms) the store is known to have nothing left: refusals skip it till then.
     spent_until_ms: AtomicU64,
     topping_up: AtomicBool,
@@ -72,6 +74,7 @@ impl Daily {
             store,
             hand: AtomicU64::new(0),
             used: AtomicU64::new(0),
+            version: AtomicU64::new(0),
             spent_until_ms: AtomicU64::new(0),
             topping_up: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -210,6 +213,7 @@ impl Daily {
             // Yesterday's counts are of no use today; they were reserved, so they stay spent.
             self.hand.store(pack(day, 0), Ordering::Release);
             self.used.store(0, Ordering::Relaxed);
+            self.version.store(0, Ordering::Relaxed);
         }
         let have = unpack(self.hand.load(Ordering::Acquire)).1;
         let reservation = self
@@ -219,10 +223,14 @@ impl Daily {
                 &self.period(day),
                 self.limit,
                 self.lease - have,
-                self.used.load(Ordering::Relaxed),
+                Seen {
+                    count: self.used.load(Ordering::Relaxed),
+                    version: self.version.load(Ordering::Relaxed),
+                },
             )
             .await?;
         self.used.store(reservation.used, Ordering::Relaxed);
+        self.version.store(reservation.version, Ordering::Relaxed);
         // Only this function adds to the hand and it runs one at a time, so the day is unchanged.
         let after = self.hand.fetch_add(reservation.granted, Ordering::AcqRel);
         Ok(unpack(after).1 + reservation.granted)
@@ -235,7 +243,7 @@ impl Daily {
     }
 
     /// Read again what every process has reserved of the day at `unix_ms` (after a reload's
-    /// predecessor gave its lease back), so it is not taken for a higher count this process saw.
+    /// predecessor gave its lease back), so the headers and `/status` count without it.
     pub async fn relearn(&self, unix_ms: u64) -> Result<(), StoreError> {
         self.read_used(unix_ms, true).await
     }

@@ -3,7 +3,8 @@
 //! so after a crash the file is either the old record or the new one, never a torn mix.
 //! `flock` on `<name>.lock` serialises refreshes across processes on the same directory.
 
-use super::{Period, RefreshLock, Relation, Reservation, StateStore, StoreError, TokenRecord};
+use super::TokenRecord;
+use super::{Period, RefreshLock, Relation, Reservation, Seen, StateStore, StoreError};
 use async_trait::async_trait;
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions, TryLockError};
@@ -98,6 +99,9 @@ impl FileStore {
     }
 }
 
+/// The entry of `<name>.quota.json` that holds the version of its counts.
+const VERSION: &str = "version";
+
 /// The stored counts of one upstream (`<name>.quota.json`: period key → count), seen from the
 /// period being counted.
 struct Counts {
@@ -137,6 +141,13 @@ impl Counts {
         });
         self.set(count);
         count
+    }
+
+    /// Bump the version of the counts (see [`Seen`]); returns the new one.
+    fn bump(&mut self) -> u64 {
+        let version = self.by_key.entry(VERSION.to_owned()).or_insert(0);
+        *version += 1;
+        *version
     }
 
     fn set(&mut self, count: u64) {
@@ -296,20 +307,30 @@ impl StateStore for FileStore {
         period: &Period,
         limit: u64,
         want: u64,
-        seen: u64,
+        seen: Seen,
     ) -> Result<Reservation, StoreError> {
         self.update_quota(upstream, period, move |counts| {
+            let version = counts.bump();
             // Once a later period has started, this one is over: it grants nothing more.
             if counts.over() {
                 let used = counts.count();
-                return Reservation { granted: 0, used };
+                return Reservation {
+                    granted: 0,
+                    used,
+                    version,
+                };
             }
-            let spent = counts.gather().max(seen);
+            let mut spent = counts.gather();
+            if version <= seen.version {
+                // The file went back in time: take back what this process saw.
+                spent = spent.max(seen.count);
+            }
             let granted = want.min(limit.saturating_sub(spent));
             counts.set(spent + granted);
             Reservation {
                 granted,
                 used: spent + granted,
+                version,
             }
         })
         .await
@@ -321,8 +342,11 @@ impl StateStore for FileStore {
         period: &Period,
         count: u64,
     ) -> Result<(), StoreError> {
-        self.update_quota(upstream, period, move |counts| counts.take(count))
-            .await
+        self.update_quota(upstream, period, move |counts| {
+            counts.bump();
+            counts.take(count)
+        })
+        .await
     }
 
     async fn quota_used(&self, upstream: &str, period: &Period) -> Result<u64, StoreError> {
@@ -445,11 +469,15 @@ mod tests {
     async fn quota_reservations_never_exceed_the_limit() {
         let tmp = tempfile::tempdir().unwrap();
         let store = FileStore::open(tmp.path()).unwrap();
-        let granted = |granted, used| Reservation { granted, used };
+        let granted = |granted: u64, used: u64| (granted, used);
         let (first, second) = (day(20_416, 0), day(20_417, 0));
         for (expected, used) in [(10, 10), (10, 20), (5, 25), (0, 25)] {
             assert_eq!(
-                store.reserve_quota("api", &first, 25, 10, 0).await.unwrap(),
+                store
+                    .reserve_quota("api", &first, 25, 10, Seen::default())
+                    .await
+                    .map(|r| (r.granted, r.used))
+                    .unwrap(),
                 granted(expected, used)
             );
         }
@@ -457,20 +485,29 @@ mod tests {
         // Unspent counts given back can be reserved again, by this process or another.
         store.release_quota("api", &first, 3).await.unwrap();
         assert_eq!(
-            store.reserve_quota("api", &first, 25, 10, 0).await.unwrap(),
+            store
+                .reserve_quota("api", &first, 25, 10, Seen::default())
+                .await
+                .map(|r| (r.granted, r.used))
+                .unwrap(),
             granted(3, 25)
         );
         // A new day starts from zero and forgets the old one, which grants nothing more.
         assert_eq!(
             store
-                .reserve_quota("api", &second, 25, 10, 0)
+                .reserve_quota("api", &second, 25, 10, Seen::default())
                 .await
+                .map(|r| (r.granted, r.used))
                 .unwrap(),
             granted(10, 10)
         );
         assert_eq!(store.quota_used("api", &first).await.unwrap(), 0);
         assert_eq!(
-            store.reserve_quota("api", &first, 25, 10, 0).await.unwrap(),
+            store
+                .reserve_quota("api", &first, 25, 10, Seen::default())
+                .await
+                .map(|r| (r.granted, r.used))
+                .unwrap(),
             granted(0, 0)
         );
     }
@@ -481,21 +518,23 @@ mod tests {
     async fn an_overlapping_day_of_another_schedule_carries_its_count() {
         let tmp = tempfile::tempdir().unwrap();
         let store = FileStore::open(tmp.path()).unwrap();
-        let granted = |granted, used| Reservation { granted, used };
+        let granted = |granted: u64, used: u64| (granted, used);
         let midnight = day(20_416, 0);
         let seven = day(20_415, 7); // 07:00 yesterday to 07:00 today: the day at 03:00
         assert_eq!(
             store
-                .reserve_quota("api", &midnight, 100, 40, 0)
+                .reserve_quota("api", &midnight, 100, 40, Seen::default())
                 .await
+                .map(|r| (r.granted, r.used))
                 .unwrap(),
             granted(40, 40)
         );
         assert_eq!(store.quota_used("api", &seven).await.unwrap(), 40);
         assert_eq!(
             store
-                .reserve_quota("api", &seven, 100, 70, 0)
+                .reserve_quota("api", &seven, 100, 70, Seen::default())
                 .await
+                .map(|r| (r.granted, r.used))
                 .unwrap(),
             granted(60, 100),
             "never past the limit"
@@ -506,7 +545,11 @@ mod tests {
         // At 07:00 the next day of the new schedule is whole.
         let next = day(20_416, 7);
         assert_eq!(
-            store.reserve_quota("api", &next, 100, 10, 0).await.unwrap(),
+            store
+                .reserve_quota("api", &next, 100, 10, Seen::default())
+                .await
+                .map(|r| (r.granted, r.used))
+                .unwrap(),
             granted(10, 10)
         );
     }

@@ -90,6 +90,19 @@ pub struct Reservation {
     pub granted: u64,
     /// What every process has reserved of the window, this grant included.
     pub used: u64,
+    /// The store's version of the upstream's counts after this grant (see [`Seen`]).
+    pub version: u64,
+}
+
+/// What a process last saw of a period's count: the count, and the version the store gave
+/// the counts then. Every reservation and release bumps the version, so a store whose version
+/// is below one a process has seen went back in time — it lost data (a Redis flushed, or
+/// failed over to a stale replica) — and takes that count back; a count given back since is
+/// not mistaken for a loss.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Seen {
+    pub count: u64,
+    pub version: u64,
 }
 
 /// Held while one process redeems a refresh token and saves what it got; released when the
@@ -171,10 +184,8 @@ pub trait StateStore: Send + Sync {
 
     /// Reserve up to `want` requests of `period` whose limit is `limit`. Grants 0 when the
     /// period is spent, or over (a later one has started). Counts of an overlapping period (a
-    /// changed `day_starts`) are carried into this one first. `seen` is the highest count
-    /// this process has seen of the period: a store that counts less has lost data, and takes
-    /// that count back before granting (a count another process gave back since is then
-    /// counted again: it can only under-admit). Reserved counts are spent even if the process dies, so a
+    /// changed `day_starts`) are carried into this one first. A store that went back in
+    /// time (see [`Seen`]) takes `seen.count` back before granting. Reserved counts are spent even if the process dies, so a
     /// crash can only under-admit.
     async fn reserve_quota(
         &self,
@@ -182,7 +193,7 @@ pub trait StateStore: Send + Sync {
         period: &Period,
         limit: u64,
         want: u64,
-        seen: u64,
+        seen: Seen,
     ) -> Result<Reservation, StoreError>;
 
     /// Return `count` reserved but unspent requests of `period` (on a clean shutdown).

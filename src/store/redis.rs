@@ -5,7 +5,7 @@
 //!
 //! - `token` — a hash: the record (JSON, as the file store writes it), its `generation`,
 //!   `seed_hash`, and the `fence` of the lock it was saved under;
-//! - `lock` — the refresh lock, `SET NX PX` with its holder's `id:fence`, living longer than a
+//! - `lock` — the refresh lock, set with its holder's id and a nonce, living longer than a
 //!   token request (`auth.timeout`), so a holder that dies cannot hold it forever;
 //! - `fence` — a counter, never expiring, bumped each time the lock is taken;
 //! - `days` — a hash of day counts by span (`start-end` in Unix ms), expiring a day after the
@@ -23,7 +23,8 @@ use super::REPLICA_WINDOW;
 mod listener;
 mod lock;
 
-use super::{Period, RefreshLock, Reservation, StateStore, StoreError, StoreHealth, TokenRecord};
+use super::TokenRecord;
+use super::{Period, RefreshLock, Reservation, Seen, StateStore, StoreError, StoreHealth};
 use crate::config::{RedisUrl, StateConfig};
 use async_trait::async_trait;
 use listener::Listener;
@@ -278,12 +279,21 @@ impl StateStore for RedisStore {
         period: &Period,
         limit: u64,
         want: u64,
-        seen: u64,
+        seen: Seen,
     ) -> Result<Reservation, StoreError> {
-        let (granted, used): (u64, u64) = self
-            .days(upstream, "reserve", period, &[limit, want, seen])
+        let (granted, used, version): (u64, u64, u64) = self
+            .days(
+                upstream,
+                "reserve",
+                period,
+                &[limit, want, seen.count, seen.version],
+            )
             .await?;
-        Ok(Reservation { granted, used })
+        Ok(Reservation {
+            granted,
+            used,
+            version,
+        })
     }
 
     async fn release_quota(

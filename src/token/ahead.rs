@@ -30,7 +30,11 @@ impl TokenCache {
                     continue;
                 }
                 Some(_) = next_announcement(&mut announced) => {
-                    self.take_announced().await;
+                    // A write-back may wait for the lock: never past a shutdown.
+                    tokio::select! {
+                        _ = &mut shutdown => return,
+                        _ = self.take_announced() => {}
+                    }
                     continue;
                 }
             }

@@ -57,7 +57,7 @@ pub(super) enum Progress {
 pub(super) struct Lineage {
     /// A final failure, with the store generation it happened on; cleared when the store holds
     /// a newer record of this lineage (a login) or the process restarts with a new seed.
-    final_failure: Option<(TokenError, u64)>,
+    final_failure: Option<(TokenError, (u64, u64))>,
 }
 
 /// The outcome of one redemption attempt that did not produce a token.
@@ -69,6 +69,12 @@ pub(super) enum Attempt {
     },
     /// A reload retired the cache: the successor refreshes with the new settings.
     Replaced,
+    /// Try again after `pause` at least, for a reason of the store's (not the identity
+    /// server's: its Retry-After is remembered, this is not).
+    Pause {
+        reason: String,
+        pause: Duration,
+    },
 }
 
 impl Attempt {
@@ -275,12 +281,14 @@ impl TokenCache {
                 }
                 Err(Attempt::Retry { reason, hint }) => {
                     self.count_refresh(Counted::Error);
+                    if let Some(wait) = hint {
+                        *lock(&self.not_before) = Some(Instant::now() + wait);
+                    }
                     (reason, hint)
                 }
+                // Not the identity server's doing: nothing to remember of it.
+                Err(Attempt::Pause { reason, pause }) => (reason, Some(pause)),
             };
-            if let Some(wait) = hint {
-                *lock(&self.not_before) = Some(Instant::now() + wait);
-            }
             let delay = backoff.next_delay().max(hint.unwrap_or_default());
             let retry_after = whole_seconds(delay);
             // A still-usable token keeps serving; the refresh-ahead task tries again later.
@@ -338,7 +346,7 @@ impl TokenCache {
         }
         let issued = match self.endpoint.obtain(refresh_token.as_ref()).await {
             Ok(issued) => issued,
-            Err(e) => return Err(self.classify(e, lineage, stored_generation)),
+            Err(e) => return Err(self.classify(e, lineage, (login_at_ms, stored_generation))),
         };
         let record = new_record(
             &self.seed_hash,
@@ -399,7 +407,7 @@ impl TokenCache {
                 ));
                 tracing::error!(upstream = %self.name, generation = foreign.generation, "{e}");
                 // Generation 0: final until the store holds a record of this lineage again.
-                lineage.final_failure = Some((e.clone(), 0));
+                lineage.final_failure = Some((e.clone(), (0, 0)));
                 return Err(Attempt::Final(e));
             }
         }
@@ -408,9 +416,12 @@ impl TokenCache {
             self.remember(record);
         }
         let generation = stored.as_ref().map_or(0, |r| r.generation);
+        let position = stored
+            .as_ref()
+            .map_or((0, 0), |r| (r.login_at_ms, r.generation));
 
         if let Some((error, failed_at)) = &lineage.final_failure {
-            if generation <= *failed_at {
+            if position <= *failed_at {
                 return Err(Attempt::Final(error.clone()));
             }
             lineage.final_failure = None;
@@ -425,9 +436,9 @@ impl TokenCache {
         if wrote_back {
             // Another replica may know a newer record than the one written back: it writes
             // it back when it hears of this one, before anything is redeemed.
-            return Err(Attempt::Retry {
+            return Err(Attempt::Pause {
                 reason: "the state store had lost the newest token record; waiting a moment for the other replicas to write theirs back".into(),
-                hint: Some(WRITE_BACK_WAIT),
+                pause: WRITE_BACK_WAIT,
             });
         }
         let refresh_token = stored
@@ -439,7 +450,7 @@ impl TokenCache {
                 "upstream `{0}` has no refresh token: run `tollgate login {0}` (with [upstream.login] configured), or set auth.refresh_token and restart",
                 self.name
             ));
-            lineage.final_failure = Some((e.clone(), generation));
+            lineage.final_failure = Some((e.clone(), position));
             return Err(Attempt::Final(e));
         }
         Ok(Consulted::Redeem {
@@ -449,7 +460,9 @@ impl TokenCache {
         })
     }
 
-    fn classify(&self, e: GrantError, lineage: &mut Lineage, generation: u64) -> Attempt {
+    /// Sort a token endpoint's refusal; a final one holds until the store holds a record past
+    /// `position` (login time, generation) of the record redeemed.
+    fn classify(&self, e: GrantError, lineage: &mut Lineage, position: (u64, u64)) -> Attempt {
         match e {
             GrantError::InvalidGrant { .. } => {
                 let error = TokenError::NeedsLogin(match self.endpoint.grant() {
@@ -467,7 +480,7 @@ impl TokenCache {
                     ),
                 });
                 tracing::error!(upstream = %self.name, "{error}");
-                lineage.final_failure = Some((error.clone(), generation));
+                lineage.final_failure = Some((error.clone(), position));
                 Attempt::Final(error)
             }
             GrantError::Refused { .. } => {
@@ -476,7 +489,7 @@ impl TokenCache {
                     self.name
                 ));
                 tracing::error!(upstream = %self.name, "{error}");
-                lineage.final_failure = Some((error.clone(), generation));
+                lineage.final_failure = Some((error.clone(), position));
                 Attempt::Final(error)
             }
             GrantError::Transient {

@@ -4,7 +4,7 @@
 //! so the lineage never goes back to an old, long-rotated refresh token.
 
 use super::cache::{lock, TokenCache};
-use super::flight::{Attempt, LOCK_WAIT};
+use super::flight::Attempt;
 use super::LOCK_MARGIN;
 use crate::store::{RefreshLock, StoreError, TokenRecord};
 
@@ -50,7 +50,8 @@ impl TokenCache {
     /// the newest known back, so that no replica redeems a refresh token rotated before it.
     pub(super) async fn write_back(&self) {
         let hold = self.request_timeout + LOCK_MARGIN;
-        let Ok(store_lock) = self.store.lock_refresh(&self.name, LOCK_WAIT, hold).await else {
+        let wait = self.refresh_wait;
+        let Ok(store_lock) = self.store.lock_refresh(&self.name, wait, hold).await else {
             return;
         };
         let _ = self.recovered(&store_lock).await;

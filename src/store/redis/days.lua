@@ -6,9 +6,10 @@
 -- KEYS[1] the days hash
 -- ARGV[1] operation: reserve | release | used
 -- ARGV[2] start ms   ARGV[3] end ms
--- reserve: ARGV[4] limit, ARGV[5] want, ARGV[6] the highest count the caller has seen of
---          the day: a day that counts less lost data (Redis flushed, or failed over to a
---          stale replica), and takes that count back first -> {granted, used}
+-- reserve: ARGV[4] limit, ARGV[5] want, ARGV[6] the count and ARGV[7] the version the
+--          caller last saw: field "v" counts every reserve and release, so a hash whose
+--          version is not above the one seen went back in time (Redis flushed, or failed
+--          over to a stale replica) and takes that count back first -> {granted, used, v}
 -- release: ARGV[4] count -> 0
 -- used:    -> used
 local op, start, finish = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -36,6 +37,7 @@ end
 if op == 'used' then
   return count
 end
+local version = redis.call('HINCRBY', KEYS[1], 'v', 1)
 if op == 'release' then
   local left = tonumber(ARGV[4])
   if mine then
@@ -53,14 +55,16 @@ if op == 'release' then
 end
 -- reserve
 if over then
-  return {0, count}
+  return {0, count, version}
 end
 for _, field in ipairs(ended) do redis.call('HDEL', KEYS[1], field) end
 for _, other in ipairs(others) do redis.call('HDEL', KEYS[1], other[1]) end
 local limit, want = tonumber(ARGV[4]), tonumber(ARGV[5])
-count = math.max(count, tonumber(ARGV[6]))
+if version <= tonumber(ARGV[7]) then
+  count = math.max(count, tonumber(ARGV[6]))
+end
 local granted = math.max(0, math.min(want, limit - count))
 redis.call('HSET', KEYS[1], me, count + granted)
 -- The hash outlives the day it counts by a day, then goes.
 redis.call('PEXPIREAT', KEYS[1], finish + 86400000)
-return {granted, count + granted}
+return {granted, count + granted, version}

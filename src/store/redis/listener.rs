@@ -37,6 +37,11 @@ impl Listener {
             if let Ok(Ok(mut pubsub)) = connect.await {
                 if pubsub.psubscribe(&self.patterns).await.is_ok() {
                     pause = Duration::from_millis(100);
+                    // What was announced while this listener was away is unknown (a Redis
+                    // that came back empty, say): every subscriber looks at the store again.
+                    if !self.nudge_all() {
+                        return;
+                    }
                     if !self.receive(pubsub).await {
                         return;
                     }
@@ -74,8 +79,8 @@ impl Listener {
         }
     }
 
-    /// Hand `value` to the subscribers of `channel`, when it differs from the last (a lower
-    /// generation is news too: the store lost data); false once the store is gone.
+    /// Hand `value` to the subscribers of `channel` (a lower generation, or the same again, is
+    /// news too: the store lost data); false once the store is gone.
     fn deliver(&self, channel: &str, value: redis::RedisResult<u64>) -> bool {
         let Some(announced) = self.announced.upgrade() else {
             return false;
@@ -88,7 +93,19 @@ impl Listener {
             .unwrap_or_else(|p| p.into_inner())
             .get(channel)
         {
-            sender.send_if_modified(|seen| std::mem::replace(seen, value) != value);
+            // Every announcement is news, the same value again too (a write-back).
+            sender.send_replace(value);
+        }
+        true
+    }
+
+    /// Tell every subscriber to look at the store again; false once the store is gone.
+    fn nudge_all(&self) -> bool {
+        let Some(announced) = self.announced.upgrade() else {
+            return false;
+        };
+        for sender in announced.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            sender.send_modify(|_| {});
         }
         true
     }

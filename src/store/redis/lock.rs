@@ -23,6 +23,35 @@ pub(super) struct Releasing {
     pub(super) done: Notify,
 }
 
+/// A lock value in `live` while the request that may set it is on its way; taken out again
+/// unless the lock was taken ([`Attempting::keep`]: then its [`Held`] takes it out).
+struct Attempting<'a> {
+    live: &'a Mutex<HashSet<String>>,
+    value: Option<String>,
+}
+
+impl<'a> Attempting<'a> {
+    fn new(live: &'a Mutex<HashSet<String>>, value: &str) -> Self {
+        lock_map(live).insert(value.to_owned());
+        Attempting {
+            live,
+            value: Some(value.to_owned()),
+        }
+    }
+
+    fn keep(&mut self) {
+        self.value = None;
+    }
+}
+
+impl Drop for Attempting<'_> {
+    fn drop(&mut self) {
+        if let Some(value) = self.value.take() {
+            lock_map(self.live).remove(&value);
+        }
+    }
+}
+
 /// Releases a Redis refresh lock when the last share of it is dropped — if its holder still
 /// has it. The release runs in a task of its own; if it fails, the lock stays set until it
 /// expires, or until this process's next attempt takes it back (it holds it no more).
@@ -40,6 +69,7 @@ struct Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
+        lock_map(&self.live).remove(&self.value);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -49,7 +79,6 @@ impl Drop for Held {
             std::mem::take(&mut self.key),
             std::mem::take(&mut self.value),
         );
-        lock_map(&self.live).remove(&value);
         let (timeout, releasing) = (self.timeout, Arc::clone(&self.releasing));
         releasing.running.fetch_add(1, Ordering::AcqRel);
         runtime.spawn(async move {
@@ -79,6 +108,9 @@ impl RedisStore {
         loop {
             let taken_at = Instant::now();
             let value = format!("{}:{:016x}", self.id, rand::random::<u64>());
+            // Counted as held from before the request: another flight of this process that
+            // finds it set meanwhile must not take it back.
+            let mut attempt = Attempting::new(&self.live, &value);
             let mut invocation = self.scripts.lock.key(&key);
             invocation
                 .key(self.key(upstream, "fence"))
@@ -89,7 +121,7 @@ impl RedisStore {
             let mut conn = self.conn.clone();
             let fence: u64 = self.run(invocation.invoke_async(&mut conn)).await?;
             if fence > 0 {
-                lock_map(&self.live).insert(value.clone());
+                attempt.keep();
                 let (alive, ended) = watch::channel(());
                 tokio::spawn(self.keep_alive(key.clone(), value.clone(), hold_ms, ended));
                 let held = Held {
@@ -106,6 +138,7 @@ impl RedisStore {
                 let expires = taken_at + Duration::from_millis(hold_ms);
                 return Ok(RefreshLock::new(fence, Some(expires), Box::new(held)));
             }
+            drop(attempt);
             // Held: by another process, or left over by this one.
             let mut conn = self.conn.clone();
             let holder: Option<String> = self.run(conn.get(&key)).await?;
