@@ -798,3 +798,50 @@ async fn one_holder_at_a_time_within_a_process() {
         task.await.unwrap();
     }
 }
+
+/// `per_hour` shared by three replicas is a fixed window the group counts in Redis: the API
+/// sees exactly the limit, and a refusal says which window and when the next one starts.
+#[tokio::test]
+async fn three_replicas_share_one_short_window() {
+    let redis = RedisServer::start();
+    let setup = Setup {
+        quota: "per_hour = 30".into(),
+        ..Setup::default()
+    };
+    let (h, text) = on_redis(setup, &redis).await;
+    // Not within seconds of the hour's end, where the window would turn during the test.
+    let into_hour = || {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        now.as_secs() % 3600
+    };
+    if into_hour() > 3590 {
+        tokio::time::sleep(Duration::from_secs(3601 - into_hour())).await;
+    }
+    let group = replicas(&text, 3).await;
+    let all: Vec<&Proxy> = group.iter().collect();
+    assert_eq!(spend(&all, 45).await, 30);
+    assert_eq!(h.api.counters().requests, 30);
+    let refused = common::get(url(all[1], "/more")).await;
+    assert_eq!(refused.status, 429);
+    let body = refused.text();
+    assert!(body.contains("30 requests per hour"), "{body}");
+    let retry: u64 = refused.header("retry-after").parse().unwrap();
+    let left = 3600 - into_hour();
+    assert!(
+        retry <= left + 1 && retry + 5 >= left,
+        "retry {retry}, hour ends in {left}"
+    );
+    for proxy in group {
+        proxy.shutdown().await;
+    }
+    // What the replicas held and did not spend went back; the hour is still spent.
+    let late = Proxy::start(&parse(&text)).await.unwrap();
+    assert_eq!(
+        spend(&[&late], 5).await,
+        0,
+        "the hour holds across a restart"
+    );
+    late.shutdown().await;
+}

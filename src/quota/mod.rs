@@ -4,16 +4,20 @@
 //! enter: a slot among the requests in flight (queue.rs), or wait in line, or 429
 //! spend: for every send, the replay after a 401 included:
 //!        upstream held back after its own 429? (hold.rs) ─► short windows (rate.rs)
-//!        ─► the calendar day (daily.rs) ─► admit, with the tightest window for the headers
+//!        ─► windows counted in the store (leased.rs) ─► admit, with the tightest window
 //! ```
+//!
+//! The calendar day is always counted in the state store. The short windows are GCRA in
+//! memory on a store of this machine alone, and fixed windows counted in the store, by the
+//! whole group, on a shared one (Redis).
 //!
 //! A refusal is a [`Refusal`]: which limit, and how long until a request would be admitted.
 //! Each window's state, and the rate-limit headers that tell it, are a [`Window`] (window.rs).
 //! Token requests never pass through here.
 
 mod clock;
-mod daily;
 mod hold;
+mod leased;
 mod queue;
 mod rate;
 mod window;
@@ -27,9 +31,9 @@ use window::tighter;
 
 use crate::config::QuotaConfig;
 use crate::store::{StateStore, StoreError};
-use daily::{Daily, Next};
 use hold::Hold;
 use http::{HeaderMap, StatusCode};
+use leased::{Leased, Next};
 use queue::{Queue, Turned};
 use rate::Rate;
 use std::num::NonZeroU32;
@@ -101,8 +105,8 @@ pub struct Refusal {
 pub enum QuotaError {
     #[error("{}", .0.detail)]
     Refused(Refusal),
-    /// The daily count could not be reserved; nothing is sent rather than risk overspending.
-    #[error("the daily quota could not be reserved, so the request was not sent: {0}")]
+    /// A count could not be reserved; nothing is sent rather than risk overspending.
+    #[error("the quota could not be reserved, so the request was not sent: {0}")]
     Store(#[from] StoreError),
 }
 
@@ -115,7 +119,9 @@ pub struct Quota {
     config: Option<QuotaConfig>,
     clock: Clock,
     store: Arc<dyn StateStore>,
-    daily: Option<Arc<Daily>>,
+    /// The windows counted in the store: the short ones on a shared store, then the day.
+    leased: Vec<Arc<Leased>>,
+    /// The short windows counted in memory (a store of this machine alone).
     rates: Vec<Arc<Rate>>,
     queue: Option<Arc<Queue>>,
     hold: Arc<Hold>,
@@ -147,7 +153,7 @@ impl Quota {
             config: None,
             clock,
             store,
-            daily: None,
+            leased: Vec::new(),
             rates: Vec::new(),
             queue: None,
             hold,
@@ -162,37 +168,50 @@ impl Quota {
     /// short window (a changed count starts with what was spent), and the queue. Nothing
     /// changes for requests until [`Quota::hand_over`].
     pub fn successor(&self, config: Option<&QuotaConfig>) -> Quota {
-        let daily = config.and_then(|c| {
-            let limit = c.daily_limit()?;
-            match &self.daily {
-                Some(d) if d.limit() == limit && d.day_starts() == c.day_starts => {
-                    Some(Arc::clone(d))
-                }
-                _ => Some(Arc::new(Daily::new(
+        let mut leased = Vec::new();
+        let mut rates = Vec::new();
+        let shared = self.store.is_shared();
+        let short = |c: &QuotaConfig| {
+            [
+                ("second", c.per_second, Duration::from_secs(1)),
+                ("minute", c.per_minute, Duration::from_secs(60)),
+                ("hour", c.per_hour, Duration::from_secs(3600)),
+            ]
+        };
+        for (name, limit, length) in config.map(short).into_iter().flatten() {
+            let Some(limit) = limit.and_then(NonZeroU32::new) else {
+                continue;
+            };
+            if shared {
+                leased.push(match self.leased_named(name) {
+                    Some(w) if w.limit() == u64::from(limit.get()) => Arc::clone(w),
+                    _ => Arc::new(Leased::fixed(
+                        &self.upstream,
+                        name,
+                        u64::from(limit.get()),
+                        length,
+                        Arc::clone(&self.store),
+                    )),
+                });
+                continue;
+            }
+            let old = self.rates.iter().find(|r| r.policy().name == name);
+            rates.push(match old {
+                Some(rate) if rate.policy().limit == u64::from(limit.get()) => Arc::clone(rate),
+                Some(rate) => Arc::new(rate.successor(limit)),
+                None => Arc::new(Rate::new(name, limit, length, self.clock.clone())),
+            });
+        }
+        if let Some((limit, c)) = config.and_then(|c| Some((c.daily_limit()?, c))) {
+            leased.push(match self.leased_named("day") {
+                Some(d) if d.limit() == limit && d.day_starts() == c.day_starts => Arc::clone(d),
+                _ => Arc::new(Leased::day(
                     &self.upstream,
                     limit,
                     c.day_starts,
                     Arc::clone(&self.store),
-                ))),
-            }
-        });
-        let mut rates = Vec::new();
-        if let Some(c) = config {
-            for (name, limit, period) in [
-                ("second", c.per_second, Duration::from_secs(1)),
-                ("minute", c.per_minute, Duration::from_secs(60)),
-                ("hour", c.per_hour, Duration::from_secs(3600)),
-            ] {
-                let Some(limit) = limit.and_then(NonZeroU32::new) else {
-                    continue;
-                };
-                let old = self.rates.iter().find(|r| r.policy().name == name);
-                rates.push(match old {
-                    Some(rate) if rate.policy().limit == u64::from(limit.get()) => Arc::clone(rate),
-                    Some(rate) => Arc::new(rate.successor(limit)),
-                    None => Arc::new(Rate::new(name, limit, period, self.clock.clone())),
-                });
-            }
+                )),
+            });
         }
         let queue = config.and_then(|c| {
             let n = c.concurrency.filter(|n| *n > 0)?;
@@ -207,7 +226,7 @@ impl Quota {
             config: config.cloned(),
             clock: self.clock.clone(),
             store: Arc::clone(&self.store),
-            daily,
+            leased,
             rates,
             queue,
             hold: Arc::clone(&self.hold),
@@ -232,16 +251,25 @@ impl Quota {
                 queue.resize(n, c.queue.unwrap_or(0), c.queue_timeout);
             }
         }
-        match (&self.daily, &next.daily) {
-            (Some(old), Some(new)) if Arc::ptr_eq(old, new) => Ok(()),
-            (Some(old), Some(new)) => {
-                old.retire(Next::Day(Arc::clone(new))).await?;
-                // What the new day saw when it was prepared included the lease just given back.
-                new.relearn(self.clock.unix_ms()).await
-            }
-            (Some(old), None) => old.retire(Next::Unlimited).await,
-            (None, _) => Ok(()),
+        let mut outcome = Ok(());
+        for old in &self.leased {
+            let handed = match next.leased_named(old.policy().name) {
+                Some(new) if Arc::ptr_eq(old, new) => Ok(()),
+                Some(new) => {
+                    let retired = old.retire(Next::Window(Arc::clone(new))).await;
+                    // What the new window saw when it was prepared included the lease just
+                    // given back.
+                    retired.and(new.relearn(self.clock.unix_ms()).await)
+                }
+                None => old.retire(Next::Unlimited).await,
+            };
+            outcome = outcome.and(handed);
         }
+        outcome
+    }
+
+    fn leased_named(&self, name: &str) -> Option<&Arc<Leased>> {
+        self.leased.iter().find(|w| w.policy().name == name)
     }
 
     /// A slot among the requests in flight, when `concurrency` is set.
@@ -315,42 +343,26 @@ impl Quota {
                 }
             }
         }
-        if let Some(first) = &self.daily {
-            let now = self.clock.unix_ms();
+        let now = self.clock.unix_ms();
+        for first in &self.leased {
             let mut spent = first.spend(now).await;
-            // A reload replaced this day while the request was on its way.
+            // A reload replaced this window while the request was on its way.
             let mut replaced = None;
-            while let Err(daily::Refused::Retired(Some(Next::Day(next)))) = spent {
+            while let Err(leased::Refused::Retired(Some(Next::Window(next)))) = spent {
                 spent = next.spend(now).await;
                 replaced = Some(next);
             }
-            let daily = replaced.as_ref().unwrap_or(first);
+            let counted = replaced.as_ref().unwrap_or(first);
             match spent {
                 Ok(w) => tightest = Some(tighter(tightest, w)),
-                Err(daily::Refused::Retired(Some(Next::Unlimited))) => {}
-                Err(daily::Refused::Retired(_)) => {
+                Err(leased::Refused::Retired(Some(Next::Unlimited))) => {}
+                Err(leased::Refused::Retired(_)) => {
                     let detail = "tollgate is shutting down and counts no more requests; try again when it is back".to_owned();
-                    return Err(self.refuse(Reason::PerDay, 1, None, detail));
+                    let reason = Reason::of_window(counted.policy().name);
+                    return Err(self.refuse(reason, 1, None, detail));
                 }
-                Err(daily::Refused::Spent) => {
-                    let reset = daily.reset_in(now);
-                    let detail = format!(
-                        "the daily quota of {} requests is spent; it resets at {}",
-                        daily.limit(),
-                        http_date(now, reset)
-                    );
-                    let window = Window {
-                        remaining: 0,
-                        ..daily.window(now)
-                    };
-                    return Err(self.refuse(
-                        Reason::PerDay,
-                        ceil_secs(reset),
-                        Some(window),
-                        detail,
-                    ));
-                }
-                Err(daily::Refused::Store(e)) => return Err(QuotaError::Store(e)),
+                Err(leased::Refused::Spent) => return Err(self.spent(counted, now)),
+                Err(leased::Refused::Store(e)) => return Err(QuotaError::Store(e)),
             }
         }
         Ok(tightest)
@@ -373,6 +385,33 @@ impl Quota {
         }
     }
 
+    /// The refusal of a request `window` has no count left for at `now`.
+    fn spent(&self, window: &Leased, now: u64) -> QuotaError {
+        let reset = window.reset_in(now);
+        let policy = window.policy();
+        let detail = if policy.name == "day" {
+            format!(
+                "the daily quota of {} requests is spent; it resets at {}",
+                policy.limit,
+                http_date(now, reset)
+            )
+        } else {
+            format!(
+                "the limit of {} requests per {} is reached; the next {} starts in {}s",
+                policy.limit,
+                policy.name,
+                policy.name,
+                ceil_secs(reset)
+            )
+        };
+        let shown = Window {
+            remaining: 0,
+            ..window.window(now)
+        };
+        let reason = Reason::of_window(policy.name);
+        self.refuse(reason, ceil_secs(reset), Some(shown), detail)
+    }
+
     fn refuse(
         &self,
         reason: Reason,
@@ -391,11 +430,11 @@ impl Quota {
 
     /// Every window now, without spending, for `/status` and `/metrics`.
     pub fn windows(&self) -> Vec<Window> {
-        let mut out: Vec<Window> = self.rates.iter().map(|r| r.peek()).collect();
-        if let Some(daily) = &self.daily {
-            out.push(daily.window(self.clock.unix_ms()));
-        }
-        out
+        let now = self.clock.unix_ms();
+        let rates = self.rates.iter().map(|r| r.peek());
+        rates
+            .chain(self.leased.iter().map(|w| w.window(now)))
+            .collect()
     }
 
     /// Requests in flight and waiting in line, when `concurrency` is set.
@@ -415,20 +454,22 @@ impl Quota {
             .map(|r| (*r, self.rejected[*r as usize].load(Ordering::Relaxed)))
     }
 
-    /// Read today's spent count from the store (at start).
+    /// Read what the windows counted in the store have spent so far (at start).
     pub async fn load(&self) -> Result<(), StoreError> {
-        match &self.daily {
-            Some(daily) => daily.load(self.clock.unix_ms()).await,
-            None => Ok(()),
+        for window in &self.leased {
+            window.load(self.clock.unix_ms()).await?;
         }
+        Ok(())
     }
 
-    /// Give unspent daily counts back to the store (clean shutdown).
+    /// Give the counts in hand back to the store (clean shutdown).
     pub async fn give_back(&self) -> Result<(), StoreError> {
-        match &self.daily {
-            Some(daily) => daily.give_back().await,
-            None => Ok(()),
+        let mut outcome = Ok(());
+        for window in &self.leased {
+            // Every window gives back what it can, whichever failed first.
+            outcome = outcome.and(window.give_back().await);
         }
+        outcome
     }
 }
 

@@ -1,5 +1,5 @@
 //! `redis://` / `rediss://` — the state store several replicas share: one token lineage and
-//! one set of day counts per upstream, in a Redis (or Valkey) server.
+//! one set of quota counts per upstream, in a Redis (or Valkey) server.
 //!
 //! Keys live under `{prefix}:{upstream}:` (`[state] prefix`, default `tollgate`):
 //!
@@ -8,8 +8,10 @@
 //! - `lock` — the refresh lock, set with its holder's id and a nonce, living longer than a
 //!   token request (`auth.timeout`), so a holder that dies cannot hold it forever;
 //! - `fence` — a counter, never expiring, bumped each time the lock is taken;
-//! - `days` — a hash of day counts by span (`start-end` in Unix ms), expiring a day after the
-//!   last day it counts.
+//! - `days` — a hash of day counts by span (`start-end` in Unix ms), and its version (`v`),
+//!   expiring a day after the last day it counts;
+//! - `per:{seconds}` — the same for the fixed windows of `per_second`, `per_minute` and
+//!   `per_hour` (`per:1`, `per:60`, `per:3600`), expiring a window after the last one.
 //!
 //! Every write that decides something is a Lua script (`redis/*.lua`, loaded with EVALSHA):
 //! the lock is taken only when free, a record is saved only by a fence at least as new as the
@@ -211,7 +213,13 @@ impl RedisStore {
         period: &Period,
         args: &[u64],
     ) -> Result<T, StoreError> {
-        let mut invocation = self.scripts.days.key(self.key(upstream, "days"));
+        // Windows of different lengths never share a count.
+        let length_s = (period.end_ms - period.start_ms) / 1000;
+        let counts = match length_s {
+            86_400 => self.key(upstream, "days"),
+            _ => self.key(upstream, &format!("per:{length_s}")),
+        };
+        let mut invocation = self.scripts.days.key(counts);
         invocation
             .arg(operation)
             .arg(period.start_ms)

@@ -1,9 +1,10 @@
--- The day counts of one upstream, kept in one hash whose fields name a day by its span in
--- Unix ms ("start-end"). A day of another schedule that overlaps the one being counted (a
+-- The counts of one upstream's windows of one length (days; or the fixed windows of
+-- per_second, per_minute, per_hour), kept in one hash whose fields name a window by its span
+-- in Unix ms ("start-end"). A day of another schedule that overlaps the one being counted (a
 -- changed day_starts) is the same count: reserving moves it into this day, so it is never
 -- counted twice; a day that ended before this one started is forgotten; once a later day has
 -- started this one grants nothing more. Never grants past the limit.
--- KEYS[1] the days hash
+-- KEYS[1] the hash
 -- ARGV[1] operation: reserve | release | used
 -- ARGV[2] start ms   ARGV[3] end ms
 -- reserve: ARGV[4] limit, ARGV[5] want, ARGV[6] the count and ARGV[7] the version the
@@ -65,6 +66,6 @@ if version <= tonumber(ARGV[7]) then
 end
 local granted = math.max(0, math.min(want, limit - count))
 redis.call('HSET', KEYS[1], me, count + granted)
--- The hash outlives the day it counts by a day, then goes.
-redis.call('PEXPIREAT', KEYS[1], finish + 86400000)
+-- The hash outlives the window it counts by as long again, then goes.
+redis.call('PEXPIREAT', KEYS[1], finish + (finish - start))
 return {granted, count + granted, version}

@@ -1,11 +1,13 @@
-//! The calendar-day window (`per_day`, `day_starts`): a count that never over-admits, across
-//! restarts, `kill -9` and several processes sharing one state store.
+//! A fixed window counted in the state store — the calendar day (`per_day`, `day_starts`),
+//! and on a shared store the short windows too — that never over-admits, across restarts,
+//! `kill -9` and several processes sharing one store.
 //!
 //! Counts are reserved in the store ahead of use, a lease at a time, and spent from memory with
 //! one atomic operation. The store only ever holds counts that were reserved, so a crash loses
 //! the counts in hand (under-admission, at most one lease) and never grants one twice. A clean
 //! shutdown gives the counts in hand back. When half the lease is spent, a background task
-//! tops it up, so a request waits for the store only when the hand is empty.
+//! tops it up, so a request waits for the store only when the hand is empty (at the start of
+//! each window, for a short one).
 
 use super::{Policy, Window, DAY};
 use crate::store::{Period, Seen, StateStore, StoreError};
@@ -13,45 +15,48 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-const DAY_MS: u64 = DAY.as_secs() * 1000;
-
-pub struct Daily {
+pub struct Leased {
     upstream: String,
     limit: u64,
     policy: &'static Policy,
-    day_starts_ms: u64,
-    lease: u64,
+    /// Windows are `length_ms` long and start `offset_ms` after the epoch (`day_starts`).
+    length_ms: u64,
+    offset_ms: u64,
+    /// How many counts are reserved at a time (see [`lease_size`]), as last sized.
+    lease: AtomicU64,
+    /// The most a lease may be, however few replicas share the store.
+    cap: u64,
     store: Arc<dyn StateStore>,
-    /// The day the counts in hand belong to (high 32 bits) and how many are left (low 32).
+    /// The window the counts in hand belong to (high 32 bits) and how many are left (low 32).
     hand: AtomicU64,
-    /// What every process had reserved of the day at our last reservation.
+    /// What every process had reserved of the window at our last reservation.
     used: AtomicU64,
-    /// The store's version of the day's counts at our last reservation (see [`Seen`]).
+    /// The store's version of the window's counts at our last reservation (see [`Seen`]).
     version: AtomicU64,
     /// Until when (Unix ms) the store is known to have nothing left: refusals skip it till then.
     spent_until_ms: AtomicU64,
     topping_up: AtomicBool,
-    /// Set by `give_back`: the process is shutting down, or a reload replaced this day by
+    /// Set by `give_back`: the process is shutting down, or a reload replaced this window by
     /// `successor`; nothing more is reserved here.
     closed: AtomicBool,
     successor: OnceLock<Next>,
     refill: tokio::sync::Mutex<()>,
 }
 
-/// Why a request may not be sent today.
+/// Why a request may not be sent in this window.
 pub enum Refused {
     Spent,
     Store(StoreError),
-    /// This day counts no more (see [`Daily::retire`]): go on with what replaced it, or, when
-    /// nothing did, the process is shutting down.
+    /// This window counts no more (see [`Leased::retire`]): go on with what replaced it, or,
+    /// when nothing did, the process is shutting down.
     Retired(Option<Next>),
 }
 
-/// What counts the requests of a day a reload replaced.
+/// What counts the requests of a window a reload replaced.
 #[derive(Clone)]
 pub enum Next {
-    Day(Arc<Daily>),
-    /// The new config has no daily limit.
+    Window(Arc<Leased>),
+    /// The new config has no such limit.
     Unlimited,
 }
 
@@ -63,14 +68,42 @@ fn unpack(hand: u64) -> (u64, u64) {
     (hand >> 32, hand & 0xffff_ffff)
 }
 
-impl Daily {
-    pub fn new(upstream: &str, limit: u64, day_starts_s: u32, store: Arc<dyn StateStore>) -> Self {
-        Daily {
+impl Leased {
+    /// The calendar day, starting `day_starts_s` after midnight UTC; leases of at most 1% of it.
+    pub fn day(upstream: &str, limit: u64, day_starts_s: u32, store: Arc<dyn StateStore>) -> Self {
+        let offset_ms = u64::from(day_starts_s) * 1000;
+        Leased::new(upstream, "day", limit, DAY, offset_ms, limit / 100, store)
+    }
+
+    /// A short window (`name` is how headers call it) counted by the group on a shared store,
+    /// as a fixed window aligned on the epoch.
+    pub fn fixed(
+        upstream: &str,
+        name: &'static str,
+        limit: u64,
+        length: Duration,
+        store: Arc<dyn StateStore>,
+    ) -> Self {
+        Leased::new(upstream, name, limit, length, 0, limit, store)
+    }
+
+    fn new(
+        upstream: &str,
+        name: &'static str,
+        limit: u64,
+        length: Duration,
+        offset_ms: u64,
+        cap: u64,
+        store: Arc<dyn StateStore>,
+    ) -> Self {
+        Leased {
             upstream: upstream.to_owned(),
             limit,
-            policy: Policy::leak("day", limit, DAY.as_secs()),
-            day_starts_ms: u64::from(day_starts_s) * 1000,
-            lease: lease_size(limit),
+            policy: Policy::leak(name, limit, length.as_secs()),
+            length_ms: length.as_millis() as u64,
+            offset_ms,
+            lease: AtomicU64::new(lease_size(limit, cap, 1)),
+            cap,
             store,
             hand: AtomicU64::new(0),
             used: AtomicU64::new(0),
@@ -88,27 +121,31 @@ impl Daily {
     }
 
     pub fn day_starts(&self) -> u32 {
-        (self.day_starts_ms / 1000) as u32
+        (self.offset_ms / 1000) as u32
     }
 
-    /// Which day `unix_ms` falls in, counting days from the first `day_starts` after the epoch.
+    pub fn policy(&self) -> &'static Policy {
+        self.policy
+    }
+
+    /// Which window `unix_ms` falls in, counting from the first start after the epoch.
     fn day_of(&self, unix_ms: u64) -> u64 {
-        unix_ms.saturating_sub(self.day_starts_ms) / DAY_MS
+        unix_ms.saturating_sub(self.offset_ms) / self.length_ms
     }
 
-    /// The span of day number `day`, as the store counts it.
+    /// The span of window number `day`, as the store counts it.
     fn period(&self, day: u64) -> Period {
-        let start = day * DAY_MS + self.day_starts_ms;
-        Period::new(start, start + DAY_MS)
+        let start = day * self.length_ms + self.offset_ms;
+        Period::new(start, start + self.length_ms)
     }
 
-    /// How long until the day that holds `unix_ms` ends.
+    /// How long until the window that holds `unix_ms` ends.
     pub fn reset_in(&self, unix_ms: u64) -> Duration {
-        let next = (self.day_of(unix_ms) + 1) * DAY_MS + self.day_starts_ms;
+        let next = (self.day_of(unix_ms) + 1) * self.length_ms + self.offset_ms;
         Duration::from_millis(next.saturating_sub(unix_ms))
     }
 
-    /// The state of the day at `unix_ms`, for headers, `/status` and refusals.
+    /// The state of the window at `unix_ms`, for headers, `/status` and refusals.
     pub fn window(&self, unix_ms: u64) -> Window {
         let (day, left) = unpack(self.hand.load(Ordering::Acquire));
         let remaining = if day == self.day_of(unix_ms) {
@@ -127,12 +164,13 @@ impl Daily {
         }
     }
 
-    /// Spend one request of the day that holds `unix_ms`.
+    /// Spend one request of the window that holds `unix_ms`.
     pub async fn spend(self: &Arc<Self>, unix_ms: u64) -> Result<Window, Refused> {
         let day = self.day_of(unix_ms);
         loop {
             if let Some(left) = self.take(day) {
-                if left < self.lease / 2 + 1 && !self.topping_up.swap(true, Ordering::AcqRel) {
+                let lease = self.lease.load(Ordering::Relaxed);
+                if left < lease / 2 + 1 && !self.topping_up.swap(true, Ordering::AcqRel) {
                     let this = Arc::clone(self);
                     tokio::spawn(async move {
                         if let Err(e) = this.refill(day, unix_ms).await {
@@ -160,7 +198,7 @@ impl Daily {
                 Ok(0) => {
                     // Look at the store again in a second, not on every refused request:
                     // counts come back only when another process shuts down. Never past the
-                    // end of the day, whose successor starts afresh.
+                    // end of the window, whose successor starts afresh.
                     let day_ends = unix_ms + self.reset_in(unix_ms).as_millis() as u64;
                     self.spent_until_ms
                         .store((unix_ms + 1000).min(day_ends), Ordering::Relaxed);
@@ -202,7 +240,8 @@ impl Daily {
             // request that read the clock just before midnight, or a clock set back) is over.
             return Ok(0);
         }
-        if hand_day == day && left > self.lease / 2 {
+        let mut lease = self.lease.load(Ordering::Relaxed);
+        if hand_day == day && left > lease / 2 {
             return Ok(left);
         }
         if left == 0 && self.spent_until_ms.load(Ordering::Relaxed) > unix_ms {
@@ -215,6 +254,11 @@ impl Daily {
             self.used.store(0, Ordering::Relaxed);
             self.version.store(0, Ordering::Relaxed);
         }
+        if self.store.is_shared() {
+            let replicas = self.store.health().map_or(1, |h| h.replicas.len());
+            lease = lease_size(self.limit, self.cap, replicas);
+            self.lease.store(lease, Ordering::Relaxed);
+        }
         let have = unpack(self.hand.load(Ordering::Acquire)).1;
         let reservation = self
             .store
@@ -222,7 +266,7 @@ impl Daily {
                 &self.upstream,
                 &self.period(day),
                 self.limit,
-                self.lease - have,
+                lease.saturating_sub(have),
                 Seen {
                     count: self.used.load(Ordering::Relaxed),
                     version: self.version.load(Ordering::Relaxed),
@@ -288,10 +332,13 @@ impl Daily {
     }
 }
 
-/// How many counts one process reserves at a time: 1% of the day, at least 1. (The hand
-/// holds 32 bits; no real daily limit comes near.)
-pub fn lease_size(limit: u64) -> u64 {
-    (limit / 100).clamp(1, u64::from(u32::MAX / 2))
+/// How many counts one process reserves of a window at a time: a quarter of its share among
+/// the `replicas` that count it, at most `cap` (1% of a day), at least 1 — so the leases in
+/// hands hold at most a quarter of the window, and a crashed replica strands little of it.
+/// (The hand holds 32 bits; no real limit comes near.)
+pub fn lease_size(limit: u64, cap: u64, replicas: usize) -> u64 {
+    let share = limit / (4 * replicas.max(1) as u64);
+    share.min(cap).clamp(1, u64::from(u32::MAX / 2))
 }
 
 #[cfg(test)]
@@ -300,11 +347,21 @@ mod tests {
     use crate::store::FileStore;
 
     #[test]
-    fn leases_are_a_hundredth_of_the_day() {
-        assert_eq!(lease_size(20), 1);
-        assert_eq!(lease_size(2000), 20);
-        assert_eq!(lease_size(25_000), 250);
-        assert_eq!(lease_size(10_000_000), 100_000);
+    fn leases_are_a_hundredth_of_the_day_or_less_among_many_replicas() {
+        let day = |limit, replicas| lease_size(limit, limit / 100, replicas);
+        assert_eq!(day(20, 1), 1);
+        assert_eq!(day(2000, 1), 20);
+        assert_eq!(day(25_000, 1), 250);
+        assert_eq!(day(10_000_000, 1), 100_000);
+        assert_eq!(
+            day(25_000, 100),
+            62,
+            "a quarter of the day in hands at most"
+        );
+        // A short window: a quarter of each replica's share.
+        assert_eq!(lease_size(600, 600, 1), 150);
+        assert_eq!(lease_size(600, 600, 3), 50);
+        assert_eq!(lease_size(10, 10, 4), 1);
     }
 
     #[tokio::test]
@@ -313,8 +370,8 @@ mod tests {
         let store: Arc<dyn StateStore> = Arc::new(FileStore::open(tmp.path()).unwrap());
         // 06:30 UTC on 2025-11-24.
         let start = (20_416 * 86_400 + 6 * 3600 + 30 * 60) * 1000;
-        let daily = Arc::new(Daily::new("api", 300, 7 * 3600, Arc::clone(&store)));
-        assert_eq!(lease_size(300), 3);
+        let daily = Arc::new(Leased::day("api", 300, 7 * 3600, Arc::clone(&store)));
+        assert_eq!(daily.lease.load(Ordering::Relaxed), 3);
         let mut admitted = 0;
         for _ in 0..400 {
             if daily.spend(start).await.is_ok() {
@@ -327,7 +384,7 @@ mod tests {
         assert_eq!(daily.reset_in(start), Duration::from_secs(30 * 60));
 
         // A second process on the same store finds the day spent, and says so from the start.
-        let other = Arc::new(Daily::new("api", 300, 7 * 3600, Arc::clone(&store)));
+        let other = Arc::new(Leased::day("api", 300, 7 * 3600, Arc::clone(&store)));
         assert_eq!(other.window(start).remaining, 300, "nothing known yet");
         other.load(start).await.unwrap();
         assert_eq!(other.window(start).remaining, 0);
@@ -359,7 +416,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store: Arc<dyn StateStore> = Arc::new(FileStore::open(tmp.path()).unwrap());
         let now = 20_416 * 86_400 * 1000;
-        let old = Arc::new(Daily::new("api", 1000, 0, Arc::clone(&store)));
+        let old = Arc::new(Leased::day("api", 1000, 0, Arc::clone(&store)));
         for _ in 0..4 {
             assert!(old.spend(now).await.is_ok());
         }
@@ -369,13 +426,13 @@ mod tests {
         assert!(reserved >= 10, "{reserved}");
 
         // per_day raised to 2000 by a reload: the new day picks up what was spent.
-        let new = Arc::new(Daily::new("api", 2000, 0, Arc::clone(&store)));
-        old.retire(Next::Day(Arc::clone(&new))).await.unwrap();
+        let new = Arc::new(Leased::day("api", 2000, 0, Arc::clone(&store)));
+        old.retire(Next::Window(Arc::clone(&new))).await.unwrap();
         assert_eq!(store.quota_used("api", &day).await.unwrap(), 4);
         new.load(now).await.unwrap();
         assert_eq!(new.window(now).remaining, 1996);
         match old.spend(now).await {
-            Err(Refused::Retired(Some(Next::Day(next)))) => assert!(Arc::ptr_eq(&next, &new)),
+            Err(Refused::Retired(Some(Next::Window(next)))) => assert!(Arc::ptr_eq(&next, &new)),
             _ => panic!("a retired day points at its successor"),
         }
         assert!(new.spend(now).await.is_ok());
