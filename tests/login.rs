@@ -159,3 +159,49 @@ async fn a_running_proxy_picks_up_a_login() {
     let a = h.get("/alive-again").await;
     assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
 }
+
+/// `tollgate login` on a Redis store joins the group's lineage: after the identity server
+/// revoked it, one login brings every replica back, and none of them redeems a revoked token.
+#[tokio::test]
+async fn a_login_on_redis_reaches_every_replica() {
+    let redis = common::redis_server::RedisServer::start();
+    let (mut h, redirect) = setup().await;
+    h.stop_proxy().await;
+    let authorize = h.identity.token_url().replace("/token", "/authorize");
+    let store = format!("store = \"file:{}\"", h.state_dir().display());
+    let text = format!(
+        "{}\n[upstream.login]\nauthorize_url = \"{authorize}\"\nredirect_uri = \"{redirect}\"\n",
+        h.config_text
+            .replace(&store, &format!("store = \"{}\"", redis.url()))
+    );
+    let config = Config::parse(&text, "t", |_| None).unwrap();
+    let a = tollgate::Proxy::start(&config).await.unwrap();
+    let b = tollgate::Proxy::start(&config).await.unwrap();
+    let get = |proxy: &tollgate::Proxy, path: &str| {
+        common::get(format!("http://{}{path}", proxy.addr("api").unwrap()))
+    };
+    assert_eq!(get(&a, "/warm").await.status, 200);
+    h.identity.revoke_all();
+    h.identity.expire_access_tokens();
+    assert_eq!(get(&a, "/dead").await.status, 503);
+    assert_eq!(get(&b, "/dead").await.status, 503);
+
+    let login = Login::prepare(&config, "api").await.unwrap();
+    let url = login.authorize_url.to_string();
+    let finished = tokio::spawn(login.finish(Duration::from_secs(10)));
+    assert_eq!(browse(&url, |l| l).await, 200);
+    finished.await.unwrap().unwrap();
+
+    for (proxy, path) in [(&a, "/a-again"), (&b, "/b-again")] {
+        let answer = get(proxy, path).await;
+        assert_eq!(
+            answer.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&answer.body)
+        );
+    }
+    assert_eq!(h.identity.counters().reuse_detected, 0);
+    a.shutdown().await;
+    b.shutdown().await;
+}

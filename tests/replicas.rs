@@ -602,17 +602,17 @@ async fn an_upstream_429_to_one_replica_holds_every_replica_back() {
 async fn a_held_lock_is_kept_alive() {
     let redis = RedisServer::start();
     let (holder, other) = (store(&redis), store(&redis));
-    let short = Duration::from_millis(300);
+    let short = Duration::from_secs(1);
     let held = holder
         .lock_refresh("api", Duration::ZERO, short)
         .await
         .unwrap();
     let busy = other
-        .lock_refresh("api", Duration::from_secs(1), short)
+        .lock_refresh("api", Duration::from_secs(3), short)
         .await;
     assert!(
         matches!(busy, Err(StoreError::LockTimeout { .. })),
-        "kept alive past 300 ms"
+        "kept alive for three times the 1 s it was taken for"
     );
     drop(held);
     other
@@ -844,4 +844,44 @@ async fn three_replicas_share_one_short_window() {
         "the hour holds across a restart"
     );
     late.shutdown().await;
+}
+
+/// `rediss://` with a password and a private CA (`[state] ca_file`): two replicas share the
+/// lineage and the day over TLS, and the password shows nowhere.
+#[tokio::test]
+async fn replicas_share_over_tls_with_a_password() {
+    let redis = RedisServer::start_tls();
+    let setup = Setup {
+        quota: "per_day = 20".into(),
+        ..Setup::default()
+    };
+    let (h, text) = on_redis(setup, &redis).await;
+    let ca = redis.ca_file();
+    let text = text.replace(
+        "timeout = \"500ms\"",
+        &format!(
+            "timeout = \"500ms\"\nca_file = {:?}",
+            ca.display().to_string()
+        ),
+    );
+    let config = parse(&text);
+    let described = config.describe();
+    assert!(described.contains("rediss://"), "{described}");
+    assert!(
+        !described.contains(common::redis_server::PASSWORD),
+        "{described}"
+    );
+    assert!(!format!("{config:?}").contains(common::redis_server::PASSWORD));
+
+    let group = replicas(&text, 2).await;
+    let both: Vec<&Proxy> = group.iter().collect();
+    h.identity.expire_access_tokens();
+    assert_eq!(spend(&both, 30).await, 20, "one day for both, over TLS");
+    assert_eq!(h.api.counters().requests, 20);
+    h.assert_lineage_intact();
+    let stored = redis.command(&["HGET", "tollgate:api:token", "generation"]);
+    assert!(stored != redis::Value::Nil, "the record is in Redis");
+    for proxy in group {
+        proxy.shutdown().await;
+    }
 }

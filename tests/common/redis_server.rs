@@ -9,12 +9,27 @@ pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
     dir: tempfile::TempDir,
+    /// TLS only (`rediss://`), with a password: the CA's PEM that signed its certificate.
+    tls_ca: Option<String>,
 }
+
+/// The password of a server started with [`RedisServer::start_tls`].
+pub const PASSWORD: &str = "s3cret-redis-pw";
 
 impl RedisServer {
     /// Start `redis-server` from `PATH`; fails the test, saying how to install it, when there
     /// is none.
     pub fn start() -> RedisServer {
+        RedisServer::start_with(false)
+    }
+
+    /// Like [`RedisServer::start`], but TLS only, with a certificate from a private CA
+    /// ([`RedisServer::ca_file`]) and a password ([`PASSWORD`]).
+    pub fn start_tls() -> RedisServer {
+        RedisServer::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> RedisServer {
         let found = Command::new("redis-server")
             .arg("--version")
             .stdout(Stdio::null())
@@ -27,16 +42,38 @@ impl RedisServer {
             child: None,
             port: super::free_port(),
             dir: tempfile::tempdir().unwrap(),
+            tls_ca: None,
         };
+        if tls {
+            let ca = super::certs::make_ca("redis");
+            std::fs::write(server.dir.path().join("ca.pem"), &ca.ca_pem).unwrap();
+            std::fs::write(server.dir.path().join("cert.pem"), &ca.cert_pem).unwrap();
+            std::fs::write(server.dir.path().join("key.pem"), &ca.key_pem).unwrap();
+            server.tls_ca = Some(ca.ca_pem);
+        }
         server.run();
         server
     }
 
     fn run(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--dir", &self.dir.path().display().to_string()])
+        let dir = self.dir.path();
+        let port = self.port.to_string();
+        let mut command = Command::new("redis-server");
+        command.args(["--bind", "127.0.0.1"]);
+        if self.tls_ca.is_some() {
+            let file = |name: &str| dir.join(name).display().to_string();
+            command
+                .args(["--port", "0", "--tls-port", &port])
+                .args(["--tls-cert-file", &file("cert.pem")])
+                .args(["--tls-key-file", &file("key.pem")])
+                .args(["--tls-ca-cert-file", &file("ca.pem")])
+                .args(["--tls-auth-clients", "no", "--requirepass", PASSWORD]);
+        } else {
+            command.args(["--port", &port]);
+        }
+        let child = command
+            .args(["--dir", &dir.display().to_string()])
             // Persist every write, so a restart keeps the data (as tollgate asks of Redis).
             .args([
                 "--appendonly",
@@ -58,9 +95,30 @@ impl RedisServer {
         }
     }
 
-    /// `redis://127.0.0.1:PORT/0`.
+    /// `redis://127.0.0.1:PORT/0`, or `rediss://:PASSWORD@localhost:PORT/0` for TLS.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        match self.tls_ca {
+            Some(_) => format!("rediss://:{PASSWORD}@localhost:{}/0", self.port),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
+    }
+
+    /// The CA that signed a TLS server's certificate, as a file for `[state] ca_file`.
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    fn client(&self) -> redis::RedisResult<redis::Client> {
+        match &self.tls_ca {
+            Some(ca) => redis::Client::build_with_tls(
+                self.url(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone().into_bytes()),
+                },
+            ),
+            None => redis::Client::open(self.url()),
+        }
     }
 
     /// Stop the server (its data stays on disk).
@@ -79,8 +137,7 @@ impl RedisServer {
 
     /// Run one command, e.g. `["FLUSHALL"]`, and return its answer.
     pub fn command(&self, args: &[&str]) -> redis::Value {
-        let client = redis::Client::open(self.url()).unwrap();
-        let mut conn = client.get_connection().unwrap();
+        let mut conn = self.client().unwrap().get_connection().unwrap();
         let mut cmd = redis::cmd(args[0]);
         for a in &args[1..] {
             cmd.arg(*a);
@@ -90,7 +147,7 @@ impl RedisServer {
 
     fn ping(&self) -> std::io::Result<()> {
         TcpStream::connect(("127.0.0.1", self.port))?;
-        let client = redis::Client::open(self.url()).map_err(std::io::Error::other)?;
+        let client = self.client().map_err(std::io::Error::other)?;
         let mut conn = client.get_connection().map_err(std::io::Error::other)?;
         redis::cmd("PING")
             .query::<String>(&mut conn)
