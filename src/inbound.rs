@@ -4,18 +4,24 @@
 //! removed before the request goes upstream).
 //!
 //! The listener keeps SHA-256 digests of the keys and compares digests: the comparison takes
-//! the same time whatever the key's length.
+//! the same time whatever the key's length. A key that matched is known by its index and its
+//! label ([`Keys::label`]: its name, or `#N` for the Nth plain key), never by its value.
 
-use crate::secret::Secret;
+use crate::config::InboundKey;
 use http::header::{AUTHORIZATION, PROXY_AUTHORIZATION};
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 
 /// The keys one listener accepts; empty means the listener is open (loopback only).
 #[derive(Default)]
 pub struct Keys {
     digests: Vec<[u8; 32]>,
+    labels: Vec<Arc<str>>,
 }
+
+/// How attribution shows a request that presented no key (an open listener).
+pub const NO_KEY: &str = "-";
 
 /// Why a request was not let in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,16 +33,26 @@ pub enum Denied {
 }
 
 impl Keys {
-    pub fn new(keys: &[Secret<String>]) -> Keys {
+    pub fn new(keys: &[InboundKey]) -> Keys {
         Keys {
-            digests: keys.iter().map(|k| digest(k.expose().as_bytes())).collect(),
+            digests: keys
+                .iter()
+                .map(|k| digest(k.key.expose().as_bytes()))
+                .collect(),
+            labels: keys.iter().enumerate().map(|(i, k)| label(k, i)).collect(),
         }
     }
 
-    /// Let the request in, or say why not. Open when no key is configured.
-    pub fn check(&self, headers: &HeaderMap) -> Result<(), Denied> {
+    /// The label of the key at `index`: its name, or `#N` for the Nth key (a plain string).
+    pub fn label(&self, index: usize) -> &Arc<str> {
+        &self.labels[index]
+    }
+
+    /// Let the request in, or say why not; the index of the key it presented (`None` when
+    /// the listener is open).
+    pub fn check(&self, headers: &HeaderMap) -> Result<Option<usize>, Denied> {
         if self.digests.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let presented = [AUTHORIZATION, PROXY_AUTHORIZATION]
             .iter()
@@ -46,19 +62,31 @@ impl Keys {
         if presented.is_empty() {
             return Err(Denied::Missing);
         }
-        let mut matched = false;
+        let (mut matched, mut index) = (false, 0usize);
         for key in presented {
             let d = digest(key);
-            // Every configured key is compared, match or not.
-            for known in &self.digests {
-                matched |= equal(&d, known);
+            // Every configured key is compared, match or not, and the index is selected
+            // without a branch on the comparison.
+            for (i, known) in self.digests.iter().enumerate() {
+                let same = equal(&d, known);
+                let mask = usize::from(same).wrapping_neg();
+                index = (index & !mask) | (i & mask);
+                matched |= same;
             }
         }
         if matched {
-            Ok(())
+            Ok(Some(index))
         } else {
             Err(Denied::Wrong)
         }
+    }
+}
+
+/// How attribution shows the key at `index` of the list.
+pub fn label(key: &InboundKey, index: usize) -> Arc<str> {
+    match &key.name {
+        Some(name) => Arc::from(name.as_str()),
+        None => Arc::from(format!("#{}", index + 1)),
     }
 }
 
@@ -81,6 +109,7 @@ fn equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secret::Secret;
     use http::HeaderValue;
 
     fn headers(name: http::HeaderName, value: &str) -> HeaderMap {
@@ -89,9 +118,21 @@ mod tests {
         h
     }
 
+    fn plain(key: &str) -> InboundKey {
+        InboundKey {
+            name: None,
+            key: Secret::from(key),
+            budget: None,
+        }
+    }
+
     #[test]
     fn keys_are_required_compared_and_either_header_works() {
-        let keys = Keys::new(&[Secret::from("first-key"), Secret::from("second-key")]);
+        let named = InboundKey {
+            name: Some("etl".into()),
+            ..plain("second-key")
+        };
+        let keys = Keys::new(&[plain("first-key"), named]);
         assert_eq!(keys.check(&HeaderMap::new()), Err(Denied::Missing));
         assert_eq!(
             keys.check(&headers(AUTHORIZATION, "Basic Zmlyc3Qta2V5")),
@@ -107,12 +148,13 @@ mod tests {
         );
         assert_eq!(
             keys.check(&headers(AUTHORIZATION, "bearer second-key")),
-            Ok(())
+            Ok(Some(1))
         );
         assert_eq!(
             keys.check(&headers(PROXY_AUTHORIZATION, "Bearer first-key")),
-            Ok(())
+            Ok(Some(0))
         );
-        assert_eq!(Keys::default().check(&HeaderMap::new()), Ok(()));
+        assert_eq!((&**keys.label(0), &**keys.label(1)), ("#1", "etl"));
+        assert_eq!(Keys::default().check(&HeaderMap::new()), Ok(None));
     }
 }

@@ -109,9 +109,26 @@ impl Config {
                 );
             }
             if let Some(inbound) = &up.inbound {
+                let daily = up.quota.as_ref().and_then(|q| q.daily_limit());
+                let keys: Vec<String> = inbound
+                    .keys
+                    .iter()
+                    .enumerate()
+                    .map(|(i, k)| {
+                        let label = crate::inbound::label(k, i);
+                        match k.budget {
+                            Some(b @ crate::config::Budget::Share(_)) => match b.per_day(daily) {
+                                Some(n) => format!("{label} (budget {b}: {n} a day)"),
+                                None => format!("{label} (budget {b})"),
+                            },
+                            Some(b) => format!("{label} (budget {b})"),
+                            None => format!("{label} (no budget)"),
+                        }
+                    })
+                    .collect();
                 line(
                     "inbound.keys",
-                    format!("{} key(s) [redacted]", inbound.keys.len()),
+                    format!("{} [keys redacted]", keys.join(", ")),
                 );
             }
             match &up.quota {

@@ -22,9 +22,9 @@ mod validate;
 mod values;
 
 pub use schema::{
-    AdminConfig, AuthConfig, ClientAuth, Config, Edition, Grant, InboundConfig, LimitsConfig,
-    LoginConfig, QuotaConfig, RedisUrl, StateConfig, StoreLocation, TlsConfig, UpstreamConfig,
-    MIN_KEY_LEN,
+    AdminConfig, AuthConfig, Budget, ClientAuth, Config, Edition, Grant, InboundConfig, InboundKey,
+    LimitsConfig, LoginConfig, QuotaConfig, RedisUrl, StateConfig, StoreLocation, TlsConfig,
+    UpstreamConfig, MIN_KEY_LEN,
 };
 pub use values::{parse_day_starts, parse_duration, parse_http_url, parse_size};
 

@@ -146,7 +146,106 @@ impl Default for LimitsConfig {
 #[serde(deny_unknown_fields)]
 pub struct InboundConfig {
     /// Clients send `Authorization: Bearer KEY` (or `Proxy-Authorization`).
-    pub keys: Vec<Secret<String>>,
+    pub keys: Vec<InboundKey>,
+}
+
+/// One entry of `[upstream.inbound] keys`: a plain string, or a table that names the key and
+/// may give it a daily budget: `{ name = "etl", key = "${ETL_KEY}", per_day = 500 }` or
+/// `{ …, share = "20%" }` (of the upstream's daily limit).
+#[derive(Debug, Clone, PartialEq)]
+pub struct InboundKey {
+    /// How logs, `/status` and `/metrics` call the key; `None` for a plain string.
+    pub name: Option<String>,
+    pub key: Secret<String>,
+    pub budget: Option<Budget>,
+}
+
+/// A key's daily budget, counted against it beside the upstream's own day.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Budget {
+    PerDay(u64),
+    /// A share of the upstream's daily limit, in percent (0 < share <= 100).
+    Share(f64),
+}
+
+impl Budget {
+    /// The requests a day this budget allows, given the upstream's daily limit.
+    pub fn per_day(self, daily_limit: Option<u64>) -> Option<u64> {
+        match self {
+            Budget::PerDay(n) => Some(n),
+            Budget::Share(percent) => daily_limit.map(|l| (l as f64 * percent / 100.0) as u64),
+        }
+    }
+}
+
+impl std::fmt::Display for Budget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Budget::PerDay(n) => write!(f, "{n} a day"),
+            Budget::Share(percent) => write!(f, "{percent}% of the day"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for InboundKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Named {
+            name: String,
+            key: Secret<String>,
+            per_day: Option<u64>,
+            share: Option<String>,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Entry {
+            Plain(Secret<String>),
+            Named(Named),
+        }
+        use serde::de::Error;
+        // Untagged errors say only that nothing matched: name what a key may be.
+        let entry = Entry::deserialize(deserializer).map_err(|_| {
+            D::Error::custom("a key is a string, or a table { name = \"…\", key = \"…\" } with optionally per_day = N or share = \"N%\" (and no other keys)")
+        })?;
+        Ok(match entry {
+            Entry::Plain(key) => InboundKey {
+                name: None,
+                key,
+                budget: None,
+            },
+            Entry::Named(n) => {
+                let budget = match (n.per_day, n.share) {
+                    (Some(_), Some(_)) => {
+                        return Err(D::Error::custom(format!(
+                            "key `{}` has both per_day and share: give it one budget",
+                            n.name
+                        )))
+                    }
+                    (Some(per_day), None) => Some(Budget::PerDay(per_day)),
+                    (None, Some(share)) => Some(Budget::Share(
+                        parse_share(&share).map_err(D::Error::custom)?,
+                    )),
+                    (None, None) => None,
+                };
+                InboundKey {
+                    name: Some(n.name),
+                    key: n.key,
+                    budget,
+                }
+            }
+        })
+    }
+}
+
+/// `"20%"` → 20.0: a percentage above 0 and at most 100.
+fn parse_share(text: &str) -> Result<f64, String> {
+    let percent = text
+        .trim()
+        .strip_suffix('%')
+        .and_then(|n| n.trim().parse::<f64>().ok())
+        .filter(|p| *p > 0.0 && *p <= 100.0);
+    percent.ok_or_else(|| format!("share = {text:?}: write a percentage of the upstream's daily limit above 0 and at most 100, like \"20%\""))
 }
 
 /// Inbound keys shorter than this are refused: they could be guessed.

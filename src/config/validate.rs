@@ -4,7 +4,7 @@
 
 use super::StoreLocation;
 use super::{AuthConfig, ClientAuth, Config, Grant, Problem, QuotaConfig, StateConfig};
-use super::{UpstreamConfig, MIN_KEY_LEN};
+use super::{Budget, UpstreamConfig, MIN_KEY_LEN};
 use std::collections::HashSet;
 
 /// Form fields that tollgate sets itself; `params` may not override them.
@@ -159,13 +159,49 @@ fn check_inbound_and_tls(up: &UpstreamConfig, report: &mut Report<'_>) {
             "is empty: list at least one key, or remove [upstream.inbound]".into(),
         );
     }
+    let daily = up.quota.as_ref().and_then(|q| q.daily_limit());
     for (j, k) in keys.iter().enumerate() {
-        if k.expose().chars().count() < MIN_KEY_LEN
-            || k.expose().bytes().any(|b| !b.is_ascii_graphic())
-        {
+        let at = format!("inbound.keys[{j}]");
+        let key = k.key.expose();
+        if key.chars().count() < MIN_KEY_LEN || key.bytes().any(|b| !b.is_ascii_graphic()) {
             report.at(
-                &format!("inbound.keys[{j}]"),
+                &at,
                 format!("must be at least {MIN_KEY_LEN} visible ASCII characters without spaces; make one with `openssl rand -hex 32`"),
+            );
+        }
+        if let Some(name) = &k.name {
+            let fine = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+            if name.is_empty() || name.len() > 64 || !name.chars().all(fine) {
+                report.at(
+                    &format!("{at}.name"),
+                    "must be 1 to 64 letters, digits, `-`, `_` or `.` (it names the key in logs and metrics)".into(),
+                );
+            }
+            if keys[..j]
+                .iter()
+                .any(|other| other.name.as_ref() == Some(name))
+            {
+                report.at(
+                    &format!("{at}.name"),
+                    format!("`{name}` names two keys: give each its own name"),
+                );
+            }
+        }
+        match k.budget {
+            Some(Budget::PerDay(0)) => report.at(
+                &format!("{at}.per_day"),
+                "must be at least 1 (remove the key to shut it out)".into(),
+            ),
+            Some(Budget::Share(_)) if daily.is_none() => report.at(
+                &format!("{at}.share"),
+                "is a share of the upstream's daily limit, and this upstream has none: set [upstream.quota] per_day, or give the key per_day = N".into(),
+            ),
+            _ => {}
+        }
+        if keys[..j].iter().any(|other| other.key.expose() == key) {
+            report.at(
+                &at,
+                "is the same key as an earlier one: give each tool its own".into(),
             );
         }
     }
@@ -435,7 +471,10 @@ mod tests {
         let config =
             Config::parse(&with_keys("[\"${SECRET}-and-then-some\"]"), "t.toml", env).unwrap();
         let described = config.describe();
-        assert!(described.contains("1 key(s) [redacted]"), "{described}");
+        assert!(
+            described.contains("#1 (no budget) [keys redacted]"),
+            "{described}"
+        );
         assert!(!described.contains("s3cr3t"), "{described}");
         assert!(config.warnings().iter().any(|w| w.contains("plain HTTP")));
         for (keys, expected) in [
@@ -450,6 +489,43 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(expected), "{keys}: {err}");
+        }
+    }
+
+    #[test]
+    fn named_keys_have_budgets_that_are_checked_and_described() {
+        let text = |keys: &str, quota: &str| {
+            format!("{GOOD}\n[upstream.inbound]\nkeys = [{keys}]\n[upstream.quota]\n{quota}\n")
+        };
+        let etl = "{ name = \"etl\", key = \"${SECRET}-etl-key\", per_day = 500 }";
+        let reports = "{ name = \"reports\", key = \"${SECRET}-reports\", share = \"20%\" }";
+        let plain = "\"${SECRET}-plain-key\"";
+        let both = format!("{etl}, {reports}, {plain}");
+        let config = Config::parse(&text(&both, "per_day = 2000"), "t.toml", env).unwrap();
+        let keys = &config.upstreams[0].inbound.as_ref().unwrap().keys;
+        assert_eq!(keys[0].budget, Some(super::Budget::PerDay(500)));
+        assert_eq!(keys[1].budget, Some(super::Budget::Share(20.0)));
+        assert_eq!(keys[1].budget.unwrap().per_day(Some(2000)), Some(400));
+        let described = config.describe();
+        assert!(
+            described.contains("etl (budget 500 a day), reports (budget 20% of the day: 400 a day), #3 (no budget) [keys redacted]"),
+            "{described}"
+        );
+        assert!(!described.contains("s3cr3t"), "{described}");
+        for (keys, quota, expected) in [
+            (reports, "per_minute = 5", "inbound.keys[0].share: is a share of the upstream's daily limit, and this upstream has none"),
+            (&format!("{etl}, {}", etl.replace("-etl-key", "-other")), "per_day = 9", "inbound.keys[1].name: `etl` names two keys"),
+            (&etl.replace("500", "0"), "per_day = 9", "inbound.keys[0].per_day: must be at least 1"),
+            (&etl.replace("etl\"", "e t l\""), "per_day = 9", "inbound.keys[0].name: must be 1 to 64"),
+            (&etl.replace("per_day = 500", "per_day = 5, share = \"1%\""), "per_day = 9", "has both per_day and share"),
+            (&reports.replace("20%", "120%"), "per_day = 9", "write a percentage"),
+            (&etl.replace("per_day", "budget"), "per_day = 9", "a key is a string, or a table"),
+        ] {
+            let err = Config::parse(&text(keys, quota), "t.toml", env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{keys}: {err}");
+            assert!(!err.contains("s3cr3t"), "{err}");
         }
     }
 
