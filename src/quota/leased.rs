@@ -36,6 +36,9 @@ pub struct Leased {
     /// Until when (Unix ms) the store is known to have nothing left: refusals skip it till then.
     spent_until_ms: AtomicU64,
     topping_up: AtomicBool,
+    /// Until when (Unix ms) the store is taken to be failing, and how it failed: requests that
+    /// waited for a refill behind one that failed fail at once, not one timeout each.
+    failing: std::sync::Mutex<Option<(u64, String)>>,
     /// Set by `give_back`: the process is shutting down, or a reload replaced this window by
     /// `successor`; nothing more is reserved here.
     closed: AtomicBool,
@@ -110,6 +113,7 @@ impl Leased {
             version: AtomicU64::new(0),
             spent_until_ms: AtomicU64::new(0),
             topping_up: AtomicBool::new(false),
+            failing: std::sync::Mutex::new(None),
             closed: AtomicBool::new(false),
             successor: OnceLock::new(),
             refill: tokio::sync::Mutex::new(()),
@@ -210,6 +214,24 @@ impl Leased {
         }
     }
 
+    /// Whether the window at `unix_ms` was found spent a moment ago: a request it would refuse
+    /// is refused before any other window counts it.
+    pub fn known_spent(&self, unix_ms: u64) -> bool {
+        self.spent_until_ms.load(Ordering::Relaxed) > unix_ms
+    }
+
+    /// Give back one count [`Leased::spend`] took at `unix_ms`, when another window refused
+    /// the request (and the hand is still on that window).
+    pub fn put_back(&self, unix_ms: u64) {
+        let day = self.day_of(unix_ms);
+        let _ = self
+            .hand
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |current| {
+                let (d, left) = unpack(current);
+                (d == day).then(|| pack(day, left + 1))
+            });
+    }
+
     /// Take one count of `day` from the hand; returns what is left, or `None` if it is empty.
     fn take(&self, day: u64) -> Option<u64> {
         let mut current = self.hand.load(Ordering::Acquire);
@@ -248,6 +270,11 @@ impl Leased {
             // Found spent while this request waited for the lock.
             return Ok(0);
         }
+        if let Some((until, error)) = &*self.failing.lock().expect("failing lock") {
+            if *until > unix_ms {
+                return Err(StoreError::Recently(error.clone()));
+            }
+        }
         if hand_day != day {
             // Yesterday's counts are of no use today; they were reserved, so they stay spent.
             self.hand.store(pack(day, 0), Ordering::Release);
@@ -272,7 +299,10 @@ impl Leased {
                     version: self.version.load(Ordering::Relaxed),
                 },
             )
-            .await?;
+            .await
+            .inspect_err(|e| {
+                *self.failing.lock().expect("failing lock") = Some((unix_ms + 1000, e.to_string()));
+            })?;
         self.used.store(reservation.used, Ordering::Relaxed);
         self.version.store(reservation.version, Ordering::Relaxed);
         // Only this function adds to the hand and it runs one at a time, so the day is unchanged.
@@ -307,6 +337,7 @@ impl Leased {
         self.used.store(used, Ordering::Relaxed);
         if !again {
             self.hand.store(pack(day, 0), Ordering::Release);
+            self.version.store(0, Ordering::Relaxed);
         }
         Ok(())
     }

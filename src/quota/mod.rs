@@ -317,6 +317,11 @@ impl Quota {
             );
             return Err(self.refuse(Reason::UpstreamThrottled, ceil_secs(left), None, detail));
         }
+        let now = self.clock.unix_ms();
+        // A window found spent a moment ago refuses before any other counts the request.
+        if let Some(spent) = self.leased.iter().find(|w| w.known_spent(now)) {
+            return Err(self.spent(spent, now));
+        }
         let mut tightest: Option<Window> = None;
         for rate in &self.rates {
             match rate.spend() {
@@ -343,8 +348,9 @@ impl Quota {
                 }
             }
         }
-        let now = self.clock.unix_ms();
-        for first in &self.leased {
+        for (i, first) in self.leased.iter().enumerate() {
+            // The windows before this one counted the request; a refusal here gives it back.
+            let give_back = || self.leased[..i].iter().for_each(|w| w.put_back(now));
             let mut spent = first.spend(now).await;
             // A reload replaced this window while the request was on its way.
             let mut replaced = None;
@@ -357,12 +363,19 @@ impl Quota {
                 Ok(w) => tightest = Some(tighter(tightest, w)),
                 Err(leased::Refused::Retired(Some(Next::Unlimited))) => {}
                 Err(leased::Refused::Retired(_)) => {
+                    give_back();
                     let detail = "tollgate is shutting down and counts no more requests; try again when it is back".to_owned();
                     let reason = Reason::of_window(counted.policy().name);
                     return Err(self.refuse(reason, 1, None, detail));
                 }
-                Err(leased::Refused::Spent) => return Err(self.spent(counted, now)),
-                Err(leased::Refused::Store(e)) => return Err(QuotaError::Store(e)),
+                Err(leased::Refused::Spent) => {
+                    give_back();
+                    return Err(self.spent(counted, now));
+                }
+                Err(leased::Refused::Store(e)) => {
+                    give_back();
+                    return Err(QuotaError::Store(e));
+                }
             }
         }
         Ok(tightest)

@@ -152,6 +152,10 @@ pub enum StoreError {
     /// A later holder of the refresh lock saved a newer record: this one is stale.
     #[error("another replica saved a newer token record of `{upstream}`")]
     Superseded { upstream: String },
+    /// The store failed this way a moment ago and is not asked again yet, so requests that
+    /// would wait for it in turn fail at once.
+    #[error("{0} (a moment ago; asked again within a second)")]
+    Recently(String),
     /// `state.store` names no store this version can open.
     #[error("state.store: {0}")]
     Location(String),

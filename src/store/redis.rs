@@ -9,9 +9,10 @@
 //!   token request (`auth.timeout`), so a holder that dies cannot hold it forever;
 //! - `fence` — a counter, never expiring, bumped each time the lock is taken;
 //! - `days` — a hash of day counts by span (`start-end` in Unix ms), and its version (`v`),
-//!   expiring a day after the last day it counts;
+//!   expiring two days after its last reservation;
 //! - `per:{seconds}` — the same for the fixed windows of `per_second`, `per_minute` and
-//!   `per_hour` (`per:1`, `per:60`, `per:3600`), expiring a window after the last one.
+//!   `per_hour` (`per:1`, `per:60`, `per:3600`), expiring two windows (at least a minute)
+//!   after its last reservation.
 //!
 //! Every write that decides something is a Lua script (`redis/*.lua`, loaded with EVALSHA):
 //! the lock is taken only when free, a record is saved only by a fence at least as new as the

@@ -38,6 +38,10 @@ end
 if op == 'used' then
   return count
 end
+if op == 'release' and mine == nil and #others == 0 then
+  -- Nothing left to give back to (the window ended, or the hash expired): leave no key.
+  return 0
+end
 local version = redis.call('HINCRBY', KEYS[1], 'v', 1)
 if op == 'release' then
   local left = tonumber(ARGV[4])
@@ -66,6 +70,8 @@ if version <= tonumber(ARGV[7]) then
 end
 local granted = math.max(0, math.min(want, limit - count))
 redis.call('HSET', KEYS[1], me, count + granted)
--- The hash outlives the window it counts by as long again, then goes.
-redis.call('PEXPIREAT', KEYS[1], finish + (finish - start))
+-- The hash outlives its last reservation by two windows (at least a minute), then goes; an
+-- expiry relative to Redis's own clock, so a replica's clock ahead or behind cannot make it
+-- expire at once.
+redis.call('PEXPIRE', KEYS[1], math.max(2 * (finish - start), 60000))
 return {granted, count + granted, version}
