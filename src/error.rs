@@ -78,6 +78,7 @@ impl ProxyError {
                 Reason::QueueFull | Reason::QueueTimeout => {
                     ("concurrency-limit", "Too many requests in flight")
                 }
+                Reason::KeyBudget => ("key-budget-exceeded", "The key's daily budget is spent"),
                 _ => ("quota-exceeded", "Quota exceeded"),
             },
             ProxyError::Quota(QuotaError::Store(_)) => ("quota-store", "Quota state unavailable"),

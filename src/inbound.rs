@@ -43,6 +43,15 @@ impl Keys {
         }
     }
 
+    /// How many keys the listener accepts.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
     /// The label of the key at `index`: its name, or `#N` for the Nth key (a plain string).
     pub fn label(&self, index: usize) -> &Arc<str> {
         &self.labels[index]

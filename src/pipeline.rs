@@ -15,9 +15,9 @@ use crate::body::{self, Buffered, RequestBody, ResponseBody};
 use crate::config::UpstreamConfig;
 use crate::error::{ProxyBody, ProxyError};
 use crate::forward::{self, SendError, TargetError, Upstream};
-use crate::inbound::Keys;
+use crate::inbound::{Keys, NO_KEY};
 use crate::quota::{self, Quota, Slot, Window};
-use crate::stats::RequestStats;
+use crate::stats::{KeyCounts, RequestStats};
 use crate::token::{AccessToken, TokenCache};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use http_body_util::Either;
@@ -37,6 +37,8 @@ pub struct Pipeline {
     /// `http` or `https`: how clients reach this listener.
     scheme: &'static str,
     stats: Arc<RequestStats>,
+    /// This worker's counters of each inbound key, by index, then of requests without one.
+    counts: Vec<Arc<KeyCounts>>,
     retry_on: Vec<u16>,
     retry_body_limit: u64,
 }
@@ -67,13 +69,20 @@ impl Pipeline {
         quota: Arc<Quota>,
         stats: Arc<RequestStats>,
     ) -> Pipeline {
+        let keys = Keys::new(config.inbound.as_ref().map_or(&[][..], |i| &i.keys[..]));
+        let labels = (0..keys.len()).map(|i| Arc::clone(keys.label(i)));
+        let counts = labels
+            .chain([Arc::from(NO_KEY)])
+            .map(|label| stats.key(&label))
+            .collect();
         Pipeline {
             name: config.name.clone(),
             local,
             upstream,
             tokens,
             quota,
-            keys: Keys::new(config.inbound.as_ref().map_or(&[][..], |i| &i.keys[..])),
+            keys,
+            counts,
             scheme: if config.tls.is_some() {
                 "https"
             } else {
@@ -99,9 +108,10 @@ impl Pipeline {
     pub async fn handle(&self, request: Request<Incoming>) -> Response<ProxyBody> {
         // Until the answer's head: what a reload that removes the upstream waits for.
         let _in_flight = self.stats.arrived();
+        let mut key = None;
         if !tracing::enabled!(target: "tollgate::access", tracing::Level::INFO) {
-            let response = self.answer(request, &mut None).await;
-            self.stats.answered(response.status().as_u16());
+            let response = self.answer(request, &mut None, &mut key).await;
+            self.counts(key).answered(response.status().as_u16());
             return response;
         }
         let started = Instant::now();
@@ -109,12 +119,14 @@ impl Pipeline {
         // The path only: a query string may carry what does not belong in a log.
         let path = request.uri().path().to_owned();
         let mut trace = Some(Trace::default());
-        let response = self.answer(request, &mut trace).await;
-        self.stats.answered(response.status().as_u16());
+        let response = self.answer(request, &mut trace, &mut key).await;
+        let counts = self.counts(key);
+        counts.answered(response.status().as_u16());
         let trace = trace.unwrap_or_default();
         tracing::info!(
             target: "tollgate::access",
             upstream = %self.name,
+            key = %counts.label,
             %method,
             %path,
             status = response.status().as_u16(),
@@ -126,12 +138,24 @@ impl Pipeline {
         response
     }
 
+    /// The counters of the key at `index` (`None`: no key).
+    fn counts(&self, index: Option<usize>) -> &KeyCounts {
+        let last = self.counts.len() - 1;
+        &self.counts[index.unwrap_or(last)]
+    }
+
+    /// The name of the key at `index`, for its budget.
+    fn key_name(&self, index: Option<usize>) -> Option<&str> {
+        index.map(|i| &**self.keys.label(i))
+    }
+
     async fn answer(
         &self,
         request: Request<Incoming>,
         trace: &mut Option<Trace>,
+        key: &mut Option<usize>,
     ) -> Response<ProxyBody> {
-        match self.proxy(request, trace).await {
+        match self.proxy(request, trace, key).await {
             Ok(response) => response,
             Err(e) => {
                 tracing::debug!(upstream = %self.name, error = %e, "request refused");
@@ -144,11 +168,14 @@ impl Pipeline {
         &self,
         request: Request<Incoming>,
         trace: &mut Option<Trace>,
+        key: &mut Option<usize>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut parts, body) = request.into_parts();
-        self.keys
+        *key = self
+            .keys
             .check(&parts.headers)
             .map_err(ProxyError::Unauthorized)?;
+        let key = *key;
         let uri = self.target(&parts.method, &parts.uri, parts.version)?;
         // Where the client reached us, for a Location to come back to.
         let reached = parts.headers.get(http::header::HOST).cloned().or_else(|| {
@@ -177,7 +204,8 @@ impl Pipeline {
         *request.method_mut() = parts.method;
         *request.uri_mut() = uri;
         *request.headers_mut() = parts.headers;
-        let mut window = self.quota.spend().await?;
+        let mut window = self.quota.spend(self.key_name(key)).await?;
+        self.counts(key).sent();
         if let Some(t) = trace {
             t.token = Some(token.fingerprint.clone());
         }
@@ -185,7 +213,7 @@ impl Pipeline {
 
         let response = match replay {
             Some(replay) if self.retry_on.contains(&response.status().as_u16()) => {
-                self.replay(response, replay, &token, &mut window, trace)
+                self.replay(response, replay, &token, key, &mut window, trace)
                     .await?
             }
             _ => response,
@@ -252,6 +280,7 @@ impl Pipeline {
         refused: Response<Incoming>,
         replay: Replay,
         token: &AccessToken,
+        key: Option<usize>,
         window: &mut Option<Window>,
         trace: &mut Option<Trace>,
     ) -> Result<Response<Incoming>, ProxyError> {
@@ -268,7 +297,8 @@ impl Pipeline {
         *request.uri_mut() = replay.uri;
         *request.headers_mut() = headers;
         // The replay is a request like any other for the API's quota.
-        *window = self.quota.spend().await?;
+        *window = self.quota.spend(self.key_name(key)).await?;
+        self.counts(key).sent();
         if let Some(t) = trace {
             t.token = Some(fresh.fingerprint.clone());
         }

@@ -238,8 +238,8 @@ async fn metrics_count_requests_refreshes_and_upstream_time() {
         .starts_with("text/plain; version=0.0.4"));
     let text = metrics.text();
     let has = |line: &str| assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
-    has("tollgate_requests_total{upstream=\"api\",status=\"200\"} 4");
-    has("tollgate_requests_total{upstream=\"api\",status=\"404\"} 1");
+    has("tollgate_requests_total{upstream=\"api\",key=\"-\",status=\"200\"} 4");
+    has("tollgate_requests_total{upstream=\"api\",key=\"-\",status=\"404\"} 1");
     // Six sends: five requests and the replay after the 401.
     has("tollgate_upstream_duration_seconds_count{upstream=\"api\"} 6");
     has("tollgate_upstream_duration_seconds_bucket{upstream=\"api\",le=\"+Inf\"} 6");

@@ -55,14 +55,13 @@ pub fn render(upstreams: &[Upstream], store: &dyn StateStore) -> String {
 /// Answers by status and the upstream's response time.
 fn requests(out: &mut String, upstreams: &[Upstream], totals: &[stats::Totals]) {
     let name = "tollgate_requests_total";
-    let mut f = Family::new(out, name, "counter", "Answers to clients, by status.");
+    let help = "Answers to clients, by inbound key (its name; - for none) and status.";
+    let mut f = Family::new(out, name, "counter", help);
     for (u, t) in upstreams.iter().zip(totals) {
-        for (status, n) in &t.by_status {
-            f.sample(
-                name,
-                &[("upstream", &u.name), ("status", &status.to_string())],
-                n,
-            );
+        for (key, status, n) in &t.by_status {
+            let status = status.to_string();
+            let labels = [("upstream", &*u.name), ("key", key), ("status", &status)];
+            f.sample(name, &labels, n);
         }
     }
 

@@ -91,6 +91,14 @@ impl Config {
 }
 
 impl UpstreamConfig {
+    /// The daily budgets of the named inbound keys that have one: (name, requests a day).
+    pub fn budgets(&self) -> Vec<(String, u64)> {
+        let daily = self.quota.as_ref().and_then(|q| q.daily_limit());
+        let keys = self.inbound.iter().flat_map(|i| &i.keys);
+        keys.filter_map(|k| Some((k.name.clone()?, k.budget?.per_day(daily)?)))
+            .collect()
+    }
+
     /// The PEM of `ca_file`, when one is set.
     pub fn read_ca(&self) -> Result<Option<Vec<u8>>, String> {
         let Some(path) = &self.ca_file else {

@@ -147,14 +147,16 @@ impl Proxy {
             ),
             None => Arc::new(TokenCache::new(up, store, roots.as_deref()).map_err(&fail)?),
         };
+        let budgets = up.budgets();
         let quota = match old {
-            Some(o) if o.quota.config() == up.quota.as_ref() => Arc::clone(&o.quota),
+            Some(o) if o.quota.enforces(up.quota.as_ref(), &budgets) => Arc::clone(&o.quota),
             _ => {
                 let quota = match old {
-                    Some(o) => o.quota.successor(up.quota.as_ref()),
+                    Some(o) => o.quota.successor(up.quota.as_ref(), &budgets),
                     None => Quota::new(
                         &up.name,
                         up.quota.as_ref(),
+                        &budgets,
                         Arc::clone(&self.store),
                         self.clock.clone(),
                     ),

@@ -53,10 +53,11 @@ pub enum Reason {
     QueueFull,
     QueueTimeout,
     UpstreamThrottled,
+    KeyBudget,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 7] = [
+    pub const ALL: [Reason; 8] = [
         Reason::PerDay,
         Reason::PerSecond,
         Reason::PerMinute,
@@ -64,6 +65,7 @@ impl Reason {
         Reason::QueueFull,
         Reason::QueueTimeout,
         Reason::UpstreamThrottled,
+        Reason::KeyBudget,
     ];
 
     /// The `reason` label of `tollgate_rejected_total`.
@@ -76,6 +78,7 @@ impl Reason {
             Reason::QueueFull => "queue_full",
             Reason::QueueTimeout => "queue_timeout",
             Reason::UpstreamThrottled => "upstream_429",
+            Reason::KeyBudget => "key_budget",
         }
     }
 
@@ -123,6 +126,8 @@ pub struct Quota {
     leased: Vec<Arc<Leased>>,
     /// The short windows counted in memory (a store of this machine alone).
     rates: Vec<Arc<Rate>>,
+    /// The daily budgets of named inbound keys: (key name, its day), counted in the store.
+    budgets: Vec<(Arc<str>, Arc<Leased>)>,
     queue: Option<Arc<Queue>>,
     hold: Arc<Hold>,
     rejected: Arc<[AtomicU64; Reason::ALL.len()]>,
@@ -135,6 +140,7 @@ impl Quota {
     pub fn new(
         upstream: &str,
         config: Option<&QuotaConfig>,
+        budgets: &[(String, u64)],
         store: Arc<dyn StateStore>,
         clock: Clock,
     ) -> Quota {
@@ -155,19 +161,20 @@ impl Quota {
             store,
             leased: Vec::new(),
             rates: Vec::new(),
+            budgets: Vec::new(),
             queue: None,
             hold,
             rejected: Arc::default(),
             successor: OnceLock::new(),
         };
-        empty.successor(config)
+        empty.successor(config, budgets)
     }
 
     /// The limits of `config` for the same upstream, taking over what this one counted: the
     /// day when its limit and start are unchanged (else the new day reads the store), each
     /// short window (a changed count starts with what was spent), and the queue. Nothing
     /// changes for requests until [`Quota::hand_over`].
-    pub fn successor(&self, config: Option<&QuotaConfig>) -> Quota {
+    pub fn successor(&self, config: Option<&QuotaConfig>, budgets: &[(String, u64)]) -> Quota {
         let mut leased = Vec::new();
         let mut rates = Vec::new();
         let shared = self.store.is_shared();
@@ -213,6 +220,26 @@ impl Quota {
                 )),
             });
         }
+        let day_starts = config.map_or(0, |c| c.day_starts);
+        let budgets = budgets
+            .iter()
+            .map(|(name, per_day)| {
+                let old = self.budgets.iter().find(|(n, _)| **n == **name);
+                let day = match old {
+                    Some((_, d)) if d.limit() == *per_day && d.day_starts() == day_starts => {
+                        Arc::clone(d)
+                    }
+                    // Counted in the store apart from the upstream's own day.
+                    _ => Arc::new(Leased::day(
+                        &format!("{}.key.{name}", self.upstream),
+                        *per_day,
+                        day_starts,
+                        Arc::clone(&self.store),
+                    )),
+                };
+                (Arc::from(name.as_str()), day)
+            })
+            .collect();
         let queue = config.and_then(|c| {
             let n = c.concurrency.filter(|n| *n > 0)?;
             Some(match &self.queue {
@@ -228,6 +255,7 @@ impl Quota {
             store: Arc::clone(&self.store),
             leased,
             rates,
+            budgets,
             queue,
             hold: Arc::clone(&self.hold),
             rejected: Arc::clone(&self.rejected),
@@ -238,6 +266,25 @@ impl Quota {
     /// The config this quota enforces.
     pub fn config(&self) -> Option<&QuotaConfig> {
         self.config.as_ref()
+    }
+
+    /// Whether this quota enforces exactly `config` and `budgets`.
+    pub fn enforces(&self, config: Option<&QuotaConfig>, budgets: &[(String, u64)]) -> bool {
+        self.config.as_ref() == config
+            && self.budgets.len() == budgets.len()
+            && self
+                .budgets
+                .iter()
+                .zip(budgets)
+                .all(|((name, day), (n, per_day))| **name == **n && day.limit() == *per_day)
+    }
+
+    /// Each named key's budget: (name, requests a day, the state of its day), for `/status`.
+    pub fn budgets(&self) -> impl Iterator<Item = (&Arc<str>, Window)> + '_ {
+        let now = self.clock.unix_ms();
+        self.budgets
+            .iter()
+            .map(move |(name, day)| (name, day.window(now)))
     }
 
     /// Make `next` (this quota's [`Quota::successor`]) the one in force: requests that still
@@ -252,8 +299,16 @@ impl Quota {
             }
         }
         let mut outcome = Ok(());
-        for old in &self.leased {
-            let handed = match next.leased_named(old.policy().name) {
+        let windows = self
+            .leased
+            .iter()
+            .map(|w| (w, next.leased_named(w.policy().name)));
+        let budgets = self.budgets.iter().map(|(name, day)| {
+            let new = next.budgets.iter().find(|(n, _)| n == name);
+            (day, new.map(|(_, d)| d))
+        });
+        for (old, new) in windows.chain(budgets) {
+            let handed = match new {
                 Some(new) if Arc::ptr_eq(old, new) => Ok(()),
                 Some(new) => {
                     let retired = old.retire(Next::Window(Arc::clone(new))).await;
@@ -305,10 +360,11 @@ impl Quota {
         }
     }
 
-    /// Count one request about to be sent upstream. Returns the tightest window, for headers.
-    pub async fn spend(&self) -> Result<Option<Window>, QuotaError> {
+    /// Count one request about to be sent upstream for inbound key `key` (its name). Returns
+    /// the tightest window, for headers.
+    pub async fn spend(&self, key: Option<&str>) -> Result<Option<Window>, QuotaError> {
         if let Some(next) = self.successor.get() {
-            return Box::pin(next.spend()).await;
+            return Box::pin(next.spend(key)).await;
         }
         if let Some(left) = self.hold.remaining(&self.clock) {
             let detail = format!(
@@ -323,10 +379,24 @@ impl Quota {
             return Err(self.spent(spent, now));
         }
         let mut tightest: Option<Window> = None;
+        // The key's own budget first: a key past it spends nothing of the upstream's day.
+        let budget = key.and_then(|k| self.budgets.iter().find(|(name, _)| **name == *k));
+        if let Some((name, day)) = budget {
+            match self.spend_budget(name, day, now).await {
+                Ok(w) => tightest = Some(w),
+                Err(refused) => return Err(refused),
+            }
+        }
+        let give_back_budget = || {
+            if let Some((_, day)) = budget {
+                day.put_back(now);
+            }
+        };
         for rate in &self.rates {
             match rate.spend() {
                 Ok(w) => tightest = Some(tighter(tightest, w)),
                 Err(wait) => {
+                    give_back_budget();
                     let w = rate.peek();
                     let window = Window {
                         remaining: 0,
@@ -350,7 +420,10 @@ impl Quota {
         }
         for (i, first) in self.leased.iter().enumerate() {
             // The windows before this one counted the request; a refusal here gives it back.
-            let give_back = || self.leased[..i].iter().for_each(|w| w.put_back(now));
+            let give_back = || {
+                self.leased[..i].iter().for_each(|w| w.put_back(now));
+                give_back_budget();
+            };
             let mut spent = first.spend(now).await;
             // A reload replaced this window while the request was on its way.
             let mut replaced = None;
@@ -395,6 +468,41 @@ impl Quota {
                 hold_s = ceil_secs(hold),
                 "upstream answered 429; holding requests back"
             );
+        }
+    }
+
+    /// Spend one request of key `name`'s budget `day`; the refusal names the key's budget.
+    async fn spend_budget(
+        &self,
+        name: &str,
+        day: &Arc<Leased>,
+        now: u64,
+    ) -> Result<Window, QuotaError> {
+        let mut spent = day.spend(now).await;
+        let mut counted = Arc::clone(day);
+        // A reload changed the budget while the request was on its way.
+        while let Err(leased::Refused::Retired(Some(Next::Window(next)))) = spent {
+            spent = next.spend(now).await;
+            counted = next;
+        }
+        match spent {
+            Ok(w) => Ok(w),
+            // The budget was removed, or the process is shutting down: the day decides.
+            Err(leased::Refused::Retired(_)) => Ok(counted.window(now)),
+            Err(leased::Refused::Store(e)) => Err(QuotaError::Store(e)),
+            Err(leased::Refused::Spent) => {
+                let reset = counted.reset_in(now);
+                let detail = format!(
+                    "the key `{name}` has spent its budget of {} requests today; it resets at {} (other keys go on)",
+                    counted.limit(),
+                    http_date(now, reset)
+                );
+                let shown = Window {
+                    remaining: 0,
+                    ..counted.window(now)
+                };
+                Err(self.refuse(Reason::KeyBudget, ceil_secs(reset), Some(shown), detail))
+            }
         }
     }
 
@@ -469,7 +577,11 @@ impl Quota {
 
     /// Read what the windows counted in the store have spent so far (at start).
     pub async fn load(&self) -> Result<(), StoreError> {
-        for window in &self.leased {
+        for window in self
+            .leased
+            .iter()
+            .chain(self.budgets.iter().map(|(_, d)| d))
+        {
             window.load(self.clock.unix_ms()).await?;
         }
         Ok(())
@@ -478,7 +590,11 @@ impl Quota {
     /// Give the counts in hand back to the store (clean shutdown).
     pub async fn give_back(&self) -> Result<(), StoreError> {
         let mut outcome = Ok(());
-        for window in &self.leased {
+        for window in self
+            .leased
+            .iter()
+            .chain(self.budgets.iter().map(|(_, d)| d))
+        {
             // Every window gives back what it can, whichever failed first.
             outcome = outcome.and(window.give_back().await);
         }
@@ -498,7 +614,47 @@ mod tests {
     fn quota(config: &str, clock: &Clock, dir: &std::path::Path) -> Quota {
         let config: QuotaConfig = toml::from_str(config).unwrap();
         let store: Arc<dyn StateStore> = Arc::new(FileStore::open(dir).unwrap());
-        Quota::new("api", Some(&config), store, clock.clone())
+        Quota::new("api", Some(&config), &[], store, clock.clone())
+    }
+
+    #[tokio::test]
+    async fn a_key_past_its_budget_is_refused_while_others_go_on() {
+        let tmp = tempfile::tempdir().unwrap();
+        let clock = Clock::manual(1_700_000_000_000);
+        let config: QuotaConfig = toml::from_str("per_day = 10").unwrap();
+        let store: Arc<dyn StateStore> = Arc::new(FileStore::open(tmp.path()).unwrap());
+        let budgets = [("etl".to_owned(), 3)];
+        let q = Quota::new("api", Some(&config), &budgets, store, clock.clone());
+        for left in [2, 1, 0] {
+            let w = q.spend(Some("etl")).await.unwrap().unwrap();
+            assert_eq!(w.remaining, left, "the key's budget is the tightest window");
+        }
+        let QuotaError::Refused(r) = q.spend(Some("etl")).await.unwrap_err() else {
+            panic!("expected a refusal")
+        };
+        assert_eq!(r.reason, Reason::KeyBudget);
+        assert!(
+            r.detail.contains("`etl` has spent its budget of 3"),
+            "{}",
+            r.detail
+        );
+        assert!(r.retry_after > 0);
+        // Other keys, and requests without one, go on; the day holds the sum.
+        for _ in 0..7 {
+            q.spend(Some("reports")).await.unwrap();
+        }
+        let QuotaError::Refused(r) = q.spend(None).await.unwrap_err() else {
+            panic!("expected a refusal")
+        };
+        assert_eq!(r.reason, Reason::PerDay, "3 + 7 = the day");
+        // A reload that raises the budget: the key goes on from what it spent.
+        let raised = [("etl".to_owned(), 5)];
+        assert!(!q.enforces(Some(&config), &raised));
+        let next = Arc::new(q.successor(Some(&config), &raised));
+        next.load().await.unwrap();
+        q.hand_over(&next).await.unwrap();
+        let (_, w) = next.budgets().next().unwrap();
+        assert_eq!((w.policy.limit, w.remaining), (5, 2));
     }
 
     #[tokio::test]
@@ -506,14 +662,14 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let clock = Clock::manual(1_700_000_000_000);
         let q = quota("per_day = 100\nper_minute = 3", &clock, tmp.path());
-        let w = q.spend().await.unwrap().unwrap();
+        let w = q.spend(None).await.unwrap().unwrap();
         assert_eq!(
             (w.policy.name, w.remaining, w.policy.limit),
             ("minute", 2, 3)
         );
-        q.spend().await.unwrap();
-        q.spend().await.unwrap();
-        let QuotaError::Refused(r) = q.spend().await.unwrap_err() else {
+        q.spend(None).await.unwrap();
+        q.spend(None).await.unwrap();
+        let QuotaError::Refused(r) = q.spend(None).await.unwrap_err() else {
             panic!("expected a refusal")
         };
         assert_eq!(r.reason, Reason::PerMinute);
@@ -543,17 +699,17 @@ mod tests {
             http::HeaderValue::from_static("3"),
         );
         q.upstream_answered(StatusCode::TOO_MANY_REQUESTS, &headers);
-        let QuotaError::Refused(r) = q.spend().await.unwrap_err() else {
+        let QuotaError::Refused(r) = q.spend(None).await.unwrap_err() else {
             panic!("expected a refusal")
         };
         assert_eq!((r.reason, r.retry_after), (Reason::UpstreamThrottled, 3));
         clock.advance(Duration::from_millis(2500));
-        let QuotaError::Refused(r) = q.spend().await.unwrap_err() else {
+        let QuotaError::Refused(r) = q.spend(None).await.unwrap_err() else {
             panic!("expected a refusal")
         };
         assert_eq!(r.retry_after, 1);
         clock.advance(Duration::from_millis(500));
-        assert!(q.spend().await.is_ok());
+        assert!(q.spend(None).await.is_ok());
     }
 
     /// A reload's successor keeps what did not change and takes over what did: a request that
@@ -570,22 +726,22 @@ mod tests {
             tmp.path(),
         );
         let held = [old.enter().await.unwrap(), old.enter().await.unwrap()];
-        old.spend().await.unwrap();
-        old.spend().await.unwrap();
+        old.spend(None).await.unwrap();
+        old.spend(None).await.unwrap();
 
         let config: QuotaConfig =
             toml::from_str("per_day = 2000\nper_minute = 3\nconcurrency = 1").unwrap();
-        let new = Arc::new(old.successor(Some(&config)));
+        let new = Arc::new(old.successor(Some(&config), &[]));
         new.load().await.unwrap();
         old.hand_over(&new).await.unwrap();
 
         // The request that was on its way spends against the old quota: the new day counts it.
-        old.spend().await.unwrap();
+        old.spend(None).await.unwrap();
         let windows = new.windows();
         let day = windows.iter().find(|w| w.policy.name == "day").unwrap();
         assert_eq!((day.policy.limit, day.remaining), (2000, 1997));
         // The minute keeps its state: all three spent.
-        let QuotaError::Refused(r) = new.spend().await.unwrap_err() else {
+        let QuotaError::Refused(r) = new.spend(None).await.unwrap_err() else {
             panic!("expected a refusal")
         };
         assert_eq!(r.reason, Reason::PerMinute);
@@ -611,19 +767,19 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let clock = Clock::manual(1_700_000_000_000);
         let old = quota("per_minute = 5", &clock, tmp.path());
-        old.spend().await.unwrap();
-        old.spend().await.unwrap();
+        old.spend(None).await.unwrap();
+        old.spend(None).await.unwrap();
         let config: QuotaConfig = toml::from_str("per_minute = 4").unwrap();
-        let new = Arc::new(old.successor(Some(&config)));
+        let new = Arc::new(old.successor(Some(&config), &[]));
         old.hand_over(&new).await.unwrap();
-        old.spend().await.unwrap();
-        new.spend().await.unwrap();
-        let QuotaError::Refused(r) = new.spend().await.unwrap_err() else {
+        old.spend(None).await.unwrap();
+        new.spend(None).await.unwrap();
+        let QuotaError::Refused(r) = new.spend(None).await.unwrap_err() else {
             panic!("expected a refusal")
         };
         assert_eq!(r.reason, Reason::PerMinute, "2 + 1 + 1 of 4 spent");
         assert!(
-            old.spend().await.is_err(),
+            old.spend(None).await.is_err(),
             "the old quota refuses as the new one does"
         );
     }
