@@ -1,6 +1,7 @@
 //! Named inbound keys with daily budgets: each key is refused at its own budget while the
 //! others go on, the upstream's day holds the sum, and neither a restart nor `kill -9` gives
-//! a spent budget back. Every figure names the key, never shows it.
+//! a spent budget back. Every figure names the key, never shows it; the day's use and its
+//! forecast follow the pace.
 
 mod common;
 
@@ -8,6 +9,8 @@ use bytes::Bytes;
 use common::{Answer, Harness, Setup};
 use http::Request;
 use http_body_util::Full;
+use std::time::Duration;
+use tollgate::quota::Clock;
 
 const ETL: &str = "etl-key-0123456789abcdef";
 const REPORTS: &str = "reports-key-0123456789abcdef";
@@ -99,12 +102,82 @@ async fn each_key_is_held_to_its_budget_and_the_day_to_the_sum() {
         "{metrics}"
     );
 
+    // The day, by key, for /status and `tollgate status` (the group's, read from the store).
+    let status = common::get(h.admin_url("/status")).await.json();
+    let day = &status["upstreams"][0]["day"];
+    assert_eq!(day["used"], 20, "{day}");
+    assert_eq!(day["limit"], 20);
+    assert_eq!(day["forecast"], "the limit is reached");
+    let keys: Vec<(String, u64, Option<u64>)> = day["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            let name = k["name"].as_str().unwrap().to_owned();
+            (
+                name,
+                k["used_today"].as_u64().unwrap(),
+                k["budget"].as_u64(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("etl".into(), 4, Some(4)),
+            ("reports".into(), 5, Some(5)),
+            ("#3".into(), 11, None)
+        ]
+    );
+    let metrics = common::get(h.admin_url("/metrics")).await.text();
+    assert!(
+        metrics.contains("tollgate_key_used_today{upstream=\"api\",key=\"reports\"} 5"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tollgate_quota_exhausted_in_seconds{upstream=\"api\"} 0"),
+        "{metrics}"
+    );
+    let printed = status_command(&h).await;
+    assert!(
+        printed.contains(
+            "api today: 20 of 20; the limit is reached\n  keys: etl 4/4, reports 5/5, #3 11\n"
+        ),
+        "{printed}"
+    );
+    for key in [ETL, REPORTS, PLAIN] {
+        assert!(!printed.contains(key), "a key leaked");
+    }
+
     // A restart gives nothing back.
     h.stop_proxy().await;
     h.start_proxy().await;
     assert_eq!(spend(at(&h), ETL, 3).await, 0, "etl's budget holds");
     assert_eq!(spend(at(&h), REPORTS, 3).await, 0, "reports' budget holds");
     assert_eq!(h.api.counters().requests, 20);
+}
+
+/// `tollgate status -c config` against the harness's admin listener, off the runtime.
+async fn status_command(h: &Harness) -> String {
+    let admin = h.proxy().admin_addr().unwrap();
+    let config = h.config_text.replace(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        &format!("[admin]\nlisten = \"{admin}\""),
+    );
+    let path = h.state_dir().join("status.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["status", "-c"])
+            .arg(&path)
+            .env("RUST_LOG", "off")
+            .output()
+            .expect("run tollgate status")
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A spawned tollgate killed with `kill -9` mid-budget: a tollgate started after it never
@@ -134,4 +207,47 @@ async fn kill_9_never_gives_a_budget_back() {
     let served = spend(|i| format!("{base}/b/{i}"), ETL, 250).await;
     assert!((197..=200).contains(&served), "served {served} after 100");
     assert!(h.api.counters().requests <= 300);
+}
+
+/// The forecast follows the pace of the last hour, on a manual clock: 10 requests every 15
+/// minutes from 08:00 is 40 an hour; at 09:00, the 60 left of 100 last until 10:30.
+#[tokio::test]
+async fn the_forecast_follows_the_pace() {
+    let eight = (20_416 * 86_400 + 8 * 3600) * 1000;
+    let clock = Clock::manual(eight);
+    let h = Harness::start(Setup {
+        quota: "per_day = 100".into(),
+        admin: true,
+        clock: clock.clone(),
+        ..Setup::default()
+    })
+    .await;
+    let forecast = || async {
+        let status = common::get(h.admin_url("/status")).await.json();
+        status["upstreams"][0]["day"]["forecast"].clone()
+    };
+    assert_eq!(
+        forecast().await,
+        "at this pace the limit is not reached today"
+    );
+    for quarter in 0..4 {
+        for i in 0..10 {
+            assert_eq!(h.get(&format!("/q{quarter}/{i}")).await.status, 200);
+        }
+        // Each quarter's requests are read into their slot before the clock moves on.
+        assert!(forecast().await.is_string());
+        clock.advance(Duration::from_secs(15 * 60));
+    }
+    assert_eq!(
+        forecast().await,
+        "at this pace the limit is reached at 10:30 UTC"
+    );
+    let status = common::get(h.admin_url("/status")).await.json();
+    assert_eq!(status["upstreams"][0]["day"]["exhausted_in_s"], 5400);
+    // An idle hour after: not today.
+    clock.advance(Duration::from_secs(3600));
+    assert_eq!(
+        forecast().await,
+        "at this pace the limit is not reached today"
+    );
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tollgate::config::Config;
 use tollgate::store::{
-    FileStore, Period, RefreshLock, Reservation, Seen, StateStore, StoreError, TokenRecord,
+    FileStore, Period, RefreshLock, Reservation, Seen, StateStore, StoreError, TokenRecord, Used,
 };
 use tollgate::token::TokenCache;
 
@@ -197,6 +197,15 @@ impl StateStore for FlakyStore {
 
     async fn quota_used(&self, upstream: &str, period: &Period) -> Result<u64, StoreError> {
         self.inner.quota_used(upstream, period).await
+    }
+
+    async fn add_usage(
+        &self,
+        upstream: &str,
+        day: &Period,
+        added: &[Used],
+    ) -> Result<Vec<Used>, StoreError> {
+        self.inner.add_usage(upstream, day, added).await
     }
 }
 

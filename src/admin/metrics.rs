@@ -1,7 +1,8 @@
 //! `GET /metrics`: the Prometheus text exposition (format 0.0.4) of every upstream's
 //! counters, read when scraped: answers by status, the upstream's response time, token
-//! refreshes by result, quota windows and refusals. Label values are upstream names
-//! (`[a-z0-9-]`) and fixed words, so nothing needs escaping and nothing secret is shown.
+//! refreshes by result, quota windows and refusals, the day's use by key and the forecast.
+//! Label values are upstream and key names (`[A-Za-z0-9._-]`, `#N`, `-`) and fixed words, so
+//! nothing needs escaping and nothing secret is shown.
 
 use super::Upstream;
 use crate::stats::{self, BUCKETS};
@@ -39,6 +40,7 @@ pub fn render(upstreams: &[Upstream], store: &dyn StateStore) -> String {
     requests(&mut out, upstreams, &totals);
     refreshes(&mut out, upstreams);
     quotas(&mut out, upstreams);
+    day(&mut out, upstreams);
     if let Some(health) = store.health() {
         let name = "tollgate_state_store_errors_total";
         let help = "Operations on the shared state store that failed or timed out.";
@@ -107,6 +109,34 @@ fn refreshes(out: &mut String, upstreams: &[Upstream]) {
         for (result, n) in u.tokens.refreshes() {
             f.sample(name, &[("upstream", &u.name), ("result", result)], n);
         }
+    }
+}
+
+/// The day's use by key, for the group, and when the daily limit will be reached.
+fn day(out: &mut String, upstreams: &[Upstream]) {
+    let days: Vec<_> = upstreams
+        .iter()
+        .filter_map(|u| Some((u, u.usage.day()?)))
+        .collect();
+    let name = "tollgate_key_used_today";
+    let help = "Requests sent upstream today by inbound key, by every replica (- for none).";
+    let mut f = Family::new(out, name, "gauge", help);
+    for (u, day) in &days {
+        for (key, used) in u.usage.by_key(day) {
+            f.sample(name, &[("upstream", &u.name), ("key", &key)], used);
+        }
+    }
+    let name = "tollgate_quota_exhausted_in_seconds";
+    let help = "Seconds until the daily limit is reached at the pace of the last hour; +Inf when not today.";
+    let mut f = Family::new(out, name, "gauge", help);
+    for (u, day) in &days {
+        if day.limit.is_none() {
+            continue;
+        }
+        let seconds = day
+            .exhausted_in_s()
+            .map_or("+Inf".to_owned(), |s| s.to_string());
+        f.sample(name, &[("upstream", &u.name)], seconds);
     }
 }
 

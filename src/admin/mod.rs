@@ -7,6 +7,7 @@
 //! reads `/status` back ([`client`]) and prints it as a table ([`table`]). The admin endpoints
 //! report states, never a token.
 
+mod chart;
 pub mod client;
 pub mod metrics;
 pub mod page;
@@ -25,7 +26,6 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use std::future::Future;
 use std::sync::Arc;
 
 /// What the admin endpoints report about one upstream.
@@ -35,6 +35,8 @@ pub struct Upstream {
     pub quota: Arc<Quota>,
     /// One per worker serving the upstream.
     pub stats: Vec<Arc<RequestStats>>,
+    /// The day's use by key, for the group.
+    pub usage: Arc<crate::usage::Usage>,
 }
 
 pub struct Admin {
@@ -70,7 +72,17 @@ impl Admin {
         }
     }
 
-    fn route(&self, request: &Request<Incoming>) -> Response<ProxyBody> {
+    /// Add every upstream's latest counts to the day's use first, so what `/`, `/status` and
+    /// `/metrics` show of the day is current (a store that fails leaves the last reading).
+    async fn flush(&self) {
+        for u in &self.upstreams {
+            if let Err(e) = u.usage.flush().await {
+                tracing::debug!(upstream = %u.name, error = %e, "could not read the day's use");
+            }
+        }
+    }
+
+    async fn route(&self, request: &Request<Incoming>) -> Response<ProxyBody> {
         if request.method() != Method::GET && request.method() != Method::HEAD {
             return problem(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -80,7 +92,11 @@ impl Admin {
                 "admin",
             );
         }
-        match request.uri().path() {
+        let path = request.uri().path();
+        if matches!(path, "/" | "/status" | "/metrics") {
+            self.flush().await;
+        }
+        match path {
             "/" => respond(
                 StatusCode::OK,
                 "text/html; charset=utf-8",
@@ -131,7 +147,7 @@ fn respond(status: StatusCode, content_type: &'static str, body: String) -> Resp
 }
 
 impl Handler for Admin {
-    fn call(&self, request: Request<Incoming>) -> impl Future<Output = Response<ProxyBody>> + Send {
-        std::future::ready(self.route(&request))
+    async fn call(&self, request: Request<Incoming>) -> Response<ProxyBody> {
+        self.route(&request).await
     }
 }

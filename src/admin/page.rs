@@ -22,7 +22,13 @@ th{font-weight:600;color:#555;border-bottom:1px solid #ddd}
 meter{width:14em;height:1.1em}
 .ready{color:#176b2c;font-weight:600}.unready{color:#b00020;font-weight:600}
 .note{color:#555}.warn{color:#8a5300}
-footer{color:#777;font-size:.85em}";
+footer{color:#777;font-size:.85em}
+figure.day{margin:1em 0}figure.day svg{height:9em;background:#fafafa;border:1px solid #eee}
+figure.day figcaption{color:#555;font-size:.9em}
+rect.slot{fill:#4a7fb5}line.pace{stroke:#b00020;stroke-dasharray:6 4;stroke-width:1.5}
+line.now{stroke:#999;stroke-width:1}line.forecast{stroke:#8a5300;stroke-dasharray:3 3;stroke-width:1.5}
+text{font:11px system-ui,sans-serif;fill:#555}text.forecast{fill:#8a5300}
+table.keys{margin-top:.6em}";
 
 /// The whole page for `status`.
 pub fn render(status: &Status) -> String {
@@ -94,6 +100,9 @@ fn section(out: &mut String, upstream: &UpstreamStatus) {
         }
     }
     quota(out, &upstream.quota);
+    if let Some(day) = &upstream.day {
+        super::chart::render(out, day);
+    }
     out.push_str("</section>\n");
 }
 
@@ -205,6 +214,7 @@ mod tests {
                     reason: Some("identity server said <b>no</b> & \"bye\"".into()),
                 },
                 quota: QuotaStatus::default(),
+                day: None,
             }],
             store: None,
         };
@@ -237,6 +247,7 @@ mod tests {
                     held_back_s: Some(30),
                     ..QuotaStatus::default()
                 },
+                day: None,
             }],
             store: None,
         };

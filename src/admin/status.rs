@@ -6,9 +6,11 @@
 
 use super::Upstream;
 use crate::store::StateStore;
+use crate::usage::describe;
+use crate::usage::forecast::SLOT_MS;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Every upstream's token state and quota usage: the `/status` document.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,6 +40,43 @@ pub struct UpstreamStatus {
     pub name: String,
     pub token: TokenState,
     pub quota: QuotaStatus,
+    /// The day's use by the group, once it was read from the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub day: Option<DayStatus>,
+}
+
+/// Who spent the day, per 15 minutes and per key, and when it will run out.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DayStatus {
+    /// When the day started (RFC 3339, UTC).
+    pub started: String,
+    /// Seconds since the day started, when it was read.
+    pub elapsed_s: u64,
+    /// The length of one slot, in seconds (900).
+    pub slot_s: u64,
+    /// Requests sent upstream per slot since the day started, by every replica.
+    pub slots: Vec<u64>,
+    pub used: u64,
+    /// The daily limit, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    /// The forecast in words ("at this pace the limit is reached at 16:40 UTC").
+    pub forecast: String,
+    /// Seconds until the limit is reached at this pace; absent when not today.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exhausted_in_s: Option<u64>,
+    /// Every key the config lists and every key that sent today, by name.
+    pub keys: Vec<KeyStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyStatus {
+    /// The key's name (`#N` for the Nth plain key; `-` for requests without a key).
+    pub name: String,
+    pub used_today: u64,
+    /// The key's daily budget, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<u64>,
 }
 
 /// Whether the upstream has a token that may be injected now.
@@ -116,6 +155,7 @@ fn upstream(u: &Upstream) -> UpstreamStatus {
     let line = u.quota.line();
     UpstreamStatus {
         name: u.name.clone(),
+        day: day(u),
         token,
         quota: QuotaStatus {
             windows,
@@ -130,6 +170,39 @@ fn upstream(u: &Upstream) -> UpstreamStatus {
                 .collect(),
         },
     }
+}
+
+/// The day's use as last read, with the keys the config lists and their budgets.
+fn day(u: &Upstream) -> Option<DayStatus> {
+    let day = u.usage.day()?;
+    let budgets: Vec<_> = u.quota.budgets().collect();
+    let keys = u
+        .usage
+        .by_key(&day)
+        .into_iter()
+        .map(|(name, used_today)| KeyStatus {
+            budget: budgets
+                .iter()
+                .find(|(n, _)| ***n == *name)
+                .map(|(_, w)| w.policy.limit),
+            name,
+            used_today,
+        })
+        .collect();
+    let forecast = day.forecast();
+    let exhausted_in_s = day.exhausted_in_s();
+    let started = UNIX_EPOCH + Duration::from_millis(day.period.start_ms);
+    Some(DayStatus {
+        started: humantime::format_rfc3339_seconds(started).to_string(),
+        elapsed_s: (day.read_at_ms - day.period.start_ms) / 1000,
+        slot_s: SLOT_MS / 1000,
+        used: day.used(),
+        limit: day.limit,
+        forecast: describe(forecast),
+        exhausted_in_s,
+        keys,
+        slots: day.slots,
+    })
 }
 
 #[cfg(test)]
@@ -160,6 +233,7 @@ mod tests {
                         held_back_s: None,
                         rejected: BTreeMap::from([("per_day".to_owned(), 2)]),
                     },
+                    day: None,
                 },
                 UpstreamStatus {
                     name: "other".into(),
@@ -167,6 +241,7 @@ mod tests {
                         reason: Some("no token yet".into()),
                     },
                     quota: QuotaStatus::default(),
+                    day: None,
                 },
             ],
             store: None,

@@ -1,9 +1,10 @@
 //! `tollgate status` output: the [`Status`] as a plain-text table, one row per upstream.
 //!
 //! Rows stay on one line each so they can be grepped; a reason why a token is unready is
-//! usually long, so it is printed under the table instead of in a column.
+//! usually long, so it is printed under the table instead of in a column, and so is each
+//! upstream's day: its use, the forecast, and its keys.
 
-use super::status::{QuotaStatus, Status, TokenState};
+use super::status::{DayStatus, QuotaStatus, Status, TokenState};
 use std::time::Duration;
 
 const HEADER: [&str; 5] = ["UPSTREAM", "TOKEN", "EXPIRES IN", "GENERATION", "QUOTA"];
@@ -15,6 +16,11 @@ pub fn render(status: &Status) -> String {
     }
     let mut rows = vec![HEADER.map(str::to_owned)];
     let mut reasons = Vec::new();
+    let days: Vec<String> = status
+        .upstreams
+        .iter()
+        .filter_map(|u| Some(day(&u.name, u.day.as_ref()?)))
+        .collect();
     for u in &status.upstreams {
         let (state, expires, generation) = match &u.token {
             TokenState::Ready {
@@ -51,6 +57,12 @@ pub fn render(status: &Status) -> String {
         }
         out.push_str(line.trim_end());
         out.push('\n');
+    }
+    if !days.is_empty() {
+        out.push('\n');
+        for line in days {
+            out.push_str(&line);
+        }
     }
     if let Some(store) = &status.store {
         out.push_str(&format!(
@@ -106,6 +118,25 @@ fn quota(quota: &QuotaStatus) -> String {
     }
 }
 
+/// `beproduct today: 1500 of 2000; at this pace the limit is reached at 16:40 UTC` and a line
+/// of its keys: `  keys: etl 400/500, reports 120, - 3`.
+fn day(name: &str, day: &DayStatus) -> String {
+    let limit = day.limit.map_or(String::new(), |l| format!(" of {l}"));
+    let mut out = format!("{name} today: {}{limit}; {}\n", day.used, day.forecast);
+    if !day.keys.is_empty() {
+        let keys: Vec<String> = day
+            .keys
+            .iter()
+            .map(|k| match k.budget {
+                Some(b) => format!("{} {}/{b}", k.name, k.used_today),
+                None => format!("{} {}", k.name, k.used_today),
+            })
+            .collect();
+        out.push_str(&format!("  keys: {}\n", keys.join(", ")));
+    }
+    out
+}
+
 /// Whole seconds as `1h 2m 3s`.
 fn seconds(s: u64) -> String {
     humantime::format_duration(Duration::from_secs(s)).to_string()
@@ -114,7 +145,7 @@ fn seconds(s: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admin::status::{UpstreamStatus, WindowStatus};
+    use crate::admin::status::{KeyStatus, UpstreamStatus, WindowStatus};
 
     fn window(name: &str, used: u64, limit: u64, resets_in_s: u64) -> WindowStatus {
         WindowStatus {
@@ -147,6 +178,28 @@ mod tests {
                         held_back_s: Some(30),
                         ..QuotaStatus::default()
                     },
+                    day: Some(DayStatus {
+                        started: "2026-12-02T00:00:00Z".into(),
+                        elapsed_s: 36_000,
+                        slot_s: 900,
+                        slots: vec![],
+                        used: 1500,
+                        limit: Some(2000),
+                        forecast: "at this pace the limit is reached at 16:40 UTC".into(),
+                        exhausted_in_s: Some(24_000),
+                        keys: vec![
+                            KeyStatus {
+                                name: "etl".into(),
+                                used_today: 400,
+                                budget: Some(500),
+                            },
+                            KeyStatus {
+                                name: "-".into(),
+                                used_today: 3,
+                                budget: None,
+                            },
+                        ],
+                    }),
                 },
                 UpstreamStatus {
                     name: "erp".into(),
@@ -154,6 +207,7 @@ mod tests {
                         reason: Some("invalid_grant: run `tollgate login erp`".into()),
                     },
                     quota: QuotaStatus::default(),
+                    day: None,
                 },
             ],
             store: None,
@@ -164,6 +218,9 @@ mod tests {
 UPSTREAM   TOKEN    EXPIRES IN  GENERATION  QUOTA
 beproduct  ready    55m         12          minute 4/600 (resets in 1s), day 1500/2000 (resets in 2h 1m); 1 in flight, 0 waiting; held back 30s after a 429
 erp        unready  -           -           -
+
+beproduct today: 1500 of 2000; at this pace the limit is reached at 16:40 UTC
+  keys: etl 400/500, - 3
 
 erp: unready: invalid_grant: run `tollgate login erp`
 "

@@ -20,6 +20,7 @@ use crate::stats::RequestStats;
 use crate::store::{self, StateStore};
 use crate::tls::CertStore;
 use crate::token::TokenCache;
+use crate::usage::{self, Usage};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -73,6 +74,9 @@ struct Running {
     certs: Option<Arc<CertStore>>,
     /// One per worker.
     stats: Vec<Arc<RequestStats>>,
+    usage: Arc<Usage>,
+    /// Adds the workers' counts to the day's use every [`usage::FLUSH_EVERY`].
+    flushing: Task,
 }
 
 /// A background task and the switch that stops it.
@@ -195,7 +199,9 @@ impl Proxy {
         let mut stopping = JoinSet::new();
         for up in std::mem::take(&mut self.upstreams).into_values() {
             let _ = up.refresh.stop.send(true);
+            let _ = up.flushing.stop.send(true);
             stopping.spawn(async move {
+                let _ = up.flushing.handle.await;
                 let _ = up.refresh.handle.await;
                 up.tokens.settle(SHUTDOWN_GRACE).await;
                 give_back(&up.config.name, &up.quota).await;
@@ -229,6 +235,28 @@ fn heartbeat_task(store: &Arc<dyn StateStore>) -> Task {
             tokio::select! {
                 _ = server::stopped(&mut stopped) => return,
                 _ = tokio::time::sleep(store::HEARTBEAT) => {}
+            }
+        }
+    });
+    Task { stop, handle }
+}
+
+/// Add the workers' counts to the day's use every [`usage::FLUSH_EVERY`] until stopped, and
+/// once more then.
+fn flush_task(usage: &Arc<Usage>) -> Task {
+    let (stop, mut stopped) = watch::channel(false);
+    let usage = Arc::clone(usage);
+    let handle = tokio::spawn(async move {
+        loop {
+            let stop = tokio::select! {
+                _ = server::stopped(&mut stopped) => true,
+                _ = tokio::time::sleep(usage::FLUSH_EVERY) => false,
+            };
+            if let Err(e) = usage.flush().await {
+                tracing::debug!(error = %e, "could not add the day's use to the state store; trying again");
+            }
+            if stop {
+                return;
             }
         }
     });

@@ -16,16 +16,18 @@
 //! Listeners no upstream uses any more stop accepting and drain their connections; a removed
 //! upstream gives its daily counts back once none of its requests is in flight.
 
-use super::{give_back, refresh_task, Proxy, Running, StartError, SHUTDOWN_GRACE};
+use super::{flush_task, give_back, refresh_task, Proxy, Running, StartError, SHUTDOWN_GRACE};
 use crate::admin::{self, Admin};
 use crate::config::{Config, UpstreamConfig};
 use crate::forward;
+use crate::inbound;
 use crate::pipeline::Pipeline;
 use crate::quota::Quota;
 use crate::server::{Bound, Listener, Site, Workers};
 use crate::stats::RequestStats;
 use crate::tls::CertStore;
 use crate::token::TokenCache;
+use crate::usage::Usage;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -303,6 +305,20 @@ impl Proxy {
                 .map(|_| Arc::new(RequestStats::default()))
                 .collect(),
         };
+        let usage = match &old {
+            Some(o) => Arc::clone(&o.usage),
+            None => Arc::new(Usage::new(
+                &p.config.name,
+                Arc::clone(&self.store),
+                self.clock.clone(),
+            )),
+        };
+        let keys = p.config.inbound.iter().flat_map(|i| i.keys.iter());
+        let labels = keys
+            .enumerate()
+            .map(|(i, k)| inbound::label(k, i))
+            .collect();
+        usage.serve(stats.clone(), Arc::clone(&p.quota), labels);
         let local = match &p.socket {
             Socket::Keep(from) => old_listeners[from].local,
             Socket::New(bound) => bound.local,
@@ -338,20 +354,21 @@ impl Proxy {
             }
         };
         let mut handover = None;
-        let refresh = match old {
+        let (refresh, flushing) = match old {
             Some(o) => {
                 if !Arc::ptr_eq(&o.quota, &p.quota) {
                     handover = Some((p.config.name.clone(), o.quota, Arc::clone(&p.quota)));
                 }
-                if Arc::ptr_eq(&o.tokens, &p.tokens) {
+                let refresh = if Arc::ptr_eq(&o.tokens, &p.tokens) {
                     o.refresh
                 } else {
                     o.tokens.retire(&p.tokens);
                     self.retire_tokens(o.tokens, o.refresh);
                     refresh_task(&p.tokens)
-                }
+                };
+                (refresh, o.flushing)
             }
-            None => refresh_task(&p.tokens),
+            None => (refresh_task(&p.tokens), flush_task(&usage)),
         };
         let name = p.config.name.clone();
         self.listeners.insert(name.clone(), listener);
@@ -363,6 +380,8 @@ impl Proxy {
             quota: p.quota,
             certs: p.certs,
             stats,
+            usage,
+            flushing,
         };
         self.upstreams.insert(name, running);
         handover
@@ -377,7 +396,7 @@ impl Proxy {
         drained: Option<impl std::future::Future<Output = ()> + Send + 'static>,
     ) {
         self.retire_tokens(gone.tokens, gone.refresh);
-        let (quota, stats) = (gone.quota, gone.stats);
+        let (quota, stats, flushing) = (gone.quota, gone.stats, gone.flushing);
         self.retiring.spawn(async move {
             if let Some(drained) = drained {
                 drained.await;
@@ -390,6 +409,9 @@ impl Proxy {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             give_back(&name, &quota).await;
+            // A last flush of the day's use.
+            let _ = flushing.stop.send(true);
+            let _ = flushing.handle.await;
         });
     }
 
@@ -403,6 +425,7 @@ impl Proxy {
                 tokens: Arc::clone(&u.tokens),
                 quota: Arc::clone(&u.quota),
                 stats: u.stats.clone(),
+                usage: Arc::clone(&u.usage),
             })
             .collect();
         let site = || {

@@ -4,7 +4,7 @@
 //! `flock` on `<name>.lock` serialises refreshes across processes on the same directory.
 
 use super::TokenRecord;
-use super::{Period, RefreshLock, Relation, Reservation, Seen, StateStore, StoreError};
+use super::{Period, RefreshLock, Relation, Reservation, Seen, StateStore, StoreError, Used};
 use async_trait::async_trait;
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions, TryLockError};
@@ -97,6 +97,13 @@ impl FileStore {
         })
         .await
     }
+}
+
+/// `<name>.usage.json`: the day (its period key) and its use, `slot/key` → requests.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct DayUse {
+    day: String,
+    counts: BTreeMap<String, u64>,
 }
 
 /// The entry of `<name>.quota.json` that holds the version of its counts.
@@ -345,6 +352,38 @@ impl StateStore for FileStore {
         self.update_quota(upstream, period, move |counts| {
             counts.bump();
             counts.take(count)
+        })
+        .await
+    }
+
+    async fn add_usage(
+        &self,
+        upstream: &str,
+        day: &Period,
+        added: &[Used],
+    ) -> Result<Vec<Used>, StoreError> {
+        let wait = Duration::from_secs(10);
+        let lock = flock(self.lock_path(upstream, "usage"), "usage", upstream, wait).await?;
+        let path = self.dir.join(format!("{upstream}.usage.json"));
+        let (day, added) = (day.key(), added.to_vec());
+        blocking(move || {
+            let mut stored: DayUse = read_json(&path)?.unwrap_or_default();
+            if stored.day != day {
+                stored = DayUse {
+                    day,
+                    counts: BTreeMap::new(),
+                };
+            }
+            for used in &added {
+                *stored.counts.entry(used.field()).or_insert(0) += used.count;
+            }
+            if !added.is_empty() {
+                let bytes = serde_json::to_vec_pretty(&stored).expect("a map always serialises");
+                write_durably(&path, &bytes)?;
+            }
+            drop(lock);
+            let counts = stored.counts.iter();
+            Ok(counts.filter_map(|(f, n)| Used::parse(f, *n)).collect())
         })
         .await
     }

@@ -105,6 +105,31 @@ pub struct Seen {
     pub version: u64,
 }
 
+/// Requests one inbound key (by label) sent in one 15-minute slot of a day.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Used {
+    pub key: String,
+    pub slot: u32,
+    pub count: u64,
+}
+
+impl Used {
+    /// The field a store keeps it under: `slot/key` (key labels hold no `/`).
+    pub fn field(&self) -> String {
+        format!("{}/{}", self.slot, self.key)
+    }
+
+    /// Read back a [`Used::field`] and its count.
+    pub fn parse(field: &str, count: u64) -> Option<Used> {
+        let (slot, key) = field.split_once('/')?;
+        Some(Used {
+            key: key.to_owned(),
+            slot: slot.parse().ok()?,
+            count,
+        })
+    }
+}
+
 /// Held while one process redeems a refresh token and saves what it got; released when the
 /// last share of it is dropped.
 pub struct RefreshLock {
@@ -211,6 +236,17 @@ pub trait StateStore: Send + Sync {
     /// How many requests of `period`, and of periods overlapping it, every process has
     /// reserved so far.
     async fn quota_used(&self, upstream: &str, period: &Period) -> Result<u64, StoreError>;
+
+    /// Add `added` — (inbound key label, 15-minute slot of the day, requests sent) — to
+    /// `upstream`'s use of `day`, and return the day's use by every process in the same form.
+    /// A day's use is forgotten once a later day's is added. Attribution only: nothing is
+    /// admitted or refused by it.
+    async fn add_usage(
+        &self,
+        upstream: &str,
+        day: &Period,
+        added: &[Used],
+    ) -> Result<Vec<Used>, StoreError>;
 
     /// Wait (briefly) for work the store finishes on its own — a lock released as it was
     /// dropped — before the process exits, so another process need not wait for it to expire.

@@ -10,6 +10,8 @@
 //! - `fence` — a counter, never expiring, bumped each time the lock is taken;
 //! - `days` — a hash of day counts by span (`start-end` in Unix ms), and its version (`v`),
 //!   expiring two days after its last reservation;
+//! - `use:{day start ms}` — a hash of the day's requests by 15-minute slot and inbound key
+//!   (`slot/key`), for attribution and the forecast, expiring two days after its last write;
 //! - `per:{seconds}` — the same for the fixed windows of `per_second`, `per_minute` and
 //!   `per_hour` (`per:1`, `per:60`, `per:3600`), expiring two windows (at least a minute)
 //!   after its last reservation.
@@ -27,7 +29,7 @@ mod listener;
 mod lock;
 
 use super::TokenRecord;
-use super::{Period, RefreshLock, Reservation, Seen, StateStore, StoreError, StoreHealth};
+use super::{Period, RefreshLock, Reservation, Seen, StateStore, StoreError, StoreHealth, Used};
 use crate::config::{RedisUrl, StateConfig};
 use async_trait::async_trait;
 use listener::Listener;
@@ -82,6 +84,7 @@ struct Scripts {
     heartbeat: Script,
     hold: Script,
     extend: Script,
+    usage: Script,
 }
 
 impl RedisStore {
@@ -134,6 +137,7 @@ impl RedisStore {
                 heartbeat: Script::new(include_str!("redis/heartbeat.lua")),
                 hold: Script::new(include_str!("redis/hold.lua")),
                 extend: Script::new(include_str!("redis/extend.lua")),
+                usage: Script::new(include_str!("redis/usage.lua")),
             },
             releasing: Arc::default(),
             errors: AtomicU64::new(0),
@@ -313,6 +317,27 @@ impl StateStore for RedisStore {
     ) -> Result<(), StoreError> {
         let _: u64 = self.days(upstream, "release", period, &[count]).await?;
         Ok(())
+    }
+
+    async fn add_usage(
+        &self,
+        upstream: &str,
+        day: &Period,
+        added: &[Used],
+    ) -> Result<Vec<Used>, StoreError> {
+        let key = self.key(upstream, &format!("use:{}", day.start_ms));
+        let mut invocation = self.scripts.usage.key(key);
+        invocation.arg(2 * (day.end_ms - day.start_ms));
+        for used in added {
+            invocation.arg(used.field()).arg(used.count);
+        }
+        let mut conn = self.conn.clone();
+        let fields: std::collections::BTreeMap<String, u64> =
+            self.run(invocation.invoke_async(&mut conn)).await?;
+        Ok(fields
+            .iter()
+            .filter_map(|(f, n)| Used::parse(f, *n))
+            .collect())
     }
 
     async fn quota_used(&self, upstream: &str, period: &Period) -> Result<u64, StoreError> {
