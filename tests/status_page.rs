@@ -1,0 +1,130 @@
+//! The status page in a real browser: headless Chromium loads `/` from the admin listener and
+//! the DOM it dumps has the day's chart (bars, the even pace, the forecast) and the key table;
+//! a screenshot of it is rendered too. `.ci/run` installs Chromium when it is missing.
+
+mod common;
+
+use bytes::Bytes;
+use common::{Harness, Setup};
+use http::Request;
+use http_body_util::Full;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ETL: &str = "etl-key-0123456789abcdef";
+const REPORTS: &str = "reports-key-0123456789abcdef";
+
+/// The Chromium binary on PATH; fails the test, saying how to install it, when there is none.
+fn chromium() -> &'static str {
+    for name in ["chromium", "chromium-browser", "google-chrome"] {
+        let found = Command::new(name)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if found.is_ok_and(|s| s.success()) {
+            return name;
+        }
+    }
+    panic!("this test needs a headless Chromium on PATH: install it with `apt-get install -y chromium`");
+}
+
+/// Run headless Chromium with `args` on `url`, killed if it takes more than a minute.
+fn browse(args: &[&str], url: &str, profile: &Path) -> String {
+    let mut child = Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .arg(url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start chromium");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("chromium did not finish within a minute");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn the_page_draws_the_day_and_the_keys_in_a_browser() {
+    let h = Harness::start(Setup {
+        quota: "per_day = 200".into(),
+        extra_tables: format!(
+            "[upstream.inbound]\nkeys = [\n  {{ name = \"etl\", key = \"{ETL}\", per_day = 50 }},\n  {{ name = \"reports\", key = \"{REPORTS}\", share = \"10%\" }},\n]"
+        ),
+        admin: true,
+        ..Setup::default()
+    })
+    .await;
+    for (key, n) in [(ETL, 12), (REPORTS, 5)] {
+        for i in 0..n {
+            let request = Request::get(h.url(&format!("/page/{i}")))
+                .header("authorization", format!("Bearer {key}"))
+                .body(Full::<Bytes>::default())
+                .unwrap();
+            assert_eq!(h.send(request).await.status, 200);
+        }
+    }
+    let url = h.admin_url("/");
+    let profile = tempfile::tempdir().unwrap();
+    let shot = profile.path().join("status.png");
+    let (dom, shot) = tokio::task::spawn_blocking({
+        let (url, dir) = (url.clone(), profile.path().to_owned());
+        move || {
+            let dom = browse(&["--dump-dom"], &url, &dir.join("a"));
+            let screenshot = format!("--screenshot={}", shot.display());
+            browse(
+                &[&screenshot, "--window-size=1000,1100"],
+                &url,
+                &dir.join("b"),
+            );
+            (dom, shot)
+        }
+    })
+    .await
+    .unwrap();
+
+    // The chart: the slot in progress has 17 requests; the even pace of 200 a day.
+    assert!(dom.contains("<svg"), "{dom}");
+    assert_eq!(dom.matches("class=\"slot\"").count(), 1, "{dom}");
+    assert!(dom.contains(": 17</title>"), "{dom}");
+    assert!(
+        dom.contains("the even pace: 2 per 15 minutes spends 200"),
+        "{dom}"
+    );
+    assert!(dom.contains("17 of 200 used since"), "{dom}");
+    // The key table, by name, with budgets (10% of 200 is 20).
+    assert!(
+        dom.contains("<td><code>etl</code></td><td>12</td><td>50</td>"),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("<td><code>reports</code></td><td>5</td><td>20</td>"),
+        "{dom}"
+    );
+    for key in [ETL, REPORTS] {
+        assert!(!dom.contains(key), "a key leaked onto the page");
+    }
+    let png = std::fs::read(&shot).expect("chromium wrote a screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
+    if let Ok(dir) = std::env::var("TOLLGATE_SCREENSHOT_DIR") {
+        std::fs::copy(&shot, Path::new(&dir).join("status.png")).unwrap();
+    }
+}
