@@ -2,6 +2,8 @@
 //! and an API that accepts only its tokens — with one tollgate in front (a listener per
 //! provider, presets in the config), on loopback with a temporary state directory. Access
 //! tokens live one minute, so refreshes (and strict rotation) happen while you watch.
+//! BeProduct gets a daily quota and two named inbound keys with budgets, and the admin
+//! listener serves the status page, so the day's use by key and its forecast can be watched.
 //! Prints `curl` lines that work as pasted.
 
 use crate::config::Config;
@@ -11,8 +13,19 @@ use crate::{Proxy, StartError};
 use std::future::Future;
 use std::time::Duration;
 
-/// Listener ports the demo prefers (8080–8083), so the printed lines are the same every run.
+/// Listener ports the demo prefers (8080–8083, the admin listener 9901), so the printed lines
+/// are the same every run.
 const FIRST_PORT: u16 = 8080;
+const ADMIN_PORT: u16 = 9901;
+
+/// BeProduct's inbound keys in the demo: (name, key, budget).
+pub const KEYS: [(&str, &str, &str); 2] = [
+    ("etl", "demo-etl-key-0123456789", "per_day = 50"),
+    ("reports", "demo-reports-key-0123456789", "share = \"1%\""),
+];
+
+/// BeProduct's daily limit in the demo (reports' 1% is 20 of it).
+const PER_DAY: u64 = 2000;
 
 /// A path to try on each provider, as a tool would send it.
 fn example_path(preset: &str) -> &'static str {
@@ -24,11 +37,26 @@ fn example_path(preset: &str) -> &'static str {
     }
 }
 
-fn config(state: &str, sims: &[SimProvider], first_port: Option<u16>) -> Config {
-    let mut text = format!("[state]\nstore = \"file:{state}\"\n\n");
+/// The demo's config: `fixed` puts the listeners on the ports above, else on any free port.
+pub fn config(state: &str, sims: &[SimProvider], fixed: bool) -> Config {
+    let admin = if fixed { ADMIN_PORT } else { 0 };
+    let mut text =
+        format!("[state]\nstore = \"file:{state}\"\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n");
     for (i, sim) in sims.iter().enumerate() {
-        let port = first_port.map_or(0, |p| p + i as u16);
+        let port = if fixed { FIRST_PORT + i as u16 } else { 0 };
         text.push_str(&sim.upstream_toml(sim.preset, &format!("127.0.0.1:{port}")));
+        if sim.preset == "beproduct" {
+            let keys: Vec<String> = KEYS
+                .iter()
+                .map(|(name, key, budget)| {
+                    format!("  {{ name = \"{name}\", key = \"{key}\", {budget} }},")
+                })
+                .collect();
+            text.push_str(&format!(
+                "\n[upstream.quota]\nper_day = {PER_DAY}\n\n[upstream.inbound]\nkeys = [\n{}\n]\n",
+                keys.join("\n")
+            ));
+        }
         text.push('\n');
     }
     Config::parse(&text, "demo", |_| None).expect("the demo config is valid")
@@ -48,9 +76,9 @@ pub async fn run(shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
         })?;
     // A subdirectory, so the file store creates it with mode 0700 itself.
     let state = tmp.path().join("state").display().to_string();
-    let proxy = match Proxy::start(&config(&state, &sims, Some(FIRST_PORT))).await {
+    let proxy = match Proxy::start(&config(&state, &sims, true)).await {
         Ok(p) => p,
-        Err(StartError::Bind { .. }) => Proxy::start(&config(&state, &sims, None)).await?,
+        Err(StartError::Bind { .. }) => Proxy::start(&config(&state, &sims, false)).await?,
         Err(e) => return Err(e),
     };
 
@@ -69,12 +97,33 @@ pub async fn run(shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
         );
     }
     println!("\nTry (the APIs echo the request they got, Authorization header included):\n");
+    let (etl, reports) = (KEYS[0].1, KEYS[1].1);
     for sim in &sims {
         let addr = proxy
             .addr(sim.preset)
             .expect("every provider has a listener");
-        println!("  curl -s 'http://{addr}{}'", example_path(sim.preset));
+        // BeProduct's listener wants one of its inbound keys.
+        let key = if sim.preset == "beproduct" {
+            format!("-H 'Authorization: Bearer {etl}' ")
+        } else {
+            String::new()
+        };
+        println!("  curl -s {key}'http://{addr}{}'", example_path(sim.preset));
     }
+    let beproduct = proxy.addr("beproduct").expect("beproduct listener");
+    let path = example_path("beproduct");
+    let admin = proxy
+        .admin_addr()
+        .expect("the demo serves the admin listener");
+    println!(
+        "\nBeProduct counts {PER_DAY} requests a day for the organisation; two named keys have budgets of their own:\n\
+         `etl` 50 a day, `reports` 1% of the day (20). Spend from each, then past reports' budget:\n\n\
+         \x20 for i in $(seq 5); do curl -s -o /dev/null -w '%{{http_code}} ' -H 'Authorization: Bearer {etl}' 'http://{beproduct}{path}'; done; echo\n\
+         \x20 for i in $(seq 25); do curl -s -o /dev/null -w '%{{http_code}} ' -H 'Authorization: Bearer {reports}' 'http://{beproduct}{path}'; done; echo\n\
+         \x20 curl -s -H 'Authorization: Bearer {reports}' 'http://{beproduct}{path}'\n\n\
+         The status page shows the day per 15 minutes, the forecast and the keys: http://{admin}/\n\
+         (as JSON: curl -s http://{admin}/status; for Prometheus: curl -s http://{admin}/metrics)"
+    );
     let erp = proxy.addr("erpnet").expect("erpnet listener");
     println!(
         "\nA POST is replayed intact if the API refuses the token (1 MiB and smaller):\n\n  curl -s -X POST -H 'Content-Type: application/json' -d '{{\"filters\":[]}}' 'http://{erp}/Items'"
