@@ -251,3 +251,27 @@ async fn the_forecast_follows_the_pace() {
         "at this pace the limit is not reached today"
     );
 }
+
+/// A reload changes a key's budget in place: raised, the key goes on from what it spent;
+/// lowered below that, it is refused at once.
+#[tokio::test]
+async fn a_reload_changes_a_budget_in_place() {
+    let mut h = Harness::start(setup()).await;
+    let base = h.url("");
+    let at = |i: usize| format!("{base}/r/{i}");
+    assert_eq!(spend(at, ETL, 3).await, 3);
+    let raised = h.config_text.replace("per_day = 4 }", "per_day = 6 }");
+    assert_ne!(raised, h.config_text);
+    h.reload(&raised).await.unwrap();
+    assert_eq!(
+        spend(at, ETL, 5).await,
+        3,
+        "6 a day, 3 spent before the reload"
+    );
+    let lowered = raised.replace("per_day = 6 }", "per_day = 2 }");
+    h.reload(&lowered).await.unwrap();
+    let refused = get_as(h.url("/lowered"), ETL).await;
+    assert_eq!(refused.status, 429);
+    assert!(refused.text().contains("budget of 2"), "{}", refused.text());
+    assert_eq!(h.api.counters().requests, 6);
+}

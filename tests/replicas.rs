@@ -910,3 +910,53 @@ async fn a_spent_day_does_not_drain_the_short_windows() {
     assert_eq!(h.api.counters().requests, 5);
     proxy.shutdown().await;
 }
+
+/// A key's budget is the group's on Redis: two replicas admit the key exactly its budget
+/// between them, and both report the group's day by key.
+#[tokio::test]
+async fn a_key_budget_holds_across_replicas() {
+    let redis = RedisServer::start();
+    const KEY: &str = "etl-key-0123456789abcdef";
+    let setup = Setup {
+        quota: "per_day = 100".into(),
+        extra_tables: format!(
+            "[upstream.inbound]\nkeys = [{{ name = \"etl\", key = \"{KEY}\", per_day = 10 }}]"
+        ),
+        admin: true,
+        ..Setup::default()
+    };
+    let (h, text) = on_redis(setup, &redis).await;
+    let group = replicas(&text, 2).await;
+    let mut served = 0;
+    for i in 0..30 {
+        let request = http::Request::get(url(&group[i % 2], &format!("/k/{i}")))
+            .header("authorization", format!("Bearer {KEY}"))
+            .body(http_body_util::Full::<bytes::Bytes>::default())
+            .unwrap();
+        let a = common::collect(common::client().request(request).await.unwrap()).await;
+        match a.status {
+            200 => served += 1,
+            429 => assert!(a.text().contains("`etl` has spent its budget of 10")),
+            other => panic!("unexpected {other}: {}", a.text()),
+        }
+    }
+    assert!((9..=10).contains(&served), "served {served}");
+    assert_eq!(h.api.counters().requests, served as u64);
+    // Each replica adds its counts when its /status is read (and every 5 s): after both
+    // were read, each shows the group's.
+    let status = |proxy: &Proxy| {
+        let admin = proxy.admin_addr().unwrap();
+        async move { common::get(format!("http://{admin}/status")).await.json() }
+    };
+    for proxy in &group {
+        status(proxy).await;
+    }
+    for proxy in &group {
+        let keys = &status(proxy).await["upstreams"][0]["day"]["keys"][0];
+        assert_eq!(keys["name"], "etl");
+        assert_eq!(keys["used_today"], served, "the group's, on each replica");
+    }
+    for proxy in group {
+        proxy.shutdown().await;
+    }
+}
