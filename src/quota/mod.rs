@@ -3,15 +3,17 @@
 //! ```text
 //! enter: a slot among the requests in flight (queue.rs), or wait in line, or 429
 //! spend: for every send, the replay after a 401 included:
-//!        upstream held back after its own 429? (hold.rs) ─► short windows (rate.rs)
-//!        ─► windows counted in the store (leased.rs) ─► admit, with the tightest window
+//!        upstream held back after its own 429? (hold.rs) ─► the inbound key's budget
+//!        (leased.rs) ─► short windows (rate.rs) ─► windows counted in the store
+//!        (leased.rs) ─► admit, with the tightest window
 //! ```
 //!
 //! The calendar day is always counted in the state store. The short windows are GCRA in
 //! memory on a store of this machine alone, and fixed windows counted in the store, by the
 //! whole group, on a shared one (Redis).
 //!
-//! A refusal is a [`Refusal`]: which limit, and how long until a request would be admitted.
+//! A refusal is a [`Refusal`] (refusal.rs): which limit, how long until a request would be
+//! admitted, and the words.
 //! Each window's state, and the rate-limit headers that tell it, are a [`Window`] (window.rs).
 //! Token requests never pass through here.
 
@@ -20,11 +22,13 @@ mod hold;
 mod leased;
 mod queue;
 mod rate;
+mod refusal;
 mod window;
 
 pub use clock::Clock;
 pub use hold::http_date;
 pub use queue::Slot;
+pub use refusal::{QuotaError, Reason, Refusal};
 pub use window::{add_headers, has_headers, Policy, Window};
 
 use window::tighter;
@@ -34,7 +38,7 @@ use crate::store::{StateStore, StoreError};
 use hold::Hold;
 use http::{HeaderMap, StatusCode};
 use leased::{Leased, Next};
-use queue::{Queue, Turned};
+use queue::Queue;
 use rate::Rate;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,76 +46,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 const DAY: Duration = Duration::from_secs(86_400);
-
-/// Which limit refused a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    PerDay,
-    PerSecond,
-    PerMinute,
-    PerHour,
-    QueueFull,
-    QueueTimeout,
-    UpstreamThrottled,
-    KeyBudget,
-}
-
-impl Reason {
-    pub const ALL: [Reason; 8] = [
-        Reason::PerDay,
-        Reason::PerSecond,
-        Reason::PerMinute,
-        Reason::PerHour,
-        Reason::QueueFull,
-        Reason::QueueTimeout,
-        Reason::UpstreamThrottled,
-        Reason::KeyBudget,
-    ];
-
-    /// The `reason` label of `tollgate_rejected_total`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::PerDay => "per_day",
-            Reason::PerSecond => "per_second",
-            Reason::PerMinute => "per_minute",
-            Reason::PerHour => "per_hour",
-            Reason::QueueFull => "queue_full",
-            Reason::QueueTimeout => "queue_timeout",
-            Reason::UpstreamThrottled => "upstream_429",
-            Reason::KeyBudget => "key_budget",
-        }
-    }
-
-    fn of_window(name: &str) -> Reason {
-        match name {
-            "second" => Reason::PerSecond,
-            "minute" => Reason::PerMinute,
-            "hour" => Reason::PerHour,
-            _ => Reason::PerDay,
-        }
-    }
-}
-
-/// A request tollgate answers with 429 itself.
-#[derive(Debug, Clone)]
-pub struct Refusal {
-    pub reason: Reason,
-    /// Whole seconds until a request would be admitted, at least 1.
-    pub retry_after: u64,
-    /// The window that refused, for the rate-limit headers.
-    pub window: Option<Window>,
-    pub detail: String,
-}
-
-/// Why a request was not admitted.
-#[derive(Debug, thiserror::Error)]
-pub enum QuotaError {
-    #[error("{}", .0.detail)]
-    Refused(Refusal),
-    /// A count could not be reserved; nothing is sent rather than risk overspending.
-    #[error("the quota could not be reserved, so the request was not sent: {0}")]
-    Store(#[from] StoreError),
-}
 
 /// The limits of one upstream, shared by every worker thread that serves it.
 ///
@@ -337,26 +271,7 @@ impl Quota {
         };
         match queue.enter().await {
             Ok(slot) => Ok(Some(slot)),
-            Err(turned) => {
-                let (reason, detail) = match turned {
-                    Turned::Full => (
-                        Reason::QueueFull,
-                        format!(
-                            "the limit of {} in flight is reached and all {} places in line are taken; try again shortly",
-                            queue.concurrency(),
-                            queue.places()
-                        ),
-                    ),
-                    Turned::TimedOut => (
-                        Reason::QueueTimeout,
-                        format!(
-                            "the request waited in line for {} (queue_timeout) and no request in flight finished",
-                            humantime::format_duration(queue.timeout())
-                        ),
-                    ),
-                };
-                Err(self.refuse(reason, 1, None, detail))
-            }
+            Err(turned) => Err(self.refuse(refusal::turned(turned, queue))),
         }
     }
 
@@ -367,63 +282,49 @@ impl Quota {
             return Box::pin(next.spend(key)).await;
         }
         if let Some(left) = self.hold.remaining(&self.clock) {
-            let detail = format!(
-                "the upstream answered 429; tollgate holds requests back for {}s more",
-                ceil_secs(left)
-            );
-            return Err(self.refuse(Reason::UpstreamThrottled, ceil_secs(left), None, detail));
+            return Err(self.refuse(refusal::held(left)));
         }
         let now = self.clock.unix_ms();
         // A window found spent a moment ago refuses before any other counts the request.
         if let Some(spent) = self.leased.iter().find(|w| w.known_spent(now)) {
-            return Err(self.spent(spent, now));
+            return Err(self.refuse(refusal::spent(spent, now)));
         }
         let mut tightest: Option<Window> = None;
         // The key's own budget first: a key past it spends nothing of the upstream's day.
         let budget = key.and_then(|k| self.budgets.iter().find(|(name, _)| **name == *k));
         if let Some((name, day)) = budget {
-            match self.spend_budget(name, day, now).await {
-                Ok(w) => tightest = Some(w),
-                Err(refused) => return Err(refused),
-            }
+            tightest = Some(self.spend_budget(name, day, now).await?);
         }
-        let give_back_budget = || {
-            if let Some((_, day)) = budget {
-                day.put_back(now);
-            }
-        };
+        let mut counted = self.spend_rates(&mut tightest);
+        if counted.is_ok() {
+            counted = self.spend_leased(now, &mut tightest).await;
+        }
+        if let (Err(_), Some((_, day))) = (&counted, budget) {
+            // Refused by a window after the budget counted it: the budget takes it back.
+            day.put_back(now);
+        }
+        counted.map(|()| tightest)
+    }
+
+    /// Spend one request of each short window counted in memory.
+    fn spend_rates(&self, tightest: &mut Option<Window>) -> Result<(), QuotaError> {
         for rate in &self.rates {
             match rate.spend() {
-                Ok(w) => tightest = Some(tighter(tightest, w)),
-                Err(wait) => {
-                    give_back_budget();
-                    let w = rate.peek();
-                    let window = Window {
-                        remaining: 0,
-                        reset: wait,
-                        ..w
-                    };
-                    let detail = format!(
-                        "the limit of {} requests per {} is reached; the next is admitted in {}s",
-                        w.policy.limit,
-                        w.policy.name,
-                        ceil_secs(wait)
-                    );
-                    return Err(self.refuse(
-                        Reason::of_window(w.policy.name),
-                        ceil_secs(wait),
-                        Some(window),
-                        detail,
-                    ));
-                }
+                Ok(w) => *tightest = Some(tighter(*tightest, w)),
+                Err(wait) => return Err(self.refuse(refusal::rate(rate.peek(), wait))),
             }
         }
+        Ok(())
+    }
+
+    /// Spend one request of each window counted in the store; when one refuses, the windows
+    /// before it take theirs back.
+    async fn spend_leased(
+        &self,
+        now: u64,
+        tightest: &mut Option<Window>,
+    ) -> Result<(), QuotaError> {
         for (i, first) in self.leased.iter().enumerate() {
-            // The windows before this one counted the request; a refusal here gives it back.
-            let give_back = || {
-                self.leased[..i].iter().for_each(|w| w.put_back(now));
-                give_back_budget();
-            };
             let mut spent = first.spend(now).await;
             // A reload replaced this window while the request was on its way.
             let mut replaced = None;
@@ -432,26 +333,20 @@ impl Quota {
                 replaced = Some(next);
             }
             let counted = replaced.as_ref().unwrap_or(first);
-            match spent {
-                Ok(w) => tightest = Some(tighter(tightest, w)),
-                Err(leased::Refused::Retired(Some(Next::Unlimited))) => {}
-                Err(leased::Refused::Retired(_)) => {
-                    give_back();
-                    let detail = "tollgate is shutting down and counts no more requests; try again when it is back".to_owned();
-                    let reason = Reason::of_window(counted.policy().name);
-                    return Err(self.refuse(reason, 1, None, detail));
+            let refused = match spent {
+                Ok(w) => {
+                    *tightest = Some(tighter(*tightest, w));
+                    continue;
                 }
-                Err(leased::Refused::Spent) => {
-                    give_back();
-                    return Err(self.spent(counted, now));
-                }
-                Err(leased::Refused::Store(e)) => {
-                    give_back();
-                    return Err(QuotaError::Store(e));
-                }
-            }
+                Err(leased::Refused::Retired(Some(Next::Unlimited))) => continue,
+                Err(leased::Refused::Retired(_)) => self.refuse(refusal::closing(counted)),
+                Err(leased::Refused::Spent) => self.refuse(refusal::spent(counted, now)),
+                Err(leased::Refused::Store(e)) => QuotaError::Store(e),
+            };
+            self.leased[..i].iter().for_each(|w| w.put_back(now));
+            return Err(refused);
         }
-        Ok(tightest)
+        Ok(())
     }
 
     /// Learn from an upstream response: a 429 holds the upstream back.
@@ -490,63 +385,14 @@ impl Quota {
             // The budget was removed, or the process is shutting down: the day decides.
             Err(leased::Refused::Retired(_)) => Ok(counted.window(now)),
             Err(leased::Refused::Store(e)) => Err(QuotaError::Store(e)),
-            Err(leased::Refused::Spent) => {
-                let reset = counted.reset_in(now);
-                let detail = format!(
-                    "the key `{name}` has spent its budget of {} requests today; it resets at {} (other keys go on)",
-                    counted.limit(),
-                    http_date(now, reset)
-                );
-                let shown = Window {
-                    remaining: 0,
-                    ..counted.window(now)
-                };
-                Err(self.refuse(Reason::KeyBudget, ceil_secs(reset), Some(shown), detail))
-            }
+            Err(leased::Refused::Spent) => Err(self.refuse(refusal::budget(name, &counted, now))),
         }
     }
 
-    /// The refusal of a request `window` has no count left for at `now`.
-    fn spent(&self, window: &Leased, now: u64) -> QuotaError {
-        let reset = window.reset_in(now);
-        let policy = window.policy();
-        let detail = if policy.name == "day" {
-            format!(
-                "the daily quota of {} requests is spent; it resets at {}",
-                policy.limit,
-                http_date(now, reset)
-            )
-        } else {
-            format!(
-                "the limit of {} requests per {} is reached; the next {} starts in {}s",
-                policy.limit,
-                policy.name,
-                policy.name,
-                ceil_secs(reset)
-            )
-        };
-        let shown = Window {
-            remaining: 0,
-            ..window.window(now)
-        };
-        let reason = Reason::of_window(policy.name);
-        self.refuse(reason, ceil_secs(reset), Some(shown), detail)
-    }
-
-    fn refuse(
-        &self,
-        reason: Reason,
-        retry_after: u64,
-        window: Option<Window>,
-        detail: String,
-    ) -> QuotaError {
-        self.rejected[reason as usize].fetch_add(1, Ordering::Relaxed);
-        QuotaError::Refused(Refusal {
-            reason,
-            retry_after: retry_after.max(1),
-            window,
-            detail,
-        })
+    /// Count a refusal by its reason, and make it the error.
+    fn refuse(&self, refusal: Refusal) -> QuotaError {
+        self.rejected[refusal.reason as usize].fetch_add(1, Ordering::Relaxed);
+        QuotaError::Refused(refusal)
     }
 
     /// Every window now, without spending, for `/status` and `/metrics`.
