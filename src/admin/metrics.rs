@@ -1,8 +1,8 @@
 //! `GET /metrics`: the Prometheus text exposition (format 0.0.4) of every upstream's
 //! counters, read when scraped: answers by status, the upstream's response time, token
 //! refreshes by result, quota windows and refusals, the day's use by key and the forecast.
-//! Label values are upstream and key names (`[A-Za-z0-9._-]`, `#N`, `-`) and fixed words, so
-//! nothing needs escaping and nothing secret is shown.
+//! Label values are upstream and key names (`[A-Za-z0-9._-]`, `#N`, `-`) and fixed words,
+//! escaped all the same; nothing secret is shown.
 
 use super::Upstream;
 use crate::stats::{self, BUCKETS};
@@ -26,9 +26,24 @@ impl<'a> Family<'a> {
             let _ = writeln!(self.out, "{name} {value}");
             return;
         }
-        let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        let labels: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+            .collect();
         let _ = writeln!(self.out, "{name}{{{}}} {value}", labels.join(","));
     }
+}
+
+/// A label value as the exposition format wants it: `\\`, `"` and newlines escaped.
+fn escape(value: &str) -> std::borrow::Cow<'_, str> {
+    if !value.contains(['\\', '"', '\n']) {
+        return value.into();
+    }
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+        .into()
 }
 
 pub fn render(upstreams: &[Upstream], store: &dyn StateStore) -> String {

@@ -28,6 +28,9 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use std::sync::Arc;
 
+/// How long `/`, `/status` and `/metrics` wait for the day's use to be read.
+const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// What the admin endpoints report about one upstream.
 pub struct Upstream {
     pub name: String,
@@ -73,13 +76,20 @@ impl Admin {
     }
 
     /// Add every upstream's latest counts to the day's use first, so what `/`, `/status` and
-    /// `/metrics` show of the day is current (a store that fails leaves the last reading).
+    /// `/metrics` show of the day is current. All at once, and for [`FLUSH_WAIT`] at most: a
+    /// store that fails or is slow leaves the last reading (the background flush goes on).
     async fn flush(&self) {
-        for u in &self.upstreams {
-            if let Err(e) = u.usage.flush().await {
-                tracing::debug!(upstream = %u.name, error = %e, "could not read the day's use");
-            }
-        }
+        // Each in a task of its own: one that outlasts the wait finishes all the same, so
+        // what it added to the store is never added again.
+        let flushes = self.upstreams.iter().map(|u| {
+            let (usage, name) = (Arc::clone(&u.usage), u.name.clone());
+            tokio::spawn(async move {
+                if let Err(e) = usage.flush().await {
+                    tracing::debug!(upstream = %name, error = %e, "could not read the day's use");
+                }
+            })
+        });
+        let _ = tokio::time::timeout(FLUSH_WAIT, futures_util::future::join_all(flushes)).await;
     }
 
     async fn route(&self, request: &Request<Incoming>) -> Response<ProxyBody> {

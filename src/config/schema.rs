@@ -164,8 +164,9 @@ pub struct InboundKey {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Budget {
     PerDay(u64),
-    /// A share of the upstream's daily limit, in percent (0 < share <= 100).
-    Share(f64),
+    /// A share of the upstream's daily limit, in hundredths of a percent (`"20%"` is 2000;
+    /// above 0, at most 10,000).
+    Share(u64),
 }
 
 impl Budget {
@@ -173,7 +174,7 @@ impl Budget {
     pub fn per_day(self, daily_limit: Option<u64>) -> Option<u64> {
         match self {
             Budget::PerDay(n) => Some(n),
-            Budget::Share(percent) => daily_limit.map(|l| (l as f64 * percent / 100.0) as u64),
+            Budget::Share(basis) => daily_limit.map(|l| l * basis / 10_000),
         }
     }
 }
@@ -182,7 +183,16 @@ impl std::fmt::Display for Budget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Budget::PerDay(n) => write!(f, "{n} a day"),
-            Budget::Share(percent) => write!(f, "{percent}% of the day"),
+            Budget::Share(basis) if basis % 100 == 0 => write!(f, "{}% of the day", basis / 100),
+            Budget::Share(basis) => {
+                let fraction = format!("{:02}", basis % 100);
+                write!(
+                    f,
+                    "{}.{}% of the day",
+                    basis / 100,
+                    fraction.trim_end_matches('0')
+                )
+            }
         }
     }
 }
@@ -238,14 +248,21 @@ impl<'de> Deserialize<'de> for InboundKey {
     }
 }
 
-/// `"20%"` → 20.0: a percentage above 0 and at most 100.
-fn parse_share(text: &str) -> Result<f64, String> {
-    let percent = text
-        .trim()
-        .strip_suffix('%')
-        .and_then(|n| n.trim().parse::<f64>().ok())
-        .filter(|p| *p > 0.0 && *p <= 100.0);
-    percent.ok_or_else(|| format!("share = {text:?}: write a percentage of the upstream's daily limit above 0 and at most 100, like \"20%\""))
+/// `"20%"` → 2000, `"2.5%"` → 250: a percentage above 0 and at most 100, with at most two
+/// decimals, in hundredths of a percent (so shares are computed in integers).
+fn parse_share(text: &str) -> Result<u64, String> {
+    let basis = (|| {
+        let number = text.trim().strip_suffix('%')?.trim();
+        let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+        let digits = |d: &str| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit());
+        if !digits(whole) || !(fraction.is_empty() || digits(fraction)) || fraction.len() > 2 {
+            return None;
+        }
+        let fraction: u64 = format!("{fraction:0<2}").parse().ok()?;
+        let basis = whole.parse::<u64>().ok()?.checked_mul(100)? + fraction;
+        (1..=10_000).contains(&basis).then_some(basis)
+    })();
+    basis.ok_or_else(|| format!("share = {text:?}: write a percentage of the upstream's daily limit above 0 and at most 100, with at most two decimals, like \"20%\" or \"2.5%\""))
 }
 
 /// Inbound keys shorter than this are refused: they could be guessed.

@@ -171,10 +171,10 @@ fn check_inbound_and_tls(up: &UpstreamConfig, report: &mut Report<'_>) {
         }
         if let Some(name) = &k.name {
             let fine = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-            if name.is_empty() || name.len() > 64 || !name.chars().all(fine) {
+            if name.is_empty() || name.len() > 64 || !name.chars().all(fine) || name == "-" {
                 report.at(
                     &format!("{at}.name"),
-                    "must be 1 to 64 letters, digits, `-`, `_` or `.` (it names the key in logs and metrics)".into(),
+                    "must be 1 to 64 letters, digits, `-`, `_` or `.`, and not `-` alone (it names the key in logs and metrics; `-` counts requests without a key)".into(),
                 );
             }
             if keys[..j]
@@ -195,6 +195,10 @@ fn check_inbound_and_tls(up: &UpstreamConfig, report: &mut Report<'_>) {
             Some(Budget::Share(_)) if daily.is_none() => report.at(
                 &format!("{at}.share"),
                 "is a share of the upstream's daily limit, and this upstream has none: set [upstream.quota] per_day, or give the key per_day = N".into(),
+            ),
+            Some(b @ Budget::Share(_)) if b.per_day(daily) == Some(0) => report.at(
+                &format!("{at}.share"),
+                format!("{b} of {} is less than one request: give a larger share, or per_day = N", daily.unwrap_or(0)),
             ),
             _ => {}
         }
@@ -502,10 +506,23 @@ mod tests {
         let plain = "\"${SECRET}-plain-key\"";
         let both = format!("{etl}, {reports}, {plain}");
         let config = Config::parse(&text(&both, "per_day = 2000"), "t.toml", env).unwrap();
+        let text_of = |keys: &str| text(keys, "per_day = 2000");
         let keys = &config.upstreams[0].inbound.as_ref().unwrap().keys;
         assert_eq!(keys[0].budget, Some(super::Budget::PerDay(500)));
-        assert_eq!(keys[1].budget, Some(super::Budget::Share(20.0)));
+        assert_eq!(keys[1].budget, Some(super::Budget::Share(2000)));
         assert_eq!(keys[1].budget.unwrap().per_day(Some(2000)), Some(400));
+        // Shares are computed in integers: 32.3% of 1,000 is 323, not 322.
+        let share = |text: &str| {
+            let keys =
+                format!("{{ name = \"r\", key = \"${{SECRET}}-reports\", share = \"{text}\" }}");
+            let config = Config::parse(&text_of(&keys), "t.toml", env).unwrap();
+            config.upstreams[0].inbound.as_ref().unwrap().keys[0]
+                .budget
+                .unwrap()
+        };
+        assert_eq!(share("32.3%").per_day(Some(1000)), Some(323));
+        assert_eq!(share("2.5%").to_string(), "2.5% of the day");
+        assert_eq!(share("100%").per_day(Some(1000)), Some(1000));
         let described = config.describe();
         assert!(
             described.contains("etl (budget 500 a day), reports (budget 20% of the day: 400 a day), #3 (no budget) [keys redacted]"),
@@ -519,6 +536,9 @@ mod tests {
             (&etl.replace("etl\"", "e t l\""), "per_day = 9", "inbound.keys[0].name: must be 1 to 64"),
             (&etl.replace("per_day = 500", "per_day = 5, share = \"1%\""), "per_day = 9", "has both per_day and share"),
             (&reports.replace("20%", "120%"), "per_day = 9", "write a percentage"),
+            (&reports.replace("20%", "2.555%"), "per_day = 9", "at most two decimals"),
+            (&reports.replace("20%", "0.5%"), "per_day = 9", "0.5% of the day of 9 is less than one request"),
+            (&etl.replace("\"etl\"", "\"-\""), "per_day = 9", "not `-` alone"),
             (&etl.replace("per_day", "budget"), "per_day = 9", "a key is a string, or a table"),
         ] {
             let err = Config::parse(&text(keys, quota), "t.toml", env)

@@ -119,9 +119,14 @@ impl Used {
         format!("{}/{}", self.slot, self.key)
     }
 
-    /// Read back a [`Used::field`] and its count.
+    /// Read back a [`Used::field`] and its count; `None` for a field no tollgate wrote (a key
+    /// label is a key's name, `#N` or `-`).
     pub fn parse(field: &str, count: u64) -> Option<Used> {
         let (slot, key) = field.split_once('/')?;
+        let label = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '#');
+        if key.is_empty() || key.len() > 64 || !key.chars().all(label) {
+            return None;
+        }
         Some(Used {
             key: key.to_owned(),
             slot: slot.parse().ok()?,

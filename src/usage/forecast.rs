@@ -2,6 +2,7 @@
 //! 15-minute slot. Pure arithmetic on what [`super::Usage`] read; no clock of its own.
 
 use crate::store::Period;
+use std::time::Duration;
 
 /// The length of one slot of the day's use.
 pub const SLOT_MS: u64 = 15 * 60 * 1000;
@@ -22,13 +23,13 @@ pub enum Forecast {
     NotToday,
 }
 
-/// Project when `limit` is reached, from `slots` (requests per slot of `day`) at `now`.
+/// Project when `limit` is reached, from `used` (the day so far) and `slots` (requests per
+/// slot of `day`, for the pace) at `now`.
 ///
 /// The pace is the rate of the last hour — the slots it covers, the slot at its start in
 /// proportion to its overlap, the current slot as far as it has run — so a quiet morning does
 /// not hide a busy afternoon.
-pub fn forecast(slots: &[u64], day: &Period, limit: u64, now: u64) -> Forecast {
-    let used: u64 = slots.iter().sum();
+pub fn forecast(slots: &[u64], day: &Period, used: u64, limit: u64, now: u64) -> Forecast {
     if used >= limit {
         return Forecast::Reached;
     }
@@ -60,6 +61,23 @@ pub fn forecast(slots: &[u64], day: &Period, limit: u64, now: u64) -> Forecast {
     }
 }
 
+/// The forecast in words: "at this pace the limit is reached at 16:40 UTC", "not today".
+pub fn describe(forecast: Option<Forecast>) -> String {
+    match forecast {
+        None => "no daily limit".into(),
+        Some(Forecast::Reached) => "the limit is reached".into(),
+        Some(Forecast::NotToday) => "at this pace the limit is not reached today".into(),
+        Some(Forecast::At(ms)) => {
+            let time = humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + Duration::from_millis(ms),
+            )
+            .to_string();
+            // 2026-12-02T16:40:00Z → 16:40 UTC
+            format!("at this pace the limit is reached at {} UTC", &time[11..16])
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,11 +96,14 @@ mod tests {
         let slots = vec![100; 32];
         let now = day().start_ms + 8 * HOUR;
         assert_eq!(
-            forecast(&slots, &day(), 8_000, now),
+            forecast(&slots, &day(), 3_200, 8_000, now),
             Forecast::At(day().start_ms + 20 * HOUR)
         );
         // With 10,000 a day it would take 17 more hours: past midnight.
-        assert_eq!(forecast(&slots, &day(), 10_000, now), Forecast::NotToday);
+        assert_eq!(
+            forecast(&slots, &day(), 3_200, 10_000, now),
+            Forecast::NotToday
+        );
     }
 
     #[test]
@@ -94,21 +115,39 @@ mod tests {
         slots[37] = 150;
         let now = day().start_ms + 9 * HOUR + SLOT_MS + SLOT_MS / 2;
         let at = now + 550 * HOUR / 450;
-        assert_eq!(forecast(&slots, &day(), 1_000, now), Forecast::At(at));
+        assert_eq!(forecast(&slots, &day(), 450, 1_000, now), Forecast::At(at));
     }
 
     #[test]
     fn an_idle_day_a_fresh_day_and_a_spent_day() {
         let now = day().start_ms + 10 * HOUR;
         assert_eq!(
-            forecast(&[5; 8], &day(), 100, now),
+            forecast(&[5; 8], &day(), 40, 100, now),
             Forecast::NotToday,
             "idle for the last hour"
         );
         assert_eq!(
-            forecast(&[50], &day(), 100, day().start_ms + 30_000),
+            forecast(&[50], &day(), 50, 100, day().start_ms + 30_000),
             Forecast::NotToday
         );
-        assert_eq!(forecast(&[60, 40], &day(), 100, now), Forecast::Reached);
+        assert_eq!(
+            forecast(&[60, 40], &day(), 100, 100, now),
+            Forecast::Reached
+        );
+        // The quota counts more than the tally (a crashed replica's lease): reached all the same.
+        assert_eq!(forecast(&[60], &day(), 100, 100, now), Forecast::Reached);
+    }
+
+    #[test]
+    fn the_forecast_in_words() {
+        let at = 20_416 * 86_400_000 + 16 * HOUR + 40 * 60_000;
+        assert_eq!(
+            describe(Some(Forecast::At(at))),
+            "at this pace the limit is reached at 16:40 UTC"
+        );
+        assert_eq!(
+            describe(Some(Forecast::NotToday)),
+            "at this pace the limit is not reached today"
+        );
     }
 }

@@ -12,6 +12,7 @@ pub mod forecast;
 use crate::quota::{Clock, Quota};
 use crate::stats::{self, RequestStats};
 use crate::store::{Period, StateStore, StoreError, Used};
+pub use forecast::describe;
 use forecast::{Forecast, SLOT_MS};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -59,6 +60,10 @@ pub struct Day {
     pub keys: BTreeMap<String, u64>,
     /// The daily limit, when the upstream has one.
     pub limit: Option<u64>,
+    /// What the quota counts as spent today (by every process, less the counts other
+    /// processes hold unspent), when it counts a day: the forecast starts from the higher of
+    /// this and the tally, so it never says "not reached" of a day the quota refuses.
+    pub counted: Option<u64>,
     /// When it was read (Unix ms).
     pub read_at_ms: u64,
 }
@@ -81,9 +86,11 @@ impl Day {
     /// When the limit is reached at the current pace; `None` without a limit.
     pub fn forecast(&self) -> Option<Forecast> {
         let limit = self.limit?;
+        let used = self.used().max(self.counted.unwrap_or(0));
         Some(forecast::forecast(
             &self.slots,
             &self.period,
+            used,
             limit,
             self.read_at_ms,
         ))
@@ -139,7 +146,15 @@ impl Usage {
         let config = source.quota.config();
         let limit = config.and_then(|c| c.daily_limit());
         let day_starts = config.map_or(0, |c| c.day_starts);
-        let day = self.flush_from(&source.stats, limit, day_starts).await?;
+        let counted = source
+            .quota
+            .windows()
+            .into_iter()
+            .find(|w| w.policy.name == "day");
+        let counted = counted.map(|w| w.policy.limit - w.remaining);
+        let day = self
+            .flush_from(&source.stats, limit, day_starts, counted)
+            .await?;
         Ok(Some(day))
     }
 
@@ -157,6 +172,7 @@ impl Usage {
         stats: &[Arc<RequestStats>],
         limit: Option<u64>,
         day_starts_s: u32,
+        counted: Option<u64>,
     ) -> Result<Day, StoreError> {
         let mut flushed = self.flushed.lock().await;
         let sent = stats::totals(stats.iter().map(|s| &**s)).sent;
@@ -186,12 +202,12 @@ impl Usage {
             slots: vec![0; slot as usize + 1],
             keys: BTreeMap::new(),
             limit,
+            counted,
             read_at_ms: now,
         };
         for used in tally {
-            if let Some(n) = day.slots.get_mut(used.slot as usize) {
-                *n += used.count;
-            }
+            // A slot past this one (a replica whose clock runs ahead) counts as this one.
+            day.slots[(used.slot as usize).min(slot as usize)] += used.count;
             *day.keys.entry(used.key).or_insert(0) += used.count;
         }
         self.warn(&day);
@@ -220,23 +236,6 @@ impl Usage {
             );
         }
         warned.1 = warned.1.max(crossed);
-    }
-}
-
-/// The forecast in words: "at this pace the limit is reached at 16:40 UTC", "not today".
-pub fn describe(forecast: Option<Forecast>) -> String {
-    match forecast {
-        None => "no daily limit".into(),
-        Some(Forecast::Reached) => "the limit is reached".into(),
-        Some(Forecast::NotToday) => "at this pace the limit is not reached today".into(),
-        Some(Forecast::At(ms)) => {
-            let time = humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH + Duration::from_millis(ms),
-            )
-            .to_string();
-            // 2026-12-02T16:40:00Z → 16:40 UTC
-            format!("at this pace the limit is reached at {} UTC", &time[11..16])
-        }
     }
 }
 
@@ -271,11 +270,11 @@ mod tests {
         for _ in 0..10 {
             sb.key(&none).sent();
         }
-        a.flush_from(&[Arc::clone(&sa)], Some(100), 0)
+        a.flush_from(&[Arc::clone(&sa)], Some(100), 0, None)
             .await
             .unwrap();
         let day = b
-            .flush_from(&[Arc::clone(&sb)], Some(100), 0)
+            .flush_from(&[Arc::clone(&sb)], Some(100), 0, None)
             .await
             .unwrap();
         assert_eq!(day.used(), 40);
@@ -286,7 +285,7 @@ mod tests {
         assert_eq!(day.slots[32], 40, "08:00–08:15");
         // Flushing again adds nothing twice.
         assert_eq!(
-            a.flush_from(&[Arc::clone(&sa)], Some(100), 0)
+            a.flush_from(&[Arc::clone(&sa)], Some(100), 0, None)
                 .await
                 .unwrap()
                 .used(),
@@ -299,11 +298,11 @@ mod tests {
             sa.key(&etl).sent();
         }
         clock.advance(Duration::from_secs(60));
-        a.flush_from(&[Arc::clone(&sa)], Some(100), 0)
+        a.flush_from(&[Arc::clone(&sa)], Some(100), 0, None)
             .await
             .unwrap();
         assert_eq!(logged(&a), 1, "85 of 100");
-        a.flush_from(&[Arc::clone(&sa)], Some(100), 0)
+        a.flush_from(&[Arc::clone(&sa)], Some(100), 0, None)
             .await
             .unwrap();
         assert_eq!(logged(&a), 1, "still once");
@@ -311,7 +310,7 @@ mod tests {
             sa.key(&etl).sent();
         }
         let day = a
-            .flush_from(&[Arc::clone(&sa)], Some(100), 0)
+            .flush_from(&[Arc::clone(&sa)], Some(100), 0, None)
             .await
             .unwrap();
         assert_eq!((day.used(), logged(&a)), (95, 2));
@@ -319,22 +318,9 @@ mod tests {
         // The next day starts from nothing, and warns afresh.
         clock.advance(Duration::from_millis(16 * HOUR));
         let next = a
-            .flush_from(&[Arc::clone(&sa)], Some(100), 0)
+            .flush_from(&[Arc::clone(&sa)], Some(100), 0, None)
             .await
             .unwrap();
         assert_eq!((next.used(), logged(&a)), (0, 0));
-    }
-
-    #[test]
-    fn the_forecast_in_words() {
-        let at = 20_416 * DAY_MS + 16 * HOUR + 40 * 60_000;
-        assert_eq!(
-            describe(Some(Forecast::At(at))),
-            "at this pace the limit is reached at 16:40 UTC"
-        );
-        assert_eq!(
-            describe(Some(Forecast::NotToday)),
-            "at this pace the limit is not reached today"
-        );
     }
 }
