@@ -206,6 +206,10 @@ fn main() -> ExitCode {
                     Ok(c) => c,
                     Err(code) => return Ok(code),
                 };
+                if let Err(problem) = tollgate::store::check(&config.state) {
+                    eprintln!("{}: {problem}", arg.config.display());
+                    return Ok(ExitCode::FAILURE);
+                }
                 println!("{}: OK\n", arg.config.display());
                 print!("{}", config.describe());
                 for w in config.warnings() {
@@ -266,7 +270,24 @@ fn main() -> ExitCode {
         }
     });
     result.unwrap_or_else(|e: anyhow::Error| {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", causes(&e));
         ExitCode::FAILURE
     })
+}
+
+/// An error and its causes, each said once: most of our messages already name their cause,
+/// which the chain then names again.
+fn causes(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }

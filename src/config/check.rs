@@ -184,6 +184,29 @@ fn is_loopback_host(url: &Url) -> bool {
 }
 
 /// The `state.*` lines: the store (a Redis password as `[redacted]`), and for Redis its keys.
+/// An extra token-request field as `check` shows it: its value, unless the field may carry a
+/// credential (a client assertion, a secret, a password, a key, a token) or the value looks
+/// like one (long and without spaces, as a JWT or a generated secret is).
+fn param(name: &str, value: &str) -> String {
+    let name = name.to_ascii_lowercase();
+    let credential = [
+        "assertion",
+        "secret",
+        "password",
+        "key",
+        "token",
+        "credential",
+    ]
+    .iter()
+    .any(|word| name.contains(word));
+    let opaque = value.len() > 40 && !value.contains(' ') && !value.contains("://");
+    if credential || opaque {
+        "[redacted]".into()
+    } else {
+        value.to_owned()
+    }
+}
+
 fn describe_state(state: &StateConfig) -> String {
     use std::fmt::Write;
     let mut out = String::new();
@@ -233,9 +256,8 @@ fn describe_auth(a: &AuthConfig, upstream: &str, line: &mut impl FnMut(&str, Str
     if let Some(scope) = &a.scope {
         line("auth.scope", scope.clone());
     }
-    for k in a.params.keys() {
-        // Values may be credentials (client assertions and the like).
-        line(&format!("auth.params.{k}"), "[redacted]".into());
+    for (k, v) in &a.params {
+        line(&format!("auth.params.{k}"), param(k, v));
     }
     let refresh = match a.refresh_before {
         Some(d) => format!(

@@ -114,10 +114,18 @@ fn typed<T: serde::de::DeserializeOwned>(
     value: toml::Value,
     secrets: &[String],
 ) -> Result<T, Problem> {
-    serde_path_to_error::deserialize(value).map_err(|e| Problem {
-        key: render_path(e.path()),
-        line: None,
-        message: redact(&e.inner().to_string(), secrets),
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let key = render_path(e.path());
+        let mut message = redact(&e.inner().to_string(), secrets);
+        if key == "upstream" && message.contains("expected a sequence") {
+            // The README's fragments, pasted on their own, often start with [upstream].
+            message.push_str(": write each upstream as [[upstream]] (an array of tables, with double brackets), not [upstream]");
+        }
+        Problem {
+            key,
+            line: None,
+            message,
+        }
     })
 }
 
@@ -181,6 +189,19 @@ mod tests {
         let bad = Config::parse_admin("\n[admin]\nlisten = \"here\"\n", "t.toml", |_| None);
         let err = bad.unwrap_err().to_string();
         assert!(err.starts_with("t.toml:3: admin.listen: "), "{err}");
+    }
+
+    #[test]
+    fn a_single_upstream_table_says_to_use_double_brackets() {
+        let text = "[upstream]\nname = \"api\"\n";
+        let err = Config::parse(text, "t.toml", |_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("upstream: invalid type: map, expected a sequence"),
+            "{err}"
+        );
+        assert!(err.contains("write each upstream as [[upstream]]"), "{err}");
     }
 
     #[test]

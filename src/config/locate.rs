@@ -43,6 +43,8 @@ pub(super) fn locate(text: &str, mut problems: Vec<Problem>) -> Vec<Problem> {
                 .map(|off| line_of_offset(text, off));
         }
     }
+    // In the order of the file, as an editor shows it; those without a line last.
+    problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
     problems
 }
 

@@ -496,6 +496,47 @@ mod tests {
         }
     }
 
+    /// Several problems are listed in the order of their lines in the file.
+    #[test]
+    fn problems_are_listed_in_line_order() {
+        let text = GOOD
+            .replace("127.0.0.1:8080", "0.0.0.0:8080")
+            .replace("\"file:/tmp/tollgate-test\"", "\"nowhere:x\"")
+            .replace(
+                "grant = \"refresh_token\"",
+                "grant = \"client_credentials\"",
+            );
+        let err = Config::parse(&text, "t.toml", env).unwrap_err().to_string();
+        let lines: Vec<usize> = err
+            .lines()
+            .filter_map(|l| l.strip_prefix("t.toml:")?.split(':').next()?.parse().ok())
+            .collect();
+        assert!(lines.len() >= 3, "{err}");
+        assert!(
+            lines.windows(2).all(|w| w[0] <= w[1]),
+            "{lines:?} in\n{err}"
+        );
+    }
+
+    /// `check` shows an extra token-request field's value, unless it may be a credential.
+    #[test]
+    fn params_are_shown_unless_they_may_be_credentials() {
+        let text = GOOD.replace(
+            "resource = \"urn:x\"",
+            "resource = \"urn:x\", audience = \"https://api.example.com\", client_assertion = \"${SECRET}\"",
+        );
+        let described = Config::parse(&text, "t.toml", env).unwrap().describe();
+        assert!(described.contains("urn:x"), "{described}");
+        assert!(described.contains("https://api.example.com"), "{described}");
+        assert!(!described.contains("s3cr3t"), "{described}");
+        assert!(
+            described
+                .lines()
+                .any(|l| l.contains("auth.params.client_assertion") && l.contains("[redacted]")),
+            "{described}"
+        );
+    }
+
     #[test]
     fn named_keys_have_budgets_that_are_checked_and_described() {
         let text = |keys: &str, quota: &str| {

@@ -315,6 +315,42 @@ pub struct StoreHealth {
 }
 
 /// Open the store that `state.store` names. A Redis store connects on first use.
+/// What `tollgate check` can tell of the store without changing anything: a file store's
+/// directory must be writable, or creatable in the nearest directory that exists.
+pub fn check(state: &StateConfig) -> Result<(), String> {
+    let StoreLocation::File(dir) = state.location()? else {
+        return Ok(());
+    };
+    let mut at = dir.as_path();
+    while !at.exists() {
+        match at.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => at = parent,
+            _ => {
+                at = std::path::Path::new(".");
+                break;
+            }
+        }
+    }
+    let what = if at == dir {
+        "state directory"
+    } else {
+        "directory the state directory would be made in"
+    };
+    if !at.is_dir() {
+        return Err(format!(
+            "state.store: the {what}, {}, is not a directory",
+            at.display()
+        ));
+    }
+    tempfile::tempfile_in(at).map(drop).map_err(|e| {
+        format!(
+            "state.store: tollgate cannot write in the {what}, {} ({e}); create {} and give the user tollgate runs as write access to it",
+            at.display(),
+            dir.display()
+        )
+    })
+}
+
 pub fn open(state: &StateConfig) -> Result<Arc<dyn StateStore>, StoreError> {
     match state.location().map_err(StoreError::Location)? {
         StoreLocation::File(dir) => Ok(Arc::new(FileStore::open(&dir)?)),

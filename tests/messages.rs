@@ -1,0 +1,67 @@
+//! What a newcomer reads when something is wrong: each message says what happened once, and
+//! what to do. The binary is run as a user would run it.
+
+use std::net::TcpListener;
+use std::process::Command;
+
+/// Run `tollgate ARGS` with `config` written to a file; returns (exit code, stdout, stderr).
+fn tollgate(args: &[&str], config: &str) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(args)
+        .arg("-c")
+        .arg(&path)
+        .env_remove("TOLLGATE_CONFIG")
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn config(store: &str, listen: &str) -> String {
+    format!(
+        "[state]\nstore = \"{store}\"\n\n[[upstream]]\nname = \"api\"\nurl = \"https://api.example.com/v1\"\nlisten = \"{listen}\"\n\n[upstream.auth]\ngrant = \"refresh_token\"\ntoken_url = \"https://id.example.com/token\"\nclient_id = \"tool\"\nclient_secret = \"a-client-secret\"\nrefresh_token = \"a-refresh-token\"\n"
+    )
+}
+
+/// A port already taken: the cause is printed once.
+#[test]
+fn a_taken_port_is_named_once() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    let state = tempfile::tempdir().unwrap();
+    let store = format!("file:{}", state.path().join("state").display());
+    let (code, _, err) = tollgate(&["serve"], &config(&store, &listen));
+    assert_ne!(code, 0);
+    assert!(err.contains(&format!("cannot listen on {listen}")), "{err}");
+    assert_eq!(err.matches("Address already in use").count(), 1, "{err}");
+}
+
+/// A state directory that cannot be made: the cause is printed once.
+#[test]
+fn a_state_directory_that_cannot_be_made_is_named_once() {
+    let (code, _, err) = tollgate(&["serve"], &config("file:/proc/nope/state", "127.0.0.1:0"));
+    assert_ne!(code, 0);
+    assert!(err.contains("/proc/nope/state"), "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+}
+
+/// `check` refuses a state directory `serve` could not make or write, and says what to do.
+#[test]
+fn check_refuses_a_state_directory_serve_could_not_use() {
+    let (code, _, err) = tollgate(&["check"], &config("file:/proc/nope/state", "127.0.0.1:0"));
+    assert_ne!(code, 0);
+    assert!(err.contains("state.store: tollgate cannot write in the directory the state directory would be made in, /proc"), "{err}");
+    assert!(err.contains("create /proc/nope/state"), "{err}");
+    let fine = tempfile::tempdir().unwrap();
+    let store = format!("file:{}", fine.path().join("state").display());
+    let (code, out, err) = tollgate(&["check"], &config(&store, "127.0.0.1:0"));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(": OK"), "{out}");
+}
