@@ -45,7 +45,9 @@ enum Command {
     },
     /// Validate the config and print the resolved settings (secrets redacted).
     Check(ConfigArg),
-    /// Start a simulated identity server and API with a proxy in front, and print curl lines.
+    /// Try tollgate on this machine: the four providers it has presets for (BeProduct,
+    /// ERP.net, WinBooks, a Spring backend) as simulated identity servers and APIs, tollgate in
+    /// front of each, and the status page; prints curl lines to paste. Ctrl-C stops it.
     Demo,
     /// Log in once (authorization code + PKCE) and store the refresh token for upstream NAME.
     Login {
@@ -74,8 +76,12 @@ enum Command {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal, never into a file or a journal.
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(terminal)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Pretty => builder.init(),

@@ -65,3 +65,39 @@ fn check_refuses_a_state_directory_serve_could_not_use() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(": OK"), "{out}");
 }
+
+/// Logs written to a file or a pipe carry no colour codes.
+#[test]
+fn logs_into_a_pipe_have_no_colours() {
+    // A listener others can reach over plain HTTP is logged as a warning before the bind
+    // (which fails: the port is taken, so nothing is served).
+    let taken = TcpListener::bind("0.0.0.0:0").unwrap();
+    let listen = format!("0.0.0.0:{}", taken.local_addr().unwrap().port());
+    let state = tempfile::tempdir().unwrap();
+    let store = format!("file:{}", state.path().join("state").display());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.toml");
+    let keys = "\n[upstream.inbound]\nkeys = [\"an-inbound-key-0123456789\"]\n";
+    std::fs::write(&path, config(&store, &listen) + keys).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "-c"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("WARN") && err.contains("plain HTTP"), "{err}");
+    assert!(!err.contains('\u{1b}'), "colour codes in {err:?}");
+}
+
+/// `demo --help` says what the demo runs.
+#[test]
+fn demo_help_describes_the_tour() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["demo", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("four providers"), "{help}");
+    assert!(help.contains("status page"), "{help}");
+}
