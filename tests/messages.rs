@@ -101,3 +101,24 @@ fn demo_help_describes_the_tour() {
     assert!(help.contains("four providers"), "{help}");
     assert!(help.contains("status page"), "{help}");
 }
+
+/// An identity server that cannot be reached: the message names the URL, the cause and what
+/// to check.
+#[test]
+fn an_unreachable_identity_server_is_named_with_its_cause() {
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let state = tempfile::tempdir().unwrap();
+    let store = format!("file:{}", state.path().join("state").display());
+    let text = config(&store, "127.0.0.1:0").replace(
+        "https://id.example.com/token",
+        &format!("http://127.0.0.1:{port}/token"),
+    );
+    let (code, _, err) = tollgate(&["token", "api"], &text);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains(&format!("cannot reach the token endpoint http://127.0.0.1:{port}/token: the connection was refused; check the port in auth.token_url")),
+        "{err}"
+    );
+}

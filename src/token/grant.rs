@@ -279,9 +279,7 @@ impl TokenEndpoint {
             .body(body)
             .send()
             .await
-            .map_err(|e| {
-                GrantError::transient(format!("token endpoint unreachable: {}", e.without_url()))
-            })?;
+            .map_err(|e| GrantError::transient(unreachable(&self.url, e)))?;
         let status = response.status();
         let retry_after = response
             .headers()
@@ -293,6 +291,55 @@ impl TokenEndpoint {
         parse_response(status.as_u16(), &body, retry_after, self.default_expires_in)
             .map_err(|e| scrub(e, &secrets))
     }
+}
+
+/// Why the token endpoint at `url` could not be reached, in words: which URL, which cause
+/// (DNS, refused, TLS, timeout), and what to check.
+fn unreachable(url: &Url, e: reqwest::Error) -> String {
+    let mut chain = Vec::new();
+    let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        chain.push(c.to_string());
+        cause = c.source();
+    }
+    let text = chain.join(": ").to_lowercase();
+    let host = url.host_str().unwrap_or("its host");
+    let mut shown = url.clone();
+    shown.set_query(None);
+    let timed_out = e.is_timeout();
+    let (what, check) = if timed_out {
+        ("it did not answer in time (auth.timeout)".to_owned(), format!("check that {host} is reachable from this machine (a proxy or a firewall on the way?)"))
+    } else if text.contains("dns error")
+        || text.contains("lookup address")
+        || text.contains("name or service not known")
+    {
+        (
+            format!("the host name {host} could not be resolved (DNS)"),
+            "check the host in auth.token_url, and this machine's DNS".to_owned(),
+        )
+    } else if text.contains("connection refused") {
+        (
+            "the connection was refused".to_owned(),
+            format!("check the port in auth.token_url and that the identity server runs on {host}"),
+        )
+    } else if text.contains("certificate") || text.contains("tls") || text.contains("handshake") {
+        (
+            format!("TLS failed ({})", chain.last().map_or("", String::as_str)),
+            "for a server whose certificate a private CA signed, set the upstream's ca_file"
+                .to_owned(),
+        )
+    } else {
+        let detail = if chain.is_empty() {
+            e.without_url().to_string()
+        } else {
+            chain.join(": ")
+        };
+        (
+            format!("the request failed ({detail})"),
+            format!("check that {host} is reachable from this machine"),
+        )
+    };
+    format!("cannot reach the token endpoint {shown}: {what}; {check}")
 }
 
 /// Remove every secret from the description of a refusal.
