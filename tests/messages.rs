@@ -122,3 +122,45 @@ fn an_unreachable_identity_server_is_named_with_its_cause() {
         "{err}"
     );
 }
+
+/// An empty refresh token (`export X_REFRESH_TOKEN=`) with nothing stored: no refresh request
+/// is sent; the message and `check` say to run `tollgate login`.
+#[test]
+fn an_empty_refresh_token_says_to_log_in() {
+    let state = tempfile::tempdir().unwrap();
+    let store = format!("file:{}", state.path().join("state").display());
+    let text = config(&store, "127.0.0.1:0").replace(
+        "refresh_token = \"a-refresh-token\"",
+        "refresh_token = \"${SEED}\"",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.toml");
+    std::fs::write(&path, &text).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(args)
+            .arg("-c")
+            .arg(&path)
+            .env("SEED", "")
+            .env("RUST_LOG", "off")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["token", "api"]);
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("has no refresh token: run `tollgate login api`"),
+        "{err}"
+    );
+    assert!(!err.contains("refused the client"), "{err}");
+    let (code, err) = run(&["check"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("warning: upstream `api` has no refresh token in the config"),
+        "{err}"
+    );
+}

@@ -153,6 +153,14 @@ impl Config {
                     up.name, up.listen
                 ));
             }
+            if up.auth.grant == crate::config::Grant::RefreshToken
+                && up.auth.refresh_token.is_none()
+            {
+                out.push(format!(
+                    "upstream `{0}` has no refresh token in the config (auth.refresh_token is unset or empty): unless `tollgate login {0}` has stored one, run it before `serve` can call the API",
+                    up.name
+                ));
+            }
             for (key, url) in [("url", &up.url), ("auth.token_url", &up.auth.token_url)] {
                 if url.scheme() == "http" && !is_loopback_host(url) {
                     out.push(format!(
@@ -183,7 +191,6 @@ fn is_loopback_host(url: &Url) -> bool {
     }
 }
 
-/// The `state.*` lines: the store (a Redis password as `[redacted]`), and for Redis its keys.
 /// An extra token-request field as `check` shows it: its value, unless the field may carry a
 /// credential (a client assertion, a secret, a password, a key, a token) or the value looks
 /// like one (long and without spaces, as a JWT or a generated secret is).
@@ -207,6 +214,7 @@ fn param(name: &str, value: &str) -> String {
     }
 }
 
+/// The `state.*` lines: the store (a Redis password as `[redacted]`), and for Redis its keys.
 fn describe_state(state: &StateConfig) -> String {
     use std::fmt::Write;
     let mut out = String::new();

@@ -45,6 +45,15 @@ impl Config {
         let mut config: Config = typed(value, &secrets).map_err(|p| fail(locate(text, vec![p])))?;
         for (up, filled) in config.upstreams.iter_mut().zip(filled) {
             up.preset_filled = filled;
+            // `export X_REFRESH_TOKEN=` leaves an empty seed: that is no seed at all.
+            if up
+                .auth
+                .refresh_token
+                .as_ref()
+                .is_some_and(|t| t.expose().trim().is_empty())
+            {
+                up.auth.refresh_token = None;
+            }
         }
         let problems = config.validate();
         if problems.is_empty() {
