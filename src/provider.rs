@@ -69,11 +69,11 @@ fn beproduct(upstream: &mut Table, filled: &mut Filled) -> Result<(), String> {
     filled.fill(auth, "auth", "token_url", token_url);
     filled.fill(auth, "auth", "client_auth", "post");
     filled.fill(auth, "auth", "scope", BEPRODUCT_SCOPE);
-    if upstream.contains_key("login") {
-        let login = section(upstream, "login")?;
-        let authorize_url = "https://id.winks.io/ids/connect/authorize";
-        filled.fill(login, "login", "authorize_url", authorize_url);
-    }
+    login(
+        upstream,
+        filled,
+        "https://id.winks.io/ids/connect/authorize",
+    )?;
     Ok(())
 }
 
@@ -89,11 +89,7 @@ fn erpnet(upstream: &mut Table, filled: &mut Filled) -> Result<(), String> {
         _ => ERPNET_LOGIN_SCOPE,
     };
     filled.fill(auth, "auth", "scope", scope);
-    if upstream.contains_key("login") {
-        let login = section(upstream, "login")?;
-        let authorize_url = format!("{origin}/id/connect/authorize");
-        filled.fill(login, "login", "authorize_url", authorize_url);
-    }
+    login(upstream, filled, &format!("{origin}/id/connect/authorize"))?;
     // Per session, answered with 429 past them (PROVIDERS.md).
     let quota = section(upstream, "quota")?;
     for (key, n) in [("per_minute", 600), ("concurrency", 1), ("queue", 5)] {
@@ -118,6 +114,23 @@ fn spring(upstream: &mut Table, filled: &mut Filled) -> Result<(), String> {
     filled.fill(auth, "auth", "token_url", format!("{origin}/oauth/token"));
     filled.fill(auth, "auth", "client_auth", "basic");
     filled.fill(auth, "auth", "scope", "read write");
+    Ok(())
+}
+
+/// The redirect URI a preset fills for `tollgate login`: register it for your client.
+pub const DEFAULT_REDIRECT_URI: &str = "http://127.0.0.1:8765/callback";
+
+/// `[upstream.login]` for `tollgate login`, whenever the grant is `refresh_token` (the login
+/// is how the first refresh token is got): the provider's authorize URL, and a loopback
+/// redirect URI unless one is set.
+fn login(upstream: &mut Table, filled: &mut Filled, authorize_url: &str) -> Result<(), String> {
+    let auth = section(upstream, "auth")?;
+    if auth.get("grant").and_then(Value::as_str) != Some("refresh_token") {
+        return Ok(());
+    }
+    let login = section(upstream, "login")?;
+    filled.fill(login, "login", "authorize_url", authorize_url);
+    filled.fill(login, "login", "redirect_uri", DEFAULT_REDIRECT_URI);
     Ok(())
 }
 
@@ -183,6 +196,43 @@ mod tests {
         );
         assert_eq!(t["auth"]["grant"].as_str(), Some("password"));
         assert_eq!(t["auth"]["client_auth"].as_str(), Some("basic"));
+    }
+
+    /// With grant = refresh_token the preset fills [upstream.login], so `tollgate login` works
+    /// without an empty table added by hand; with another grant it adds none.
+    #[test]
+    fn a_refresh_token_grant_gets_the_login_table() {
+        let url = "url = \"https://acme.my.erp.net/api/domain/odata\"\n";
+        let mut t = table(&format!(
+            "preset = \"erpnet\"\n{url}[auth]\ngrant = \"refresh_token\"\n"
+        ));
+        let filled = apply(&mut t).unwrap();
+        assert_eq!(
+            t["login"]["authorize_url"].as_str(),
+            Some("https://acme.my.erp.net/id/connect/authorize")
+        );
+        assert_eq!(
+            t["login"]["redirect_uri"].as_str(),
+            Some(DEFAULT_REDIRECT_URI)
+        );
+        assert!(filled.contains(&"login.redirect_uri".to_owned()));
+        let mut t = table(&format!(
+            "preset = \"erpnet\"\n{url}[auth]\ngrant = \"client_credentials\"\n"
+        ));
+        apply(&mut t).unwrap();
+        assert!(t.get("login").is_none());
+        // BeProduct's grant is refresh_token by default; a redirect URI set is kept.
+        let mut t =
+            table("preset = \"beproduct\"\n[login]\nredirect_uri = \"http://127.0.0.1:9/cb\"\n");
+        apply(&mut t).unwrap();
+        assert_eq!(
+            t["login"]["redirect_uri"].as_str(),
+            Some("http://127.0.0.1:9/cb")
+        );
+        assert!(t["login"]["authorize_url"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://id.winks.io/"));
     }
 
     #[test]
