@@ -3,8 +3,8 @@
 //!
 //! Must not: print a secret, or the value of a `${NAME}` (it may be one).
 
+use super::values::show_size;
 use super::{AuthConfig, Config, Grant, QuotaConfig, StateConfig, StoreLocation};
-use bytesize::ByteSize;
 use url::Url;
 
 impl QuotaConfig {
@@ -75,10 +75,7 @@ impl Config {
             line("listen", up.listen.to_string());
             line("url", up.url.to_string());
             line("retry_on", format!("{:?}", up.retry_on));
-            line(
-                "retry_body_limit",
-                ByteSize(up.retry_body_limit).to_string(),
-            );
+            line("retry_body_limit", show_size(up.retry_body_limit));
             line(
                 "timeout",
                 humantime::format_duration(up.timeout).to_string(),
@@ -89,7 +86,7 @@ impl Config {
                 format!(
                     "{} connections, {} of headers within {}, upstream connect {}",
                     l.max_connections,
-                    ByteSize(l.max_header_size),
+                    show_size(l.max_header_size),
                     humantime::format_duration(l.header_timeout),
                     humantime::format_duration(l.connect_timeout)
                 ),

@@ -44,6 +44,26 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         })
 }
 
+/// A size as a person writes it: `1 MiB`, `64 KiB`, `2 MB`, or bytes — the unit that divides
+/// it exactly, binary first (what [`parse_size`] read, in the form it was most likely written).
+pub fn show_size(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 6] = [
+        (1 << 30, "GiB"),
+        (1 << 20, "MiB"),
+        (1 << 10, "KiB"),
+        (1_000_000_000, "GB"),
+        (1_000_000, "MB"),
+        (1_000, "KB"),
+    ];
+    match UNITS
+        .iter()
+        .find(|(unit, _)| bytes > 0 && bytes % unit == 0)
+    {
+        Some((unit, name)) => format!("{} {name}", bytes / unit),
+        None => format!("{bytes} bytes"),
+    }
+}
+
 /// An absolute `http` or `https` URL with a host.
 pub fn parse_http_url(text: &str) -> Result<Url, String> {
     let url = Url::parse(text).map_err(|e| {
@@ -90,6 +110,15 @@ pub fn parse_day_starts(text: &str) -> Result<u32, String> {
 #[cfg(test)]
 mod tests {
     use super::super::test_support::{error_of, GOOD};
+    use super::{parse_size, show_size};
+
+    #[test]
+    fn sizes_are_shown_as_written() {
+        for text in ["1 MiB", "64 KiB", "2 MB", "1 GiB", "1500 bytes", "3 KB"] {
+            let written = text.replace(' ', "").replace("bytes", "");
+            assert_eq!(show_size(parse_size(&written).unwrap()), text, "{written}");
+        }
+    }
 
     #[test]
     fn bad_duration_names_key() {
