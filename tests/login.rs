@@ -25,6 +25,10 @@ async fn setup() -> (Harness, String) {
 
 /// The harness config without a seed, with an [upstream.login] section.
 fn login_config(h: &Harness, redirect: &str) -> Config {
+    Config::parse(&login_text(h, redirect), "t", |_| None).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn login_text(h: &Harness, redirect: &str) -> String {
     let authorize = h.identity.token_url().replace("/token", "/authorize");
     let text: String = h
         .config_text
@@ -32,10 +36,9 @@ fn login_config(h: &Harness, redirect: &str) -> Config {
         .filter(|l| !l.starts_with("refresh_token"))
         .map(|l| format!("{l}\n"))
         .collect();
-    let text = format!(
+    format!(
         "{text}scope = \"openid offline_access\"\n\n[upstream.login]\nauthorize_url = \"{authorize}\"\nredirect_uri = \"{redirect}\"\nparams = {{ prompt = \"consent\" }}\n"
-    );
-    Config::parse(&text, "t", |_| None).unwrap_or_else(|e| panic!("{e}"))
+    )
 }
 
 /// Play the browser: GET the authorize URL, then follow its redirect to the callback,
@@ -204,4 +207,45 @@ async fn a_login_on_redis_reaches_every_replica() {
     assert_eq!(h.identity.counters().reuse_detected, 0);
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// `tollgate token` right after `tollgate login` says it uses the stored token (not one
+/// "another process refreshed"), and prints it.
+#[tokio::test]
+async fn token_after_login_uses_the_stored_token() {
+    let (mut h, redirect) = setup().await;
+    h.stop_proxy().await;
+    let config = login_config(&h, &redirect);
+    let login = Login::prepare(&config, "api").await.unwrap();
+    let url = login.authorize_url.to_string();
+    let finished = tokio::spawn(login.finish(Duration::from_secs(10)));
+    assert_eq!(browse(&url, |l| l).await, 200);
+    finished.await.unwrap().unwrap();
+
+    let path = h.state_dir().join("login.toml");
+    std::fs::write(&path, login_text(&h, &redirect)).unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["token", "api", "-c"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        h.identity
+            .issued_tokens()
+            .iter()
+            .any(|t| stdout.trim() == t),
+        "{stdout}"
+    );
+    assert!(stderr.contains("using the stored token"), "{stderr}");
+    assert!(!stderr.contains("another process"), "{stderr}");
 }

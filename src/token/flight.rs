@@ -428,8 +428,13 @@ impl TokenCache {
         }
         if let Some(record) = &stored {
             if let Some(token) = self.adoptable(record, purpose) {
-                tracing::info!(upstream = %self.name, generation = token.generation, token = %token.fingerprint, "using the token another process refreshed");
-                self.lineage_used.store(true, Ordering::Release);
+                // The first token this process uses was stored before it (by `tollgate login`
+                // or an earlier run); a later one was refreshed by another process.
+                if self.lineage_used.swap(true, Ordering::AcqRel) {
+                    tracing::info!(upstream = %self.name, generation = token.generation, token = %token.fingerprint, "using the token another process refreshed");
+                } else {
+                    tracing::info!(upstream = %self.name, generation = token.generation, token = %token.fingerprint, "using the stored token");
+                }
                 return Ok(Consulted::Adopted(self.publish(token)));
             }
         }
