@@ -26,7 +26,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -141,6 +142,19 @@ pub async fn serve<H: Handler>(
                     // The handshake counts against the same deadline as the first request,
                     // and is given up when the listener stops: no request is in flight yet.
                     let deadline = started + settings.header_timeout;
+                    let mut stream = stream;
+                    // Done with the connection when it spoke plain HTTP, sent nothing in
+                    // time, or the listener stopped meanwhile.
+                    let done = tokio::select! {
+                        peeked = tokio::time::timeout_at(deadline, answer_plain_http(&mut stream)) => {
+                            peeked.unwrap_or(true)
+                        }
+                        _ = stop.changed() => true,
+                    };
+                    if done {
+                        drop(permit);
+                        return;
+                    }
                     let handshake = tokio::time::timeout_at(deadline, acceptor.accept(stream));
                     tokio::select! {
                         shaken = handshake => match shaken {
@@ -166,6 +180,27 @@ pub async fn serve<H: Handler>(
             let _ = ending.send(Ending::Forced);
         }
     }
+}
+
+/// A client that speaks plain HTTP to an HTTPS listener (its first byte is a letter, where a
+/// TLS handshake starts with 0x16) gets a plain-text 400 saying to use https, which curl and a
+/// browser can show, instead of bytes they cannot read; returns whether it was answered.
+async fn answer_plain_http(stream: &mut TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    if !matches!(stream.peek(&mut first).await, Ok(1) if first[0].is_ascii_uppercase()) {
+        return false;
+    }
+    let at = stream
+        .local_addr()
+        .map_or_else(|_| "this address".to_owned(), |a| format!("https://{a}/"));
+    let body = format!("This tollgate listener speaks HTTPS: use {at} (https, not http).\n");
+    let response = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+    true
 }
 
 /// What a listener tells its connections.

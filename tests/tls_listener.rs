@@ -221,3 +221,32 @@ async fn a_silent_tls_client_does_not_delay_shutdown() {
         .await
         .expect("shut down without waiting out the header timeout (30 s)");
 }
+
+/// Plain HTTP sent to the HTTPS listener gets a plain-text 400 that says to use https,
+/// which curl can show, instead of bytes it cannot read.
+#[tokio::test]
+async fn plain_http_to_the_https_listener_is_told_to_use_https() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = make_ca("plain");
+    write_certs(dir.path(), &ca);
+    let h = harness(dir.path()).await;
+    let addr = h.proxy().addr("api").unwrap();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{answer}"
+    );
+    assert!(answer.contains("content-type: text/plain"), "{answer}");
+    assert!(answer.contains(&format!("use https://{addr}/")), "{answer}");
+    // TLS clients are served as before.
+    let stream = connect(&h, &ca, &[b"http/1.1"]).await;
+    let (status, _) = get_over(stream, false).await;
+    assert_eq!(status, 200);
+}
