@@ -37,8 +37,9 @@ fn example_path(preset: &str) -> &'static str {
     }
 }
 
-/// The demo's config: `fixed` puts the listeners on the ports above, else on any free port.
-pub fn config(state: &str, sims: &[SimProvider], fixed: bool) -> Config {
+/// The demo's config, as text and parsed: `fixed` puts the listeners on the ports above, else
+/// on any free port.
+pub fn config(state: &str, sims: &[SimProvider], fixed: bool) -> (String, Config) {
     let admin = if fixed { ADMIN_PORT } else { 0 };
     let mut text =
         format!("[state]\nstore = \"file:{state}\"\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n");
@@ -59,7 +60,8 @@ pub fn config(state: &str, sims: &[SimProvider], fixed: bool) -> Config {
         }
         text.push('\n');
     }
-    Config::parse(&text, "demo", |_| None).expect("the demo config is valid")
+    let config = Config::parse(&text, "demo", |_| None).expect("the demo config is valid");
+    (text, config)
 }
 
 /// Run the demo until `shutdown` resolves.
@@ -76,11 +78,30 @@ pub async fn run(shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
         })?;
     // A subdirectory, so the file store creates it with mode 0700 itself.
     let state = tmp.path().join("state").display().to_string();
-    let proxy = match Proxy::start(&config(&state, &sims, true)).await {
+    let (mut text, fixed) = config(&state, &sims, true);
+    let proxy = match Proxy::start(&fixed).await {
         Ok(p) => p,
-        Err(StartError::Bind { .. }) => Proxy::start(&config(&state, &sims, false)).await?,
+        Err(StartError::Bind { .. }) => {
+            let (free, config) = config(&state, &sims, false);
+            let proxy = Proxy::start(&config).await?;
+            // The file shows the ports the listeners took: the admin listener's first, then
+            // the upstreams', in the order the text lists them.
+            text = free;
+            let admin = proxy
+                .admin_addr()
+                .expect("the demo serves the admin listener");
+            let upstreams = sims.iter().map(|sim| proxy.addr(sim.preset));
+            for addr in [Some(admin)].into_iter().chain(upstreams).flatten() {
+                text = text.replacen("127.0.0.1:0\"", &format!("{addr}\""), 1);
+            }
+            proxy
+        }
         Err(e) => return Err(e),
     };
+    let file = tmp.path().join("tollgate.toml");
+    std::fs::write(&file, &text)
+        .map_err(|e| StartError::StoreLocation(format!("cannot write {}: {e}", file.display())))?;
+    let file = file.display();
 
     println!("\ntollgate demo: four simulated providers, each with tollgate in front.\n");
     println!(
@@ -126,7 +147,24 @@ pub async fn run(shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     );
     let erp = proxy.addr("erpnet").expect("erpnet listener");
     println!(
-        "\nA POST is replayed intact if the API refuses the token (1 MiB and smaller):\n\n  curl -s -X POST -H 'Content-Type: application/json' -d '{{\"filters\":[]}}' 'http://{erp}/Items'"
+        "\nA POST is replayed intact when the API refuses the token (1 MiB and smaller). Here the\n\
+         simulated API refuses the first attempt (sim_refuse_once); the log above shows\n\
+         \"upstream refused the token; refreshing and replaying once\", and the answer is the\n\
+         API's echo of the replayed POST:\n\n\
+         \x20 curl -s -X POST -H 'Content-Type: application/json' -d '{{\"filters\":[]}}' \"http://{erp}/Items?sim_refuse_once=$RANDOM\""
+    );
+    println!(
+        "\nThe simulated APIs take switches on any path, to try quotas and holds:\n\
+         \x20 ?sim_status=429&sim_retry_after=30   answer that status (and Retry-After)\n\
+         \x20 ?sim_delay_ms=2000                    answer two seconds late\n\
+         \x20 ?sim_download=1048576                 answer with that many bytes\n\
+         \x20 ?sim_refuse_once=ID                   refuse the token the first time ID is seen"
+    );
+    println!(
+        "\nThe config the demo runs (with the simulated clients' credentials) is {file};\n\
+         the other commands work against it while the demo runs:\n\n\
+         \x20 tollgate status -c {file}\n\
+         \x20 tollgate token erpnet -c {file}"
     );
     println!(
         "\nWithout tollgate the APIs refuse you:\n\n  curl -si '{}{}'",

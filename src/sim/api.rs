@@ -94,6 +94,9 @@ pub struct ApiSim {
 struct Inner {
     identity: IdentitySim,
     reject_left: AtomicU32,
+    /// The `sim_refuse_once` ids already refused: a request with one is refused the first
+    /// time only, so the replay after a refresh goes through.
+    refused_once: Mutex<std::collections::HashSet<String>>,
     requests: AtomicU64,
     authorized: AtomicU64,
     rejected: AtomicU64,
@@ -137,6 +140,7 @@ impl ApiSim {
             inner: Arc::new(Inner {
                 identity,
                 reject_left: AtomicU32::new(0),
+                refused_once: Mutex::default(),
                 requests: AtomicU64::new(0),
                 authorized: AtomicU64::new(0),
                 rejected: AtomicU64::new(0),
@@ -197,6 +201,10 @@ impl ApiSim {
         self.inner.requests.fetch_add(1, Ordering::SeqCst);
         let _in_flight = InFlight::enter(self.inner.clone());
         self.remember_authorization(request.headers());
+        if self.refuse_once(request.uri().query()) {
+            self.inner.rejected.fetch_add(1, Ordering::SeqCst);
+            return unauthorized(Refusal::InvalidToken);
+        }
         if let Err(refusal) = self.authorize(request.headers()) {
             self.inner.rejected.fetch_add(1, Ordering::SeqCst);
             return unauthorized(refusal);
@@ -286,6 +294,24 @@ impl ApiSim {
             .last_authorization
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = value;
+    }
+
+    /// `sim_refuse_once=ID`: refuse the token the first time ID is seen (as an API does
+    /// with a token revoked before it expired), accept it after.
+    fn refuse_once(&self, query: Option<&str>) -> bool {
+        let query = form_urlencoded::parse(query.unwrap_or_default().as_bytes());
+        let Some((_, id)) = query
+            .into_iter()
+            .find(|(name, _)| name == "sim_refuse_once")
+        else {
+            return false;
+        };
+        let mut seen = self
+            .inner
+            .refused_once
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        seen.insert(id.into_owned())
     }
 
     fn authorize(&self, headers: &HeaderMap) -> Result<(), Refusal> {

@@ -1,0 +1,79 @@
+//! `tollgate demo` as a newcomer runs it: the lines it prints work when pasted — the config
+//! file it writes serves `tollgate status`, and the POST line really shows a replay.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[test]
+fn the_demo_prints_lines_that_work() {
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("demo")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = demo.stderr.take().unwrap();
+    let logs = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let mut printed = String::new();
+    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !printed.contains("Press Ctrl-C to stop.") {
+        assert!(
+            Instant::now() < deadline,
+            "the demo did not start:\n{printed}"
+        );
+        let line = lines.next().expect("the demo exited").unwrap();
+        printed.push_str(&line);
+        printed.push('\n');
+    }
+    let word_after = |marker: &str| -> String {
+        let at = printed
+            .find(marker)
+            .unwrap_or_else(|| panic!("{marker} in\n{printed}"));
+        printed[at + marker.len()..]
+            .split(|c: char| c.is_whitespace() || c == ';' || c == '"' || c == '\'')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let file = word_after("tollgate status -c ");
+    let post = word_after("-d '{\"filters\":[]}' \"");
+    assert!(post.contains("/Items?sim_refuse_once=$RANDOM"), "{post}");
+
+    // The status command against the config the demo wrote.
+    let status = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["status", "-c", &file])
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{table}");
+    assert!(table.contains("beproduct today: 0 of 2000"), "{table}");
+
+    // The POST line, pasted (with $RANDOM as a shell would expand it): answered by the API's
+    // echo of the replay, after the refusal and refresh the log shows.
+    let url = post.replace("$RANDOM", "4242");
+    let out = Command::new("curl")
+        .args(["-s", "-X", "POST", "-H", "Content-Type: application/json"])
+        .args(["-d", "{\"filters\":[]}", &url])
+        .output()
+        .expect("curl is installed");
+    let echo = String::from_utf8_lossy(&out.stdout);
+    assert!(echo.contains("\"body\":\"{\\\"filters\\\":[]}\""), "{echo}");
+
+    unsafe_kill(demo.id());
+    let _ = demo.wait();
+    let logs = logs.join().unwrap();
+    assert!(logs.contains("refreshing and replaying once"), "{logs}");
+}
+
+/// SIGTERM, as Ctrl-C would stop it.
+fn unsafe_kill(pid: u32) {
+    let _ = Command::new("kill").arg(pid.to_string()).status();
+}
