@@ -480,7 +480,7 @@ impl TokenCache {
                         self.name
                     ),
                     _ => format!(
-                        "the identity server no longer accepts the refresh token of upstream `{0}` ({e}); run `tollgate login {0}` (a running tollgate picks the new token up), or set a new auth.refresh_token and restart",
+                        "the identity server no longer accepts the refresh token of upstream `{0}` ({e}); run `tollgate login {0}`: a running tollgate picks the new token up by itself, no restart needed",
                         self.name
                     ),
                 });
