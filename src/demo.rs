@@ -46,6 +46,15 @@ pub fn config(state: &str, sims: &[SimProvider], fixed: bool) -> (String, Config
     for (i, sim) in sims.iter().enumerate() {
         let port = if fixed { FIRST_PORT + i as u16 } else { 0 };
         text.push_str(&sim.upstream_toml(sim.preset, &format!("127.0.0.1:{port}")));
+        if matches!(sim.preset, "beproduct" | "erpnet") {
+            // `tollgate login` against the simulated identity server, which signs you in
+            // without asking (the redirect URI is the one it has registered).
+            text.push_str(&format!(
+                "\n[upstream.login]\nauthorize_url = \"{}\"\nredirect_uri = \"{}\"\n",
+                sim.identity.authorize_url(),
+                crate::provider::DEFAULT_REDIRECT_URI
+            ));
+        }
         if sim.preset == "beproduct" {
             let keys: Vec<String> = KEYS
                 .iter()
@@ -164,7 +173,20 @@ pub async fn run(shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
         "\nThe config the demo runs (with the simulated clients' credentials) is {file};\n\
          the other commands work against it while the demo runs:\n\n\
          \x20 tollgate status -c {file}\n\
-         \x20 tollgate token erpnet -c {file}"
+         \x20 tollgate token erpnet -c {file}\n\
+         \x20 tollgate login beproduct --no-browser -c {file}   # open the URL it prints; the\n\
+         \x20                                                    # simulated server signs you in"
+    );
+    let clients: Vec<String> = sims
+        .iter()
+        .map(|sim| {
+            let id = crate::sim::provider::identity_config(sim.preset, Duration::ZERO).client_id;
+            format!("{} {id}", sim.preset)
+        })
+        .collect();
+    println!(
+        "\nThe simulated clients (their secrets and seeds are in the config): {}",
+        clients.join(", ")
     );
     println!(
         "\nWithout tollgate the APIs refuse you:\n\n  curl -si '{}{}'",

@@ -1,5 +1,6 @@
 //! `tollgate demo` as a newcomer runs it: the lines it prints work when pasted — the config
-//! file it writes serves `tollgate status`, and the POST line really shows a replay.
+//! file it writes serves `tollgate status` and `tollgate login --no-browser`, and the POST line
+//! really shows a replay.
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
@@ -66,6 +67,27 @@ fn the_demo_prints_lines_that_work() {
         .expect("curl is installed");
     let echo = String::from_utf8_lossy(&out.stdout);
     assert!(echo.contains("\"body\":\"{\\\"filters\\\":[]}\""), "{echo}");
+
+    // `tollgate login beproduct --no-browser`: open the URL it prints (the simulated identity
+    // server signs in without asking), and the login lands in the demo's state.
+    let mut login = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["login", "beproduct", "--no-browser", "-c", &file])
+        .env("RUST_LOG", "off")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = BufReader::new(login.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = said.next().expect("login printed its URL").unwrap();
+        if let Some(url) = line.trim().strip_prefix("http://") {
+            break format!("http://{url}");
+        }
+    };
+    let page = Command::new("curl").args(["-sL", &url]).output().unwrap();
+    assert!(String::from_utf8_lossy(&page.stdout).contains("Logged in"));
+    let rest: Vec<String> = said.map_while(Result::ok).collect();
+    assert!(login.wait().unwrap().success(), "{rest:?}");
+    assert!(rest.iter().any(|l| l.contains("Logged in")), "{rest:?}");
 
     unsafe_kill(demo.id());
     let _ = demo.wait();

@@ -269,7 +269,10 @@ async fn invalid_grant_is_final_and_says_what_to_do() {
     assert_eq!(a.status, 503);
     let detail = a.json()["detail"].as_str().unwrap().to_owned();
     assert!(detail.contains("tollgate login api"), "{detail}");
-    assert!(detail.contains("picks the new token up by itself, no restart needed"), "{detail}");
+    assert!(
+        detail.contains("picks the new token up by itself, no restart needed"),
+        "{detail}"
+    );
     assert!(!detail.contains("and restart"), "{detail}");
     assert_eq!(a.json()["type"], "urn:tollgate:problem:login-required");
     let asked = h.identity.counters().token_requests;
