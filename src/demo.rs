@@ -111,6 +111,9 @@ pub async fn run(shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     std::fs::write(&file, &text)
         .map_err(|e| StartError::StoreLocation(format!("cannot write {}: {e}", file.display())))?;
     let file = file.display();
+    // The lines below name this very binary, so they work from `cargo run` as well.
+    let exe =
+        std::env::current_exe().map_or_else(|_| "tollgate".to_owned(), |p| p.display().to_string());
 
     println!("\ntollgate demo: four simulated providers, each with tollgate in front.\n");
     println!(
@@ -172,10 +175,10 @@ pub async fn run(shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     println!(
         "\nThe config the demo runs (with the simulated clients' credentials) is {file};\n\
          the other commands work against it while the demo runs:\n\n\
-         \x20 tollgate status -c {file}\n\
-         \x20 tollgate token erpnet -c {file}\n\
-         \x20 tollgate login beproduct --no-browser -c {file}   # open the URL it prints; the\n\
-         \x20                                                    # simulated server signs you in"
+         \x20 {exe} status -c {file}\n\
+         \x20 {exe} token erpnet -c {file}\n\
+         \x20 {exe} login beproduct --no-browser -c {file}\n\n\
+         (login prints a URL to open; the simulated identity server signs you in.)"
     );
     let clients: Vec<String> = sims
         .iter()

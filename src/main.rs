@@ -281,13 +281,14 @@ fn main() -> ExitCode {
     })
 }
 
-/// An error and its causes, each said once: most of our messages already name their cause,
-/// which the chain then names again.
+/// An error and its causes, each said once: most of our messages end with their cause, which
+/// the chain then names again.
 fn causes(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
         let text = cause.to_string();
-        if out.contains(&text) {
+        // A message that ends with its cause's text already said it.
+        if out.ends_with(&text) {
             continue;
         }
         if !out.is_empty() {

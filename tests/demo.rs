@@ -8,13 +8,16 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn the_demo_prints_lines_that_work() {
-    let mut demo = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .arg("demo")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut demo = Killed(
+        Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .arg("demo")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let demo = &mut demo.0;
     let mut stderr = demo.stderr.take().unwrap();
     let logs = std::thread::spawn(move || {
         let mut text = String::new();
@@ -43,7 +46,8 @@ fn the_demo_prints_lines_that_work() {
             .unwrap()
             .to_owned()
     };
-    let file = word_after("tollgate status -c ");
+    let exe = env!("CARGO_BIN_EXE_tollgate");
+    let file = word_after(&format!("{exe} status -c "));
     let post = word_after("-d '{\"filters\":[]}' \"");
     assert!(post.contains("/Items?sim_refuse_once=$RANDOM"), "{post}");
 
@@ -93,6 +97,16 @@ fn the_demo_prints_lines_that_work() {
     let _ = demo.wait();
     let logs = logs.join().unwrap();
     assert!(logs.contains("refreshing and replaying once"), "{logs}");
+}
+
+/// A child killed when the test ends, passed or failed.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// SIGTERM, as Ctrl-C would stop it.

@@ -233,10 +233,8 @@ async fn plain_http_to_the_https_listener_is_told_to_use_https() {
     let h = harness(dir.path()).await;
     let addr = h.proxy().addr("api").unwrap();
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .await
-        .unwrap();
+    let request = format!("GET /x HTTP/1.1\r\nHost: localhost:{}\r\n\r\n", addr.port());
+    stream.write_all(request.as_bytes()).await.unwrap();
     let mut answer = String::new();
     stream.read_to_string(&mut answer).await.unwrap();
     assert!(
@@ -244,7 +242,11 @@ async fn plain_http_to_the_https_listener_is_told_to_use_https() {
         "{answer}"
     );
     assert!(answer.contains("content-type: text/plain"), "{answer}");
-    assert!(answer.contains(&format!("use https://{addr}/")), "{answer}");
+    let port = addr.port();
+    assert!(
+        answer.contains(&format!("use https://localhost:{port}/")),
+        "{answer}"
+    );
     // TLS clients are served as before.
     let stream = connect(&h, &ca, &[b"http/1.1"]).await;
     let (status, _) = get_over(stream, false).await;

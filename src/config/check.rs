@@ -188,26 +188,26 @@ fn is_loopback_host(url: &Url) -> bool {
     }
 }
 
-/// An extra token-request field as `check` shows it: its value, unless the field may carry a
-/// credential (a client assertion, a secret, a password, a key, a token) or the value looks
-/// like one (long and without spaces, as a JWT or a generated secret is).
+/// An extra token-request field as `check` shows it: the value of a field known to name
+/// something (an audience, a resource, a tenant…), `[redacted]` for any other, which may be a
+/// credential (a client assertion, a key, a signature).
 fn param(name: &str, value: &str) -> String {
-    let name = name.to_ascii_lowercase();
-    let credential = [
-        "assertion",
-        "secret",
-        "password",
-        "key",
-        "token",
-        "credential",
-    ]
-    .iter()
-    .any(|word| name.contains(word));
-    let opaque = value.len() > 40 && !value.contains(' ') && !value.contains("://");
-    if credential || opaque {
-        "[redacted]".into()
-    } else {
+    const SHOWN: [&str; 10] = [
+        "audience",
+        "resource",
+        "tenant",
+        "tenant_id",
+        "organization",
+        "realm",
+        "prompt",
+        "acr_values",
+        "ui_locales",
+        "login_hint",
+    ];
+    if SHOWN.contains(&name.to_ascii_lowercase().as_str()) {
         value.to_owned()
+    } else {
+        "[redacted]".into()
     }
 }
 

@@ -314,7 +314,6 @@ pub struct StoreHealth {
     pub errors: u64,
 }
 
-/// Open the store that `state.store` names. A Redis store connects on first use.
 /// What `tollgate check` can tell of the store without changing anything: a file store's
 /// directory must be writable, or creatable in the nearest directory that exists.
 pub fn check(state: &StateConfig) -> Result<(), String> {
@@ -351,6 +350,7 @@ pub fn check(state: &StateConfig) -> Result<(), String> {
     })
 }
 
+/// Open the store that `state.store` names. A Redis store connects on first use.
 pub fn open(state: &StateConfig) -> Result<Arc<dyn StateStore>, StoreError> {
     match state.location().map_err(StoreError::Location)? {
         StoreLocation::File(dir) => Ok(Arc::new(FileStore::open(&dir)?)),
