@@ -354,7 +354,25 @@ fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {
         text.push_str(&s.to_string());
         source = s.source();
     }
-    text
+    match certificate_hint(&text) {
+        Some(hint) => format!("{text}. {hint}"),
+        None => text,
+    }
+}
+
+/// What to do about a certificate rustls refused, in words, from the error's text.
+fn certificate_hint(text: &str) -> Option<&'static str> {
+    if text.contains("CaUsedAsEndEntity") {
+        Some("The API's certificate is a CA certificate used as its own server certificate (what `openssl req -x509` makes by default), which TLS clients refuse. Give the server a certificate signed by that CA (a leaf without CA:TRUE) and put the CA in the upstream's ca_file")
+    } else if text.contains("UnknownIssuer") {
+        Some("The API's certificate is not signed by a CA this machine trusts: put the CA that signed it (PEM) in the upstream's ca_file")
+    } else if text.contains("NotValidForName") {
+        Some("The API's certificate does not name the host in the upstream's url: use the name the certificate was issued for")
+    } else if text.contains("certificate expired") || text.contains("Expired") {
+        Some("The API's certificate has expired (or this machine's clock is wrong)")
+    } else {
+        None
+    }
 }
 
 /// Parse PEM certificates into `roots`; an empty or unreadable file is an error.

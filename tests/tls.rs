@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::certs::{make_ca, TestCa};
+use common::certs::{make_ca, make_self_signed_ca, TestCa};
 use common::{Harness, Setup};
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -110,4 +110,33 @@ async fn https_upstream_over_http2() {
     assert_eq!(a.json()["path"], "/api/v1/over-h2");
     assert!(a.echoed_header("authorization")[0].starts_with("Bearer at_"));
     proxy.shutdown().await;
+}
+
+/// An API whose certificate is a self-signed CA used as its own server certificate: the 502
+/// says in words what is wrong and what to do; an untrusted one says to set ca_file.
+#[tokio::test]
+async fn a_ca_used_as_its_own_server_certificate_is_explained() {
+    let h = Harness::start(Setup::default()).await;
+    for (ca, trust, expected) in [
+        (
+            make_self_signed_ca(),
+            true,
+            "a CA certificate used as its own server certificate",
+        ),
+        (
+            make_ca("upstream"),
+            false,
+            "not signed by a CA this machine trusts",
+        ),
+    ] {
+        let front = tls_front(&ca, h.api_server.addr, b"http/1.1").await;
+        let config = https_config(&h, &ca, front, trust);
+        let proxy = tollgate::Proxy::start(&config).await.unwrap();
+        let a = common::get(format!("http://{}/x", proxy.addr("api").unwrap())).await;
+        assert_eq!(a.status, 502, "{}", String::from_utf8_lossy(&a.body));
+        let detail = a.json()["detail"].as_str().unwrap().to_owned();
+        assert!(detail.contains(expected), "{detail}");
+        assert!(detail.contains("ca_file"), "{detail}");
+        proxy.shutdown().await;
+    }
 }

@@ -32,3 +32,25 @@ pub fn make_ca(name: &str) -> TestCa {
         key_der: leaf_key.serialize_der(),
     }
 }
+
+/// A CA certificate that serves as its own server certificate (what `openssl req -x509` makes
+/// by default): `cert_*` and `ca_pem` are the same CA:TRUE certificate.
+pub fn make_self_signed_ca() -> TestCa {
+    let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    let key = KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    TestCa {
+        ca_pem: cert.pem(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        cert_der: cert.der().to_vec(),
+        key_der: key.serialize_der(),
+    }
+}
