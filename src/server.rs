@@ -26,8 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -146,7 +145,7 @@ pub async fn serve<H: Handler>(
                     // Done with the connection when it spoke plain HTTP, sent nothing in
                     // time, or the listener stopped meanwhile.
                     let done = tokio::select! {
-                        peeked = tokio::time::timeout_at(deadline, answer_plain_http(&mut stream)) => {
+                        peeked = tokio::time::timeout_at(deadline, crate::tls::answer_plain_http(&mut stream)) => {
                             peeked.unwrap_or(true)
                         }
                         _ = stop.changed() => true,
@@ -180,49 +179,6 @@ pub async fn serve<H: Handler>(
             let _ = ending.send(Ending::Forced);
         }
     }
-}
-
-/// A client that speaks plain HTTP to an HTTPS listener (its first byte is a letter, where a
-/// TLS handshake starts with 0x16) gets a plain-text 400 saying to use https, which curl and a
-/// browser can show, instead of bytes they cannot read; returns whether it was answered. The
-/// request's head is read first (up to 16 KiB), so closing does not reset the connection
-/// under the answer, and its `Host` makes the suggested URL.
-async fn answer_plain_http(stream: &mut TcpStream) -> bool {
-    let mut first = [0u8; 1];
-    if !matches!(stream.peek(&mut first).await, Ok(1) if first[0].is_ascii_uppercase()) {
-        return false;
-    }
-    let mut head = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while head.len() < 16 * 1024 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => head.extend_from_slice(&chunk[..n]),
-        }
-    }
-    let host = String::from_utf8_lossy(&head)
-        .lines()
-        .find_map(|line| {
-            let (name, value) = line.split_once(':')?;
-            name.trim()
-                .eq_ignore_ascii_case("host")
-                .then(|| value.trim().to_owned())
-        })
-        .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic()));
-    let at = match host {
-        Some(host) => format!("https://{host}/"),
-        None => stream
-            .local_addr()
-            .map_or_else(|_| "https://".to_owned(), |a| format!("https://{a}/")),
-    };
-    let body = format!("This tollgate listener speaks HTTPS: use {at} (https, not http).\n");
-    let response = format!(
-        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.write_all(response.as_bytes()).await;
-    let _ = stream.shutdown().await;
-    true
 }
 
 /// What a listener tells its connections.

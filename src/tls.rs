@@ -3,7 +3,8 @@
 //! connection: new handshakes use the new certificate, open connections keep theirs.
 //!
 //! A reload that fails (a missing file, a key that does not match) keeps the certificate in
-//! use and says why.
+//! use and says why. A client that speaks plain HTTP to the listener is told to use https
+//! ([`answer_plain_http`]).
 
 use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
@@ -13,6 +14,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// A certificate and key read from PEM files, swappable while serving.
 #[derive(Debug)]
@@ -85,4 +88,47 @@ fn load(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedK
             cert.display()
         )
     })
+}
+
+/// A client that speaks plain HTTP to an HTTPS listener (its first byte is a letter, where a
+/// TLS handshake starts with 0x16) gets a plain-text 400 saying to use https, which curl and a
+/// browser can show, instead of bytes they cannot read; returns whether it was answered. The
+/// request's head is read first (up to 16 KiB), so closing does not reset the connection
+/// under the answer, and its `Host` makes the suggested URL.
+pub async fn answer_plain_http(stream: &mut TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    if !matches!(stream.peek(&mut first).await, Ok(1) if first[0].is_ascii_uppercase()) {
+        return false;
+    }
+    let mut head = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while head.len() < 16 * 1024 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let host = String::from_utf8_lossy(&head)
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.trim()
+                .eq_ignore_ascii_case("host")
+                .then(|| value.trim().to_owned())
+        })
+        .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic()));
+    let at = match host {
+        Some(host) => format!("https://{host}/"),
+        None => stream
+            .local_addr()
+            .map_or_else(|_| "https://".to_owned(), |a| format!("https://{a}/")),
+    };
+    let body = format!("This tollgate listener speaks HTTPS: use {at} (https, not http).\n");
+    let response = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+    true
 }

@@ -234,8 +234,8 @@ async fn the_forecast_follows_the_pace() {
         for i in 0..10 {
             assert_eq!(h.get(&format!("/q{quarter}/{i}")).await.status, 200);
         }
-        // Each quarter's requests are read into their slot before the clock moves on.
-        assert!(forecast().await.is_string());
+        // Reading /status adds each quarter's requests to their slot before the clock moves.
+        let _ = forecast().await;
         clock.advance(Duration::from_secs(15 * 60));
     }
     assert_eq!(

@@ -93,7 +93,7 @@ fn the_demo_prints_lines_that_work() {
     assert!(login.wait().unwrap().success(), "{rest:?}");
     assert!(rest.iter().any(|l| l.contains("Logged in")), "{rest:?}");
 
-    unsafe_kill(demo.id());
+    terminate(demo.id());
     let _ = demo.wait();
     let logs = logs.join().unwrap();
     assert!(logs.contains("refreshing and replaying once"), "{logs}");
@@ -110,6 +110,6 @@ impl Drop for Killed {
 }
 
 /// SIGTERM, as Ctrl-C would stop it.
-fn unsafe_kill(pid: u32) {
+fn terminate(pid: u32) {
     let _ = Command::new("kill").arg(pid.to_string()).status();
 }

@@ -41,6 +41,15 @@ fn login_text(h: &Harness, redirect: &str) -> String {
     )
 }
 
+/// A whole login for `api`: the browser follows the authorize URL, the login lands.
+async fn log_in(config: &Config) {
+    let login = Login::prepare(config, "api").await.unwrap();
+    let url = login.authorize_url.to_string();
+    let finished = tokio::spawn(login.finish(Duration::from_secs(10)));
+    assert_eq!(browse(&url, |l| l).await, 200);
+    finished.await.unwrap().unwrap();
+}
+
 /// Play the browser: GET the authorize URL, then follow its redirect to the callback,
 /// optionally tampering with the redirect first.
 async fn browse(url: &str, tamper: impl Fn(String) -> String) -> u16 {
@@ -66,11 +75,7 @@ async fn login_then_serve_uses_the_stored_token() {
     let (mut h, redirect) = setup().await;
     h.stop_proxy().await;
     let config = login_config(&h, &redirect);
-    let login = Login::prepare(&config, "api").await.unwrap();
-    let url = login.authorize_url.to_string();
-    let finished = tokio::spawn(login.finish(Duration::from_secs(10)));
-    assert_eq!(browse(&url, |l| l).await, 200);
-    finished.await.unwrap().unwrap();
+    log_in(&config).await;
 
     let params = h.identity.last_authorize_params();
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
@@ -153,11 +158,7 @@ async fn a_running_proxy_picks_up_a_login() {
         h.config_text
     );
     let config = Config::parse(&text, "t", |_| None).unwrap();
-    let login = Login::prepare(&config, "api").await.unwrap();
-    let url = login.authorize_url.to_string();
-    let finished = tokio::spawn(login.finish(Duration::from_secs(10)));
-    assert_eq!(browse(&url, |l| l).await, 200);
-    finished.await.unwrap().unwrap();
+    log_in(&config).await;
 
     let a = h.get("/alive-again").await;
     assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
@@ -189,11 +190,7 @@ async fn a_login_on_redis_reaches_every_replica() {
     assert_eq!(get(&a, "/dead").await.status, 503);
     assert_eq!(get(&b, "/dead").await.status, 503);
 
-    let login = Login::prepare(&config, "api").await.unwrap();
-    let url = login.authorize_url.to_string();
-    let finished = tokio::spawn(login.finish(Duration::from_secs(10)));
-    assert_eq!(browse(&url, |l| l).await, 200);
-    finished.await.unwrap().unwrap();
+    log_in(&config).await;
 
     for (proxy, path) in [(&a, "/a-again"), (&b, "/b-again")] {
         let answer = get(proxy, path).await;
@@ -216,11 +213,7 @@ async fn token_after_login_uses_the_stored_token() {
     let (mut h, redirect) = setup().await;
     h.stop_proxy().await;
     let config = login_config(&h, &redirect);
-    let login = Login::prepare(&config, "api").await.unwrap();
-    let url = login.authorize_url.to_string();
-    let finished = tokio::spawn(login.finish(Duration::from_secs(10)));
-    assert_eq!(browse(&url, |l| l).await, 200);
-    finished.await.unwrap().unwrap();
+    log_in(&config).await;
 
     let path = h.state_dir().join("login.toml");
     std::fs::write(&path, login_text(&h, &redirect)).unwrap();

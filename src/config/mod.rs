@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! text ─► TOML ─► ${NAME} replaced ─► presets filled in ─► typed, unknown keys refused
-//!   (load.rs)     (interpolate.rs)     (load.rs)           (schema.rs, values.rs)
+//!   (load.rs)     (interpolate.rs)     (load.rs)           (schema.rs, keys.rs, values.rs)
 //!      ─► checks across keys ─► each problem placed on its line
 //!         (validate.rs)          (locate.rs)
 //! ```
@@ -15,16 +15,18 @@
 
 mod check;
 mod interpolate;
+mod keys;
 mod load;
 mod locate;
 mod schema;
 mod validate;
 mod values;
 
+pub use keys::{Budget, InboundKey};
 pub use schema::{
-    AdminConfig, AuthConfig, Budget, ClientAuth, Config, Edition, Grant, InboundConfig, InboundKey,
-    LimitsConfig, LoginConfig, QuotaConfig, RedisUrl, StateConfig, StoreLocation, TlsConfig,
-    UpstreamConfig, MIN_KEY_LEN,
+    AdminConfig, AuthConfig, ClientAuth, Config, Edition, Grant, InboundConfig, LimitsConfig,
+    LoginConfig, QuotaConfig, RedisUrl, StateConfig, StoreLocation, TlsConfig, UpstreamConfig,
+    MIN_KEY_LEN,
 };
 pub use values::{parse_day_starts, parse_duration, parse_http_url, parse_size};
 

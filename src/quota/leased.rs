@@ -134,18 +134,17 @@ impl Leased {
 
     /// Which window `unix_ms` falls in, counting from the first start after the epoch.
     fn day_of(&self, unix_ms: u64) -> u64 {
-        unix_ms.saturating_sub(self.offset_ms) / self.length_ms
+        Period::number(unix_ms, self.length_ms, self.offset_ms)
     }
 
     /// The span of window number `day`, as the store counts it.
     fn period(&self, day: u64) -> Period {
-        let start = day * self.length_ms + self.offset_ms;
-        Period::new(start, start + self.length_ms)
+        Period::nth(day, self.length_ms, self.offset_ms)
     }
 
     /// How long until the window that holds `unix_ms` ends.
     pub fn reset_in(&self, unix_ms: u64) -> Duration {
-        let next = (self.day_of(unix_ms) + 1) * self.length_ms + self.offset_ms;
+        let next = self.period(self.day_of(unix_ms)).end_ms;
         Duration::from_millis(next.saturating_sub(unix_ms))
     }
 

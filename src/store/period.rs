@@ -36,6 +36,18 @@ impl Period {
         Period { start_ms, end_ms }
     }
 
+    /// The number of the window that holds `unix_ms`, counting windows of `length_ms` from
+    /// the first that starts `offset_ms` after the epoch (a day starting at `day_starts`).
+    pub fn number(unix_ms: u64, length_ms: u64, offset_ms: u64) -> u64 {
+        unix_ms.saturating_sub(offset_ms) / length_ms
+    }
+
+    /// Window number `n` of those [`Period::number`] counts.
+    pub fn nth(n: u64, length_ms: u64, offset_ms: u64) -> Period {
+        let start = n * length_ms + offset_ms;
+        Period::new(start, start + length_ms)
+    }
+
     /// The name a store keeps the period under: its span in RFC 3339 (ISO 8601 interval).
     pub fn key(&self) -> String {
         format!("{}/{}", rfc3339(self.start_ms), rfc3339(self.end_ms))

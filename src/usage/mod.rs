@@ -178,8 +178,8 @@ impl Usage {
         let sent = stats::totals(stats.iter().map(|s| &**s)).sent;
         let now = self.clock.unix_ms();
         let offset = u64::from(day_starts_s) * 1000;
-        let start = (now.saturating_sub(offset)) / DAY_MS * DAY_MS + offset;
-        let period = Period::new(start, start + DAY_MS);
+        let period = Period::nth(Period::number(now, DAY_MS, offset), DAY_MS, offset);
+        let start = period.start_ms;
         let slot = ((now - start) / SLOT_MS) as u32;
         let added: Vec<Used> = sent
             .iter()
