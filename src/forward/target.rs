@@ -1,24 +1,14 @@
-//! Sending a request to the upstream API: the URI rewrite (base path + incoming path + query),
-//! the header rewrite (Host, hop-by-hop, Via, Authorization), and the pooled HTTPS client.
-//!
-//! The checks that keep the proxy a *reverse* proxy live here too: no CONNECT, no absolute-form
-//! request for another host, no path that leaves the base path. They run before anything is
-//! sent, so a refused request never reaches the upstream.
+//! Where a request goes: the URI rewrite (base path + incoming path + query) and the checks
+//! that keep the proxy a *reverse* proxy — no CONNECT, no absolute-form request for another
+//! host, no path that leaves the base path. They run before anything is sent, so a refused
+//! request never reaches the upstream. Also the way back: a `Location` on the upstream
+//! rewritten to the proxy's own address.
 
-use crate::body::RequestBody;
-use crate::config::UpstreamConfig;
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::HeaderValue;
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
-use http::{Method, Request, Response, Version};
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http::{Method, Version};
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
 
 /// Why a request target is refused before forwarding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +41,7 @@ pub struct Target {
     authority: Authority,
     /// Base path without a trailing `/`; empty when the URL has no path.
     base_path: String,
-    host: HeaderValue,
+    pub(super) host: HeaderValue,
 }
 
 impl Target {
@@ -224,175 +214,6 @@ fn hex(b: u8) -> Option<u8> {
     (b as char).to_digit(16).map(|d| d as u8)
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy ones proxies drop. `Trailer` is not one
-/// (RFC 9110 §6.6.2): it announces the trailer fields, which pass through, and hyper sends
-/// trailer fields over HTTP/1.1 only when it announces them.
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRANSFER_ENCODING,
-];
-
-/// Remove hop-by-hop headers, including every header named in `Connection`.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        // Every Connection header counts; collect (and allocate) only when there is one.
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .flat_map(|v| v.to_str().unwrap_or("").split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .filter(|n| *n != "close" && *n != "keep-alive")
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
-    }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-    headers.remove(header::UPGRADE);
-}
-
-fn via(version: Version) -> HeaderValue {
-    HeaderValue::from_static(match version {
-        Version::HTTP_09 => "0.9 tollgate",
-        Version::HTTP_10 => "1.0 tollgate",
-        Version::HTTP_2 => "2 tollgate",
-        Version::HTTP_3 => "3 tollgate",
-        _ => "1.1 tollgate",
-    })
-}
-
-/// Rewrite the client's headers for the upstream: the client's credentials go, the token comes.
-pub fn rewrite_request_headers(
-    headers: &mut HeaderMap,
-    version: Version,
-    target: &Target,
-    authorization: &HeaderValue,
-) {
-    remove_hop_by_hop(headers);
-    headers.insert(header::HOST, target.host.clone());
-    headers.insert(header::AUTHORIZATION, authorization.clone());
-    headers.append(header::VIA, via(version));
-}
-
-/// The pooled client to one upstream; a clone shares the pool.
-#[derive(Clone)]
-pub struct Upstream {
-    pub target: Target,
-    client: Client<HttpsConnector<HttpConnector>, RequestBody>,
-    timeout: Duration,
-}
-
-/// What went wrong sending upstream.
-#[derive(Debug)]
-pub enum SendError {
-    Unreachable(String),
-    Timeout(Duration),
-}
-
-impl Upstream {
-    pub fn new(config: &UpstreamConfig, extra_roots: Option<&[u8]>) -> Result<Upstream, String> {
-        let mut roots = rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        };
-        if let Some(pem) = extra_roots {
-            add_pem_roots(&mut roots, pem)?;
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(config.limits.connect_timeout));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(https);
-        Ok(Upstream {
-            target: Target::new(&config.url)?,
-            client,
-            timeout: config.timeout,
-        })
-    }
-
-    /// Send one request and wait for the response head.
-    pub async fn send(
-        &self,
-        mut request: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, SendError> {
-        // The pooled client picks HTTP/1.1 or h2 by ALPN; the client's version does not apply.
-        *request.version_mut() = Version::HTTP_11;
-        match tokio::time::timeout(self.timeout, self.client.request(request)).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err(SendError::Unreachable(describe_client_error(&e))),
-            Err(_) => Err(SendError::Timeout(self.timeout)),
-        }
-    }
-}
-
-fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {
-    use std::error::Error;
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    match certificate_hint(&text) {
-        Some(hint) => format!("{text}. {hint}"),
-        None => text,
-    }
-}
-
-/// What to do about a certificate rustls refused, in words, from the error's text.
-fn certificate_hint(text: &str) -> Option<&'static str> {
-    if text.contains("CaUsedAsEndEntity") {
-        Some("The API's certificate is a CA certificate used as its own server certificate (what `openssl req -x509` makes by default), which TLS clients refuse. Give the server a certificate signed by that CA (a leaf without CA:TRUE) and put the CA in the upstream's ca_file")
-    } else if text.contains("UnknownIssuer") {
-        Some("The API's certificate is not signed by a CA this machine trusts: put the CA that signed it (PEM) in the upstream's ca_file")
-    } else if text.contains("NotValidForName") {
-        Some("The API's certificate does not name the host in the upstream's url: use the name the certificate was issued for")
-    } else if text.contains("certificate expired") || text.contains("Expired") {
-        Some("The API's certificate has expired (or this machine's clock is wrong)")
-    } else {
-        None
-    }
-}
-
-/// Parse PEM certificates into `roots`; an empty or unreadable file is an error.
-pub fn add_pem_roots(roots: &mut rustls::RootCertStore, pem: &[u8]) -> Result<(), String> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::CertificateDer;
-    let mut added = 0;
-    for cert in CertificateDer::pem_slice_iter(pem) {
-        let cert = cert.map_err(|e| format!("ca_file is not valid PEM: {e}"))?;
-        roots
-            .add(cert)
-            .map_err(|e| format!("ca_file holds a certificate rustls cannot use: {e}"))?;
-        added += 1;
-    }
-    if added == 0 {
-        return Err("ca_file holds no PEM certificate".into());
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -488,43 +309,6 @@ mod tests {
             LOCAL,
         );
         assert!(h2.is_ok());
-    }
-
-    #[test]
-    fn header_rewrite_drops_hop_by_hop_and_client_credentials() {
-        let t = target("https://api.example.com/base");
-        let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, "Bearer client-own".parse().unwrap());
-        h.insert(
-            header::CONNECTION,
-            "keep-alive, X-Secret-Hop".parse().unwrap(),
-        );
-        h.insert("x-secret-hop", "1".parse().unwrap());
-        h.insert("keep-alive", "timeout=5".parse().unwrap());
-        h.insert(header::TE, "trailers".parse().unwrap());
-        h.insert(header::PROXY_AUTHORIZATION, "Basic abc".parse().unwrap());
-        h.insert(header::HOST, "127.0.0.1:8080".parse().unwrap());
-        h.insert("continuepath", "/next".parse().unwrap());
-        rewrite_request_headers(
-            &mut h,
-            Version::HTTP_11,
-            &t,
-            &HeaderValue::from_static("Bearer T"),
-        );
-        assert_eq!(h[header::AUTHORIZATION], "Bearer T");
-        assert_eq!(h.get_all(header::AUTHORIZATION).iter().count(), 1);
-        assert_eq!(h[header::HOST], "api.example.com");
-        assert_eq!(h[header::VIA], "1.1 tollgate");
-        assert_eq!(h["continuepath"], "/next");
-        for gone in [
-            "connection",
-            "x-secret-hop",
-            "keep-alive",
-            "te",
-            "proxy-authorization",
-        ] {
-            assert!(!h.contains_key(gone), "{gone} should be removed");
-        }
     }
 
     #[test]
