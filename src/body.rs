@@ -6,6 +6,7 @@
 //! out larger, streams through untouched and is not replayed: the client then gets the 401.
 //! Trailer fields are forwarded either way; a buffered body keeps them for its replay.
 
+use crate::forward::UpstreamBody;
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
@@ -107,12 +108,12 @@ impl Body for RequestBody {
 /// counts the request in flight until then.
 #[derive(Debug)]
 pub struct ResponseBody {
-    inner: Incoming,
+    inner: UpstreamBody,
     slot: Option<crate::quota::Slot>,
 }
 
 impl ResponseBody {
-    pub fn new(inner: Incoming, slot: Option<crate::quota::Slot>) -> Self {
+    pub fn new(inner: UpstreamBody, slot: Option<crate::quota::Slot>) -> Self {
         ResponseBody { inner, slot }
     }
 }

@@ -14,7 +14,7 @@
 use crate::body::{self, Buffered, RequestBody, ResponseBody};
 use crate::config::UpstreamConfig;
 use crate::error::{ProxyBody, ProxyError};
-use crate::forward::{self, SendError, TargetError, Upstream};
+use crate::forward::{self, SendError, TargetError, Upstream, UpstreamBody};
 use crate::inbound::{Keys, NO_KEY};
 use crate::quota::{self, Quota, Slot, Window};
 use crate::stats::{KeyCounts, RequestStats};
@@ -252,7 +252,7 @@ impl Pipeline {
         &self,
         request: Request<RequestBody>,
         trace: &mut Option<Trace>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         let started = Instant::now();
         let sent = self.upstream.send(request).await;
         let took = started.elapsed();
@@ -277,13 +277,13 @@ impl Pipeline {
     /// Stage 4: the upstream refused the token; get a newer one and send the request again, once.
     async fn replay(
         &self,
-        refused: Response<Incoming>,
+        refused: Response<UpstreamBody>,
         replay: Replay,
         token: &AccessToken,
         key: Option<usize>,
         window: &mut Option<Window>,
         trace: &mut Option<Trace>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         if !self.tokens.may_replace(token) {
             return Ok(refused);
         }
@@ -313,7 +313,7 @@ impl Pipeline {
     /// window's headers, holding the concurrency slot until the body ends.
     fn respond(
         &self,
-        response: Response<Incoming>,
+        response: Response<UpstreamBody>,
         slot: Option<Slot>,
         window: Option<Window>,
         reached: Option<HeaderValue>,

@@ -1,7 +1,10 @@
 //! Sending a request to the upstream API: where it goes ([`target`]), how its headers change
-//! ([`headers`]), and the pooled HTTPS client that sends it.
+//! ([`headers`]), and the client that sends it: each worker's own kept-alive connections
+//! ([`pool`]), opened over TCP or TLS ([`connect`]).
 
+mod connect;
 mod headers;
+mod pool;
 mod target;
 
 pub use headers::{remove_hop_by_hop, rewrite_request_headers};
@@ -9,20 +12,19 @@ pub use target::{check_path, Target, TargetError};
 
 use crate::body::RequestBody;
 use crate::config::UpstreamConfig;
+use connect::Connector;
 use http::{Request, Response, Version};
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use pool::Pool;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The pooled client to one upstream; a clone shares the pool.
+pub use pool::UpstreamBody;
+
+/// One worker's client to one upstream; a clone shares its connections.
 #[derive(Clone)]
 pub struct Upstream {
     pub target: Target,
-    client: Client<HttpsConnector<HttpConnector>, RequestBody>,
+    pool: Pool,
     timeout: Duration,
 }
 
@@ -35,81 +37,62 @@ pub enum SendError {
 
 impl Upstream {
     pub fn new(config: &UpstreamConfig, extra_roots: Option<&[u8]>) -> Result<Upstream, String> {
-        let mut roots = rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        let target = Target::new(&config.url)?;
+        let https = target.is_https();
+        let tls = if https {
+            Some(tls_config(extra_roots)?)
+        } else {
+            None
         };
-        if let Some(pem) = extra_roots {
-            add_pem_roots(&mut roots, pem)?;
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(config.limits.connect_timeout));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(https);
+        let connector = Connector::new(
+            target.authority(),
+            https,
+            tls.as_ref(),
+            config.limits.connect_timeout,
+        )?;
         Ok(Upstream {
-            target: Target::new(&config.url)?,
-            client,
+            target,
+            pool: Pool::new(connector, pool::IDLE_TIMEOUT),
             timeout: config.timeout,
         })
     }
 
-    /// Send one request and wait for the response head.
+    /// Send one request (its URI in origin-form, as [`Target::rewrite`] makes it) and wait
+    /// for the response head.
     pub async fn send(
         &self,
         mut request: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, SendError> {
-        // The pooled client picks HTTP/1.1 or h2 by ALPN; the client's version does not apply.
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        // The connection's protocol applies, not the client's.
         *request.version_mut() = Version::HTTP_11;
-        match tokio::time::timeout(self.timeout, self.client.request(request)).await {
+        let sent = self.pool.send(request, |uri| self.target.absolute(uri));
+        match tokio::time::timeout(self.timeout, sent).await {
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err(SendError::Unreachable(describe_client_error(&e))),
+            Ok(Err(e)) => Err(SendError::Unreachable(e.to_string())),
             Err(_) => Err(SendError::Timeout(self.timeout)),
         }
     }
-}
 
-fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {
-    use std::error::Error;
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    match certificate_hint(&text) {
-        Some(hint) => format!("{text}. {hint}"),
-        None => text,
+    /// Connections to the upstream kept open for the next requests.
+    pub fn idle_connections(&self) -> usize {
+        self.pool.idle()
     }
 }
 
-/// What to do about a certificate rustls refused, in words, from the error's text.
-fn certificate_hint(text: &str) -> Option<&'static str> {
-    if text.contains("CaUsedAsEndEntity") {
-        Some("The API's certificate is a CA certificate used as its own server certificate (what `openssl req -x509` makes by default), which TLS clients refuse. Give the server a certificate signed by that CA (a leaf without CA:TRUE) and put the CA in the upstream's ca_file")
-    } else if text.contains("UnknownIssuer") {
-        Some("The API's certificate is not signed by a CA this machine trusts: put the CA that signed it (PEM) in the upstream's ca_file")
-    } else if text.contains("NotValidForName") {
-        Some("The API's certificate does not name the host in the upstream's url: use the name the certificate was issued for")
-    } else if text.contains("certificate expired") || text.contains("Expired") {
-        Some("The API's certificate has expired (or this machine's clock is wrong)")
-    } else {
-        None
+/// The TLS client settings for an HTTPS upstream: the public roots, and `extra_roots`.
+fn tls_config(extra_roots: Option<&[u8]>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(pem) = extra_roots {
+        add_pem_roots(&mut roots, pem)?;
     }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// Parse PEM certificates into `roots`; an empty or unreadable file is an error.

@@ -97,7 +97,8 @@ impl Target {
         HeaderValue::from_str(&rewritten).ok()
     }
 
-    /// The upstream URI for an incoming request, or why it is refused.
+    /// The upstream URI (origin-form: base path, path, query) for an incoming request, or
+    /// why it is refused.
     ///
     /// `local` is the listener's own address: an absolute-form request naming it is accepted
     /// (some clients send that), one naming any other host is not.
@@ -144,11 +145,24 @@ impl Target {
             PathAndQuery::from_maybe_shared(Bytes::from(joined))
                 .map_err(|_| TargetError::BadPath)?
         };
+        Ok(Uri::from(path_and_query))
+    }
+
+    /// `uri` (origin-form) as an absolute URI on the upstream, as HTTP/2 sends it.
+    pub fn absolute(&self, uri: &Uri) -> Uri {
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(self.authority.clone());
-        parts.path_and_query = Some(path_and_query);
-        Uri::from_parts(parts).map_err(|_| TargetError::BadPath)
+        parts.path_and_query = uri.path_and_query().cloned();
+        Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+    }
+
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    pub fn is_https(&self) -> bool {
+        self.scheme == Scheme::HTTPS
     }
 }
 
@@ -235,11 +249,20 @@ mod tests {
         let t = target("https://api.example.com/api/v1/");
         assert_eq!(
             rewrite(&t, "/Style/1?x=1&y=%20").unwrap(),
-            "https://api.example.com/api/v1/Style/1?x=1&y=%20"
+            "/api/v1/Style/1?x=1&y=%20"
         );
-        assert_eq!(rewrite(&t, "/").unwrap(), "https://api.example.com/api/v1/");
+        assert_eq!(rewrite(&t, "/").unwrap(), "/api/v1/");
+        let origin: Uri = "/api/v1/Style/1?x=1".parse().unwrap();
+        assert_eq!(
+            t.absolute(&origin).to_string(),
+            "https://api.example.com/api/v1/Style/1?x=1"
+        );
         let t = target("http://127.0.0.1:9000");
-        assert_eq!(rewrite(&t, "/a?b").unwrap(), "http://127.0.0.1:9000/a?b");
+        assert_eq!(rewrite(&t, "/a?b").unwrap(), "/a?b");
+        assert_eq!(
+            t.absolute(&"/a?b".parse().unwrap()).to_string(),
+            "http://127.0.0.1:9000/a?b"
+        );
     }
 
     #[test]

@@ -1,0 +1,238 @@
+//! Opening one connection to the upstream: resolve its host, connect over TCP (Nagle off),
+//! for `https` shake hands in TLS offering h2 and http/1.1 by ALPN, then start HTTP/1.1 or
+//! HTTP/2 as agreed. The connection's own task is spawned on the runtime of the worker that
+//! opened it, which is the worker that uses it.
+//!
+//! Every failure is a [`ConnectError`] that says in words what went wrong and what to check:
+//! a user reads it in the 502 and in the log.
+
+use crate::body::RequestBody;
+use http::uri::Authority;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls_pki_types::ServerName;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// A connection ready for requests, in the protocol the upstream agreed to.
+pub enum Sender {
+    Http1(http1::SendRequest<RequestBody>),
+    Http2(http2::SendRequest<RequestBody>),
+}
+
+/// How to reach one upstream: its host and port, and TLS when the URL is `https`.
+pub struct Connector {
+    /// The host as written in the URL (for messages), and without brackets (for DNS).
+    authority: Authority,
+    host: String,
+    port: u16,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    connect_timeout: Duration,
+}
+
+/// Why a connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("the host name {host} could not be resolved (DNS: {source}); check the host in the upstream's url, and this machine's DNS")]
+    Resolve {
+        host: String,
+        source: std::io::Error,
+    },
+    #[error("cannot connect to {addr}: the connection was refused; check the port in the upstream's url and that the API runs on {host}")]
+    Refused { addr: SocketAddr, host: String },
+    #[error(
+        "cannot connect to {addr}: {source}; check that {host} is reachable from this machine"
+    )]
+    Io {
+        addr: SocketAddr,
+        host: String,
+        source: std::io::Error,
+    },
+    #[error("cannot connect to {authority} within {} (limits.connect_timeout); check that it is reachable from this machine (a firewall on the way?)", humantime::format_duration(*.timeout))]
+    Timeout {
+        authority: Authority,
+        timeout: Duration,
+    },
+    #[error("TLS with {authority} failed: {reason}")]
+    Tls {
+        authority: Authority,
+        reason: String,
+    },
+    #[error("the HTTP handshake with {authority} failed: {source}")]
+    Handshake {
+        authority: Authority,
+        source: hyper::Error,
+    },
+}
+
+impl Connector {
+    /// `tls`: the client config for an `https` upstream (its ALPN is set here).
+    pub fn new(
+        authority: &Authority,
+        https: bool,
+        tls: Option<&rustls::ClientConfig>,
+        connect_timeout: Duration,
+    ) -> Result<Connector, String> {
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let tls = match (https, tls) {
+            (false, _) => None,
+            (true, None) => return Err("an https upstream needs a TLS configuration".into()),
+            (true, Some(config)) => {
+                let mut config = config.clone();
+                config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+                let name = ServerName::try_from(host.clone()).map_err(|e| {
+                    format!("the upstream's host {host} is not a TLS server name: {e}")
+                })?;
+                Some((TlsConnector::from(Arc::new(config)), name))
+            }
+        };
+        Ok(Connector {
+            authority: authority.clone(),
+            host,
+            port,
+            tls,
+            connect_timeout,
+        })
+    }
+
+    /// Open a connection, within the connect timeout (resolving and TLS included).
+    pub async fn connect(&self) -> Result<Sender, ConnectError> {
+        match tokio::time::timeout(self.connect_timeout, self.open()).await {
+            Ok(opened) => opened,
+            Err(_) => Err(ConnectError::Timeout {
+                authority: self.authority.clone(),
+                timeout: self.connect_timeout,
+            }),
+        }
+    }
+
+    async fn open(&self) -> Result<Sender, ConnectError> {
+        let tcp = self.tcp().await?;
+        let Some((tls, name)) = &self.tls else {
+            let io = TokioIo::new(tcp);
+            return Ok(Sender::Http1(self.handshake_http1(io).await?));
+        };
+        let stream = tls
+            .connect(name.clone(), tcp)
+            .await
+            .map_err(|e| ConnectError::Tls {
+                authority: self.authority.clone(),
+                reason: describe_tls(&e),
+            })?;
+        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        let io = TokioIo::new(stream);
+        if h2 {
+            let (send, connection) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await
+                .map_err(|source| ConnectError::Handshake {
+                    authority: self.authority.clone(),
+                    source,
+                })?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+                }
+            });
+            Ok(Sender::Http2(send))
+        } else {
+            Ok(Sender::Http1(self.handshake_http1(io).await?))
+        }
+    }
+
+    /// Start HTTP/1.1 on `io` and spawn the connection's task.
+    async fn handshake_http1<IO>(
+        &self,
+        io: IO,
+    ) -> Result<http1::SendRequest<RequestBody>, ConnectError>
+    where
+        IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let (send, connection) =
+            http1::handshake(io)
+                .await
+                .map_err(|source| ConnectError::Handshake {
+                    authority: self.authority.clone(),
+                    source,
+                })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(send)
+    }
+
+    /// A TCP connection to the first address of the host that accepts one.
+    async fn tcp(&self) -> Result<TcpStream, ConnectError> {
+        let addrs = tokio::net::lookup_host((self.host.as_str(), self.port))
+            .await
+            .map_err(|source| ConnectError::Resolve {
+                host: self.host.clone(),
+                source,
+            })?;
+        let mut last = None;
+        for addr in addrs {
+            match TcpStream::connect(addr).await {
+                Ok(stream) => {
+                    let _ = stream.set_nodelay(true);
+                    return Ok(stream);
+                }
+                Err(e) => last = Some((addr, e)),
+            }
+        }
+        Err(match last {
+            Some((addr, e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                ConnectError::Refused {
+                    addr,
+                    host: self.host.clone(),
+                }
+            }
+            Some((addr, source)) => ConnectError::Io {
+                addr,
+                host: self.host.clone(),
+                source,
+            },
+            None => ConnectError::Resolve {
+                host: self.host.clone(),
+                source: std::io::Error::other("no address found"),
+            },
+        })
+    }
+}
+
+/// A TLS failure in words: what rustls refused, and what to do about it.
+fn describe_tls(e: &std::io::Error) -> String {
+    let text = match e.get_ref() {
+        Some(inner) => inner.to_string(),
+        None => e.to_string(),
+    };
+    match certificate_hint(&format!("{text} {e:?}")) {
+        Some(hint) => format!("{text}. {hint}"),
+        None => text,
+    }
+}
+
+/// What to do about a certificate rustls refused, from the error's text.
+fn certificate_hint(text: &str) -> Option<&'static str> {
+    if text.contains("CaUsedAsEndEntity") {
+        Some("The API's certificate is a CA certificate used as its own server certificate (what `openssl req -x509` makes by default), which TLS clients refuse. Give the server a certificate signed by that CA (a leaf without CA:TRUE) and put the CA in the upstream's ca_file")
+    } else if text.contains("UnknownIssuer") {
+        Some("The API's certificate is not signed by a CA this machine trusts: put the CA that signed it (PEM) in the upstream's ca_file")
+    } else if text.contains("NotValidForName") {
+        Some("The API's certificate does not name the host in the upstream's url: use the name the certificate was issued for")
+    } else if text.contains("certificate expired") || text.contains("Expired") {
+        Some("The API's certificate has expired (or this machine's clock is wrong)")
+    } else {
+        None
+    }
+}

@@ -1,0 +1,479 @@
+//! One worker's kept-alive connections to one upstream.
+//!
+//! Each worker thread builds its own [`Pool`] (see `proxy/reload.rs`), so the connections a
+//! request uses were opened by, and are driven on, the thread that serves it: the lock
+//! around the idle list is never contended and no wakeup crosses threads. An HTTP/1.1
+//! connection serves one request at a time: it is taken from the idle list (newest first,
+//! the one most likely still open), and put back when its response body has been read to
+//! the end ([`UpstreamBody`]); a body given up half-way takes its connection with it. An
+//! upstream that agrees to HTTP/2 by ALPN gets one shared connection, which multiplexes.
+//!
+//! A connection idle for [`IDLE_TIMEOUT`] is closed (by a sweep every third of it, so after
+//! 90 to 120 s), and so is every connection of a pool no pipeline uses any more. A request that finds its kept-alive connection closed before anything was
+//! written to it goes on the next one, or a new one; once written, it is never sent twice.
+
+use super::connect::{ConnectError, Connector, Sender};
+use crate::body::RequestBody;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+/// How long an unused connection is kept open.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The connections of one worker to one upstream; a clone shares them.
+#[derive(Clone)]
+pub struct Pool {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    connector: Connector,
+    idle: Mutex<Idle>,
+    idle_timeout: Duration,
+}
+
+#[derive(Default)]
+struct Idle {
+    /// Newest last.
+    http1: Vec<(http1::SendRequest<RequestBody>, Instant)>,
+    http2: Option<http2::SendRequest<RequestBody>>,
+    sweeping: bool,
+}
+
+/// Why a request could not be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("the connection to the upstream broke: {}", chain(.0))]
+    Broken(hyper::Error),
+}
+
+impl Pool {
+    /// Connections unused for `idle_timeout` are closed ([`IDLE_TIMEOUT`] but in tests).
+    pub fn new(connector: Connector, idle_timeout: Duration) -> Pool {
+        Pool {
+            shared: Arc::new(Shared {
+                connector,
+                idle: Mutex::new(Idle::default()),
+                idle_timeout,
+            }),
+        }
+    }
+
+    /// Send `request` on a kept-alive connection, or a new one, and wait for the response
+    /// head. `absolute` makes the URI HTTP/2 needs (scheme and authority) from the
+    /// origin-form one HTTP/1.1 sends.
+    pub async fn send(
+        &self,
+        mut request: Request<RequestBody>,
+        absolute: impl FnOnce(&http::Uri) -> http::Uri,
+    ) -> Result<Response<UpstreamBody>, PoolError> {
+        loop {
+            let (sender, reused) = match self.shared.checkout() {
+                Some(sender) => (sender, true),
+                // Boxed: connecting (TLS above all) is a large future, and a rare one; inline,
+                // it would be moved with every request's future.
+                None => (Box::pin(self.shared.connect()).await?, false),
+            };
+            let mut send = match sender {
+                Sender::Http2(mut send) => {
+                    *request.uri_mut() = absolute(request.uri());
+                    send.ready().await.map_err(PoolError::Broken)?;
+                    let response = send.send_request(request).await;
+                    let response = response.map_err(PoolError::Broken)?;
+                    return Ok(response.map(|body| UpstreamBody::new(body, None)));
+                }
+                Sender::Http1(send) => send,
+            };
+            match send.try_send_request(request).await {
+                Ok(response) => {
+                    let back = Return {
+                        send,
+                        pool: Arc::downgrade(&self.shared),
+                    };
+                    return Ok(response.map(|body| UpstreamBody::new(body, Some(back))));
+                }
+                Err(mut e) => match e.take_message() {
+                    // Not written: the kept-alive connection had closed meanwhile.
+                    Some(unsent) if reused => request = unsent,
+                    _ => return Err(PoolError::Broken(e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// Connections kept open, not in use (HTTP/2 counts once).
+    pub fn idle(&self) -> usize {
+        let idle = self.shared.lock();
+        idle.http1.len() + usize::from(idle.http2.is_some())
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Idle> {
+        // Nothing under the lock can panic half-way through a change.
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The HTTP/2 connection, else the newest idle HTTP/1.1 one still open.
+    fn checkout(&self) -> Option<Sender> {
+        let mut idle = self.lock();
+        if let Some(h2) = &idle.http2 {
+            if !h2.is_closed() {
+                return Some(Sender::Http2(h2.clone()));
+            }
+            idle.http2 = None;
+        }
+        while let Some((send, since)) = idle.http1.pop() {
+            if send.is_ready() && since.elapsed() < self.idle_timeout {
+                return Some(Sender::Http1(send));
+            }
+        }
+        None
+    }
+
+    async fn connect(self: &Arc<Self>) -> Result<Sender, ConnectError> {
+        let sender = self.connector.connect().await?;
+        if let Sender::Http2(h2) = &sender {
+            let mut idle = self.lock();
+            idle.http2 = Some(h2.clone());
+            self.sweep_later(&mut idle);
+        }
+        Ok(sender)
+    }
+
+    /// Keep `send` for the next request.
+    fn put(self: &Arc<Self>, send: http1::SendRequest<RequestBody>) {
+        let mut idle = self.lock();
+        idle.http1.push((send, Instant::now()));
+        self.sweep_later(&mut idle);
+    }
+
+    /// Start the sweep of idle connections, unless it runs.
+    fn sweep_later(self: &Arc<Self>, idle: &mut Idle) {
+        if idle.sweeping {
+            return;
+        }
+        idle.sweeping = true;
+        let pool = Arc::downgrade(self);
+        let every = self.idle_timeout / 3;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                // Gone with the pool: its connections closed when it was dropped.
+                let Some(pool) = pool.upgrade() else { return };
+                let mut idle = pool.lock();
+                let timeout = pool.idle_timeout;
+                idle.http1
+                    .retain(|(send, since)| !send.is_closed() && since.elapsed() < timeout);
+                if idle.http2.as_ref().is_some_and(|h2| h2.is_closed()) {
+                    idle.http2 = None;
+                }
+                if idle.http1.is_empty() && idle.http2.is_none() {
+                    idle.sweeping = false;
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// An HTTP/1.1 connection on its way back to its pool once its response is read.
+struct Return {
+    send: http1::SendRequest<RequestBody>,
+    pool: Weak<Shared>,
+}
+
+impl Return {
+    fn home(self) {
+        let Some(pool) = self.pool.upgrade() else {
+            return;
+        };
+        let mut send = self.send;
+        if send.is_ready() {
+            pool.put(send);
+        } else if !send.is_closed() {
+            // Still finishing (the request body, most often, when the upstream answered
+            // before reading it all): back once it is done, unless it closes.
+            let pool = Arc::downgrade(&pool);
+            tokio::spawn(async move {
+                if send.ready().await.is_ok() {
+                    if let Some(pool) = pool.upgrade() {
+                        pool.put(send);
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// The upstream's response body; over HTTP/1.1 it takes its connection back to the pool
+/// when read to the end.
+#[derive(Debug)]
+pub struct UpstreamBody {
+    inner: Incoming,
+    back: Option<Return>,
+}
+
+impl std::fmt::Debug for Return {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Return")
+    }
+}
+
+impl UpstreamBody {
+    fn new(inner: Incoming, back: Option<Return>) -> UpstreamBody {
+        let mut body = UpstreamBody { inner, back };
+        if body.inner.is_end_stream() {
+            body.finished();
+        }
+        body
+    }
+
+    fn finished(&mut self) {
+        if let Some(back) = self.back.take() {
+            back.home();
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        match &frame {
+            Poll::Ready(None) => self.finished(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.finished(),
+            // The connection cannot be trusted with another request.
+            Poll::Ready(Some(Err(_))) => self.back = None,
+            _ => {}
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // Read to the end, though nobody asked for the end: the connection is reusable.
+        if self.back.is_some() && self.inner.is_end_stream() {
+            self.finished();
+        }
+    }
+}
+
+/// An error and its causes, in one line.
+fn chain(e: &hyper::Error) -> String {
+    use std::error::Error;
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Connections an upstream accepted, and how many of them are still open.
+    #[derive(Default)]
+    struct Seen {
+        accepted: AtomicUsize,
+        open: AtomicUsize,
+    }
+
+    struct Open(Arc<Seen>);
+
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.0.open.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// An HTTP/1.1 upstream on loopback: `/` says ok, `/empty` is a 204, `/big` streams
+    /// 4 MiB in 64 KiB chunks, `/close` answers with `Connection: close`.
+    async fn upstream() -> (Pool, Arc<Seen>) {
+        use http_body_util::{Full, StreamBody};
+        type Out = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Seen::default());
+        let counted = Arc::clone(&seen);
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                counted.accepted.fetch_add(1, Ordering::SeqCst);
+                counted.open.fetch_add(1, Ordering::SeqCst);
+                let open = Open(Arc::clone(&counted));
+                tokio::spawn(async move {
+                    let service =
+                        hyper::service::service_fn(|request: Request<Incoming>| async move {
+                            let response = match request.uri().path() {
+                                "/empty" => Response::builder().status(204).body(Out::default()),
+                                "/big" => {
+                                    let chunks = (0..64).map(|_| {
+                                        Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(
+                                            vec![b'x'; 64 * 1024],
+                                        )))
+                                    });
+                                    let stream = futures_util::stream::iter(chunks);
+                                    Response::builder()
+                                        .body(BodyExt::boxed(StreamBody::new(stream)))
+                                }
+                                "/close" => Response::builder()
+                                    .header("connection", "close")
+                                    .body(BodyExt::boxed(Full::new(Bytes::from_static(b"bye")))),
+                                _ => Response::builder()
+                                    .body(BodyExt::boxed(Full::new(Bytes::from_static(b"ok")))),
+                            };
+                            Ok::<_, std::convert::Infallible>(response.unwrap())
+                        });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await;
+                    drop(open);
+                });
+            }
+        });
+        let authority: http::uri::Authority = addr.to_string().parse().unwrap();
+        let connector = Connector::new(&authority, false, None, Duration::from_secs(5)).unwrap();
+        (Pool::new(connector, Duration::from_millis(300)), seen)
+    }
+
+    async fn get(pool: &Pool, path: &str) -> (u16, Bytes) {
+        let request = Request::get(path)
+            .header("host", "upstream")
+            .body(RequestBody::full(Default::default()))
+            .unwrap();
+        let response = pool.send(request, |uri| uri.clone()).await.unwrap();
+        let status = response.status().as_u16();
+        (
+            status,
+            response.into_body().collect().await.unwrap().to_bytes(),
+        )
+    }
+
+    /// Wait (up to 5 s) until `done` holds.
+    async fn until(done: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting");
+    }
+
+    /// Requests one after the other use one connection, put back once each body is read,
+    /// with a body or without one.
+    #[tokio::test]
+    async fn requests_in_turn_share_one_connection() {
+        let (pool, seen) = upstream().await;
+        for path in ["/", "/empty", "/", "/big", "/"] {
+            let (status, body) = get(&pool, path).await;
+            assert!(status == 200 || status == 204, "{status}");
+            if path == "/big" {
+                assert_eq!(body.len(), 4 * 1024 * 1024);
+            }
+        }
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.idle(), 1);
+    }
+
+    /// Requests at once get a connection each; afterwards those connections serve the
+    /// next requests, and no new one is opened.
+    #[tokio::test]
+    async fn requests_at_once_open_connections_that_are_then_reused() {
+        let (pool, seen) = upstream().await;
+        let at_once = (0..8).map(|_| get(&pool, "/big"));
+        for (status, body) in futures_util::future::join_all(at_once).await {
+            assert_eq!((status, body.len()), (200, 4 * 1024 * 1024));
+        }
+        let opened = seen.accepted.load(Ordering::SeqCst);
+        assert!((1..=8).contains(&opened), "{opened}");
+        assert_eq!(pool.idle(), opened);
+        for _ in 0..20 {
+            assert_eq!(get(&pool, "/").await.0, 200);
+        }
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), opened);
+    }
+
+    /// A body dropped half-way takes its connection with it (what is left of it can never
+    /// be told from the next response); the next request gets a new one.
+    #[tokio::test]
+    async fn a_body_given_up_half_way_is_not_put_back() {
+        let (pool, seen) = upstream().await;
+        let request = Request::get("/big")
+            .header("host", "upstream")
+            .body(RequestBody::full(Default::default()))
+            .unwrap();
+        let mut response = pool.send(request, |uri| uri.clone()).await.unwrap();
+        let first = response.body_mut().frame().await.unwrap().unwrap();
+        assert!(first.is_data());
+        drop(response);
+        assert_eq!(pool.idle(), 0);
+        until(|| seen.open.load(Ordering::SeqCst) == 0).await;
+        assert_eq!(get(&pool, "/").await, (200, Bytes::from_static(b"ok")));
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// An upstream that closes its side after answering (`Connection: close`) is not
+    /// asked again on that connection.
+    #[tokio::test]
+    async fn a_connection_the_upstream_closes_is_not_reused() {
+        let (pool, seen) = upstream().await;
+        for _ in 0..3 {
+            assert_eq!(
+                get(&pool, "/close").await,
+                (200, Bytes::from_static(b"bye"))
+            );
+        }
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(get(&pool, "/").await.0, 200);
+        assert_eq!(get(&pool, "/").await.0, 200);
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 4);
+    }
+
+    /// Connections unused for the idle timeout are closed; a pool dropped closes its own.
+    #[tokio::test]
+    async fn idle_connections_are_closed() {
+        let (pool, seen) = upstream().await;
+        get(&pool, "/").await;
+        assert_eq!(seen.open.load(Ordering::SeqCst), 1);
+        until(|| pool.idle() == 0).await;
+        until(|| seen.open.load(Ordering::SeqCst) == 0).await;
+
+        get(&pool, "/").await;
+        assert_eq!(pool.idle(), 1);
+        drop(pool);
+        until(|| seen.open.load(Ordering::SeqCst) == 0).await;
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
+    }
+}
