@@ -5,10 +5,11 @@ use super::Target;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy ones proxies drop. `Trailer` is not one
-/// (RFC 9110 §6.6.2): it announces the trailer fields, which pass through, and hyper sends
-/// trailer fields over HTTP/1.1 only when it announces them.
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy ones proxies drop, and `Upgrade`
+/// (tollgate does not switch protocols). `Trailer` is not one (RFC 9110 §6.6.2): it announces
+/// the trailer fields, which pass through, and hyper sends trailer fields over HTTP/1.1 only
+/// when it announces them.
+const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -16,27 +17,49 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::PROXY_AUTHORIZATION,
     header::TE,
     header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Remove hop-by-hop headers, including every header named in `Connection`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        // Every Connection header counts; collect (and allocate) only when there is one.
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .flat_map(|v| v.to_str().unwrap_or("").split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .filter(|n| *n != "close" && *n != "keep-alive")
-            .collect();
-        for name in named {
+    // One pass over the names (most messages have none of these, or only Connection)
+    // instead of a lookup for each.
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        return;
+    }
+    if present & 1 != 0 {
+        // Every Connection header counts. `close` and `keep-alive` name no other header:
+        // collect (and allocate) only when there are other names.
+        let named = || {
+            headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .flat_map(|v| v.to_str().unwrap_or("").split(','))
+                .map(str::trim)
+                .filter(|n| {
+                    !n.eq_ignore_ascii_case("close") && !n.eq_ignore_ascii_case("keep-alive")
+                })
+        };
+        if named().any(|n| !n.is_empty()) {
+            let named: Vec<HeaderName> = named()
+                .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+                .collect();
+            for name in named {
+                headers.remove(name);
+            }
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-    headers.remove(header::UPGRADE);
 }
 
 fn via(version: Version) -> HeaderValue {
@@ -105,5 +128,29 @@ mod tests {
         ] {
             assert!(!h.contains_key(gone), "{gone} should be removed");
         }
+    }
+
+    /// Every Connection header counts, in any case; `close` names nothing; a message with
+    /// no hop-by-hop header is left as it is.
+    #[test]
+    fn hop_by_hop_names_come_from_every_connection_header() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, "close".parse().unwrap());
+        h.append(header::CONNECTION, " X-One ,x-two".parse().unwrap());
+        h.insert("x-one", "1".parse().unwrap());
+        h.insert("x-two", "2".parse().unwrap());
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert("x-three", "3".parse().unwrap());
+        remove_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
+        assert_eq!(left, ["x-three"]);
+
+        let mut plain = HeaderMap::new();
+        plain.insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
+        plain.insert("close", "not a hop".parse().unwrap());
+        let before = plain.clone();
+        remove_hop_by_hop(&mut plain);
+        assert_eq!(plain, before);
     }
 }

@@ -22,7 +22,7 @@ use hyper::client::conn::{http1, http2};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long an unused connection is kept open.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -41,10 +41,21 @@ struct Shared {
 
 #[derive(Default)]
 struct Idle {
-    /// Newest last.
-    http1: Vec<(http1::SendRequest<RequestBody>, Instant)>,
+    /// Newest last, each with the sweep it was put back after.
+    http1: Vec<(http1::SendRequest<RequestBody>, u32)>,
     http2: Option<http2::SendRequest<RequestBody>>,
+    /// Sweeps so far: the pool's clock, in thirds of the idle timeout, so that no request
+    /// reads the time.
+    sweeps: u32,
     sweeping: bool,
+}
+
+/// Sweeps a connection may sit idle through.
+const SWEEPS: u32 = 3;
+
+/// Whether a connection put back after sweep `put_back` may still be used at sweep `now`.
+fn fresh(now: u32, put_back: u32) -> bool {
+    now.wrapping_sub(put_back) <= SWEEPS
 }
 
 /// Why a request could not be sent.
@@ -132,8 +143,8 @@ impl Shared {
             }
             idle.http2 = None;
         }
-        while let Some((send, since)) = idle.http1.pop() {
-            if send.is_ready() && since.elapsed() < self.idle_timeout {
+        while let Some((send, put_back)) = idle.http1.pop() {
+            if send.is_ready() && fresh(idle.sweeps, put_back) {
                 return Some(Sender::Http1(send));
             }
         }
@@ -153,7 +164,8 @@ impl Shared {
     /// Keep `send` for the next request.
     fn put(self: &Arc<Self>, send: http1::SendRequest<RequestBody>) {
         let mut idle = self.lock();
-        idle.http1.push((send, Instant::now()));
+        let now = idle.sweeps;
+        idle.http1.push((send, now));
         self.sweep_later(&mut idle);
     }
 
@@ -164,16 +176,17 @@ impl Shared {
         }
         idle.sweeping = true;
         let pool = Arc::downgrade(self);
-        let every = self.idle_timeout / 3;
+        let every = self.idle_timeout / SWEEPS;
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 // Gone with the pool: its connections closed when it was dropped.
                 let Some(pool) = pool.upgrade() else { return };
                 let mut idle = pool.lock();
-                let timeout = pool.idle_timeout;
+                idle.sweeps = idle.sweeps.wrapping_add(1);
+                let sweeps = idle.sweeps;
                 idle.http1
-                    .retain(|(send, since)| !send.is_closed() && since.elapsed() < timeout);
+                    .retain(|(send, put_back)| !send.is_closed() && fresh(sweeps, *put_back));
                 if idle.http2.as_ref().is_some_and(|h2| h2.is_closed()) {
                     idle.http2 = None;
                 }
