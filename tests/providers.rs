@@ -9,7 +9,16 @@ use common::{Harness, Setup};
 use tollgate::sim::identity::{ClientAuthRule, IdentityConfig, Rotation};
 
 /// Replace the `[upstream.auth]` section of a harness config and start a proxy on it.
-async fn proxy_with_auth(h: &Harness, preset: &str, auth: &str) -> tollgate::Proxy {
+///
+/// The harness's own proxy is stopped first: it shares the identity server, and the state
+/// store's refresh lock of `api`, with this one. Its refresh-ahead task redeems its seed
+/// whenever it gets that lock, on a loaded machine only after this proxy's first flights, so
+/// its token request would be counted with this proxy's. Once it is shut down (its refresh
+/// task ended, its flight settled) it sends none.
+async fn proxy_with_auth(h: &mut Harness, preset: &str, auth: &str) -> tollgate::Proxy {
+    if h.proxy.is_some() {
+        h.stop_proxy().await;
+    }
     let head = h.config_text.split("[upstream.auth]").next().unwrap();
     let head = head.replace(
         "name = \"api\"",
@@ -38,7 +47,7 @@ async fn get(h: &Harness, proxy: &tollgate::Proxy, path: &str) -> common::Answer
 /// once — without looping — and keeps serving.
 #[tokio::test]
 async fn spring_password_grant_falls_back_once_when_refresh_expires() {
-    let h = Harness::start(Setup {
+    let mut h = Harness::start(Setup {
         identity: IdentityConfig {
             client_auth: ClientAuthRule::Basic,
             rotation: Rotation::Reuse,
@@ -51,7 +60,7 @@ async fn spring_password_grant_falls_back_once_when_refresh_expires() {
     })
     .await;
     let auth = "client_id = \"tollgate-test\"\nclient_secret = \"s3cret\"\nusername = \"ann@example.com\"\npassword = \"correct horse\"";
-    let proxy = proxy_with_auth(&h, "spring", auth).await;
+    let proxy = proxy_with_auth(&mut h, "spring", auth).await;
     assert_eq!(get(&h, &proxy, "/a").await.status, 200);
     assert_eq!(h.identity.counters().password_grants, 1);
 
@@ -80,7 +89,7 @@ async fn spring_password_grant_falls_back_once_when_refresh_expires() {
 /// Spring with a wrong password: 503 that names the keys to fix, and no retry storm.
 #[tokio::test]
 async fn wrong_password_is_final_and_says_what_to_fix() {
-    let h = Harness::start(Setup {
+    let mut h = Harness::start(Setup {
         identity: IdentityConfig {
             client_auth: ClientAuthRule::Basic,
             users: vec![("ann@example.com".into(), "right".into())],
@@ -90,7 +99,7 @@ async fn wrong_password_is_final_and_says_what_to_fix() {
     })
     .await;
     let auth = "client_id = \"tollgate-test\"\nclient_secret = \"s3cret\"\nusername = \"ann@example.com\"\npassword = \"wrong\"";
-    let proxy = proxy_with_auth(&h, "spring", auth).await;
+    let proxy = proxy_with_auth(&mut h, "spring", auth).await;
     let a = get(&h, &proxy, "/a").await;
     assert_eq!(a.status, 503);
     assert!(
@@ -111,7 +120,7 @@ async fn wrong_password_is_final_and_says_what_to_fix() {
 /// with `code`, a new exchange when the refresh token is refused; ContinuePath passes through.
 #[tokio::test]
 async fn winbooks_exchange_and_refresh_with_code() {
-    let h = Harness::start(Setup {
+    let mut h = Harness::start(Setup {
         identity: IdentityConfig {
             winbooks: true,
             client_id: "ann@example.com".into(),
@@ -123,7 +132,7 @@ async fn winbooks_exchange_and_refresh_with_code() {
     .await;
     let exchange = h.identity.issue_exchange_token();
     let auth = format!("username = \"ann@example.com\"\nexchange_token = \"{exchange}\"");
-    let proxy = proxy_with_auth(&h, "winbooks", &auth).await;
+    let proxy = proxy_with_auth(&mut h, "winbooks", &auth).await;
     let a = get(&h, &proxy, "/app/Customer/x").await;
     assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
     assert_eq!(
@@ -148,7 +157,7 @@ async fn winbooks_exchange_and_refresh_with_code() {
 /// (RFC 6749 §2.3.1: form-encode, then base64), against a strict ERP.net-style server.
 #[tokio::test]
 async fn awkward_client_credentials_survive_post_and_basic() {
-    let h = Harness::start(Setup {
+    let mut h = Harness::start(Setup {
         identity: IdentityConfig {
             client_id: "my.trusted.app/first".into(),
             client_secret: "a+b/c%d&e=f g".into(),
@@ -162,7 +171,7 @@ async fn awkward_client_credentials_survive_post_and_basic() {
         // A fresh start each time, so the second run cannot adopt the first one's token.
         let _ = std::fs::remove_file(h.state_dir().join("api.token.json"));
         let auth = format!("grant = \"client_credentials\"\nclient_id = \"my.trusted.app/first\"\nclient_secret = \"a+b/c%d&e=f g\"\nclient_auth = \"{client_auth}\"");
-        let proxy = proxy_with_auth(&h, "erpnet", &auth).await;
+        let proxy = proxy_with_auth(&mut h, "erpnet", &auth).await;
         let a = get(&h, &proxy, "/odata/Items").await;
         assert_eq!(
             a.status,
