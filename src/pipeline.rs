@@ -108,33 +108,36 @@ impl Pipeline {
     pub async fn handle(&self, request: Request<Incoming>) -> Response<ProxyBody> {
         // Until the answer's head: what a reload that removes the upstream waits for.
         let _in_flight = self.stats.arrived();
-        let mut key = None;
-        if !tracing::enabled!(target: "tollgate::access", tracing::Level::INFO) {
-            let response = self.answer(request, &mut None, &mut key).await;
-            self.counts(key).answered(response.status().as_u16());
-            return response;
-        }
-        let started = Instant::now();
-        let method = request.method().clone();
         // The path only: a query string may carry what does not belong in a log.
-        let path = request.uri().path().to_owned();
-        let mut trace = Some(Trace::default());
+        let logged =
+            tracing::enabled!(target: "tollgate::access", tracing::Level::INFO).then(|| {
+                (
+                    Instant::now(),
+                    request.method().clone(),
+                    request.uri().path().to_owned(),
+                )
+            });
+        let mut trace = logged.as_ref().map(|_| Trace::default());
+        let mut key = None;
+        // One await of the request path (a future of a few KiB), whether logged or not.
         let response = self.answer(request, &mut trace, &mut key).await;
         let counts = self.counts(key);
         counts.answered(response.status().as_u16());
-        let trace = trace.unwrap_or_default();
-        tracing::info!(
-            target: "tollgate::access",
-            upstream = %self.name,
-            key = %counts.label,
-            %method,
-            %path,
-            status = response.status().as_u16(),
-            upstream_ms = trace.upstream.as_secs_f64() * 1000.0,
-            total_ms = started.elapsed().as_secs_f64() * 1000.0,
-            token = %trace.token.as_deref().unwrap_or("-"),
-            "request"
-        );
+        if let Some((started, method, path)) = logged {
+            let trace = trace.unwrap_or_default();
+            tracing::info!(
+                target: "tollgate::access",
+                upstream = %self.name,
+                key = %counts.label,
+                %method,
+                %path,
+                status = response.status().as_u16(),
+                upstream_ms = trace.upstream.as_secs_f64() * 1000.0,
+                total_ms = started.elapsed().as_secs_f64() * 1000.0,
+                token = %trace.token.as_deref().unwrap_or("-"),
+                "request"
+            );
+        }
         response
     }
 
@@ -186,7 +189,12 @@ impl Pipeline {
         let slot = self.quota.enter().await?;
         // The token is taken after the body was read, so it cannot expire while a slow client
         // uploads (the body read is capped at retry_body_limit).
-        let token = self.tokens.get().await?;
+        // From the cache on the hot path; a refresh is a large future and a rare one, boxed so
+        // that every request's future does not carry (and move) its room.
+        let token = match self.tokens.cached() {
+            Some(token) => token,
+            None => Box::pin(self.tokens.get()).await?,
+        };
         forward::rewrite_request_headers(
             &mut parts.headers,
             parts.version,
@@ -213,8 +221,9 @@ impl Pipeline {
 
         let response = match replay {
             Some(replay) if self.retry_on.contains(&response.status().as_u16()) => {
-                self.replay(response, replay, &token, key, &mut window, trace)
-                    .await?
+                // Boxed, as the refresh above: rare, and large.
+                let replayed = self.replay(response, replay, &token, key, &mut window, trace);
+                Box::pin(replayed).await?
             }
             _ => response,
         };
@@ -346,5 +355,57 @@ impl Pipeline {
             Some(authority) => format!("{}://{authority}", self.scheme),
             None => format!("{}://{}", self.scheme, self.local),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::quota::Clock;
+
+    /// A request's future stays small: hyper moves it whole into place for every request,
+    /// and each stage's future is moved into the one that awaits it, so room taken by a
+    /// rare path (a refresh, a replay, a new connection) would cost every request. Those
+    /// paths are boxed; this holds the line.
+    #[tokio::test]
+    async fn the_request_future_stays_small() {
+        let state = tempfile::tempdir().unwrap();
+        let text = format!(
+            r#"
+[state]
+store = "file:{}"
+
+[[upstream]]
+name = "api"
+listen = "127.0.0.1:0"
+url = "http://127.0.0.1:9"
+
+[upstream.auth]
+grant = "client_credentials"
+token_url = "http://127.0.0.1:9/token"
+client_id = "id"
+client_secret = "secret"
+"#,
+            state.path().display()
+        );
+        let config = Config::parse(&text, "t", |_| None).unwrap();
+        let up = &config.upstreams[0];
+        let store = crate::store::open(&config.state).unwrap();
+        let tokens = Arc::new(TokenCache::new(up, Arc::clone(&store), None).unwrap());
+        let quota = Arc::new(Quota::new(&up.name, None, &[], store, Clock::system()));
+        let upstream = Upstream::new(up, None).unwrap();
+        let local = "127.0.0.1:8080".parse().unwrap();
+        let stats = Arc::new(RequestStats::default());
+        let pipeline = Pipeline::new(up, local, upstream, tokens, quota, stats);
+
+        let size = size_of_return(|request| pipeline.handle(request));
+        // 9,304 bytes before the refresh and the replay were boxed; 5,088 after.
+        assert!(size <= 6 * 1024, "the request's future is {size} bytes");
+    }
+
+    /// The size of the future `f` returns, without calling it.
+    fn size_of_return<A, Fut>(_: impl Fn(A) -> Fut) -> usize {
+        std::mem::size_of::<Fut>()
     }
 }

@@ -1,4 +1,5 @@
-//! Opening one connection to the upstream: resolve its host, connect over TCP (Nagle off),
+//! Opening one connection to the upstream: resolve its host (at most every few seconds),
+//! connect over TCP (Nagle off),
 //! for `https` shake hands in TLS offering h2 and http/1.1 by ALPN, then start HTTP/1.1 or
 //! HTTP/2 as agreed. The connection's own task is spawned on the runtime of the worker that
 //! opened it, which is the worker that uses it.
@@ -13,7 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -31,7 +32,13 @@ pub struct Connector {
     port: u16,
     tls: Option<(TlsConnector, ServerName<'static>)>,
     connect_timeout: Duration,
+    /// What DNS last said of `host`, and when.
+    resolved: tokio::sync::Mutex<Option<(Arc<[SocketAddr]>, Instant)>>,
 }
+
+/// How long the addresses DNS gave for the upstream's host are used: connections opened
+/// together (a burst of clients) share one lookup, instead of a blocking thread each.
+const DNS_REUSE: Duration = Duration::from_secs(5);
 
 /// Why a connection could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +107,7 @@ impl Connector {
             port,
             tls,
             connect_timeout,
+            resolved: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -149,6 +157,29 @@ impl Connector {
         }
     }
 
+    /// The host's addresses: an IP address as it is; a name as DNS said less than
+    /// [`DNS_REUSE`] ago, or asked now (once, for every connection opened meanwhile).
+    async fn addresses(&self) -> Result<Arc<[SocketAddr]>, ConnectError> {
+        if let Ok(ip) = self.host.parse::<std::net::IpAddr>() {
+            return Ok(Arc::new([SocketAddr::new(ip, self.port)]));
+        }
+        let mut resolved = self.resolved.lock().await;
+        if let Some((addrs, at)) = &*resolved {
+            if at.elapsed() < DNS_REUSE {
+                return Ok(Arc::clone(addrs));
+            }
+        }
+        let addrs: Arc<[SocketAddr]> = tokio::net::lookup_host((self.host.as_str(), self.port))
+            .await
+            .map_err(|source| ConnectError::Resolve {
+                host: self.host.clone(),
+                source,
+            })?
+            .collect();
+        *resolved = Some((Arc::clone(&addrs), Instant::now()));
+        Ok(addrs)
+    }
+
     /// Start HTTP/1.1 on `io` and spawn the connection's task.
     async fn handshake_http1<IO>(
         &self,
@@ -174,14 +205,9 @@ impl Connector {
 
     /// A TCP connection to the first address of the host that accepts one.
     async fn tcp(&self) -> Result<TcpStream, ConnectError> {
-        let addrs = tokio::net::lookup_host((self.host.as_str(), self.port))
-            .await
-            .map_err(|source| ConnectError::Resolve {
-                host: self.host.clone(),
-                source,
-            })?;
+        let addrs = self.addresses().await?;
         let mut last = None;
-        for addr in addrs {
+        for &addr in addrs.iter() {
             match TcpStream::connect(addr).await {
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);

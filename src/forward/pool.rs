@@ -91,16 +91,14 @@ impl Pool {
             let (sender, reused) = match self.shared.checkout() {
                 Some(sender) => (sender, true),
                 // Boxed: connecting (TLS above all) is a large future, and a rare one; inline,
-                // it would be moved with every request's future.
+                // it would take room in (and be moved with) every request's future.
                 None => (Box::pin(self.shared.connect()).await?, false),
             };
             let mut send = match sender {
-                Sender::Http2(mut send) => {
+                Sender::Http2(send) => {
                     *request.uri_mut() = absolute(request.uri());
-                    send.ready().await.map_err(PoolError::Broken)?;
-                    let response = send.send_request(request).await;
-                    let response = response.map_err(PoolError::Broken)?;
-                    return Ok(response.map(|body| UpstreamBody::new(body, None)));
+                    // Boxed, as connecting: HTTP/1.1 is the common case.
+                    return Box::pin(send_http2(send, request)).await;
                 }
                 Sender::Http1(send) => send,
             };
@@ -126,6 +124,17 @@ impl Pool {
         let idle = self.shared.lock();
         idle.http1.len() + usize::from(idle.http2.is_some())
     }
+}
+
+/// Send `request` on a multiplexed HTTP/2 connection.
+async fn send_http2(
+    mut send: http2::SendRequest<RequestBody>,
+    request: Request<RequestBody>,
+) -> Result<Response<UpstreamBody>, PoolError> {
+    send.ready().await.map_err(PoolError::Broken)?;
+    let response = send.send_request(request).await;
+    let response = response.map_err(PoolError::Broken)?;
+    Ok(response.map(|body| UpstreamBody::new(body, None)))
 }
 
 impl Shared {
