@@ -10,8 +10,8 @@
 # (a private CA and a server certificate it signs, made here with openssl; every proxy
 # verifies it against that CA and keeps its connections alive). In front of it:
 #   - nginx (2 workers): proxy_set_header Authorization "Bearer <static>", keepalive 1024;
-#   - tollgate (serve, 2 workers): the token it got from the simulated identity server
-#     (cargo run --example sim), read from its cache on every request;
+#   - tollgate (serve, 2 workers, a process per upstream): the token it got from the
+#     simulated identity server (cargo run --example sim), read from its cache on every request;
 #   - Caddy (the Go stack of oauth2-proxy and Couper): reverse_proxy with header_up
 #     Authorization, in the "small" scenario.
 # Scenarios (SCENARIOS, default "small sizes c1000"), each for every upstream in UPSTREAMS
@@ -222,12 +222,13 @@ wait_up() { # url name
   for _ in $(seq 100); do curl -fsk "$1" >/dev/null 2>&1 && return; sleep 0.1; done
   echo "$2 did not come up at $1:" >&2; cat "$work/$2"*.log >&2 2>/dev/null; exit 1
 }
-start_tollgate() { # contender extra-upstream-toml store binary
-  local config="$work/$1.toml" scheme
-  echo "[state]" > "$config"
-  echo "store = \"$3\"" >> "$config"
+start_tollgate() { # contender extra-upstream-toml store binary: one process per upstream
+  local scheme config
   for scheme in $UPSTREAMS; do
-    cat >> "$config" <<CONF
+    config="$work/$1-$scheme.toml"
+    cat > "$config" <<CONF
+[state]
+store = "$(sed "s/{scheme}/$scheme/" <<<"$3")"
 
 [[upstream]]
 name = "$scheme"
@@ -242,17 +243,17 @@ token_url = "http://127.0.0.1:$IDENTITY/token"
 client_id = "$client_id"
 client_secret = "$client_secret"
 CONF
+    RUST_LOG=warn "$4" serve -c "$config" 2> "$work/$1-$scheme.log" &
+    pids+=($!)
+    procs[$1.$scheme]=$!
+    wait_up "http://127.0.0.1:$(port_of "$1" "$scheme")/" "$1-$scheme"
   done
-  RUST_LOG=warn "$4" serve -c "$config" 2> "$work/$1.log" &
-  pids+=($!)
-  procs[$1]=$!
-  for scheme in $UPSTREAMS; do wait_up "http://127.0.0.1:$(port_of "$1" "$scheme")/" "$1"; done
 }
-start_tollgate tollgate "$EXTRA_UPSTREAM_TOML" "file:$work/state-tollgate" ./target/release/tollgate
+start_tollgate tollgate "$EXTRA_UPSTREAM_TOML" "file:$work/state-tollgate-{scheme}" ./target/release/tollgate
 extra=""
 if [ -n "$QUOTA_TOML" ]; then
   start_tollgate quota "$EXTRA_UPSTREAM_TOML
-$QUOTA_TOML" "file:$work/state-quota" ./target/release/tollgate
+$QUOTA_TOML" "file:$work/state-quota-{scheme}" ./target/release/tollgate
   extra="$extra quota"
 fi
 if [ "$STORE" = redis ]; then
@@ -262,7 +263,7 @@ $QUOTA_TOML" "redis://127.0.0.1:$REDIS_PORT/0" ./target/release/tollgate
 fi
 baseline=""
 if [ -n "$BASELINE_BIN" ]; then
-  start_tollgate baseline "$EXTRA_UPSTREAM_TOML" "file:$work/state-baseline" "$BASELINE_BIN"
+  start_tollgate baseline "$EXTRA_UPSTREAM_TOML" "file:$work/state-baseline-{scheme}" "$BASELINE_BIN"
   baseline=baseline
 fi
 for scheme in $UPSTREAMS; do
@@ -290,9 +291,9 @@ median() { sort -g | awk '{a[NR]=$1} END { if (NR%2) print a[(NR+1)/2]; else pri
 # One wrk run against a contender: appends "rps p50 p99 non2xx cpu_us_per_request peak_rss_kib"
 # to $work/res/<key>.txt and prints the round's line.
 mkdir -p "$work/res"
-measure() { # key round contender url connections
+measure() { # key round contender url connections scheme
   local key=$1 round=$2 who=$3 url=$4 conns=$5 out
-  local list=${procs[$who]}
+  local list=${procs[$who.$6]:-${procs[$who]}}
   ( while true; do rss_kib "$list" >> "$work/rss.$who"; sleep 0.2; done ) 2>/dev/null &
   local sampler=$!
   : > "$work/rss.$who"
@@ -329,7 +330,7 @@ rounds() {
   for r in $(seq "$ROUNDS"); do
     order=$(tr ' ' '\n' <<<"$contenders" | awk -v r="$r" 'NF {a[++n]=$0} END {for (i=0;i<n;i++) print a[(i+r)%n+1]}')
     for who in $order; do
-      measure "$key" "$r" "$who" "http://127.0.0.1:$(port_of "$who" "$scheme")$path" "$conns"
+      measure "$key" "$r" "$who" "http://127.0.0.1:$(port_of "$who" "$scheme")$path" "$conns" "$scheme"
     done
   done
 }
@@ -369,7 +370,7 @@ scenario_sizes() { # scheme
   for size in 1k 100k 10m; do
     case $size in 1k) bytes=1024;; 100k) bytes=102400;; 10m) bytes=10485760;; esac
     key="size$size-$scheme"
-    idle=$(rss_kib "${procs[tollgate]}")
+    idle=$(rss_kib "${procs[tollgate.$scheme]}")
     printf '\n== %s upstream, %s body, wrk -t2 -c%s -d%ss, %s rounds\n' "$scheme" "$size" "$CONNECTIONS" "$SECS" "$ROUNDS"
     rounds "$key" "$scheme" "/$size" "$CONNECTIONS" nginx tollgate $baseline
     echo

@@ -132,43 +132,20 @@ pub async fn serve<H: Handler>(
         let _ = stream.set_nodelay(true);
         let settings = Arc::clone(&live.load().settings);
         let live = Arc::clone(&live);
-        let mut stop = told.clone();
-        tokio::spawn(async move {
-            let started = tokio::time::Instant::now();
-            match &settings.tls {
-                None => connection(stream, live, &settings, started, stop).await,
-                Some(acceptor) => {
-                    // The handshake counts against the same deadline as the first request,
-                    // and is given up when the listener stops: no request is in flight yet.
-                    let deadline = started + settings.header_timeout;
-                    let mut stream = stream;
-                    // Done with the connection when it spoke plain HTTP, sent nothing in
-                    // time, or the listener stopped meanwhile.
-                    let done = tokio::select! {
-                        peeked = tokio::time::timeout_at(deadline, crate::tls::answer_plain_http(&mut stream)) => {
-                            peeked.unwrap_or(true)
-                        }
-                        _ = stop.changed() => true,
-                    };
-                    if done {
-                        drop(permit);
-                        return;
-                    }
-                    let handshake = tokio::time::timeout_at(deadline, acceptor.accept(stream));
-                    tokio::select! {
-                        shaken = handshake => match shaken {
-                            Ok(Ok(stream)) => {
-                                connection(stream, live, &settings, started, stop).await
-                            }
-                            Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
-                            Err(_) => tracing::debug!("TLS handshake timed out"),
-                        },
-                        _ = stop.changed() => {}
-                    }
-                }
-            }
-            drop(permit);
-        });
+        let stop = told.clone();
+        let started = tokio::time::Instant::now();
+        // A task of its own shape for each: a plain connection's task does not carry the
+        // room of a TLS stream and handshake.
+        match settings.tls.clone() {
+            None => tokio::spawn(async move {
+                connection(stream, live, &settings, started, stop).await;
+                drop(permit);
+            }),
+            Some(acceptor) => tokio::spawn(async move {
+                secure(stream, acceptor, live, &settings, started, stop).await;
+                drop(permit);
+            }),
+        };
     }
     drop((listener, told));
     let _ = ending.send(Ending::Graceful);
@@ -178,6 +155,40 @@ pub async fn serve<H: Handler>(
             tracing::warn!(?grace, "connections still open after the grace period; closing them");
             let _ = ending.send(Ending::Forced);
         }
+    }
+}
+
+/// A TLS connection: refuse plain HTTP in words, shake hands, then serve it. The handshake
+/// counts against the same deadline as the first request, and is given up when the listener
+/// stops: no request is in flight yet.
+async fn secure<H: Handler>(
+    mut stream: tokio::net::TcpStream,
+    acceptor: TlsAcceptor,
+    live: Arc<Live<H>>,
+    settings: &Settings,
+    started: tokio::time::Instant,
+    mut stop: watch::Receiver<Ending>,
+) {
+    let deadline = started + settings.header_timeout;
+    // Done with the connection when it spoke plain HTTP, sent nothing in time, or the
+    // listener stopped meanwhile.
+    let done = tokio::select! {
+        peeked = tokio::time::timeout_at(deadline, crate::tls::answer_plain_http(&mut stream)) => {
+            peeked.unwrap_or(true)
+        }
+        _ = stop.changed() => true,
+    };
+    if done {
+        return;
+    }
+    let handshake = tokio::time::timeout_at(deadline, acceptor.accept(stream));
+    tokio::select! {
+        shaken = handshake => match shaken {
+            Ok(Ok(stream)) => connection(stream, live, settings, started, stop).await,
+            Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+            Err(_) => tracing::debug!("TLS handshake timed out"),
+        },
+        _ = stop.changed() => {}
     }
 }
 

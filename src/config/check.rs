@@ -84,11 +84,12 @@ impl Config {
             line(
                 "limits",
                 format!(
-                    "{} connections, {} of headers within {}, upstream connect {}",
+                    "{} connections, {} of headers within {}, upstream connect {}, {} upstream connections",
                     l.max_connections,
                     show_size(l.max_header_size),
                     humantime::format_duration(l.header_timeout),
-                    humantime::format_duration(l.connect_timeout)
+                    humantime::format_duration(l.connect_timeout),
+                    l.max_upstream_connections
                 ),
             );
             if let Some(ca) = &up.ca_file {

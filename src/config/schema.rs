@@ -129,6 +129,9 @@ pub struct LimitsConfig {
     /// Connecting to the upstream.
     #[serde(deserialize_with = "de_duration")]
     pub connect_timeout: Duration,
+    /// Requests in flight to the upstream at once, per process (each worker holds its share):
+    /// over HTTP/1.1, the connections open to it. More wait for one to finish.
+    pub max_upstream_connections: usize,
 }
 
 impl Default for LimitsConfig {
@@ -138,6 +141,7 @@ impl Default for LimitsConfig {
             max_header_size: 64 * 1024,
             header_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
+            max_upstream_connections: 256,
         }
     }
 }

@@ -230,6 +230,12 @@ fn check_limits(up: &UpstreamConfig, report: &mut Report<'_>) {
             "must be between 1 and 1000000".into(),
         );
     }
+    if !(1..=1_000_000).contains(&limits.max_upstream_connections) {
+        report.at(
+            "limits.max_upstream_connections",
+            "must be between 1 and 1000000".into(),
+        );
+    }
     if !(8 * 1024..=16 * 1024 * 1024).contains(&limits.max_header_size) {
         report.at(
             "limits.max_header_size",

@@ -36,7 +36,13 @@ pub enum SendError {
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig, extra_roots: Option<&[u8]>) -> Result<Upstream, String> {
+    /// One of `workers` clients to the upstream of `config`, each with its share of
+    /// `limits.max_upstream_connections`.
+    pub fn new(
+        config: &UpstreamConfig,
+        extra_roots: Option<&[u8]>,
+        workers: usize,
+    ) -> Result<Upstream, String> {
         let target = Target::new(&config.url)?;
         let https = target.is_https();
         let tls = if https {
@@ -52,7 +58,14 @@ impl Upstream {
         )?;
         Ok(Upstream {
             target,
-            pool: Pool::new(connector, pool::IDLE_TIMEOUT),
+            pool: Pool::new(
+                connector,
+                config
+                    .limits
+                    .max_upstream_connections
+                    .div_ceil(workers.max(1)),
+                pool::IDLE_TIMEOUT,
+            ),
             timeout: config.timeout,
         })
     }

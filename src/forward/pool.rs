@@ -8,7 +8,9 @@
 //! the end ([`UpstreamBody`]); a body given up half-way takes its connection with it. An
 //! upstream that agrees to HTTP/2 by ALPN gets one shared connection, which multiplexes.
 //!
-//! A connection idle for [`IDLE_TIMEOUT`] is closed (by a sweep every third of it, so after
+//! At most so many requests are in flight at once (`limits.max_upstream_connections`, each
+//! worker its share): over HTTP/1.1, the connections open. A request past that waits for one
+//! to finish. A connection idle for [`IDLE_TIMEOUT`] is closed (by a sweep every third of it, so after
 //! 90 to 120 s), and so is every connection of a pool no pipeline uses any more. A request that finds its kept-alive connection closed before anything was
 //! written to it goes on the next one, or a new one; once written, it is never sent twice.
 
@@ -23,6 +25,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How long an unused connection is kept open.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -37,6 +40,8 @@ struct Shared {
     connector: Connector,
     idle: Mutex<Idle>,
     idle_timeout: Duration,
+    /// One per request in flight, held until its response body ends.
+    permits: Arc<Semaphore>,
 }
 
 #[derive(Default)]
@@ -68,13 +73,15 @@ pub enum PoolError {
 }
 
 impl Pool {
-    /// Connections unused for `idle_timeout` are closed ([`IDLE_TIMEOUT`] but in tests).
-    pub fn new(connector: Connector, idle_timeout: Duration) -> Pool {
+    /// At most `connections` requests in flight at once (so, over HTTP/1.1, connections
+    /// open); connections unused for `idle_timeout` are closed ([`IDLE_TIMEOUT`] but in tests).
+    pub fn new(connector: Connector, connections: usize, idle_timeout: Duration) -> Pool {
         Pool {
             shared: Arc::new(Shared {
                 connector,
                 idle: Mutex::new(Idle::default()),
                 idle_timeout,
+                permits: Arc::new(Semaphore::new(connections.max(1))),
             }),
         }
     }
@@ -87,6 +94,15 @@ impl Pool {
         mut request: Request<RequestBody>,
         absolute: impl FnOnce(&http::Uri) -> http::Uri,
     ) -> Result<Response<UpstreamBody>, PoolError> {
+        let permits = &self.shared.permits;
+        let permit = match Arc::clone(permits).try_acquire_owned() {
+            Ok(permit) => permit,
+            // All in use: wait for a request to finish (the caller's timeout runs meanwhile).
+            Err(_) => Arc::clone(permits)
+                .acquire_owned()
+                .await
+                .expect("the pool's semaphore is never closed"),
+        };
         loop {
             let (sender, reused) = match self.shared.checkout() {
                 Some(sender) => (sender, true),
@@ -98,7 +114,7 @@ impl Pool {
                 Sender::Http2(send) => {
                     *request.uri_mut() = absolute(request.uri());
                     // Boxed, as connecting: HTTP/1.1 is the common case.
-                    return Box::pin(send_http2(send, request)).await;
+                    return Box::pin(send_http2(send, request, permit)).await;
                 }
                 Sender::Http1(send) => send,
             };
@@ -108,7 +124,8 @@ impl Pool {
                         send,
                         pool: Arc::downgrade(&self.shared),
                     };
-                    return Ok(response.map(|body| UpstreamBody::new(body, Some(back))));
+                    let body = |body| UpstreamBody::new(body, Some(back), permit);
+                    return Ok(response.map(body));
                 }
                 Err(mut e) => match e.take_message() {
                     // Not written: the kept-alive connection had closed meanwhile.
@@ -130,11 +147,12 @@ impl Pool {
 async fn send_http2(
     mut send: http2::SendRequest<RequestBody>,
     request: Request<RequestBody>,
+    permit: OwnedSemaphorePermit,
 ) -> Result<Response<UpstreamBody>, PoolError> {
     send.ready().await.map_err(PoolError::Broken)?;
     let response = send.send_request(request).await;
     let response = response.map_err(PoolError::Broken)?;
-    Ok(response.map(|body| UpstreamBody::new(body, None)))
+    Ok(response.map(|body| UpstreamBody::new(body, None, permit)))
 }
 
 impl Shared {
@@ -238,11 +256,12 @@ impl Return {
 }
 
 /// The upstream's response body; over HTTP/1.1 it takes its connection back to the pool
-/// when read to the end.
+/// when read to the end. Its request counts as in flight until then.
 #[derive(Debug)]
 pub struct UpstreamBody {
     inner: Incoming,
     back: Option<Return>,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl std::fmt::Debug for Return {
@@ -252,8 +271,12 @@ impl std::fmt::Debug for Return {
 }
 
 impl UpstreamBody {
-    fn new(inner: Incoming, back: Option<Return>) -> UpstreamBody {
-        let mut body = UpstreamBody { inner, back };
+    fn new(inner: Incoming, back: Option<Return>, permit: OwnedSemaphorePermit) -> UpstreamBody {
+        let mut body = UpstreamBody {
+            inner,
+            back,
+            permit: Some(permit),
+        };
         if body.inner.is_end_stream() {
             body.finished();
         }
@@ -264,6 +287,8 @@ impl UpstreamBody {
         if let Some(back) = self.back.take() {
             back.home();
         }
+        // After the connection is back, for the request that waited for this permit.
+        self.permit = None;
     }
 }
 
@@ -280,7 +305,10 @@ impl Body for UpstreamBody {
             Poll::Ready(None) => self.finished(),
             Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.finished(),
             // The connection cannot be trusted with another request.
-            Poll::Ready(Some(Err(_))) => self.back = None,
+            Poll::Ready(Some(Err(_))) => {
+                self.back = None;
+                self.permit = None;
+            }
             _ => {}
         }
         frame
@@ -341,6 +369,11 @@ mod tests {
     /// An HTTP/1.1 upstream on loopback: `/` says ok, `/empty` is a 204, `/big` streams
     /// 4 MiB in 64 KiB chunks, `/close` answers with `Connection: close`.
     async fn upstream() -> (Pool, Arc<Seen>) {
+        upstream_with(64).await
+    }
+
+    /// [`upstream`] with at most `connections` requests in flight.
+    async fn upstream_with(connections: usize) -> (Pool, Arc<Seen>) {
         use http_body_util::{Full, StreamBody};
         type Out = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -386,7 +419,10 @@ mod tests {
         });
         let authority: http::uri::Authority = addr.to_string().parse().unwrap();
         let connector = Connector::new(&authority, false, None, Duration::from_secs(5)).unwrap();
-        (Pool::new(connector, Duration::from_millis(300)), seen)
+        (
+            Pool::new(connector, connections, Duration::from_millis(300)),
+            seen,
+        )
     }
 
     async fn get(pool: &Pool, path: &str) -> (u16, Bytes) {
@@ -445,6 +481,19 @@ mod tests {
             assert_eq!(get(&pool, "/").await.0, 200);
         }
         assert_eq!(seen.accepted.load(Ordering::SeqCst), opened);
+    }
+
+    /// Past `connections` requests at once, the others wait for a response to end and go
+    /// on its connection: no more connections are opened.
+    #[tokio::test]
+    async fn requests_past_the_limit_wait_for_a_connection() {
+        let (pool, seen) = upstream_with(2).await;
+        let at_once = (0..6).map(|_| get(&pool, "/big"));
+        for (status, body) in futures_util::future::join_all(at_once).await {
+            assert_eq!((status, body.len()), (200, 4 * 1024 * 1024));
+        }
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(pool.idle(), 2);
     }
 
     /// A body dropped half-way takes its connection with it (what is left of it can never

@@ -171,6 +171,7 @@ impl Proxy {
             o.config.url == up.url
                 && o.config.timeout == up.timeout
                 && o.config.limits.connect_timeout == up.limits.connect_timeout
+                && o.config.limits.max_upstream_connections == up.limits.max_upstream_connections
                 && o.roots == roots
         });
         let forwards = match self.listeners.get(&up.name) {
@@ -182,7 +183,9 @@ impl Proxy {
             _ => {
                 let mut forwards = Vec::with_capacity(self.workers.len());
                 for _ in 0..self.workers.len() {
-                    forwards.push(forward::Upstream::new(up, roots.as_deref()).map_err(&fail)?);
+                    let workers = self.workers.len();
+                    let forward = forward::Upstream::new(up, roots.as_deref(), workers);
+                    forwards.push(forward.map_err(&fail)?);
                 }
                 forwards
             }
