@@ -28,6 +28,7 @@ pub mod stats;
 pub mod store;
 pub mod tls;
 pub mod token;
+pub mod trust;
 pub mod usage;
 
 pub use proxy::{Proxy, Reloaded, StartError, SHUTDOWN_GRACE};

@@ -140,3 +140,107 @@ async fn a_ca_used_as_its_own_server_certificate_is_explained() {
         proxy.shutdown().await;
     }
 }
+
+/// `config` with `pin_sha256 = pin` on its upstream.
+fn pinned(config: &tollgate::config::Config, pin: &str) -> tollgate::config::Config {
+    let mut config = config.clone();
+    config.upstreams[0].pin_sha256 = Some(pin.to_owned());
+    config
+}
+
+/// With pin_sha256, the one certificate whose key it names is trusted for the upstream's host
+/// whatever its issuer and names: a self-signed CA serving as its own server certificate, or
+/// a certificate for another host. The token still reaches the API.
+#[tokio::test]
+async fn a_pinned_certificate_is_trusted_whatever_its_issuer_and_name() {
+    let h = Harness::start(Setup::default()).await;
+    let self_signed = make_self_signed_ca();
+    let other_name = common::certs::make_ca_for("upstream", &["api.elsewhere.example"]);
+    for ca in [&self_signed, &other_name] {
+        let front = tls_front(ca, h.api_server.addr, b"http/1.1").await;
+        let config = pinned(&https_config(&h, ca, front, false), &ca.pin());
+        let proxy = tollgate::Proxy::start(&config).await.unwrap();
+        let a = common::get(format!("http://{}/pinned", proxy.addr("api").unwrap())).await;
+        assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+        assert_eq!(a.json()["path"], "/api/v1/pinned");
+        assert!(a.echoed_header("authorization")[0].starts_with("Bearer at_"));
+        proxy.shutdown().await;
+    }
+}
+
+/// Another key than the pinned one is refused, even one a trusted CA signed for the right
+/// name: the 502 names the key presented and the pin expected. Without a pin, a certificate
+/// rustls refuses is explained with the pin that would trust it.
+#[tokio::test]
+async fn a_key_that_is_not_the_pinned_one_is_refused_and_named() {
+    let h = Harness::start(Setup::default()).await;
+    let served = make_ca("upstream");
+    let front = tls_front(&served, h.api_server.addr, b"http/1.1").await;
+    let other = make_ca("another");
+    // ca_file trusts the served certificate; the pin names another key: the pin wins.
+    let config = pinned(&https_config(&h, &served, front, true), &other.pin());
+    let proxy = tollgate::Proxy::start(&config).await.unwrap();
+    let a = common::get(format!("http://{}/x", proxy.addr("api").unwrap())).await;
+    assert_eq!(a.status, 502, "{}", String::from_utf8_lossy(&a.body));
+    let detail = a.json()["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("not the pinned one"), "{detail}");
+    assert!(detail.contains(&served.pin()), "{detail}");
+    assert!(detail.contains(&other.pin()), "{detail}");
+    assert_eq!(h.api.counters().requests, 0, "nothing reached the API");
+    proxy.shutdown().await;
+
+    let self_signed = make_self_signed_ca();
+    let front = tls_front(&self_signed, h.api_server.addr, b"http/1.1").await;
+    let proxy = tollgate::Proxy::start(&https_config(&h, &self_signed, front, false))
+        .await
+        .unwrap();
+    let a = common::get(format!("http://{}/x", proxy.addr("api").unwrap())).await;
+    assert_eq!(a.status, 502);
+    let detail = a.json()["detail"].as_str().unwrap().to_owned();
+    let offer = format!("pin_sha256 = \"{}\"", self_signed.pin());
+    assert!(detail.contains(&offer), "{detail}");
+    proxy.shutdown().await;
+}
+
+/// An on-premise server whose identity server shares its host and its self-signed
+/// certificate: the pin covers the token endpoint too.
+#[tokio::test]
+async fn the_pin_covers_a_token_endpoint_on_the_same_host() {
+    let mut h = Harness::start(Setup::default()).await;
+    h.stop_proxy().await;
+    let ca = make_self_signed_ca();
+    let api = tls_front(&ca, h.api_server.addr, b"http/1.1").await;
+    let identity_addr: std::net::SocketAddr = h
+        .identity
+        .token_url()
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let identity = tls_front(&ca, identity_addr, b"http/1.1").await;
+    let mut unpinned = https_config(&h, &ca, api, false);
+    let token_url = format!("https://localhost:{}/token", identity.port());
+    unpinned.upstreams[0].auth.token_url = token_url.parse().unwrap();
+    unpinned.upstreams[0].auth.refresh_wait = std::time::Duration::from_millis(500);
+
+    // Without the pin, the token endpoint's certificate is refused, and the 503 says how
+    // to trust it.
+    let proxy = tollgate::Proxy::start(&unpinned).await.unwrap();
+    let a = common::get(format!("http://{}/no-token", proxy.addr("api").unwrap())).await;
+    assert_eq!(a.status, 503, "{}", String::from_utf8_lossy(&a.body));
+    let detail = a.json()["detail"].as_str().unwrap().to_owned();
+    assert!(
+        detail.contains(&format!("pin_sha256 = \"{}\"", ca.pin())),
+        "{detail}"
+    );
+    proxy.shutdown().await;
+
+    let config = pinned(&unpinned, &ca.pin());
+    let proxy = tollgate::Proxy::start(&config).await.unwrap();
+    let a = common::get(format!("http://{}/with-token", proxy.addr("api").unwrap())).await;
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    assert!(h.identity.counters().token_requests >= 1);
+    proxy.shutdown().await;
+}

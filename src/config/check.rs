@@ -95,6 +95,13 @@ impl Config {
             if let Some(ca) = &up.ca_file {
                 line("ca_file", ca.display().to_string());
             }
+            if let Some(pin) = &up.pin_sha256 {
+                let host = up.url.host_str().unwrap_or_default();
+                line(
+                    "pin_sha256",
+                    format!("{pin} (only this key is trusted for {host})"),
+                );
+            }
             describe_auth(&up.auth, &up.name, &mut line);
             if let Some(tls) = &up.tls {
                 line(

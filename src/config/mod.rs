@@ -101,6 +101,18 @@ impl UpstreamConfig {
             .collect()
     }
 
+    /// The TLS client settings for this upstream's connections, the API's and the token
+    /// endpoint's: the public roots and `extra_roots` (the PEM of `ca_file`), and
+    /// `pin_sha256` for the host of `url`.
+    pub fn tls_client(&self, extra_roots: Option<&[u8]>) -> Result<rustls::ClientConfig, String> {
+        let pin = match &self.pin_sha256 {
+            Some(text) => Some(crate::trust::Pin::parse(text)?),
+            None => None,
+        };
+        let host = self.url.host_str().unwrap_or_default();
+        crate::trust::client_config(extra_roots, pin.map(|pin| (host, pin)))
+    }
+
     /// The PEM of `ca_file`, when one is set.
     pub fn read_ca(&self) -> Result<Option<Vec<u8>>, String> {
         let Some(path) = &self.ca_file else {

@@ -260,7 +260,7 @@ fn check_limits(up: &UpstreamConfig, report: &mut Report<'_>) {
     }
 }
 
-/// The API's URL, the statuses that trigger a replay, the CA file.
+/// The API's URL, the statuses that trigger a replay, the CA file, the pin.
 fn check_target(up: &UpstreamConfig, report: &mut Report<'_>) {
     if up.url.query().is_some() || up.url.fragment().is_some() {
         report.at(
@@ -282,6 +282,16 @@ fn check_target(up: &UpstreamConfig, report: &mut Report<'_>) {
             report.at(
                 "ca_file",
                 format!("{} does not exist or is not a file", ca.display()),
+            );
+        }
+    }
+    if let Some(pin) = &up.pin_sha256 {
+        if let Err(e) = crate::trust::Pin::parse(pin) {
+            report.at("pin_sha256", e);
+        } else if up.url.scheme() != "https" {
+            report.at(
+                "pin_sha256",
+                "pins the certificate of an https url; this url is plain http".into(),
             );
         }
     }
@@ -445,6 +455,43 @@ mod tests {
         assert!(err.contains("upstream[0].name"), "{err}");
         assert!(err.contains("upstream[0].auth.client_secret"), "{err}");
         assert_eq!(err.lines().count(), 2, "{err}");
+    }
+
+    /// A pin must be a SHA-256 in one of the forms written, for an https url; `check` shows
+    /// it with the host it applies to; the upstream connection cap is at least 1.
+    #[test]
+    fn pins_and_the_upstream_connection_cap_are_checked() {
+        let with = |line: &str| {
+            GOOD.replace(
+                "timeout = \"30s\"\n",
+                &format!("timeout = \"30s\"\n{line}\n"),
+            )
+        };
+        let pin = "sha256//AXOFDzot2hoxc+GD6qi2OETrbbVAzib2/uKiK4v7LEo=";
+        let config =
+            Config::parse(&with(&format!("pin_sha256 = \"{pin}\"")), "t.toml", env).unwrap();
+        let described = config.describe();
+        assert!(
+            described.contains(&format!(
+                "{pin} (only this key is trusted for api.example.com)"
+            )),
+            "{described}"
+        );
+        let err = error_of(&with("pin_sha256 = \"sha256//short\""));
+        assert!(
+            err.contains("upstream[0].pin_sha256") && err.contains("openssl"),
+            "{err}"
+        );
+        let plain = with(&format!("pin_sha256 = \"{pin}\"")).replace("https://api", "http://api");
+        let err = error_of(&plain);
+        assert!(
+            err.contains("upstream[0].pin_sha256") && err.contains("plain http"),
+            "{err}"
+        );
+        let err = error_of(&format!(
+            "{GOOD}\n[upstream.limits]\nmax_upstream_connections = 0\n"
+        ));
+        assert!(err.contains("limits.max_upstream_connections"), "{err}");
     }
 
     #[test]

@@ -236,29 +236,8 @@ impl Connector {
     }
 }
 
-/// A TLS failure in words: what rustls refused, and what to do about it.
+/// A TLS failure in words: rustls's reason, which [`crate::trust`] explains for a
+/// certificate it refused.
 fn describe_tls(e: &std::io::Error) -> String {
-    let text = match e.get_ref() {
-        Some(inner) => inner.to_string(),
-        None => e.to_string(),
-    };
-    match certificate_hint(&format!("{text} {e:?}")) {
-        Some(hint) => format!("{text}. {hint}"),
-        None => text,
-    }
-}
-
-/// What to do about a certificate rustls refused, from the error's text.
-fn certificate_hint(text: &str) -> Option<&'static str> {
-    if text.contains("CaUsedAsEndEntity") {
-        Some("The API's certificate is a CA certificate used as its own server certificate (what `openssl req -x509` makes by default), which TLS clients refuse. Give the server a certificate signed by that CA (a leaf without CA:TRUE) and put the CA in the upstream's ca_file")
-    } else if text.contains("UnknownIssuer") {
-        Some("The API's certificate is not signed by a CA this machine trusts: put the CA that signed it (PEM) in the upstream's ca_file")
-    } else if text.contains("NotValidForName") {
-        Some("The API's certificate does not name the host in the upstream's url: use the name the certificate was issued for")
-    } else if text.contains("certificate expired") || text.contains("Expired") {
-        Some("The API's certificate has expired (or this machine's clock is wrong)")
-    } else {
-        None
-    }
+    crate::trust::describe(e).unwrap_or_else(|| e.to_string())
 }

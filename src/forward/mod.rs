@@ -15,7 +15,6 @@ use crate::config::UpstreamConfig;
 use connect::Connector;
 use http::{Request, Response, Version};
 use pool::Pool;
-use std::sync::Arc;
 use std::time::Duration;
 
 pub use pool::UpstreamBody;
@@ -46,7 +45,7 @@ impl Upstream {
         let target = Target::new(&config.url)?;
         let https = target.is_https();
         let tls = if https {
-            Some(tls_config(extra_roots)?)
+            Some(config.tls_client(extra_roots)?)
         } else {
             None
         };
@@ -90,38 +89,4 @@ impl Upstream {
     pub fn idle_connections(&self) -> usize {
         self.pool.idle()
     }
-}
-
-/// The TLS client settings for an HTTPS upstream: the public roots, and `extra_roots`.
-fn tls_config(extra_roots: Option<&[u8]>) -> Result<rustls::ClientConfig, String> {
-    let mut roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    if let Some(pem) = extra_roots {
-        add_pem_roots(&mut roots, pem)?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
-}
-
-/// Parse PEM certificates into `roots`; an empty or unreadable file is an error.
-pub fn add_pem_roots(roots: &mut rustls::RootCertStore, pem: &[u8]) -> Result<(), String> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::CertificateDer;
-    let mut added = 0;
-    for cert in CertificateDer::pem_slice_iter(pem) {
-        let cert = cert.map_err(|e| format!("ca_file is not valid PEM: {e}"))?;
-        roots
-            .add(cert)
-            .map_err(|e| format!("ca_file holds a certificate rustls cannot use: {e}"))?;
-        added += 1;
-    }
-    if added == 0 {
-        return Err("ca_file holds no PEM certificate".into());
-    }
-    Ok(())
 }

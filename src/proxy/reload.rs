@@ -3,7 +3,7 @@
 //! count — and changes nothing until all of it has succeeded, so an invalid config leaves the
 //! running one in force. Then, per upstream (by name), it keeps what is unchanged:
 //!
-//! - the token cache while `[upstream.auth]` and the CA are unchanged; otherwise a
+//! - the token cache while `[upstream.auth]`, the CA and the pin are unchanged; otherwise a
 //!   [`TokenCache::successor`] that, for the same lineage, keeps the running token in use
 //!   while it fetches the next with the new settings; the old cache is retired, and a refresh
 //!   it has in the air lands, saves and hands its token over;
@@ -143,7 +143,13 @@ impl Proxy {
         let old = self.upstreams.get(&up.name);
         let store = Arc::clone(&self.store);
         let tokens = match old {
-            Some(o) if o.config.auth == up.auth && o.roots == roots => Arc::clone(&o.tokens),
+            Some(o)
+                if o.config.auth == up.auth
+                    && o.roots == roots
+                    && o.config.pin_sha256 == up.pin_sha256 =>
+            {
+                Arc::clone(&o.tokens)
+            }
             Some(o) => Arc::new(
                 TokenCache::successor(&o.tokens, up, store, roots.as_deref()).map_err(&fail)?,
             ),
@@ -173,6 +179,7 @@ impl Proxy {
                 && o.config.limits.connect_timeout == up.limits.connect_timeout
                 && o.config.limits.max_upstream_connections == up.limits.max_upstream_connections
                 && o.roots == roots
+                && o.config.pin_sha256 == up.pin_sha256
         });
         let forwards = match self.listeners.get(&up.name) {
             // Sharing the pools keeps their warm connections.

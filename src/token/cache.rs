@@ -148,7 +148,7 @@ impl TokenCache {
         extra_roots: Option<&[u8]>,
     ) -> Result<Self, String> {
         let auth = &upstream.auth;
-        let endpoint = TokenEndpoint::new(auth, extra_roots)?;
+        let endpoint = TokenEndpoint::new(upstream, extra_roots)?;
         // Only a refresh_token grant redeems the config's seed; the others log in with their
         // own credentials, which also name their lineage.
         let seed = match auth.grant {

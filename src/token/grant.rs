@@ -4,7 +4,7 @@
 //! It knows nothing of caches, stores or retries: it sends one request and says what came back,
 //! sorted into "final" answers (the grant or client is refused) and transient failures.
 
-use crate::config::{AuthConfig, ClientAuth, Grant};
+use crate::config::{ClientAuth, Grant, UpstreamConfig};
 use crate::secret::Secret;
 use base64::Engine;
 use serde::Deserialize;
@@ -87,21 +87,18 @@ pub struct TokenEndpoint {
 }
 
 impl TokenEndpoint {
-    /// `extra_roots`: PEM certificates trusted besides the public roots (`ca_file`).
-    pub fn new(auth: &AuthConfig, extra_roots: Option<&[u8]>) -> Result<Self, String> {
-        let mut builder = reqwest::Client::builder()
+    /// The token endpoint of `upstream`, over TLS that trusts what the upstream's connections
+    /// trust: `extra_roots` (the PEM of `ca_file`) besides the public roots, and `pin_sha256`
+    /// when the endpoint is on the upstream's host.
+    pub fn new(upstream: &UpstreamConfig, extra_roots: Option<&[u8]>) -> Result<Self, String> {
+        let auth = &upstream.auth;
+        let builder = reqwest::Client::builder()
             .timeout(auth.timeout)
             .connect_timeout(auth.timeout.min(Duration::from_secs(10)))
             // A redirect would carry client credentials to another host.
             .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")));
-        if let Some(pem) = extra_roots {
-            for cert in reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| format!("cannot read ca_file: {e}"))?
-            {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
+            .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")))
+            .use_preconfigured_tls(upstream.tls_client(extra_roots)?);
         Ok(TokenEndpoint {
             http: builder
                 .build()
@@ -321,6 +318,11 @@ fn unreachable(url: &Url, e: reqwest::Error) -> String {
         (
             "the connection was refused".to_owned(),
             format!("check the port in auth.token_url and that the identity server runs on {host}"),
+        )
+    } else if let Some(tls) = crate::trust::describe(&e) {
+        (
+            format!("TLS failed ({tls})"),
+            "the upstream's ca_file and pin_sha256 apply to the token endpoint too".to_owned(),
         )
     } else if text.contains("certificate") || text.contains("tls") || text.contains("handshake") {
         (

@@ -1,0 +1,295 @@
+//! Which certificates an upstream's TLS connections accept, for the API and for its token
+//! endpoint alike: the public roots and the upstream's `ca_file`, checked by webpki as any TLS
+//! client checks them; or, with `pin_sha256`, exactly one key for the host of the upstream's
+//! `url` (like curl's `--pinnedpubkey`).
+//!
+//! A pinned host's certificate is accepted when the SHA-256 of its public key (the DER of its
+//! SubjectPublicKeyInfo) is the pin, and only then: its issuer, its names and its dates are
+//! not looked at, because the pin already names the one key trusted. The handshake's
+//! signature is still checked against that key, so a server that shows the certificate
+//! without holding its private key is refused. Other hosts are checked as without a pin.
+//!
+//! Every refusal says in words what is wrong and what to do, and names the pin of the key
+//! the server presented, so a user who trusts that certificate can pin it.
+//!
+//! Must not: trust anything when a certificate cannot be parsed.
+
+use base64::Engine;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::{CertificateError, DigitallySignedStruct, OtherError, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+
+/// The SHA-256 of a certificate's public key, written `sha256//BASE64` (curl's form).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Pin([u8; 32]);
+
+impl Pin {
+    /// `sha256//BASE64`, plain BASE64, or 64 hex digits.
+    pub fn parse(text: &str) -> Result<Pin, String> {
+        let text = text.trim();
+        let body = text.strip_prefix("sha256//").unwrap_or(text);
+        let bytes = if body.len() == 64 && body.bytes().all(|b| b.is_ascii_hexdigit()) {
+            (0..32)
+                .map(|i| u8::from_str_radix(&body[2 * i..2 * i + 2], 16))
+                .collect::<Result<Vec<u8>, _>>()
+                .ok()
+        } else {
+            base64::engine::general_purpose::STANDARD.decode(body).ok()
+        };
+        match bytes.map(<[u8; 32]>::try_from) {
+            Some(Ok(bytes)) => Ok(Pin(bytes)),
+            _ => Err(format!(
+                "`{text}` is not a SHA-256 pin: write sha256//BASE64 (44 characters of base64, as curl --pinnedpubkey takes it), \
+                 the hash of the certificate's public key: openssl x509 -in cert.pem -pubkey -noout | \
+                 openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64"
+            )),
+        }
+    }
+
+    /// The pin of `cert`'s public key, when it can be parsed.
+    pub fn of(cert: &CertificateDer<'_>) -> Option<Pin> {
+        let parsed = rustls::server::ParsedCertificate::try_from(cert).ok()?;
+        Some(Pin(Sha256::digest(parsed.subject_public_key_info()).into()))
+    }
+}
+
+impl std::fmt::Display for Pin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(self.0);
+        write!(f, "sha256//{b64}")
+    }
+}
+
+impl std::fmt::Debug for Pin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+/// TLS client settings: `extra_roots` (PEM, from `ca_file`) trusted beside the public roots;
+/// `pin`, a host and its pin. No ALPN: each user sets its own.
+pub fn client_config(
+    extra_roots: Option<&[u8]>,
+    pin: Option<(&str, Pin)>,
+) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(pem) = extra_roots {
+        add_pem_roots(&mut roots, pem)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let webpki =
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+            .build()
+            .map_err(|e| format!("cannot build the certificate verifier: {e}"))?;
+    let verifier = Verifier {
+        webpki,
+        pinned: pin.map(|(host, pin)| (host.to_ascii_lowercase(), pin)),
+        algorithms: provider.signature_verification_algorithms,
+    };
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth())
+}
+
+/// Parse PEM certificates into `roots`; an empty or unreadable file is an error.
+pub fn add_pem_roots(roots: &mut rustls::RootCertStore, pem: &[u8]) -> Result<(), String> {
+    use rustls_pki_types::pem::PemObject;
+    let mut added = 0;
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| format!("ca_file is not valid PEM: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("ca_file holds a certificate rustls cannot use: {e}"))?;
+        added += 1;
+    }
+    if added == 0 {
+        return Err("ca_file holds no PEM certificate".into());
+    }
+    Ok(())
+}
+
+/// `error` as a rustls error, also when I/O errors wrap it (one in another, at times).
+fn rustls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    if let Some(tls) = error.downcast_ref::<rustls::Error>() {
+        return Some(tls);
+    }
+    let inner: &(dyn std::error::Error + 'static) =
+        error.downcast_ref::<std::io::Error>()?.get_ref()?;
+    rustls_error(inner)
+}
+
+/// webpki's checks, or the pin for its host; refusals explained.
+#[derive(Debug)]
+struct Verifier {
+    webpki: Arc<WebPkiServerVerifier>,
+    /// The pinned host (lower case) and its pin.
+    pinned: Option<(String, Pin)>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for Verifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let presented = Pin::of(end_entity);
+        if let Some((host, pin)) = &self.pinned {
+            if server_name.to_str().eq_ignore_ascii_case(host) {
+                return match presented {
+                    Some(p) if p == *pin => Ok(ServerCertVerified::assertion()),
+                    Some(p) => Err(refused(format!(
+                        "the API's certificate is not the pinned one: its public key is {p}, pin_sha256 is {pin}. \
+                         If the server's certificate was replaced on purpose, set pin_sha256 = \"{p}\""
+                    ))),
+                    None => Err(refused(
+                        "the API's certificate cannot be parsed, so its key cannot be compared with pin_sha256".into(),
+                    )),
+                };
+            }
+        }
+        self.webpki
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            .map_err(|e| explain(e, presented))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// A certificate refused, for the reason given in words.
+fn refused(reason: String) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(Explained(
+        reason,
+    )))))
+}
+
+/// A refusal in words (rustls would show its `Debug`: [`describe`] shows this).
+#[derive(Debug)]
+struct Explained(String);
+
+/// A TLS failure found in `error` or its causes, in words: a refusal explained here, or
+/// rustls's own reason. `None` when no cause is a TLS error.
+pub fn describe(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(tls) = rustls_error(e) {
+            if let rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) =
+                tls
+            {
+                if let Some(Explained(text)) = inner.downcast_ref::<Explained>() {
+                    return Some(format!("invalid peer certificate: {text}"));
+                }
+            }
+            return Some(tls.to_string());
+        }
+        cause = e.source();
+    }
+    None
+}
+
+impl std::fmt::Display for Explained {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Explained {}
+
+/// webpki's refusal, with what to do about it and the pin that would trust the certificate.
+fn explain(error: rustls::Error, presented: Option<Pin>) -> rustls::Error {
+    let rustls::Error::InvalidCertificate(kind) = &error else {
+        return error;
+    };
+    let ca_as_leaf = matches!(kind, CertificateError::Other(OtherError(e))
+        if matches!(e.downcast_ref::<webpki::Error>(), Some(webpki::Error::CaUsedAsEndEntity)));
+    let hint = if ca_as_leaf {
+        "the API's certificate is a CA certificate used as its own server certificate (what `openssl req -x509` makes by default), which TLS clients refuse. Give the server a certificate signed by that CA (a leaf without CA:TRUE) and put the CA in the upstream's ca_file"
+    } else {
+        match kind {
+            CertificateError::UnknownIssuer => {
+                "the API's certificate is not signed by a CA this machine trusts: put the CA that signed it (PEM) in the upstream's ca_file"
+            }
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                "the API's certificate does not name the host in the upstream's url: use the name the certificate was issued for"
+            }
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                "the API's certificate has expired (or this machine's clock is wrong)"
+            }
+            _ => return error,
+        }
+    };
+    let pin = match presented {
+        Some(pin) => format!(
+            "; or, to trust exactly this certificate, set pin_sha256 = \"{pin}\" in the upstream"
+        ),
+        None => String::new(),
+    };
+    if ca_as_leaf {
+        refused(format!("{hint}{pin}"))
+    } else {
+        refused(format!("{kind}: {hint}{pin}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins_are_read_in_curls_form_plain_base64_or_hex() {
+        let bytes = [7u8; 32];
+        let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        for text in [
+            format!("sha256//{b64}"),
+            b64.clone(),
+            hex.to_uppercase(),
+            hex,
+        ] {
+            assert_eq!(Pin::parse(&text).unwrap(), Pin(bytes), "{text}");
+        }
+        assert_eq!(Pin(bytes).to_string(), format!("sha256//{b64}"));
+        for bad in [
+            "",
+            "sha256//",
+            "sha256//abc",
+            "not base64!",
+            &"ab".repeat(31),
+        ] {
+            let e = Pin::parse(bad).unwrap_err();
+            assert!(e.contains("sha256//BASE64") && e.contains("openssl"), "{e}");
+        }
+    }
+}
