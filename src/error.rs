@@ -13,6 +13,18 @@ use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 use std::time::Duration;
 
+/// An error and its causes, `: `-separated.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(err) = source {
+        out.push_str(": ");
+        out.push_str(&err.to_string());
+        source = err.source();
+    }
+    out
+}
+
 /// The body of every response the proxy sends: the upstream's, streamed, or one of its own.
 pub type ProxyBody = Either<crate::body::ResponseBody, Full<Bytes>>;
 
@@ -34,6 +46,9 @@ pub enum ProxyError {
     /// The upstream did not answer within `timeout`.
     #[error("the upstream API did not answer within {0:?}")]
     UpstreamTimeout(Duration),
+    /// Every connection tollgate may hold to the upstream stayed busy for `timeout`.
+    #[error("{0}")]
+    UpstreamBusy(String),
     /// A quota refused the request, or its count could not be kept (tollgate side).
     #[error(transparent)]
     Quota(#[from] QuotaError),
@@ -53,6 +68,7 @@ impl ProxyError {
             ProxyError::Token(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::UpstreamBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Quota(QuotaError::Refused(_)) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Quota(QuotaError::Store(_)) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -73,6 +89,7 @@ impl ProxyError {
             ProxyError::Token(TokenError::Store(_)) => ("state-store", "State store failure"),
             ProxyError::UpstreamUnreachable(_) => ("upstream-unreachable", "Upstream unreachable"),
             ProxyError::UpstreamTimeout(_) => ("upstream-timeout", "Upstream timeout"),
+            ProxyError::UpstreamBusy(_) => ("upstream-busy", "Every upstream connection busy"),
             ProxyError::Quota(QuotaError::Refused(r)) => match r.reason {
                 Reason::UpstreamThrottled => ("upstream-throttled", "Upstream asked to slow down"),
                 Reason::QueueFull | Reason::QueueTimeout => {
@@ -111,7 +128,9 @@ impl ProxyError {
                     quota::add_headers(headers, window);
                 }
             }
-            ProxyError::Quota(QuotaError::Store(_)) | ProxyError::Token(TokenError::Store(_)) => {
+            ProxyError::Quota(QuotaError::Store(_))
+            | ProxyError::Token(TokenError::Store(_))
+            | ProxyError::UpstreamBusy(_) => {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(1u64));

@@ -277,6 +277,7 @@ impl Pipeline {
                 ProxyError::UpstreamUnreachable(reason)
             }
             SendError::Timeout(d) => ProxyError::UpstreamTimeout(d),
+            SendError::Busy(why) => ProxyError::UpstreamBusy(why),
         })?;
         self.quota
             .upstream_answered(response.status(), response.headers());

@@ -70,34 +70,56 @@ impl std::fmt::Debug for Pin {
     }
 }
 
-/// TLS client settings: `extra_roots` (PEM, from `ca_file`) trusted beside the public roots;
-/// `pin`, a host and its pin. No ALPN: each user sets its own.
+/// TLS client settings for an upstream whose url names `host` (a name, or an IP address
+/// without brackets): `extra_roots` (PEM, from `ca_file`) trusted beside the public roots,
+/// and `pin` for `host`. No ALPN: each user sets its own.
 pub fn client_config(
     extra_roots: Option<&[u8]>,
-    pin: Option<(&str, Pin)>,
+    host: &str,
+    pin: Option<Pin>,
 ) -> Result<rustls::ClientConfig, String> {
-    let mut roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    if let Some(pem) = extra_roots {
-        add_pem_roots(&mut roots, pem)?;
-    }
+    let verifier = Verifier::new(extra_roots, host, pin)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let webpki =
-        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
-            .build()
-            .map_err(|e| format!("cannot build the certificate verifier: {e}"))?;
-    let verifier = Verifier {
-        webpki,
-        pinned: pin.map(|(host, pin)| (host.to_ascii_lowercase(), pin)),
-        algorithms: provider.signature_verification_algorithms,
-    };
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth())
+}
+
+impl Verifier {
+    fn new(extra_roots: Option<&[u8]>, host: &str, pin: Option<Pin>) -> Result<Verifier, String> {
+        let host = ServerName::try_from(host.to_owned())
+            .map_err(|e| format!("the upstream's host {host} is not a TLS server name: {e}"))?;
+        let mut roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        if let Some(pem) = extra_roots {
+            add_pem_roots(&mut roots, pem)?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let webpki =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+                .build()
+                .map_err(|e| format!("cannot build the certificate verifier: {e}"))?;
+        Ok(Verifier {
+            webpki,
+            host,
+            pin,
+            algorithms: provider.signature_verification_algorithms,
+        })
+    }
+    /// Whether `name` is the upstream's host (names compared without regard to case).
+    fn is_upstream(&self, name: &ServerName<'_>) -> bool {
+        match (&self.host, name) {
+            (ServerName::DnsName(ours), ServerName::DnsName(theirs)) => {
+                ours.as_ref().eq_ignore_ascii_case(theirs.as_ref())
+            }
+            (ServerName::IpAddress(ours), ServerName::IpAddress(theirs)) => ours == theirs,
+            _ => false,
+        }
+    }
 }
 
 /// Parse PEM certificates into `roots`; an empty or unreadable file is an error.
@@ -127,12 +149,13 @@ fn rustls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a 
     rustls_error(inner)
 }
 
-/// webpki's checks, or the pin for its host; refusals explained.
+/// webpki's checks, or the pin for the upstream's host; refusals explained.
 #[derive(Debug)]
 struct Verifier {
     webpki: Arc<WebPkiServerVerifier>,
-    /// The pinned host (lower case) and its pin.
-    pinned: Option<(String, Pin)>,
+    /// The host of the upstream's url: the one the pin is for.
+    host: ServerName<'static>,
+    pin: Option<Pin>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
@@ -145,24 +168,27 @@ impl ServerCertVerifier for Verifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let presented = Pin::of(end_entity);
-        if let Some((host, pin)) = &self.pinned {
-            if server_name.to_str().eq_ignore_ascii_case(host) {
-                return match presented {
-                    Some(p) if p == *pin => Ok(ServerCertVerified::assertion()),
-                    Some(p) => Err(refused(format!(
-                        "the API's certificate is not the pinned one: its public key is {p}, pin_sha256 is {pin}. \
-                         If the server's certificate was replaced on purpose, set pin_sha256 = \"{p}\""
-                    ))),
-                    None => Err(refused(
-                        "the API's certificate cannot be parsed, so its key cannot be compared with pin_sha256".into(),
-                    )),
-                };
-            }
+        let upstream = self.is_upstream(server_name);
+        let name = server_name.to_str();
+        if let (Some(pin), true) = (&self.pin, upstream) {
+            return match Pin::of(end_entity) {
+                Some(p) if p == *pin => Ok(ServerCertVerified::assertion()),
+                Some(p) => Err(refused(format!(
+                    "the certificate of {name} is not the pinned one: its public key is {p}, pin_sha256 is {pin}. \
+                     If the server's certificate was replaced on purpose, set pin_sha256 = \"{p}\""
+                ))),
+                None => Err(refused(format!(
+                    "the certificate of {name} cannot be parsed, so its key cannot be compared with pin_sha256"
+                ))),
+            };
         }
         self.webpki
             .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-            .map_err(|e| explain(e, presented))
+            .map_err(|e| {
+                // Only the upstream's host can be pinned: offer it for no other.
+                let pin = if upstream { Pin::of(end_entity) } else { None };
+                explain(e, &name, pin)
+            })
     }
 
     fn verify_tls12_signature(
@@ -227,26 +253,27 @@ impl std::fmt::Display for Explained {
 
 impl std::error::Error for Explained {}
 
-/// webpki's refusal, with what to do about it and the pin that would trust the certificate.
-fn explain(error: rustls::Error, presented: Option<Pin>) -> rustls::Error {
+/// webpki's refusal of `name`'s certificate, with what to do about it and, for the
+/// upstream's host, the pin that would trust it.
+fn explain(error: rustls::Error, name: &str, presented: Option<Pin>) -> rustls::Error {
     let rustls::Error::InvalidCertificate(kind) = &error else {
         return error;
     };
     let ca_as_leaf = matches!(kind, CertificateError::Other(OtherError(e))
         if matches!(e.downcast_ref::<webpki::Error>(), Some(webpki::Error::CaUsedAsEndEntity)));
     let hint = if ca_as_leaf {
-        "the API's certificate is a CA certificate used as its own server certificate (what `openssl req -x509` makes by default), which TLS clients refuse. Give the server a certificate signed by that CA (a leaf without CA:TRUE) and put the CA in the upstream's ca_file"
+        format!("the certificate of {name} is a CA certificate used as its own server certificate (what `openssl req -x509` makes by default), which TLS clients refuse. Give the server a certificate signed by that CA (a leaf without CA:TRUE) and put the CA in the upstream's ca_file")
     } else {
         match kind {
-            CertificateError::UnknownIssuer => {
-                "the API's certificate is not signed by a CA this machine trusts: put the CA that signed it (PEM) in the upstream's ca_file"
-            }
-            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
-                "the API's certificate does not name the host in the upstream's url: use the name the certificate was issued for"
-            }
-            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
-                "the API's certificate has expired (or this machine's clock is wrong)"
-            }
+            CertificateError::UnknownIssuer => format!(
+                "the certificate of {name} is not signed by a CA this machine trusts: put the CA that signed it (PEM) in the upstream's ca_file"
+            ),
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => format!(
+                "the certificate of {name} is not issued for that name: use the name it was issued for in the url"
+            ),
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => format!(
+                "the certificate of {name} has expired (or this machine's clock is wrong)"
+            ),
             _ => return error,
         }
     };
@@ -291,5 +318,56 @@ mod tests {
             let e = Pin::parse(bad).unwrap_err();
             assert!(e.contains("sha256//BASE64") && e.contains("openssl"), "{e}");
         }
+    }
+
+    /// A self-signed certificate (CA:TRUE, as `openssl req -x509` makes) for `names`.
+    fn self_signed(names: &[&str]) -> CertificateDer<'static> {
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    fn verify(v: &Verifier, cert: &CertificateDer<'_>, name: &str) -> Result<(), String> {
+        let name = ServerName::try_from(name.to_owned()).unwrap();
+        v.verify_server_cert(cert, &[], &name, &[], UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| describe(&e).unwrap())
+    }
+
+    /// The pin holds for the url's host, a name in any case or an IP address (IPv6
+    /// written without brackets too), and for no other host, where the usual checks apply
+    /// and no pin is offered.
+    #[test]
+    fn the_pin_is_for_the_upstreams_host_only() {
+        let cert = self_signed(&["api.example", "::1"]);
+        let other = self_signed(&["api.example"]);
+        let pin = Pin::of(&cert).unwrap();
+        for host in ["api.example", "::1"] {
+            let v = Verifier::new(None, host, Some(pin)).unwrap();
+            let shown = if host == "::1" { "::1" } else { "API.Example" };
+            assert_eq!(verify(&v, &cert, shown), Ok(()), "{host}");
+            let refused = verify(&v, &other, shown).unwrap_err();
+            assert!(refused.contains("not the pinned one"), "{refused}");
+            assert!(
+                refused.contains(&Pin::of(&other).unwrap().to_string()),
+                "{refused}"
+            );
+        }
+        let v = Verifier::new(None, "api.example", Some(pin)).unwrap();
+        let elsewhere = verify(&v, &cert, "id.example").unwrap_err();
+        assert!(
+            elsewhere.contains("the certificate of id.example"),
+            "{elsewhere}"
+        );
+        assert!(!elsewhere.contains("pin_sha256"), "{elsewhere}");
+        // Without a pin, the upstream's own host is offered the pin of what it presented.
+        let v = Verifier::new(None, "api.example", None).unwrap();
+        let offered = verify(&v, &cert, "api.example").unwrap_err();
+        assert!(
+            offered.contains(&format!("pin_sha256 = \"{pin}\"")),
+            "{offered}"
+        );
     }
 }

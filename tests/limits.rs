@@ -1,5 +1,6 @@
 //! `[upstream.limits]`: a slow client is cut off at the header timeout while others are
-//! served, an oversized head gets 431, and the connection cap holds new connections back.
+//! served, an oversized head gets 431, the connection cap holds new connections back, and
+//! past `max_upstream_connections` a request waits, then gets 503.
 
 mod common;
 
@@ -191,4 +192,50 @@ async fn an_idle_http2_connection_is_closed_but_not_one_with_a_request_in_flight
     assert!(ended.unwrap().is_ok(), "closed cleanly (GOAWAY)");
     let idle = idle_from.elapsed();
     assert!(idle >= Duration::from_millis(250), "{idle:?}");
+}
+
+/// With `max_upstream_connections = 1`, a download whose client stops reading holds the
+/// only upstream connection; the next request waits for it for the upstream's `timeout`,
+/// then gets a 503 that names the limit. Once the download is read, requests flow again on
+/// the same connection.
+#[tokio::test]
+async fn a_request_past_the_upstream_connections_waits_then_gets_503() {
+    let h = Harness::start(Setup {
+        extra_upstream: "timeout = \"500ms\"".into(),
+        extra_tables: "[upstream.limits]\nmax_upstream_connections = 1".into(),
+        ..Setup::default()
+    })
+    .await;
+    let size = 64 * 1024 * 1024;
+    let mut download = connect(&h).await;
+    let head = format!("GET /file?sim_download={size} HTTP/1.1\r\nHost: t\r\n\r\n");
+    download.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = download.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+
+    let started = Instant::now();
+    let busy = h.get("/meanwhile").await;
+    assert_eq!(busy.status, 503, "{}", busy.text());
+    assert!(started.elapsed() >= Duration::from_millis(450));
+    assert!(
+        busy.text().contains("limits.max_upstream_connections"),
+        "{}",
+        busy.text()
+    );
+    assert_eq!(busy.json()["type"], "urn:tollgate:problem:upstream-busy");
+    assert_eq!(busy.header("retry-after"), "1");
+
+    let mut read = n;
+    while read < size {
+        let n = download.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the download ended early");
+        read += n;
+    }
+    assert_eq!(h.get("/after").await.status, 200);
+    assert_eq!(
+        h.api.counters().requests,
+        2,
+        "the refused request never went upstream"
+    );
 }

@@ -4,6 +4,7 @@
 //! say what to check: nothing listening, no answer in time, or an answer that is not tollgate's.
 
 use super::Status;
+use crate::error::chain;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
@@ -87,18 +88,6 @@ fn refused(e: &reqwest::Error) -> bool {
         source = err.source();
     }
     false
-}
-
-/// An error and its causes, `: `-separated.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(err) = source {
-        out.push_str(": ");
-        out.push_str(&err.to_string());
-        source = err.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -110,7 +110,8 @@ impl UpstreamConfig {
             None => None,
         };
         let host = self.url.host_str().unwrap_or_default();
-        crate::trust::client_config(extra_roots, pin.map(|pin| (host, pin)))
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        crate::trust::client_config(extra_roots, host, pin)
     }
 
     /// The PEM of `ca_file`, when one is set.

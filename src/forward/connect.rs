@@ -1,5 +1,5 @@
 //! Opening one connection to the upstream: resolve its host (at most every few seconds),
-//! connect over TCP (Nagle off),
+//! connect over TCP to one of its addresses (IPv6 and IPv4 raced, Nagle off),
 //! for `https` shake hands in TLS offering h2 and http/1.1 by ALPN, then start HTTP/1.1 or
 //! HTTP/2 as agreed. The connection's own task is spawned on the runtime of the worker that
 //! opened it, which is the worker that uses it.
@@ -203,37 +203,85 @@ impl Connector {
         Ok(send)
     }
 
-    /// A TCP connection to the first address of the host that accepts one.
+    /// A TCP connection to the host. Its addresses are tried in turn, each within its share
+    /// of the connect timeout; when it has both IPv6 and IPv4 ones, the other family starts
+    /// [`FALLBACK_AFTER`] after the first (happy eyeballs, RFC 8305), so a family that does
+    /// not answer costs that, not the timeout. The first to connect wins.
     async fn tcp(&self) -> Result<TcpStream, ConnectError> {
         let addrs = self.addresses().await?;
-        let mut last = None;
-        for &addr in addrs.iter() {
-            match TcpStream::connect(addr).await {
-                Ok(stream) => {
-                    let _ = stream.set_nodelay(true);
-                    return Ok(stream);
-                }
-                Err(e) => last = Some((addr, e)),
+        let each = self.connect_timeout / u32::try_from(addrs.len().max(1)).unwrap_or(u32::MAX);
+        let first_v6 = addrs.first().is_some_and(SocketAddr::is_ipv6);
+        let (first, other): (Vec<SocketAddr>, Vec<SocketAddr>) =
+            addrs.iter().partition(|a| a.is_ipv6() == first_v6);
+        let connected = if other.is_empty() {
+            in_turn(&first, each).await
+        } else {
+            let first = std::pin::pin!(in_turn(&first, each));
+            let other = std::pin::pin!(async {
+                tokio::time::sleep(FALLBACK_AFTER).await;
+                in_turn(&other, each).await
+            });
+            // The first success, else the last failure of the two.
+            match futures_util::future::select(first, other).await {
+                futures_util::future::Either::Left((Ok(stream), _))
+                | futures_util::future::Either::Right((Ok(stream), _)) => Ok(stream),
+                futures_util::future::Either::Left((Err(_), rest)) => rest.await,
+                futures_util::future::Either::Right((Err(_), rest)) => rest.await,
             }
-        }
-        Err(match last {
-            Some((addr, e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+        };
+        let (addr, e) = match connected {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Err(failed) => failed,
+        };
+        Err(match addr {
+            Some(addr) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 ConnectError::Refused {
                     addr,
                     host: self.host.clone(),
                 }
             }
-            Some((addr, source)) => ConnectError::Io {
+            Some(addr) => ConnectError::Io {
                 addr,
                 host: self.host.clone(),
-                source,
+                source: e,
             },
             None => ConnectError::Resolve {
                 host: self.host.clone(),
-                source: std::io::Error::other("no address found"),
+                source: e,
             },
         })
     }
+}
+
+/// How long the other address family waits for the first one (RFC 8305 suggests 250 ms;
+/// hyper's connector waits 300).
+const FALLBACK_AFTER: Duration = Duration::from_millis(300);
+
+/// Connect to `addrs` one after the other, each within `each`; the first that accepts, or
+/// the last failure (with its address).
+async fn in_turn(
+    addrs: &[SocketAddr],
+    each: Duration,
+) -> Result<TcpStream, (Option<SocketAddr>, std::io::Error)> {
+    let mut last = (None, std::io::Error::other("no address found"));
+    for &addr in addrs {
+        match tokio::time::timeout(each, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(e)) => last = (Some(addr), e),
+            Err(_) => {
+                let waited = humantime::format_duration(each);
+                let e = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {waited}"),
+                );
+                last = (Some(addr), e);
+            }
+        }
+    }
+    Err(last)
 }
 
 /// A TLS failure in words: rustls's reason, which [`crate::trust`] explains for a

@@ -32,15 +32,24 @@ pub struct Upstream {
 pub enum SendError {
     Unreachable(String),
     Timeout(Duration),
+    /// Every connection this worker may hold stayed busy for the timeout: the words say so.
+    Busy(String),
+}
+
+/// Worker `worker`'s share of `total` places among `workers`: shares that add up to
+/// `total`, but never 0 (a worker with none could never send).
+pub fn share(total: usize, workers: usize, worker: usize) -> usize {
+    let workers = workers.max(1);
+    (total / workers + usize::from(worker < total % workers)).max(1)
 }
 
 impl Upstream {
-    /// One of `workers` clients to the upstream of `config`, each with its share of
-    /// `limits.max_upstream_connections`.
+    /// A worker's client to the upstream of `config`, with `connections` requests in flight
+    /// at most: its [`share`] of `limits.max_upstream_connections`.
     pub fn new(
         config: &UpstreamConfig,
         extra_roots: Option<&[u8]>,
-        workers: usize,
+        connections: usize,
     ) -> Result<Upstream, String> {
         let target = Target::new(&config.url)?;
         let https = target.is_https();
@@ -57,36 +66,65 @@ impl Upstream {
         )?;
         Ok(Upstream {
             target,
-            pool: Pool::new(
-                connector,
-                config
-                    .limits
-                    .max_upstream_connections
-                    .div_ceil(workers.max(1)),
-                pool::IDLE_TIMEOUT,
-            ),
+            pool: Pool::new(connector, connections, pool::IDLE_TIMEOUT),
             timeout: config.timeout,
         })
     }
 
     /// Send one request (its URI in origin-form, as [`Target::rewrite`] makes it) and wait
-    /// for the response head.
+    /// for the response head, within the upstream's `timeout` — a wait for a free connection
+    /// included.
     pub async fn send(
         &self,
         mut request: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, SendError> {
         // The connection's protocol applies, not the client's.
         *request.version_mut() = Version::HTTP_11;
-        let sent = self.pool.send(request, |uri| self.target.absolute(uri));
-        match tokio::time::timeout(self.timeout, sent).await {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let permit = match self.pool.try_permit() {
+            Some(permit) => permit,
+            None => match tokio::time::timeout_at(deadline, self.pool.permit()).await {
+                Ok(permit) => permit,
+                Err(_) => return Err(SendError::Busy(self.busy())),
+            },
+        };
+        let absolute = |uri: &http::Uri| self.target.absolute(uri);
+        let sent = self.pool.send(request, permit, absolute);
+        match tokio::time::timeout_at(deadline, sent).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) => Err(SendError::Unreachable(e.to_string())),
             Err(_) => Err(SendError::Timeout(self.timeout)),
         }
     }
 
+    /// Why a request found no free connection, in words.
+    fn busy(&self) -> String {
+        format!(
+            "every connection this tollgate may open to {} (limits.max_upstream_connections, shared by its workers) stayed busy for {}: raise the limit, or the upstream is slow",
+            self.target.authority(),
+            humantime::format_duration(self.timeout)
+        )
+    }
+
     /// Connections to the upstream kept open for the next requests.
     pub fn idle_connections(&self) -> usize {
         self.pool.idle()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn shares_add_up_and_are_never_zero() {
+        let shares = |total, workers| {
+            (0..workers)
+                .map(|w| super::share(total, workers, w))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(shares(256, 2), [128, 128]);
+        assert_eq!(shares(5, 2), [3, 2]);
+        assert_eq!(shares(7, 3), [3, 2, 2]);
+        assert_eq!(shares(1, 2), [1, 1]);
+        assert_eq!(shares(3, 1), [3]);
     }
 }

@@ -8,14 +8,19 @@
 //! the end ([`UpstreamBody`]); a body given up half-way takes its connection with it. An
 //! upstream that agrees to HTTP/2 by ALPN gets one shared connection, which multiplexes.
 //!
-//! At most so many requests are in flight at once (`limits.max_upstream_connections`, each
-//! worker its share): over HTTP/1.1, the connections open. A request past that waits for one
-//! to finish. A connection idle for [`IDLE_TIMEOUT`] is closed (by a sweep every third of it, so after
-//! 90 to 120 s), and so is every connection of a pool no pipeline uses any more. A request that finds its kept-alive connection closed before anything was
-//! written to it goes on the next one, or a new one; once written, it is never sent twice.
+//! At most so many requests are in flight at once (the worker's share of
+//! `limits.max_upstream_connections`): over HTTP/1.1, the connections open. A request past
+//! that waits for one to finish. A connection idle for [`IDLE_TIMEOUT`] is closed (by a
+//! sweep every third of it, so after 90 to 120 s), and so is every connection of a pool no
+//! pipeline uses any more. A request that finds its connection closed before anything was
+//! written to it goes on the next one, or a new one.
+//!
+//! Must not: send a request twice once any of it was written, or put a connection back
+//! before both its request and its response are done.
 
 use super::connect::{ConnectError, Connector, Sender};
 use crate::body::RequestBody;
+use crate::error::chain;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
@@ -40,7 +45,7 @@ struct Shared {
     connector: Connector,
     idle: Mutex<Idle>,
     idle_timeout: Duration,
-    /// One per request in flight, held until its response body ends.
+    /// One per request in flight, held until its connection is back (or gone).
     permits: Arc<Semaphore>,
 }
 
@@ -72,6 +77,11 @@ pub enum PoolError {
     Broken(hyper::Error),
 }
 
+/// A request's place among those in flight to the upstream, given back when dropped.
+pub struct Permit {
+    _held: OwnedSemaphorePermit,
+}
+
 impl Pool {
     /// At most `connections` requests in flight at once (so, over HTTP/1.1, connections
     /// open); connections unused for `idle_timeout` are closed ([`IDLE_TIMEOUT`] but in tests).
@@ -86,23 +96,31 @@ impl Pool {
         }
     }
 
+    /// A place among the requests in flight, at once if one is free.
+    pub fn try_permit(&self) -> Option<Permit> {
+        Arc::clone(&self.shared.permits)
+            .try_acquire_owned()
+            .ok()
+            .map(|held| Permit { _held: held })
+    }
+
+    /// A place among the requests in flight, once one is free.
+    pub async fn permit(&self) -> Permit {
+        let permit = Arc::clone(&self.shared.permits).acquire_owned().await;
+        Permit {
+            _held: permit.expect("the pool's semaphore is never closed"),
+        }
+    }
+
     /// Send `request` on a kept-alive connection, or a new one, and wait for the response
     /// head. `absolute` makes the URI HTTP/2 needs (scheme and authority) from the
     /// origin-form one HTTP/1.1 sends.
     pub async fn send(
         &self,
         mut request: Request<RequestBody>,
-        absolute: impl FnOnce(&http::Uri) -> http::Uri,
+        permit: Permit,
+        absolute: impl Fn(&http::Uri) -> http::Uri,
     ) -> Result<Response<UpstreamBody>, PoolError> {
-        let permits = &self.shared.permits;
-        let permit = match Arc::clone(permits).try_acquire_owned() {
-            Ok(permit) => permit,
-            // All in use: wait for a request to finish (the caller's timeout runs meanwhile).
-            Err(_) => Arc::clone(permits)
-                .acquire_owned()
-                .await
-                .expect("the pool's semaphore is never closed"),
-        };
         loop {
             let (sender, reused) = match self.shared.checkout() {
                 Some(sender) => (sender, true),
@@ -110,25 +128,26 @@ impl Pool {
                 // it would take room in (and be moved with) every request's future.
                 None => (Box::pin(self.shared.connect()).await?, false),
             };
-            let mut send = match sender {
-                Sender::Http2(send) => {
-                    *request.uri_mut() = absolute(request.uri());
-                    // Boxed, as connecting: HTTP/1.1 is the common case.
-                    return Box::pin(send_http2(send, request, permit)).await;
-                }
-                Sender::Http1(send) => send,
+            let sent = match sender {
+                // Boxed, as connecting: HTTP/1.1 is the common case.
+                Sender::Http2(send) => Box::pin(send_http2(send, request, &absolute)).await,
+                Sender::Http1(mut send) => match send.try_send_request(request).await {
+                    Ok(response) => Ok((response, Some(send))),
+                    Err(e) => Err(e),
+                },
             };
-            match send.try_send_request(request).await {
-                Ok(response) => {
-                    let back = Return {
+            match sent {
+                Ok((response, send)) => {
+                    let lent = Lent {
                         send,
                         pool: Arc::downgrade(&self.shared),
+                        _permit: permit,
                     };
-                    let body = |body| UpstreamBody::new(body, Some(back), permit);
-                    return Ok(response.map(body));
+                    return Ok(response.map(|body| UpstreamBody::new(body, lent)));
                 }
                 Err(mut e) => match e.take_message() {
-                    // Not written: the kept-alive connection had closed meanwhile.
+                    // Not written: the connection had closed meanwhile. Another try, on the
+                    // next one, unless it was new.
                     Some(unsent) if reused => request = unsent,
                     _ => return Err(PoolError::Broken(e.into_error())),
                 },
@@ -143,16 +162,22 @@ impl Pool {
     }
 }
 
+/// What a request sent on one connection came to; an HTTP/1.1 connection comes back with
+/// the response.
+type Sent = Result<
+    (Response<Incoming>, Option<http1::SendRequest<RequestBody>>),
+    hyper::client::conn::TrySendError<Request<RequestBody>>,
+>;
+
 /// Send `request` on a multiplexed HTTP/2 connection.
 async fn send_http2(
     mut send: http2::SendRequest<RequestBody>,
-    request: Request<RequestBody>,
-    permit: OwnedSemaphorePermit,
-) -> Result<Response<UpstreamBody>, PoolError> {
-    send.ready().await.map_err(PoolError::Broken)?;
-    let response = send.send_request(request).await;
-    let response = response.map_err(PoolError::Broken)?;
-    Ok(response.map(|body| UpstreamBody::new(body, None, permit)))
+    mut request: Request<RequestBody>,
+    absolute: impl Fn(&http::Uri) -> http::Uri,
+) -> Sent {
+    *request.uri_mut() = absolute(request.uri());
+    let response = send.try_send_request(request).await?;
+    Ok((response, None))
 }
 
 impl Shared {
@@ -178,12 +203,17 @@ impl Shared {
         None
     }
 
+    /// A new connection. An HTTP/2 one is shared from then on, unless another request
+    /// opened one meanwhile: that one stays the shared one, and this one serves only the
+    /// request that opened it.
     async fn connect(self: &Arc<Self>) -> Result<Sender, ConnectError> {
         let sender = self.connector.connect().await?;
         if let Sender::Http2(h2) = &sender {
             let mut idle = self.lock();
-            idle.http2 = Some(h2.clone());
-            self.sweep_later(&mut idle);
+            if idle.http2.as_ref().is_none_or(|shared| shared.is_closed()) {
+                idle.http2 = Some(h2.clone());
+                self.sweep_later(&mut idle);
+            }
         }
         Ok(sender)
     }
@@ -196,15 +226,19 @@ impl Shared {
         self.sweep_later(&mut idle);
     }
 
-    /// Start the sweep of idle connections, unless it runs.
+    /// Start the sweep of idle connections, unless it runs (or there is no runtime to run
+    /// it on: then the pool's end closes them).
     fn sweep_later(self: &Arc<Self>, idle: &mut Idle) {
         if idle.sweeping {
             return;
         }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         idle.sweeping = true;
         let pool = Arc::downgrade(self);
         let every = self.idle_timeout / SWEEPS;
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 // Gone with the pool: its connections closed when it was dropped.
@@ -226,56 +260,67 @@ impl Shared {
     }
 }
 
-/// An HTTP/1.1 connection on its way back to its pool once its response is read.
-struct Return {
-    send: http1::SendRequest<RequestBody>,
+/// What a request holds while its response body is read: its place among the requests in
+/// flight and, over HTTP/1.1, its connection, lent by the pool until the body ends.
+struct Lent {
+    send: Option<http1::SendRequest<RequestBody>>,
     pool: Weak<Shared>,
+    /// Let go when the connection is back, for the request that waits for it.
+    _permit: Permit,
 }
 
-impl Return {
-    fn home(self) {
-        let Some(pool) = self.pool.upgrade() else {
+impl Lent {
+    /// The response was read to the end: the connection goes back to the pool (its place
+    /// among those in flight with it).
+    fn give_back(mut self) {
+        let (Some(mut send), Some(pool)) = (self.send.take(), self.pool.upgrade()) else {
             return;
         };
-        let mut send = self.send;
         if send.is_ready() {
             pool.put(send);
-        } else if !send.is_closed() {
-            // Still finishing (the request body, most often, when the upstream answered
-            // before reading it all): back once it is done, unless it closes.
-            let pool = Arc::downgrade(&pool);
-            tokio::spawn(async move {
-                if send.ready().await.is_ok() {
-                    if let Some(pool) = pool.upgrade() {
-                        pool.put(send);
-                    }
-                }
-            });
+            return;
         }
+        if send.is_closed() {
+            return;
+        }
+        // Still finishing (the request body, most often, when the upstream answered before
+        // reading it all): back once it is done, unless it closes; it keeps its place among
+        // those in flight until then.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let pool = Arc::downgrade(&pool);
+        runtime.spawn(async move {
+            if send.ready().await.is_ok() {
+                if let Some(pool) = pool.upgrade() {
+                    pool.put(send);
+                }
+            }
+            drop(self);
+        });
     }
 }
 
-/// The upstream's response body; over HTTP/1.1 it takes its connection back to the pool
-/// when read to the end. Its request counts as in flight until then.
-#[derive(Debug)]
+/// The upstream's response body. Over HTTP/1.1 it takes its connection back to the pool
+/// when read to the end; its request counts as in flight until then.
 pub struct UpstreamBody {
     inner: Incoming,
-    back: Option<Return>,
-    permit: Option<OwnedSemaphorePermit>,
+    lent: Option<Lent>,
 }
 
-impl std::fmt::Debug for Return {
+impl std::fmt::Debug for UpstreamBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Return")
+        f.debug_struct("UpstreamBody")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
     }
 }
 
 impl UpstreamBody {
-    fn new(inner: Incoming, back: Option<Return>, permit: OwnedSemaphorePermit) -> UpstreamBody {
+    fn new(inner: Incoming, lent: Lent) -> UpstreamBody {
         let mut body = UpstreamBody {
             inner,
-            back,
-            permit: Some(permit),
+            lent: Some(lent),
         };
         if body.inner.is_end_stream() {
             body.finished();
@@ -284,11 +329,9 @@ impl UpstreamBody {
     }
 
     fn finished(&mut self) {
-        if let Some(back) = self.back.take() {
-            back.home();
+        if let Some(lent) = self.lent.take() {
+            lent.give_back();
         }
-        // After the connection is back, for the request that waited for this permit.
-        self.permit = None;
     }
 }
 
@@ -303,12 +346,12 @@ impl Body for UpstreamBody {
         let frame = Pin::new(&mut self.inner).poll_frame(cx);
         match &frame {
             Poll::Ready(None) => self.finished(),
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.finished(),
-            // The connection cannot be trusted with another request.
-            Poll::Ready(Some(Err(_))) => {
-                self.back = None;
-                self.permit = None;
+            // Trailers come last, after the chunked body's end: the response is read.
+            Poll::Ready(Some(Ok(f))) if f.is_trailers() || self.inner.is_end_stream() => {
+                self.finished()
             }
+            // The connection cannot be trusted with another request.
+            Poll::Ready(Some(Err(_))) => self.lent = None,
             _ => {}
         }
         frame
@@ -326,23 +369,10 @@ impl Body for UpstreamBody {
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
         // Read to the end, though nobody asked for the end: the connection is reusable.
-        if self.back.is_some() && self.inner.is_end_stream() {
+        if self.lent.is_some() && self.inner.is_end_stream() {
             self.finished();
         }
     }
-}
-
-/// An error and its causes, in one line.
-fn chain(e: &hyper::Error) -> String {
-    use std::error::Error;
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]
@@ -430,7 +460,8 @@ mod tests {
             .header("host", "upstream")
             .body(RequestBody::full(Default::default()))
             .unwrap();
-        let response = pool.send(request, |uri| uri.clone()).await.unwrap();
+        let permit = pool.permit().await;
+        let response = pool.send(request, permit, |uri| uri.clone()).await.unwrap();
         let status = response.status().as_u16();
         (
             status,
@@ -496,6 +527,25 @@ mod tests {
         assert_eq!(pool.idle(), 2);
     }
 
+    /// A response body not read yet holds its place among those in flight: with one place,
+    /// the next request waits until that body is read, then goes on its connection.
+    #[tokio::test]
+    async fn a_body_not_read_yet_holds_its_place() {
+        let (pool, seen) = upstream_with(1).await;
+        let request = Request::get("/big")
+            .header("host", "upstream")
+            .body(RequestBody::full(Default::default()))
+            .unwrap();
+        let permit = pool.permit().await;
+        let response = pool.send(request, permit, |uri| uri.clone()).await.unwrap();
+        assert!(pool.try_permit().is_none());
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body.len(), 4 * 1024 * 1024);
+        assert!(pool.try_permit().is_some());
+        assert_eq!(get(&pool, "/").await.0, 200);
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
+    }
+
     /// A body dropped half-way takes its connection with it (what is left of it can never
     /// be told from the next response); the next request gets a new one.
     #[tokio::test]
@@ -505,7 +555,8 @@ mod tests {
             .header("host", "upstream")
             .body(RequestBody::full(Default::default()))
             .unwrap();
-        let mut response = pool.send(request, |uri| uri.clone()).await.unwrap();
+        let permit = pool.permit().await;
+        let mut response = pool.send(request, permit, |uri| uri.clone()).await.unwrap();
         let first = response.body_mut().frame().await.unwrap().unwrap();
         assert!(first.is_data());
         drop(response);

@@ -188,10 +188,12 @@ impl Proxy {
                 .map(|site| site.handler.upstream().clone())
                 .collect(),
             _ => {
-                let mut forwards = Vec::with_capacity(self.workers.len());
-                for _ in 0..self.workers.len() {
-                    let workers = self.workers.len();
-                    let forward = forward::Upstream::new(up, roots.as_deref(), workers);
+                let workers = self.workers.len();
+                let total = up.limits.max_upstream_connections;
+                let mut forwards = Vec::with_capacity(workers);
+                for worker in 0..workers {
+                    let connections = forward::share(total, workers, worker);
+                    let forward = forward::Upstream::new(up, roots.as_deref(), connections);
                     forwards.push(forward.map_err(&fail)?);
                 }
                 forwards

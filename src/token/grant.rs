@@ -322,7 +322,7 @@ fn unreachable(url: &Url, e: reqwest::Error) -> String {
     } else if let Some(tls) = crate::trust::describe(&e) {
         (
             format!("TLS failed ({tls})"),
-            "the upstream's ca_file and pin_sha256 apply to the token endpoint too".to_owned(),
+            "the upstream's ca_file applies to the token endpoint too, and so does pin_sha256 when the endpoint is on the url's host".to_owned(),
         )
     } else if text.contains("certificate") || text.contains("tls") || text.contains("handshake") {
         (
