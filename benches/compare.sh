@@ -298,7 +298,8 @@ measure() { # key round contender url connections scheme
   local sampler=$!
   : > "$work/rss.$who"
   local before; before=$(ticks "$list")
-  out=$(wrk -t2 -c"$conns" -d"${SECS}s" --latency "$url")
+  # A 10 MiB body over 50 connections takes longer than wrk's 2 s default timeout.
+  out=$(wrk -t2 -c"$conns" -d"${SECS}s" --timeout 30s --latency "$url")
   local after; after=$(ticks "$list")
   kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null || true
   local rps p50 p99 bad requests errors cpu peak
@@ -324,7 +325,7 @@ rounds() {
   local key=$1 scheme=$2 path=$3 conns=$4; shift 4
   local contenders="$*" r who order
   for who in $contenders; do # warm-up: connections and pools
-    wrk -t2 -c"$conns" -d2s "http://127.0.0.1:$(port_of "$who" "$scheme")$path" >/dev/null
+    wrk -t2 -c"$conns" -d2s --timeout 30s "http://127.0.0.1:$(port_of "$who" "$scheme")$path" >/dev/null
   done
   printf '%-5s %-9s %11s %8s %8s %7s %8s %8s\n' round proxy req/s p50_ms p99_ms non2xx cpu_us rss_MiB
   for r in $(seq "$ROUNDS"); do
@@ -366,11 +367,12 @@ scenario_small() { # scheme
 }
 
 scenario_sizes() { # scheme
-  local scheme=$1 size bytes key who idle
+  local scheme=$1 size bytes key who idle base_idle
   for size in 1k 100k 10m; do
     case $size in 1k) bytes=1024;; 100k) bytes=102400;; 10m) bytes=10485760;; esac
     key="size$size-$scheme"
     idle=$(rss_kib "${procs[tollgate.$scheme]}")
+    if [ -n "$baseline" ]; then base_idle=$(rss_kib "${procs[baseline.$scheme]}"); fi
     printf '\n== %s upstream, %s body, wrk -t2 -c%s -d%ss, %s rounds\n' "$scheme" "$size" "$CONNECTIONS" "$SECS" "$ROUNDS"
     rounds "$key" "$scheme" "/$size" "$CONNECTIONS" nginx tollgate $baseline
     echo
@@ -380,6 +382,10 @@ scenario_sizes() { # scheme
     done
     local peak; peak=$(awk '{if ($6>m) m=$6} END {print m+0}' "$work/res/$key.tollgate.txt")
     summary+=("$scheme, $size: MB/s tollgate/nginx $(ratio "$(col 1 "$key.tollgate")" "$(col 1 "$key.nginx")"), CPU/request tollgate/nginx $(ratio "$(col 5 "$key.tollgate")" "$(col 5 "$key.nginx")"), tollgate RSS $(awk -v a="$idle" -v b="$peak" 'BEGIN {printf "%.1f -> %.1f MiB (+%.1f)", a/1024, b/1024, (b-a)/1024}')")
+    if [ -n "$baseline" ]; then
+      peak=$(awk '{if ($6>m) m=$6} END {print m+0}' "$work/res/$key.baseline.txt")
+      summary+=("$scheme, $size: MB/s tollgate/baseline $(ratio "$(col 1 "$key.tollgate")" "$(col 1 "$key.baseline")"), baseline RSS $(awk -v a="$base_idle" -v b="$peak" 'BEGIN {printf "%.1f -> %.1f MiB (+%.1f)", a/1024, b/1024, (b-a)/1024}')")
+    fi
   done
 }
 

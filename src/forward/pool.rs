@@ -18,7 +18,7 @@
 //! Must not: send a request twice once any of it was written, or put a connection back
 //! before both its request and its response are done.
 
-use super::connect::{ConnectError, Connector, Sender};
+use super::connect::{ConnectError, Connector, Sender, MAX_RESPONSE_HEAD};
 use crate::body::RequestBody;
 use crate::error::chain;
 use bytes::Bytes;
@@ -75,6 +75,8 @@ pub enum PoolError {
     Connect(#[from] ConnectError),
     #[error("the connection to the upstream broke: {}", chain(.0))]
     Broken(hyper::Error),
+    #[error("the upstream answered with a response head (status line and headers) larger than the {} KiB tollgate reads; the upstream sends too many or too large headers", MAX_RESPONSE_HEAD / 1024)]
+    HeadTooLarge,
 }
 
 /// A request's place among those in flight to the upstream, given back when dropped.
@@ -149,6 +151,7 @@ impl Pool {
                     // Not written: the connection had closed meanwhile. Another try, on the
                     // next one, unless it was new.
                     Some(unsent) if reused => request = unsent,
+                    _ if e.error().is_parse_too_large() => return Err(PoolError::HeadTooLarge),
                     _ => return Err(PoolError::Broken(e.into_error())),
                 },
             }
@@ -397,7 +400,8 @@ mod tests {
     }
 
     /// An HTTP/1.1 upstream on loopback: `/` says ok, `/empty` is a 204, `/big` streams
-    /// 4 MiB in 64 KiB chunks, `/close` answers with `Connection: close`.
+    /// 4 MiB in 64 KiB chunks, `/big-head` has a header of 64 KiB, `/close` answers with
+    /// `Connection: close`.
     async fn upstream() -> (Pool, Arc<Seen>) {
         upstream_with(64).await
     }
@@ -431,6 +435,9 @@ mod tests {
                                     Response::builder()
                                         .body(BodyExt::boxed(StreamBody::new(stream)))
                                 }
+                                "/big-head" => Response::builder()
+                                    .header("x-big", "x".repeat(2 * MAX_RESPONSE_HEAD))
+                                    .body(Out::default()),
                                 "/close" => Response::builder()
                                     .header("connection", "close")
                                     .body(BodyExt::boxed(Full::new(Bytes::from_static(b"bye")))),
@@ -564,6 +571,25 @@ mod tests {
         until(|| seen.open.load(Ordering::SeqCst) == 0).await;
         assert_eq!(get(&pool, "/").await, (200, Bytes::from_static(b"ok")));
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// A response head past [`MAX_RESPONSE_HEAD`] is refused in words, and the next request
+    /// is served.
+    #[tokio::test]
+    async fn a_response_head_too_large_is_refused_in_words() {
+        let (pool, _) = upstream().await;
+        let request = Request::get("/big-head")
+            .header("host", "upstream")
+            .body(RequestBody::full(Default::default()))
+            .unwrap();
+        let permit = pool.permit().await;
+        let refused = pool.send(request, permit, |uri| uri.clone()).await;
+        let message = match refused {
+            Ok(response) => panic!("taken: {}", response.status()),
+            Err(e) => e.to_string(),
+        };
+        assert!(message.contains("larger than the 32 KiB"), "{message}");
+        assert_eq!(get(&pool, "/").await, (200, Bytes::from_static(b"ok")));
     }
 
     /// An upstream that closes its side after answering (`Connection: close`) is not
