@@ -33,6 +33,7 @@
 #           that binary with tollgate's config, in every scenario (a change's cost)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/private_ca.sh
 
 ROUNDS=${1:-3}
 SECS=${2:-10}
@@ -87,13 +88,7 @@ port_of() { # contender upstream
 upstream_url() { [ "$1" = https ] && echo "https://localhost:$UP_TLS" || echo "http://127.0.0.1:$UP_PLAIN"; }
 
 # A private CA and a server certificate for localhost that it signs (a leaf, CA:FALSE).
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-  -subj "/CN=tollgate bench CA" -keyout "$work/ca.key" -out "$work/ca.pem" 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=localhost" \
-  -keyout "$work/server.key" -out "$work/server.csr" 2>/dev/null
-printf 'basicConstraints=CA:FALSE\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n' > "$work/ext.cnf"
-openssl x509 -req -in "$work/server.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" \
-  -CAcreateserial -days 2 -extfile "$work/ext.cnf" -out "$work/server.pem" 2>/dev/null
+make_private_ca "$work"
 
 # The bodies of the sizes scenario, readable by nginx's unprivileged workers.
 chmod 755 "$work"

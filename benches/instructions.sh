@@ -3,9 +3,11 @@
 # inputs whatever else the machine is doing, so two builds can be compared where wrk's
 # figures are lost in this machine's noise.
 #
-#   needs:  apt-get install valgrind nginx     (and python3, a Rust toolchain)
+#   needs:  apt-get install valgrind nginx openssl     (and python3, a Rust toolchain)
 #   run:    benches/instructions.sh [BINARY...]     (default: ./target/release/tollgate)
 #           e.g. benches/instructions.sh /tmp/tollgate-before ./target/release/tollgate
+#           UPSTREAM=https benches/instructions.sh ...   nginx over TLS (a private CA made
+#           here with openssl), verified and kept alive; rustls's work is then counted too
 #
 # For each binary: tollgate (`serve --workers 1`, client_credentials from the simulated
 # identity server) in front of nginx (`return 200`), under callgrind, answers N1 and then,
@@ -13,13 +15,15 @@
 # cost of one request, start-up and shutdown cancelled out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/private_ca.sh
 N1=${N1:-1000}
 N2=${N2:-4000}
 UPSTREAM_PORT=${UPSTREAM_PORT:-18180}
 PROXY_PORT=${PROXY_PORT:-18182}
 IDENTITY_PORT=${IDENTITY_PORT:-18183}
+UPSTREAM=${UPSTREAM:-plain}
 [ $# -gt 0 ] || set -- ./target/release/tollgate
-for tool in valgrind nginx python3; do
+for tool in valgrind nginx python3 openssl; do
   command -v "$tool" >/dev/null || { echo "needs $tool" >&2; exit 1; }
 done
 
@@ -33,10 +37,19 @@ cleanup() {
 trap cleanup EXIT
 
 cargo build --release --quiet --example sim
+listen="127.0.0.1:$UPSTREAM_PORT"
+url="http://127.0.0.1:$UPSTREAM_PORT"
+trust=""
+if [ "$UPSTREAM" = https ]; then
+  make_private_ca "$work"
+  listen="$listen ssl; ssl_certificate $work/server.pem; ssl_certificate_key $work/server.key"
+  url="https://localhost:$UPSTREAM_PORT"
+  trust="ca_file = \"$work/ca.pem\""
+fi
 cat > "$work/up.conf" <<CONF
 worker_processes 1; pid $work/up.pid; error_log $work/up.err warn;
 events { worker_connections 1024; }
-http { access_log off; server { listen 127.0.0.1:$UPSTREAM_PORT; keepalive_requests 1000000;
+http { access_log off; server { listen $listen; keepalive_requests 1000000;
   location / { return 200 '{"ok":true}\n'; } } }
 CONF
 nginx -c "$work/up.conf" -e "$work/up.err"
@@ -65,7 +78,8 @@ store = "file:$work/state"
 [[upstream]]
 name = "bench"
 listen = "127.0.0.1:$PROXY_PORT"
-url = "http://127.0.0.1:$UPSTREAM_PORT"
+url = "$url"
+$trust
 
 [upstream.auth]
 grant = "client_credentials"
