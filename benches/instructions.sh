@@ -8,6 +8,9 @@
 #           e.g. benches/instructions.sh /tmp/tollgate-before ./target/release/tollgate
 #           UPSTREAM=https benches/instructions.sh ...   nginx over TLS (a private CA made
 #           here with openssl), verified and kept alive; rustls's work is then counted too
+#           BY_CRATE=1 benches/instructions.sh ...   and where a request's instructions go:
+#           each function's own cost, summed by the crate it belongs to (a generic
+#           function goes to the first crate named in it other than core, alloc and std)
 #
 # For each binary: tollgate (`serve --workers 1`, client_credentials from the simulated
 # identity server) in front of nginx (`return 200`), under callgrind, answers N1 and then,
@@ -95,6 +98,42 @@ CONF
   kill -TERM "$pid"
   wait "$pid" || true
   awk '/^summary:/{print $2}' "$work/cg.out"
+  cp "$work/cg.out" "$work/cg.$2.out"
+}
+
+# Instructions per request by crate, from the two runs' profiles.
+by_crate() { # N1-profile N2-profile
+  python3 - "$1" "$2" "$((N2 - N1))" <<'PY'
+import re, subprocess, sys
+CRATES = ["tollgate", "hyper_util", "hyper", "h2", "httparse", "http_body", "http", "rustls",
+          "aws_lc", "ring", "webpki", "tokio", "mio", "bytes", "tracing", "futures", "governor",
+          "smallvec", "serde", "arc_swap"]
+def costs(path):
+    out = subprocess.run(["callgrind_annotate", "--auto=no", "--threshold=100", "--show-percs=no", path],
+                         capture_output=True, text=True).stdout
+    by = {}
+    for line in out.splitlines():
+        m = re.match(r"\s*([\d,]+)\s+(.*)$", line)
+        if not m or ":" not in m.group(2):
+            continue
+        n, name = int(m.group(1).replace(",", "")), m.group(2)
+        found = [(name.find(c + "::"), c) for c in CRATES if c + "::" in name]
+        if found:
+            crate = min(found)[1]
+        elif re.search(r"\b(core|alloc|std)::", name):
+            crate = "core/alloc/std"
+        elif re.search(r"mem(cpy|move|set|cmp)|malloc|free|realloc|_int_|calloc", name):
+            crate = "libc (malloc, memcpy)"
+        else:
+            crate = "other"
+        by[crate] = by.get(crate, 0) + n
+    return by
+a, b, n = costs(sys.argv[1]), costs(sys.argv[2]), int(sys.argv[3])
+rows = sorted(((b.get(k, 0) - a.get(k, 0)) / n, k) for k in set(a) | set(b))
+for per, k in reversed(rows):
+    if abs(per) >= 50:
+        print(f"    {k:<24} {per:10,.0f}")
+PY
 }
 
 printf '%-40s %14s %14s %12s\n' binary "I($N1)" "I($N2)" "Ir/request"
@@ -102,4 +141,5 @@ for bin in "$@"; do
   a=$(count "$bin" "$N1")
   b=$(count "$bin" "$N2")
   printf '%-40s %14s %14s %12s\n' "$bin" "$a" "$b" "$(( (b - a) / (N2 - N1) ))"
+  if [ -n "${BY_CRATE:-}" ]; then by_crate "$work/cg.$N1.out" "$work/cg.$N2.out"; fi
 done
