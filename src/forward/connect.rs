@@ -208,7 +208,8 @@ impl Connector {
 
     /// A TCP connection to the host. Its addresses are tried in turn, each within its share
     /// of the connect timeout; when it has both IPv6 and IPv4 ones, the other family starts
-    /// [`FALLBACK_AFTER`] after the first (happy eyeballs, RFC 8305), so a family that does
+    /// [`FALLBACK_AFTER`] after the first, or as soon as the first fails (happy eyeballs,
+    /// RFC 8305), so a family that does
     /// not answer costs that, not the timeout. The first to connect wins.
     async fn tcp(&self) -> Result<TcpStream, ConnectError> {
         let addrs = self.addresses().await?;
@@ -219,15 +220,22 @@ impl Connector {
         let connected = if other.is_empty() {
             in_turn(&first, each).await
         } else {
-            let first = std::pin::pin!(in_turn(&first, each));
-            let other = std::pin::pin!(async {
+            let started = Instant::now();
+            let first_turn = std::pin::pin!(in_turn(&first, each));
+            let other_turn = std::pin::pin!(async {
                 tokio::time::sleep(FALLBACK_AFTER).await;
                 in_turn(&other, each).await
             });
             // The first success, else the last failure of the two.
-            match futures_util::future::select(first, other).await {
+            match futures_util::future::select(first_turn, other_turn).await {
                 futures_util::future::Either::Left((Ok(stream), _))
                 | futures_util::future::Either::Right((Ok(stream), _)) => Ok(stream),
+                // The first family failed before the other's turn: no reason to wait for it.
+                futures_util::future::Either::Left((Err(_), _))
+                    if started.elapsed() < FALLBACK_AFTER =>
+                {
+                    in_turn(&other, each).await
+                }
                 futures_util::future::Either::Left((Err(_), rest)) => rest.await,
                 futures_util::future::Either::Right((Err(_), rest)) => rest.await,
             }
@@ -259,8 +267,8 @@ impl Connector {
     }
 }
 
-/// The read buffer of an upstream HTTP/1.1 connection, and so the largest response head
-/// tollgate takes (nginx's `proxy_buffer_size` is 4 or 8 KiB, HAProxy's buffer 16 KiB). At
+/// The buffer of an upstream HTTP/1.1 connection (what one read fills; also what is written
+/// before a flush), and so the largest response head tollgate takes (nginx's `proxy_buffer_size` is 4 or 8 KiB, HAProxy's buffer 16 KiB). At
 /// hyper's default of about 400 KiB, 50 downloads of 10 MiB at once held 24 MiB more than
 /// at 32 KiB, for no more speed (benches/compare.sh, sizes scenario).
 pub const MAX_RESPONSE_HEAD: usize = 32 * 1024;

@@ -25,6 +25,8 @@ pub struct Upstream {
     pub target: Target,
     pool: Pool,
     timeout: Duration,
+    /// Requests in flight at most: this worker's share.
+    connections: usize,
 }
 
 /// What went wrong sending upstream.
@@ -37,7 +39,8 @@ pub enum SendError {
 }
 
 /// Worker `worker`'s share of `total` places among `workers`: shares that add up to
-/// `total`, but never 0 (a worker with none could never send).
+/// `total`, but never 0 (a worker with none could never send; so with fewer places than
+/// workers, each worker has one).
 pub fn share(total: usize, workers: usize, worker: usize) -> usize {
     let workers = workers.max(1);
     (total / workers + usize::from(worker < total % workers)).max(1)
@@ -68,6 +71,7 @@ impl Upstream {
             target,
             pool: Pool::new(connector, connections, pool::IDLE_TIMEOUT),
             timeout: config.timeout,
+            connections: connections.max(1),
         })
     }
 
@@ -97,10 +101,11 @@ impl Upstream {
         }
     }
 
-    /// Why a request found no free connection, in words.
+    /// Why a request found no free place, in words.
     fn busy(&self) -> String {
         format!(
-            "every connection this tollgate may open to {} (limits.max_upstream_connections, shared by its workers) stayed busy for {}: raise the limit, or the upstream is slow",
+            "all {} requests this worker may have in flight to {} (its share of limits.max_upstream_connections) stayed busy for {}: raise the limit, or the upstream is slow",
+            self.connections,
             self.target.authority(),
             humantime::format_duration(self.timeout)
         )

@@ -75,7 +75,7 @@ pub enum PoolError {
     Connect(#[from] ConnectError),
     #[error("the connection to the upstream broke: {}", chain(.0))]
     Broken(hyper::Error),
-    #[error("the upstream answered with a response head (status line and headers) larger than the {} KiB tollgate reads; the upstream sends too many or too large headers", MAX_RESPONSE_HEAD / 1024)]
+    #[error("the upstream answered with a response head (status line and headers) larger than the {} KiB tollgate reads, or with more than 100 header fields; the upstream sends too many or too large headers", MAX_RESPONSE_HEAD / 1024)]
     HeadTooLarge,
 }
 
@@ -288,13 +288,15 @@ impl Lent {
         }
         // Still finishing (the request body, most often, when the upstream answered before
         // reading it all): back once it is done, unless it closes; it keeps its place among
-        // those in flight until then.
+        // those in flight until then, for the idle timeout at most (a client that stops
+        // sending its body would hold it for ever): then the connection is closed.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let within = pool.idle_timeout;
         let pool = Arc::downgrade(&pool);
         runtime.spawn(async move {
-            if send.ready().await.is_ok() {
+            if let Ok(Ok(())) = tokio::time::timeout(within, send.ready()).await {
                 if let Some(pool) = pool.upgrade() {
                     pool.put(send);
                 }
