@@ -464,13 +464,18 @@ mod tests {
         )
     }
 
-    async fn get(pool: &Pool, path: &str) -> (u16, Bytes) {
+    /// A GET of `path` once a place is free: its response head.
+    async fn send(pool: &Pool, path: &str) -> Result<Response<UpstreamBody>, PoolError> {
         let request = Request::get(path)
             .header("host", "upstream")
             .body(RequestBody::full(Default::default()))
             .unwrap();
         let permit = pool.permit().await;
-        let response = pool.send(request, permit, |uri| uri.clone()).await.unwrap();
+        pool.send(request, permit, |uri| uri.clone()).await
+    }
+
+    async fn get(pool: &Pool, path: &str) -> (u16, Bytes) {
+        let response = send(pool, path).await.unwrap();
         let status = response.status().as_u16();
         (
             status,
@@ -541,12 +546,7 @@ mod tests {
     #[tokio::test]
     async fn a_body_not_read_yet_holds_its_place() {
         let (pool, seen) = upstream_with(1).await;
-        let request = Request::get("/big")
-            .header("host", "upstream")
-            .body(RequestBody::full(Default::default()))
-            .unwrap();
-        let permit = pool.permit().await;
-        let response = pool.send(request, permit, |uri| uri.clone()).await.unwrap();
+        let response = send(&pool, "/big").await.unwrap();
         assert!(pool.try_permit().is_none());
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body.len(), 4 * 1024 * 1024);
@@ -560,12 +560,7 @@ mod tests {
     #[tokio::test]
     async fn a_body_given_up_half_way_is_not_put_back() {
         let (pool, seen) = upstream().await;
-        let request = Request::get("/big")
-            .header("host", "upstream")
-            .body(RequestBody::full(Default::default()))
-            .unwrap();
-        let permit = pool.permit().await;
-        let mut response = pool.send(request, permit, |uri| uri.clone()).await.unwrap();
+        let mut response = send(&pool, "/big").await.unwrap();
         let first = response.body_mut().frame().await.unwrap().unwrap();
         assert!(first.is_data());
         drop(response);
@@ -580,12 +575,7 @@ mod tests {
     #[tokio::test]
     async fn a_response_head_too_large_is_refused_in_words() {
         let (pool, _) = upstream().await;
-        let request = Request::get("/big-head")
-            .header("host", "upstream")
-            .body(RequestBody::full(Default::default()))
-            .unwrap();
-        let permit = pool.permit().await;
-        let refused = pool.send(request, permit, |uri| uri.clone()).await;
+        let refused = send(&pool, "/big-head").await;
         let message = match refused {
             Ok(response) => panic!("taken: {}", response.status()),
             Err(e) => e.to_string(),

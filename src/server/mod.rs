@@ -4,7 +4,8 @@
 //!
 //! A [`Listener`] is one address served by every worker ([`Workers`]), each on its own socket
 //! with its own [`Site`] — the handler and connection settings — behind an `ArcSwap`, so a
-//! reload replaces what is served without closing a connection. A connection is closed once
+//! reload replaces what is served without closing a connection. The worker threads, and the
+//! socket each has on a listener's address, are [`workers`]. A connection is closed once
 //! it has had no request in flight for one to two times `header_timeout`, in either protocol.
 
 use crate::config::LimitsConfig;
@@ -27,9 +28,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
+
+mod workers;
+
+pub use workers::{bind, Bound, Workers};
 
 /// What a listener serves at the moment: a handler and the settings its connections get. A
 /// reload swaps it whole; a connection keeps the settings it was accepted with, and each
@@ -322,116 +326,6 @@ pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-/// Bind `count` listeners on `addr` with `SO_REUSEPORT`, so each worker accepts on its own
-/// socket and the kernel spreads connections between them. Port 0 binds once, then the rest
-/// join the port the first one got.
-pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
-    let mut listeners = Vec::with_capacity(count);
-    let mut addr = addr;
-    if count > 1 && addr.port() != 0 {
-        // SO_REUSEPORT would let a second tollgate share the port and take half the
-        // connections; a plain bind first proves the port is free.
-        drop(std::net::TcpListener::bind(addr)?);
-    }
-    for _ in 0..count {
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        if count > 1 {
-            socket.set_reuseport(true)?;
-        }
-        socket.bind(addr)?;
-        let listener = socket.listen(1024)?.into_std()?;
-        addr = listener.local_addr()?;
-        listeners.push(listener);
-    }
-    Ok(listeners)
-}
-
-/// The threads that serve requests: each a single-threaded runtime running the listener
-/// tasks spawned onto it, so a request is accepted, forwarded and answered on one thread.
-pub struct Workers {
-    handles: Vec<Handle>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-    exit: watch::Sender<bool>,
-}
-
-impl Workers {
-    /// The caller's runtime, alone.
-    pub fn current() -> Workers {
-        Workers {
-            handles: vec![Handle::current()],
-            threads: Vec::new(),
-            exit: watch::channel(false).0,
-        }
-    }
-
-    /// `count` threads of their own; with 1, the caller's runtime serves (tests, embedding).
-    pub fn start(count: usize) -> std::io::Result<Workers> {
-        if count <= 1 {
-            return Ok(Workers::current());
-        }
-        let (exit, _) = watch::channel(false);
-        let mut workers = Workers {
-            handles: Vec::with_capacity(count),
-            threads: Vec::with_capacity(count),
-            exit,
-        };
-        for i in 0..count {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            workers.handles.push(runtime.handle().clone());
-            let mut exit = workers.exit.subscribe();
-            let thread = std::thread::Builder::new()
-                .name(format!("tollgate-worker-{i}"))
-                .spawn(move || runtime.block_on(stopped(&mut exit)))?;
-            workers.threads.push(thread);
-        }
-        Ok(workers)
-    }
-
-    pub fn len(&self) -> usize {
-        self.handles.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
-    }
-
-    /// End the threads, once every listener has drained.
-    pub async fn stop(self) {
-        let _ = self.exit.send(true);
-        let threads = self.threads;
-        let _ = tokio::task::spawn_blocking(move || {
-            for t in threads {
-                let _ = t.join();
-            }
-        })
-        .await;
-    }
-}
-
-/// Sockets bound for a listener, not yet served.
-pub struct Bound {
-    pub local: SocketAddr,
-    sockets: Vec<std::net::TcpListener>,
-}
-
-impl Bound {
-    /// One socket on `addr` per worker (see [`bind`]).
-    pub fn bind(addr: SocketAddr, workers: usize) -> std::io::Result<Bound> {
-        let sockets = bind(addr, workers)?;
-        Ok(Bound {
-            local: sockets[0].local_addr()?,
-            sockets,
-        })
-    }
-}
-
 /// A listener being served: one socket per worker, each with its [`Live`] site.
 pub struct Listener<H> {
     pub local: SocketAddr,
@@ -460,7 +354,7 @@ impl<H: Handler> Listener<H> {
             .sockets
             .into_iter()
             .zip(&sites)
-            .zip(&workers.handles)
+            .zip(workers.handles())
             .map(|((socket, live), handle)| {
                 let (live, cap, stopped) = (Arc::clone(live), cap.clone(), stop.subscribe());
                 handle.spawn(async move {
