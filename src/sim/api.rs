@@ -1,7 +1,7 @@
 //! A simulated protected API that accepts only access tokens from an [`IdentitySim`].
 //!
 //! Owns: the bearer check (RFC 6750 §3.1 challenges), an echo that describes the request it
-//! received, a streaming download of a known byte pattern, and the query switches tests use
+//! received, a streaming download of a known byte pattern (made by [`super::pattern`]), and the query switches tests use
 //! (`sim_download`, `sim_delay_ms`, `sim_status`, `sim_retry_after`) plus the `x-sim-location`
 //! header.
 //!
@@ -15,16 +15,12 @@
 //! and at most 64 KiB.
 
 use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE};
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
-use http_body::{Body, Frame, SizeHint};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE};
+use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -33,9 +29,11 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
 use super::identity::IdentitySim;
+use super::pattern::download;
+pub use super::pattern::pattern_sha256;
 use super::{empty_body, full_body, hex, SimBody, SimServer};
 
-/// Size of download chunks, and how much of an upload the echo keeps as text.
+/// How much of an upload the echo keeps as text.
 const CHUNK: usize = 64 * 1024;
 
 /// Request header whose value is copied into the answer's `Location`, for redirect tests.
@@ -460,68 +458,6 @@ async fn echo(request: Request<Incoming>) -> Result<Response<SimBody>, hyper::Er
         .header(CONTENT_TYPE, "application/json")
         .body(full_body(answer.to_string()))
         .expect("static headers are valid"))
-}
-
-fn download(size: u64) -> Response<SimBody> {
-    Response::builder()
-        .header(CONTENT_TYPE, "application/octet-stream")
-        .header(CONTENT_LENGTH, HeaderValue::from(size))
-        .body(PatternBody { sent: 0, size }.boxed())
-        .expect("static headers are valid")
-}
-
-/// SHA-256 (lower-case hex) of the first `n` bytes of the download pattern.
-pub fn pattern_sha256(n: u64) -> String {
-    let mut hasher = Sha256::new();
-    let mut done = 0;
-    while done < n {
-        let len = (n - done).min(CHUNK as u64);
-        hasher.update(pattern_chunk(done, len as usize));
-        done += len;
-    }
-    hex(&hasher.finalize())
-}
-
-/// `len` bytes of the pattern starting at byte `start`: byte i is `i % 251`. 251 is prime,
-/// so the pattern does not line up with any power-of-two buffer size and misplaced or
-/// dropped chunks change the hash.
-fn pattern_chunk(start: u64, len: usize) -> Bytes {
-    (start..start + len as u64)
-        .map(|i| (i % 251) as u8)
-        .collect::<Vec<u8>>()
-        .into()
-}
-
-/// Generates the download pattern one chunk at a time.
-struct PatternBody {
-    sent: u64,
-    size: u64,
-}
-
-impl Body for PatternBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if self.sent >= self.size {
-            return Poll::Ready(None);
-        }
-        let len = (self.size - self.sent).min(CHUNK as u64);
-        let chunk = pattern_chunk(self.sent, len as usize);
-        self.sent += len;
-        Poll::Ready(Some(Ok(Frame::data(chunk))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.sent >= self.size
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.size - self.sent)
-    }
 }
 
 #[cfg(test)]

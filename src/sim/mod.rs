@@ -23,6 +23,7 @@
 
 pub mod api;
 pub mod identity;
+mod pattern;
 pub mod provider;
 
 use std::convert::Infallible;
