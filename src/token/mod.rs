@@ -42,6 +42,7 @@
 //! its successor, and sends its own waiting requests there.
 
 mod ahead;
+mod answer;
 mod backoff;
 mod cache;
 mod flight;

@@ -1,0 +1,226 @@
+//! What a token endpoint's answer means (RFC 6749 §5.1, §5.2): a token, a final refusal (the
+//! grant or the client is refused: no retry until the config changes), or a transient
+//! failure (a gateway's page, a 5xx, an unknown error code).
+
+use super::grant::{GrantError, Issued};
+use crate::secret::Secret;
+use serde::Deserialize;
+use std::time::Duration;
+
+#[derive(Deserialize)]
+struct Success {
+    access_token: String,
+    token_type: Option<String>,
+    expires_in: Option<serde_json::Value>,
+    refresh_token: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Failure {
+    error: String,
+    error_description: Option<String>,
+}
+
+/// Sort a token endpoint answer into a token, a final refusal, or a transient failure.
+pub fn parse_response(
+    status: u16,
+    body: &[u8],
+    retry_after: Option<Duration>,
+    default_expires_in: Duration,
+) -> Result<Issued, GrantError> {
+    match status {
+        200 => parse_success(body, default_expires_in),
+        400 | 401 => match serde_json::from_slice::<Failure>(body) {
+            Ok(f) => {
+                let description = f.error_description.map(|d| d.chars().take(200).collect());
+                // Spring answers an expired refresh token with 401 invalid_token.
+                if f.error == "invalid_grant" || (status == 401 && f.error == "invalid_token") {
+                    Err(GrantError::InvalidGrant {
+                        code: f.error,
+                        description,
+                    })
+                } else if matches!(
+                    f.error.as_str(),
+                    "temporarily_unavailable" | "server_error" | "slow_down"
+                ) {
+                    Err(GrantError::Transient {
+                        reason: format!("token endpoint answered {}", f.error),
+                        retry_after,
+                    })
+                } else if !matches!(
+                    f.error.as_str(),
+                    "invalid_client"
+                        | "unauthorized_client"
+                        | "unsupported_grant_type"
+                        | "invalid_scope"
+                        | "invalid_request"
+                ) {
+                    // An error code RFC 6749 does not define: not proof the client is wrong.
+                    Err(GrantError::Transient {
+                        reason: format!("token endpoint answered HTTP {status} {}", f.error),
+                        retry_after,
+                    })
+                } else {
+                    Err(GrantError::Refused {
+                        code: f.error,
+                        description,
+                    })
+                }
+            }
+            // A gateway's page, not the identity server's verdict.
+            Err(_) => Err(GrantError::transient(format!(
+                "token endpoint answered {status} without an OAuth2 error body"
+            ))),
+        },
+        429 | 408 | 500..=599 => Err(GrantError::Transient {
+            reason: format!("token endpoint answered HTTP {status}"),
+            retry_after,
+        }),
+        _ => Err(GrantError::transient(format!(
+            "token endpoint answered HTTP {status}"
+        ))),
+    }
+}
+
+fn parse_success(body: &[u8], default_expires_in: Duration) -> Result<Issued, GrantError> {
+    let ok: Success = serde_json::from_slice(body).map_err(|_| {
+        GrantError::transient(
+            "token endpoint answered 200 with a body that is not a token response",
+        )
+    })?;
+    if let Some(kind) = &ok.token_type {
+        if !kind.eq_ignore_ascii_case("bearer") {
+            return Err(GrantError::Refused {
+                code: "unsupported_token_type".into(),
+                description: Some(format!("token_type `{kind}` is not Bearer")),
+            });
+        }
+    }
+    if ok.access_token.is_empty() || http::HeaderValue::from_str(&ok.access_token).is_err() {
+        return Err(GrantError::transient(
+            "token endpoint answered an access token that cannot be sent in a header",
+        ));
+    }
+    let expires_in = match ok.expires_in {
+        None | Some(serde_json::Value::Null) => default_expires_in,
+        Some(v) => parse_expires_in(&v).ok_or_else(|| {
+            GrantError::transient(
+                "token endpoint answered an expires_in that is not a positive number",
+            )
+        })?,
+    };
+    Ok(Issued {
+        access_token: Secret::new(ok.access_token),
+        expires_in,
+        refresh_token: ok.refresh_token.filter(|t| !t.is_empty()).map(Secret::new),
+        logged_in: false,
+    })
+}
+
+/// `expires_in` as a JSON number or a numeric string (WinBooks sends `"900"`).
+fn parse_expires_in(v: &serde_json::Value) -> Option<Duration> {
+    let secs = match v {
+        serde_json::Value::Number(n) => n.as_f64()?,
+        serde_json::Value::String(s) => s.trim().parse::<f64>().ok()?,
+        _ => return None,
+    };
+    (secs.is_finite() && secs >= 1.0).then(|| Duration::from_secs(secs as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn expires_in_as_number_or_string_and_token_type_in_any_case() {
+        let a = parse_response(
+            200,
+            br#"{"access_token":"a","token_type":"bearer","expires_in":"900"}"#,
+            None,
+            HOUR,
+        )
+        .ok()
+        .unwrap();
+        assert_eq!(a.expires_in, Duration::from_secs(900));
+        let b = parse_response(
+            200,
+            br#"{"access_token":"a","token_type":"BEARER","expires_in":43199,"refresh_token":"r"}"#,
+            None,
+            HOUR,
+        )
+        .ok()
+        .unwrap();
+        assert_eq!(b.expires_in, Duration::from_secs(43199));
+        assert_eq!(b.refresh_token.unwrap().expose(), "r");
+        let c = parse_response(
+            200,
+            br#"{"access_token":"a","token_type":"Bearer"}"#,
+            None,
+            HOUR,
+        )
+        .ok()
+        .unwrap();
+        assert_eq!(c.expires_in, HOUR);
+        assert!(c.refresh_token.is_none());
+    }
+
+    #[test]
+    fn classifies_errors() {
+        let e = parse_response(400, br#"{"error":"invalid_grant"}"#, None, HOUR)
+            .err()
+            .unwrap();
+        assert!(matches!(e, GrantError::InvalidGrant { .. }) && e.is_final());
+        let e = parse_response(
+            401,
+            br#"{"error":"invalid_token","error_description":"expired"}"#,
+            None,
+            HOUR,
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(e, GrantError::InvalidGrant { .. }));
+        let e = parse_response(400, br#"{"error":"invalid_client"}"#, None, HOUR)
+            .err()
+            .unwrap();
+        assert!(matches!(e, GrantError::Refused { .. }) && e.is_final());
+        let e = parse_response(400, br#"{"error":"temporarily_unavailable"}"#, None, HOUR)
+            .err()
+            .unwrap();
+        assert!(!e.is_final());
+        let e = parse_response(401, b"<html>gateway</html>", None, HOUR)
+            .err()
+            .unwrap();
+        assert!(!e.is_final());
+        let e = parse_response(503, b"oops", Some(Duration::from_secs(7)), HOUR)
+            .err()
+            .unwrap();
+        assert!(
+            matches!(e, GrantError::Transient { retry_after: Some(d), .. } if d.as_secs() == 7)
+        );
+        // (status, body, final?) — final means: do not retry until the config changes.
+        let cases: [(u16, &[u8], bool); 4] = [
+            (200, b"<html>proxy error</html>", false),
+            (200, br#"{"access_token":"a","token_type":"mac"}"#, true),
+            (
+                200,
+                br#"{"access_token":"a\nb","token_type":"bearer"}"#,
+                false,
+            ),
+            (200, br#"{"access_token":"a","expires_in":"soon"}"#, false),
+        ];
+        for (status, body, fatal) in cases {
+            let e = parse_response(status, body, None, HOUR).err().unwrap();
+            assert_eq!(e.is_final(), fatal, "{}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn error_text_never_contains_the_token() {
+        let e = parse_response(200, br#"{"access_token":"SECRET\u0001TOKEN"}"#, None, HOUR)
+            .err()
+            .unwrap();
+        assert!(!e.to_string().contains("SECRET"));
+    }
+}
