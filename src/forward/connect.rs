@@ -268,9 +268,11 @@ impl Connector {
 }
 
 /// The buffer of an upstream HTTP/1.1 connection (what one read fills; also what is written
-/// before a flush), and so the largest response head tollgate takes (nginx's `proxy_buffer_size` is 4 or 8 KiB, HAProxy's buffer 16 KiB). At
-/// hyper's default of about 400 KiB, 50 downloads of 10 MiB at once held 24 MiB more than
-/// at 32 KiB, for no more speed (benches/compare.sh, sizes scenario).
+/// before a flush), and so the largest response head tollgate takes (nginx's
+/// `proxy_buffer_size` is 4 or 8 KiB, HAProxy's buffer 16 KiB). At hyper's default of about
+/// 400 KiB, 50 downloads of 10 MiB at once held 27 to 45 MiB more than at 32 KiB; the
+/// default streamed them faster (1,006 against 830 MB/s, both about twice nginx's), with
+/// a quarter of the reads (benches/compare.sh, sizes scenario; BENCHMARKS.md).
 pub const MAX_RESPONSE_HEAD: usize = 32 * 1024;
 
 /// How long the other address family waits for the first one (RFC 8305 suggests 250 ms;
