@@ -47,7 +47,8 @@ pub async fn access_token(config: &Config, name: &str) -> Result<secret::Secret<
     let store = store::open(&config.state).map_err(|e| e.to_string())?;
     let roots = up.read_ca()?;
     let cache = std::sync::Arc::new(TokenCache::new(up, store.clone(), roots.as_deref())?);
-    let token = cache.get().await;
+    // As long as a token request can take: an answer that comes late is still one to save.
+    let token = cache.get_within(cache.longest_request()).await;
     // A refresh token rotated on the way, even by a refresh that failed after, must be saved
     // before the process ends, and the refresh lock let go.
     let settled = cache.settle(TOKEN_SAVE_WAIT).await;

@@ -381,3 +381,86 @@ async fn a_reload_ends_a_retry_after_wait_of_the_old_settings() {
     h.assert_lineage_intact();
     h.stop_proxy().await;
 }
+
+/// The harness with `extra_auth` lines in `[upstream.auth]`, warmed up (a first token).
+async fn started_with_auth(extra_auth: &str) -> Harness {
+    let h = Harness::start(Setup {
+        extra_auth: extra_auth.into(),
+        ..Setup::default()
+    })
+    .await;
+    assert_eq!(h.get("/warm").await.status, 200);
+    h
+}
+
+/// The identity server rotates at once but answers after `auth.timeout` (1 s): the refresh
+/// stays in the air and its answer is saved and used; the same refresh token is never sent
+/// again. A client that waits `auth.refresh_wait` (1 s) gets 503 meanwhile, and the next
+/// request is served with the late answer's token.
+#[tokio::test]
+async fn an_answer_after_auth_timeout_is_awaited_not_redeemed_again() {
+    let h = started_with_auth("timeout = \"1s\"\nrefresh_wait = \"1s\"").await;
+    let generation = stored_generation(&h);
+    let before = h.identity.counters();
+    h.identity.answer_late(1, Duration::from_secs(3));
+    h.identity.expire_access_tokens();
+    let waited = std::time::Instant::now();
+    let a = h.get("/during").await;
+    assert_eq!(a.status, 503, "{}", a.text());
+    assert!(a.text().contains("auth.refresh_wait"), "{}", a.text());
+    assert!(
+        waited.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        waited.elapsed()
+    );
+    until(|| stored_generation(&h) == generation + 1).await;
+    assert_eq!(h.get("/after").await.status, 200);
+    let after = h.identity.counters();
+    assert_eq!(
+        after.token_requests - before.token_requests,
+        1,
+        "one redemption, never repeated"
+    );
+    h.assert_lineage_intact();
+}
+
+/// The identity server reads the refresh, does not process it, and closes the connection: the
+/// outcome is unknown to tollgate, which sends the same refresh token once more — and since it
+/// was never processed, that recovers. The client waiting is served.
+#[tokio::test]
+async fn an_unanswered_refresh_the_server_never_processed_is_sent_once_more() {
+    let h = started_with_auth("").await;
+    let before = h.identity.counters();
+    h.identity.hang_up_next(1, false);
+    h.identity.expire_access_tokens();
+    let a = h.get("/after-hang-up").await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    let after = h.identity.counters();
+    assert_eq!(after.token_requests - before.token_requests, 2);
+    assert_eq!(after.refreshes - before.refreshes, 1);
+    h.assert_lineage_intact();
+}
+
+/// The identity server processes the refresh (it rotates) and closes the connection without
+/// an answer: the successor is lost with it. tollgate sends the same refresh token once more,
+/// which the strict server refuses as a reuse: requests get 503 saying to log in — and
+/// nothing more is sent, no loop of redemptions.
+#[tokio::test]
+async fn an_unanswered_refresh_the_server_processed_is_sent_once_more_then_login() {
+    let h = started_with_auth("").await;
+    let before = h.identity.counters();
+    h.identity.hang_up_next(1, true);
+    h.identity.expire_access_tokens();
+    let a = h.get("/after-hang-up").await;
+    assert_eq!(a.status, 503, "{}", a.text());
+    assert!(a.text().contains("tollgate login api"), "{}", a.text());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(h.get("/again").await.status, 503);
+    let after = h.identity.counters();
+    assert_eq!(
+        after.token_requests - before.token_requests,
+        2,
+        "the first and one more"
+    );
+    assert_eq!(after.reuse_detected - before.reuse_detected, 1);
+}

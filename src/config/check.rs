@@ -288,4 +288,8 @@ fn describe_auth(a: &AuthConfig, upstream: &str, line: &mut impl FnMut(&str, Str
         "auth.timeout",
         humantime::format_duration(a.timeout).to_string(),
     );
+    line(
+        "auth.answer_timeout",
+        humantime::format_duration(a.answer_timeout).to_string(),
+    );
 }

@@ -269,12 +269,19 @@ pub struct AuthConfig {
     /// Lifetime assumed when a token response has no `expires_in`.
     #[serde(default = "default_expires_in", deserialize_with = "de_duration")]
     pub default_expires_in: Duration,
-    /// How long a request waits for a token while the identity server fails, before 503.
+    /// How long a client request waits for a token (a refresh in the air, or retries while
+    /// the identity server fails), before 503.
     #[serde(default = "default_refresh_wait", deserialize_with = "de_duration")]
     pub refresh_wait: Duration,
-    /// Timeout of one token request.
+    /// How long connecting to the token endpoint may take; and the whole of a token request
+    /// that spends nothing (client credentials, a password login).
     #[serde(default = "default_token_timeout", deserialize_with = "de_duration")]
     pub timeout: Duration,
+    /// How long a request that spends a refresh token (or a login code) waits for its answer
+    /// once it is sent: the identity server may have rotated already, so it stays in the air
+    /// while its connection lives, up to this ceiling.
+    #[serde(default = "default_answer_timeout", deserialize_with = "de_duration")]
+    pub answer_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -348,6 +355,9 @@ fn default_refresh_wait() -> Duration {
 }
 fn default_token_timeout() -> Duration {
     Duration::from_secs(30)
+}
+fn default_answer_timeout() -> Duration {
+    Duration::from_secs(120)
 }
 
 /// Where token records live, parsed from `state.store`.

@@ -250,13 +250,14 @@ fn check_limits(up: &UpstreamConfig, report: &mut Report<'_>) {
             report.at(k, "must be more than 0s".into());
         }
     }
-    if up.timeout.is_zero() || up.auth.timeout.is_zero() {
-        let k = if up.timeout.is_zero() {
-            "timeout"
-        } else {
-            "auth.timeout"
-        };
-        report.at(k, "must be more than 0s".into());
+    for (k, d) in [
+        ("timeout", up.timeout),
+        ("auth.timeout", up.auth.timeout),
+        ("auth.answer_timeout", up.auth.answer_timeout),
+    ] {
+        if d.is_zero() {
+            report.at(k, "must be more than 0s".into());
+        }
     }
 }
 

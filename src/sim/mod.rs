@@ -113,12 +113,11 @@ pub async fn serve_together(
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let (identity, api) = routes.clone();
         async move {
-            let response = if identity.serves(request.uri().path()) {
+            if identity.serves(request.uri().path()) {
                 identity.handle(request).await
             } else {
-                api.handle(request).await
-            };
-            Ok::<_, Infallible>(response)
+                Ok(api.handle(request).await)
+            }
         }
     });
     let server = SimServer::start(listener, service).await;

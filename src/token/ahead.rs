@@ -43,7 +43,7 @@ impl TokenCache {
             } else {
                 Purpose::Missing
             };
-            match self.refresh(purpose).await {
+            match self.refresh(purpose, None).await {
                 Ok(_) => {
                     backoff.reset();
                     wake_at = self.next_wake();

@@ -129,6 +129,9 @@ pub struct TokenCache {
     /// The identity server asked (Retry-After) not to be called before this instant. Carried
     /// over a reload that keeps `token_url`.
     pub(super) not_before: Mutex<Option<Instant>>,
+    /// Until when the redemption in the air, if any, may still be answered: a shutdown waits
+    /// for it (see [`TokenCache::settle`]).
+    pub(super) in_the_air: Mutex<Option<Instant>>,
     /// This cache has served a record of its own lineage; a different lineage appearing in the
     /// store later means another process logged in anew, and this one must not redeem.
     pub(super) lineage_used: AtomicBool,
@@ -178,6 +181,7 @@ impl TokenCache {
             flight: Mutex::new(Flight::Idle),
             lineage: tokio::sync::Mutex::new(Lineage::default()),
             not_before: Mutex::new(None),
+            in_the_air: Mutex::new(None),
             lineage_used: AtomicBool::new(false),
             runtime: Handle::try_current().ok(),
             next: OnceLock::new(),
@@ -282,12 +286,30 @@ impl TokenCache {
         }
     }
 
-    /// A usable token: the cached one, or the result of a refresh.
+    /// A usable token for a client request: the cached one, or the result of a refresh,
+    /// waited for `auth.refresh_wait` at most.
     pub async fn get(self: &Arc<Self>) -> Result<Arc<AccessToken>, TokenError> {
+        self.get_within(self.refresh_wait).await
+    }
+
+    /// A usable token: the cached one, or the result of a refresh, waited for `patience` at
+    /// most (`tollgate token` waits as long as a token request can take).
+    pub async fn get_within(
+        self: &Arc<Self>,
+        patience: Duration,
+    ) -> Result<Arc<AccessToken>, TokenError> {
         match self.cached() {
             Some(t) => Ok(t),
-            None => self.refresh(Purpose::Missing).await,
+            None => {
+                let until = Instant::now() + patience;
+                self.refresh(Purpose::Missing, Some(until)).await
+            }
         }
+    }
+
+    /// The longest one token request may take (connecting, the answer's ceiling).
+    pub fn longest_request(&self) -> Duration {
+        self.endpoint.longest_request()
     }
 
     /// Whether the upstream's refusal of `token` may be answered with a new token (see
@@ -316,7 +338,9 @@ impl TokenCache {
         if let Some(next) = self.replaced_by() {
             return Box::pin(next.replace_rejected(generation)).await;
         }
-        self.refresh(Purpose::Rejected(generation)).await
+        let until = Instant::now() + self.refresh_wait;
+        self.refresh(Purpose::Rejected(generation), Some(until))
+            .await
     }
 
     /// A token that a refresh for `purpose` may hand out instead of redeeming again.

@@ -22,6 +22,7 @@ use super::cache::{lock, AccessToken, Counted, TokenCache};
 use super::grant::GrantError;
 use super::{new_record, whole_seconds, Purpose, TokenError, LOCK_MARGIN};
 use crate::config::Grant;
+use crate::secret::{fingerprint, Secret};
 use crate::store::{RefreshLock, StoreError, TokenRecord};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
@@ -58,6 +59,9 @@ pub(super) struct Lineage {
     /// A final failure, with the store generation it happened on; cleared when the store holds
     /// a newer record of this lineage (a login) or the process restarts with a new seed.
     final_failure: Option<(TokenError, (u64, u64))>,
+    /// The refresh token (its fingerprint) whose redemption was sent and never answered, and
+    /// how many times in a row: the first is tried again at once, whatever the deadline.
+    unanswered: Option<(String, u32)>,
 }
 
 /// The outcome of one redemption attempt that did not produce a token.
@@ -67,6 +71,9 @@ pub(super) enum Attempt {
         reason: String,
         hint: Option<Duration>,
     },
+    /// A redemption was sent and no answer came: try the same refresh token once more, at
+    /// once, even past `auth.refresh_wait` (see [`TokenCache::classify`]).
+    Unanswered,
     /// A reload retired the cache: the successor refreshes with the new settings.
     Replaced,
     /// Try again after `pause` at least, for a reason of the store's (not the identity
@@ -98,7 +105,7 @@ enum Consulted {
     Redeem {
         generation: u64,
         login_at_ms: u64,
-        refresh_token: Option<crate::secret::Secret<String>>,
+        refresh_token: Option<Secret<String>>,
     },
 }
 
@@ -150,10 +157,12 @@ impl TokenCache {
         lock(&self.flight)
     }
 
-    /// A token good enough for `purpose`: the one in use, or what a flight brings.
+    /// A token good enough for `purpose`: the one in use, or what a flight brings, waited for
+    /// until `until` at most (a client request's `auth.refresh_wait`; the flight goes on).
     pub(super) async fn refresh(
         self: &Arc<Self>,
         purpose: Purpose,
+        until: Option<Instant>,
     ) -> Result<Arc<AccessToken>, TokenError> {
         let mut joined = false;
         loop {
@@ -161,7 +170,7 @@ impl TokenCache {
                 return Ok(t);
             }
             if let Some(next) = self.replaced_by() {
-                return Box::pin(next.refresh(purpose)).await;
+                return Box::pin(next.refresh(purpose, until)).await;
             }
             let (mut progress, task) = {
                 let mut flight = self.flight();
@@ -186,7 +195,14 @@ impl TokenCache {
             if let Some(task) = task {
                 self.spawn(task);
             }
-            let answer = progress.wait_for(|p| !matches!(p, Progress::Running)).await;
+            let answered = progress.wait_for(|p| !matches!(p, Progress::Running));
+            let answer = match until {
+                None => answered.await,
+                Some(until) => match tokio::time::timeout_at(until.into(), answered).await {
+                    Ok(answer) => answer,
+                    Err(_) => return Err(self.still_refreshing()),
+                },
+            };
             let result = match answer.as_deref() {
                 Ok(Progress::Done(result)) => result.clone(),
                 Ok(Progress::Unsaved(Some(token))) => Ok(Arc::clone(token)),
@@ -207,6 +223,19 @@ impl TokenCache {
                 Err(_) if self.replaced_by().is_some() => {}
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// A client request waited `auth.refresh_wait` for a flight that has not landed (the
+    /// identity server is slow to answer, or failing and retried).
+    fn still_refreshing(&self) -> TokenError {
+        let last = lock(&self.last_failure).clone();
+        TokenError::Unavailable {
+            reason: match last {
+                Some(last) => format!("no token within auth.refresh_wait ({}): the refresh goes on in the background; the last one failed: {last}", humantime::format_duration(self.refresh_wait)),
+                None => format!("no token within auth.refresh_wait ({}): the identity server has not answered yet, and the refresh goes on in the background", humantime::format_duration(self.refresh_wait)),
+            },
+            retry_after: Duration::from_secs(1),
         }
     }
 
@@ -286,6 +315,16 @@ impl TokenCache {
                     }
                     (reason, hint)
                 }
+                Err(Attempt::Unanswered) => {
+                    self.count_refresh(Counted::Error);
+                    if !self
+                        .pause_until(Instant::now() + self.backoff_initial)
+                        .await
+                    {
+                        return Err(replaced());
+                    }
+                    continue;
+                }
                 // Not the identity server's doing: nothing to remember of it.
                 Err(Attempt::Pause { reason, pause }) => (reason, Some(pause)),
             };
@@ -344,10 +383,17 @@ impl TokenCache {
                 });
             }
         }
-        let issued = match self.endpoint.obtain(refresh_token.as_ref()).await {
+        *lock(&self.in_the_air) = Some(Instant::now() + self.endpoint.longest_request());
+        let obtained = self.endpoint.obtain(refresh_token.as_ref()).await;
+        *lock(&self.in_the_air) = None;
+        let issued = match obtained {
             Ok(issued) => issued,
-            Err(e) => return Err(self.classify(e, lineage, (login_at_ms, stored_generation))),
+            Err(e) => {
+                let position = (login_at_ms, stored_generation);
+                return Err(self.classify(e, lineage, position, refresh_token.as_ref()));
+            }
         };
+        lineage.unanswered = None;
         let record = new_record(
             &self.seed_hash,
             issued,
@@ -466,9 +512,36 @@ impl TokenCache {
     }
 
     /// Sort a token endpoint's refusal; a final one holds until the store holds a record past
-    /// `position` (login time, generation) of the record redeemed.
-    fn classify(&self, e: GrantError, lineage: &mut Lineage, position: (u64, u64)) -> Attempt {
+    /// `position` (login time, generation) of the record redeemed. A redemption of `redeemed`
+    /// that was sent and never answered is tried again once at once; again unanswered, it is
+    /// retried as any failure is.
+    fn classify(
+        &self,
+        e: GrantError,
+        lineage: &mut Lineage,
+        position: (u64, u64),
+        redeemed: Option<&Secret<String>>,
+    ) -> Attempt {
         match e {
+            GrantError::Unanswered { reason } => {
+                let spent = redeemed.map_or_else(String::new, |t| fingerprint(t.expose()));
+                let times = match &mut lineage.unanswered {
+                    Some((same, n)) if *same == spent => {
+                        *n += 1;
+                        *n
+                    }
+                    other => {
+                        *other = Some((spent, 1));
+                        1
+                    }
+                };
+                if times == 1 {
+                    tracing::warn!(upstream = %self.name, %reason, "a refresh was sent and not answered: the identity server may have processed it. Sending the same refresh token once more: if the server never processed the first, this recovers; if it did, the next refresh token was lost with the answer, and a server that rotates strictly refuses this one (then run `tollgate login {}`)", self.name);
+                    return Attempt::Unanswered;
+                }
+                tracing::error!(upstream = %self.name, %reason, times, "a refresh was sent and not answered again; retrying with backoff");
+                Attempt::Retry { reason, hint: None }
+            }
             GrantError::InvalidGrant { .. } => {
                 let error = TokenError::NeedsLogin(match self.endpoint.grant() {
                     Grant::Password => format!(

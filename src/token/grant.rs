@@ -14,6 +14,18 @@ use url::Url;
 /// Largest token response we read; real ones are a few KiB.
 const MAX_RESPONSE: usize = 256 * 1024;
 
+/// After `auth.answer_timeout` passed, how much longer an answer may take to be read: a
+/// process paused past the ceiling (SIGSTOP, a VM migrated) finds its timer and the answer
+/// that arrived meanwhile due at once, and the answer must win.
+const LAST_LOOK: Duration = Duration::from_secs(1);
+
+/// How a connection to the token endpoint that went silent is noticed while an answer is
+/// awaited: TCP keepalive probes after this much silence, every [`KEEPALIVE_EVERY`], given up
+/// after [`KEEPALIVE_PROBES`] unanswered (about 30 s in all).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(5);
+const KEEPALIVE_PROBES: u32 = 3;
+
 /// A successful token response.
 pub struct Issued {
     pub access_token: Secret<String>,
@@ -42,12 +54,18 @@ pub enum GrantError {
         code: String,
         description: Option<String>,
     },
-    /// Network trouble, 5xx, 429, or an answer that could not be read: worth retrying.
+    /// Network trouble before the request was sent, 5xx, 429, or an answer that could not be
+    /// read: worth retrying.
     #[error("{reason}")]
     Transient {
         reason: String,
         retry_after: Option<Duration>,
     },
+    /// A request that spends a refresh token (or a login code) was sent and no answer came:
+    /// its connection ended, or `auth.answer_timeout` passed. The identity server may have
+    /// processed it, and rotated.
+    #[error("{reason}")]
+    Unanswered { reason: String },
 }
 
 fn describe(description: &Option<String>) -> String {
@@ -59,7 +77,10 @@ fn describe(description: &Option<String>) -> String {
 
 impl GrantError {
     pub fn is_final(&self) -> bool {
-        !matches!(self, GrantError::Transient { .. })
+        matches!(
+            self,
+            GrantError::InvalidGrant { .. } | GrantError::Refused { .. }
+        )
     }
 
     pub(super) fn transient(reason: impl Into<String>) -> Self {
@@ -84,6 +105,10 @@ pub struct TokenEndpoint {
     exchange_token: Option<Secret<String>>,
     params: Vec<(String, String)>,
     default_expires_in: Duration,
+    /// Connecting (`auth.timeout`), and the whole of a request that spends nothing.
+    timeout: Duration,
+    /// The ceiling on the answer to a request that spends a refresh token or a code.
+    answer_timeout: Duration,
 }
 
 impl TokenEndpoint {
@@ -92,9 +117,13 @@ impl TokenEndpoint {
     /// when the endpoint is on the upstream's host.
     pub fn new(upstream: &UpstreamConfig, extra_roots: Option<&[u8]>) -> Result<Self, String> {
         let auth = &upstream.auth;
+        // No overall timeout here: a request that spends a refresh token waits for its answer
+        // longer than one that does not (see `post`).
         let builder = reqwest::Client::builder()
-            .timeout(auth.timeout)
-            .connect_timeout(auth.timeout.min(Duration::from_secs(10)))
+            .connect_timeout(auth.timeout)
+            .tcp_keepalive(KEEPALIVE_IDLE)
+            .tcp_keepalive_interval(KEEPALIVE_EVERY)
+            .tcp_keepalive_retries(KEEPALIVE_PROBES)
             // A redirect would carry client credentials to another host.
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")))
@@ -118,7 +147,15 @@ impl TokenEndpoint {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             default_expires_in: auth.default_expires_in,
+            timeout: auth.timeout,
+            answer_timeout: auth.answer_timeout,
         })
+    }
+
+    /// The longest a token request may take: connecting, then waiting for the answer to one
+    /// that spends a refresh token, and a last look.
+    pub fn longest_request(&self) -> Duration {
+        self.timeout + self.answer_timeout + LAST_LOOK
     }
 
     pub fn grant(&self) -> Grant {
@@ -267,27 +304,100 @@ impl TokenEndpoint {
             .filter(|v| v.len() >= 4)
             .collect();
         secrets.sort_unstable_by_key(|v| std::cmp::Reverse(v.len()));
-        let body = encode_form(&fields);
-        let response = request
+        // A refresh token or a code is spent once the server has the request, whether or not
+        // its answer arrives: such a request is never given up on while its answer may come.
+        let spends = fields.iter().any(|(k, v)| {
+            *k == "grant_type" && matches!(*v, "refresh_token" | "authorization_code")
+        });
+        let request = request
             .header(
                 http::header::CONTENT_TYPE,
                 "application/x-www-form-urlencoded",
             )
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| GrantError::transient(unreachable(&self.url, e)))?;
-        let status = response.status();
+            .body(encode_form(&fields));
+        let exchange = self.exchange(request, spends);
+        let answer = if spends {
+            answer_within(self.longest_request() - LAST_LOOK, exchange).await
+        } else {
+            tokio::time::timeout(self.timeout, exchange).await.ok()
+        };
+        let (status, body, retry_after) = match answer {
+            Some(answer) => answer?,
+            None if spends => {
+                return Err(GrantError::Unanswered {
+                    reason: format!(
+                        "the token endpoint {} did not answer within auth.answer_timeout ({})",
+                        shown(&self.url),
+                        humantime::format_duration(self.answer_timeout)
+                    ),
+                })
+            }
+            None => {
+                return Err(GrantError::transient(format!(
+                    "the token endpoint {} did not answer within auth.timeout ({}); check that {} is reachable from this machine",
+                    shown(&self.url),
+                    humantime::format_duration(self.timeout),
+                    self.url.host_str().unwrap_or("its host")
+                )))
+            }
+        };
+        parse_response(status, &body, retry_after, self.default_expires_in)
+            .map_err(|e| scrub(e, &secrets))
+    }
+
+    /// Send `request` and read its answer: status, body, `Retry-After`. A failure after the
+    /// connection was made is [`GrantError::Unanswered`] when the request `spends` something.
+    async fn exchange(
+        &self,
+        request: reqwest::RequestBuilder,
+        spends: bool,
+    ) -> Result<(u16, Vec<u8>, Option<Duration>), GrantError> {
+        let lost = |reason: String| match spends {
+            true => GrantError::Unanswered { reason },
+            false => GrantError::transient(reason),
+        };
+        let response = request.send().await.map_err(|e| {
+            if e.is_connect() {
+                GrantError::transient(unreachable(&self.url, e))
+            } else {
+                lost(unreachable(&self.url, e))
+            }
+        })?;
+        let status = response.status().as_u16();
         let retry_after = response
             .headers()
             .get(http::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        let body = read_capped(response).await?;
-        parse_response(status.as_u16(), &body, retry_after, self.default_expires_in)
-            .map_err(|e| scrub(e, &secrets))
+        let body = read_capped(response).await.map_err(|e| match e {
+            Capped::CutOff(reason) => lost(reason),
+            Capped::TooLarge => GrantError::transient("token response is larger than 256 KiB"),
+        })?;
+        Ok((status, body, retry_after))
     }
+}
+
+/// `answer` within `ceiling`, or `None`. When the timer fires, an answer that arrived
+/// meanwhile still wins: it gets a [`LAST_LOOK`] to be read.
+async fn answer_within<T>(
+    ceiling: Duration,
+    answer: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::pin!(answer);
+    tokio::select! {
+        biased;
+        out = &mut answer => return Some(out),
+        _ = tokio::time::sleep(ceiling) => {}
+    }
+    tokio::time::timeout(LAST_LOOK, answer).await.ok()
+}
+
+/// The token endpoint as messages show it: without its query.
+fn shown(url: &Url) -> Url {
+    let mut shown = url.clone();
+    shown.set_query(None);
+    shown
 }
 
 /// Why the token endpoint at `url` could not be reached, in words: which URL, which cause
@@ -301,11 +411,9 @@ fn unreachable(url: &Url, e: reqwest::Error) -> String {
     }
     let text = chain.join(": ").to_lowercase();
     let host = url.host_str().unwrap_or("its host");
-    let mut shown = url.clone();
-    shown.set_query(None);
-    let timed_out = e.is_timeout();
-    let (what, check) = if timed_out {
-        ("it did not answer in time (auth.timeout)".to_owned(), format!("check that {host} is reachable from this machine (a proxy or a firewall on the way?)"))
+    let shown = shown(url);
+    let (what, check) = if e.is_timeout() {
+        ("it could not be reached within auth.timeout".to_owned(), format!("check that {host} is reachable from this machine (a proxy or a firewall on the way?)"))
     } else if text.contains("dns error")
         || text.contains("lookup address")
         || text.contains("name or service not known")
@@ -387,15 +495,21 @@ pub fn basic_credentials(id: &str, secret: &str) -> http::HeaderValue {
     value
 }
 
-async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, GrantError> {
+/// Why a token response's body was not read whole.
+enum Capped {
+    CutOff(String),
+    TooLarge,
+}
+
+async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, Capped> {
     let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| {
-        GrantError::transient(format!("token response cut off: {}", e.without_url()))
-    })? {
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| Capped::CutOff(format!("token response cut off: {}", e.without_url())))?
+    {
         if body.len() + chunk.len() > MAX_RESPONSE {
-            return Err(GrantError::transient(
-                "token response is larger than 256 KiB",
-            ));
+            return Err(Capped::TooLarge);
         }
         body.extend_from_slice(&chunk);
     }

@@ -10,11 +10,14 @@ use super::cache::{lock, AccessToken, TokenCache};
 use super::flight::{Flight, Progress};
 use crate::store::{RefreshLock, StoreError, TokenRecord};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// The longest pause between retries of a save the store refused.
 const SAVE_RETRY_MAX: Duration = Duration::from_secs(10);
+/// How long a shutdown waits, after a redemption's answer could have come at the latest, for
+/// the record to be saved.
+const SAVE_AFTER_ANSWER: Duration = Duration::from_secs(5);
 
 impl TokenCache {
     /// The store refused `record`, the only copy of a refresh token the identity server has
@@ -65,22 +68,38 @@ impl TokenCache {
     }
 
     /// Wait, up to `wait`, until no flight is in the air, so that what one redeemed is saved
-    /// (at shutdown, and before `tollgate token` exits). Returns whether none is.
+    /// (at shutdown, and before `tollgate token` exits); longer while a redemption is sent
+    /// and its answer may still come (up to `auth.answer_timeout`), and then for its save.
+    /// Returns whether none is.
     pub async fn settle(&self, wait: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + wait;
+        let started = Instant::now();
         loop {
             let mut progress = match &*self.flight() {
                 Flight::Idle => return true,
                 Flight::Busy(p) => p.clone(),
             };
+            let answer_by = *lock(&self.in_the_air);
+            let deadline = match answer_by {
+                Some(by) => (by + SAVE_AFTER_ANSWER).max(started + wait),
+                None => started + wait,
+            };
             // The task drops its sender when it ends, after making the flight idle.
             let ended = async { while progress.changed().await.is_ok() {} };
-            if tokio::time::timeout_at(deadline, ended).await.is_err() {
-                if let Some(reason) = lock(&self.unsaved).clone() {
-                    tracing::error!(upstream = %self.name, "{reason}; stopping now loses it: the next start redeems the refresh token before it, which an identity server that rotates refuses (then run `tollgate login {}`)", self.name);
-                }
-                return false;
+            // Looked at again every second: a redemption may be sent meanwhile.
+            let look_again = deadline.min(Instant::now() + Duration::from_secs(1));
+            if tokio::time::timeout_at(look_again.into(), ended)
+                .await
+                .is_ok()
+                || Instant::now() < deadline
+            {
+                continue;
             }
+            if answer_by.is_some() {
+                tracing::error!(upstream = %self.name, "stopping with a refresh sent and not answered: if the identity server processed it, the next refresh token is lost with its answer, and a server that rotates strictly then refuses the one in the store (run `tollgate login {}`)", self.name);
+            } else if let Some(reason) = lock(&self.unsaved).clone() {
+                tracing::error!(upstream = %self.name, "{reason}; stopping now loses it: the next start redeems the refresh token before it, which an identity server that rotates refuses (then run `tollgate login {}`)", self.name);
+            }
+            return false;
         }
     }
 }

@@ -1,13 +1,15 @@
 //! Fault injection on the token endpoint.
 //!
 //! Owns: the switches tests set ([`IdentitySim::fail_next`], [`IdentitySim::delay_next`],
-//! [`IdentitySim::answer_late`], [`IdentitySim::garbage_next`]), deciding under one lock
-//! which of them apply to a request, and the answers that replace one.
+//! [`IdentitySim::answer_late`], [`IdentitySim::hang_up_next`],
+//! [`IdentitySim::garbage_next`]), deciding under one lock which of them apply to a request,
+//! and the answers that replace one.
 //!
 //! Must not: process a request whose answer it replaces. Injected faults answer *instead of*
 //! processing the request, so a failed or garbled refresh never rotates the refresh token;
-//! only [`IdentitySim::answer_late`] processes it and then holds the answer back. Faults
-//! apply to the token endpoint only, never to the authorization endpoint.
+//! only [`IdentitySim::answer_late`] and a processed [`IdentitySim::hang_up_next`] process it
+//! and then hold the answer back or drop it. Faults apply to the token endpoint only, never
+//! to the authorization endpoint.
 
 use std::time::Duration;
 
@@ -27,12 +29,30 @@ pub(super) struct Faults {
     late_left: u32,
     late: Duration,
     garbage_left: u32,
+    hang_up_left: u32,
+    hang_up_processed: bool,
 }
 
 pub(super) enum Fault {
     Fail(u16),
     Garbage,
+    /// Close the connection without an answer, after processing the request or not.
+    HangUp {
+        processed: bool,
+    },
 }
+
+/// The connection was closed without an answer (see [`IdentitySim::hang_up_next`]).
+#[derive(Debug)]
+pub struct HangUp;
+
+impl std::fmt::Display for HangUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the simulated identity server hung up")
+    }
+}
+
+impl std::error::Error for HangUp {}
 
 impl IdentitySim {
     /// The next `n` token requests answer `status` (JSON `temporarily_unavailable` for 4xx,
@@ -59,6 +79,15 @@ impl IdentitySim {
         state.faults.late = delay;
     }
 
+    /// The next `n` token requests are read whole and answered by closing the connection;
+    /// when `processed`, they are processed first (a refresh token is rotated, a code used
+    /// up), so the client that sent one never learns what it was issued.
+    pub fn hang_up_next(&self, n: u32, processed: bool) {
+        let mut state = self.state();
+        state.faults.hang_up_left = n;
+        state.faults.hang_up_processed = processed;
+    }
+
     /// The next `n` token requests get 200 with an HTML body instead of JSON. A pending
     /// `fail_next` goes first.
     pub fn garbage_next(&self, n: u32) {
@@ -75,6 +104,10 @@ impl IdentitySim {
         let late = take_one(&mut faults.late_left).then_some(faults.late);
         let fault = if take_one(&mut faults.fail_left) {
             Some(Fault::Fail(faults.fail_status))
+        } else if take_one(&mut faults.hang_up_left) {
+            Some(Fault::HangUp {
+                processed: faults.hang_up_processed,
+            })
         } else if take_one(&mut faults.garbage_left) {
             Some(Fault::Garbage)
         } else {
@@ -96,6 +129,7 @@ fn take_one(left: &mut u32) -> bool {
 
 pub(super) fn fault_response(fault: Fault) -> Response<SimBody> {
     match fault {
+        Fault::HangUp { .. } => unreachable!("a hang-up has no response"),
         Fault::Garbage => Response::builder()
             .header(CONTENT_TYPE, "text/html")
             .body(full_body(

@@ -40,7 +40,6 @@ mod token;
 mod wire;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -55,7 +54,9 @@ use tokio::net::TcpListener;
 
 use super::{bind_loopback, SimBody, SimServer};
 use authorize::AuthCode;
-use faults::{fault_response, Faults};
+pub use faults::HangUp;
+use faults::{fault_response, Fault, Faults};
+use http_body_util::BodyExt;
 use wire::status_only;
 
 /// Which client authentication methods (RFC 6749 §2.3.1) the endpoint accepts.
@@ -228,7 +229,7 @@ impl IdentitySim {
         let sim = self.clone();
         let service = service_fn(move |request| {
             let sim = sim.clone();
-            async move { Ok::<_, Infallible>(sim.handle(request).await) }
+            async move { sim.handle(request).await }
         });
         let server = SimServer::start(listener, service).await;
         self.state().addr = Some(server.addr);
@@ -355,29 +356,43 @@ impl IdentitySim {
         self.state().addr = Some(addr);
     }
 
-    pub(crate) async fn handle(self, request: Request<Incoming>) -> Response<SimBody> {
+    /// Answer `request`; a [`HangUp`] closes its connection without an answer.
+    pub(crate) async fn handle(
+        self,
+        request: Request<Incoming>,
+    ) -> Result<Response<SimBody>, HangUp> {
         if request.uri().path() == self.inner.config.authorize_path {
-            return self.authorize(&request);
+            return Ok(self.authorize(&request));
         }
         if request.uri().path() != self.inner.config.token_path {
-            return status_only(StatusCode::NOT_FOUND);
+            return Ok(status_only(StatusCode::NOT_FOUND));
         }
         let (delay, fault, late) = self.take_faults();
         if let Some(delay) = delay {
             tokio::time::sleep(delay).await;
         }
-        if let Some(fault) = fault {
-            return fault_response(fault);
+        let hang_up = match fault {
+            Some(Fault::HangUp { processed }) => Some(processed),
+            Some(fault) => return Ok(fault_response(fault)),
+            None => None,
+        };
+        if hang_up == Some(false) {
+            // Read whole, never processed.
+            let _ = request.into_body().collect().await;
+            return Err(HangUp);
         }
         let response = match self.token_endpoint(request).await {
             Ok(response) => response,
             Err(error) if self.inner.config.all_errors_400 => error.into_400().into_response(),
             Err(error) => error.into_response(),
         };
+        if hang_up.is_some() {
+            return Err(HangUp);
+        }
         if let Some(late) = late {
             tokio::time::sleep(late).await;
         }
-        response
+        Ok(response)
     }
 }
 
