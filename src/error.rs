@@ -7,6 +7,7 @@
 
 use crate::inbound::Denied;
 use crate::quota::{self, QuotaError, Reason};
+use crate::store::StoreError;
 use crate::token::TokenError;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
@@ -127,6 +128,12 @@ impl ProxyError {
                 if let Some(window) = &refusal.window {
                     quota::add_headers(headers, window);
                 }
+            }
+            ProxyError::Quota(QuotaError::Store(StoreError::Recovering { left, .. })) => {
+                let seconds = left.as_secs_f64().ceil().max(1.0) as u64;
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
             }
             ProxyError::Quota(QuotaError::Store(_))
             | ProxyError::Token(TokenError::Store(_))

@@ -175,8 +175,10 @@ async fn a_login_on_redis_reaches_every_replica() {
     let store = format!("store = \"file:{}\"", h.state_dir().display());
     let text = format!(
         "{}\n[upstream.login]\nauthorize_url = \"{authorize}\"\nredirect_uri = \"{redirect}\"\n",
-        h.config_text
-            .replace(&store, &format!("store = \"{}\"", redis.url()))
+        h.config_text.replace(
+            &store,
+            &format!("store = \"{}\"\nheartbeat = \"200ms\"", redis.url()),
+        )
     );
     let config = Config::parse(&text, "t", |_| None).unwrap();
     let a = tollgate::Proxy::start(&config).await.unwrap();

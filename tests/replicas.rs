@@ -25,11 +25,19 @@ async fn on_redis(setup: Setup, redis: &RedisServer) -> (Harness, String) {
         .config_text
         .replace(
             &store,
-            &format!("store = \"{}\"\ntimeout = \"500ms\"", redis.url()),
+            &format!(
+                "store = \"{}\"\ntimeout = \"500ms\"\nheartbeat = \"200ms\"",
+                redis.url()
+            ),
         )
         .replace(&h.seed, &h.identity.issue_refresh_token());
     (h, text)
 }
+
+/// `[upstream.auth]` lines for a test where Redis loses its data: a refresh lock lives 11 s
+/// (`timeout` + 10 s), so no lock is granted for 11 s after the loss, and clients wait
+/// through that.
+const THROUGH_A_LOSS: &str = "timeout = \"1s\"\nrefresh_wait = \"20s\"";
 
 fn parse(text: &str) -> Config {
     Config::parse(text, "replicas.toml", |_| None).expect("test config is valid")
@@ -101,6 +109,7 @@ async fn three_replicas_share_one_lineage() {
 fn state(redis: &RedisServer) -> StateConfig {
     StateConfig {
         store: Secret::from(redis.url()),
+        heartbeat: Duration::from_millis(200),
         ..StateConfig::default()
     }
 }
@@ -111,6 +120,13 @@ fn store(redis: &RedisServer) -> RedisStore {
         panic!("a redis:// location")
     };
     RedisStore::open(&url, &state).unwrap()
+}
+
+/// Mark `redis` as a store replicas already use (its epoch written), as it is after the first
+/// start: a store without one makes its first users wait the recovery window (see
+/// `tests/store_faults.rs`).
+fn in_use(redis: &RedisServer) {
+    redis.command(&["SET", "tollgate:epoch", "1-in-use"]);
 }
 
 fn record(generation: u64, refresh: &str) -> TokenRecord {
@@ -131,6 +147,7 @@ fn record(generation: u64, refresh: &str) -> TokenRecord {
 #[tokio::test]
 async fn a_paused_replica_cannot_save_over_a_newer_lineage() {
     let redis = RedisServer::start();
+    in_use(&redis);
     let (paused, other) = (store(&redis), store(&redis));
     let hold = Duration::from_secs(30);
     let stale = paused
@@ -197,6 +214,7 @@ async fn a_paused_replica_cannot_save_over_a_newer_lineage() {
 #[tokio::test]
 async fn a_lock_left_over_by_this_process_is_taken_back() {
     let redis = RedisServer::start();
+    in_use(&redis);
     let (ours, theirs) = (store(&redis), store(&redis));
     let left = format!("{}:0123456789abcdef", ours.replica());
     redis.command(&["SET", "tollgate:api:lock", &left, "PX", "60000"]);
@@ -441,6 +459,7 @@ async fn redis_losing_its_data_loses_neither_the_lineage_nor_the_day() {
     let redis = RedisServer::start();
     let setup = Setup {
         quota: "per_day = 60".into(),
+        extra_auth: THROUGH_A_LOSS.into(),
         ..Setup::default()
     };
     let (h, text) = on_redis(setup, &redis).await;
@@ -474,9 +493,10 @@ async fn redis_losing_its_data_loses_neither_the_lineage_nor_the_day() {
 }
 
 /// Each replica shows itself on the store; each sees the others. A Redis that does not
-/// persist is named at start (tollgate cannot keep what Redis forgets).
+/// persist, or that evicts keys when full, is named at start (tollgate cannot keep what Redis
+/// forgets), with the line to set.
 #[tokio::test]
-async fn replicas_see_each_other_and_a_redis_without_persistence_is_named() {
+async fn replicas_see_each_other_and_a_redis_that_forgets_is_named() {
     let redis = RedisServer::start();
     let (a, b) = (store(&redis), store(&redis));
     a.heartbeat().await;
@@ -488,13 +508,23 @@ async fn replicas_see_each_other_and_a_redis_without_persistence_is_named() {
     assert_eq!((seen.problem, seen.errors), (None, 0));
 
     assert_eq!(
-        a.durability_warning().await,
-        None,
-        "the test Redis persists"
+        a.startup_warnings().await,
+        Vec::<String>::new(),
+        "the test Redis persists and never evicts"
     );
     redis.command(&["CONFIG", "SET", "appendonly", "no"]);
-    let warning = a.durability_warning().await.expect("named");
-    assert!(warning.contains("appendonly"), "{warning}");
+    let warnings = a.startup_warnings().await;
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("`appendonly yes`"), "{warnings:?}");
+    redis.command(&["CONFIG", "SET", "appendonly", "yes"]);
+    redis.command(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
+    let warnings = a.startup_warnings().await;
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("allkeys-lru")
+            && warnings[0].contains("`maxmemory-policy noeviction`"),
+        "{warnings:?}"
+    );
 }
 
 /// The generation of `proxy`'s token, from its admin listener.
@@ -601,6 +631,7 @@ async fn an_upstream_429_to_one_replica_holds_every_replica_back() {
 #[tokio::test]
 async fn a_held_lock_is_kept_alive() {
     let redis = RedisServer::start();
+    in_use(&redis);
     let (holder, other) = (store(&redis), store(&redis));
     let short = Duration::from_secs(1);
     let held = holder
@@ -628,7 +659,11 @@ async fn a_held_lock_is_kept_alive() {
 #[tokio::test]
 async fn after_a_data_loss_the_newest_record_wins_over_a_stale_replica() {
     let redis = RedisServer::start();
-    let (h, text) = on_redis(Setup::default(), &redis).await;
+    let setup = Setup {
+        extra_auth: THROUGH_A_LOSS.into(),
+        ..Setup::default()
+    };
+    let (h, text) = on_redis(setup, &redis).await;
     let config = parse(&text);
     let upstream = &config.upstreams[0];
     let cache = |s: RedisStore| Arc::new(TokenCache::new(upstream, Arc::new(s), None).unwrap());
@@ -671,7 +706,11 @@ fn store_of(text: &str) -> RedisStore {
 #[tokio::test]
 async fn a_login_after_a_data_loss_is_not_overwritten() {
     let redis = RedisServer::start();
-    let (h, text) = on_redis(Setup::default(), &redis).await;
+    let setup = Setup {
+        extra_auth: THROUGH_A_LOSS.into(),
+        ..Setup::default()
+    };
+    let (h, text) = on_redis(setup, &redis).await;
     let config = parse(&text);
     let upstream = &config.upstreams[0];
     let replica = Arc::new(TokenCache::new(upstream, Arc::new(store_of(&text)), None).unwrap());
@@ -693,7 +732,7 @@ async fn a_login_after_a_data_loss_is_not_overwritten() {
             .as_millis() as u64,
     };
     let held = login_store
-        .lock_refresh("api", Duration::from_secs(1), Duration::from_secs(30))
+        .lock_refresh("api", Duration::from_secs(20), Duration::from_secs(11))
         .await
         .unwrap();
     login_store.save_token("api", &login, &held).await.unwrap();
@@ -726,6 +765,7 @@ async fn a_login_after_a_data_loss_is_not_overwritten() {
 #[tokio::test]
 async fn a_count_given_back_is_not_taken_for_a_loss() {
     let redis = RedisServer::start();
+    in_use(&redis);
     let (a, b) = (store(&redis), store(&redis));
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -758,12 +798,22 @@ async fn a_count_given_back_is_not_taken_for_a_loss() {
         "released counts are reserved again"
     );
 
-    // A flush is a loss: the highest count seen comes back before anything is granted.
+    // A flush is a loss: nothing is granted while the replicas write back, and the highest
+    // count seen comes back before anything is granted again.
     redis.command(&["FLUSHALL"]);
-    let after = b
-        .reserve_quota("api", &day, 100, 10, seen(&again))
-        .await
-        .unwrap();
+    let refused = b.reserve_quota("api", &day, 100, 10, seen(&again)).await;
+    assert!(
+        matches!(refused, Err(StoreError::Recovering { .. })),
+        "{refused:?}"
+    );
+    let after = loop {
+        match b.reserve_quota("api", &day, 100, 10, seen(&again)).await {
+            Err(StoreError::Recovering { .. }) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => break other.unwrap(),
+        }
+    };
     assert_eq!(
         (after.granted, after.used),
         (10, 90),
@@ -775,6 +825,7 @@ async fn a_count_given_back_is_not_taken_for_a_loss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_holder_at_a_time_within_a_process() {
     let redis = RedisServer::start();
+    in_use(&redis);
     let shared = Arc::new(store(&redis));
     let holders = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();

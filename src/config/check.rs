@@ -231,6 +231,8 @@ fn describe_state(state: &StateConfig) -> String {
         let _ = writeln!(out, "state.prefix = {}", state.prefix);
         let timeout = humantime::format_duration(state.timeout);
         let _ = writeln!(out, "state.timeout = {timeout}");
+        let heartbeat = humantime::format_duration(state.heartbeat);
+        let _ = writeln!(out, "state.heartbeat = {heartbeat}");
         if let Some(ca) = &state.ca_file {
             let _ = writeln!(out, "state.ca_file = {}", ca.display());
         }

@@ -43,6 +43,10 @@ pub struct StateConfig {
     /// PEM certificates of the CA that signed the Redis server's certificate, for `rediss://`
     /// with a private CA: then only they are trusted.
     pub ca_file: Option<PathBuf>,
+    /// How often a replica shows itself on a shared store and looks whether the store lost
+    /// its data; the replicas write back what they know within two of these.
+    #[serde(default = "default_heartbeat", deserialize_with = "de_duration")]
+    pub heartbeat: Duration,
 }
 
 impl StateConfig {
@@ -59,6 +63,7 @@ impl Default for StateConfig {
             prefix: default_prefix(),
             timeout: default_store_timeout(),
             ca_file: None,
+            heartbeat: default_heartbeat(),
         }
     }
 }
@@ -337,6 +342,9 @@ fn default_prefix() -> String {
 }
 fn default_store_timeout() -> Duration {
     Duration::from_secs(1)
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(5)
 }
 fn default_retry_on() -> Vec<u16> {
     vec![401]

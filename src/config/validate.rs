@@ -6,6 +6,7 @@ use super::StoreLocation;
 use super::{AuthConfig, ClientAuth, Config, Grant, Problem, QuotaConfig, StateConfig};
 use super::{Budget, UpstreamConfig, MIN_KEY_LEN};
 use std::collections::HashSet;
+use std::time::Duration;
 
 /// Form fields that tollgate sets itself; `params` may not override them.
 const RESERVED_PARAMS: &[&str] = &[
@@ -98,6 +99,12 @@ fn check_state(state: &StateConfig, report: &mut impl FnMut(&str, String)) {
     }
     if state.timeout.is_zero() {
         report("state.timeout", "must be more than 0s".into());
+    }
+    if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&state.heartbeat) {
+        report(
+            "state.heartbeat",
+            "must be between 100ms and 60s, e.g. \"5s\"".into(),
+        );
     }
     match &state.ca_file {
         Some(_) if !redis.shown.starts_with("rediss://") => report(

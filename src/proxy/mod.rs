@@ -122,7 +122,7 @@ impl Proxy {
         let heartbeat = match store.health() {
             Some(health) => {
                 tracing::info!(store = %health.store, replica = %health.replica, "sharing the state store with other replicas");
-                if let Some(warning) = store.durability_warning().await {
+                for warning in store.startup_warnings().await {
                     tracing::warn!("{warning}");
                 }
                 Some(heartbeat_task(&store))
@@ -225,7 +225,7 @@ async fn give_back(upstream: &str, quota: &Quota) {
     }
 }
 
-/// Show this replica on the shared store every [`store::HEARTBEAT`] until stopped.
+/// Show this replica on the shared store every `[state] heartbeat` until stopped.
 fn heartbeat_task(store: &Arc<dyn StateStore>) -> Task {
     let (stop, mut stopped) = watch::channel(false);
     let store = Arc::clone(store);
@@ -234,7 +234,7 @@ fn heartbeat_task(store: &Arc<dyn StateStore>) -> Task {
             store.heartbeat().await;
             tokio::select! {
                 _ = server::stopped(&mut stopped) => return,
-                _ = tokio::time::sleep(store::HEARTBEAT) => {}
+                _ = tokio::time::sleep(store.heartbeat_every()) => {}
             }
         }
     });

@@ -186,6 +186,10 @@ pub enum StoreError {
     /// would wait for it in turn fail at once.
     #[error("{0} (a moment ago; asked again within a second)")]
     Recently(String),
+    /// A shared store lost its data a moment ago (flushed, restarted without persistence):
+    /// while the replicas write back what they know, `what` for `left` at most.
+    #[error("the state store lost its data a moment ago; while the replicas write back what they know, {what} (for {} at most)", humantime::format_duration(*.left))]
+    Recovering { what: &'static str, left: Duration },
     /// `state.store` names no store this version can open.
     #[error("state.store: {0}")]
     Location(String),
@@ -267,9 +271,20 @@ pub trait StateStore: Send + Sync {
         None
     }
 
-    /// Show this replica to the others, and notice a store that stopped answering while
-    /// nothing else asked it. The proxy calls it every [`HEARTBEAT`] while it runs.
+    /// Show this replica to the others, and notice a store that stopped answering, or lost
+    /// its data, while nothing else asked it. The proxy calls it every
+    /// [`StateStore::heartbeat_every`] while it runs.
     async fn heartbeat(&self) {}
+
+    /// How often [`StateStore::heartbeat`] is called (`[state] heartbeat`).
+    fn heartbeat_every(&self) -> Duration {
+        HEARTBEAT
+    }
+
+    /// A refresh lock of this process may live `hold` (`auth.timeout` and a margin): a shared
+    /// store that lost its data grants no lock for the longest of these, so that a holder it
+    /// cannot see (paused, cut off) is not overtaken.
+    fn lock_life(&self, _hold: Duration) {}
 
     /// Generations of `upstream`'s token record saved by any process, as they are announced
     /// (a shared store's pub/sub), so a replica switches to a newer token without waiting for
@@ -287,17 +302,16 @@ pub trait StateStore: Send + Sync {
         None
     }
 
-    /// Why the store may lose what tollgate writes to it (a Redis without persistence), asked
-    /// once at start.
-    async fn durability_warning(&self) -> Option<String> {
-        None
+    /// What breaks tollgate's promises on this store, asked once at start: a Redis that does
+    /// not answer (a refused password), that does not persist, or that evicts keys.
+    async fn startup_warnings(&self) -> Vec<String> {
+        Vec::new()
     }
 }
 
-/// How often a replica shows itself to the others on a shared store; one not seen for
-/// [`REPLICA_WINDOW`] is forgotten.
+/// How often a replica shows itself to the others on a shared store by default
+/// (`[state] heartbeat`); one not seen for six heartbeats is forgotten.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
-pub const REPLICA_WINDOW: Duration = Duration::from_secs(30);
 
 /// What `/readyz`, `/status` and `/metrics` say of a shared store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -306,7 +320,7 @@ pub struct StoreHealth {
     pub store: String,
     /// This replica's id.
     pub replica: String,
-    /// The replicas seen within [`REPLICA_WINDOW`], by id.
+    /// The replicas seen within the last six heartbeats, by id.
     pub replicas: Vec<String>,
     /// Why the last operation failed, while the store fails.
     pub problem: Option<String>,

@@ -16,26 +16,34 @@
 //!   `per_hour` (`per:1`, `per:60`, `per:3600`), expiring two windows (at least a minute)
 //!   after its last reservation.
 //!
+//! And for the whole store, under `{prefix}:`: `replicas` (the heartbeats), `epoch` (written
+//! once; a store without it lost its data) and, for a moment after a loss,
+//! `recovery:locks` and `recovery:counts` ([`recovery`]).
+//!
 //! Every write that decides something is a Lua script (`redis/*.lua`, loaded with EVALSHA):
 //! the lock is taken only when free, a record is saved only by a fence at least as new as the
 //! stored one and only forward in its lineage, and a day never grants past its limit. Every
-//! operation is bounded by `[state] timeout`; the connection reconnects by itself.
+//! operation is bounded by `[state] timeout`; a connection that failed in any way is replaced
+//! ([`link`]).
 //!
 //! Must not: print the URL whole (it may hold a password), or decide anything the token cache
 //! or the quota decides.
 
-use super::REPLICA_WINDOW;
+mod link;
 mod listener;
 mod lock;
+mod recovery;
 
 use super::TokenRecord;
 use super::{Period, RefreshLock, Reservation, Seen, StateStore, StoreError, StoreHealth, Used};
 use crate::config::{RedisUrl, StateConfig};
 use async_trait::async_trait;
+use link::Link;
 use listener::Listener;
 use lock::Releasing;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Script};
+use recovery::Recovery;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncCommands, ErrorKind, RedisError, Script};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,9 +54,16 @@ use tokio::sync::watch;
 /// A Redis server shared by several replicas.
 pub struct RedisStore {
     client: redis::Client,
-    conn: ConnectionManager,
+    link: Arc<Link>,
     prefix: String,
     timeout: Duration,
+    /// How often the proxy calls [`StateStore::heartbeat`] (`[state] heartbeat`).
+    heartbeat: Duration,
+    /// The longest life of a refresh lock this replica takes, in ms (see
+    /// [`StateStore::lock_life`]).
+    lock_life_ms: AtomicU64,
+    /// The store's epoch as this replica knows it, and what it would write back.
+    recovery: Recovery,
     /// The URL as messages show it.
     shown: String,
     /// This replica, as its locks name it.
@@ -85,6 +100,27 @@ struct Scripts {
     hold: Script,
     extend: Script,
     usage: Script,
+    epoch: Script,
+    restore: Script,
+}
+
+/// Wall-clock milliseconds, as the scripts compare them.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Why an operation failed, in words that say what to check.
+fn describe(e: &RedisError) -> String {
+    let code = e.code().unwrap_or_default();
+    if e.kind() == ErrorKind::AuthenticationFailed || matches!(code, "WRONGPASS" | "NOAUTH") {
+        return format!("Redis refused to authenticate this client ({e}); check the user and password in state.store, and `requirepass` (or the ACL user) on the server");
+    }
+    if e.kind() == ErrorKind::Parse {
+        return format!("the server does not answer as Redis does ({e}); check the host and port in state.store");
+    }
+    e.to_string()
 }
 
 impl RedisStore {
@@ -116,17 +152,14 @@ impl RedisStore {
             None => redis::Client::open(info),
         }
         .map_err(|e| fail(e.to_string()))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(state.timeout))
-            .set_response_timeout(Some(state.timeout))
-            .set_max_delay(Duration::from_secs(5));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| fail(e.to_string()))?;
         Ok(RedisStore {
+            link: Arc::new(Link::new(client.clone(), state.timeout)),
             client,
-            conn,
             prefix: state.prefix.clone(),
             timeout: state.timeout,
+            heartbeat: state.heartbeat,
+            lock_life_ms: AtomicU64::new(0),
+            recovery: Recovery::default(),
             shown: url.shown.clone(),
             id: format!("{:016x}", rand::random::<u64>()),
             scripts: Scripts {
@@ -138,6 +171,8 @@ impl RedisStore {
                 hold: Script::new(include_str!("redis/hold.lua")),
                 extend: Script::new(include_str!("redis/extend.lua")),
                 usage: Script::new(include_str!("redis/usage.lua")),
+                epoch: Script::new(include_str!("redis/epoch.lua")),
+                restore: Script::new(include_str!("redis/restore.lua")),
             },
             releasing: Arc::default(),
             errors: AtomicU64::new(0),
@@ -158,26 +193,77 @@ impl RedisStore {
         format!("{}:{upstream}:{what}", self.prefix)
     }
 
-    /// Run one operation, bounded by `[state] timeout`; remember whether the store answers.
-    async fn run<T>(
+    /// A key of the whole store (not of one upstream).
+    fn store_key(&self, what: &str) -> String {
+        format!("{}:{what}", self.prefix)
+    }
+
+    /// How long a replica not seen is still counted among the replicas: six heartbeats.
+    fn replica_window(&self) -> Duration {
+        6 * self.heartbeat
+    }
+
+    /// The longest life of a refresh lock this replica takes: after a loss, no lock is granted
+    /// for that long.
+    fn lock_life(&self) -> Duration {
+        Duration::from_millis(self.lock_life_ms.load(Ordering::Relaxed))
+    }
+
+    /// Run one operation on the connection (made first if needed), bounded by `[state]
+    /// timeout` in all; remember whether the store answers. A connection that failed is
+    /// replaced.
+    async fn run<T, F>(
         &self,
-        operation: impl Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, StoreError> {
-        let failed = match tokio::time::timeout(self.timeout, operation).await {
-            Ok(Ok(value)) => {
+        operation: impl FnOnce(MultiplexedConnection) -> F,
+    ) -> Result<T, StoreError>
+    where
+        F: Future<Output = redis::RedisResult<T>>,
+    {
+        match self.try_run(operation).await {
+            Ok(value) => {
                 *self.problem.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                return Ok(value);
+                Ok(value)
             }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!(
+            Err(failed) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                let error = self.unreachable(failed);
+                *self.problem.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
+                Err(error)
+            }
+        }
+    }
+
+    /// [`RedisStore::run`] without the bookkeeping: why it failed, in words.
+    async fn try_run<T, F>(
+        &self,
+        operation: impl FnOnce(MultiplexedConnection) -> F,
+    ) -> Result<T, String>
+    where
+        F: Future<Output = redis::RedisResult<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let late = || {
+            format!(
                 "no answer within {} ([state] timeout)",
                 humantime::format_duration(self.timeout)
-            ),
+            )
         };
-        self.errors.fetch_add(1, Ordering::Relaxed);
-        let error = self.unreachable(failed);
-        *self.problem.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
-        Err(error)
+        let (id, conn) = match tokio::time::timeout_at(deadline, self.link.get()).await {
+            Ok(Ok(up)) => up,
+            Ok(Err(e)) => return Err(describe(&e)),
+            Err(_) => return Err(late()),
+        };
+        match tokio::time::timeout_at(deadline, operation(conn)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                self.link.failed(id, Some(&e));
+                Err(describe(&e))
+            }
+            Err(_) => {
+                self.link.failed(id, None);
+                Err(late())
+            }
+        }
     }
 
     fn unreachable(&self, reason: String) -> StoreError {
@@ -210,46 +296,60 @@ impl RedisStore {
         Some(sender.subscribe())
     }
 
-    /// One operation of `days.lua` on `upstream`'s day counts.
+    /// The hash that counts `upstream`'s windows as long as `period`: windows of different
+    /// lengths never share a count.
+    fn counts_key(&self, upstream: &str, period: &Period) -> String {
+        match (period.end_ms - period.start_ms) / 1000 {
+            86_400 => self.key(upstream, "days"),
+            length_s => self.key(upstream, &format!("per:{length_s}")),
+        }
+    }
+
+    /// One operation of `days.lua` on the counts hash `counts`; `epoch` is what a reservation
+    /// names (see [`recovery`]).
     async fn days<T: redis::FromRedisValue>(
         &self,
-        upstream: &str,
+        counts: &str,
         operation: &str,
         period: &Period,
         args: &[u64],
+        epoch: &str,
     ) -> Result<T, StoreError> {
-        // Windows of different lengths never share a count.
-        let length_s = (period.end_ms - period.start_ms) / 1000;
-        let counts = match length_s {
-            86_400 => self.key(upstream, "days"),
-            _ => self.key(upstream, &format!("per:{length_s}")),
-        };
         let mut invocation = self.scripts.days.key(counts);
         invocation
+            .key(self.store_key("epoch"))
+            .key(self.store_key("recovery:counts"))
             .arg(operation)
             .arg(period.start_ms)
             .arg(period.end_ms);
         for a in args {
             invocation.arg(*a);
         }
-        let mut conn = self.conn.clone();
-        self.run(invocation.invoke_async(&mut conn)).await
+        invocation.arg(epoch);
+        self.run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await
     }
 }
 
 #[async_trait]
 impl StateStore for RedisStore {
     async fn load_token(&self, upstream: &str) -> Result<Option<TokenRecord>, StoreError> {
-        let mut conn = self.conn.clone();
         let key = self.key(upstream, "token");
-        let json: Option<String> = self.run(conn.hget(&key, "record")).await?;
-        json.map(|json| {
-            serde_json::from_str(&json).map_err(|e| StoreError::Corrupt {
-                path: format!("{} key {key}", self.shown),
-                reason: e.to_string(),
+        let json: Option<String> = self
+            .run(|mut c| async move { c.hget(&key, "record").await })
+            .await?;
+        let record: Option<TokenRecord> = json
+            .map(|json| {
+                serde_json::from_str(&json).map_err(|e| StoreError::Corrupt {
+                    path: format!("{} key {}", self.shown, self.key(upstream, "token")),
+                    reason: e.to_string(),
+                })
             })
-        })
-        .transpose()
+            .transpose()?;
+        if let Some(record) = &record {
+            self.recovery.saw_record(upstream, record);
+        }
+        Ok(record)
     }
 
     async fn save_token(
@@ -267,10 +367,14 @@ impl StateStore for RedisStore {
             .arg(json)
             .arg(self.key(upstream, "generation"))
             .arg(record.login_at_ms);
-        let mut conn = self.conn.clone();
-        let outcome: String = self.run(invocation.invoke_async(&mut conn)).await?;
+        let outcome: String = self
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
         match outcome.as_str() {
-            "ok" => Ok(()),
+            "ok" => {
+                self.recovery.saw_record(upstream, record);
+                Ok(())
+            }
             _ => Err(StoreError::Superseded {
                 upstream: upstream.to_owned(),
             }),
@@ -294,19 +398,42 @@ impl StateStore for RedisStore {
         want: u64,
         seen: Seen,
     ) -> Result<Reservation, StoreError> {
-        let (granted, used, version): (u64, u64, u64) = self
-            .days(
-                upstream,
-                "reserve",
-                period,
-                &[limit, want, seen.count, seen.version],
-            )
-            .await?;
-        Ok(Reservation {
-            granted,
-            used,
-            version,
-        })
+        let counts = self.counts_key(upstream, period);
+        let args = [limit, want, seen.count, seen.version];
+        let mut looked = false;
+        loop {
+            let epoch = self.recovery.epoch();
+            let (granted, used, version): (i64, i64, i64) =
+                self.days(&counts, "reserve", period, &args, &epoch).await?;
+            match granted {
+                // Not the epoch this replica knows: look at it (a loss is written back), then
+                // ask again, once.
+                -1 if !looked => {
+                    looked = true;
+                    self.check_epoch().await?;
+                }
+                -1 => {
+                    return Err(self.unreachable(
+                        "the store's epoch changed again at once; asking again shortly".into(),
+                    ))
+                }
+                -2 => {
+                    return Err(StoreError::Recovering {
+                        what: "no count is reserved",
+                        left: Duration::from_millis(used.max(0) as u64),
+                    })
+                }
+                _ => {
+                    let (granted, used, version) = (granted as u64, used as u64, version as u64);
+                    self.recovery.saw_count(&counts, period, used, version);
+                    return Ok(Reservation {
+                        granted,
+                        used,
+                        version,
+                    });
+                }
+            }
+        }
     }
 
     async fn release_quota(
@@ -315,7 +442,8 @@ impl StateStore for RedisStore {
         period: &Period,
         count: u64,
     ) -> Result<(), StoreError> {
-        let _: u64 = self.days(upstream, "release", period, &[count]).await?;
+        let counts = self.counts_key(upstream, period);
+        let _: u64 = self.days(&counts, "release", period, &[count], "").await?;
         Ok(())
     }
 
@@ -331,9 +459,9 @@ impl StateStore for RedisStore {
         for used in added {
             invocation.arg(used.field()).arg(used.count);
         }
-        let mut conn = self.conn.clone();
-        let fields: std::collections::BTreeMap<String, u64> =
-            self.run(invocation.invoke_async(&mut conn)).await?;
+        let fields: std::collections::BTreeMap<String, u64> = self
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
         Ok(fields
             .iter()
             .filter_map(|(f, n)| Used::parse(f, *n))
@@ -341,7 +469,8 @@ impl StateStore for RedisStore {
     }
 
     async fn quota_used(&self, upstream: &str, period: &Period) -> Result<u64, StoreError> {
-        self.days(upstream, "used", period, &[]).await
+        let counts = self.counts_key(upstream, period);
+        self.days(&counts, "used", period, &[], "").await
     }
 
     fn is_shared(&self) -> bool {
@@ -367,24 +496,30 @@ impl StateStore for RedisStore {
     }
 
     async fn heartbeat(&self) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let mut invocation = self
-            .scripts
-            .heartbeat
-            .key(format!("{}:replicas", self.prefix));
+        // Whether the store lost its data while nothing else asked it.
+        if self.check_epoch().await.is_err() {
+            return;
+        }
+        let mut invocation = self.scripts.heartbeat.key(self.store_key("replicas"));
         invocation
             .arg(&self.id)
-            .arg(now)
-            .arg(REPLICA_WINDOW.as_millis() as u64);
-        let mut conn = self.conn.clone();
-        if let Ok(seen) = self
-            .run(invocation.invoke_async::<Vec<String>>(&mut conn))
-            .await
-        {
+            .arg(unix_ms())
+            .arg(self.replica_window().as_millis() as u64);
+        let seen = self
+            .run(|mut c| async move { invocation.invoke_async::<Vec<String>>(&mut c).await })
+            .await;
+        if let Ok(seen) = seen {
             *self.replicas.lock().unwrap_or_else(|p| p.into_inner()) = seen;
         }
+    }
+
+    fn heartbeat_every(&self) -> Duration {
+        self.heartbeat
+    }
+
+    fn lock_life(&self, hold: Duration) {
+        self.lock_life_ms
+            .fetch_max(hold.as_millis() as u64, Ordering::Relaxed);
     }
 
     fn announcements(&self, upstream: &str) -> Option<watch::Receiver<u64>> {
@@ -392,16 +527,15 @@ impl StateStore for RedisStore {
     }
 
     async fn share_hold(&self, upstream: &str, until_ms: u64) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
         let mut invocation = self.scripts.hold.key(self.key(upstream, "hold"));
         invocation
             .arg(until_ms)
-            .arg(now)
+            .arg(unix_ms())
             .arg(self.key(upstream, "hold"));
-        let mut conn = self.conn.clone();
-        if let Err(e) = self.run(invocation.invoke_async::<u64>(&mut conn)).await {
+        let shared = self
+            .run(|mut c| async move { invocation.invoke_async::<u64>(&mut c).await })
+            .await;
+        if let Err(e) = shared {
             tracing::warn!(%upstream, error = %e, "could not share the hold after a 429 with the other replicas");
         }
     }
@@ -410,20 +544,48 @@ impl StateStore for RedisStore {
         self.listen(self.key(upstream, "hold"))
     }
 
-    async fn durability_warning(&self) -> Option<String> {
-        let mut conn = self.conn.clone();
-        let mut query = redis::cmd("CONFIG");
-        query.arg("GET").arg("appendonly");
+    async fn startup_warnings(&self) -> Vec<String> {
+        let ping = self
+            .try_run(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
+            .await;
+        if let Err(reason) = ping {
+            return vec![format!(
+                "the state store {} does not answer: {reason}; requests that need it get 503 until it does",
+                self.shown
+            )];
+        }
         // Managed Redis services often refuse CONFIG: then nothing can be said, and nothing
         // failed (it is not counted as an error of the store).
-        let answer = tokio::time::timeout(self.timeout, query.query_async(&mut conn));
-        let answer: Vec<String> = answer.await.ok()?.ok()?;
-        (answer.get(1).map(String::as_str) == Some("no")).then(|| {
-            format!(
-                "the state store {} runs without appendonly: a restart of Redis loses what tollgate wrote since its last snapshot; the replicas then write back the newest token record and day count they know, but set `appendonly yes` (see the README, \"Several replicas\")",
+        let answer = self
+            .try_run(|mut c| async move {
+                redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg("appendonly")
+                    .arg("maxmemory-policy")
+                    .query_async::<HashMap<String, String>>(&mut c)
+                    .await
+            })
+            .await;
+        let Ok(settings) = answer else {
+            return Vec::new();
+        };
+        let mut warnings = Vec::new();
+        if settings.get("appendonly").map(String::as_str) == Some("no") {
+            warnings.push(format!(
+                "the state store {} runs without appendonly: a restart of Redis loses what tollgate wrote since its last snapshot; the replicas then write back the newest token record and counts they know, but set `appendonly yes` (see the README, \"Several replicas\")",
                 self.shown
-            )
-        })
+            ));
+        }
+        if let Some(policy) = settings
+            .get("maxmemory-policy")
+            .filter(|p| p.as_str() != "noeviction")
+        {
+            warnings.push(format!(
+                "the state store {} evicts keys when it is full (maxmemory-policy {policy}): a refresh lock or a count can vanish at any moment, and then a refresh token is redeemed twice or the day counted again; set `maxmemory-policy noeviction` (see the README, \"Several replicas\")",
+                self.shown
+            ));
+        }
+        warnings
     }
 
     async fn flush(&self) {

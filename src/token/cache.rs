@@ -152,6 +152,7 @@ impl TokenCache {
     ) -> Result<Self, String> {
         let auth = &upstream.auth;
         let endpoint = TokenEndpoint::new(upstream, extra_roots)?;
+        store.lock_life(auth.timeout + super::LOCK_MARGIN);
         // Only a refresh_token grant redeems the config's seed; the others log in with their
         // own credentials, which also name their lineage.
         let seed = match auth.grant {

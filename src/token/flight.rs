@@ -91,6 +91,11 @@ impl Attempt {
                 reason: e.to_string(),
                 hint: None,
             },
+            // The store is writing back what it lost: the lock comes back by itself.
+            StoreError::Recovering { .. } => Attempt::Pause {
+                reason: e.to_string(),
+                pause: Duration::from_millis(200),
+            },
             other => Attempt::Final(TokenError::Store(other.to_string())),
         }
     }

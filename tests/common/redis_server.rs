@@ -29,7 +29,16 @@ impl RedisServer {
         RedisServer::start_with(true)
     }
 
+    /// Like [`RedisServer::start`], on `port` (one a test held for something else first).
+    pub fn start_at(port: u16) -> RedisServer {
+        RedisServer::start_on(port, false)
+    }
+
     fn start_with(tls: bool) -> RedisServer {
+        RedisServer::start_on(super::free_port(), tls)
+    }
+
+    fn start_on(port: u16, tls: bool) -> RedisServer {
         let found = Command::new("redis-server")
             .arg("--version")
             .stdout(Stdio::null())
@@ -40,7 +49,7 @@ impl RedisServer {
         );
         let mut server = RedisServer {
             child: None,
-            port: super::free_port(),
+            port,
             dir: tempfile::tempdir().unwrap(),
             tls_ca: None,
         };
@@ -133,6 +142,25 @@ impl RedisServer {
     pub fn restart(&mut self) {
         self.stop();
         self.run();
+    }
+
+    /// Start it again on the same port with nothing: a restart without persistence.
+    pub fn restart_empty(&mut self) {
+        self.stop();
+        let dir = self.dir.path();
+        let _ = std::fs::remove_dir_all(dir.join("appendonlydir"));
+        let _ = std::fs::remove_file(dir.join("appendonly.aof"));
+        let _ = std::fs::remove_file(dir.join("dump.rdb"));
+        self.run();
+    }
+
+    /// `rediss://` with a password other than the server's (TLS only).
+    pub fn url_with_wrong_password(&self) -> String {
+        assert!(
+            self.tls_ca.is_some(),
+            "only a TLS server asks for a password"
+        );
+        format!("rediss://:not-the-password@localhost:{}/0", self.port)
     }
 
     /// Run one command, e.g. `["FLUSHALL"]`, and return its answer.

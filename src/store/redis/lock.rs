@@ -1,11 +1,11 @@
 //! The refresh lock on Redis: taken with a fence (`lock.lua`), kept alive while it is held
-//! (`extend.lua`), let go by its holder only (`unlock.lua`), and taken back at once when this
-//! process left it set although none of its flights holds it (an answer lost as Redis
-//! restarted, a release that failed).
+//! and set again when the store lost it (`extend.lua`), let go by its holder only
+//! (`unlock.lua`), and taken back at once when this process left it set although none of its
+//! flights holds it (an answer lost as Redis restarted, a release that failed).
 
+use super::link::Link;
 use super::{lock_map, RedisStore};
 use crate::store::{RefreshLock, StoreError};
-use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use std::collections::HashSet;
 use std::future::Future;
@@ -16,6 +16,8 @@ use tokio::sync::{watch, Notify};
 
 /// How often a waiter asks again for a lock another replica holds.
 const LOCK_POLL: Duration = Duration::from_millis(50);
+/// How often a held lock is kept alive at least: a lock the store lost is set again within it.
+const KEEP_ALIVE_MAX: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 pub(super) struct Releasing {
@@ -56,7 +58,7 @@ impl Drop for Attempting<'_> {
 /// has it. The release runs in a task of its own; if it fails, the lock stays set until it
 /// expires, or until this process's next attempt takes it back (it holds it no more).
 struct Held {
-    conn: ConnectionManager,
+    link: Arc<Link>,
     unlock: Script,
     key: String,
     value: String,
@@ -73,7 +75,7 @@ impl Drop for Held {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let mut conn = self.conn.clone();
+        let link = Arc::clone(&self.link);
         let (unlock, key, value) = (
             self.unlock.clone(),
             std::mem::take(&mut self.key),
@@ -84,12 +86,22 @@ impl Drop for Held {
         runtime.spawn(async move {
             let mut invocation = unlock.key(&key);
             invocation.arg(&value);
-            let release = invocation.invoke_async::<i64>(&mut conn);
-            let _ = tokio::time::timeout(timeout, release).await;
+            let release = |mut c| async move { invocation.invoke_async::<i64>(&mut c).await };
+            let _ = link.run_detached(timeout, release).await;
             releasing.running.fetch_sub(1, Ordering::AcqRel);
             releasing.done.notify_waiters();
         });
     }
+}
+
+/// What `lock.lua` answered.
+enum Taken {
+    Fence(u64),
+    Held,
+    /// The store's epoch is not the one this replica knows.
+    Epoch,
+    /// The store lost its data a moment ago: no lock for a while.
+    Recovering,
 }
 
 impl RedisStore {
@@ -105,6 +117,7 @@ impl RedisStore {
         let started = Instant::now();
         let hold_ms = hold.as_millis().clamp(1, u128::from(u32::MAX)) as u64;
         let mut left_over = String::new();
+        let mut looked = false;
         loop {
             let taken_at = Instant::now();
             let value = format!("{}:{:016x}", self.id, rand::random::<u64>());
@@ -115,33 +128,65 @@ impl RedisStore {
             invocation
                 .key(self.key(upstream, "fence"))
                 .key(self.key(upstream, "token"))
+                .key(self.store_key("epoch"))
+                .key(self.store_key("recovery:locks"))
                 .arg(&value)
                 .arg(hold_ms)
-                .arg(&left_over);
-            let mut conn = self.conn.clone();
-            let fence: u64 = self.run(invocation.invoke_async(&mut conn)).await?;
-            if fence > 0 {
-                attempt.keep();
-                let (alive, ended) = watch::channel(());
-                tokio::spawn(self.keep_alive(key.clone(), value.clone(), hold_ms, ended));
-                let held = Held {
-                    conn: self.conn.clone(),
-                    unlock: self.scripts.unlock.clone(),
-                    key,
-                    value,
-                    timeout: self.timeout,
-                    releasing: Arc::clone(&self.releasing),
-                    live: Arc::clone(&self.live),
-                    _alive: alive,
-                };
-                // Counted from before the request: the lock cannot have been set earlier.
-                let expires = taken_at + Duration::from_millis(hold_ms);
-                return Ok(RefreshLock::new(fence, Some(expires), Box::new(held)));
+                .arg(&left_over)
+                .arg(self.recovery.epoch());
+            let answer: i64 = self
+                .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+                .await?;
+            let taken = match answer {
+                -1 => Taken::Epoch,
+                -2 => Taken::Recovering,
+                0 => Taken::Held,
+                fence => Taken::Fence(fence as u64),
+            };
+            match taken {
+                Taken::Fence(fence) => {
+                    attempt.keep();
+                    let (alive, ended) = watch::channel(());
+                    tokio::spawn(self.keep_alive(&key, &value, upstream, fence, hold_ms, ended));
+                    let held = Held {
+                        link: Arc::clone(&self.link),
+                        unlock: self.scripts.unlock.clone(),
+                        key,
+                        value,
+                        timeout: self.timeout,
+                        releasing: Arc::clone(&self.releasing),
+                        live: Arc::clone(&self.live),
+                        _alive: alive,
+                    };
+                    // Counted from before the request: the lock cannot have been set earlier.
+                    let expires = taken_at + Duration::from_millis(hold_ms);
+                    return Ok(RefreshLock::new(fence, Some(expires), Box::new(held)));
+                }
+                Taken::Epoch if !looked => {
+                    // The store may have lost its data: look (and write back), then ask again.
+                    drop(attempt);
+                    looked = true;
+                    self.check_epoch().await?;
+                    continue;
+                }
+                Taken::Epoch | Taken::Recovering => {
+                    if started.elapsed() >= wait {
+                        return Err(StoreError::Recovering {
+                            what: "no refresh lock is granted",
+                            left: self.lock_life(),
+                        });
+                    }
+                    looked = false;
+                    drop(attempt);
+                    tokio::time::sleep(LOCK_POLL).await;
+                    continue;
+                }
+                Taken::Held => {}
             }
             drop(attempt);
             // Held: by another process, or left over by this one.
-            let mut conn = self.conn.clone();
-            let holder: Option<String> = self.run(conn.get(&key)).await?;
+            let get = self.key(upstream, "lock");
+            let holder: Option<String> = self.run(|mut c| async move { c.get(&get).await }).await?;
             if let Some(holder) = holder {
                 let ours = holder.starts_with(&format!("{}:", self.id));
                 if ours && holder != left_over && !lock_map(&self.live).contains(&holder) {
@@ -160,30 +205,58 @@ impl RedisStore {
         }
     }
 
-    /// Keep the lock `key` (set to `value`) alive, a third of its life at a time, while it is
-    /// held — a slow token request, a save the store refuses for a while — until `ended`
-    /// closes, or the lock turns out lost.
+    /// Keep the lock `key` (set to `value`, under `fence`) alive while it is held — a token
+    /// request whose answer is awaited, a save the store keeps refusing — until `ended`
+    /// closes, or the lock turns out taken by another. A lock the store lost (flushed,
+    /// restarted empty) is set again at the next beat, or at once when this replica notices
+    /// the loss.
     fn keep_alive(
         &self,
-        key: String,
-        value: String,
+        key: &str,
+        value: &str,
+        upstream: &str,
+        fence: u64,
         hold_ms: u64,
         mut ended: watch::Receiver<()>,
     ) -> impl Future<Output = ()> + Send + 'static {
-        let (mut conn, extend, timeout) =
-            (self.conn.clone(), self.scripts.extend.clone(), self.timeout);
+        let (link, extend, timeout) = (
+            Arc::clone(&self.link),
+            self.scripts.extend.clone(),
+            self.timeout,
+        );
+        let (key, value, fence_key) = (
+            key.to_owned(),
+            value.to_owned(),
+            self.key(upstream, "fence"),
+        );
+        let upstream = upstream.to_owned();
+        let mut losses = self.recovery.losses();
         async move {
-            let every = Duration::from_millis(hold_ms / 3).max(Duration::from_millis(100));
+            let every = Duration::from_millis(hold_ms / 3)
+                .clamp(Duration::from_millis(100), KEEP_ALIVE_MAX);
             loop {
                 tokio::select! {
                     _ = ended.changed() => return,
                     _ = tokio::time::sleep(every) => {}
+                    _ = losses.changed() => {}
                 }
                 let mut invocation = extend.key(&key);
-                invocation.arg(&value).arg(hold_ms);
-                let extended = invocation.invoke_async::<i64>(&mut conn);
-                if let Ok(Ok(0)) = tokio::time::timeout(timeout, extended).await {
-                    return;
+                invocation
+                    .key(&fence_key)
+                    .arg(&value)
+                    .arg(hold_ms)
+                    .arg(fence);
+                let extended = link
+                    .run_detached(timeout, |mut c| async move {
+                        invocation.invoke_async::<i64>(&mut c).await
+                    })
+                    .await;
+                match extended {
+                    Some(0) => return,
+                    Some(2) => {
+                        tracing::warn!(%upstream, "the state store had lost the refresh lock this replica holds; set it again")
+                    }
+                    _ => {}
                 }
             }
         }

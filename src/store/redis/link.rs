@@ -1,0 +1,144 @@
+//! The one connection a replica keeps to Redis (multiplexed: every operation shares it), and
+//! how it is replaced.
+//!
+//! A connection that failed in any way is dropped, and the next operation makes a new one:
+//! after an I/O error, and also after a timeout, an answer that could not be parsed, an error
+//! reply, or a handshake that failed (a wrong password, a server that is not Redis). A store
+//! address that answered garbage for a while is therefore used again as soon as Redis answers
+//! there. A failed connect is not tried again for [`RETRY_AFTER`]: the operations meanwhile
+//! fail at once with its reason, rather than each waiting its own timeout.
+//!
+//! Must not: retry an operation (the caller decides), or hide why a connect failed.
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, ErrorKind, RedisError};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How long a failed connect answers for itself before the next attempt.
+const RETRY_AFTER: Duration = Duration::from_millis(250);
+
+pub(super) struct Link {
+    client: redis::Client,
+    config: AsyncConnectionConfig,
+    state: Mutex<State>,
+    /// One connect at a time; the others wait for its outcome.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+enum State {
+    Up {
+        id: u64,
+        conn: MultiplexedConnection,
+    },
+    Down {
+        at: Instant,
+        error: RedisError,
+    },
+    Unused,
+}
+
+impl Link {
+    pub(super) fn new(client: redis::Client, timeout: Duration) -> Link {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout));
+        Link {
+            client,
+            config,
+            state: Mutex::new(State::Unused),
+            connecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn up(&self) -> Option<(u64, MultiplexedConnection)> {
+        match &*self.state() {
+            State::Up { id, conn } => Some((*id, conn.clone())),
+            _ => None,
+        }
+    }
+
+    /// The connection, made now if there is none; its id is what [`Link::failed`] takes.
+    pub(super) async fn get(&self) -> Result<(u64, MultiplexedConnection), RedisError> {
+        if let Some(up) = self.up() {
+            return Ok(up);
+        }
+        let _one = self.connecting.lock().await;
+        if let Some(up) = self.up() {
+            return Ok(up);
+        }
+        if let State::Down { at, error } = &*self.state() {
+            if at.elapsed() < RETRY_AFTER {
+                return Err(error.clone());
+            }
+        }
+        let made = self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await;
+        let mut state = self.state();
+        match made {
+            Ok(conn) => {
+                let id = rand::random();
+                *state = State::Up {
+                    id,
+                    conn: conn.clone(),
+                };
+                Ok((id, conn))
+            }
+            Err(error) => {
+                *state = State::Down {
+                    at: Instant::now(),
+                    error: error.clone(),
+                };
+                Err(error)
+            }
+        }
+    }
+
+    /// Run `operation` within `timeout` for a task of its own (a lock's release or keep-alive),
+    /// replacing a connection that failed; `None` when it did not succeed.
+    pub(super) async fn run_detached<T, F>(
+        &self,
+        timeout: Duration,
+        operation: impl FnOnce(MultiplexedConnection) -> F,
+    ) -> Option<T>
+    where
+        F: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (id, conn) = tokio::time::timeout_at(deadline, self.get())
+            .await
+            .ok()?
+            .ok()?;
+        match tokio::time::timeout_at(deadline, operation(conn)).await {
+            Ok(Ok(value)) => Some(value),
+            Ok(Err(e)) => {
+                self.failed(id, Some(&e));
+                None
+            }
+            Err(_) => {
+                self.failed(id, None);
+                None
+            }
+        }
+    }
+
+    /// An operation on connection `id` failed, or did not answer in time: unless it is one
+    /// only that operation's doing, the connection is dropped (when it is still the one in
+    /// use) and the next operation makes a new one.
+    pub(super) fn failed(&self, id: u64, error: Option<&RedisError>) {
+        // A reply of a type the caller did not expect says nothing of the connection.
+        if error.is_some_and(|e| e.kind() == ErrorKind::UnexpectedReturnType) {
+            return;
+        }
+        let mut state = self.state();
+        if matches!(&*state, State::Up { id: current, .. } if *current == id) {
+            *state = State::Unused;
+        }
+    }
+}

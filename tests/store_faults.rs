@@ -1,0 +1,366 @@
+//! The faults a token lineage and a day must survive on a shared store, against a strictly
+//! rotating identity server (a reused refresh token revokes the grant) and a real
+//! `redis-server`: an identity server that answers late, a lock holder paused within its
+//! lock's life, Redis losing its data during a refresh or while the replica that knows the day
+//! is idle, a store address that answered garbage for a while, a refused password.
+
+mod common;
+
+use common::redis_server::RedisServer;
+use common::{until, Answer, Harness, Setup};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tollgate::config::Config;
+use tollgate::store::{RedisStore, StateStore};
+use tollgate::Proxy;
+
+fn parse(text: &str) -> Config {
+    Config::parse(text, "faults.toml", |_| None).expect("test config is valid")
+}
+
+/// The harness's simulators with the config moved to `redis` (heartbeats every 200 ms) and a
+/// seed of its own; the harness's own proxy, on a file store, is stopped first.
+async fn on_redis(setup: Setup, redis: &RedisServer) -> (Harness, String) {
+    let mut h = Harness::start(setup).await;
+    h.stop_proxy().await;
+    let store = format!("store = \"file:{}\"", h.state_dir().display());
+    let text = h
+        .config_text
+        .replace(
+            &store,
+            &format!(
+                "store = \"{}\"\ntimeout = \"500ms\"\nheartbeat = \"200ms\"",
+                redis.url()
+            ),
+        )
+        .replace(&h.seed, &h.identity.issue_refresh_token());
+    (h, text)
+}
+
+async fn replicas(text: &str, n: usize) -> Vec<Proxy> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(Proxy::start(&parse(text)).await.expect("replica starts"));
+    }
+    out
+}
+
+fn url(proxy: &Proxy, path: &str) -> String {
+    format!("http://{}{path}", proxy.addr("api").unwrap())
+}
+
+/// GET `path` on `proxy` in a task of its own.
+fn get_later(proxy: &Proxy, path: &str) -> tokio::task::JoinHandle<Answer> {
+    tokio::spawn(common::get(url(proxy, path)))
+}
+
+/// A refresh lock lives 11 s (`auth.timeout` 1 s + 10 s): after a loss none is granted for
+/// that long, and clients wait through it.
+const LOCK_11S: &str = "timeout = \"1s\"\nrefresh_wait = \"20s\"";
+
+/// The identity server answers a refresh 3 s late, past `auth.timeout` (1 s), on two
+/// replicas whose tokens both expired: one redeems and waits for the answer, keeping the lock;
+/// the other waits for the lock and adopts. One redemption, no reuse, both served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_answer_on_replicas_is_redeemed_once() {
+    let redis = RedisServer::start();
+    let setup = Setup {
+        extra_auth: LOCK_11S.into(),
+        ..Setup::default()
+    };
+    let (h, text) = on_redis(setup, &redis).await;
+    let group = replicas(&text, 2).await;
+    for proxy in &group {
+        assert_eq!(common::get(url(proxy, "/warm")).await.status, 200);
+    }
+    let before = h.identity.counters();
+    h.identity.answer_late(1, Duration::from_secs(3));
+    h.identity.expire_access_tokens();
+    let first = get_later(&group[0], "/a");
+    until(|| h.identity.counters().refreshes > before.refreshes).await;
+    let second = get_later(&group[1], "/b");
+    for answer in [first.await.unwrap(), second.await.unwrap()] {
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    let after = h.identity.counters();
+    assert_eq!(after.token_requests - before.token_requests, 1);
+    h.assert_lineage_intact();
+    for proxy in group {
+        proxy.shutdown().await;
+    }
+}
+
+/// A replica (the binary) sends a refresh and is stopped (SIGSTOP) for 5 s, within its lock's
+/// life (12 s); the identity server processes the refresh at once and answers while it is
+/// stopped. Meanwhile another replica needs a token and waits for the lock. Resumed, the
+/// holder reads the answer that arrived — its timer does not win — saves it and lets go; the
+/// other adopts. No refresh token is redeemed twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_holder_paused_within_its_lock_keeps_its_redemption() {
+    let redis = RedisServer::start();
+    let setup = Setup {
+        extra_auth: "timeout = \"2s\"\nrefresh_wait = \"20s\"".into(),
+        ..Setup::default()
+    };
+    let (h, text) = on_redis(setup, &redis).await;
+    let path = h.state.path().join("paused.toml");
+    std::fs::write(&path, &text).unwrap();
+    let paused = common::spawn_serve(&path);
+    let other = Proxy::start(&parse(&text)).await.unwrap();
+    let paused_url = format!("http://{}", paused.addr);
+    assert_eq!(common::get(format!("{paused_url}/warm")).await.status, 200);
+    assert_eq!(common::get(url(&other, "/warm")).await.status, 200);
+
+    let before = h.identity.counters();
+    h.identity.answer_late(1, Duration::from_millis(500));
+    h.identity.expire_access_tokens();
+    let held = tokio::spawn(common::get(format!("{paused_url}/held")));
+    until(|| h.identity.counters().refreshes > before.refreshes).await;
+    signal(&paused, "-STOP");
+    let waiting = get_later(&other, "/waits");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    signal(&paused, "-CONT");
+    for answer in [held.await.unwrap(), waiting.await.unwrap()] {
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    let after = h.identity.counters();
+    assert_eq!(after.refreshes - before.refreshes, 1, "one redemption");
+    h.assert_lineage_intact();
+    other.shutdown().await;
+}
+
+fn signal(spawned: &common::Spawned, which: &str) {
+    let status = std::process::Command::new("kill")
+        .args([which, &spawned.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Redis loses its data while one replica's refresh is in the air. The other replica, which
+/// needs a token, notices the loss and waits out the lock's life; the holder sets its lock
+/// again and saves what it got. The other adopts it: one redemption, no reuse, the record
+/// back in Redis. `lose` is how the data goes: FLUSHALL, or a restart without persistence.
+async fn a_loss_during_a_refresh(lose: impl FnOnce(&mut RedisServer)) {
+    let mut redis = RedisServer::start();
+    let setup = Setup {
+        extra_auth: LOCK_11S.into(),
+        ..Setup::default()
+    };
+    let (h, text) = on_redis(setup, &redis).await;
+    let group = replicas(&text, 2).await;
+    for proxy in &group {
+        assert_eq!(common::get(url(proxy, "/warm")).await.status, 200);
+    }
+    let before = h.identity.counters();
+    h.identity.answer_late(1, Duration::from_secs(2));
+    h.identity.expire_access_tokens();
+    let holder = get_later(&group[0], "/holder");
+    until(|| h.identity.counters().refreshes > before.refreshes).await;
+    lose(&mut redis);
+    let other = get_later(&group[1], "/other");
+    for answer in [holder.await.unwrap(), other.await.unwrap()] {
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    let after = h.identity.counters();
+    assert_eq!(after.refreshes - before.refreshes, 1, "one redemption");
+    h.assert_lineage_intact();
+    for proxy in &group {
+        let a = common::get(url(proxy, "/after")).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+    let stored = redis.command(&["HGET", "tollgate:api:token", "generation"]);
+    assert!(stored != redis::Value::Nil, "the record is back in Redis");
+    for proxy in group {
+        proxy.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushall_during_a_refresh_redeems_nothing_twice() {
+    a_loss_during_a_refresh(|redis| {
+        redis.command(&["FLUSHALL"]);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_without_persistence_during_a_refresh_redeems_nothing_twice() {
+    a_loss_during_a_refresh(RedisServer::restart_empty).await;
+}
+
+/// Send GETs to `proxy` until `n` were admitted or refused by the quota; a 503 (the store
+/// recovering) is asked again. Returns how many were served.
+async fn spend_until_refused(proxy: &Proxy, n: usize) -> usize {
+    let (mut served, mut answered) = (0, 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while answered < n {
+        let a = common::get(url(proxy, &format!("/day/{answered}"))).await;
+        assert!(
+            Instant::now() < deadline,
+            "still not answered after 20 s: {}",
+            a.text()
+        );
+        match a.status {
+            200 => served += 1,
+            429 => {}
+            503 => {
+                assert!(a.text().contains("state store"), "{}", a.text());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            other => panic!("unexpected {other}: {}", a.text()),
+        }
+        answered += 1;
+    }
+    served
+}
+
+/// `per_day = 30` on two replicas. The first spends all 30; Redis restarts empty while it
+/// sits idle; then only the second is asked. The first notices the loss at its next heartbeat
+/// and writes its count back; the second reserves nothing meanwhile (503), then finds the day
+/// spent. The API sees 30, not 60.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loss_while_the_replica_that_knows_the_day_is_idle_does_not_double_it() {
+    let mut redis = RedisServer::start();
+    let setup = Setup {
+        quota: "per_day = 30".into(),
+        ..Setup::default()
+    };
+    let (h, text) = on_redis(setup, &redis).await;
+    let group = replicas(&text, 2).await;
+    assert_eq!(spend_until_refused(&group[0], 40).await, 30);
+    let spent = h.api.counters().requests;
+    assert_eq!(spent, 30);
+
+    redis.restart_empty();
+    assert_eq!(spend_until_refused(&group[1], 30).await, 0);
+    assert_eq!(
+        h.api.counters().requests,
+        30,
+        "the day is not counted again"
+    );
+    h.assert_lineage_intact();
+    for proxy in group {
+        proxy.shutdown().await;
+    }
+}
+
+/// What a fake store address answers, by phase.
+const SILENT: u8 = 0;
+const RESP_ERRORS: u8 = 1;
+const RANDOM_BYTES: u8 = 2;
+const HTTP: u8 = 3;
+
+/// A server on `port` that answers whatever `phase` says, until the task is aborted.
+async fn garbage_server(port: u16, phase: Arc<AtomicU8>) -> tokio::task::JoinHandle<()> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let phase = Arc::clone(&phase);
+            connections.spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    let answer: Vec<u8> = match phase.load(Ordering::Relaxed) {
+                        SILENT => continue,
+                        RESP_ERRORS => {
+                            b"-ERR this is not the server you are looking for\r\n".to_vec()
+                        }
+                        RANDOM_BYTES => (0..64).map(|_| rand::random::<u8>()).collect(),
+                        _ => b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n".to_vec(),
+                    };
+                    if stream.write_all(&answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    })
+}
+
+/// Redis stops and its address answers garbage for a while — nothing at all, RESP errors,
+/// random bytes, HTTP — then Redis starts there again. Requests get 503 meanwhile, and the
+/// replica serves again within seconds of Redis answering, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_address_that_answered_garbage_is_used_again_when_redis_answers() {
+    let port = common::free_port();
+    let phase = Arc::new(AtomicU8::new(SILENT));
+    let setup = Setup {
+        quota: "per_day = 100".into(),
+        ..Setup::default()
+    };
+    let mut redis = RedisServer::start_at(port);
+    let (h, text) = on_redis(setup, &redis).await;
+    let proxy = Proxy::start(&parse(&text)).await.unwrap();
+    assert_eq!(common::get(url(&proxy, "/before")).await.status, 200);
+    redis.stop();
+    let fake = garbage_server(port, Arc::clone(&phase)).await;
+    // The lease in hand (1% of the day: 1) may still serve one; then 503.
+    let mut served = 0;
+    for p in [SILENT, RESP_ERRORS, RANDOM_BYTES, HTTP] {
+        phase.store(p, Ordering::Relaxed);
+        for i in 0..3 {
+            let a = common::get(url(&proxy, &format!("/garbage/{p}/{i}"))).await;
+            match a.status {
+                200 => served += 1,
+                503 => assert!(a.text().contains("state store"), "{}", a.text()),
+                other => panic!("phase {p}: {other} {}", a.text()),
+            }
+        }
+    }
+    assert!(served <= 1, "only the lease in hand: {served}");
+    fake.abort();
+    let _ = fake.await;
+    redis.restart();
+    let started = Instant::now();
+    loop {
+        let a = common::get(url(&proxy, "/after")).await;
+        if a.status == 200 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "not served 10 s after Redis answered: {} {}",
+            a.status,
+            a.text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("served again {:?} after Redis answered", started.elapsed());
+    h.assert_lineage_intact();
+    proxy.shutdown().await;
+}
+
+/// A password Redis refuses is named as such — at start and in every failure — not as a store
+/// that does not answer in time.
+#[tokio::test]
+async fn a_refused_password_is_named_as_an_authentication_failure() {
+    let redis = RedisServer::start_tls();
+    let state = tollgate::config::StateConfig {
+        store: tollgate::secret::Secret::from(redis.url_with_wrong_password()),
+        ca_file: Some(redis.ca_file()),
+        ..tollgate::config::StateConfig::default()
+    };
+    let Ok(tollgate::config::StoreLocation::Redis(location)) = state.location() else {
+        panic!("a rediss:// location")
+    };
+    let store = RedisStore::open(&location, &state).unwrap();
+    let warnings = store.startup_warnings().await;
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("refused to authenticate") && !warnings[0].contains("no answer"),
+        "{warnings:?}"
+    );
+    assert!(!warnings[0].contains("not-the-password"), "{warnings:?}");
+    let failed = store.load_token("api").await.unwrap_err().to_string();
+    assert!(failed.contains("refused to authenticate"), "{failed}");
+}
