@@ -180,8 +180,20 @@ async fn status_command(h: &Harness) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `tollgate_key_used_today` of key `etl` on upstream `api`, from `/metrics`.
+async fn etl_used_today(h: &Harness) -> u64 {
+    let metrics = common::get(h.admin_url("/metrics")).await.text();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("tollgate_key_used_today{upstream=\"api\",key=\"etl\"}"))
+        .unwrap_or_else(|| panic!("no etl line in {metrics}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
 /// A spawned tollgate killed with `kill -9` mid-budget: a tollgate started after it never
-/// grants the key more than its budget (the dead one's lease is lost, not given twice).
+/// grants the key more than its budget (the dead one's lease is lost, not given twice), and
+/// never reports the key below what its budget counted (the dead one's last use of the day
+/// had not reached the tally).
 #[tokio::test]
 async fn kill_9_never_gives_a_budget_back() {
     let mut h = Harness::start(Setup {
@@ -189,6 +201,7 @@ async fn kill_9_never_gives_a_budget_back() {
         extra_tables: format!(
             "[upstream.inbound]\nkeys = [{{ name = \"etl\", key = \"{ETL}\", per_day = 300 }}]"
         ),
+        admin: true,
         ..Setup::default()
     })
     .await;
@@ -203,10 +216,16 @@ async fn kill_9_never_gives_a_budget_back() {
     drop(spawned); // SIGKILL, holding what is left of its lease (3, 1% of 300)
 
     h.start_proxy().await;
+    let reported = etl_used_today(&h).await;
+    assert!(
+        (100..=103).contains(&reported),
+        "reported {reported} after 100"
+    );
     let base = h.url("");
     let served = spend(|i| format!("{base}/b/{i}"), ETL, 250).await;
     assert!((197..=200).contains(&served), "served {served} after 100");
     assert!(h.api.counters().requests <= 300);
+    assert_eq!(etl_used_today(&h).await, 300, "the budget is spent");
 }
 
 /// The forecast follows the pace of the last hour, on a manual clock: 10 requests every 15

@@ -123,12 +123,32 @@ impl Usage {
     }
 
     /// Every key the config lists, then every other key that sent today (one removed from
-    /// the config, or `-`), with what it sent today.
+    /// the config, or `-`), with what it sent today: for a key with a budget, never less than
+    /// its budget counts (the tally lags a flush behind, and a process killed before its
+    /// flush took its last counts with it; the budget's were reserved in the store first).
     pub fn by_key(&self, day: &Day) -> Vec<(String, u64)> {
         let listed = self.keys();
+        let counted: Vec<(Arc<str>, u64)> = {
+            let source = self.source.lock().expect("usage lock");
+            source.as_ref().map_or_else(Vec::new, |s| {
+                s.quota
+                    .budgets()
+                    .map(|(name, w)| (Arc::clone(name), w.policy.limit - w.remaining))
+                    .collect()
+            })
+        };
+        let budget = |key: &str| {
+            counted
+                .iter()
+                .find(|(name, _)| **name == *key)
+                .map_or(0, |(_, n)| *n)
+        };
         let mut out: Vec<(String, u64)> = listed
             .iter()
-            .map(|k| (k.to_string(), day.keys.get(&**k).copied().unwrap_or(0)))
+            .map(|k| {
+                let tally = day.keys.get(&**k).copied().unwrap_or(0);
+                (k.to_string(), tally.max(budget(k)))
+            })
             .collect();
         for (key, n) in &day.keys {
             if !listed.iter().any(|l| **l == **key) {
