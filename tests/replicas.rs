@@ -299,8 +299,9 @@ async fn a_replica_killed_loses_at_most_its_lease() {
 }
 
 /// Redis stops: a valid token keeps serving and the day spends what is left of its lease,
-/// then 503 for the day, never more; `/readyz` names the store. Redis comes back: the replica
-/// recovers without a restart.
+/// then 503 for the day, never more. `/readyz` stays 200 while the replica can serve, saying
+/// `degraded` and naming the store, and is 503 once the lease is spent. Redis comes back: the
+/// replica recovers without a restart.
 #[tokio::test]
 async fn redis_down_then_back() {
     let mut redis = RedisServer::start();
@@ -319,6 +320,22 @@ async fn redis_down_then_back() {
     assert_eq!(replicas, 1, "{status}");
 
     redis.stop();
+    // The heartbeat (every 200 ms) finds the store gone; the lease in hand still serves.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let degraded = loop {
+        let ready = common::get(admin("/readyz")).await;
+        if ready.text().starts_with("degraded") {
+            break ready;
+        }
+        assert!(Instant::now() < deadline, "{}", ready.text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(degraded.status, 200);
+    assert!(
+        degraded.text().contains("state store"),
+        "{}",
+        degraded.text()
+    );
     // The lease in hand (10, topped up at half) keeps serving; then 503, never more.
     let mut served = 0;
     let mut refused = None;
@@ -338,7 +355,11 @@ async fn redis_down_then_back() {
     assert_eq!(refused.json()["type"], "urn:tollgate:problem:quota-store");
     let ready = common::get(admin("/readyz")).await;
     assert_eq!(ready.status, 503);
-    assert!(ready.text().contains("state store"), "{}", ready.text());
+    assert!(
+        ready.text().contains("counts in hand are spent") && ready.text().contains("state store"),
+        "{}",
+        ready.text()
+    );
     let metrics = common::get(admin("/metrics")).await.text();
     let errors = metrics
         .lines()

@@ -1,6 +1,7 @@
 //! The admin listener (`[admin] listen`): `GET /` (an HTML status page for a browser),
-//! `GET /healthz` (200 while running), `GET /readyz` (200 when every upstream has a usable
-//! token, else 503 naming the upstream and the reason), `GET /status` (JSON: each upstream's
+//! `GET /healthz` (200 while running), `GET /readyz` (200 while every upstream can serve —
+//! `degraded` and why when something is not well — else 503 naming the upstream and the
+//! reason), `GET /status` (JSON: each upstream's
 //! token state and quota usage) and `GET /metrics` (Prometheus text).
 //!
 //! `/` and `/status` show one [`Status`], gathered by [`status::gather`]; `tollgate status`
@@ -52,26 +53,49 @@ impl Admin {
         Admin { upstreams, store }
     }
 
+    /// Ready while every upstream can serve: a usable token, and counts in hand for its
+    /// windows when the store fails. What serves but is not well — a shared store that fails,
+    /// a rotated refresh token not saved yet — makes it `degraded`, still 200, so that a load
+    /// balancer does not take every replica out at once while they can still serve.
     fn readiness(&self) -> Response<ProxyBody> {
-        let mut unready: Vec<String> = self
-            .upstreams
-            .iter()
-            .filter_map(|u| {
-                u.tokens
-                    .unready_reason()
-                    .map(|r| format!("{}: {r}", u.name))
-            })
-            .collect();
-        if let Some(problem) = self.store.health().and_then(|h| h.problem) {
-            unready.push(format!("state store: {problem}"));
+        let store_problem = self.store.health().and_then(|h| h.problem);
+        let (mut unready, mut degraded) = (Vec::new(), Vec::new());
+        for u in &self.upstreams {
+            let reason = u.tokens.unready_reason();
+            match (u.tokens.cached(), reason) {
+                (None, reason) => unready.push(format!(
+                    "{}: {}",
+                    u.name,
+                    reason.unwrap_or_else(|| "no token yet".into())
+                )),
+                (Some(_), Some(reason)) => degraded.push(format!("{}: {reason}", u.name)),
+                (Some(_), None) => {}
+            }
+            if let Some(problem) = &store_problem {
+                if !u.quota.counts_in_hand() {
+                    unready.push(format!(
+                        "{}: the counts in hand are spent and the state store fails ({problem})",
+                        u.name
+                    ));
+                }
+            }
         }
-        if unready.is_empty() {
-            text(StatusCode::OK, "ready\n")
-        } else {
+        if let Some(problem) = store_problem {
+            degraded.push(format!("state store: {problem}"));
+        }
+        if !unready.is_empty() {
+            unready.extend(degraded);
             text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &(unready.join("\n") + "\n"),
             )
+        } else if !degraded.is_empty() {
+            text(
+                StatusCode::OK,
+                &format!("degraded\n{}\n", degraded.join("\n")),
+            )
+        } else {
+            text(StatusCode::OK, "ready\n")
         }
     }
 

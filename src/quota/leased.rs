@@ -213,6 +213,13 @@ impl Leased {
         }
     }
 
+    /// Whether counts of the window at `unix_ms` are in hand: requests are admitted without
+    /// the store.
+    pub fn in_hand(&self, unix_ms: u64) -> bool {
+        let (day, left) = unpack(self.hand.load(Ordering::Acquire));
+        day == self.day_of(unix_ms) && left > 0
+    }
+
     /// Whether the window at `unix_ms` was found spent a moment ago: a request it would refuse
     /// is refused before any other window counts it.
     pub fn known_spent(&self, unix_ms: u64) -> bool {

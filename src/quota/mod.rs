@@ -404,6 +404,13 @@ impl Quota {
             .collect()
     }
 
+    /// Whether a request can be admitted without asking the store: every window counted in
+    /// the store has counts in hand (true when none is).
+    pub fn counts_in_hand(&self) -> bool {
+        let now = self.clock.unix_ms();
+        self.leased.iter().all(|w| w.in_hand(now))
+    }
+
     /// Requests in flight and waiting in line, when `concurrency` is set.
     pub fn line(&self) -> Option<(u32, u32)> {
         self.queue.as_ref().map(|q| (q.in_flight(), q.waiting()))
