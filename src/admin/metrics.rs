@@ -61,8 +61,12 @@ pub fn render(upstreams: &[Upstream], store: &dyn StateStore) -> String {
         let help = "Operations on the shared state store that failed or timed out.";
         let mut f = Family::new(&mut out, name, "counter", help);
         f.sample(name, &[], health.errors);
+        let name = "tollgate_state_store_losses_total";
+        let help = "Times this replica found that the shared state store had lost its data.";
+        let mut f = Family::new(&mut out, name, "counter", help);
+        f.sample(name, &[], health.losses);
         let name = "tollgate_replicas";
-        let help = "Replicas seen on the shared state store in the last 30 s.";
+        let help = "Replicas seen on the shared state store in the last six heartbeats.";
         let mut f = Family::new(&mut out, name, "gauge", help);
         f.sample(name, &[], health.replicas.len());
     }

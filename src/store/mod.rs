@@ -326,6 +326,8 @@ pub struct StoreHealth {
     pub problem: Option<String>,
     /// Failed operations since the start.
     pub errors: u64,
+    /// How many times this replica found that the store had lost its data.
+    pub losses: u64,
 }
 
 /// What `tollgate check` can tell of the store without changing anything: a file store's

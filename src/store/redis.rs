@@ -470,7 +470,9 @@ impl StateStore for RedisStore {
 
     async fn quota_used(&self, upstream: &str, period: &Period) -> Result<u64, StoreError> {
         let counts = self.counts_key(upstream, period);
-        self.days(&counts, "used", period, &[], "").await
+        let (used, version): (u64, u64) = self.days(&counts, "used", period, &[], "").await?;
+        self.recovery.saw_count(&counts, period, used, version);
+        Ok(used)
     }
 
     fn is_shared(&self) -> bool {
@@ -492,6 +494,7 @@ impl StateStore for RedisStore {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
             errors: self.errors.load(Ordering::Relaxed),
+            losses: self.recovery.losses_noticed(),
         })
     }
 
@@ -500,6 +503,9 @@ impl StateStore for RedisStore {
         if self.check_epoch().await.is_err() {
             return;
         }
+        // What the others reserved since: should the store lose its data, this replica
+        // writes back counts at most a heartbeat old, even of windows it sits idle in.
+        self.look_at_counts().await;
         let mut invocation = self.scripts.heartbeat.key(self.store_key("replicas"));
         invocation
             .arg(&self.id)

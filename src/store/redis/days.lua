@@ -17,7 +17,7 @@
 -- restore: ARGV[4] a count and ARGV[5] the version the caller saw: the window's count is at
 --          least that from now on (after a loss), and its version past it -> {0, used, v}
 -- release: ARGV[4] count -> 0
--- used:    -> used
+-- used:    -> {used, v}
 local op, start, finish = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 if op == 'reserve' then
   if redis.call('GET', KEYS[2]) ~= ARGV[8] then
@@ -50,7 +50,7 @@ for i = 1, #fields, 2 do
   end
 end
 if op == 'used' then
-  return count
+  return {count, tonumber(redis.call('HGET', KEYS[1], 'v') or '0')}
 end
 if op == 'release' and mine == nil and #others == 0 then
   -- Nothing left to give back to (the window ended, or the hash expired): leave no key.

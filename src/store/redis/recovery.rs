@@ -69,6 +69,11 @@ impl Recovery {
         self.losses.subscribe()
     }
 
+    /// How many losses this replica noticed.
+    pub(super) fn losses_noticed(&self) -> u64 {
+        *self.losses.borrow()
+    }
+
     /// Remember `record` of `upstream` unless a later one of its lineage is known.
     pub(super) fn saw_record(&self, upstream: &str, record: &TokenRecord) {
         let mut records = guard(&self.records);
@@ -157,6 +162,24 @@ impl RedisStore {
             self.recovery.unwritten.store(true, Ordering::Release);
         }
         Ok(())
+    }
+
+    /// Read again the count of every current window this replica knows (each heartbeat), so
+    /// that what it would write back after a loss is at most a heartbeat old.
+    pub(super) async fn look_at_counts(&self) {
+        let now = super::unix_ms();
+        let windows: Vec<(String, Period)> = guard(&self.recovery.counts)
+            .iter()
+            .filter(|(_, seen)| seen.period.end_ms > now)
+            .map(|(k, s)| (k.clone(), s.period))
+            .collect();
+        for (key, period) in windows {
+            let read: Result<(u64, u64), _> = self.days(&key, "used", &period, &[], "").await;
+            match read {
+                Ok((count, version)) => self.recovery.saw_count(&key, &period, count, version),
+                Err(_) => return,
+            }
+        }
     }
 
     /// Write back every token record and every count this replica knows (after a loss);
