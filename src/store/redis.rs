@@ -604,6 +604,7 @@ impl StateStore for RedisStore {
                 done.await;
             }
         };
-        let _ = tokio::time::timeout(self.timeout, wait).await;
+        // A release waits for its keep-alive, then unlocks: two operations at most.
+        let _ = tokio::time::timeout(2 * self.timeout, wait).await;
     }
 }

@@ -67,6 +67,9 @@ struct Held {
     live: Arc<Mutex<HashSet<String>>>,
     /// Dropped with the lock: ends the task that keeps it alive.
     _alive: watch::Sender<()>,
+    /// That task: the release waits for it, so that a keep-alive still on its way cannot set
+    /// the lock again after it was let go.
+    keeping: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Held {
@@ -82,8 +85,14 @@ impl Drop for Held {
             std::mem::take(&mut self.value),
         );
         let (timeout, releasing) = (self.timeout, Arc::clone(&self.releasing));
+        let keeping = self.keeping.take();
         releasing.running.fetch_add(1, Ordering::AcqRel);
         runtime.spawn(async move {
+            if let Some(keeping) = keeping {
+                // It ends as `_alive` is dropped, right after this; at most one keep-alive
+                // (bounded by the timeout) is still on its way.
+                let _ = keeping.await;
+            }
             let mut invocation = unlock.key(&key);
             invocation.arg(&value);
             let release = |mut c| async move { invocation.invoke_async::<i64>(&mut c).await };
@@ -147,7 +156,9 @@ impl RedisStore {
                 Taken::Fence(fence) => {
                     attempt.keep();
                     let (alive, ended) = watch::channel(());
-                    tokio::spawn(self.keep_alive(&key, &value, upstream, fence, hold_ms, ended));
+                    let keeping = tokio::spawn(
+                        self.keep_alive(&key, &value, upstream, fence, hold_ms, ended),
+                    );
                     let held = Held {
                         link: Arc::clone(&self.link),
                         unlock: self.scripts.unlock.clone(),
@@ -157,6 +168,7 @@ impl RedisStore {
                         releasing: Arc::clone(&self.releasing),
                         live: Arc::clone(&self.live),
                         _alive: alive,
+                        keeping: Some(keeping),
                     };
                     // Counted from before the request: the lock cannot have been set earlier.
                     let expires = taken_at + Duration::from_millis(hold_ms);

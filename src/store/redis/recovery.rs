@@ -45,6 +45,9 @@ pub(super) struct Recovery {
     losses: watch::Sender<u64>,
     /// A write-back failed: the next look at the epoch tries again.
     unwritten: AtomicBool,
+    /// One look at the epoch at a time (a heartbeat and a lock may notice together): a loss
+    /// is noticed, and written back, once.
+    looking: tokio::sync::Mutex<()>,
 }
 
 /// A window's count as a reservation last returned it.
@@ -126,6 +129,7 @@ impl RedisStore {
     /// Look at the store's epoch: learn it, or notice that the store lost its data and write
     /// back what this replica knows.
     pub(super) async fn check_epoch(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self.recovery.looking.lock().await;
         let known = self.recovery.epoch();
         let now = super::unix_ms();
         let fresh = format!("{now}-{:016x}", rand::random::<u64>());
