@@ -4,56 +4,21 @@
 mod common;
 
 use common::redis_server::RedisServer;
-use common::{Harness, Setup};
+use common::{on_redis, parse, replicas, url_of as url, Setup};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tollgate::config::{Config, StateConfig};
+use tollgate::config::StateConfig;
 use tollgate::secret::Secret;
 use tollgate::sim::identity::IdentityConfig;
 use tollgate::store::{Period, RedisStore, Reservation, Seen, StateStore, StoreError, TokenRecord};
 use tollgate::token::TokenCache;
 use tollgate::Proxy;
 
-/// The harness's simulators, with the config rewritten for `redis` and a seed of its own (the
-/// harness's own proxy, on a file store, is stopped first).
-async fn on_redis(setup: Setup, redis: &RedisServer) -> (Harness, String) {
-    let mut h = Harness::start(setup).await;
-    h.stop_proxy().await;
-    let store = format!("store = \"file:{}\"", h.state_dir().display());
-    let text = h
-        .config_text
-        .replace(
-            &store,
-            &format!(
-                "store = \"{}\"\ntimeout = \"500ms\"\nheartbeat = \"200ms\"",
-                redis.url()
-            ),
-        )
-        .replace(&h.seed, &h.identity.issue_refresh_token());
-    (h, text)
-}
-
 /// `[upstream.auth]` lines for a test where Redis loses its data: a refresh lock lives 11 s
 /// (`timeout` + 10 s), so no lock is granted for 11 s after the loss, and clients wait
 /// through that.
 const THROUGH_A_LOSS: &str = "timeout = \"1s\"\nrefresh_wait = \"20s\"";
-
-fn parse(text: &str) -> Config {
-    Config::parse(text, "replicas.toml", |_| None).expect("test config is valid")
-}
-
-async fn replicas(text: &str, n: usize) -> Vec<Proxy> {
-    let mut out = Vec::new();
-    for _ in 0..n {
-        out.push(Proxy::start(&parse(text)).await.expect("replica starts"));
-    }
-    out
-}
-
-fn url(proxy: &Proxy, path: &str) -> String {
-    format!("http://{}{path}", proxy.addr("api").unwrap())
-}
 
 /// Three replicas under concurrent load over several token lifetimes and forced 401s: every
 /// request is served, no refresh token is redeemed twice, and the group refreshes about once

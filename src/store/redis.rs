@@ -101,7 +101,6 @@ struct Scripts {
     extend: Script,
     usage: Script,
     epoch: Script,
-    restore: Script,
 }
 
 /// Wall-clock milliseconds, as the scripts compare them.
@@ -172,7 +171,6 @@ impl RedisStore {
                 extend: Script::new(include_str!("redis/extend.lua")),
                 usage: Script::new(include_str!("redis/usage.lua")),
                 epoch: Script::new(include_str!("redis/epoch.lua")),
-                restore: Script::new(include_str!("redis/restore.lua")),
             },
             releasing: Arc::default(),
             errors: AtomicU64::new(0),
@@ -296,6 +294,27 @@ impl RedisStore {
         Some(sender.subscribe())
     }
 
+    /// `save.lua`: `record` as `upstream`'s, saved under the lock of `fence`, or written back
+    /// after a loss (no fence). Its answer: `ok`, or why not.
+    async fn write_record(
+        &self,
+        upstream: &str,
+        record: &TokenRecord,
+        fence: Option<u64>,
+    ) -> Result<String, StoreError> {
+        let json = serde_json::to_string(record).expect("a token record always serialises");
+        let mut invocation = self.scripts.save.key(self.key(upstream, "token"));
+        invocation
+            .arg(fence.map_or_else(String::new, |f| f.to_string()))
+            .arg(record.generation)
+            .arg(&record.seed_hash)
+            .arg(json)
+            .arg(self.key(upstream, "generation"))
+            .arg(record.login_at_ms);
+        self.run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await
+    }
+
     /// The hash that counts `upstream`'s windows as long as `period`: windows of different
     /// lengths never share a count.
     fn counts_key(&self, upstream: &str, period: &Period) -> String {
@@ -358,17 +377,8 @@ impl StateStore for RedisStore {
         record: &TokenRecord,
         lock: &RefreshLock,
     ) -> Result<(), StoreError> {
-        let json = serde_json::to_string(record).expect("a token record always serialises");
-        let mut invocation = self.scripts.save.key(self.key(upstream, "token"));
-        invocation
-            .arg(lock.fence)
-            .arg(record.generation)
-            .arg(&record.seed_hash)
-            .arg(json)
-            .arg(self.key(upstream, "generation"))
-            .arg(record.login_at_ms);
-        let outcome: String = self
-            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+        let outcome = self
+            .write_record(upstream, record, Some(lock.fence))
             .await?;
         match outcome.as_str() {
             "ok" => {

@@ -370,3 +370,40 @@ pub fn spawn_serve(config_path: &std::path::Path) -> Spawned {
     });
     Spawned { child, addr, logs }
 }
+
+/// The harness's simulators, with the config moved to `redis` (operations bounded by 500 ms,
+/// heartbeats every 200 ms) and a seed of its own; the harness's own proxy, on a file store,
+/// is stopped first.
+pub async fn on_redis(setup: Setup, redis: &redis_server::RedisServer) -> (Harness, String) {
+    let redis_url = redis.url();
+    let mut h = Harness::start(setup).await;
+    h.stop_proxy().await;
+    let store = format!("store = \"file:{}\"", h.state_dir().display());
+    let text = h
+        .config_text
+        .replace(
+            &store,
+            &format!("store = \"{redis_url}\"\ntimeout = \"500ms\"\nheartbeat = \"200ms\""),
+        )
+        .replace(&h.seed, &h.identity.issue_refresh_token());
+    (h, text)
+}
+
+/// A config of the tests, parsed.
+pub fn parse(text: &str) -> Config {
+    Config::parse(text, "test.toml", |_| None).expect("test config is valid")
+}
+
+/// `n` proxies started on the config `text`: replicas, when its store is shared.
+pub async fn replicas(text: &str, n: usize) -> Vec<Proxy> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(Proxy::start(&parse(text)).await.expect("replica starts"));
+    }
+    out
+}
+
+/// `path` on the listener of upstream `api` of `proxy`.
+pub fn url_of(proxy: &Proxy, path: &str) -> String {
+    format!("http://{}{path}", proxy.addr("api").unwrap())
+}

@@ -15,8 +15,8 @@
 //!   its token request in the air) is not overtaken. Live holders set their locks again at
 //!   once (`extend.lua`), and keep them.
 //!
-//! Each replica writes back the newest token record it saved or read (`restore.lua`: only over
-//! nothing, or over an older record of the same lineage) and the latest count of each window
+//! Each replica writes back the newest token record it saved or read (`save.lua` without a
+//! fence: only over nothing, or over an older record of the same lineage) and the latest count of each window
 //! it saw (`days.lua restore`: the store keeps the highest of these). A replica started after the loss, which knew no epoch, cannot
 //! tell a loss from a first start: it opens the short window for both, which a replica that
 //! knew the old epoch lengthens to a lock's life when it notices.
@@ -236,17 +236,6 @@ impl RedisStore {
         upstream: &str,
         record: &TokenRecord,
     ) -> Result<bool, StoreError> {
-        let json = serde_json::to_string(record).expect("a token record always serialises");
-        let mut invocation = self.scripts.restore.key(self.key(upstream, "token"));
-        invocation
-            .arg(record.generation)
-            .arg(&record.seed_hash)
-            .arg(json)
-            .arg(self.key(upstream, "generation"))
-            .arg(record.login_at_ms);
-        let outcome: String = self
-            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
-            .await?;
-        Ok(outcome == "ok")
+        Ok(self.write_record(upstream, record, None).await? == "ok")
     }
 }
