@@ -74,6 +74,9 @@ pub(super) enum Attempt {
     /// A redemption was sent and no answer came: try the same refresh token once more, at
     /// once, even past `auth.refresh_wait` (see [`TokenCache::classify`]).
     Unanswered,
+    /// A shared store that lost its data grants no lock for a while: waited out, whatever
+    /// the deadline (client requests stop waiting at theirs).
+    Recovering(String),
     /// A reload retired the cache: the successor refreshes with the new settings.
     Replaced,
     /// Try again after `pause` at least, for a reason of the store's (not the identity
@@ -92,10 +95,7 @@ impl Attempt {
                 hint: None,
             },
             // The store is writing back what it lost: the lock comes back by itself.
-            StoreError::Recovering { .. } => Attempt::Pause {
-                reason: e.to_string(),
-                pause: Duration::from_millis(200),
-            },
+            StoreError::Recovering { .. } => Attempt::Recovering(e.to_string()),
             other => Attempt::Final(TokenError::Store(other.to_string())),
         }
     }
@@ -322,6 +322,16 @@ impl TokenCache {
                 }
                 Err(Attempt::Unanswered) => {
                     self.count_refresh(Counted::Error);
+                    if !self
+                        .pause_until(Instant::now() + self.backoff_initial)
+                        .await
+                    {
+                        return Err(replaced());
+                    }
+                    continue;
+                }
+                Err(Attempt::Recovering(reason)) => {
+                    tracing::debug!(upstream = %self.name, %reason, "waiting for the refresh lock");
                     if !self
                         .pause_until(Instant::now() + self.backoff_initial)
                         .await

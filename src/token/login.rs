@@ -318,12 +318,15 @@ impl Callback {
         let login = &self.login;
         let name = &login.upstream.name;
         let store_error = |e: crate::store::StoreError| LoginError::Store(e.to_string());
+        // As long as a holder may keep it (waiting for its answer), or a store that lost its
+        // data may refuse it.
+        let auth = &login.upstream.auth;
         let lock = login
             .store
             .lock_refresh(
                 name,
-                Duration::from_secs(30),
-                login.upstream.auth.timeout + super::LOCK_MARGIN,
+                auth.timeout + auth.answer_timeout + super::LOCK_MARGIN,
+                auth.timeout + super::LOCK_MARGIN,
             )
             .await
             .map_err(store_error)?;
