@@ -48,6 +48,17 @@ impl Period {
         Period::new(start, start + length_ms)
     }
 
+    /// The period of the same length and schedule that holds `unix_ms` (this one, or a later
+    /// or earlier one).
+    pub fn holding(&self, unix_ms: u64) -> Period {
+        let length = self.end_ms - self.start_ms;
+        Period::nth(
+            Period::number(unix_ms, length, self.start_ms % length),
+            length,
+            self.start_ms % length,
+        )
+    }
+
     /// The name a store keeps the period under: its span in RFC 3339 (ISO 8601 interval).
     pub fn key(&self) -> String {
         format!("{}/{}", rfc3339(self.start_ms), rfc3339(self.end_ms))
@@ -111,6 +122,21 @@ mod tests {
         assert_eq!(Period::parse("day:2025-11-24", &day), Some(day));
         let before = Period::parse("day:2025-11-23", &day).unwrap();
         assert_eq!(day.relation(&before), Relation::Before);
+    }
+
+    /// A day of a schedule moves on to the day of the same schedule that holds a later time.
+    #[test]
+    fn the_period_holding_a_time_keeps_the_schedule() {
+        let start = 20_416 * DAY_MS + 7 * H;
+        let day = Period::new(start, start + DAY_MS);
+        assert_eq!(day.holding(start + 3 * H), day);
+        let next = day.holding(start + DAY_MS + 20 * H);
+        assert_eq!(next, Period::new(start + DAY_MS, start + 2 * DAY_MS));
+        let minute = Period::new(60_000 * 5, 60_000 * 6);
+        assert_eq!(
+            minute.holding(60_000 * 9 + 1),
+            Period::new(540_000, 600_000)
+        );
     }
 
     #[test]

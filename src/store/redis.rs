@@ -37,6 +37,7 @@ mod recovery;
 use super::TokenRecord;
 use super::{Period, RefreshLock, Reservation, Seen, StateStore, StoreError, StoreHealth, Used};
 use crate::config::{RedisUrl, StateConfig};
+use crate::secret::Secret;
 use async_trait::async_trait;
 use link::Link;
 use listener::Listener;
@@ -66,6 +67,9 @@ pub struct RedisStore {
     recovery: Recovery,
     /// The URL as messages show it.
     shown: String,
+    /// The password the URL holds, in the forms it may be written: cut from any text a
+    /// server sends back (a peer that is not Redis may echo the AUTH it was sent).
+    password: Vec<Secret<String>>,
     /// This replica, as its locks name it.
     id: String,
     scripts: Scripts,
@@ -110,16 +114,20 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Why an operation failed, in words that say what to check.
-fn describe(e: &RedisError) -> String {
+/// The longest error text of a server's that messages repeat.
+const SAID_AT_MOST: usize = 300;
+
+/// Why an operation failed, in words that say what to check; `said` is the error's own text,
+/// as it may be shown.
+fn describe(e: &RedisError, said: &str) -> String {
     let code = e.code().unwrap_or_default();
     if e.kind() == ErrorKind::AuthenticationFailed || matches!(code, "WRONGPASS" | "NOAUTH") {
-        return format!("Redis refused to authenticate this client ({e}); check the user and password in state.store, and `requirepass` (or the ACL user) on the server");
+        return format!("Redis refused to authenticate this client ({said}); check the user and password in state.store, and `requirepass` (or the ACL user) on the server");
     }
     if e.kind() == ErrorKind::Parse {
-        return format!("the server does not answer as Redis does ({e}); check the host and port in state.store");
+        return format!("the server does not answer as Redis does ({said}); check the host and port in state.store");
     }
-    e.to_string()
+    said.to_owned()
 }
 
 impl RedisStore {
@@ -137,6 +145,22 @@ impl RedisStore {
         let info = redis::IntoConnectionInfo::into_connection_info(url.url.expose().as_str())
             .map_err(|e| fail(e.to_string()))?
             .set_tcp_settings(tcp);
+        // The password as Redis gets it, as the URL writes it, and percent-encoded.
+        let mut password: Vec<Secret<String>> = Vec::new();
+        if let Some(p) = info.redis_settings().password() {
+            password.push(Secret::new(p.to_owned()));
+            let encoded =
+                percent_encoding::utf8_percent_encode(p, percent_encoding::NON_ALPHANUMERIC);
+            password.push(Secret::new(encoded.collect()));
+        }
+        if let Some(p) = url::Url::parse(url.url.expose())
+            .ok()
+            .as_ref()
+            .and_then(|u| u.password())
+        {
+            password.push(Secret::new(p.to_owned()));
+        }
+        password.retain(|p| p.expose().len() >= 4);
         let client = match &state.ca_file {
             Some(path) => {
                 let pem = std::fs::read(path).map_err(|e| {
@@ -152,6 +176,7 @@ impl RedisStore {
         }
         .map_err(|e| fail(e.to_string()))?;
         Ok(RedisStore {
+            password,
             link: Arc::new(Link::new(client.clone(), state.timeout)),
             client,
             prefix: state.prefix.clone(),
@@ -248,20 +273,34 @@ impl RedisStore {
         };
         let (id, conn) = match tokio::time::timeout_at(deadline, self.link.get()).await {
             Ok(Ok(up)) => up,
-            Ok(Err(e)) => return Err(describe(&e)),
+            Ok(Err(e)) => return Err(self.said(&e)),
             Err(_) => return Err(late()),
         };
         match tokio::time::timeout_at(deadline, operation(conn)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
                 self.link.failed(id, Some(&e));
-                Err(describe(&e))
+                Err(self.said(&e))
             }
             Err(_) => {
                 self.link.failed(id, None);
                 Err(late())
             }
         }
+    }
+
+    /// What messages say of `e`: its text without the password (a peer may echo it) and no
+    /// longer than [`SAID_AT_MOST`], and what to check.
+    fn said(&self, e: &RedisError) -> String {
+        let mut text = e.to_string();
+        for form in &self.password {
+            text = text.replace(form.expose().as_str(), "[redacted]");
+        }
+        if let Some((cut, _)) = text.char_indices().nth(SAID_AT_MOST) {
+            text.truncate(cut);
+            text.push('…');
+        }
+        describe(e, &text)
     }
 
     fn unreachable(&self, reason: String) -> StoreError {
@@ -294,23 +333,27 @@ impl RedisStore {
         Some(sender.subscribe())
     }
 
-    /// `save.lua`: `record` as `upstream`'s, saved under the lock of `fence`, or written back
-    /// after a loss (no fence). Its answer: `ok`, or why not.
+    /// `save.lua`: `record` as `upstream`'s, saved under the lock of `fence` (`save`), or
+    /// written back after a loss (`restore`: `fence` is the one it was saved under). Its
+    /// answer: `ok`, or why not.
     async fn write_record(
         &self,
         upstream: &str,
         record: &TokenRecord,
-        fence: Option<u64>,
+        fence: u64,
+        mode: &str,
     ) -> Result<String, StoreError> {
         let json = serde_json::to_string(record).expect("a token record always serialises");
         let mut invocation = self.scripts.save.key(self.key(upstream, "token"));
         invocation
-            .arg(fence.map_or_else(String::new, |f| f.to_string()))
+            .key(self.key(upstream, "fence"))
+            .arg(fence)
             .arg(record.generation)
             .arg(&record.seed_hash)
             .arg(json)
             .arg(self.key(upstream, "generation"))
-            .arg(record.login_at_ms);
+            .arg(record.login_at_ms)
+            .arg(mode);
         self.run(|mut c| async move { invocation.invoke_async(&mut c).await })
             .await
     }
@@ -354,8 +397,8 @@ impl RedisStore {
 impl StateStore for RedisStore {
     async fn load_token(&self, upstream: &str) -> Result<Option<TokenRecord>, StoreError> {
         let key = self.key(upstream, "token");
-        let json: Option<String> = self
-            .run(|mut c| async move { c.hget(&key, "record").await })
+        let (json, fence): (Option<String>, Option<u64>) = self
+            .run(|mut c| async move { c.hmget(&key, &["record", "fence"]).await })
             .await?;
         let record: Option<TokenRecord> = json
             .map(|json| {
@@ -366,7 +409,8 @@ impl StateStore for RedisStore {
             })
             .transpose()?;
         if let Some(record) = &record {
-            self.recovery.saw_record(upstream, record);
+            self.recovery
+                .saw_record(upstream, record, fence.unwrap_or(0));
         }
         Ok(record)
     }
@@ -378,11 +422,11 @@ impl StateStore for RedisStore {
         lock: &RefreshLock,
     ) -> Result<(), StoreError> {
         let outcome = self
-            .write_record(upstream, record, Some(lock.fence))
+            .write_record(upstream, record, lock.fence, "save")
             .await?;
         match outcome.as_str() {
             "ok" => {
-                self.recovery.saw_record(upstream, record);
+                self.recovery.saw_record(upstream, record, lock.fence);
                 Ok(())
             }
             _ => Err(StoreError::Superseded {
@@ -453,7 +497,15 @@ impl StateStore for RedisStore {
         count: u64,
     ) -> Result<(), StoreError> {
         let counts = self.counts_key(upstream, period);
-        let _: u64 = self.days(&counts, "release", period, &[count], "").await?;
+        let epoch = self.recovery.epoch();
+        let released: i64 = self
+            .days(&counts, "release", period, &[count], &epoch)
+            .await?;
+        if released < 0 {
+            // The store lost its data since these counts were reserved: the count written
+            // back may not hold them, so they stay spent (under-admission, never over).
+            tracing::info!(%upstream, count, "not given back: the state store lost its data since they were reserved");
+        }
         Ok(())
     }
 
@@ -480,9 +532,7 @@ impl StateStore for RedisStore {
 
     async fn quota_used(&self, upstream: &str, period: &Period) -> Result<u64, StoreError> {
         let counts = self.counts_key(upstream, period);
-        let (used, version): (u64, u64) = self.days(&counts, "used", period, &[], "").await?;
-        self.recovery.saw_count(&counts, period, used, version);
-        Ok(used)
+        self.read_count(&counts, period).await
     }
 
     fn is_shared(&self) -> bool {
@@ -616,5 +666,37 @@ impl StateStore for RedisStore {
         };
         // A release waits for its keep-alive, then unlocks: two operations at most.
         let _ = tokio::time::timeout(2 * self.timeout, wait).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer that echoes what it was sent (the AUTH command) never gets the password into a
+    /// message, raw or percent-encoded, and a long answer is cut.
+    #[test]
+    fn what_a_server_says_is_cut_and_never_holds_the_password() {
+        let state = StateConfig {
+            store: Secret::from("redis://:pa%2Bss-word@127.0.0.1:1/0"),
+            ..StateConfig::default()
+        };
+        let Ok(crate::config::StoreLocation::Redis(url)) = state.location() else {
+            panic!("a redis:// location")
+        };
+        let store = RedisStore::open(&url, &state).unwrap();
+        let echoed = RedisError::from((
+            ErrorKind::Parse,
+            "unexpected answer",
+            format!("AUTH pa+ss-word / pa%2Bss-word {}", "x".repeat(1000)),
+        ));
+        let said = store.said(&echoed);
+        assert!(
+            !said.contains("pa+ss-word") && !said.contains("pa%2Bss-word"),
+            "{said}"
+        );
+        assert!(said.contains("[redacted]"), "{said}");
+        assert!(said.contains("check the host and port"), "{said}");
+        assert!(said.len() < 600, "{}", said.len());
     }
 }

@@ -132,6 +132,8 @@ pub struct TokenCache {
     /// Until when the redemption in the air, if any, may still be answered: a shutdown waits
     /// for it (see [`TokenCache::settle`]).
     pub(super) in_the_air: Mutex<Option<Instant>>,
+    /// Set by [`TokenCache::settle`]: the process is stopping, nothing new is sent.
+    pub(super) stopping: AtomicBool,
     /// This cache has served a record of its own lineage; a different lineage appearing in the
     /// store later means another process logged in anew, and this one must not redeem.
     pub(super) lineage_used: AtomicBool,
@@ -183,6 +185,7 @@ impl TokenCache {
             lineage: tokio::sync::Mutex::new(Lineage::default()),
             not_before: Mutex::new(None),
             in_the_air: Mutex::new(None),
+            stopping: AtomicBool::new(false),
             lineage_used: AtomicBool::new(false),
             runtime: Handle::try_current().ok(),
             next: OnceLock::new(),

@@ -19,10 +19,10 @@
 
 use super::backoff::Backoff;
 use super::cache::{lock, AccessToken, Counted, TokenCache};
-use super::grant::GrantError;
+use super::grant::{GrantError, Issued};
 use super::{new_record, whole_seconds, Purpose, TokenError, LOCK_MARGIN};
 use crate::config::Grant;
-use crate::secret::{fingerprint, Secret};
+use crate::secret::Secret;
 use crate::store::{RefreshLock, StoreError, TokenRecord};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
@@ -59,9 +59,6 @@ pub(super) struct Lineage {
     /// A final failure, with the store generation it happened on; cleared when the store holds
     /// a newer record of this lineage (a login) or the process restarts with a new seed.
     final_failure: Option<(TokenError, (u64, u64))>,
-    /// The refresh token (its fingerprint) whose redemption was sent and never answered, and
-    /// how many times in a row: the first is tried again at once, whatever the deadline.
-    unanswered: Option<(String, u32)>,
 }
 
 /// The outcome of one redemption attempt that did not produce a token.
@@ -71,9 +68,6 @@ pub(super) enum Attempt {
         reason: String,
         hint: Option<Duration>,
     },
-    /// A redemption was sent and no answer came: try the same refresh token once more, at
-    /// once, even past `auth.refresh_wait` (see [`TokenCache::classify`]).
-    Unanswered,
     /// A shared store that lost its data grants no lock for a while: waited out, whatever
     /// the deadline (client requests stop waiting at theirs).
     Recovering(String),
@@ -320,16 +314,6 @@ impl TokenCache {
                     }
                     (reason, hint)
                 }
-                Err(Attempt::Unanswered) => {
-                    self.count_refresh(Counted::Error);
-                    if !self
-                        .pause_until(Instant::now() + self.backoff_initial)
-                        .await
-                    {
-                        return Err(replaced());
-                    }
-                    continue;
-                }
                 Err(Attempt::Recovering(reason)) => {
                     tracing::debug!(upstream = %self.name, %reason, "waiting for the refresh lock");
                     if !self
@@ -398,17 +382,13 @@ impl TokenCache {
                 });
             }
         }
-        *lock(&self.in_the_air) = Some(Instant::now() + self.endpoint.longest_request());
-        let obtained = self.endpoint.obtain(refresh_token.as_ref()).await;
-        *lock(&self.in_the_air) = None;
-        let issued = match obtained {
+        let issued = match self.obtain(refresh_token.as_ref()).await? {
             Ok(issued) => issued,
             Err(e) => {
                 let position = (login_at_ms, stored_generation);
-                return Err(self.classify(e, lineage, position, refresh_token.as_ref()));
+                return Err(self.classify(e, lineage, position));
             }
         };
-        lineage.unanswered = None;
         let record = new_record(
             &self.seed_hash,
             issued,
@@ -526,37 +506,45 @@ impl TokenCache {
         })
     }
 
-    /// Sort a token endpoint's refusal; a final one holds until the store holds a record past
-    /// `position` (login time, generation) of the record redeemed. A redemption of `redeemed`
-    /// that was sent and never answered is tried again once at once; again unanswered, it is
-    /// retried as any failure is.
-    fn classify(
+    /// Send the token request, under the store lock (kept alive meanwhile). A redemption that
+    /// was sent and never answered is sent once more at once, still under the lock, and said
+    /// so: if the server never processed the first, that recovers; if it did, the next refresh
+    /// token was lost with the answer. Nothing new is sent once the process is stopping.
+    async fn obtain(
         &self,
-        e: GrantError,
-        lineage: &mut Lineage,
-        position: (u64, u64),
-        redeemed: Option<&Secret<String>>,
-    ) -> Attempt {
-        match e {
-            GrantError::Unanswered { reason } => {
-                let spent = redeemed.map_or_else(String::new, |t| fingerprint(t.expose()));
-                let times = match &mut lineage.unanswered {
-                    Some((same, n)) if *same == spent => {
-                        *n += 1;
-                        *n
-                    }
-                    other => {
-                        *other = Some((spent, 1));
-                        1
-                    }
-                };
-                if times == 1 {
-                    tracing::warn!(upstream = %self.name, %reason, "a refresh was sent and not answered: the identity server may have processed it. Sending the same refresh token once more: if the server never processed the first, this recovers; if it did, the next refresh token was lost with the answer, and a server that rotates strictly refuses this one (then run `tollgate login {}`)", self.name);
-                    return Attempt::Unanswered;
-                }
-                tracing::error!(upstream = %self.name, %reason, times, "a refresh was sent and not answered again; retrying with backoff");
-                Attempt::Retry { reason, hint: None }
+        refresh_token: Option<&Secret<String>>,
+    ) -> Result<Result<Issued, GrantError>, Attempt> {
+        let mut unanswered = 0;
+        loop {
+            if self.stopping.load(Ordering::Acquire) {
+                return Err(Attempt::Final(TokenError::Unavailable {
+                    reason: "tollgate is shutting down".into(),
+                    retry_after: Duration::from_secs(1),
+                }));
             }
+            *lock(&self.in_the_air) = Some(Instant::now() + self.endpoint.longest_request());
+            let obtained = self.endpoint.obtain(refresh_token).await;
+            *lock(&self.in_the_air) = None;
+            match obtained {
+                Err(GrantError::Unanswered { reason }) if unanswered == 0 => {
+                    unanswered += 1;
+                    tracing::warn!(upstream = %self.name, %reason, "a refresh was sent and not answered: the identity server may have processed it. Sending the same refresh token once more: if the server never processed the first, this recovers; if it did, the next refresh token was lost with the answer, and a server that rotates strictly refuses this one (then run `tollgate login {}`)", self.name);
+                    tokio::time::sleep(self.backoff_initial).await;
+                }
+                Err(GrantError::Unanswered { reason }) => {
+                    tracing::error!(upstream = %self.name, %reason, "a refresh was sent and not answered again; retrying with backoff");
+                    return Ok(Err(GrantError::Unanswered { reason }));
+                }
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// Sort a token endpoint's refusal; a final one holds until the store holds a record past
+    /// `position` (login time, generation) of the record redeemed.
+    fn classify(&self, e: GrantError, lineage: &mut Lineage, position: (u64, u64)) -> Attempt {
+        match e {
+            GrantError::Unanswered { reason } => Attempt::Retry { reason, hint: None },
             GrantError::InvalidGrant { .. } => {
                 let error = TokenError::NeedsLogin(match self.endpoint.grant() {
                     Grant::Password => format!(

@@ -9,6 +9,7 @@ use super::backoff::Backoff;
 use super::cache::{lock, AccessToken, TokenCache};
 use super::flight::{Flight, Progress};
 use crate::store::{RefreshLock, StoreError, TokenRecord};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -70,8 +71,11 @@ impl TokenCache {
     /// Wait, up to `wait`, until no flight is in the air, so that what one redeemed is saved
     /// (at shutdown, and before `tollgate token` exits); longer while a redemption is sent
     /// and its answer may still come (up to `auth.answer_timeout`), and then for its save.
-    /// Returns whether none is.
+    /// No token request is sent after this is called. Returns whether none is in the air.
     pub async fn settle(&self, wait: Duration) -> bool {
+        // A redemption in the air is waited for; none is started any more (the next start
+        // redeems what the store holds), so the wait is bounded by the one in the air.
+        self.stopping.store(true, Ordering::Release);
         let started = Instant::now();
         loop {
             let mut progress = match &*self.flight() {

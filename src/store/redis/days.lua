@@ -16,9 +16,13 @@
 --          lost its data a moment ago and grants nothing while the replicas write back
 -- restore: ARGV[4] a count and ARGV[5] the version the caller saw: the window's count is at
 --          least that from now on (after a loss), and its version past it -> {0, used, v}
--- release: ARGV[4] count -> 0
--- used:    -> {used, v}
+-- release: ARGV[4] count, ARGV[5] the epoch the caller knows -> 0; -1 (nothing given back)
+--          the epoch is not the caller's: the count since written back may not hold them
+-- used:    -> {used, v, the store's epoch or ''}
 local op, start, finish = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+if op == 'release' and redis.call('GET', KEYS[2]) ~= ARGV[5] then
+  return -1
+end
 if op == 'reserve' then
   if redis.call('GET', KEYS[2]) ~= ARGV[8] then
     return {-1, 0, 0}
@@ -50,7 +54,8 @@ for i = 1, #fields, 2 do
   end
 end
 if op == 'used' then
-  return {count, tonumber(redis.call('HGET', KEYS[1], 'v') or '0')}
+  return {count, tonumber(redis.call('HGET', KEYS[1], 'v') or '0'),
+    redis.call('GET', KEYS[2]) or ''}
 end
 if op == 'release' and mine == nil and #others == 0 then
   -- Nothing left to give back to (the window ended, or the hash expired): leave no key.

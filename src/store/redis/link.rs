@@ -1,11 +1,13 @@
 //! The one connection a replica keeps to Redis (multiplexed: every operation shares it), and
 //! how it is replaced.
 //!
-//! A connection that failed in any way is dropped, and the next operation makes a new one:
-//! after an I/O error, and also after a timeout, an answer that could not be parsed, an error
-//! reply, or a handshake that failed (a wrong password, a server that is not Redis). A store
-//! address that answered garbage for a while is therefore used again as soon as Redis answers
-//! there. A failed connect is not tried again for [`RETRY_AFTER`]: the operations meanwhile
+//! A connection that failed is dropped, and the next operation makes a new one: after an I/O
+//! error, and also after a timeout, an answer that could not be parsed, a refused
+//! authentication, a replica that is read-only (a failover), or a handshake that failed (a
+//! wrong password, a server that is not Redis). A store address that answered garbage for a
+//! while is therefore used again as soon as Redis answers there. An error reply that says
+//! nothing of the connection (out of memory, loading, busy) keeps it: replacing it would only
+//! add a handshake to every failing operation of every replica. A failed connect is not tried again for [`RETRY_AFTER`]: the operations meanwhile
 //! fail at once with its reason, rather than each waiting its own timeout.
 //!
 //! Must not: retry an operation (the caller decides), or hide why a connect failed.
@@ -128,17 +130,50 @@ impl Link {
         }
     }
 
-    /// An operation on connection `id` failed, or did not answer in time: unless it is one
-    /// only that operation's doing, the connection is dropped (when it is still the one in
-    /// use) and the next operation makes a new one.
+    /// An operation on connection `id` failed (`error`), or did not answer in time (`None`):
+    /// unless the error says nothing of the connection, it is dropped (when it is still the
+    /// one in use) and the next operation makes a new one.
     pub(super) fn failed(&self, id: u64, error: Option<&RedisError>) {
-        // A reply of a type the caller did not expect says nothing of the connection.
-        if error.is_some_and(|e| e.kind() == ErrorKind::UnexpectedReturnType) {
+        if error.is_some_and(|e| !breaks_the_connection(e)) {
             return;
         }
         let mut state = self.state();
         if matches!(&*state, State::Up { id: current, .. } if *current == id) {
             *state = State::Unused;
         }
+    }
+}
+
+/// Whether `error` means the connection cannot be trusted any more: the peer is not the Redis
+/// it was (a parse error, a refused authentication, a read-only replica after a failover) or
+/// the connection itself failed. An error reply of Redis's own (out of memory, loading, busy,
+/// a script's error) or an answer of another type than asked for does not.
+fn breaks_the_connection(error: &RedisError) -> bool {
+    match error.kind() {
+        ErrorKind::Server(_) | ErrorKind::Extension => {
+            matches!(
+                error.code(),
+                Some("READONLY" | "NOAUTH" | "WRONGPASS" | "MASTERDOWN")
+            )
+        }
+        ErrorKind::UnexpectedReturnType => false,
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_errors_that_say_something_of_the_connection_replace_it() {
+        let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(breaks_the_connection(&io));
+        let auth = RedisError::from((ErrorKind::AuthenticationFailed, "refused"));
+        assert!(breaks_the_connection(&auth));
+        let parse = RedisError::from((ErrorKind::Parse, "garbage"));
+        assert!(breaks_the_connection(&parse));
+        let typed = RedisError::from((ErrorKind::UnexpectedReturnType, "a string"));
+        assert!(!breaks_the_connection(&typed));
     }
 }

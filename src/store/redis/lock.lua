@@ -7,18 +7,20 @@
 -- ARGV[3] a value this process left set although none of its flights holds it (an attempt
 --         whose answer was lost, a release that failed), or '': taken back, not waited out
 -- ARGV[4] the epoch the caller knows
--- -> the new fence; 0 another holder has the lock; -1 the epoch is not the caller's (look at
---    it first: the store may have lost its data); -2 the store lost its data a moment ago and
---    grants no lock until every lock that may have been held has run out or been re-asserted
+-- -> {the new fence, 0}; {0, 0} another holder has the lock; {-1, 0} the epoch is not the
+--    caller's (look at it first: the store may have lost its data); {-2, ms left} the store
+--    lost its data a moment ago and grants no lock until every lock that may have been held
+--    has run out or been set again by its holder
 if redis.call('GET', KEYS[4]) ~= ARGV[4] then
-  return -1
+  return {-1, 0}
 end
 local held = redis.call('GET', KEYS[1])
 if held and held ~= ARGV[3] then
-  return 0
+  return {0, 0}
 end
-if redis.call('EXISTS', KEYS[5]) == 1 then
-  return -2
+local recovering = redis.call('PTTL', KEYS[5])
+if recovering > 0 then
+  return {-2, recovering}
 end
 local fence = redis.call('INCR', KEYS[2])
 local saved = tonumber(redis.call('HGET', KEYS[3], 'fence') or '0')
@@ -27,4 +29,4 @@ if fence <= saved then
   redis.call('SET', KEYS[2], fence)
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return fence
+return {fence, 0}

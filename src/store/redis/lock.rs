@@ -109,8 +109,8 @@ enum Taken {
     Held,
     /// The store's epoch is not the one this replica knows.
     Epoch,
-    /// The store lost its data a moment ago: no lock for a while.
-    Recovering,
+    /// The store lost its data a moment ago: no lock for this long.
+    Recovering(Duration),
 }
 
 impl RedisStore {
@@ -143,12 +143,12 @@ impl RedisStore {
                 .arg(hold_ms)
                 .arg(&left_over)
                 .arg(self.recovery.epoch());
-            let answer: i64 = self
+            let (answer, left_ms): (i64, i64) = self
                 .run(|mut c| async move { invocation.invoke_async(&mut c).await })
                 .await?;
             let taken = match answer {
                 -1 => Taken::Epoch,
-                -2 => Taken::Recovering,
+                -2 => Taken::Recovering(Duration::from_millis(left_ms.max(0) as u64)),
                 0 => Taken::Held,
                 fence => Taken::Fence(fence as u64),
             };
@@ -181,11 +181,15 @@ impl RedisStore {
                     self.check_epoch().await?;
                     continue;
                 }
-                Taken::Epoch | Taken::Recovering => {
+                Taken::Epoch | Taken::Recovering(_) => {
                     if started.elapsed() >= wait {
+                        let left = match taken {
+                            Taken::Recovering(left) => left,
+                            _ => self.lock_life(),
+                        };
                         return Err(StoreError::Recovering {
                             what: "no refresh lock is granted",
-                            left: self.lock_life(),
+                            left,
                         });
                     }
                     looked = false;
@@ -246,11 +250,13 @@ impl RedisStore {
         async move {
             let every = Duration::from_millis(hold_ms / 3)
                 .clamp(Duration::from_millis(100), KEEP_ALIVE_MAX);
+            // Closed once the store is gone: then only the beat wakes it.
+            let mut noticing = true;
             loop {
                 tokio::select! {
                     _ = ended.changed() => return,
                     _ = tokio::time::sleep(every) => {}
-                    _ = losses.changed() => {}
+                    noticed = losses.changed(), if noticing => noticing = noticed.is_ok(),
                 }
                 let mut invocation = extend.key(&key);
                 invocation

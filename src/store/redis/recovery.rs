@@ -15,8 +15,9 @@
 //!   its token request in the air) is not overtaken. Live holders set their locks again at
 //!   once (`extend.lua`), and keep them.
 //!
-//! Each replica writes back the newest token record it saved or read (`save.lua` without a
-//! fence: only over nothing, or over an older record of the same lineage) and the latest count of each window
+//! Each replica writes back the newest token record it saved or read (`save.lua restore`: only
+//! over nothing, or over an older record of the same lineage, with the fence it was saved
+//! under, so that fences only grow) and the latest count of each window
 //! it saw (`days.lua restore`: the store keeps the highest of these). A replica started after the loss, which knew no epoch, cannot
 //! tell a loss from a first start: it opens the short window for both, which a replica that
 //! knew the old epoch lengthens to a lock's life when it notices.
@@ -36,8 +37,8 @@ use tokio::sync::watch;
 pub(super) struct Recovery {
     /// The store's epoch as last seen; empty before the first look.
     epoch: Mutex<String>,
-    /// The newest token record saved or read, by upstream.
-    records: Mutex<HashMap<String, TokenRecord>>,
+    /// The newest token record saved or read, and the fence it was saved under, by upstream.
+    records: Mutex<HashMap<String, (TokenRecord, u64)>>,
     /// The latest count (by its version) seen of the current window, by counts hash: a count
     /// given back since is not counted again.
     counts: Mutex<HashMap<String, Seen>>,
@@ -77,14 +78,15 @@ impl Recovery {
         *self.losses.borrow()
     }
 
-    /// Remember `record` of `upstream` unless a later one of its lineage is known.
-    pub(super) fn saw_record(&self, upstream: &str, record: &TokenRecord) {
+    /// Remember `record` of `upstream`, saved under `fence`, unless a later one of its lineage
+    /// is known.
+    pub(super) fn saw_record(&self, upstream: &str, record: &TokenRecord, fence: u64) {
         let mut records = guard(&self.records);
         let newer = records
             .get(upstream)
-            .is_none_or(|k| k.seed_hash != record.seed_hash || record.is_after(k));
+            .is_none_or(|(k, _)| k.seed_hash != record.seed_hash || record.is_after(k));
         if newer {
-            records.insert(upstream.to_owned(), record.clone());
+            records.insert(upstream.to_owned(), (record.clone(), fence));
         }
     }
 
@@ -96,14 +98,17 @@ impl Recovery {
             count,
             version,
         });
-        if period.start_ms > seen.period.start_ms
-            || (period == &seen.period && version >= seen.version)
-        {
+        let later = period.start_ms > seen.period.start_ms
+            || (period == &seen.period && version > seen.version);
+        if later {
             *seen = Seen {
                 period: *period,
                 count,
                 version,
             };
+        } else if period == &seen.period && version == seen.version {
+            // Two replicas that wrote back can leave one version for two counts: the higher.
+            seen.count = seen.count.max(count);
         }
     }
 }
@@ -168,34 +173,43 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Read again the count of every current window this replica knows (each heartbeat), so
-    /// that what it would write back after a loss is at most a heartbeat old.
+    /// Read again the count of the current window of every schedule this replica counts in
+    /// (each heartbeat), so that what it would write back after a loss is at most a heartbeat
+    /// old, even of a day or a minute it has not served a request in.
     pub(super) async fn look_at_counts(&self) {
         let now = super::unix_ms();
         let windows: Vec<(String, Period)> = guard(&self.recovery.counts)
             .iter()
-            .filter(|(_, seen)| seen.period.end_ms > now)
-            .map(|(k, s)| (k.clone(), s.period))
+            .map(|(k, s)| (k.clone(), s.period.holding(now)))
             .collect();
         for (key, period) in windows {
-            let read: Result<(u64, u64), _> = self.days(&key, "used", &period, &[], "").await;
-            match read {
-                Ok((count, version)) => self.recovery.saw_count(&key, &period, count, version),
-                Err(_) => return,
+            if self.read_count(&key, &period).await.is_err() {
+                return;
             }
         }
+    }
+
+    /// The count of `period` in the counts hash `key`, remembered unless the store's epoch is
+    /// not the one this replica knows (a count read after a loss it has not noticed yet).
+    pub(super) async fn read_count(&self, key: &str, period: &Period) -> Result<u64, StoreError> {
+        let (count, version, epoch): (u64, u64, String) =
+            self.days(key, "used", period, &[], "").await?;
+        if !epoch.is_empty() && epoch == self.recovery.epoch() {
+            self.recovery.saw_count(key, period, count, version);
+        }
+        Ok(count)
     }
 
     /// Write back every token record and every count this replica knows (after a loss);
     /// whether all of it was.
     async fn write_back(&self) -> bool {
         let mut written = true;
-        let records: Vec<(String, TokenRecord)> = guard(&self.recovery.records)
+        let records: Vec<(String, (TokenRecord, u64))> = guard(&self.recovery.records)
             .iter()
             .map(|(u, r)| (u.clone(), r.clone()))
             .collect();
-        for (upstream, record) in records {
-            match self.restore_token(&upstream, &record).await {
+        for (upstream, (record, fence)) in records {
+            match self.restore_token(&upstream, &record, fence).await {
                 Ok(true) => {
                     tracing::warn!(%upstream, generation = record.generation, "wrote back the token record the state store lost")
                 }
@@ -230,12 +244,17 @@ impl RedisStore {
         written
     }
 
-    /// Write `record` back unless the store holds it, or a later one; whether it wrote.
+    /// Write `record` (saved under `fence`) back unless the store holds it, or a later one;
+    /// whether it wrote.
     async fn restore_token(
         &self,
         upstream: &str,
         record: &TokenRecord,
+        fence: u64,
     ) -> Result<bool, StoreError> {
-        Ok(self.write_record(upstream, record, None).await? == "ok")
+        let outcome = self
+            .write_record(upstream, record, fence, "restore")
+            .await?;
+        Ok(outcome == "ok")
     }
 }
