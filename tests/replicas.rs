@@ -35,6 +35,10 @@ async fn three_replicas_share_one_lineage() {
     };
     let (h, text) = on_redis(setup, &redis).await;
     let group = replicas(&text, 3).await;
+    for proxy in &group {
+        assert_eq!(common::get(url(proxy, "/warm")).await.status, 200);
+    }
+    let before = h.identity.counters().refreshes;
     let addrs: Vec<SocketAddr> = group.iter().map(|p| p.addr("api").unwrap()).collect();
     let started = std::time::Instant::now();
     let run_for = Duration::from_millis(5500);
@@ -62,10 +66,10 @@ async fn three_replicas_share_one_lineage() {
     assert!(total > 100, "load ran: {total}");
     h.assert_lineage_intact();
     assert!(h.api.counters().rejected >= 2, "the forced 401s were seen");
-    // A 3 s token is refreshed ahead after 1.6 s: over 5.5 s, 1 first + 2 forced + about 3
-    // ahead for the group. Each replica on its own would make three times as many.
-    let refreshes = h.identity.counters().refreshes;
-    assert!((4..=9).contains(&refreshes), "refreshes: {refreshes}");
+    // A 3 s token is refreshed ahead after 1.6 s: over 5.5 s, 2 forced + about 3 ahead for
+    // the group. Each replica on its own would make three times as many.
+    let refreshes = h.identity.counters().refreshes - before;
+    assert!((3..=8).contains(&refreshes), "refreshes: {refreshes}");
     for proxy in group {
         proxy.shutdown().await;
     }
@@ -94,6 +98,16 @@ fn in_use(redis: &RedisServer) {
     redis.command(&["SET", "tollgate:epoch", "1-in-use"]);
 }
 
+/// Let `stores` connect and their connections age past the moment after a (re)connection in
+/// which no lock is asked for (a Redis restarted from a snapshot may have lost locks, which
+/// their holders set again first).
+async fn connected(stores: &[&RedisStore]) {
+    for store in stores {
+        store.heartbeat().await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+}
+
 fn record(generation: u64, refresh: &str) -> TokenRecord {
     TokenRecord {
         seed_hash: "lineage".into(),
@@ -114,6 +128,7 @@ async fn a_paused_replica_cannot_save_over_a_newer_lineage() {
     let redis = RedisServer::start();
     in_use(&redis);
     let (paused, other) = (store(&redis), store(&redis));
+    connected(&[&paused, &other]).await;
     let hold = Duration::from_secs(30);
     let stale = paused
         .lock_refresh("api", Duration::ZERO, hold)
@@ -181,6 +196,7 @@ async fn a_lock_left_over_by_this_process_is_taken_back() {
     let redis = RedisServer::start();
     in_use(&redis);
     let (ours, theirs) = (store(&redis), store(&redis));
+    connected(&[&ours, &theirs]).await;
     let left = format!("{}:0123456789abcdef", ours.replica());
     redis.command(&["SET", "tollgate:api:lock", &left, "PX", "60000"]);
     let hold = Duration::from_secs(30);
@@ -619,6 +635,7 @@ async fn a_held_lock_is_kept_alive() {
     let redis = RedisServer::start();
     in_use(&redis);
     let (holder, other) = (store(&redis), store(&redis));
+    connected(&[&holder, &other]).await;
     let short = Duration::from_secs(1);
     let held = holder
         .lock_refresh("api", Duration::ZERO, short)
@@ -813,6 +830,7 @@ async fn one_holder_at_a_time_within_a_process() {
     let redis = RedisServer::start();
     in_use(&redis);
     let shared = Arc::new(store(&redis));
+    connected(&[&shared]).await;
     let holders = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..8 {

@@ -84,7 +84,17 @@ fn signal(spawned: &common::Spawned, which: &str) {
 /// token. The holder keeps (or sets again) its lock and saves what it got; the second waits
 /// for the lock and adopts it: one redemption, no reuse, both served, the record in Redis.
 async fn one_redemption_for_two(late: Duration, meanwhile: impl FnOnce(&mut RedisServer)) {
-    let mut redis = RedisServer::start();
+    two_replicas_one_redemption(RedisServer::start(), late, |_| {}, meanwhile).await;
+}
+
+/// [`one_redemption_for_two`] on `redis`, with `first` done to it once both replicas are
+/// warm, before the refresh.
+async fn two_replicas_one_redemption(
+    mut redis: RedisServer,
+    late: Duration,
+    first: impl FnOnce(&mut RedisServer),
+    meanwhile: impl FnOnce(&mut RedisServer),
+) {
     let setup = Setup {
         extra_auth: LOCK_11S.into(),
         ..Setup::default()
@@ -94,6 +104,9 @@ async fn one_redemption_for_two(late: Duration, meanwhile: impl FnOnce(&mut Redi
     for proxy in &group {
         assert_eq!(common::get(url(proxy, "/warm")).await.status, 200);
     }
+    // A few heartbeats, so that each replica has seen the store's clock move on.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first(&mut redis);
     let before = h.identity.counters();
     h.identity.answer_late(1, late);
     h.identity.expire_access_tokens();
@@ -136,6 +149,20 @@ async fn flushall_during_a_refresh_redeems_nothing_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_without_persistence_during_a_refresh_redeems_nothing_twice() {
     one_redemption_for_two(Duration::from_secs(2), RedisServer::restart_empty).await;
+}
+
+/// The same with a restart from a snapshot taken before the refresh: the epoch comes back,
+/// the lock does not. The holder sets it again before anyone may ask for one on a new
+/// connection, and the store's clock, gone back, tells the replicas it lost data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_from_an_older_snapshot_during_a_refresh_redeems_nothing_twice() {
+    two_replicas_one_redemption(
+        RedisServer::start_with_snapshots(),
+        Duration::from_secs(2),
+        |redis| redis.snapshot(),
+        RedisServer::restart_from_snapshot,
+    )
+    .await;
 }
 
 /// Send GETs to `proxy` until `n` were admitted or refused by the quota; a 503 (the store

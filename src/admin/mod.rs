@@ -28,6 +28,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// How long `/`, `/status` and `/metrics` wait for the day's use to be read.
 const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
@@ -58,7 +59,17 @@ impl Admin {
     /// a rotated refresh token not saved yet — makes it `degraded`, still 200, so that a load
     /// balancer does not take every replica out at once while they can still serve.
     fn readiness(&self) -> Response<ProxyBody> {
-        let store_problem = self.store.health().and_then(|h| h.problem);
+        let health = self.store.health();
+        let store_problem = health.as_ref().and_then(|h| {
+            h.problem.clone().or_else(|| {
+                h.recovering.map(|left| {
+                    format!(
+                        "it lost its data a moment ago; no count is reserved while the replicas write back what they know ({} more)",
+                        humantime::format_duration(Duration::from_secs(left.as_secs() + 1))
+                    )
+                })
+            })
+        });
         let (mut unready, mut degraded) = (Vec::new(), Vec::new());
         for u in &self.upstreams {
             let reason = u.tokens.unready_reason();

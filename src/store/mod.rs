@@ -328,6 +328,8 @@ pub struct StoreHealth {
     pub errors: u64,
     /// How many times this replica found that the store had lost its data.
     pub losses: u64,
+    /// How much longer no count is reserved after a loss, as far as this replica knows.
+    pub recovering: Option<Duration>,
 }
 
 /// What `tollgate check` can tell of the store without changing anything: a file store's

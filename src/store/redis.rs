@@ -472,10 +472,12 @@ impl StateStore for RedisStore {
                     ))
                 }
                 -2 => {
+                    let left = Duration::from_millis(used.max(0) as u64);
+                    self.recovery.recovering_for(left);
                     return Err(StoreError::Recovering {
                         what: "no count is reserved",
-                        left: Duration::from_millis(used.max(0) as u64),
-                    })
+                        left,
+                    });
                 }
                 _ => {
                     let (granted, used, version) = (granted as u64, used as u64, version as u64);
@@ -555,6 +557,7 @@ impl StateStore for RedisStore {
                 .clone(),
             errors: self.errors.load(Ordering::Relaxed),
             losses: self.recovery.losses_noticed(),
+            recovering: self.recovery.recovering(),
         })
     }
 

@@ -354,6 +354,13 @@ impl TokenCache {
         lock_wait: Duration,
         progress: &watch::Sender<Progress>,
     ) -> Result<Arc<AccessToken>, Attempt> {
+        // A token another process saved is adopted without the lock: it is only read (a
+        // shared store may keep the lock from a process for a moment after it connects).
+        if lineage.final_failure.is_none() {
+            if let Some(token) = self.adopt_stored(purpose).await {
+                return Ok(token);
+            }
+        }
         let mut retired = self.retired.subscribe();
         let store_lock = tokio::select! {
             taken = self.store.lock_refresh(&self.name, lock_wait, self.request_timeout + LOCK_MARGIN) => taken.map_err(Attempt::store)?,
@@ -431,6 +438,35 @@ impl TokenCache {
         Ok(token)
     }
 
+    /// The stored token, published, when it is of this lineage and good enough for
+    /// `purpose`; read without the lock, so any doubt (a store that fails, another lineage)
+    /// is left to the locked path.
+    async fn adopt_stored(&self, purpose: Purpose) -> Option<Arc<AccessToken>> {
+        let record = self.store.load_token(&self.name).await.ok()??;
+        let behind = lock(&self.known)
+            .as_ref()
+            .is_some_and(|k| k.seed_hash == record.seed_hash && k.is_after(&record));
+        // Another lineage, or a store that went back (written back under the lock).
+        if record.seed_hash != self.seed_hash || behind {
+            return None;
+        }
+        let token = self.adoptable(&record, purpose)?;
+        self.remember(&record);
+        Some(self.adopt(token))
+    }
+
+    /// Put `token`, saved by another process (or an earlier run), on requests.
+    fn adopt(&self, token: AccessToken) -> Arc<AccessToken> {
+        // The first token this process uses was stored before it (by `tollgate login` or an
+        // earlier run); a later one was refreshed by another process.
+        if self.lineage_used.swap(true, Ordering::AcqRel) {
+            tracing::info!(upstream = %self.name, generation = token.generation, token = %token.fingerprint, "using the token another process refreshed");
+        } else {
+            tracing::info!(upstream = %self.name, generation = token.generation, token = %token.fingerprint, "using the stored token");
+        }
+        self.publish(token)
+    }
+
     /// Under the store lock: what the store holds decides whether to adopt a token another
     /// process saved, to redeem (which refresh token, at which generation), or neither.
     async fn consult(
@@ -469,14 +505,7 @@ impl TokenCache {
         }
         if let Some(record) = &stored {
             if let Some(token) = self.adoptable(record, purpose) {
-                // The first token this process uses was stored before it (by `tollgate login`
-                // or an earlier run); a later one was refreshed by another process.
-                if self.lineage_used.swap(true, Ordering::AcqRel) {
-                    tracing::info!(upstream = %self.name, generation = token.generation, token = %token.fingerprint, "using the token another process refreshed");
-                } else {
-                    tracing::info!(upstream = %self.name, generation = token.generation, token = %token.fingerprint, "using the stored token");
-                }
-                return Ok(Consulted::Adopted(self.publish(token)));
+                return Ok(Consulted::Adopted(self.adopt(token)));
             }
         }
         if wrote_back {

@@ -11,6 +11,8 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     /// TLS only (`rediss://`), with a password: the CA's PEM that signed its certificate.
     tls_ca: Option<String>,
+    /// Persists only by snapshots the test takes ([`RedisServer::snapshot`]), not every write.
+    snapshots_only: bool,
 }
 
 /// The password of a server started with [`RedisServer::start_tls`].
@@ -27,6 +29,30 @@ impl RedisServer {
     /// ([`RedisServer::ca_file`]) and a password ([`PASSWORD`]).
     pub fn start_tls() -> RedisServer {
         RedisServer::start_with(true)
+    }
+
+    /// Like [`RedisServer::start`], but persisting only the snapshots the test takes: a
+    /// restart comes back with the last one ([`RedisServer::restart_from_snapshot`]).
+    pub fn start_with_snapshots() -> RedisServer {
+        let mut server = RedisServer::start();
+        server.stop();
+        server.snapshots_only = true;
+        let _ = std::fs::remove_dir_all(server.dir.path().join("appendonlydir"));
+        server.run();
+        server
+    }
+
+    /// Write the data to disk now (`SAVE`).
+    pub fn snapshot(&self) {
+        assert!(self.snapshots_only, "start_with_snapshots");
+        self.command(&["SAVE"]);
+    }
+
+    /// Kill the server and start it again with the last snapshot: what was written since is
+    /// lost, the rest comes back.
+    pub fn restart_from_snapshot(&mut self) {
+        assert!(self.snapshots_only, "start_with_snapshots");
+        self.restart();
     }
 
     /// Like [`RedisServer::start`], on `port` (one a test held for something else first).
@@ -52,6 +78,7 @@ impl RedisServer {
             port,
             dir: tempfile::tempdir().unwrap(),
             tls_ca: None,
+            snapshots_only: false,
         };
         if tls {
             let ca = super::certs::make_ca("redis");
@@ -81,17 +108,21 @@ impl RedisServer {
         } else {
             command.args(["--port", &port]);
         }
-        let child = command
-            .args(["--dir", &dir.display().to_string()])
+        command.args(["--dir", &dir.display().to_string()]);
+        if self.snapshots_only {
+            command.args(["--appendonly", "no", "--save", ""]);
+        } else {
             // Persist every write, so a restart keeps the data (as tollgate asks of Redis).
-            .args([
+            command.args([
                 "--appendonly",
                 "yes",
                 "--appendfsync",
                 "always",
                 "--save",
                 "",
-            ])
+            ]);
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -32,6 +32,7 @@ enum State {
     Up {
         id: u64,
         conn: MultiplexedConnection,
+        since: Instant,
     },
     Down {
         at: Instant,
@@ -59,7 +60,15 @@ impl Link {
 
     fn up(&self) -> Option<(u64, MultiplexedConnection)> {
         match &*self.state() {
-            State::Up { id, conn } => Some((*id, conn.clone())),
+            State::Up { id, conn, .. } => Some((*id, conn.clone())),
+            _ => None,
+        }
+    }
+
+    /// How long the connection in use has been up; `None` without one.
+    pub(super) fn age(&self) -> Option<Duration> {
+        match &*self.state() {
+            State::Up { since, .. } => Some(since.elapsed()),
             _ => None,
         }
     }
@@ -89,6 +98,7 @@ impl Link {
                 *state = State::Up {
                     id,
                     conn: conn.clone(),
+                    since: Instant::now(),
                 };
                 Ok((id, conn))
             }

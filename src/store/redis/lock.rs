@@ -18,6 +18,11 @@ use tokio::sync::{watch, Notify};
 const LOCK_POLL: Duration = Duration::from_millis(50);
 /// How often a held lock is kept alive at least: a lock the store lost is set again within it.
 const KEEP_ALIVE_MAX: Duration = Duration::from_secs(1);
+/// No lock is asked for on a connection younger than this. A Redis that restarted from an
+/// older snapshot, or a stale replica failed over to, has lost the locks set since without
+/// anything to show for it at once; the holders, reconnecting too, set theirs again within a
+/// keep-alive (and a failed connect's retry), before anyone else may take one.
+const FRESH_CONNECTION: Duration = Duration::from_secs(3);
 
 #[derive(Default)]
 pub(super) struct Releasing {
@@ -128,6 +133,22 @@ impl RedisStore {
         let mut left_over = String::new();
         let mut looked = false;
         loop {
+            if self.recovery.epoch().is_empty() {
+                self.check_epoch().await?;
+            }
+            // The connection, made now if it was lost: how long it has been up.
+            self.run(|_| async { Ok(()) }).await?;
+            if let Some(age) = self.link.age().filter(|a| *a < FRESH_CONNECTION) {
+                let gate = FRESH_CONNECTION - age;
+                if started.elapsed() + gate > wait {
+                    return Err(StoreError::Recovering {
+                        what: "no refresh lock is asked for on a connection just made",
+                        left: gate,
+                    });
+                }
+                tokio::time::sleep(gate).await;
+                continue;
+            }
             let taken_at = Instant::now();
             let value = format!("{}:{:016x}", self.id, rand::random::<u64>());
             // Counted as held from before the request: another flight of this process that
@@ -139,18 +160,24 @@ impl RedisStore {
                 .key(self.key(upstream, "token"))
                 .key(self.store_key("epoch"))
                 .key(self.store_key("recovery:locks"))
+                .key(self.store_key("clock"))
                 .arg(&value)
                 .arg(hold_ms)
                 .arg(&left_over)
                 .arg(self.recovery.epoch());
-            let (answer, left_ms): (i64, i64) = self
+            let (answer, n): (i64, i64) = self
                 .run(|mut c| async move { invocation.invoke_async(&mut c).await })
                 .await?;
             let taken = match answer {
                 -1 => Taken::Epoch,
-                -2 => Taken::Recovering(Duration::from_millis(left_ms.max(0) as u64)),
+                -2 => Taken::Recovering(Duration::from_millis(n.max(0) as u64)),
                 0 => Taken::Held,
-                fence => Taken::Fence(fence as u64),
+                fence => {
+                    // The store's clock as this lock moved it: should the store come back
+                    // from before it, this replica knows.
+                    self.recovery.saw_clock(n.max(0) as u64);
+                    Taken::Fence(fence as u64)
+                }
             };
             match taken {
                 Taken::Fence(fence) => {

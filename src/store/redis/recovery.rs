@@ -1,10 +1,12 @@
 //! When Redis loses its data (FLUSHALL, a restart without persistence): noticing it, and
 //! what every live replica does then.
 //!
-//! The store holds an *epoch*, written once (`epoch.lua`). Every lock and every reservation
-//! names the epoch its replica knows, and the heartbeat looks at it: a store without it, or
-//! with another, lost its data — every lock and count may be gone, whoever held them. The
-//! replica that finds it gone writes a new one and opens two recovery windows:
+//! The store holds an *epoch*, written once, and a *clock* every look bumps (`epoch.lua`).
+//! Every lock and every reservation names the epoch its replica knows, and the heartbeat
+//! looks at both: a store without the epoch, or with another, or whose clock went back to or
+//! below what the replica saw (an older snapshot, a stale replica) lost its data — every lock
+//! and count written since may be gone, whoever held them. The replica that finds it so
+//! writes a new epoch and opens two recovery windows:
 //!
 //! - **counts** (two heartbeats and a store timeout): no reservation is granted, so that every
 //!   live replica notices (its heartbeat) and writes back the latest count it saw of each
@@ -27,9 +29,9 @@
 use super::RedisStore;
 use crate::store::{Period, StoreError, TokenRecord};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// What this replica knows of the store, to write back should it lose its data.
@@ -37,6 +39,12 @@ use tokio::sync::watch;
 pub(super) struct Recovery {
     /// The store's epoch as last seen; empty before the first look.
     epoch: Mutex<String>,
+    /// The highest clock seen (see `epoch.lua`): one at or below it means the store went
+    /// back in time.
+    clock: AtomicU64,
+    /// Until when no reservation is granted after a loss this replica noticed, as far as it
+    /// knows: `/readyz` says so.
+    counts_until: Mutex<Option<Instant>>,
     /// The newest token record saved or read, and the fence it was saved under, by upstream.
     records: Mutex<HashMap<String, (TokenRecord, u64)>>,
     /// The latest count (by its version) seen of the current window, by counts hash: a count
@@ -71,6 +79,22 @@ impl Recovery {
     /// A receiver that changes each time a loss is noticed.
     pub(super) fn losses(&self) -> watch::Receiver<u64> {
         self.losses.subscribe()
+    }
+
+    /// The store's clock as an operation of this replica moved it.
+    pub(super) fn saw_clock(&self, clock: u64) {
+        self.clock.fetch_max(clock, Ordering::AcqRel);
+    }
+
+    /// How long, as far as this replica knows, no reservation is granted after a loss.
+    pub(super) fn recovering(&self) -> Option<Duration> {
+        let until = (*guard(&self.counts_until))?;
+        until.checked_duration_since(Instant::now())
+    }
+
+    /// No reservation is granted for `left`.
+    pub(super) fn recovering_for(&self, left: Duration) {
+        *guard(&self.counts_until) = Some(Instant::now() + left);
     }
 
     /// How many losses this replica noticed.
@@ -136,21 +160,24 @@ impl RedisStore {
     pub(super) async fn check_epoch(&self) -> Result<(), StoreError> {
         let _one_at_a_time = self.recovery.looking.lock().await;
         let known = self.recovery.epoch();
-        let now = super::unix_ms();
-        let fresh = format!("{now}-{:016x}", rand::random::<u64>());
         let mut invocation = self.scripts.epoch.key(self.store_key("epoch"));
         invocation
             .key(self.store_key("recovery:locks"))
             .key(self.store_key("recovery:counts"))
+            .key(self.store_key("clock"))
             .arg(&known)
-            .arg(&fresh)
-            .arg(now)
+            .arg(self.recovery.clock.load(Ordering::Acquire))
+            .arg(format!("{:016x}", rand::random::<u64>()))
             .arg(self.counts_window().as_millis() as u64)
             .arg(self.lock_life().as_millis() as u64);
-        let (epoch, status): (String, u8) = self
+        let (epoch, status, clock): (String, u8, u64) = self
             .run(|mut c| async move { invocation.invoke_async(&mut c).await })
             .await?;
         *guard(&self.recovery.epoch) = epoch;
+        self.recovery.saw_clock(clock);
+        if status != 0 {
+            self.recovery.recovering_for(self.counts_window());
+        }
         let found = match status {
             0 => Found::Known,
             1 => Found::Changed,
@@ -162,7 +189,7 @@ impl RedisStore {
                 tracing::info!(store = %self.shown, window = ?self.counts_window(), "the state store holds no epoch: a first start on it, or it lost its data before this replica knew it; no refresh lock or reservation is granted for a moment, while replicas that knew it write back");
             }
             (_, _) => {
-                tracing::warn!(store = %self.shown, noticed_first = (found == Found::Gone), "the state store lost its data (flushed, or restarted without persistence): writing back the newest token records and the latest counts this replica knows; no reservation for {}, no refresh lock for {}", humantime::format_duration(self.counts_window()), humantime::format_duration(self.lock_life().max(self.counts_window())));
+                tracing::warn!(store = %self.shown, noticed_first = (found == Found::Gone), "the state store lost its data (flushed, restarted without persistence or from an older snapshot, failed over to a stale replica): writing back the newest token records and the latest counts this replica knows; no reservation for {}, no refresh lock for {}", humantime::format_duration(self.counts_window()), humantime::format_duration(self.lock_life().max(self.counts_window())));
                 self.recovery.losses.send_modify(|n| *n += 1);
                 self.recovery.unwritten.store(true, Ordering::Release);
             }
