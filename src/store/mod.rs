@@ -309,6 +309,13 @@ pub trait StateStore: Send + Sync {
     }
 }
 
+/// Wall-clock milliseconds, as records and a shared store's scripts compare them.
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// How often a replica shows itself to the others on a shared store by default
 /// (`[state] heartbeat`); one not seen for six heartbeats is forgotten.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);

@@ -4,9 +4,10 @@
 //! Keys live under `{prefix}:{upstream}:` (`[state] prefix`, default `tollgate`):
 //!
 //! - `token` — a hash: the record (JSON, as the file store writes it), its `generation`,
-//!   `seed_hash`, and the `fence` of the lock it was saved under;
-//! - `lock` — the refresh lock, set with its holder's id and a nonce, living longer than a
-//!   token request (`auth.timeout`), so a holder that dies cannot hold it forever;
+//!   `seed_hash`, `login_at`, and the `fence` of the lock it was saved under;
+//! - `lock` — the refresh lock, set with its holder's id and a nonce, living `auth.timeout`
+//!   and a margin and kept alive while its holder works (a token request's answer awaited, a
+//!   save retried), so a holder that dies cannot hold it for long;
 //! - `fence` — a counter, never expiring, bumped each time the lock is taken;
 //! - `days` — a hash of day counts by span (`start-end` in Unix ms), and its version (`v`),
 //!   expiring two days after its last reservation;
@@ -17,7 +18,8 @@
 //!   after its last reservation.
 //!
 //! And for the whole store, under `{prefix}:`: `replicas` (the heartbeats), `epoch` (written
-//! once; a store without it lost its data) and, for a moment after a loss,
+//! once; a store without it lost its data), `clock` (bumped by every look and every lock; a
+//! store whose clock went back lost data too) and, for a moment after a loss,
 //! `recovery:locks` and `recovery:counts` ([`recovery`]).
 //!
 //! Every write that decides something is a Lua script (`redis/*.lua`, loaded with EVALSHA):
@@ -34,7 +36,7 @@ mod listener;
 mod lock;
 mod recovery;
 
-use super::TokenRecord;
+use super::{unix_ms, TokenRecord};
 use super::{Period, RefreshLock, Reservation, Seen, StateStore, StoreError, StoreHealth, Used};
 use crate::config::{RedisUrl, StateConfig};
 use crate::secret::Secret;
@@ -105,13 +107,6 @@ struct Scripts {
     extend: Script,
     usage: Script,
     epoch: Script,
-}
-
-/// Wall-clock milliseconds, as the scripts compare them.
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The longest error text of a server's that messages repeat.
@@ -322,6 +317,7 @@ impl RedisStore {
                 ],
                 announced: Arc::downgrade(&self.announced),
                 open: self.open.subscribe(),
+                ping_every: self.heartbeat,
             };
             tokio::runtime::Handle::try_current()
                 .ok()?

@@ -326,9 +326,9 @@ impl TokenEndpoint {
             None if spends => {
                 return Err(GrantError::Unanswered {
                     reason: format!(
-                        "the token endpoint {} did not answer within auth.answer_timeout ({})",
+                        "the token endpoint {} did not answer within auth.timeout + auth.answer_timeout ({})",
                         shown(&self.url),
-                        humantime::format_duration(self.answer_timeout)
+                        humantime::format_duration(self.longest_request() - LAST_LOOK)
                     ),
                 })
             }

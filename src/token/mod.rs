@@ -59,7 +59,7 @@ use crate::config::Grant;
 use crate::secret::{sha256_hex, Secret};
 use crate::store::TokenRecord;
 use grant::Issued;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// Why no token could be had. Cloned to every request that waited on the same refresh.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -96,13 +96,8 @@ enum Purpose {
 /// lives: the store's reads and the save fit in it too.
 pub(crate) const LOCK_MARGIN: Duration = Duration::from_secs(10);
 
-/// Wall-clock milliseconds: stored deadlines must survive a restart, which `Instant` does not.
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+// Wall-clock milliseconds: stored deadlines must survive a restart, which `Instant` does not.
+use crate::store::unix_ms;
 
 /// A duration as a `Retry-After` value: whole seconds, at least 1.
 fn whole_seconds(d: Duration) -> Duration {

@@ -1,7 +1,12 @@
-//! When the store lost records (a Redis flushed, or failed over to a stale replica): the newest
-//! record this process knows of its lineage is written back — by the flight that finds the
-//! store holding less, and by the refresh-ahead task when another replica announces less —
-//! so the lineage never goes back to an old, long-rotated refresh token.
+//! When the store lost records: the newest record this process knows of its lineage is
+//! written back — by the flight that finds the store holding less, under the lock, and by the
+//! refresh-ahead task when another replica announces less — so the lineage never goes back to
+//! an old, long-rotated refresh token.
+//!
+//! Whatever the store: a file store restored from an old backup, or a shared store that went
+//! back without anyone noticing yet. A Redis store also notices a loss by itself and writes
+//! back what it saw, without a lock, as soon as it notices (`store/redis/recovery.rs`); this
+//! is the net below that, at the moment a refresh would otherwise redeem an old token.
 
 use super::cache::{lock, TokenCache};
 use super::flight::Attempt;

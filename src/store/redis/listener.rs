@@ -19,6 +19,8 @@ pub(super) struct Listener {
     pub(super) announced: std::sync::Weak<Mutex<HashMap<String, watch::Sender<u64>>>>,
     /// Closed when the store is dropped.
     pub(super) open: watch::Receiver<()>,
+    /// How often a silent connection is pinged (`[state] heartbeat`).
+    pub(super) ping_every: Duration,
 }
 
 impl Listener {
@@ -58,7 +60,7 @@ impl Listener {
     async fn receive(&self, pubsub: redis::aio::PubSub) -> bool {
         use futures_util::StreamExt;
         let (mut sink, mut messages) = pubsub.split();
-        let mut ping = tokio::time::interval(crate::store::HEARTBEAT);
+        let mut ping = tokio::time::interval(self.ping_every);
         loop {
             tokio::select! {
                 message = messages.next() => match message {
