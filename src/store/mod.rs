@@ -186,10 +186,10 @@ pub enum StoreError {
     /// would wait for it in turn fail at once.
     #[error("{0} (a moment ago; asked again within a second)")]
     Recently(String),
-    /// A shared store lost its data a moment ago (flushed, restarted without persistence):
-    /// while the replicas write back what they know, `what` for `left` at most.
-    #[error("the state store lost its data a moment ago; while the replicas write back what they know, {what} (for {} at most)", humantime::format_duration(*.left))]
-    Recovering { what: &'static str, left: Duration },
+    /// A shared store lost its data a moment ago, or its connection was just made: `why`
+    /// nothing is granted, for `left` at most. Waited out, not a failure of the store.
+    #[error("{why} (for {} at most)", humantime::format_duration(*.left))]
+    Recovering { why: &'static str, left: Duration },
     /// `state.store` names no store this version can open.
     #[error("state.store: {0}")]
     Location(String),

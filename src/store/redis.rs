@@ -471,7 +471,7 @@ impl StateStore for RedisStore {
                     let left = Duration::from_millis(used.max(0) as u64);
                     self.recovery.recovering_for(left);
                     return Err(StoreError::Recovering {
-                        what: "no count is reserved",
+                        why: "the state store lost its data a moment ago; no count is reserved while the replicas write back what they know",
                         left,
                     });
                 }

@@ -142,7 +142,7 @@ impl RedisStore {
                 let gate = FRESH_CONNECTION - age;
                 if started.elapsed() + gate > wait {
                     return Err(StoreError::Recovering {
-                        what: "no refresh lock is asked for on a connection just made",
+                        why: "no refresh lock is asked for on a connection to the state store just made: a Redis that restarted or failed over may have lost locks, which their holders set again first",
                         left: gate,
                     });
                 }
@@ -215,7 +215,7 @@ impl RedisStore {
                             _ => self.lock_life(),
                         };
                         return Err(StoreError::Recovering {
-                            what: "no refresh lock is granted",
+                            why: "the state store lost its data a moment ago; no refresh lock is granted while a holder it cannot see may still wait for its answer",
                             left,
                         });
                     }
