@@ -2,14 +2,17 @@
 //!
 //! ```text
 //! Idle ──(a request, or the refresh-ahead task, needs a token)──► Busy: a task is spawned
-//! Busy:  lock the store ─► read it ─► adopt a newer record, or redeem ─► save ─► unlock
+//! Busy:  a newer record in the store? adopt it (read only) ─► Idle
+//!        else lock the store ─► read it ─► adopt a newer record, or redeem ─► save ─► unlock
 //!        ─► publish ─► Idle, and every waiter gets the result
 //! Busy, the save failed: publish, answer the waiters at once (Unsaved), keep the lock and
 //!        retry the save with backoff ─► Idle once saved
 //! ```
 //!
-//! Requests wait for a flight's [`Progress`], never for its task: one that goes away drops its
-//! receiver and nothing else. A request that arrives while a flight is in the air joins it;
+//! Requests wait for a flight's [`Progress`], never for its task, and for `auth.refresh_wait`
+//! at most: one that goes away drops its receiver and nothing else. A redemption, once sent,
+//! is awaited until its answer or its connection's end (`auth.answer_timeout` at most),
+//! under the lock; one never answered is sent once more, still under the lock. A request that arrives while a flight is in the air joins it;
 //! one that needs more than the flight brought (a newer generation than it adopted) starts the
 //! next. A failing flight retries with backoff until `auth.refresh_wait` is over, holding no
 //! lock between attempts; a reload that retires the cache ends those waits at once.
@@ -543,7 +546,7 @@ impl TokenCache {
         &self,
         refresh_token: Option<&Secret<String>>,
     ) -> Result<Result<Issued, GrantError>, Attempt> {
-        let mut unanswered = 0;
+        let mut sent_again = false;
         loop {
             if self.stopping.load(Ordering::Acquire) {
                 return Err(Attempt::Final(TokenError::Unavailable {
@@ -555,8 +558,8 @@ impl TokenCache {
             let obtained = self.endpoint.obtain(refresh_token).await;
             *lock(&self.in_the_air) = None;
             match obtained {
-                Err(GrantError::Unanswered { reason }) if unanswered == 0 => {
-                    unanswered += 1;
+                Err(GrantError::Unanswered { reason }) if !sent_again => {
+                    sent_again = true;
                     tracing::warn!(upstream = %self.name, %reason, "a refresh was sent and not answered: the identity server may have processed it. Sending the same refresh token once more: if the server never processed the first, this recovers; if it did, the next refresh token was lost with the answer, and a server that rotates strictly refuses this one (then run `tollgate login {}`)", self.name);
                     tokio::time::sleep(self.backoff_initial).await;
                 }

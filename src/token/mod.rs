@@ -21,13 +21,18 @@
 //!
 //! # When locks are released
 //!
-//! - The store's refresh lock is taken before the store is read, and released only once the
-//!   new record is durably saved. A store that finishes a write in the background keeps a
-//!   share of the lock until the write has landed ([`crate::store::RefreshLock::share`]).
+//! - The store's refresh lock is taken before the store is read (a token another process
+//!   saved is adopted without it: that only reads), and released only once the new record is
+//!   durably saved. A store that finishes a write in the background keeps a share of the lock
+//!   until the write has landed ([`crate::store::RefreshLock::share`]).
+//! - A redemption that was sent keeps the lock until its answer or its connection's end
+//!   (`auth.answer_timeout` at most): the identity server may have rotated already, so the
+//!   same refresh token is never sent again meanwhile, here or by another process. One never
+//!   answered is sent once more under the same lock.
 //! - A failed save keeps the lock: the flight retries the save with backoff until the store
 //!   takes the record, so nothing of this lineage is redeemed meanwhile, in this process or in
 //!   another on the same store. The new access token serves in the meantime, and `/readyz`
-//!   says why the upstream is not ready.
+//!   says `degraded` and why.
 //! - Between attempts (a failed redemption waiting for its retry) no lock is held.
 //! - A process killed during a flight (`kill -9`) leaves the store holding either the old
 //!   record, whose refresh token it did not get to redeem or whose answer it never received,
