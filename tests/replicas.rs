@@ -1015,3 +1015,23 @@ async fn a_key_budget_holds_across_replicas() {
         proxy.shutdown().await;
     }
 }
+
+/// A loss is noticed once: after FLUSHALL the store's clock starts again from nothing, which
+/// is not taken for another loss at the next heartbeats.
+#[tokio::test]
+async fn a_loss_is_noticed_once() {
+    let redis = RedisServer::start();
+    let (a, b) = (store(&redis), store(&redis));
+    for _ in 0..5 {
+        a.heartbeat().await;
+        b.heartbeat().await;
+    }
+    assert_eq!(a.health().unwrap().losses, 0, "a first start is no loss");
+    redis.command(&["FLUSHALL"]);
+    for _ in 0..5 {
+        a.heartbeat().await;
+        b.heartbeat().await;
+    }
+    assert_eq!(a.health().unwrap().losses, 1);
+    assert_eq!(b.health().unwrap().losses, 1);
+}

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! Idle ──(a request, or the refresh-ahead task, needs a token)──► Busy: a task is spawned
-//! Busy:  a newer record in the store? adopt it (read only) ─► Idle
+//! Busy:  no token at all, and a usable one in the store? adopt it (read only) ─► Idle
 //!        else lock the store ─► read it ─► adopt a newer record, or redeem ─► save ─► unlock
 //!        ─► publish ─► Idle, and every waiter gets the result
 //! Busy, the save failed: publish, answer the waiters at once (Unsaved), keep the lock and
@@ -357,9 +357,11 @@ impl TokenCache {
         lock_wait: Duration,
         progress: &watch::Sender<Progress>,
     ) -> Result<Arc<AccessToken>, Attempt> {
-        // A token another process saved is adopted without the lock: it is only read (a
-        // shared store may keep the lock from a process for a moment after it connects).
-        if lineage.final_failure.is_none() {
+        // With no token at all (a start), one another process saved is adopted without the
+        // lock: it is only read, and a shared store may keep the lock from a process for a
+        // moment after it connects. After a refusal the lock is taken first: another process
+        // may be redeeming, and what it gets is better than what the store holds now.
+        if purpose == Purpose::Missing && lineage.final_failure.is_none() {
             if let Some(token) = self.adopt_stored(purpose).await {
                 return Ok(token);
             }

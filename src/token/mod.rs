@@ -21,9 +21,9 @@
 //!
 //! # When locks are released
 //!
-//! - The store's refresh lock is taken before the store is read (a token another process
-//!   saved is adopted without it: that only reads), and released only once the new record is
-//!   durably saved. A store that finishes a write in the background keeps a share of the lock
+//! - The store's refresh lock is taken before the store is read (with no token at all, a
+//!   usable one another process saved is adopted without it: that only reads), and released
+//!   only once the new record is durably saved. A store that finishes a write in the background keeps a share of the lock
 //!   until the write has landed ([`crate::store::RefreshLock::share`]).
 //! - A redemption that was sent keeps the lock until its answer or its connection's end
 //!   (`auth.answer_timeout` at most): the identity server may have rotated already, so the

@@ -1,5 +1,6 @@
-//! When Redis loses its data (FLUSHALL, a restart without persistence): noticing it, and
-//! what every live replica does then.
+//! When Redis loses its data (FLUSHALL, a restart without persistence or from an older
+//! snapshot, a failover to a stale replica): noticing it, and what every live replica does
+//! then.
 //!
 //! The store holds an *epoch*, written once, and a *clock* every look bumps (`epoch.lua`).
 //! Every lock and every reservation names the epoch its replica knows, and the heartbeat
@@ -19,10 +20,10 @@
 //!
 //! Each replica writes back the newest token record it saved or read (`save.lua restore`: only
 //! over nothing, or over an older record of the same lineage, with the fence it was saved
-//! under, so that fences only grow) and the latest count of each window
-//! it saw (`days.lua restore`: the store keeps the highest of these). A replica started after the loss, which knew no epoch, cannot
-//! tell a loss from a first start: it opens the short window for both, which a replica that
-//! knew the old epoch lengthens to a lock's life when it notices.
+//! under, so that fences only grow) and the latest count of each window it saw (`days.lua
+//! restore`: the store keeps the highest of these). A replica started after the loss, which
+//! knew no epoch, cannot tell a loss from a first start: it opens the short window for both,
+//! which a replica that knew the old epoch lengthens to a lock's life when it notices.
 //!
 //! Must not: write back anything older than the store holds, or grant anything itself.
 
@@ -173,9 +174,14 @@ impl RedisStore {
         let (epoch, status, clock): (String, u8, u64) = self
             .run(|mut c| async move { invocation.invoke_async(&mut c).await })
             .await?;
+        if epoch == known {
+            self.recovery.saw_clock(clock);
+        } else {
+            // Another epoch counts its clock afresh (a flushed store starts it from nothing).
+            self.recovery.clock.store(clock, Ordering::Release);
+        }
         *guard(&self.recovery.epoch) = epoch;
-        self.recovery.saw_clock(clock);
-        if status != 0 {
+        if status == 2 {
             self.recovery.recovering_for(self.counts_window());
         }
         let found = match status {
