@@ -229,15 +229,36 @@ impl RedisStore {
 
     /// Run one operation on the connection (made first if needed), bounded by `[state]
     /// timeout` in all; remember whether the store answers. A connection that failed is
-    /// replaced.
+    /// replaced; one found dead (Redis restarted, failed over) is replaced at once and the
+    /// operation asked again on the new one, once: every operation but a give-back and the
+    /// day's tally is safe to ask twice (see [`RedisStore::run_once`]).
     async fn run<T, F>(
         &self,
-        operation: impl FnOnce(MultiplexedConnection) -> F,
+        operation: impl Fn(MultiplexedConnection) -> F,
     ) -> Result<T, StoreError>
     where
         F: Future<Output = redis::RedisResult<T>>,
     {
-        match self.try_run(operation).await {
+        let outcome = self.try_run(&operation, true).await;
+        self.count(outcome)
+    }
+
+    /// [`RedisStore::run`], never asked twice: an operation whose outcome may not be applied
+    /// twice (a give-back would free counts twice; a tally would count requests twice).
+    async fn run_once<T, F>(
+        &self,
+        operation: impl Fn(MultiplexedConnection) -> F,
+    ) -> Result<T, StoreError>
+    where
+        F: Future<Output = redis::RedisResult<T>>,
+    {
+        let outcome = self.try_run(&operation, false).await;
+        self.count(outcome)
+    }
+
+    /// Remember whether the store answers.
+    fn count<T>(&self, outcome: Result<T, String>) -> Result<T, StoreError> {
+        match outcome {
             Ok(value) => {
                 *self.problem.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 Ok(value)
@@ -251,10 +272,12 @@ impl RedisStore {
         }
     }
 
-    /// [`RedisStore::run`] without the bookkeeping: why it failed, in words.
+    /// [`RedisStore::run`] without the bookkeeping: why it failed, in words. `again`: ask
+    /// once more on a new connection when the one in use turns out dead.
     async fn try_run<T, F>(
         &self,
-        operation: impl FnOnce(MultiplexedConnection) -> F,
+        operation: &impl Fn(MultiplexedConnection) -> F,
+        again: bool,
     ) -> Result<T, String>
     where
         F: Future<Output = redis::RedisResult<T>>,
@@ -266,20 +289,28 @@ impl RedisStore {
                 humantime::format_duration(self.timeout)
             )
         };
-        let (id, conn) = match tokio::time::timeout_at(deadline, self.link.get()).await {
-            Ok(Ok(up)) => up,
-            Ok(Err(e)) => return Err(self.said(&e)),
-            Err(_) => return Err(late()),
-        };
-        match tokio::time::timeout_at(deadline, operation(conn)).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => {
-                self.link.failed(id, Some(&e));
-                Err(self.said(&e))
-            }
-            Err(_) => {
-                self.link.failed(id, None);
-                Err(late())
+        let mut again = again;
+        loop {
+            let (id, conn, made) = match tokio::time::timeout_at(deadline, self.link.get()).await {
+                Ok(Ok(up)) => up,
+                Ok(Err(e)) => return Err(self.said(&e)),
+                Err(_) => return Err(late()),
+            };
+            match tokio::time::timeout_at(deadline, operation(conn)).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(e)) => {
+                    self.link.failed(id, Some(&e));
+                    // A connection made before and found dead: asked again on a new one.
+                    if again && !made && e.is_connection_dropped() {
+                        again = false;
+                        continue;
+                    }
+                    return Err(self.said(&e));
+                }
+                Err(_) => {
+                    self.link.failed(id, None);
+                    return Err(late());
+                }
             }
         }
     }
@@ -350,8 +381,11 @@ impl RedisStore {
             .arg(self.key(upstream, "generation"))
             .arg(record.login_at_ms)
             .arg(mode);
-        self.run(|mut c| async move { invocation.invoke_async(&mut c).await })
-            .await
+        self.run(|mut c| {
+            let invocation = &invocation;
+            async move { invocation.invoke_async(&mut c).await }
+        })
+        .await
     }
 
     /// The hash that counts `upstream`'s windows as long as `period`: windows of different
@@ -384,8 +418,16 @@ impl RedisStore {
             invocation.arg(*a);
         }
         invocation.arg(epoch);
-        self.run(|mut c| async move { invocation.invoke_async(&mut c).await })
-            .await
+        let run = |mut c| {
+            let invocation = &invocation;
+            async move { invocation.invoke_async(&mut c).await }
+        };
+        // A give-back asked twice would free its counts twice.
+        if operation == "release" {
+            self.run_once(run).await
+        } else {
+            self.run(run).await
+        }
     }
 }
 
@@ -394,7 +436,10 @@ impl StateStore for RedisStore {
     async fn load_token(&self, upstream: &str) -> Result<Option<TokenRecord>, StoreError> {
         let key = self.key(upstream, "token");
         let (json, fence): (Option<String>, Option<u64>) = self
-            .run(|mut c| async move { c.hmget(&key, &["record", "fence"]).await })
+            .run(|mut c| {
+                let key = &key;
+                async move { c.hmget(key, &["record", "fence"]).await }
+            })
             .await?;
         let record: Option<TokenRecord> = json
             .map(|json| {
@@ -519,8 +564,12 @@ impl StateStore for RedisStore {
         for used in added {
             invocation.arg(used.field()).arg(used.count);
         }
+        // Asked twice, the tally would count these requests twice.
         let fields: std::collections::BTreeMap<String, u64> = self
-            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .run_once(|mut c| {
+                let invocation = &invocation;
+                async move { invocation.invoke_async(&mut c).await }
+            })
             .await?;
         Ok(fields
             .iter()
@@ -571,7 +620,10 @@ impl StateStore for RedisStore {
             .arg(unix_ms())
             .arg(self.replica_window().as_millis() as u64);
         let seen = self
-            .run(|mut c| async move { invocation.invoke_async::<Vec<String>>(&mut c).await })
+            .run(|mut c| {
+                let invocation = &invocation;
+                async move { invocation.invoke_async::<Vec<String>>(&mut c).await }
+            })
             .await;
         if let Ok(seen) = seen {
             *self.replicas.lock().unwrap_or_else(|p| p.into_inner()) = seen;
@@ -598,7 +650,10 @@ impl StateStore for RedisStore {
             .arg(unix_ms())
             .arg(self.key(upstream, "hold"));
         let shared = self
-            .run(|mut c| async move { invocation.invoke_async::<u64>(&mut c).await })
+            .run(|mut c| {
+                let invocation = &invocation;
+                async move { invocation.invoke_async::<u64>(&mut c).await }
+            })
             .await;
         if let Err(e) = shared {
             tracing::warn!(%upstream, error = %e, "could not share the hold after a 429 with the other replicas");
@@ -611,7 +666,10 @@ impl StateStore for RedisStore {
 
     async fn startup_warnings(&self) -> Vec<String> {
         let ping = self
-            .try_run(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
+            .try_run(
+                &|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await },
+                true,
+            )
             .await;
         if let Err(reason) = ping {
             return vec![format!(
@@ -622,14 +680,17 @@ impl StateStore for RedisStore {
         // Managed Redis services often refuse CONFIG: then nothing can be said, and nothing
         // failed (it is not counted as an error of the store).
         let answer = self
-            .try_run(|mut c| async move {
-                redis::cmd("CONFIG")
-                    .arg("GET")
-                    .arg("appendonly")
-                    .arg("maxmemory-policy")
-                    .query_async::<HashMap<String, String>>(&mut c)
-                    .await
-            })
+            .try_run(
+                &|mut c| async move {
+                    redis::cmd("CONFIG")
+                        .arg("GET")
+                        .arg("appendonly")
+                        .arg("maxmemory-policy")
+                        .query_async::<HashMap<String, String>>(&mut c)
+                        .await
+                },
+                true,
+            )
             .await;
         let Ok(settings) = answer else {
             return Vec::new();

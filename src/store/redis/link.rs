@@ -73,14 +73,15 @@ impl Link {
         }
     }
 
-    /// The connection, made now if there is none; its id is what [`Link::failed`] takes.
-    pub(super) async fn get(&self) -> Result<(u64, MultiplexedConnection), RedisError> {
-        if let Some(up) = self.up() {
-            return Ok(up);
+    /// The connection, made now if there is none (then `true`); its id is what
+    /// [`Link::failed`] takes.
+    pub(super) async fn get(&self) -> Result<(u64, MultiplexedConnection, bool), RedisError> {
+        if let Some((id, conn)) = self.up() {
+            return Ok((id, conn, false));
         }
         let _one = self.connecting.lock().await;
-        if let Some(up) = self.up() {
-            return Ok(up);
+        if let Some((id, conn)) = self.up() {
+            return Ok((id, conn, false));
         }
         if let State::Down { at, error } = &*self.state() {
             if at.elapsed() < RETRY_AFTER {
@@ -100,7 +101,7 @@ impl Link {
                     conn: conn.clone(),
                     since: Instant::now(),
                 };
-                Ok((id, conn))
+                Ok((id, conn, true))
             }
             Err(error) => {
                 *state = State::Down {
@@ -123,7 +124,7 @@ impl Link {
         F: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let deadline = tokio::time::Instant::now() + timeout;
-        let (id, conn) = tokio::time::timeout_at(deadline, self.get())
+        let (id, conn, _) = tokio::time::timeout_at(deadline, self.get())
             .await
             .ok()?
             .ok()?;

@@ -136,8 +136,10 @@ impl RedisStore {
             if self.recovery.epoch().is_empty() {
                 self.check_epoch().await?;
             }
-            // The connection, made now if it was lost: how long it has been up.
-            self.run(|_| async { Ok(()) }).await?;
+            // A round trip, so that a connection Redis dropped (a restart) is found dead and
+            // made again here: then how long the one in use has been up.
+            self.run(|mut c| async move { redis::cmd("PING").query_async::<()>(&mut c).await })
+                .await?;
             if let Some(age) = self.link.age().filter(|a| *a < FRESH_CONNECTION) {
                 let gate = FRESH_CONNECTION - age;
                 if started.elapsed() + gate > wait {
@@ -166,7 +168,10 @@ impl RedisStore {
                 .arg(&left_over)
                 .arg(self.recovery.epoch());
             let (answer, n): (i64, i64) = self
-                .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+                .run(|mut c| {
+                    let invocation = &invocation;
+                    async move { invocation.invoke_async(&mut c).await }
+                })
                 .await?;
             let taken = match answer {
                 -1 => Taken::Epoch,
@@ -229,7 +234,12 @@ impl RedisStore {
             drop(attempt);
             // Held: by another process, or left over by this one.
             let get = self.key(upstream, "lock");
-            let holder: Option<String> = self.run(|mut c| async move { c.get(&get).await }).await?;
+            let holder: Option<String> = self
+                .run(|mut c| {
+                    let get = &get;
+                    async move { c.get(get).await }
+                })
+                .await?;
             if let Some(holder) = holder {
                 let ours = holder.starts_with(&format!("{}:", self.id));
                 if ours && holder != left_over && !lock_map(&self.live).contains(&holder) {

@@ -172,7 +172,10 @@ impl RedisStore {
             .arg(self.counts_window().as_millis() as u64)
             .arg(self.lock_life().as_millis() as u64);
         let (epoch, status, clock): (String, u8, u64) = self
-            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .run(|mut c| {
+                let invocation = &invocation;
+                async move { invocation.invoke_async(&mut c).await }
+            })
             .await?;
         if epoch == known {
             self.recovery.saw_clock(clock);
