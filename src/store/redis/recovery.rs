@@ -228,6 +228,11 @@ impl RedisStore {
     /// The count of `period` in the counts hash `key`, remembered unless the store's epoch is
     /// not the one this replica knows (a count read after a loss it has not noticed yet).
     pub(super) async fn read_count(&self, key: &str, period: &Period) -> Result<u64, StoreError> {
+        // At a start, before the first heartbeat: the epoch first, or the count would not be
+        // remembered, and this replica would know nothing to write back of a day it sits idle in.
+        if self.recovery.epoch().is_empty() {
+            self.check_epoch().await?;
+        }
         let (count, version, epoch): (u64, u64, String) =
             self.days(key, "used", period, &[], "").await?;
         if !epoch.is_empty() && epoch == self.recovery.epoch() {
