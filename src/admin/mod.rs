@@ -1,8 +1,8 @@
 //! The admin listener (`[admin] listen`): `GET /` (an HTML status page for a browser),
 //! `GET /healthz` (200 while running), `GET /readyz` (200 while every upstream can serve —
 //! `degraded` and why when something is not well — else 503 naming the upstream and the
-//! reason), `GET /status` (JSON: each upstream's
-//! token state and quota usage) and `GET /metrics` (Prometheus text).
+//! reason), `GET /status` (JSON: each upstream's token state and quota usage) and
+//! `GET /metrics` (Prometheus text).
 //!
 //! `/` and `/status` show one [`Status`], gathered by [`status::gather`]; `tollgate status`
 //! reads `/status` back ([`client`]) and prints it as a table ([`table`]). The admin endpoints
