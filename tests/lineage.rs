@@ -464,3 +464,24 @@ async fn an_unanswered_refresh_the_server_processed_is_sent_once_more_then_login
     );
     assert_eq!(after.reuse_detected - before.reuse_detected, 1);
 }
+
+/// A shutdown while a refresh is in the air (its answer comes 3 s late, past `auth.timeout`):
+/// the shutdown waits for the answer and saves it, so the next start uses the new refresh
+/// token instead of sending the spent one again.
+#[tokio::test]
+async fn a_shutdown_waits_for_a_refresh_in_the_air() {
+    let mut h = started_with_auth("timeout = \"1s\"\nrefresh_wait = \"1s\"").await;
+    let generation = stored_generation(&h);
+    h.identity.answer_late(1, Duration::from_secs(3));
+    h.identity.expire_access_tokens();
+    assert_eq!(h.get("/during").await.status, 503);
+    h.stop_proxy().await;
+    assert_eq!(
+        stored_generation(&h),
+        generation + 1,
+        "saved before the exit"
+    );
+    h.start_proxy().await;
+    assert_eq!(h.get("/after-restart").await.status, 200);
+    h.assert_lineage_intact();
+}

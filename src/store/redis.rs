@@ -23,14 +23,15 @@
 //! `recovery:locks` and `recovery:counts` ([`recovery`]).
 //!
 //! Every write that decides something is a Lua script (`redis/*.lua`, loaded with EVALSHA):
-//! the lock is taken only when free, a record is saved only by a fence at least as new as the
-//! stored one and only forward in its lineage, and a day never grants past its limit. Every
-//! operation is bounded by `[state] timeout`; a connection that failed in any way is replaced
-//! ([`link`]).
+//! the lock is taken only when free ([`lock`]), a record is saved only by a fence at least as
+//! new as the stored one and only forward in its lineage, and a day never grants past its
+//! limit ([`counts`]). Every operation is bounded by `[state] timeout`; a connection that
+//! failed is replaced ([`link`]); announcements arrive on pub/sub ([`listener`]).
 //!
 //! Must not: print the URL whole (it may hold a password), or decide anything the token cache
 //! or the quota decides.
 
+mod counts;
 mod link;
 mod listener;
 mod lock;
@@ -46,7 +47,7 @@ use listener::Listener;
 use lock::Releasing;
 use recovery::Recovery;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncCommands, ErrorKind, RedisError, Script};
+use redis::{AsyncCommands, Script};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -69,9 +70,6 @@ pub struct RedisStore {
     recovery: Recovery,
     /// The URL as messages show it.
     shown: String,
-    /// The password the URL holds, in the forms it may be written: cut from any text a
-    /// server sends back (a peer that is not Redis may echo the AUTH it was sent).
-    password: Vec<Secret<String>>,
     /// This replica, as its locks name it.
     id: String,
     scripts: Scripts,
@@ -107,22 +105,6 @@ struct Scripts {
     extend: Script,
     usage: Script,
     epoch: Script,
-}
-
-/// The longest error text of a server's that messages repeat.
-const SAID_AT_MOST: usize = 300;
-
-/// Why an operation failed, in words that say what to check; `said` is the error's own text,
-/// as it may be shown.
-fn describe(e: &RedisError, said: &str) -> String {
-    let code = e.code().unwrap_or_default();
-    if e.kind() == ErrorKind::AuthenticationFailed || matches!(code, "WRONGPASS" | "NOAUTH") {
-        return format!("Redis refused to authenticate this client ({said}); check the user and password in state.store, and `requirepass` (or the ACL user) on the server");
-    }
-    if e.kind() == ErrorKind::Parse {
-        return format!("the server does not answer as Redis does ({said}); check the host and port in state.store");
-    }
-    said.to_owned()
 }
 
 impl RedisStore {
@@ -171,8 +153,7 @@ impl RedisStore {
         }
         .map_err(|e| fail(e.to_string()))?;
         Ok(RedisStore {
-            password,
-            link: Arc::new(Link::new(client.clone(), state.timeout)),
+            link: Arc::new(Link::new(client.clone(), state.timeout, password)),
             client,
             prefix: state.prefix.clone(),
             timeout: state.timeout,
@@ -227,9 +208,8 @@ impl RedisStore {
         Duration::from_millis(self.lock_life_ms.load(Ordering::Relaxed))
     }
 
-    /// Run one operation on the connection (made first if needed), bounded by `[state]
-    /// timeout` in all; remember whether the store answers. A connection that failed is
-    /// replaced; one found dead (Redis restarted, failed over) is replaced at once and the
+    /// Run one operation on the connection ([`Link::run`]), and remember whether the store
+    /// answers. One found dead (Redis restarted, failed over) is replaced at once and the
     /// operation asked again on the new one, once: every operation but a give-back and the
     /// day's tally is safe to ask twice (see [`RedisStore::run_once`]).
     async fn run<T, F>(
@@ -239,8 +219,7 @@ impl RedisStore {
     where
         F: Future<Output = redis::RedisResult<T>>,
     {
-        let outcome = self.try_run(&operation, true).await;
-        self.count(outcome)
+        self.count(self.link.run(operation, true).await)
     }
 
     /// [`RedisStore::run`], never asked twice: an operation whose outcome may not be applied
@@ -252,8 +231,7 @@ impl RedisStore {
     where
         F: Future<Output = redis::RedisResult<T>>,
     {
-        let outcome = self.try_run(&operation, false).await;
-        self.count(outcome)
+        self.count(self.link.run(operation, false).await)
     }
 
     /// Remember whether the store answers.
@@ -270,63 +248,6 @@ impl RedisStore {
                 Err(error)
             }
         }
-    }
-
-    /// [`RedisStore::run`] without the bookkeeping: why it failed, in words. `again`: ask
-    /// once more on a new connection when the one in use turns out dead.
-    async fn try_run<T, F>(
-        &self,
-        operation: &impl Fn(MultiplexedConnection) -> F,
-        again: bool,
-    ) -> Result<T, String>
-    where
-        F: Future<Output = redis::RedisResult<T>>,
-    {
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        let late = || {
-            format!(
-                "no answer within {} ([state] timeout)",
-                humantime::format_duration(self.timeout)
-            )
-        };
-        let mut again = again;
-        loop {
-            let (id, conn, made) = match tokio::time::timeout_at(deadline, self.link.get()).await {
-                Ok(Ok(up)) => up,
-                Ok(Err(e)) => return Err(self.said(&e)),
-                Err(_) => return Err(late()),
-            };
-            match tokio::time::timeout_at(deadline, operation(conn)).await {
-                Ok(Ok(value)) => return Ok(value),
-                Ok(Err(e)) => {
-                    self.link.failed(id, Some(&e));
-                    // A connection made before and found dead: asked again on a new one.
-                    if again && !made && e.is_connection_dropped() {
-                        again = false;
-                        continue;
-                    }
-                    return Err(self.said(&e));
-                }
-                Err(_) => {
-                    self.link.failed(id, None);
-                    return Err(late());
-                }
-            }
-        }
-    }
-
-    /// What messages say of `e`: its text without the password (a peer may echo it) and no
-    /// longer than [`SAID_AT_MOST`], and what to check.
-    fn said(&self, e: &RedisError) -> String {
-        let mut text = e.to_string();
-        for form in &self.password {
-            text = text.replace(form.expose().as_str(), "[redacted]");
-        }
-        if let Some((cut, _)) = text.char_indices().nth(SAID_AT_MOST) {
-            text.truncate(cut);
-            text.push('…');
-        }
-        describe(e, &text)
     }
 
     fn unreachable(&self, reason: String) -> StoreError {
@@ -386,48 +307,6 @@ impl RedisStore {
             async move { invocation.invoke_async(&mut c).await }
         })
         .await
-    }
-
-    /// The hash that counts `upstream`'s windows as long as `period`: windows of different
-    /// lengths never share a count.
-    fn counts_key(&self, upstream: &str, period: &Period) -> String {
-        match (period.end_ms - period.start_ms) / 1000 {
-            86_400 => self.key(upstream, "days"),
-            length_s => self.key(upstream, &format!("per:{length_s}")),
-        }
-    }
-
-    /// One operation of `days.lua` on the counts hash `counts`; `epoch` is what a reservation
-    /// names (see [`recovery`]).
-    async fn days<T: redis::FromRedisValue>(
-        &self,
-        counts: &str,
-        operation: &str,
-        period: &Period,
-        args: &[u64],
-        epoch: &str,
-    ) -> Result<T, StoreError> {
-        let mut invocation = self.scripts.days.key(counts);
-        invocation
-            .key(self.store_key("epoch"))
-            .key(self.store_key("recovery:counts"))
-            .arg(operation)
-            .arg(period.start_ms)
-            .arg(period.end_ms);
-        for a in args {
-            invocation.arg(*a);
-        }
-        invocation.arg(epoch);
-        let run = |mut c| {
-            let invocation = &invocation;
-            async move { invocation.invoke_async(&mut c).await }
-        };
-        // A give-back asked twice would free its counts twice.
-        if operation == "release" {
-            self.run_once(run).await
-        } else {
-            self.run(run).await
-        }
     }
 }
 
@@ -493,44 +372,7 @@ impl StateStore for RedisStore {
         want: u64,
         seen: Seen,
     ) -> Result<Reservation, StoreError> {
-        let counts = self.counts_key(upstream, period);
-        let args = [limit, want, seen.count, seen.version];
-        let mut looked = false;
-        loop {
-            let epoch = self.recovery.epoch();
-            let (granted, used, version): (i64, i64, i64) =
-                self.days(&counts, "reserve", period, &args, &epoch).await?;
-            match granted {
-                // Not the epoch this replica knows: look at it (a loss is written back), then
-                // ask again, once.
-                -1 if !looked => {
-                    looked = true;
-                    self.check_epoch().await?;
-                }
-                -1 => {
-                    return Err(self.unreachable(
-                        "the store's epoch changed again at once; asking again shortly".into(),
-                    ))
-                }
-                -2 => {
-                    let left = Duration::from_millis(used.max(0) as u64);
-                    self.recovery.recovering_for(left);
-                    return Err(StoreError::Recovering {
-                        why: "the state store lost its data a moment ago; no count is reserved while the replicas write back what they know",
-                        left,
-                    });
-                }
-                _ => {
-                    let (granted, used, version) = (granted as u64, used as u64, version as u64);
-                    self.recovery.saw_count(&counts, period, used, version);
-                    return Ok(Reservation {
-                        granted,
-                        used,
-                        version,
-                    });
-                }
-            }
-        }
+        self.reserve(upstream, period, limit, want, seen).await
     }
 
     async fn release_quota(
@@ -539,17 +381,7 @@ impl StateStore for RedisStore {
         period: &Period,
         count: u64,
     ) -> Result<(), StoreError> {
-        let counts = self.counts_key(upstream, period);
-        let epoch = self.recovery.epoch();
-        let released: i64 = self
-            .days(&counts, "release", period, &[count], &epoch)
-            .await?;
-        if released < 0 {
-            // The store lost its data since these counts were reserved: the count written
-            // back may not hold them, so they stay spent (under-admission, never over).
-            tracing::info!(%upstream, count, "not given back: the state store lost its data since they were reserved");
-        }
-        Ok(())
+        self.release(upstream, period, count).await
     }
 
     async fn add_usage(
@@ -558,28 +390,12 @@ impl StateStore for RedisStore {
         day: &Period,
         added: &[Used],
     ) -> Result<Vec<Used>, StoreError> {
-        let key = self.key(upstream, &format!("use:{}", day.start_ms));
-        let mut invocation = self.scripts.usage.key(key);
-        invocation.arg(2 * (day.end_ms - day.start_ms));
-        for used in added {
-            invocation.arg(used.field()).arg(used.count);
-        }
-        // Asked twice, the tally would count these requests twice.
-        let fields: std::collections::BTreeMap<String, u64> = self
-            .run_once(|mut c| {
-                let invocation = &invocation;
-                async move { invocation.invoke_async(&mut c).await }
-            })
-            .await?;
-        Ok(fields
-            .iter()
-            .filter_map(|(f, n)| Used::parse(f, *n))
-            .collect())
+        self.tally(upstream, day, added).await
     }
 
     async fn quota_used(&self, upstream: &str, period: &Period) -> Result<u64, StoreError> {
-        let counts = self.counts_key(upstream, period);
-        self.read_count(&counts, period).await
+        self.read_count(&self.counts_key(upstream, period), period)
+            .await
     }
 
     fn is_shared(&self) -> bool {
@@ -666,8 +482,9 @@ impl StateStore for RedisStore {
 
     async fn startup_warnings(&self) -> Vec<String> {
         let ping = self
-            .try_run(
-                &|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await },
+            .link
+            .run(
+                |mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await },
                 true,
             )
             .await;
@@ -680,8 +497,9 @@ impl StateStore for RedisStore {
         // Managed Redis services often refuse CONFIG: then nothing can be said, and nothing
         // failed (it is not counted as an error of the store).
         let answer = self
-            .try_run(
-                &|mut c| async move {
+            .link
+            .run(
+                |mut c| async move {
                     redis::cmd("CONFIG")
                         .arg("GET")
                         .arg("appendonly")
@@ -732,6 +550,7 @@ impl StateStore for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use redis::{ErrorKind, RedisError};
 
     /// A peer that echoes what it was sent (the AUTH command) never gets the password into a
     /// message, raw or percent-encoded, and a long answer is cut.
@@ -750,7 +569,7 @@ mod tests {
             "unexpected answer",
             format!("AUTH pa+ss-word / pa%2Bss-word {}", "x".repeat(1000)),
         ));
-        let said = store.said(&echoed);
+        let said = store.link.said(&echoed);
         assert!(
             !said.contains("pa+ss-word") && !said.contains("pa%2Bss-word"),
             "{said}"

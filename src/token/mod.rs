@@ -4,8 +4,9 @@
 //! - [`cache`]: [`TokenCache`], read lock-free by every request; [`ahead`]: its refresh-ahead
 //!   task.
 //! - [`flight`]: one refresh at a time per cache, run by a task the cache owns (below);
-//!   [`save`]: a redeemed record the store will not take yet; [`recover`]: writing back what a
-//!   store lost.
+//!   [`redeem`]: one attempt of it (adopt, or redeem under the lock and save); [`save`]: a
+//!   redeemed record the store will not take yet; [`recover`]: writing back what a store
+//!   lost.
 //! - [`pacing`]: when the upstream's refusal (401) may be answered with a new token.
 //! - [`grant`]: the token endpoint calls; [`login`]: the authorization-code login.
 //!
@@ -55,6 +56,7 @@ pub mod grant;
 pub mod login;
 mod pacing;
 mod recover;
+mod redeem;
 mod save;
 
 pub use backoff::Backoff;

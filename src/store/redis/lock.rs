@@ -67,7 +67,6 @@ struct Held {
     unlock: Script,
     key: String,
     value: String,
-    timeout: Duration,
     releasing: Arc<Releasing>,
     live: Arc<Mutex<HashSet<String>>>,
     /// Dropped with the lock: ends the task that keeps it alive.
@@ -89,7 +88,7 @@ impl Drop for Held {
             std::mem::take(&mut self.key),
             std::mem::take(&mut self.value),
         );
-        let (timeout, releasing) = (self.timeout, Arc::clone(&self.releasing));
+        let releasing = Arc::clone(&self.releasing);
         let keeping = self.keeping.take();
         releasing.running.fetch_add(1, Ordering::AcqRel);
         runtime.spawn(async move {
@@ -100,8 +99,11 @@ impl Drop for Held {
             }
             let mut invocation = unlock.key(&key);
             invocation.arg(&value);
-            let release = |mut c| async move { invocation.invoke_async::<i64>(&mut c).await };
-            let _ = link.run_detached(timeout, release).await;
+            let release = |mut c| {
+                let invocation = &invocation;
+                async move { invocation.invoke_async::<i64>(&mut c).await }
+            };
+            let _ = link.run(release, true).await;
             releasing.running.fetch_sub(1, Ordering::AcqRel);
             releasing.done.notify_waiters();
         });
@@ -196,7 +198,6 @@ impl RedisStore {
                         unlock: self.scripts.unlock.clone(),
                         key,
                         value,
-                        timeout: self.timeout,
                         releasing: Arc::clone(&self.releasing),
                         live: Arc::clone(&self.live),
                         _alive: alive,
@@ -272,11 +273,7 @@ impl RedisStore {
         hold_ms: u64,
         mut ended: watch::Receiver<()>,
     ) -> impl Future<Output = ()> + Send + 'static {
-        let (link, extend, timeout) = (
-            Arc::clone(&self.link),
-            self.scripts.extend.clone(),
-            self.timeout,
-        );
+        let (link, extend) = (Arc::clone(&self.link), self.scripts.extend.clone());
         let (key, value, fence_key) = (
             key.to_owned(),
             value.to_owned(),
@@ -302,13 +299,17 @@ impl RedisStore {
                     .arg(hold_ms)
                     .arg(fence);
                 let extended = link
-                    .run_detached(timeout, |mut c| async move {
-                        invocation.invoke_async::<i64>(&mut c).await
-                    })
+                    .run(
+                        |mut c| {
+                            let invocation = &invocation;
+                            async move { invocation.invoke_async::<i64>(&mut c).await }
+                        },
+                        true,
+                    )
                     .await;
                 match extended {
-                    Some(0) => return,
-                    Some(2) => {
+                    Ok(0) => return,
+                    Ok(2) => {
                         tracing::warn!(%upstream, "the state store had lost the refresh lock this replica holds; set it again")
                     }
                     _ => {}
