@@ -35,8 +35,8 @@ pub enum ProxyError {
     /// The request itself is not acceptable (client side).
     #[error("{0}")]
     BadRequest(&'static str),
-    /// CONNECT and other methods a reverse proxy does not serve.
-    #[error("method {0} is not supported by a reverse proxy")]
+    /// CONNECT, TRACE and other methods that are not forwarded.
+    #[error("method {0} is not forwarded; tollgate forwards {methods}", methods = crate::forward::FORWARDED_METHODS)]
     MethodNotAllowed(http::Method),
     /// No token could be had (identity-server side or configuration).
     #[error(transparent)]
@@ -155,7 +155,7 @@ impl ProxyError {
             ProxyError::MethodNotAllowed(_) => {
                 response.headers_mut().insert(
                     header::ALLOW,
-                    HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+                    HeaderValue::from_static(crate::forward::FORWARDED_METHODS),
                 );
             }
             _ => {}

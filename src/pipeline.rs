@@ -236,7 +236,7 @@ impl Pipeline {
             .target
             .rewrite(method, uri, version, self.local)
             .map_err(|e| match e {
-                TargetError::Connect => ProxyError::MethodNotAllowed(method.clone()),
+                TargetError::Method => ProxyError::MethodNotAllowed(method.clone()),
                 other => ProxyError::BadRequest(other.message()),
             })
     }

@@ -83,6 +83,39 @@ async fn raw(h: &Harness, request: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// TRACE and TRACK would come back from an upstream that reflects them (Apache does by
+/// default) with the injected bearer token in the echoed headers: they get 405 with an `Allow`
+/// that lists the methods forwarded, and never reach the upstream; those methods all do.
+#[tokio::test]
+async fn trace_and_track_get_405_and_never_reach_the_upstream() {
+    let h = Harness::start(Setup::default()).await;
+    let before = h.api.counters().requests;
+    for method in ["TRACE", "TRACK", "DEBUG"] {
+        let reply = raw(
+            &h,
+            &format!("{method} /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert!(reply.starts_with("HTTP/1.1 405"), "{method}: {reply}");
+        assert!(
+            reply.contains("allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS\r\n"),
+            "{method}: {reply}"
+        );
+        assert!(reply.contains("application/problem+json"), "{reply}");
+        assert!(!reply.to_lowercase().contains("bearer"), "{reply}");
+    }
+    assert_eq!(h.api.counters().requests, before, "nothing reached the upstream");
+    for method in ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] {
+        let reply = raw(
+            &h,
+            &format!("{method} /ok HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert!(!reply.starts_with("HTTP/1.1 405"), "{method}: {reply}");
+    }
+    assert_eq!(h.api.counters().requests, before + 7, "every allowed method is forwarded");
+}
+
 /// Path escapes, CONNECT and absolute-form requests for another host are refused with
 /// problem+json, and none of them reaches the upstream.
 #[tokio::test]

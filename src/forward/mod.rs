@@ -8,7 +8,7 @@ mod pool;
 mod target;
 
 pub use headers::{remove_hop_by_hop, rewrite_request_headers};
-pub use target::{check_path, Target, TargetError};
+pub use target::{check_path, Target, TargetError, FORWARDED_METHODS};
 
 use crate::body::RequestBody;
 use crate::config::UpstreamConfig;

@@ -1,6 +1,7 @@
 //! Where a request goes: the URI rewrite (base path + incoming path + query) and the checks
-//! that keep the proxy a *reverse* proxy — no CONNECT, no absolute-form request for another
-//! host, no path that leaves the base path. They run before anything is sent, so a refused
+//! that keep the proxy a *reverse* proxy — only the methods in [`FORWARDED_METHODS`] (no
+//! CONNECT, no TRACE that an upstream would answer with the injected token), no absolute-form
+//! request for another host, no path that leaves the base path. They run before anything is sent, so a refused
 //! request never reaches the upstream. Also the way back: a `Location` on the upstream
 //! rewritten to the proxy's own address.
 
@@ -10,10 +11,29 @@ use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Method, Version};
 use std::net::SocketAddr;
 
+/// The methods forwarded, as an `Allow` header lists them. Anything else gets 405: CONNECT
+/// would make a tunnel, TRACE and TRACK (and extension methods such as IIS's DEBUG) may be
+/// answered with the request as the upstream saw it, injected token included.
+pub const FORWARDED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
+fn is_forwarded(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET
+            | Method::HEAD
+            | Method::POST
+            | Method::PUT
+            | Method::PATCH
+            | Method::DELETE
+            | Method::OPTIONS
+    )
+}
+
 /// Why a request target is refused before forwarding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetError {
-    Connect,
+    /// A method not in [`FORWARDED_METHODS`].
+    Method,
     ForeignHost,
     PathEscape,
     BadPath,
@@ -22,7 +42,7 @@ pub enum TargetError {
 impl TargetError {
     pub fn message(self) -> &'static str {
         match self {
-            TargetError::Connect => "CONNECT",
+            TargetError::Method => "the method is not forwarded",
             TargetError::ForeignHost => {
                 "tollgate is a reverse proxy, not a forward proxy: send the path only (GET /path), not a URL for another host"
             }
@@ -109,8 +129,8 @@ impl Target {
         version: Version,
         local: SocketAddr,
     ) -> Result<Uri, TargetError> {
-        if method == Method::CONNECT {
-            return Err(TargetError::Connect);
+        if !is_forwarded(method) {
+            return Err(TargetError::Method);
         }
         // HTTP/2 always carries an authority (it replaces Host); HTTP/1 carries one only in
         // absolute-form, which is how forward-proxy requests look.
@@ -313,7 +333,17 @@ mod tests {
             Version::HTTP_11,
             LOCAL,
         );
-        assert_eq!(connect.unwrap_err(), TargetError::Connect);
+        assert_eq!(connect.unwrap_err(), TargetError::Method);
+        for refused in ["TRACE", "TRACK", "DEBUG", "PROPFIND"] {
+            let method = Method::from_bytes(refused.as_bytes()).unwrap();
+            let refused = t.rewrite(&method, &"/x".parse().unwrap(), Version::HTTP_11, LOCAL);
+            assert_eq!(refused.unwrap_err(), TargetError::Method);
+        }
+        for allowed in FORWARDED_METHODS.split(", ") {
+            let method = Method::from_bytes(allowed.as_bytes()).unwrap();
+            let allowed = t.rewrite(&method, &"/x".parse().unwrap(), Version::HTTP_11, LOCAL);
+            assert!(allowed.is_ok());
+        }
         assert_eq!(
             rewrite(&t, "http://evil.example/x").unwrap_err(),
             TargetError::ForeignHost
