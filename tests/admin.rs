@@ -3,9 +3,7 @@
 
 mod common;
 
-use common::{Clock, Harness, Setup};
-use std::path::Path;
-use std::process::Output;
+use common::{status_command, Clock, Harness, Setup};
 
 /// 2026-11-24T12:00:00Z: far from midnight, so the day does not turn during a test.
 const NOON: u64 = 1_795_521_600_000;
@@ -95,21 +93,6 @@ async fn not_found_lists_the_status_page() {
     );
 }
 
-/// Run `tollgate status -c config` off the runtime, so the in-process proxy keeps serving.
-async fn status_command(config: &Path) -> Output {
-    let config = config.to_owned();
-    tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(["status", "-c"])
-            .arg(&config)
-            .env("RUST_LOG", "off")
-            .output()
-            .expect("run tollgate status")
-    })
-    .await
-    .unwrap()
-}
-
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -120,14 +103,7 @@ fn text(bytes: &[u8]) -> String {
 async fn status_command_prints_the_table() {
     let h = harness().await;
     assert_eq!(h.get("/x").await.status, 200);
-    let admin = h.proxy().admin_addr().unwrap();
-    let config = h.config_text.replace(
-        "[admin]\nlisten = \"127.0.0.1:0\"",
-        &format!("[admin]\nlisten = \"{admin}\""),
-    );
-    assert_ne!(config, h.config_text);
-    let path = h.state.path().join("tollgate.toml");
-    std::fs::write(&path, config).unwrap();
+    let path = h.config_for_status();
 
     let out = status_command(&path).await;
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));

@@ -104,7 +104,11 @@ async fn trace_and_track_get_405_and_never_reach_the_upstream() {
         assert!(reply.contains("application/problem+json"), "{reply}");
         assert!(!reply.to_lowercase().contains("bearer"), "{reply}");
     }
-    assert_eq!(h.api.counters().requests, before, "nothing reached the upstream");
+    assert_eq!(
+        h.api.counters().requests,
+        before,
+        "nothing reached the upstream"
+    );
     for method in ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] {
         let reply = raw(
             &h,
@@ -113,7 +117,11 @@ async fn trace_and_track_get_405_and_never_reach_the_upstream() {
         .await;
         assert!(!reply.starts_with("HTTP/1.1 405"), "{method}: {reply}");
     }
-    assert_eq!(h.api.counters().requests, before + 7, "every allowed method is forwarded");
+    assert_eq!(
+        h.api.counters().requests,
+        before + 7,
+        "every allowed method is forwarded"
+    );
 }
 
 /// Path escapes, CONNECT and absolute-form requests for another host are refused with

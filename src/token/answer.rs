@@ -3,6 +3,7 @@
 //! failure (a gateway's page, a 5xx, an unknown error code).
 
 use super::grant::{GrantError, Issued};
+use super::scrub::Scrubber;
 use crate::secret::Secret;
 use serde::Deserialize;
 use std::time::Duration;
@@ -21,34 +22,41 @@ struct Failure {
     error_description: Option<String>,
 }
 
-/// Sort a token endpoint answer into a token, a final refusal, or a transient failure.
+/// Longest error code and description shown, in characters (after the scrub).
+const MAX_CODE: usize = 100;
+const MAX_DESCRIPTION: usize = 200;
+
+/// Sort a token endpoint answer into a token, a final refusal, or a transient failure. The
+/// texts of a refusal pass through `scrubber` (the request's secrets) before anything keeps
+/// them; no other part of the body is ever shown.
 pub fn parse_response(
     status: u16,
     body: &[u8],
     retry_after: Option<Duration>,
     default_expires_in: Duration,
+    scrubber: &Scrubber,
 ) -> Result<Issued, GrantError> {
     match status {
         200 => parse_success(body, default_expires_in),
         400 | 401 => match serde_json::from_slice::<Failure>(body) {
             Ok(f) => {
-                let description = f.error_description.map(|d| d.chars().take(200).collect());
+                let description = f
+                    .error_description
+                    .map(|d| scrubber.clean(&d, MAX_DESCRIPTION));
+                let code = scrubber.clean(&f.error, MAX_CODE);
                 // Spring answers an expired refresh token with 401 invalid_token.
-                if f.error == "invalid_grant" || (status == 401 && f.error == "invalid_token") {
-                    Err(GrantError::InvalidGrant {
-                        code: f.error,
-                        description,
-                    })
+                if code == "invalid_grant" || (status == 401 && code == "invalid_token") {
+                    Err(GrantError::InvalidGrant { code, description })
                 } else if matches!(
-                    f.error.as_str(),
+                    code.as_str(),
                     "temporarily_unavailable" | "server_error" | "slow_down"
                 ) {
                     Err(GrantError::Transient {
-                        reason: format!("token endpoint answered {}", f.error),
+                        reason: format!("token endpoint answered {code}"),
                         retry_after,
                     })
                 } else if !matches!(
-                    f.error.as_str(),
+                    code.as_str(),
                     "invalid_client"
                         | "unauthorized_client"
                         | "unsupported_grant_type"
@@ -57,14 +65,11 @@ pub fn parse_response(
                 ) {
                     // An error code RFC 6749 does not define: not proof the client is wrong.
                     Err(GrantError::Transient {
-                        reason: format!("token endpoint answered HTTP {status} {}", f.error),
+                        reason: format!("token endpoint answered HTTP {status} {code}"),
                         retry_after,
                     })
                 } else {
-                    Err(GrantError::Refused {
-                        code: f.error,
-                        description,
-                    })
+                    Err(GrantError::Refused { code, description })
                 }
             }
             // A gateway's page, not the identity server's verdict.
@@ -140,6 +145,7 @@ mod tests {
             br#"{"access_token":"a","token_type":"bearer","expires_in":"900"}"#,
             None,
             HOUR,
+            &Scrubber::new([], None),
         )
         .ok()
         .unwrap();
@@ -149,6 +155,7 @@ mod tests {
             br#"{"access_token":"a","token_type":"BEARER","expires_in":43199,"refresh_token":"r"}"#,
             None,
             HOUR,
+            &Scrubber::new([], None),
         )
         .ok()
         .unwrap();
@@ -159,6 +166,7 @@ mod tests {
             br#"{"access_token":"a","token_type":"Bearer"}"#,
             None,
             HOUR,
+            &Scrubber::new([], None),
         )
         .ok()
         .unwrap();
@@ -168,34 +176,65 @@ mod tests {
 
     #[test]
     fn classifies_errors() {
-        let e = parse_response(400, br#"{"error":"invalid_grant"}"#, None, HOUR)
-            .err()
-            .unwrap();
+        let e = parse_response(
+            400,
+            br#"{"error":"invalid_grant"}"#,
+            None,
+            HOUR,
+            &Scrubber::new([], None),
+        )
+        .err()
+        .unwrap();
         assert!(matches!(e, GrantError::InvalidGrant { .. }) && e.is_final());
         let e = parse_response(
             401,
             br#"{"error":"invalid_token","error_description":"expired"}"#,
             None,
             HOUR,
+            &Scrubber::new([], None),
         )
         .err()
         .unwrap();
         assert!(matches!(e, GrantError::InvalidGrant { .. }));
-        let e = parse_response(400, br#"{"error":"invalid_client"}"#, None, HOUR)
-            .err()
-            .unwrap();
+        let e = parse_response(
+            400,
+            br#"{"error":"invalid_client"}"#,
+            None,
+            HOUR,
+            &Scrubber::new([], None),
+        )
+        .err()
+        .unwrap();
         assert!(matches!(e, GrantError::Refused { .. }) && e.is_final());
-        let e = parse_response(400, br#"{"error":"temporarily_unavailable"}"#, None, HOUR)
-            .err()
-            .unwrap();
+        let e = parse_response(
+            400,
+            br#"{"error":"temporarily_unavailable"}"#,
+            None,
+            HOUR,
+            &Scrubber::new([], None),
+        )
+        .err()
+        .unwrap();
         assert!(!e.is_final());
-        let e = parse_response(401, b"<html>gateway</html>", None, HOUR)
-            .err()
-            .unwrap();
+        let e = parse_response(
+            401,
+            b"<html>gateway</html>",
+            None,
+            HOUR,
+            &Scrubber::new([], None),
+        )
+        .err()
+        .unwrap();
         assert!(!e.is_final());
-        let e = parse_response(503, b"oops", Some(Duration::from_secs(7)), HOUR)
-            .err()
-            .unwrap();
+        let e = parse_response(
+            503,
+            b"oops",
+            Some(Duration::from_secs(7)),
+            HOUR,
+            &Scrubber::new([], None),
+        )
+        .err()
+        .unwrap();
         assert!(
             matches!(e, GrantError::Transient { retry_after: Some(d), .. } if d.as_secs() == 7)
         );
@@ -211,16 +250,24 @@ mod tests {
             (200, br#"{"access_token":"a","expires_in":"soon"}"#, false),
         ];
         for (status, body, fatal) in cases {
-            let e = parse_response(status, body, None, HOUR).err().unwrap();
+            let e = parse_response(status, body, None, HOUR, &Scrubber::new([], None))
+                .err()
+                .unwrap();
             assert_eq!(e.is_final(), fatal, "{}", String::from_utf8_lossy(body));
         }
     }
 
     #[test]
     fn error_text_never_contains_the_token() {
-        let e = parse_response(200, br#"{"access_token":"SECRET\u0001TOKEN"}"#, None, HOUR)
-            .err()
-            .unwrap();
+        let e = parse_response(
+            200,
+            br#"{"access_token":"SECRET\u0001TOKEN"}"#,
+            None,
+            HOUR,
+            &Scrubber::new([], None),
+        )
+        .err()
+        .unwrap();
         assert!(!e.to_string().contains("SECRET"));
     }
 }

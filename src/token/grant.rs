@@ -5,6 +5,7 @@
 //! sorted into "final" answers (the grant or client is refused) and transient failures.
 
 use super::answer::parse_response;
+use super::scrub::Scrubber;
 use crate::config::{ClientAuth, Grant, UpstreamConfig};
 use crate::secret::Secret;
 use base64::Engine;
@@ -294,16 +295,20 @@ impl TokenEndpoint {
                 ClientAuth::None => fields.push(("client_id", &self.client_id)),
             }
         }
-        // Identity servers echo what they were sent (Spring puts the refresh token in its
-        // error_description): every secret of this request is cut from the error text.
-        let mut secrets: Vec<&str> = fields
-            .iter()
-            .filter(|(k, _)| !matches!(*k, "grant_type" | "scope" | "username" | "client_id"))
-            .map(|(_, v)| *v)
-            .chain(secret)
-            .filter(|v| v.len() >= 4)
-            .collect();
-        secrets.sort_unstable_by_key(|v| std::cmp::Reverse(v.len()));
+        // Identity servers echo what they were sent: every secret of this request, in every
+        // form, is cut from the texts of their answer (the code and the verifier of a login
+        // too; `redirect_uri` is no secret, but is harmless to cut).
+        let basic = (self.grant != Grant::WinbooksExchange
+            && self.client_auth == ClientAuth::Basic)
+            .then(|| (self.client_id.as_str(), secret.unwrap_or_default()));
+        let scrubber = Scrubber::new(
+            fields
+                .iter()
+                .filter(|(k, _)| !matches!(*k, "grant_type" | "scope" | "username" | "client_id"))
+                .map(|(_, v)| *v)
+                .chain(secret),
+            basic,
+        );
         // A refresh token or a code is spent once the server has the request, whether or not
         // its answer arrives: such a request is never given up on while its answer may come.
         let spends = fields.iter().any(|(k, v)| {
@@ -341,8 +346,13 @@ impl TokenEndpoint {
                 )))
             }
         };
-        parse_response(status, &body, retry_after, self.default_expires_in)
-            .map_err(|e| scrub(e, &secrets))
+        parse_response(
+            status,
+            &body,
+            retry_after,
+            self.default_expires_in,
+            &scrubber,
+        )
     }
 
     /// Send `request` and read its answer: status, body, `Retry-After`. A failure after the
@@ -452,29 +462,6 @@ fn unreachable(url: &Url, e: reqwest::Error) -> String {
     format!("cannot reach the token endpoint {shown}: {what}; {check}")
 }
 
-/// Remove every secret from the description of a refusal.
-fn scrub(error: GrantError, secrets: &[&str]) -> GrantError {
-    let clean = |d: Option<String>| {
-        d.map(|mut d| {
-            for s in secrets {
-                d = d.replace(s, "[redacted]");
-            }
-            d
-        })
-    };
-    match error {
-        GrantError::InvalidGrant { code, description } => GrantError::InvalidGrant {
-            code,
-            description: clean(description),
-        },
-        GrantError::Refused { code, description } => GrantError::Refused {
-            code,
-            description: clean(description),
-        },
-        other => other,
-    }
-}
-
 /// `application/x-www-form-urlencoded` encoding of `fields`.
 pub fn encode_form(fields: &[(&str, &str)]) -> String {
     let mut form = form_urlencoded::Serializer::new(String::new());
@@ -532,18 +519,5 @@ mod tests {
             "my.app%2Ffirst:a%2Bb%2Fc%25d%26e%3Df+g"
         );
         assert!(v.is_sensitive());
-    }
-
-    #[test]
-    fn scrub_removes_echoed_secrets() {
-        let e = GrantError::InvalidGrant {
-            code: "invalid_token".into(),
-            description: Some("Invalid refresh token (expired): rt_abcdef".into()),
-        };
-        let e = scrub(e, &["rt_abcdef"]);
-        assert_eq!(
-            e.to_string(),
-            "invalid_token: Invalid refresh token (expired): [redacted]"
-        );
     }
 }

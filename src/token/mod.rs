@@ -8,7 +8,8 @@
 //!   redeemed record the store will not take yet; [`recover`]: writing back what a store
 //!   lost.
 //! - [`pacing`]: when the upstream's refusal (401) may be answered with a new token.
-//! - [`grant`]: the token endpoint calls; [`login`]: the authorization-code login.
+//! - [`grant`]: the token endpoint calls; [`scrub`]: the request's secrets cut out of what the
+//!   identity server answers; [`login`]: the authorization-code login.
 //!
 //! # Who owns a refresh
 //!
@@ -58,6 +59,7 @@ mod pacing;
 mod recover;
 mod redeem;
 mod save;
+mod scrub;
 
 pub use backoff::Backoff;
 pub use cache::{AccessToken, TokenCache, REFRESH_RESULTS};

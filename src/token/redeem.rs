@@ -269,44 +269,40 @@ impl TokenCache {
     /// Sort a token endpoint's refusal; a final one holds until the store holds a record past
     /// `position` (login time, generation) of the record redeemed.
     fn classify(&self, e: GrantError, lineage: &mut Lineage, position: (u64, u64)) -> Attempt {
-        match e {
-            GrantError::Unanswered { reason } => Attempt::Retry { reason, hint: None },
-            GrantError::InvalidGrant { .. } => {
-                let error = TokenError::NeedsLogin(match self.endpoint.grant() {
-                    Grant::Password => format!(
-                        "the identity server refused the username and password of upstream `{}` ({e}); fix auth.username and auth.password, then restart",
-                        self.name
-                    ),
-                    Grant::WinbooksExchange => format!(
-                        "the identity server refused the exchange token of upstream `{}` ({e}); create a new exchange token in WinBooks on Web, set auth.exchange_token, then restart",
-                        self.name
-                    ),
-                    _ => format!(
-                        "the identity server no longer accepts the refresh token of upstream `{0}` ({e}); run `tollgate login {0}`: a running tollgate picks the new token up by itself, no restart needed",
-                        self.name
-                    ),
-                });
-                tracing::error!(upstream = %self.name, "{error}");
-                lineage.final_failure = Some((error.clone(), position));
-                Attempt::Final(error)
+        let name = &self.name;
+        let error = match (&e, self.endpoint.grant()) {
+            (GrantError::Unanswered { reason }, _) => {
+                return Attempt::Retry {
+                    reason: reason.clone(),
+                    hint: None,
+                }
             }
-            GrantError::Refused { .. } => {
-                let error = TokenError::Refused(format!(
-                    "the identity server refused the client of upstream `{}` ({e}); check client_id, client_secret, client_auth and scope",
-                    self.name
-                ));
-                tracing::error!(upstream = %self.name, "{error}");
-                lineage.final_failure = Some((error.clone(), position));
-                Attempt::Final(error)
+            (GrantError::Transient { reason, retry_after }, _) => {
+                return Attempt::Retry {
+                    reason: reason.clone(),
+                    hint: *retry_after,
+                }
             }
-            GrantError::Transient {
-                reason,
-                retry_after,
-            } => Attempt::Retry {
-                reason,
-                hint: retry_after,
-            },
-        }
+            // No login helps a client that logs in with its own credentials.
+            (GrantError::InvalidGrant { .. }, Grant::ClientCredentials) => TokenError::Refused(format!(
+                "the identity server refused the client_credentials grant of upstream `{name}` ({e}); check auth.client_id, auth.client_secret, auth.scope and auth.params, and that the client may use the client_credentials grant, then restart"
+            )),
+            (GrantError::InvalidGrant { .. }, Grant::Password) => TokenError::NeedsLogin(format!(
+                "the identity server refused the username and password of upstream `{name}` ({e}); fix auth.username and auth.password, then restart"
+            )),
+            (GrantError::InvalidGrant { .. }, Grant::WinbooksExchange) => TokenError::NeedsLogin(format!(
+                "the identity server refused the exchange token of upstream `{name}` ({e}); create a new exchange token in WinBooks on Web, set auth.exchange_token, then restart"
+            )),
+            (GrantError::InvalidGrant { .. }, Grant::RefreshToken) => TokenError::NeedsLogin(format!(
+                "the identity server no longer accepts the refresh token of upstream `{name}` ({e}); run `tollgate login {name}`: a running tollgate picks the new token up by itself, no restart needed"
+            )),
+            (GrantError::Refused { .. }, _) => TokenError::Refused(format!(
+                "the identity server refused the client of upstream `{name}` ({e}); check client_id, client_secret, client_auth and scope"
+            )),
+        };
+        tracing::error!(upstream = %name, "{error}");
+        lineage.final_failure = Some((error.clone(), position));
+        Attempt::Final(error)
     }
 
     /// The stored record's token, if another process made it after the one this refresh must

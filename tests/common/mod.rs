@@ -103,6 +103,8 @@ pub async fn get(url: String) -> Answer {
 /// Knobs of a test setup; `extra_upstream` and `extra_auth` are TOML lines.
 pub struct Setup {
     pub identity: IdentityConfig,
+    /// `auth.grant`; the seed is configured only for `refresh_token`.
+    pub grant: &'static str,
     pub base_path: &'static str,
     pub extra_upstream: String,
     pub extra_auth: String,
@@ -120,6 +122,7 @@ impl Default for Setup {
     fn default() -> Self {
         Setup {
             identity: IdentityConfig::default(),
+            grant: "refresh_token",
             base_path: "/api/v1",
             extra_upstream: String::new(),
             extra_auth: String::new(),
@@ -246,6 +249,20 @@ impl Harness {
         self.state.path().join("state")
     }
 
+    /// The harness's config written to a file, with the admin listener's real address (the
+    /// setup must ask for one), for `tollgate status -c`.
+    pub fn config_for_status(&self) -> PathBuf {
+        let admin = self.proxy().admin_addr().expect("Setup { admin: true }");
+        let config = self.config_text.replace(
+            "[admin]\nlisten = \"127.0.0.1:0\"",
+            &format!("[admin]\nlisten = \"{admin}\""),
+        );
+        assert_ne!(config, self.config_text);
+        let path = self.state.path().join("tollgate.toml");
+        std::fs::write(&path, config).unwrap();
+        path
+    }
+
     /// The stored token record of upstream `api`.
     pub fn stored(&self) -> serde_json::Value {
         let text = std::fs::read_to_string(self.state_dir().join("api.token.json")).unwrap();
@@ -273,16 +290,21 @@ url = "{api_url}"
 {extra_upstream}
 
 [upstream.auth]
-grant = "refresh_token"
+grant = "{grant}"
 token_url = "{token_url}"
 client_id = "{client_id}"
 client_secret = "{client_secret}"
-refresh_token = "{seed}"
+{seed}
 {extra_auth}
 {quota}
 {extra_tables}
 "#,
         state = state.display(),
+        grant = setup.grant,
+        seed = match setup.grant {
+            "refresh_token" => format!("refresh_token = \"{seed}\""),
+            _ => String::new(),
+        },
         client_id = setup.identity.client_id,
         client_secret = setup.identity.client_secret,
         admin = if setup.admin {
@@ -299,6 +321,21 @@ refresh_token = "{seed}"
             format!("[upstream.quota]\n{}", setup.quota)
         },
     )
+}
+
+/// Run `tollgate status -c config` off the runtime, so an in-process proxy keeps serving.
+pub async fn status_command(config: &Path) -> std::process::Output {
+    let config = config.to_owned();
+    tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["status", "-c"])
+            .arg(&config)
+            .env("RUST_LOG", "off")
+            .output()
+            .expect("run tollgate status")
+    })
+    .await
+    .unwrap()
 }
 
 /// A tollgate process spawned from the binary.

@@ -2,7 +2,7 @@
 //!
 //! Owns: the switches tests set ([`IdentitySim::fail_next`], [`IdentitySim::delay_next`],
 //! [`IdentitySim::answer_late`], [`IdentitySim::hang_up_next`],
-//! [`IdentitySim::garbage_next`]), deciding under one lock which of them apply to a request,
+//! [`IdentitySim::garbage_next`], [`IdentitySim::echo_next`]), deciding under one lock which of them apply to a request,
 //! and the answers that replace one.
 //!
 //! Must not: process a request whose answer it replaces. Injected faults answer *instead of*
@@ -31,11 +31,15 @@ pub(super) struct Faults {
     garbage_left: u32,
     hang_up_left: u32,
     hang_up_processed: bool,
+    echo_left: u32,
+    echo_code: Option<&'static str>,
 }
 
 pub(super) enum Fault {
     Fail(u16),
     Garbage,
+    /// Answer 400 with the request echoed in the error (see [`IdentitySim::echo_next`]).
+    Echo(Option<&'static str>),
     /// Close the connection without an answer, after processing the request or not.
     HangUp {
         processed: bool,
@@ -94,6 +98,17 @@ impl IdentitySim {
         self.state().faults.garbage_left = n;
     }
 
+    /// The next `n` token requests are read whole and answered 400 with what they carried
+    /// echoed back, as servers and gateways do: with `code` = `None` the form itself is the
+    /// `error` and, URL-encoded, the `error_description`; with `Some(code)` the error is that
+    /// code and the description holds the form raw, URL-encoded, decoded field by field, and
+    /// the `Authorization` header. Never processed.
+    pub fn echo_next(&self, n: u32, code: Option<&'static str>) {
+        let mut state = self.state();
+        state.faults.echo_left = n;
+        state.faults.echo_code = code;
+    }
+
     /// Counts the request and decides, under one lock, which injected faults apply to it: a
     /// delay before it is handled, an answer instead of handling it, a delay after.
     pub(super) fn take_faults(&self) -> (Option<Duration>, Option<Fault>, Option<Duration>) {
@@ -110,6 +125,8 @@ impl IdentitySim {
             })
         } else if take_one(&mut faults.garbage_left) {
             Some(Fault::Garbage)
+        } else if take_one(&mut faults.echo_left) {
+            Some(Fault::Echo(faults.echo_code))
         } else {
             None
         };
@@ -127,9 +144,34 @@ fn take_one(left: &mut u32) -> bool {
     had_one
 }
 
+/// The 400 of [`IdentitySim::echo_next`] for a request with `authorization` and `form`.
+pub(super) fn echo_response(
+    code: Option<&str>,
+    authorization: Option<&str>,
+    form: &str,
+) -> Response<SimBody> {
+    let encoded: String = form_urlencoded::byte_serialize(form.as_bytes()).collect();
+    let body = match code {
+        None => serde_json::json!({"error": form, "error_description": encoded}),
+        Some(code) => {
+            let fields: Vec<String> = form_urlencoded::parse(form.as_bytes())
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
+            let description = format!(
+                "could not process {form} ({encoded}); fields {}; Authorization: {}",
+                fields.join(", "),
+                authorization.unwrap_or("none")
+            );
+            serde_json::json!({"error": code, "error_description": description})
+        }
+    };
+    super::wire::json_response(StatusCode::BAD_REQUEST, &body)
+}
+
 pub(super) fn fault_response(fault: Fault) -> Response<SimBody> {
     match fault {
         Fault::HangUp { .. } => unreachable!("a hang-up has no response"),
+        Fault::Echo(_) => unreachable!("an echo is answered from the request"),
         Fault::Garbage => Response::builder()
             .header(CONTENT_TYPE, "text/html")
             .body(full_body(

@@ -55,7 +55,7 @@ use tokio::net::TcpListener;
 use super::{bind_loopback, SimBody, SimServer};
 use authorize::AuthCode;
 pub use faults::HangUp;
-use faults::{fault_response, Fault, Faults};
+use faults::{echo_response, fault_response, Fault, Faults};
 use http_body_util::BodyExt;
 use wire::status_only;
 
@@ -373,6 +373,18 @@ impl IdentitySim {
         }
         let hang_up = match fault {
             Some(Fault::HangUp { processed }) => Some(processed),
+            Some(Fault::Echo(code)) => {
+                let authorization = request
+                    .headers()
+                    .get(http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let form = match request.into_body().collect().await {
+                    Ok(body) => String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+                    Err(_) => return Err(HangUp),
+                };
+                return Ok(echo_response(code, authorization.as_deref(), &form));
+            }
             Some(fault) => return Ok(fault_response(fault)),
             None => None,
         };
