@@ -170,7 +170,10 @@ async fn an_echoing_identity_server_gets_no_secret_out() {
     let log_text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
     assert!(log_text.contains("[redacted]"), "the log was captured");
     for secret in &secrets {
-        assert!(!shown.contains(secret.as_str()), "`{secret}` was shown: {shown}");
+        assert!(
+            !shown.contains(secret.as_str()),
+            "`{secret}` was shown: {shown}"
+        );
         assert!(
             !log_text.contains(secret.as_str()),
             "`{secret}` was logged: {log_text}"

@@ -152,3 +152,44 @@ async fn token_command_beside_serve_never_double_redeems() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no upstream named `nope`"));
     assert!(out.stdout.is_empty());
 }
+
+/// SIGTERM with nothing in flight exits at once, even while the identity server is
+/// unreachable and the token cache waits to try it again: a backoff or a retry not yet sent
+/// is nothing to wait for.
+#[tokio::test]
+async fn sigterm_with_nothing_in_flight_exits_at_once_while_the_identity_server_is_down() {
+    let h = Harness::start(Setup::default()).await;
+    let closed = format!("http://127.0.0.1:{}/token", common::free_port());
+    let text = h
+        .config_text
+        .replace(&h.identity.token_url(), &closed)
+        .replace("[upstream.auth]", "[upstream.auth]\nrefresh_wait = \"1s\"");
+    let state = tempfile::tempdir().unwrap();
+    let text = text.replace(
+        &h.state_dir().display().to_string(),
+        &state.path().display().to_string(),
+    );
+    let path = state.path().join("tollgate.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut spawned = common::spawn_serve(&path);
+    let base = format!("http://{}", spawned.addr);
+    // A request that fails: the cache is now between tries, backing off.
+    assert_eq!(common::get(format!("{base}/x")).await.status, 503);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asked = Instant::now();
+    signal(spawned.child.id(), "TERM");
+    let status = loop {
+        if let Some(status) = spawned.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(10),
+            "tollgate did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let took = asked.elapsed();
+    println!("SIGTERM to exit with the identity server down: {took:?}");
+    assert!(status.success(), "{status:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+}

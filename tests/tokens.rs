@@ -257,6 +257,46 @@ async fn identity_down_serves_valid_token_then_503_when_expired() {
     );
 }
 
+/// A failing identity server is not hammered: with its token endpoint answering 503 and a
+/// client sending a request a second for 40 s, the backoff grows across flights (200 ms
+/// doubling, jittered, to a minute) whatever the number of requests waiting, so the server
+/// sees a handful of token requests, and the clients get 503 with a Retry-After meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_identity_server_is_asked_less_and_less_often() {
+    let h = Arc::new(
+        Harness::start(Setup {
+            identity: IdentityConfig {
+                access_lifetime: Duration::from_secs(1),
+                ..IdentityConfig::default()
+            },
+            extra_auth: "refresh_wait = \"2s\"".into(),
+            ..Setup::default()
+        })
+        .await,
+    );
+    h.identity.fail_next(u32::MAX, 503);
+    // The token the proxy may have fetched at its start has expired.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let asked = h.identity.counters().token_requests;
+    let mut answers = Vec::new();
+    for i in 0..40 {
+        let h2 = Arc::clone(&h);
+        answers.push(tokio::spawn(
+            async move { h2.get(&format!("/x/{i}")).await },
+        ));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    for answer in answers {
+        let answer = answer.await.unwrap();
+        assert_eq!(answer.status, 503, "{}", answer.text());
+        assert!(answer.header("retry-after").parse::<u64>().unwrap() >= 1);
+    }
+    let sent = h.identity.counters().token_requests - asked;
+    println!("token requests in 40 s against a failing identity server: {sent}");
+    // It keeps trying (attempts near 0 s, 6 s, 18 s, 35 s), never more than the doubling allows.
+    assert!((3..=10).contains(&sent), "{sent} token requests in 40 s");
+}
+
 /// invalid_grant is final: 503 saying to run `tollgate login`, and the identity server is not
 /// asked again on every request.
 #[tokio::test]

@@ -2,8 +2,9 @@
 //! token before it is due, retries with backoff while the identity server fails, and on a
 //! shared store follows the generations other replicas announce.
 
+use super::backoff::{Backoff, RETRY_FIRST, RETRY_MAX};
 use super::cache::{lock, TokenCache};
-use super::{Backoff, Purpose, TokenError};
+use super::{Purpose, TokenError};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +20,7 @@ impl TokenCache {
         tokio::pin!(shutdown);
         let mut published = self.published.subscribe();
         let mut announced = self.store.announcements(&self.name);
-        let mut backoff = Backoff::new(self.backoff_initial, self.backoff_max);
+        let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
         let mut wake_at = Instant::now();
         loop {
             tokio::select! {
@@ -43,7 +44,12 @@ impl TokenCache {
             } else {
                 Purpose::Missing
             };
-            match self.refresh(purpose, None).await {
+            // The flight runs on without this wait: a shutdown does not wait for its pauses.
+            let refreshed = tokio::select! {
+                _ = &mut shutdown => return,
+                refreshed = self.refresh(purpose, None) => refreshed,
+            };
+            match refreshed {
                 Ok(_) => {
                     backoff.reset();
                     wake_at = self.next_wake();
@@ -52,7 +58,10 @@ impl TokenCache {
                     // Final until the store changes; look again now and then for a login.
                     wake_at = Instant::now() + Duration::from_secs(30);
                 }
-                Err(TokenError::Unavailable { .. } | TokenError::Store(_)) => {
+                Err(TokenError::Unavailable { retry_after, .. }) => {
+                    wake_at = Instant::now() + backoff.next_delay().max(retry_after);
+                }
+                Err(TokenError::Store(_)) => {
                     wake_at = Instant::now() + backoff.next_delay();
                 }
             }

@@ -1,6 +1,53 @@
-//! Capped exponential backoff with jitter, for retrying the identity server and the store.
+//! Capped exponential backoff with jitter, for retrying the identity server and the store;
+//! and [`Retry`], when a cache may call its identity server next.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// The first pause after a failed token request, and the longest.
+pub const RETRY_FIRST: Duration = Duration::from_millis(200);
+pub const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// When a token cache may call its identity server next: after the server's own
+/// `Retry-After`, and after a backoff that grows while token requests fail, whatever the
+/// number of requests waiting and across flights (up to [`RETRY_MAX`], jittered), and starts
+/// over at a success.
+#[derive(Debug, Clone)]
+pub struct Retry {
+    /// The identity server asked (`Retry-After`) not to be called before this instant.
+    pub asked: Option<Instant>,
+    backoff_until: Option<Instant>,
+    failures: Backoff,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            asked: None,
+            backoff_until: None,
+            failures: Backoff::new(RETRY_FIRST, RETRY_MAX),
+        }
+    }
+}
+
+impl Retry {
+    /// The instant before which no token request is sent, if it is still ahead.
+    pub fn not_before(&self, now: Instant) -> Option<Instant> {
+        self.asked.max(self.backoff_until).filter(|t| *t > now)
+    }
+
+    /// A token request failed; the server may have said when to come back.
+    pub fn failed(&mut self, now: Instant, retry_after: Option<Duration>) {
+        self.backoff_until = Some(now + self.failures.next_delay());
+        if let Some(wait) = retry_after {
+            self.asked = Some(now + wait);
+        }
+    }
+
+    /// A token request succeeded: the next failure starts the backoff over.
+    pub fn succeeded(&mut self) {
+        *self = Retry::default();
+    }
+}
 
 /// Capped exponential backoff with jitter ("equal jitter": half fixed, half random).
 #[derive(Debug, Clone)]
@@ -51,5 +98,25 @@ mod tests {
         }
         b.reset();
         assert_eq!(b.peek(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn retry_grows_across_failures_to_a_minute_and_starts_over_at_a_success() {
+        let now = Instant::now();
+        let mut retry = Retry::default();
+        assert_eq!(retry.not_before(now), None);
+        let mut last = Duration::ZERO;
+        for _ in 0..12 {
+            retry.failed(now, None);
+            last = retry.not_before(now).unwrap() - now;
+        }
+        assert!(last >= RETRY_MAX / 2 && last <= RETRY_MAX, "{last:?}");
+        // The server's Retry-After wins when it is longer.
+        retry.failed(now, Some(Duration::from_secs(120)));
+        assert_eq!(retry.not_before(now), Some(now + Duration::from_secs(120)));
+        retry.succeeded();
+        assert_eq!(retry.not_before(now), None);
+        retry.failed(now, None);
+        assert!(retry.not_before(now).unwrap() - now <= RETRY_FIRST);
     }
 }

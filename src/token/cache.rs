@@ -4,6 +4,7 @@
 //!
 //! It never redeems anything itself: every refresh is a flight ([`super::flight`]).
 
+use super::backoff::Retry;
 use super::flight::{Flight, Lineage};
 use super::grant::TokenEndpoint;
 use super::pacing::Pacing;
@@ -107,8 +108,6 @@ pub struct TokenCache {
     pub(super) refresh_wait: Duration,
     /// How long one token request may take (`auth.timeout`).
     pub(super) request_timeout: Duration,
-    pub(super) backoff_initial: Duration,
-    pub(super) backoff_max: Duration,
     pub(super) published: watch::Sender<u64>,
     /// The last refresh failure, for readiness and status; cleared by a success.
     pub(super) last_failure: Mutex<Option<String>>,
@@ -126,14 +125,14 @@ pub struct TokenCache {
     pub(super) flight: Mutex<Flight>,
     /// What one flight leaves the next; only the flight in the air holds it.
     pub(super) lineage: tokio::sync::Mutex<Lineage>,
-    /// The identity server asked (Retry-After) not to be called before this instant. Carried
-    /// over a reload that keeps `token_url`.
-    pub(super) not_before: Mutex<Option<Instant>>,
+    /// When the identity server may be called next. Its own `Retry-After` is carried over a
+    /// reload that keeps `token_url`; the backoff is not (new settings are tried at once).
+    pub(super) retry: Mutex<Retry>,
     /// Until when the redemption in the air, if any, may still be answered: a shutdown waits
     /// for it (see [`TokenCache::settle`]).
     pub(super) in_the_air: Mutex<Option<Instant>>,
     /// Set by [`TokenCache::settle`]: the process is stopping, nothing new is sent.
-    pub(super) stopping: AtomicBool,
+    pub(super) stopping: watch::Sender<bool>,
     /// This cache has served a record of its own lineage; a different lineage appearing in the
     /// store later means another process logged in anew, and this one must not redeem.
     pub(super) lineage_used: AtomicBool,
@@ -173,8 +172,6 @@ impl TokenCache {
             refresh_before: auth.refresh_before,
             refresh_wait: auth.refresh_wait,
             request_timeout: auth.timeout,
-            backoff_initial: Duration::from_millis(200),
-            backoff_max: Duration::from_secs(30),
             published: watch::channel(0).0,
             last_failure: Mutex::new(None),
             unsaved: Mutex::new(None),
@@ -183,9 +180,9 @@ impl TokenCache {
             pacing: Arc::default(),
             flight: Mutex::new(Flight::Idle),
             lineage: tokio::sync::Mutex::new(Lineage::default()),
-            not_before: Mutex::new(None),
+            retry: Mutex::default(),
             in_the_air: Mutex::new(None),
-            stopping: AtomicBool::new(false),
+            stopping: watch::channel(false).0,
             lineage_used: AtomicBool::new(false),
             runtime: Handle::try_current().ok(),
             next: OnceLock::new(),
@@ -212,7 +209,7 @@ impl TokenCache {
         next.refreshes = Arc::clone(&old.refreshes);
         if next.endpoint.url() == old.endpoint.url() {
             // The same identity server: it asked to wait, whatever else changed.
-            *lock(&next.not_before) = *lock(&old.not_before);
+            lock(&next.retry).asked = lock(&old.retry).asked;
         }
         if next.seed_hash != old.seed_hash {
             return Ok(next);
@@ -437,15 +434,18 @@ impl TokenCache {
         }
     }
 
-    /// Wait until `until`; false when the cache was retired first (see [`TokenCache::retire`]).
+    /// Wait until `until`; false when the cache was retired first (see [`TokenCache::retire`])
+    /// or the process began to stop ([`TokenCache::settle`]).
     pub(super) async fn pause_until(&self, until: Instant) -> bool {
         let mut retired = self.retired.subscribe();
-        if *retired.borrow_and_update() {
+        let mut stopping = self.stopping.subscribe();
+        if *retired.borrow_and_update() || *stopping.borrow_and_update() {
             return false;
         }
         tokio::select! {
             _ = tokio::time::sleep_until(until.into()) => true,
             _ = retired.changed() => false,
+            _ = stopping.changed() => false,
         }
     }
 

@@ -21,7 +21,7 @@
 //! Must not: redeem without the store's refresh lock, hold a `std` mutex across an `.await`, or
 //! release the lock of a record the store has not taken.
 
-use super::backoff::Backoff;
+use super::backoff::{Backoff, RETRY_FIRST, RETRY_MAX};
 use super::cache::{lock, AccessToken, Counted, TokenCache};
 use super::{whole_seconds, Purpose, TokenError};
 use crate::store::StoreError;
@@ -91,9 +91,14 @@ impl Attempt {
     }
 }
 
-fn replaced() -> TokenError {
+/// Why a flight ended before its time: the process stops, or a reload replaced the cache.
+fn interrupted(cache: &TokenCache) -> TokenError {
+    let reason = match *cache.stopping.borrow() {
+        true => "tollgate is shutting down",
+        false => "the auth settings were replaced by a reload",
+    };
     TokenError::Unavailable {
-        reason: "the auth settings were replaced by a reload".into(),
+        reason: reason.into(),
         retry_after: Duration::from_secs(1),
     }
 }
@@ -251,7 +256,9 @@ impl TokenCache {
         (receiver, task)
     }
 
-    /// Redeem, retrying transient failures with backoff until `refresh_wait` is over.
+    /// Redeem, retrying transient failures until `refresh_wait` is over, never before the
+    /// cache's [`super::backoff::Retry`] allows: a request that finds the next try past its
+    /// wait is answered at once, with the time left as its `Retry-After`.
     async fn attempts(
         &self,
         lineage: &mut Lineage,
@@ -259,30 +266,47 @@ impl TokenCache {
         progress: &watch::Sender<Progress>,
     ) -> Result<Arc<AccessToken>, TokenError> {
         let deadline = Instant::now() + self.refresh_wait;
-        let mut backoff = Backoff::new(self.backoff_initial, self.backoff_max);
+        // A pause of this flight's own (the store is in trouble): not the identity server's.
+        let mut store_backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
+        let mut paused_until: Option<Instant> = None;
+        // This flight's last failure.
+        let mut failed: Option<String> = None;
         loop {
-            let not_before = lock(&self.not_before).filter(|t| *t > Instant::now());
-            if let Some(not_before) = not_before {
+            let now = Instant::now();
+            let retry_at = lock(&self.retry).not_before(now);
+            if let Some(until) = retry_at.max(paused_until.take()).filter(|t| *t > now) {
+                // A still-usable token keeps serving; the refresh-ahead task tries again later.
                 let keep_current = purpose == Purpose::Ahead && self.cached().is_some();
-                if keep_current || not_before > deadline {
+                if keep_current || until > deadline {
+                    let reason = match failed {
+                        Some(reason) => {
+                            tracing::warn!(upstream = %self.name, %reason, "token refresh failed");
+                            reason
+                        }
+                        None => self.waiting_reason(),
+                    };
                     return Err(TokenError::Unavailable {
-                        reason: "the identity server asked to wait (Retry-After)".into(),
-                        retry_after: whole_seconds(not_before - Instant::now()),
+                        reason,
+                        retry_after: whole_seconds(until - now),
                     });
                 }
-                if !self.pause_until(not_before).await {
-                    return Err(replaced());
+                if let Some(reason) = &failed {
+                    tracing::info!(upstream = %self.name, %reason, retry_in = ?(until - now), "token refresh failed; retrying");
+                }
+                if !self.pause_until(until).await {
+                    return Err(interrupted(self));
                 }
             }
             let lock_wait = deadline
                 .saturating_duration_since(Instant::now())
                 .clamp(Duration::from_secs(1), LOCK_WAIT);
-            let (reason, hint) = match self.redeem(lineage, purpose, lock_wait, progress).await {
+            match self.redeem(lineage, purpose, lock_wait, progress).await {
                 Ok(t) => {
                     self.count_refresh(Counted::Ok);
+                    lock(&self.retry).succeeded();
                     return Ok(t);
                 }
-                Err(Attempt::Replaced) => return Err(replaced()),
+                Err(Attempt::Replaced) => return Err(interrupted(self)),
                 Err(Attempt::Final(e)) => {
                     self.count_refresh(match &e {
                         TokenError::NeedsLogin(_) | TokenError::Refused(_) => Counted::Refused,
@@ -292,39 +316,31 @@ impl TokenCache {
                 }
                 Err(Attempt::Retry { reason, hint }) => {
                     self.count_refresh(Counted::Error);
-                    if let Some(wait) = hint {
-                        *lock(&self.not_before) = Some(Instant::now() + wait);
-                    }
-                    (reason, hint)
+                    lock(&self.retry).failed(Instant::now(), hint);
+                    failed = Some(reason);
                 }
                 Err(Attempt::Recovering(reason)) => {
                     tracing::debug!(upstream = %self.name, %reason, "waiting for the refresh lock");
-                    if !self
-                        .pause_until(Instant::now() + self.backoff_initial)
-                        .await
-                    {
-                        return Err(replaced());
+                    if !self.pause_until(Instant::now() + RETRY_FIRST).await {
+                        return Err(interrupted(self));
                     }
-                    continue;
                 }
                 // Not the identity server's doing: nothing to remember of it.
-                Err(Attempt::Pause { reason, pause }) => (reason, Some(pause)),
-            };
-            let delay = backoff.next_delay().max(hint.unwrap_or_default());
-            let retry_after = whole_seconds(delay);
-            // A still-usable token keeps serving; the refresh-ahead task tries again later.
-            let keep_current = purpose == Purpose::Ahead && self.cached().is_some();
-            if keep_current || Instant::now() + delay > deadline {
-                tracing::warn!(upstream = %self.name, %reason, "token refresh failed");
-                return Err(TokenError::Unavailable {
-                    reason,
-                    retry_after,
-                });
+                Err(Attempt::Pause { reason, pause }) => {
+                    paused_until = Some(Instant::now() + store_backoff.next_delay().max(pause));
+                    failed = Some(reason);
+                }
             }
-            tracing::info!(upstream = %self.name, %reason, retry_in = ?delay, "token refresh failed; retrying");
-            if !self.pause_until(Instant::now() + delay).await {
-                return Err(replaced());
-            }
+        }
+    }
+
+    /// Why a flight does not call the identity server yet, before it failed itself.
+    fn waiting_reason(&self) -> String {
+        match lock(&self.last_failure).clone() {
+            Some(last) => format!(
+                "the identity server is not called again yet after a failed token request: {last}"
+            ),
+            None => "the identity server asked to wait (Retry-After)".to_owned(),
         }
     }
 }

@@ -10,6 +10,7 @@
 //! Must not: redeem without the lock, send the same refresh token again once its answer may
 //! still come, or let the lock go before the store took what was redeemed.
 
+use super::backoff::RETRY_FIRST;
 use super::cache::{lock, AccessToken, TokenCache};
 use super::flight::{Attempt, Lineage, Progress};
 use super::grant::{GrantError, Issued};
@@ -242,7 +243,7 @@ impl TokenCache {
     ) -> Result<Result<Issued, GrantError>, Attempt> {
         let mut sent_again = false;
         loop {
-            if self.stopping.load(Ordering::Acquire) {
+            if *self.stopping.borrow() {
                 return Err(Attempt::Final(TokenError::Unavailable {
                     reason: "tollgate is shutting down".into(),
                     retry_after: Duration::from_secs(1),
@@ -255,7 +256,7 @@ impl TokenCache {
                 Err(GrantError::Unanswered { reason }) if !sent_again => {
                     sent_again = true;
                     tracing::warn!(upstream = %self.name, %reason, "a refresh was sent and not answered: the identity server may have processed it. Sending the same refresh token once more: if the server never processed the first, this recovers; if it did, the next refresh token was lost with the answer, and a server that rotates strictly refuses this one (then run `tollgate login {}`)", self.name);
-                    tokio::time::sleep(self.backoff_initial).await;
+                    tokio::time::sleep(RETRY_FIRST).await;
                 }
                 Err(GrantError::Unanswered { reason }) => {
                     tracing::error!(upstream = %self.name, %reason, "a refresh was sent and not answered again; retrying with backoff");

@@ -5,11 +5,10 @@
 //! this process or another on the store — lets the new access token serve, says why in
 //! `/readyz`, and retries the save with backoff.
 
-use super::backoff::Backoff;
+use super::backoff::{Backoff, RETRY_FIRST};
 use super::cache::{lock, AccessToken, TokenCache};
 use super::flight::{Flight, Progress};
 use crate::store::{RefreshLock, StoreError, TokenRecord};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -41,7 +40,7 @@ impl TokenCache {
         tracing::error!(upstream = %self.name, %error, "the state store did not take the new refresh token; holding the refresh lock and retrying the save");
         *lock(&self.unsaved) = Some(unsaved(&error));
         progress.send_replace(Progress::Unsaved(token));
-        let mut backoff = Backoff::new(self.backoff_initial, SAVE_RETRY_MAX);
+        let mut backoff = Backoff::new(RETRY_FIRST, SAVE_RETRY_MAX);
         let mut failures = 1u32;
         let saved = loop {
             tokio::time::sleep(backoff.next_delay()).await;
@@ -75,7 +74,7 @@ impl TokenCache {
     pub async fn settle(&self, wait: Duration) -> bool {
         // A redemption in the air is waited for; none is started any more (the next start
         // redeems what the store holds), so the wait is bounded by the one in the air.
-        self.stopping.store(true, Ordering::Release);
+        self.stopping.send_replace(true);
         let started = Instant::now();
         loop {
             let mut progress = match &*self.flight() {

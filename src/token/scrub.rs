@@ -231,7 +231,10 @@ mod tests {
         assert!(clean.ends_with('…'));
         // A cut through the marker moves before it.
         let text = format!("{}{SECRET} and more", "a".repeat(195));
-        assert_eq!(scrubber().clean(&text, 200), format!("{}…", "a".repeat(195)));
+        assert_eq!(
+            scrubber().clean(&text, 200),
+            format!("{}…", "a".repeat(195))
+        );
         // Ordinary text and short values are left alone.
         assert_eq!(
             scrubber().clean("ab invalid_grant", 200),
