@@ -35,6 +35,9 @@ pub enum ProxyError {
     /// The request itself is not acceptable (client side).
     #[error("{0}")]
     BadRequest(&'static str),
+    /// The client sent its body too slowly (`limits.body_timeout`, `limits.min_body_rate`).
+    #[error(transparent)]
+    BodyTooSlow(crate::body::TooSlow),
     /// CONNECT, TRACE and other methods that are not forwarded.
     #[error("method {0} is not forwarded; tollgate forwards {methods}", methods = crate::forward::FORWARDED_METHODS)]
     MethodNotAllowed(http::Method),
@@ -66,6 +69,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::BodyTooSlow(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Token(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -80,6 +84,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => ("bad-request", "Request refused by tollgate"),
             ProxyError::MethodNotAllowed(_) => ("method-not-allowed", "Method not allowed"),
+            ProxyError::BodyTooSlow(_) => ("body-too-slow", "Request body too slow"),
             ProxyError::Token(TokenError::Unavailable { .. }) => {
                 ("identity-unavailable", "Identity server unavailable")
             }
@@ -151,6 +156,13 @@ impl ProxyError {
                         Denied::Wrong => "Bearer realm=\"tollgate\", error=\"invalid_token\"",
                     }),
                 );
+            }
+            ProxyError::BodyTooSlow(_) => {
+                // The rest of the body may still be on its way: the connection cannot serve
+                // another request (HTTP/2 drops the header, and resets the stream alone).
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             ProxyError::MethodNotAllowed(_) => {
                 response.headers_mut().insert(

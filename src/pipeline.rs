@@ -11,7 +11,9 @@
 //! upstream is counted by the quota just before it happens, and every upstream answer is shown
 //! to it (a 429 holds the upstream back).
 
-use crate::body::{self, Buffered, RequestBody, ResponseBody};
+use crate::body::{
+    self, BodyError, Budget, Buffered, Held, Pace, Paced, RequestBody, ResponseBody,
+};
 use crate::config::UpstreamConfig;
 use crate::error::{ProxyBody, ProxyError};
 use crate::forward::{self, SendError, TargetError, Upstream, UpstreamBody};
@@ -41,6 +43,10 @@ pub struct Pipeline {
     counts: Vec<Arc<KeyCounts>>,
     retry_on: Vec<u16>,
     retry_body_limit: u64,
+    /// How slowly a client may send its body.
+    pace: Pace,
+    /// This worker's share of `limits.max_buffered`.
+    budget: Budget,
 }
 
 /// What the access log reports of a request beyond its head and status.
@@ -58,6 +64,8 @@ struct Replay {
     uri: Uri,
     headers: HeaderMap,
     body: Buffered,
+    /// The body's bytes in the budget, given back with the replay.
+    _held: Held,
 }
 
 impl Pipeline {
@@ -68,6 +76,7 @@ impl Pipeline {
         tokens: Arc<TokenCache>,
         quota: Arc<Quota>,
         stats: Arc<RequestStats>,
+        budget: Budget,
     ) -> Pipeline {
         let keys = Keys::new(config.inbound.as_ref().map_or(&[][..], |i| &i.keys[..]));
         let labels = (0..keys.len()).map(|i| Arc::clone(keys.label(i)));
@@ -91,6 +100,11 @@ impl Pipeline {
             stats,
             retry_on: config.retry_on.clone(),
             retry_body_limit: config.retry_body_limit,
+            pace: Pace {
+                between_reads: config.limits.body_timeout,
+                min_rate: config.limits.min_body_rate,
+            },
+            budget,
         }
     }
 
@@ -201,11 +215,12 @@ impl Pipeline {
             &self.upstream.target,
             &token.header,
         );
-        let replay = replay.map(|body| Replay {
+        let replay = replay.map(|kept| Replay {
             method: parts.method.clone(),
             uri: uri.clone(),
             headers: parts.headers.clone(),
-            body,
+            body: kept.body,
+            _held: kept.held,
         });
 
         let mut request = Request::new(body);
@@ -241,8 +256,10 @@ impl Pipeline {
             })
     }
 
-    /// Stage 2: the request body, kept for a replay when it is small enough.
-    async fn body(&self, body: Incoming) -> Result<(RequestBody, Option<Buffered>), ProxyError> {
+    /// Stage 2: the request body, read within its pace, kept for a replay when it is small
+    /// enough and fits in the budget.
+    async fn body(&self, body: Incoming) -> Result<(RequestBody, Option<body::Kept>), ProxyError> {
+        let body = Paced::new(body, self.pace);
         if self.retry_on.is_empty() {
             let stream = RequestBody::Stream {
                 prefix: None,
@@ -250,9 +267,14 @@ impl Pipeline {
             };
             return Ok((stream, None));
         }
-        let prepared = body::prepare(body, self.retry_body_limit)
+        let prepared = body::prepare(body, self.retry_body_limit, &self.budget)
             .await
-            .map_err(|_| ProxyError::BadRequest("the request body could not be read"))?;
+            .map_err(|e| match e {
+                BodyError::TooSlow(slow) => ProxyError::BodyTooSlow(slow),
+                BodyError::Client(_) => {
+                    ProxyError::BadRequest("the request body could not be read")
+                }
+            })?;
         Ok((prepared.body, prepared.replay))
     }
 
@@ -277,6 +299,7 @@ impl Pipeline {
                 ProxyError::UpstreamUnreachable(reason)
             }
             SendError::Timeout(d) => ProxyError::UpstreamTimeout(d),
+            SendError::BodyTooSlow(slow) => ProxyError::BodyTooSlow(slow),
             SendError::Busy(why) => ProxyError::UpstreamBusy(why),
         })?;
         self.quota
@@ -398,7 +421,7 @@ client_secret = "secret"
         let upstream = Upstream::new(up, None, 1).unwrap();
         let local = "127.0.0.1:8080".parse().unwrap();
         let stats = Arc::new(RequestStats::default());
-        let pipeline = Pipeline::new(up, local, upstream, tokens, quota, stats);
+        let pipeline = Pipeline::new(up, local, upstream, tokens, quota, stats, Budget::new(1));
 
         let size = size_of_return(|request| pipeline.handle(request));
         // 9,304 bytes before the refresh and the replay were boxed; 5,088 after.

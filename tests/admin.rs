@@ -4,6 +4,7 @@
 mod common;
 
 use common::{status_command, Clock, Harness, Setup};
+use std::time::{Duration, Instant};
 
 /// 2026-11-24T12:00:00Z: far from midnight, so the day does not turn during a test.
 const NOON: u64 = 1_795_521_600_000;
@@ -254,6 +255,18 @@ async fn readiness_follows_the_identity_server() {
 
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     h.identity_server = Some(h.identity.serve(listener).await);
-    assert_eq!(h.get("/back").await.status, 200);
+    // The next try comes at the end of the backoff, short after a brief failure; until then
+    // requests get 503 with the time left as Retry-After.
+    let back = Instant::now();
+    loop {
+        let answer = h.get("/back").await;
+        if answer.status == 200 {
+            break;
+        }
+        assert_eq!(answer.status, 503);
+        assert!(answer.header("retry-after").parse::<u64>().unwrap() <= 2);
+        assert!(back.elapsed() < Duration::from_secs(3), "not back after 3 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(common::get(h.admin_url("/readyz")).await.status, 200);
 }

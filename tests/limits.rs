@@ -239,3 +239,148 @@ async fn a_request_past_the_upstream_connections_waits_then_gets_503() {
         "the refused request never went upstream"
     );
 }
+
+/// Send a POST head announcing `length` bytes of body, then `sent` of them.
+async fn start_upload(h: &Harness, length: usize, sent: &[u8]) -> TcpStream {
+    let mut stream = connect(h).await;
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: {length}\r\nContent-Type: application/octet-stream\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(sent).await.unwrap();
+    stream
+}
+
+/// Read what the proxy answers on `stream` until it closes the connection.
+async fn read_to_close(stream: &mut TcpStream) -> String {
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// A body trickled a byte every 300 ms averages far below `min_body_rate`: once the 5 s of
+/// grace are over, it gets 408 and its connection is closed, although no pause between two
+/// reads reached `body_timeout`. Other requests are served meanwhile, and nothing of the slow
+/// one reaches the upstream. Both ways: a body kept for a replay, and one streamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_trickled_below_the_minimum_rate_gets_408_after_the_grace() {
+    for retry_on in ["[401]", "[]"] {
+        let h = Harness::start(Setup {
+            extra_upstream: format!("retry_on = {retry_on}"),
+            extra_tables: "[upstream.limits]\nbody_timeout = \"10s\"\nmin_body_rate = \"240B\""
+                .into(),
+            ..Setup::default()
+        })
+        .await;
+        let before = h.api.counters().requests;
+        let started = Instant::now();
+        let mut slow = start_upload(&h, 1000, b"x").await;
+        let trickle = tokio::spawn(async move {
+            // A byte every 300 ms, until the proxy answers (looked for before each write, so
+            // no write meets a closed connection and loses the answer to a reset).
+            loop {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let mut probe = [0u8; 1];
+                let answered =
+                    tokio::time::timeout(Duration::from_millis(1), slow.peek(&mut probe)).await;
+                if answered.is_ok() || slow.write_all(b"x").await.is_err() {
+                    return read_to_close(&mut slow).await;
+                }
+            }
+        });
+        // Others are served while it trickles.
+        assert_eq!(h.get("/other").await.status, 200);
+        let answer = trickle.await.unwrap();
+        let took = started.elapsed();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{retry_on}: {answer}");
+        assert!(answer.contains("connection: close"), "{answer}");
+        assert!(answer.contains("limits.min_body_rate"), "{answer}");
+        assert!(
+            took >= Duration::from_secs(5) && took < Duration::from_secs(7),
+            "{retry_on}: ended after {took:?}"
+        );
+        // The streamed one reached the upstream with its head; the kept one never did.
+        if retry_on == "[401]" {
+            assert_eq!(h.api.counters().requests, before + 1, "only /other");
+        }
+    }
+}
+
+/// A body that stops arriving gets 408 after `body_timeout` (here with no minimum rate),
+/// within a second of it.
+#[tokio::test]
+async fn a_body_that_stops_gets_408_after_the_body_timeout() {
+    let h = harness("body_timeout = \"1s\"\nmin_body_rate = \"0B\"").await;
+    let started = Instant::now();
+    let mut slow = start_upload(&h, 100, b"half of it").await;
+    let answer = read_to_close(&mut slow).await;
+    let took = started.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("limits.body_timeout"), "{answer}");
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(2),
+        "ended after {took:?}"
+    );
+}
+
+/// What `/proc/PID/status` says of `field` (`VmRSS`, `VmHWM`), in KiB.
+fn memory_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// The peak RSS growth, in MiB, of a tollgate process with `max_buffered` while 150 clients
+/// send a 1 MiB body each at once to an upstream that takes 2 s to read them. The process
+/// continues the harness's lineage in its state directory (the harness's proxy is stopped).
+async fn peak_growth_with(h: &Harness, max_buffered: &str) -> u64 {
+    let dir = tempfile::tempdir().unwrap();
+    let text = h.config_text.replace(
+            "[upstream.auth]",
+            &format!("retry_body_limit = \"2MiB\"\n\n[upstream.limits]\nmax_buffered = \"{max_buffered}\"\n\n[upstream.auth]"),
+        );
+    let path = dir.path().join("tollgate.toml");
+    std::fs::write(&path, text).unwrap();
+    let spawned = common::spawn_serve(&path);
+    let url = format!("http://{}/upload?sim_delay_ms=2000", spawned.addr);
+    assert_eq!(common::get(url.replace("2000", "0")).await.status, 200);
+    let pid = spawned.child.id();
+    let before = memory_kib(pid, "VmRSS");
+    let body = bytes::Bytes::from(vec![7u8; 1024 * 1024]);
+    let uploads: Vec<_> = (0..150)
+        .map(|_| {
+            let request = http::Request::post(&url)
+                .body(http_body_util::Full::new(body.clone()))
+                .unwrap();
+            let client = h.client.clone();
+            tokio::spawn(async move { client.request(request).await.unwrap().status() })
+        })
+        .collect();
+    for upload in uploads {
+        assert_eq!(upload.await.unwrap(), 200);
+    }
+    (memory_kib(pid, "VmHWM").saturating_sub(before)) / 1024
+}
+
+/// 150 bodies of 1 MiB at once on their way to a slow upstream: with `max_buffered` the
+/// bodies kept for a replay stay within it, and the rest stream; the process's peak RSS grows
+/// by about that much, where an unbounded budget holds every body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_held_for_a_replay_stay_within_max_buffered() {
+    let mut h = Harness::start(Setup::default()).await;
+    h.stop_proxy().await;
+    let unbounded = peak_growth_with(&h, "1GiB").await;
+    let bounded = peak_growth_with(&h, "8MiB").await;
+    let default = peak_growth_with(&h, "64MiB").await;
+    println!("peak RSS growth, 150 × 1 MiB bodies at once: {unbounded} MiB with max_buffered = 1GiB, {default} MiB with 64MiB (the default), {bounded} MiB with 8MiB");
+    assert!(
+        unbounded >= 100,
+        "the unbounded run held the bodies: {unbounded} MiB"
+    );
+    // Besides the 8 MiB kept, the streamed bodies in transit: hyper buffers a few hundred KiB
+    // of each on its way upstream.
+    assert!(bounded <= 8 + 40, "{bounded} MiB");
+}

@@ -84,12 +84,15 @@ impl Config {
             line(
                 "limits",
                 format!(
-                    "{} connections, {} of headers within {}, upstream connect {}, {} upstream connections",
+                    "{} connections, {} of headers within {}, upstream connect {}, {} upstream connections; bodies: {} between reads, at least {}/s after 5s, {} held for replays",
                     l.max_connections,
                     show_size(l.max_header_size),
                     humantime::format_duration(l.header_timeout),
                     humantime::format_duration(l.connect_timeout),
-                    l.max_upstream_connections
+                    l.max_upstream_connections,
+                    humantime::format_duration(l.body_timeout),
+                    show_size(l.min_body_rate),
+                    show_size(l.max_buffered),
                 ),
             );
             if let Some(ca) = &up.ca_file {

@@ -140,6 +140,16 @@ pub struct LimitsConfig {
     /// Requests in flight to the upstream at once, per process (each worker holds its share):
     /// over HTTP/1.1, the connections open to it. More wait for one to finish.
     pub max_upstream_connections: usize,
+    /// Between two reads of a request body; then 408 and the connection is closed.
+    #[serde(deserialize_with = "de_duration")]
+    pub body_timeout: Duration,
+    /// Bytes per second a request body must average once it took 5 s (0: no minimum).
+    #[serde(deserialize_with = "de_size")]
+    pub min_body_rate: u64,
+    /// This upstream's request bodies held for a replay at once, per process (each worker
+    /// holds its share); past it a body streams without a replay.
+    #[serde(deserialize_with = "de_size")]
+    pub max_buffered: u64,
 }
 
 impl Default for LimitsConfig {
@@ -150,6 +160,9 @@ impl Default for LimitsConfig {
             header_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             max_upstream_connections: 256,
+            body_timeout: Duration::from_secs(60),
+            min_body_rate: 240,
+            max_buffered: 64 * 1024 * 1024,
         }
     }
 }

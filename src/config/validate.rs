@@ -252,6 +252,7 @@ fn check_limits(up: &UpstreamConfig, report: &mut Report<'_>) {
     for (k, d) in [
         ("limits.header_timeout", limits.header_timeout),
         ("limits.connect_timeout", limits.connect_timeout),
+        ("limits.body_timeout", limits.body_timeout),
     ] {
         if d.is_zero() {
             report.at(k, "must be more than 0s".into());

@@ -18,6 +18,7 @@
 
 use super::{flush_task, give_back, refresh_task, Proxy, Running, StartError, SHUTDOWN_GRACE};
 use crate::admin::{self, Admin};
+use crate::body::Budget;
 use crate::config::{Config, UpstreamConfig};
 use crate::forward;
 use crate::inbound;
@@ -336,11 +337,15 @@ impl Proxy {
             Socket::New(bound) => bound.local,
         };
         let tls = p.certs.as_ref().map(CertStore::acceptor);
+        let workers = p.forwards.len();
+        let buffered = usize::try_from(p.config.limits.max_buffered).unwrap_or(usize::MAX);
         let sites: Vec<Site<Pipeline>> = p
             .forwards
             .into_iter()
             .zip(&stats)
-            .map(|(forward, stats)| {
+            .enumerate()
+            .map(|(worker, (forward, stats))| {
+                let budget = forward::share(buffered, workers, worker);
                 let pipeline = Pipeline::new(
                     &p.config,
                     local,
@@ -348,6 +353,7 @@ impl Proxy {
                     Arc::clone(&p.tokens),
                     Arc::clone(&p.quota),
                     Arc::clone(stats),
+                    Budget::new(budget as u64),
                 );
                 Site::new(pipeline, &p.config.limits, tls.clone())
             })

@@ -2,15 +2,21 @@
 //! twice; the response body passed back, and the concurrency slot it holds until it ends.
 //!
 //! A replay after a 401 needs the body again, so bodies up to `retry_body_limit` are buffered
-//! (most are a few KiB, and GETs have none). A larger body, or one of unknown length that turns
-//! out larger, streams through untouched and is not replayed: the client then gets the 401.
-//! Trailer fields are forwarded either way; a buffered body keeps them for its replay.
+//! (most are a few KiB, and GETs have none), while they fit in the upstream's [`budget`]. A
+//! larger body, or one of unknown length that turns out larger, streams through untouched and
+//! is not replayed: the client then gets the 401. Trailer fields are forwarded either way; a
+//! buffered body keeps them for its replay. Every client body is read within its [`pace`].
+
+mod budget;
+mod pace;
+
+pub use budget::{Budget, Held};
+pub use pace::{BodyError, Pace, Paced, TooSlow};
 
 use crate::forward::UpstreamBody;
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -31,10 +37,7 @@ pub enum RequestBody {
         trailers: Option<HeaderMap>,
     },
     /// Streams from the client; `prefix` holds what was read while deciding.
-    Stream {
-        prefix: Option<Bytes>,
-        rest: Incoming,
-    },
+    Stream { prefix: Option<Bytes>, rest: Paced },
 }
 
 impl RequestBody {
@@ -48,12 +51,12 @@ impl RequestBody {
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             RequestBody::Full { data, trailers } => Poll::Ready(
                 data.take()
@@ -146,25 +149,37 @@ impl Body for ResponseBody {
 /// A body ready to send, with a copy for a replay when it was small enough to keep.
 pub struct Prepared {
     pub body: RequestBody,
-    pub replay: Option<Buffered>,
+    pub replay: Option<Kept>,
 }
 
-/// Read up to `limit` bytes of `body` to decide whether it can be replayed.
-pub async fn prepare(mut body: Incoming, limit: u64) -> Result<Prepared, hyper::Error> {
+/// A body kept for a replay, and the bytes of the budget it holds until dropped.
+pub struct Kept {
+    pub body: Buffered,
+    pub held: Held,
+}
+
+/// Read up to `limit` bytes of `body` to decide whether it can be replayed: it can when it is
+/// no larger and fits in `budget` (a body of known length takes its bytes at once, one of
+/// unknown length as they arrive).
+pub async fn prepare(body: Paced, limit: u64, budget: &Budget) -> Result<Prepared, BodyError> {
+    let mut body = body;
+    let stream = |prefix: Option<Bytes>, rest: Paced| Prepared {
+        body: RequestBody::Stream { prefix, rest },
+        replay: None,
+    };
     if body.is_end_stream() {
         return Ok(Prepared {
             body: RequestBody::full(Buffered::default()),
-            replay: Some(Buffered::default()),
+            replay: Some(Kept {
+                body: Buffered::default(),
+                held: budget.none(),
+            }),
         });
     }
-    if body.size_hint().lower() > limit {
-        return Ok(Prepared {
-            body: RequestBody::Stream {
-                prefix: None,
-                rest: body,
-            },
-            replay: None,
-        });
+    let hint = body.size_hint();
+    let mut held = budget.none();
+    if hint.lower() > limit || hint.exact().is_some_and(|n| !held.grow(n)) {
+        return Ok(stream(None, body));
     }
     let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
@@ -180,6 +195,7 @@ pub async fn prepare(mut body: Incoming, limit: u64) -> Result<Prepared, hyper::
             }
         };
         read += data.len() as u64;
+        let fits = hint.exact().is_some() || held.grow(data.len() as u64);
         // One frame is kept as it is; only several frames are copied together.
         match first.take() {
             None if buf.is_empty() => first = Some(data),
@@ -189,15 +205,10 @@ pub async fn prepare(mut body: Incoming, limit: u64) -> Result<Prepared, hyper::
             }
             None => buf.extend_from_slice(&data),
         }
-        if read > limit {
-            let prefix = first.unwrap_or_else(|| buf.freeze());
-            return Ok(Prepared {
-                body: RequestBody::Stream {
-                    prefix: Some(prefix),
-                    rest: body,
-                },
-                replay: None,
-            });
+        if read > limit || !fits {
+            // Sent at once, and not kept: its bytes leave the budget.
+            drop(held);
+            return Ok(stream(Some(first.unwrap_or_else(|| buf.freeze())), body));
         }
     }
     let all = Buffered {
@@ -206,6 +217,6 @@ pub async fn prepare(mut body: Incoming, limit: u64) -> Result<Prepared, hyper::
     };
     Ok(Prepared {
         body: RequestBody::full(all.clone()),
-        replay: Some(all),
+        replay: Some(Kept { body: all, held }),
     })
 }
