@@ -53,6 +53,9 @@ impl Config {
         let mut out = describe_state(&self.state);
         if let Some(admin) = &self.admin {
             let _ = writeln!(out, "admin.listen = {}", admin.listen);
+            if admin.key.is_some() {
+                let _ = writeln!(out, "admin.key = [redacted]");
+            }
         }
         for up in &self.upstreams {
             let _ = writeln!(out, "\n[upstream \"{}\"]", up.name);
@@ -151,6 +154,14 @@ impl Config {
     /// Settings that work but deserve a second look.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if let Some(admin) = self.admin.as_ref().filter(|a| a.key.is_none()) {
+            if !admin.listen.ip().is_loopback() {
+                out.push(format!(
+                    "[admin] listens on {} without a key: anyone who reaches it can read the status page, /status and /metrics (upstreams, quotas, inbound key names); listen on 127.0.0.1, or set [admin] key = \"${{ADMIN_KEY}}\"",
+                    admin.listen
+                ));
+            }
+        }
         for up in &self.upstreams {
             if !up.listen.ip().is_loopback() && up.tls.is_none() {
                 out.push(format!(

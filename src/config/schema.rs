@@ -68,10 +68,14 @@ impl Default for StateConfig {
     }
 }
 
+/// `[admin]`: the listener of the status page, probes, `/status` and `/metrics`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// When set, every admin request but `GET /healthz` and `GET /readyz` must carry it, as
+    /// `Authorization: Bearer KEY` or as the password of HTTP Basic.
+    pub key: Option<Secret<String>>,
 }
 
 /// One API that tollgate fronts: a listener, the API's base URL, and how to get its tokens.
