@@ -24,6 +24,10 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     #[serde(default, rename = "upstream")]
     pub upstreams: Vec<UpstreamConfig>,
+    /// By upstream name, `auth.token_url` as the file wrote it when it names a variable
+    /// (`?tenant=${TENANT}`), so that `check` can leave out what came from the environment.
+    #[serde(skip)]
+    pub token_urls_as_written: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
