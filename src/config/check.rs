@@ -5,7 +5,7 @@
 //! value that names a variable shows as `[redacted]` ([`shown_url`]).
 
 use super::values::show_size;
-use super::{AuthConfig, Config, Grant, QuotaConfig, StateConfig, StoreLocation};
+use super::{AuthConfig, Config, Grant, QuotaConfig, RedisUrl, StateConfig, StoreLocation};
 use url::Url;
 
 impl QuotaConfig {
@@ -167,6 +167,9 @@ impl Config {
                 ));
             }
         }
+        if let Ok(StoreLocation::Redis(redis)) = self.state.location() {
+            out.extend(redis_warnings(&redis));
+        }
         for up in &self.upstreams {
             if !up.listen.ip().is_loopback() && up.tls.is_none() {
                 out.push(format!(
@@ -201,6 +204,37 @@ fn redacted(set: bool) -> String {
     } else {
         "(not set)".into()
     }
+}
+
+/// A Redis store on another machine without TLS, or without a password.
+fn redis_warnings(redis: &RedisUrl) -> Vec<String> {
+    let Ok(url) = Url::parse(redis.url.expose()) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    // A redis:// host is opaque to `url` (not a special scheme): its IP is parsed here.
+    let host = url.host_str().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+    {
+        return out;
+    }
+    if url.scheme() == "redis" {
+        out.push(format!(
+            "state.store {} uses redis:// (no TLS) to a remote host: access tokens and refresh tokens cross the network readable; use rediss:// (Redis with TLS)",
+            redis.shown
+        ));
+    }
+    if url.password().is_none_or(str::is_empty) {
+        out.push(format!(
+            "state.store {} has no password: anyone who reaches that port can read the refresh tokens and redeem them; give Redis a password (requirepass) and write it as redis://:${{REDIS_PASSWORD}}@HOST:PORT/DB",
+            redis.shown
+        ));
+    }
+    out
 }
 
 fn is_loopback_host(url: &Url) -> bool {

@@ -606,6 +606,47 @@ mod tests {
         assert!(err.contains("admin.key: must be at least 16"), "{err}");
     }
 
+    /// A Redis store on another machine is warned about without TLS and without a password,
+    /// each on its own, and never with the password.
+    #[test]
+    fn a_remote_redis_without_tls_or_password_is_warned_about() {
+        let warnings = |store: &str| {
+            let text = GOOD.replace("file:/tmp/tollgate-test", store);
+            Config::parse(&text, "t.toml", env).unwrap().warnings()
+        };
+        let no_tls = |w: &Vec<String>| w.iter().any(|w| w.contains("(no TLS) to a remote host"));
+        let no_password = |w: &Vec<String>| w.iter().any(|w| w.contains("has no password"));
+
+        let open = warnings("redis://redis.internal:6379/0");
+        assert!(no_tls(&open) && no_password(&open), "{open:?}");
+        assert!(
+            open.iter()
+                .any(|w| w.contains("tokens cross the network readable")
+                    && w.contains("use rediss://")),
+            "{open:?}"
+        );
+        assert!(
+            open.iter()
+                .any(|w| w.contains("read the refresh tokens and redeem them")
+                    && w.contains("requirepass")),
+            "{open:?}"
+        );
+        let clear = warnings("redis://:${SECRET}@redis.internal:6379/0");
+        assert!(no_tls(&clear) && !no_password(&clear), "{clear:?}");
+        assert!(clear.iter().all(|w| !w.contains("s3cr3t")), "{clear:?}");
+        let unlocked = warnings("rediss://app@redis.internal:6380/0");
+        assert!(!no_tls(&unlocked) && no_password(&unlocked), "{unlocked:?}");
+        for fine in [
+            "rediss://:${SECRET}@redis.internal:6380/0",
+            "redis://127.0.0.1:6379/0",
+            "redis://localhost",
+            "redis://[::1]:6379",
+        ] {
+            let w = warnings(fine);
+            assert!(!no_tls(&w) && !no_password(&w), "{fine}: {w:?}");
+        }
+    }
+
     /// Several problems are listed in the order of their lines in the file.
     #[test]
     fn problems_are_listed_in_line_order() {
