@@ -156,7 +156,8 @@ async fn login(
 }
 
 /// `tollgate status`: 0 with the table on stdout, 2 when the config has no usable `[admin]`,
-/// 1 when the admin listener cannot be reached or does not answer with a status.
+/// 1 when the admin listener cannot be reached, refuses the key, or does not answer with a
+/// status.
 async fn status(arg: &ConfigArg) -> ExitCode {
     use tollgate::admin::{client, table};
     let admin = match Config::load_admin(&arg.config) {
@@ -183,10 +184,14 @@ async fn status(arg: &ConfigArg) -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    match client::fetch_status(admin.listen, client::TIMEOUT).await {
+    match client::fetch_status(admin.listen, admin.key.as_ref(), client::TIMEOUT).await {
         Ok(status) => {
             print!("{}", table::render(&status));
             ExitCode::SUCCESS
+        }
+        Err(e) if e.is_about_the_key() => {
+            eprintln!("error: {}: {e}", arg.config.display());
+            ExitCode::FAILURE
         }
         Err(e) => {
             eprintln!("error: {e}");

@@ -265,8 +265,139 @@ async fn readiness_follows_the_identity_server() {
         }
         assert_eq!(answer.status, 503);
         assert!(answer.header("retry-after").parse::<u64>().unwrap() <= 2);
-        assert!(back.elapsed() < Duration::from_secs(3), "not back after 3 s");
+        assert!(
+            back.elapsed() < Duration::from_secs(3),
+            "not back after 3 s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(common::get(h.admin_url("/readyz")).await.status, 200);
+}
+
+/// The admin key of the tests.
+const ADMIN_KEY: &str = "admin-key-of-the-tests-0123";
+
+/// [`harness`], its admin listener asking for [`ADMIN_KEY`].
+async fn keyed() -> Harness {
+    let mut h = harness().await;
+    h.stop_proxy().await;
+    h.config_text = h.config_text.replace(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        &format!("[admin]\nlisten = \"127.0.0.1:0\"\nkey = \"{ADMIN_KEY}\""),
+    );
+    assert!(h.config_text.contains(ADMIN_KEY));
+    h.start_proxy().await;
+    h
+}
+
+/// GET `path` on the admin listener with `authorization`, if any.
+async fn admin_get(h: &Harness, path: &str, authorization: Option<&str>) -> common::Answer {
+    let mut request = http::Request::get(h.admin_url(path));
+    if let Some(value) = authorization {
+        request = request.header("authorization", value);
+    }
+    h.send(request.body(Default::default()).unwrap()).await
+}
+
+fn basic(user: &str, password: &str) -> String {
+    use base64::Engine;
+    let pair = format!("{user}:{password}");
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(pair)
+    )
+}
+
+/// With `[admin] key`, `/`, `/status` and `/metrics` answer 401 with a Basic challenge
+/// (problem+json, never echoing what was sent) until the key comes as Bearer or as the Basic
+/// password of any user; `/healthz` and `/readyz` stay open.
+#[tokio::test]
+async fn the_admin_key_is_asked_for_everywhere_but_the_probes() {
+    let h = keyed().await;
+    assert_eq!(h.get("/warm").await.status, 200);
+    let bearer = format!("Bearer {ADMIN_KEY}");
+    for path in ["/", "/status", "/metrics"] {
+        for wrong in [
+            None,
+            Some("Bearer not-the-admin-key-at-all".to_owned()),
+            Some(basic("admin", "not-the-admin-key-at-all")),
+            Some(basic(ADMIN_KEY, "")),
+        ] {
+            let answer = admin_get(&h, path, wrong.as_deref()).await;
+            assert_eq!(answer.status, 401, "{path} with {wrong:?}");
+            assert_eq!(
+                answer.header("www-authenticate"),
+                "Basic realm=\"tollgate admin\", charset=\"UTF-8\""
+            );
+            assert_eq!(answer.header("content-type"), "application/problem+json");
+            let problem = answer.json();
+            assert_eq!(problem["status"], 401);
+            assert_eq!(problem["title"], "Admin key required");
+            assert!(
+                !answer.text().contains("not-the-admin-key"),
+                "{}",
+                answer.text()
+            );
+            assert!(!answer.text().contains(ADMIN_KEY), "{}", answer.text());
+        }
+        for right in [
+            bearer.clone(),
+            basic("anyone", ADMIN_KEY),
+            basic("", ADMIN_KEY),
+        ] {
+            let answer = admin_get(&h, path, Some(&right)).await;
+            assert_eq!(answer.status, 200, "{path} with {right}: {}", answer.text());
+        }
+    }
+    for probe in ["/healthz", "/readyz"] {
+        assert_eq!(admin_get(&h, probe, None).await.status, 200, "{probe}");
+    }
+    let unknown = admin_get(&h, "/nope", None).await;
+    assert_eq!(unknown.status, 401, "no path is listed to a stranger");
+}
+
+/// `tollgate status` sends the key of its config as Bearer and prints the table.
+#[tokio::test]
+async fn status_command_sends_the_admin_key_of_its_config() {
+    let h = keyed().await;
+    assert_eq!(h.get("/x").await.status, 200);
+    let out = status_command(&h.config_for_status()).await;
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.starts_with("UPSTREAM"), "{stdout}");
+    assert!(
+        stdout.lines().nth(1).unwrap().starts_with("api "),
+        "{stdout}"
+    );
+}
+
+/// `tollgate status` whose config lacks the key, or has another: exit 1, saying to set
+/// `[admin] key` in the config it read, without quoting a key.
+#[tokio::test]
+async fn status_command_refused_by_the_admin_key_says_to_set_it() {
+    let h = keyed().await;
+    let path = h.config_for_status();
+    let keyed_text = std::fs::read_to_string(&path).unwrap();
+    for (config, expected) in [
+        (
+            keyed_text.replace(&format!("key = \"{ADMIN_KEY}\""), ""),
+            "asks for a key: set [admin] key in this config",
+        ),
+        (
+            keyed_text.replace(ADMIN_KEY, "another-admin-key-0123456"),
+            "it differs from the key tollgate serve uses",
+        ),
+    ] {
+        std::fs::write(&path, config).unwrap();
+        let out = status_command(&path).await;
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(&format!("error: {}: ", path.display())),
+            "{stderr}"
+        );
+        assert!(stderr.contains(expected), "{stderr}");
+        assert!(!stderr.contains("admin-key-"), "{stderr}");
+        assert!(out.stdout.is_empty());
+    }
 }

@@ -81,3 +81,29 @@ fn check_without_a_file_says_what_to_do() {
         "{err}"
     );
 }
+
+/// `check` shows a token URL's query value that came from `${NAME}` as `[redacted]`, never
+/// the variable's value.
+#[test]
+fn check_redacts_a_token_url_query_value_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.toml");
+    let config = format!(
+        "[state]\nstore = \"file:{}\"\n\n[[upstream]]\nname = \"api\"\n\
+         listen = \"127.0.0.1:8080\"\nurl = \"https://api.example.com\"\n\n\
+         [upstream.auth]\ngrant = \"client_credentials\"\n\
+         token_url = \"https://id.example/token?tenant=${{TG_TEST_TENANT}}&region=eu\"\n\
+         client_id = \"app\"\nclient_secret = \"client-secret-value\"\n",
+        dir.path().join("state").display()
+    );
+    std::fs::write(&path, config).unwrap();
+    let env = [("TG_TEST_TENANT", "tenant-value-7f3a")];
+    let (code, out, err) = tollgate(&["check", "-c", path.to_str().unwrap()], &env);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("region=eu"), "{out}");
+    assert!(out.contains("tenant=[redacted]"), "{out}");
+    assert!(
+        !out.contains("tenant-value") && !err.contains("tenant-value"),
+        "{out}{err}"
+    );
+}

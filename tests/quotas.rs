@@ -311,6 +311,7 @@ async fn admin_status_and_metrics_show_usage_and_refusals() {
     let mut config = h.config();
     config.admin = Some(tollgate::config::AdminConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
+        key: None,
     });
     let mut h = h;
     h.stop_proxy().await;

@@ -1,10 +1,13 @@
 //! The other end of `/status`: `tollgate status` asks a running `serve`'s admin listener.
 //!
-//! One plain HTTP/1.1 GET with a short timeout, no proxy from the environment, and errors that
-//! say what to check: nothing listening, no answer in time, or an answer that is not tollgate's.
+//! One plain HTTP/1.1 GET with a short timeout, no proxy from the environment, the `[admin]
+//! key` of the config as `Bearer` when it has one, and errors that say what to check: nothing
+//! listening, no answer in time, a key missing or different, or an answer that is not
+//! tollgate's.
 
 use super::Status;
 use crate::error::chain;
+use crate::secret::Secret;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
@@ -23,14 +26,38 @@ pub enum FetchError {
     Timeout { addr: SocketAddr, timeout: Duration },
     #[error("cannot reach {addr}: {reason}")]
     Unreachable { addr: SocketAddr, reason: String },
+    #[error(
+        "the admin listener on {addr} asks for a key: set [admin] key in this config to the key \
+         tollgate serve uses"
+    )]
+    KeyRequired { addr: SocketAddr },
+    #[error(
+        "the admin listener on {addr} refused the key of [admin] key in this config: it differs \
+         from the key tollgate serve uses; set the same key in both"
+    )]
+    KeyRefused { addr: SocketAddr },
     #[error("{url} answered {status}; is something other than tollgate serve listening there?")]
     Status { url: String, status: u16 },
     #[error("{url} did not answer with tollgate's status JSON ({reason}); is something other than tollgate serve listening there?")]
     NotStatus { url: String, reason: String },
 }
 
-/// GET `/status` from the admin listener configured as `listen`.
-pub async fn fetch_status(listen: SocketAddr, timeout: Duration) -> Result<Status, FetchError> {
+impl FetchError {
+    /// Whether the answer was about the key, so that the message is about the config read.
+    pub fn is_about_the_key(&self) -> bool {
+        matches!(
+            self,
+            FetchError::KeyRequired { .. } | FetchError::KeyRefused { .. }
+        )
+    }
+}
+
+/// GET `/status` from the admin listener configured as `listen`, with `key` as `Bearer`.
+pub async fn fetch_status(
+    listen: SocketAddr,
+    key: Option<&Secret<String>>,
+    timeout: Duration,
+) -> Result<Status, FetchError> {
     let addr = reachable(listen);
     let url = format!("http://{addr}/status");
     let client = reqwest::Client::builder()
@@ -53,7 +80,17 @@ pub async fn fetch_status(listen: SocketAddr, timeout: Duration) -> Result<Statu
             }
         }
     };
-    let response = client.get(&url).send().await.map_err(sent)?;
+    let mut request = client.get(&url);
+    if let Some(key) = key {
+        request = request.bearer_auth(key.expose());
+    }
+    let response = request.send().await.map_err(sent)?;
+    if response.status() == reqwest::StatusCode::UNAUTHORIZED {
+        return Err(match key {
+            None => FetchError::KeyRequired { addr },
+            Some(_) => FetchError::KeyRefused { addr },
+        });
+    }
     if response.status() != reqwest::StatusCode::OK {
         return Err(FetchError::Status {
             url,
@@ -109,7 +146,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
-        let err = fetch_status(port, TIMEOUT).await.unwrap_err();
+        let err = fetch_status(port, None, TIMEOUT).await.unwrap_err();
         assert!(matches!(err, FetchError::NotRunning { .. }), "{err:?}");
         assert!(err.to_string().contains("does not seem to be running"));
     }

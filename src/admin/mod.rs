@@ -6,18 +6,22 @@
 //!
 //! `/` and `/status` show one [`Status`], gathered by [`status::gather`]; `tollgate status`
 //! reads `/status` back ([`client`]) and prints it as a table ([`table`]). The admin endpoints
-//! report states, never a token.
+//! report states, never a token. With `[admin] key`, every endpoint but the probes asks for
+//! the key ([`key`]).
 
 mod chart;
 pub mod client;
+pub mod key;
 pub mod metrics;
 pub mod page;
 pub mod status;
 pub mod table;
 
+pub use key::AdminKey;
 pub use status::Status;
 
 use crate::error::{problem, ProxyBody};
+use crate::inbound::Denied;
 use crate::quota::Quota;
 use crate::server::Handler;
 use crate::stats::RequestStats;
@@ -47,11 +51,21 @@ pub struct Upstream {
 pub struct Admin {
     upstreams: Vec<Upstream>,
     store: Arc<dyn StateStore>,
+    /// What every request but the probes must carry; none: the endpoints are open.
+    key: Option<AdminKey>,
 }
 
 impl Admin {
-    pub fn new(upstreams: Vec<Upstream>, store: Arc<dyn StateStore>) -> Admin {
-        Admin { upstreams, store }
+    pub fn new(
+        upstreams: Vec<Upstream>,
+        store: Arc<dyn StateStore>,
+        key: Option<AdminKey>,
+    ) -> Admin {
+        Admin {
+            upstreams,
+            store,
+            key,
+        }
     }
 
     /// Ready while every upstream can serve: a usable token, and counts in hand for its
@@ -128,7 +142,14 @@ impl Admin {
     }
 
     async fn route(&self, request: &Request<Incoming>) -> Response<ProxyBody> {
-        if request.method() != Method::GET && request.method() != Method::HEAD {
+        let read = request.method() == Method::GET || request.method() == Method::HEAD;
+        let probe = read && matches!(request.uri().path(), "/healthz" | "/readyz");
+        if let Some(key) = self.key.as_ref().filter(|_| !probe) {
+            if let Err(denied) = key.check(request.headers()) {
+                return refused(denied);
+            }
+        }
+        if !read {
             return problem(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method-not-allowed",
@@ -173,6 +194,26 @@ impl Admin {
     fn metrics(&self) -> String {
         metrics::render(&self.upstreams, &*self.store)
     }
+}
+
+/// 401 for a request without the admin key: a Basic challenge, so that a browser asks for it.
+fn refused(denied: Denied) -> Response<ProxyBody> {
+    let detail = match denied {
+        Denied::Missing => "this admin endpoint requires the key of [admin] key: send Authorization: Bearer KEY, or KEY as the password of HTTP Basic (any user name); /healthz and /readyz need none",
+        Denied::Wrong => "the key sent is not the admin key ([admin] key)",
+    };
+    let mut response = problem(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "Admin key required",
+        detail,
+        "admin",
+    );
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(key::CHALLENGE),
+    );
+    response
 }
 
 fn text(status: StatusCode, body: &str) -> Response<ProxyBody> {

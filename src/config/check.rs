@@ -1,10 +1,11 @@
 //! `tollgate check`: the resolved settings, one per line, secrets shown as `[redacted]`; and
 //! the warnings about settings that work but deserve a second look.
 //!
-//! Must not: print a secret, or the value of a `${NAME}` (it may be one).
+//! Must not: print a secret, or the value of a `${NAME}` (it may be one): a token URL's query
+//! value that names a variable shows as `[redacted]` ([`shown_url`]).
 
 use super::values::show_size;
-use super::{AuthConfig, Config, Grant, QuotaConfig, StateConfig, StoreLocation};
+use super::{AuthConfig, Config, Grant, QuotaConfig, RedisUrl, StateConfig, StoreLocation};
 use url::Url;
 
 impl QuotaConfig {
@@ -53,6 +54,9 @@ impl Config {
         let mut out = describe_state(&self.state);
         if let Some(admin) = &self.admin {
             let _ = writeln!(out, "admin.listen = {}", admin.listen);
+            if admin.key.is_some() {
+                let _ = writeln!(out, "admin.key = [redacted]");
+            }
         }
         for up in &self.upstreams {
             let _ = writeln!(out, "\n[upstream \"{}\"]", up.name);
@@ -105,7 +109,11 @@ impl Config {
                     format!("{pin} (only this key is trusted for {host})"),
                 );
             }
-            describe_auth(&up.auth, &up.name, &mut line);
+            let token_url = shown_url(
+                &up.auth.token_url,
+                self.token_urls_as_written.get(&up.name).map(String::as_str),
+            );
+            describe_auth(&up.auth, &up.name, &token_url, &mut line);
             if let Some(tls) = &up.tls {
                 line(
                     "tls",
@@ -154,6 +162,17 @@ impl Config {
     /// Settings that work but deserve a second look.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if let Some(admin) = self.admin.as_ref().filter(|a| a.key.is_none()) {
+            if !admin.listen.ip().is_loopback() {
+                out.push(format!(
+                    "[admin] listens on {} without a key: anyone who reaches it can read the status page, /status and /metrics (upstreams, quotas, inbound key names); listen on 127.0.0.1, or set [admin] key = \"${{ADMIN_KEY}}\"",
+                    admin.listen
+                ));
+            }
+        }
+        if let Ok(StoreLocation::Redis(redis)) = self.state.location() {
+            out.extend(redis_warnings(&redis));
+        }
         for up in &self.upstreams {
             if !up.listen.ip().is_loopback() && up.tls.is_none() {
                 out.push(format!(
@@ -188,6 +207,37 @@ fn redacted(set: bool) -> String {
     } else {
         "(not set)".into()
     }
+}
+
+/// A Redis store on another machine without TLS, or without a password.
+fn redis_warnings(redis: &RedisUrl) -> Vec<String> {
+    let Ok(url) = Url::parse(redis.url.expose()) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    // A redis:// host is opaque to `url` (not a special scheme): its IP is parsed here.
+    let host = url.host_str().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+    {
+        return out;
+    }
+    if url.scheme() == "redis" {
+        out.push(format!(
+            "state.store {} uses redis:// (no TLS) to a remote host: access tokens and refresh tokens cross the network readable; use rediss:// (Redis with TLS)",
+            redis.shown
+        ));
+    }
+    if url.password().is_none_or(str::is_empty) {
+        out.push(format!(
+            "state.store {} has no password: anyone who reaches that port can read the refresh tokens and redeem them; give Redis a password (requirepass) and write it as redis://:${{REDIS_PASSWORD}}@HOST:PORT/DB",
+            redis.shown
+        ));
+    }
+    out
 }
 
 fn is_loopback_host(url: &Url) -> bool {
@@ -243,10 +293,44 @@ fn describe_state(state: &StateConfig) -> String {
     out
 }
 
-/// The `auth.*` lines of one upstream.
-fn describe_auth(a: &AuthConfig, upstream: &str, line: &mut impl FnMut(&str, String)) {
+/// A URL as `check` shows it. When the file wrote it with a `${NAME}` (`written`), the query
+/// is the one written, each value that names a variable as `[redacted]`
+/// (`?tenant=[redacted]&region=eu`): what came from the environment may be a secret.
+fn shown_url(url: &Url, written: Option<&str>) -> String {
+    let Some(written) = written.filter(|w| w.contains("${")) else {
+        return url.to_string();
+    };
+    let mut shown = url.clone();
+    shown.set_query(None);
+    shown.set_fragment(None);
+    let mut out = shown.to_string();
+    if let Some((_, query)) = written.split_once('?') {
+        let query = query.split('#').next().unwrap_or_default();
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, value)) if !name.contains("${") && value.contains("${") => {
+                    format!("{name}=[redacted]")
+                }
+                _ if pair.contains("${") => "[redacted]".into(),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&pairs.join("&"));
+    }
+    out
+}
+
+/// The `auth.*` lines of one upstream; `token_url` as [`shown_url`] shows it.
+fn describe_auth(
+    a: &AuthConfig,
+    upstream: &str,
+    token_url: &str,
+    line: &mut impl FnMut(&str, String),
+) {
     line("auth.grant", a.grant.as_str().into());
-    line("auth.token_url", a.token_url.to_string());
+    line("auth.token_url", token_url.to_owned());
     if a.grant == Grant::WinbooksExchange {
         line("auth.username", a.username.clone().unwrap_or_default());
         line("auth.exchange_token", redacted(a.exchange_token.is_some()));
@@ -297,4 +381,69 @@ fn describe_auth(a: &AuthConfig, upstream: &str, line: &mut impl FnMut(&str, Str
         "auth.answer_timeout",
         humantime::format_duration(a.answer_timeout).to_string(),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::GOOD;
+    use super::*;
+
+    /// `check` shows a token URL's query value that came from `${NAME}` as `[redacted]`, and
+    /// the rest of the URL as it is.
+    #[test]
+    fn a_token_url_query_value_from_the_environment_is_redacted() {
+        let text = GOOD.replace(
+            "https://id.example.com/connect/token",
+            "https://id.example.com/token?tenant=${TG_TEST_TENANT}&region=eu",
+        );
+        let env = |name: &str| match name {
+            "TG_TEST_TENANT" => Some("tenant-s3cr3t-42".to_owned()),
+            _ => super::super::test_support::env(name),
+        };
+        let config = Config::parse(&text, "t.toml", env).unwrap();
+        assert_eq!(
+            config.upstreams[0].auth.token_url.query(),
+            Some("tenant=tenant-s3cr3t-42&region=eu"),
+            "the token request still goes to the real URL"
+        );
+        let described = config.describe();
+        assert!(
+            described.contains("https://id.example.com/token?tenant=[redacted]&region=eu"),
+            "{described}"
+        );
+        assert!(!described.contains("s3cr3t"), "{described}");
+    }
+
+    #[test]
+    fn shown_url_redacts_every_part_of_the_query_that_names_a_variable() {
+        let shown =
+            |real: &str, written: &str| shown_url(&Url::parse(real).unwrap(), Some(written));
+        assert_eq!(
+            shown("https://h/t?a=1&b=x", "https://h/t?a=1&b=x"),
+            "https://h/t?a=1&b=x",
+            "nothing interpolated"
+        );
+        assert_eq!(
+            shown("https://h/t?a=1&b=x&c=y", "https://h/t?a=1&b=${B}"),
+            "https://h/t?a=1&b=[redacted]",
+            "a value holding `&` does not add parameters"
+        );
+        assert_eq!(
+            shown("https://h/t?s=v&a=1", "https://h/t?${QUERY}&a=1"),
+            "https://h/t?[redacted]&a=1"
+        );
+        assert_eq!(
+            shown("https://h/t?k=pre-v", "https://h/t?k=pre-${V}"),
+            "https://h/t?k=[redacted]"
+        );
+        assert_eq!(
+            shown("https://h/x?s=1", "https://h/${P}"),
+            "https://h/x",
+            "a query that came with a variable elsewhere is left out"
+        );
+        assert_eq!(
+            shown_url(&Url::parse("https://h/t?a=1").unwrap(), None),
+            "https://h/t?a=1"
+        );
+    }
 }

@@ -34,6 +34,7 @@ impl Config {
             problems,
         };
         let mut value = parse_toml(text).map_err(|p| fail(vec![p]))?;
+        let written = token_urls_as_written(&value);
         let secrets = interpolated(&mut value, &env).map_err(|p| fail(locate(text, p)))?;
 
         let mut problems = Vec::new();
@@ -55,6 +56,12 @@ impl Config {
                 up.auth.refresh_token = None;
             }
         }
+        config.token_urls_as_written = config
+            .upstreams
+            .iter()
+            .zip(written)
+            .filter_map(|(up, written)| Some((up.name.clone(), written?)))
+            .collect();
         let problems = config.validate();
         if problems.is_empty() {
             Ok(config)
@@ -136,6 +143,20 @@ fn typed<T: serde::de::DeserializeOwned>(
             message,
         }
     })
+}
+
+/// Each upstream's `auth.token_url` as written, before interpolation, when it names a variable.
+fn token_urls_as_written(value: &toml::Value) -> Vec<Option<String>> {
+    let Some(upstreams) = value.get("upstream").and_then(|u| u.as_array()) else {
+        return Vec::new();
+    };
+    upstreams
+        .iter()
+        .map(|up| {
+            let url = up.get("auth")?.get("token_url")?.as_str()?;
+            url.contains("${").then(|| url.to_owned())
+        })
+        .collect()
 }
 
 /// Apply each upstream's `preset`; returns, per upstream, the keys it filled.

@@ -24,6 +24,10 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     #[serde(default, rename = "upstream")]
     pub upstreams: Vec<UpstreamConfig>,
+    /// By upstream name, `auth.token_url` as the file wrote it when it names a variable
+    /// (`?tenant=${TENANT}`), so that `check` can leave out what came from the environment.
+    #[serde(skip)]
+    pub token_urls_as_written: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -68,10 +72,14 @@ impl Default for StateConfig {
     }
 }
 
+/// `[admin]`: the listener of the status page, probes, `/status` and `/metrics`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// When set, every admin request but `GET /healthz` and `GET /readyz` must carry it, as
+    /// `Authorization: Bearer KEY` or as the password of HTTP Basic.
+    pub key: Option<Secret<String>>,
 }
 
 /// One API that tollgate fronts: a listener, the API's base URL, and how to get its tokens.

@@ -1,9 +1,12 @@
 //! Checks that span several keys, or that types alone cannot express: unique names and
-//! ports, keys a grant requires, inbound keys on a listener others can reach, limits in range.
+//! ports, keys a grant requires, inbound keys on a listener others can reach, an admin key
+//! that cannot be guessed, limits in range.
 //! Every problem is reported, not only the first.
 
 use super::StoreLocation;
-use super::{AuthConfig, ClientAuth, Config, Grant, Problem, QuotaConfig, StateConfig};
+use super::{
+    AdminConfig, AuthConfig, ClientAuth, Config, Grant, Problem, QuotaConfig, StateConfig,
+};
 use super::{Budget, UpstreamConfig, MIN_KEY_LEN};
 use std::collections::HashSet;
 use std::time::Duration;
@@ -32,6 +35,9 @@ impl Config {
             })
         };
         check_state(&self.state, &mut report);
+        if let Some(admin) = &self.admin {
+            check_admin(admin, &mut report);
+        }
         if self.upstreams.is_empty() {
             report(
                 "upstream",
@@ -116,6 +122,18 @@ fn check_state(state: &StateConfig, report: &mut impl FnMut(&str, String)) {
             format!("{} does not exist or is not a file", ca.display()),
         ),
         _ => {}
+    }
+}
+
+/// `[admin] key`: long enough not to be guessed, and sendable in a header.
+fn check_admin(admin: &AdminConfig, report: &mut impl FnMut(&str, String)) {
+    let Some(key) = &admin.key else { return };
+    let key = key.expose();
+    if key.chars().count() < MIN_KEY_LEN || key.bytes().any(|b| !b.is_ascii_graphic()) {
+        report(
+            "admin.key",
+            format!("must be at least {MIN_KEY_LEN} visible ASCII characters without spaces; make one with `openssl rand -hex 32`"),
+        );
     }
 }
 
@@ -555,6 +573,78 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(expected), "{keys}: {err}");
+        }
+    }
+
+    /// An admin listener others can reach is warned about until it has a key; the key is
+    /// redacted and must be long enough.
+    #[test]
+    fn an_admin_listener_beyond_loopback_without_a_key_is_warned_about() {
+        let with_admin = |lines: &str| format!("{GOOD}\n[admin]\n{lines}\n");
+        let warnings = |lines: &str| {
+            Config::parse(&with_admin(lines), "t.toml", env)
+                .unwrap()
+                .warnings()
+        };
+        let open = warnings("listen = \"0.0.0.0:9901\"");
+        assert!(
+            open.iter().any(
+                |w| w.contains("[admin] listens on 0.0.0.0:9901 without a key")
+                    && w.contains("set [admin] key")
+            ),
+            "{open:?}"
+        );
+        let admin_warning = |w: &Vec<String>| w.iter().any(|w| w.contains("[admin]"));
+        assert!(!admin_warning(&warnings("listen = \"127.0.0.1:9901\"")));
+        let keyed = "listen = \"0.0.0.0:9901\"\nkey = \"${SECRET}-admin\"";
+        assert!(!admin_warning(&warnings(keyed)));
+        let described = Config::parse(&with_admin(keyed), "t.toml", env)
+            .unwrap()
+            .describe();
+        assert!(described.contains("admin.key = [redacted]"), "{described}");
+        assert!(!described.contains("s3cr3t"), "{described}");
+        let err = error_of(&with_admin("listen = \"0.0.0.0:9901\"\nkey = \"short\""));
+        assert!(err.contains("admin.key: must be at least 16"), "{err}");
+    }
+
+    /// A Redis store on another machine is warned about without TLS and without a password,
+    /// each on its own, and never with the password.
+    #[test]
+    fn a_remote_redis_without_tls_or_password_is_warned_about() {
+        let warnings = |store: &str| {
+            let text = GOOD.replace("file:/tmp/tollgate-test", store);
+            Config::parse(&text, "t.toml", env).unwrap().warnings()
+        };
+        let no_tls = |w: &Vec<String>| w.iter().any(|w| w.contains("(no TLS) to a remote host"));
+        let no_password = |w: &Vec<String>| w.iter().any(|w| w.contains("has no password"));
+
+        let open = warnings("redis://redis.internal:6379/0");
+        assert!(no_tls(&open) && no_password(&open), "{open:?}");
+        assert!(
+            open.iter()
+                .any(|w| w.contains("tokens cross the network readable")
+                    && w.contains("use rediss://")),
+            "{open:?}"
+        );
+        assert!(
+            open.iter()
+                .any(|w| w.contains("read the refresh tokens and redeem them")
+                    && w.contains("requirepass")),
+            "{open:?}"
+        );
+        let clear = warnings("redis://:${SECRET}@redis.internal:6379/0");
+        assert!(no_tls(&clear) && !no_password(&clear), "{clear:?}");
+        assert!(clear.iter().all(|w| !w.contains("s3cr3t")), "{clear:?}");
+        let unlocked = warnings("rediss://app@redis.internal:6380/0");
+        assert!(!no_tls(&unlocked) && no_password(&unlocked), "{unlocked:?}");
+        for fine in [
+            "rediss://:${SECRET}@redis.internal:6380/0",
+            "redis://127.0.0.1:6379/0",
+            "redis://localhost",
+            "redis://[::1]:6379",
+        ] {
+            let w = warnings(fine);
+            assert!(!no_tls(&w) && !no_password(&w), "{fine}: {w:?}");
         }
     }
 

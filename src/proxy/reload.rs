@@ -17,7 +17,7 @@
 //! upstream gives its daily counts back once none of its requests is in flight.
 
 use super::{flush_task, give_back, refresh_task, Proxy, Running, StartError, SHUTDOWN_GRACE};
-use crate::admin::{self, Admin};
+use crate::admin::{self, Admin, AdminKey};
 use crate::body::Budget;
 use crate::config::{Config, UpstreamConfig};
 use crate::forward;
@@ -446,9 +446,10 @@ impl Proxy {
                 usage: Arc::clone(&u.usage),
             })
             .collect();
+        let key = config.admin.as_ref().and_then(|a| a.key.as_ref());
         let site = || {
             Site::new(
-                Admin::new(upstreams, Arc::clone(&self.store)),
+                Admin::new(upstreams, Arc::clone(&self.store), key.map(AdminKey::new)),
                 &crate::config::LimitsConfig::default(),
                 None,
             )
