@@ -157,25 +157,9 @@ async fn each_key_is_held_to_its_budget_and_the_day_to_the_sum() {
     assert_eq!(h.api.counters().requests, 20);
 }
 
-/// `tollgate status -c config` against the harness's admin listener, off the runtime.
+/// What `tollgate status -c config` prints against the harness's admin listener.
 async fn status_command(h: &Harness) -> String {
-    let admin = h.proxy().admin_addr().unwrap();
-    let config = h.config_text.replace(
-        "[admin]\nlisten = \"127.0.0.1:0\"",
-        &format!("[admin]\nlisten = \"{admin}\""),
-    );
-    let path = h.state_dir().join("status.toml");
-    std::fs::write(&path, config).unwrap();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(["status", "-c"])
-            .arg(&path)
-            .env("RUST_LOG", "off")
-            .output()
-            .expect("run tollgate status")
-    })
-    .await
-    .unwrap();
+    let out = common::status_command(&h.config_for_status()).await;
     assert!(out.status.success(), "{out:?}");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -7,23 +7,8 @@
 mod common;
 
 use base64::Engine;
-use common::{status_command, Harness, Setup};
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use common::{status_command, Captured, Harness, Setup};
 use tollgate::sim::identity::{ClientAuthRule, IdentityConfig};
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// A client secret and a password with every character form encoding changes.
 const CLIENT_SECRET: &str = "Cs9/+=&Xk% Secret";
@@ -167,7 +152,7 @@ async fn an_echoing_identity_server_gets_no_secret_out() {
         secrets.push(h.seed.clone());
         secrets.push(h.seed[..12].to_owned());
     }
-    let log_text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let log_text = logs.text();
     assert!(log_text.contains("[redacted]"), "the log was captured");
     for secret in &secrets {
         assert!(

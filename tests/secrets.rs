@@ -3,24 +3,9 @@
 
 mod common;
 
-use common::{Harness, Setup};
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use common::{Captured, Harness, Setup};
 use std::time::Duration;
 use tollgate::sim::identity::IdentityConfig;
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// A full run at trace level for every crate — refreshes, a replay after 401, rotations,
 /// identity failures, invalid_grant, a restart — then every token the identity server ever
@@ -69,7 +54,7 @@ async fn no_secret_or_token_in_logs_errors_or_debug() {
 
     let config = h.config();
     let printed = format!("{}\n{:?}\n{:#?}", config.describe(), config, config);
-    let log_text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let log_text = logs.text();
     assert!(log_text.contains("token refreshed"), "logs were captured");
     assert!(log_text.contains("TRACE") || log_text.contains("DEBUG"));
     // One access line per request: the replayed POST, with its upstream time and the

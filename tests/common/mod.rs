@@ -323,6 +323,26 @@ client_secret = "{client_secret}"
     )
 }
 
+/// A log writer for a process-wide subscriber: everything written, kept.
+#[derive(Clone, Default)]
+pub struct Captured(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    pub fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
 /// Run `tollgate status -c config` off the runtime, so an in-process proxy keeps serving.
 pub async fn status_command(config: &Path) -> std::process::Output {
     let config = config.to_owned();
