@@ -65,7 +65,7 @@ struct Replay {
     headers: HeaderMap,
     body: Buffered,
     /// The body's bytes in the budget, given back with the replay.
-    _held: Held,
+    _held: Option<Held>,
 }
 
 impl Pipeline {

@@ -22,12 +22,13 @@ impl Budget {
         }
     }
 
-    /// Nothing held yet: grow it with [`Held::grow`].
-    pub fn none(&self) -> Held {
-        Held {
+    /// Take `n` bytes, if they fit.
+    pub fn take(&self, n: u64) -> Option<Held> {
+        let mut held = Held {
             budget: self.clone(),
             bytes: 0,
-        }
+        };
+        held.grow(n).then_some(held)
     }
 
     /// Bytes held for a replay now.
@@ -73,11 +74,11 @@ mod tests {
     #[test]
     fn bytes_are_taken_while_they_fit_and_given_back_when_dropped() {
         let budget = Budget::new(100);
-        let mut a = budget.none();
-        assert!(a.grow(60));
-        let mut b = budget.none();
-        assert!(!b.grow(41), "over the budget");
-        assert!(b.grow(40));
+        let a = budget.take(60).unwrap();
+        assert!(budget.take(41).is_none(), "over the budget");
+        let mut b = budget.take(30).unwrap();
+        assert!(b.grow(10));
+        assert!(!b.grow(1));
         assert_eq!(budget.held(), 100);
         drop(a);
         assert_eq!(budget.held(), 40);

@@ -152,10 +152,11 @@ pub struct Prepared {
     pub replay: Option<Kept>,
 }
 
-/// A body kept for a replay, and the bytes of the budget it holds until dropped.
+/// A body kept for a replay, and the bytes of the budget it holds until dropped (none for an
+/// empty body).
 pub struct Kept {
     pub body: Buffered,
-    pub held: Held,
+    pub held: Option<Held>,
 }
 
 /// Read up to `limit` bytes of `body` to decide whether it can be replayed: it can when it is
@@ -172,15 +173,21 @@ pub async fn prepare(body: Paced, limit: u64, budget: &Budget) -> Result<Prepare
             body: RequestBody::full(Buffered::default()),
             replay: Some(Kept {
                 body: Buffered::default(),
-                held: budget.none(),
+                held: None,
             }),
         });
     }
     let hint = body.size_hint();
-    let mut held = budget.none();
-    if hint.lower() > limit || hint.exact().is_some_and(|n| !held.grow(n)) {
+    if hint.lower() > limit {
         return Ok(stream(None, body));
     }
+    let mut held = match hint.exact() {
+        Some(n) => match budget.take(n) {
+            Some(held) => Some(held),
+            None => return Ok(stream(None, body)),
+        },
+        None => None,
+    };
     let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
     let mut read = 0u64;
@@ -195,7 +202,17 @@ pub async fn prepare(body: Paced, limit: u64, budget: &Budget) -> Result<Prepare
             }
         };
         read += data.len() as u64;
-        let fits = hint.exact().is_some() || held.grow(data.len() as u64);
+        // A body of known length took its bytes at once; one of unknown length takes them as
+        // they come.
+        let n = data.len() as u64;
+        let fits = hint.exact().is_some()
+            || match &mut held {
+                Some(held) => held.grow(n),
+                None => {
+                    held = budget.take(n);
+                    held.is_some()
+                }
+            };
         // One frame is kept as it is; only several frames are copied together.
         match first.take() {
             None if buf.is_empty() => first = Some(data),
