@@ -12,7 +12,7 @@
 //! to it (a 429 holds the upstream back).
 
 use crate::body::{
-    self, BodyError, Budget, Buffered, Held, Pace, Paced, RequestBody, ResponseBody,
+    self, BodyError, Budget, Buffered, Held, Pace, Paced, RequestBody, ResponseBody, Verdict,
 };
 use crate::config::UpstreamConfig;
 use crate::error::{ProxyBody, ProxyError};
@@ -199,7 +199,8 @@ impl Pipeline {
             let authority = parts.uri.authority()?;
             HeaderValue::from_str(authority.as_str()).ok()
         });
-        let (body, replay) = self.body(body).await?;
+        let (mut body, replay) = self.body(body).await?;
+        let verdict = body.verdict();
         let slot = self.quota.enter().await?;
         // The token is taken after the body was read, so it cannot expire while a slow client
         // uploads (the body read is capped at retry_body_limit).
@@ -232,7 +233,7 @@ impl Pipeline {
         if let Some(t) = trace {
             t.token = Some(token.fingerprint.clone());
         }
-        let response = self.send(request, trace).await?;
+        let response = self.send(request, verdict.as_ref(), trace).await?;
 
         let response = match replay {
             Some(replay) if self.retry_on.contains(&response.status().as_u16()) => {
@@ -264,6 +265,7 @@ impl Pipeline {
             let stream = RequestBody::Stream {
                 prefix: None,
                 rest: body,
+                held: None,
             };
             return Ok((stream, None));
         }
@@ -278,10 +280,12 @@ impl Pipeline {
         Ok((prepared.body, prepared.replay))
     }
 
-    /// Stage 3: send upstream, and let the quota see the answer.
+    /// Stage 3: send upstream, and let the quota see the answer. A streamed body's `verdict`
+    /// tells a client that sent too slowly from an upstream that broke the connection.
     async fn send(
         &self,
         request: Request<RequestBody>,
+        verdict: Option<&Verdict>,
         trace: &mut Option<Trace>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let started = Instant::now();
@@ -293,14 +297,15 @@ impl Pipeline {
         if let Some(t) = trace {
             t.upstream += took;
         }
-        let response = sent.map_err(|e| match e {
-            SendError::Unreachable(reason) => {
+        let response = sent.map_err(|e| match (e, verdict.and_then(|v| v.get())) {
+            (SendError::Unreachable(_), Some(slow)) => ProxyError::BodyTooSlow(slow.clone()),
+            (SendError::Unreachable(reason), None) => {
                 tracing::warn!(upstream = %self.name, %reason, "upstream unreachable");
                 ProxyError::UpstreamUnreachable(reason)
             }
-            SendError::Timeout(d) => ProxyError::UpstreamTimeout(d),
-            SendError::BodyTooSlow(slow) => ProxyError::BodyTooSlow(slow),
-            SendError::Busy(why) => ProxyError::UpstreamBusy(why),
+            (SendError::Timeout(d), _) => ProxyError::UpstreamTimeout(d),
+            (SendError::BodyTooSlow(slow), _) => ProxyError::BodyTooSlow(slow),
+            (SendError::Busy(why), _) => ProxyError::UpstreamBusy(why),
         })?;
         self.quota
             .upstream_answered(response.status(), response.headers());
@@ -335,7 +340,7 @@ impl Pipeline {
         if let Some(t) = trace {
             t.token = Some(fresh.fingerprint.clone());
         }
-        let response = self.send(request, trace).await?;
+        let response = self.send(request, None, trace).await?;
         self.tokens
             .replayed(self.retry_on.contains(&response.status().as_u16()));
         Ok(response)

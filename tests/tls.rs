@@ -112,6 +112,36 @@ async fn https_upstream_over_http2() {
     proxy.shutdown().await;
 }
 
+/// A body that stops on its way to an HTTP/2 upstream gets 408 too, although HTTP/2 resets
+/// the upstream stream without passing the body's error on.
+#[tokio::test]
+async fn a_body_that_stops_on_its_way_to_an_http2_upstream_gets_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = make_ca("upstream");
+    let h = Harness::start(Setup {
+        extra_upstream: "retry_on = []".into(),
+        extra_tables: "[upstream.limits]\nbody_timeout = \"1s\"\nmin_body_rate = \"0B\"".into(),
+        ..Setup::default()
+    })
+    .await;
+    let front = tls_front(&ca, h.api_server.addr, b"h2").await;
+    let config = https_config(&h, &ca, front, true);
+    let proxy = tollgate::Proxy::start(&config).await.unwrap();
+    let mut client = tokio::net::TcpStream::connect(proxy.addr("api").unwrap())
+        .await
+        .unwrap();
+    client
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nten bytes!")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = client.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("limits.body_timeout"), "{answer}");
+    proxy.shutdown().await;
+}
+
 /// An API whose certificate is a self-signed CA used as its own server certificate: the 502
 /// says in words what is wrong and what to do; an untrusted one says to set ca_file.
 #[tokio::test]

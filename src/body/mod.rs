@@ -11,7 +11,7 @@ mod budget;
 mod pace;
 
 pub use budget::{Budget, Held};
-pub use pace::{BodyError, Pace, Paced, TooSlow};
+pub use pace::{BodyError, Pace, Paced, TooSlow, Verdict};
 
 use crate::forward::UpstreamBody;
 use bytes::{Bytes, BytesMut};
@@ -36,11 +36,24 @@ pub enum RequestBody {
         data: Option<Bytes>,
         trailers: Option<HeaderMap>,
     },
-    /// Streams from the client; `prefix` holds what was read while deciding.
-    Stream { prefix: Option<Bytes>, rest: Paced },
+    /// Streams from the client; `prefix` holds what was read while deciding, and `held` its
+    /// bytes in the budget until it is sent.
+    Stream {
+        prefix: Option<Bytes>,
+        rest: Paced,
+        held: Option<Held>,
+    },
 }
 
 impl RequestBody {
+    /// Where a streamed body says it came too slowly; none for a body read whole.
+    pub fn verdict(&mut self) -> Option<Verdict> {
+        match self {
+            RequestBody::Full { .. } => None,
+            RequestBody::Stream { rest, .. } => Some(rest.verdict()),
+        }
+    }
+
     pub fn full(body: Buffered) -> Self {
         RequestBody::Full {
             data: Some(body.data).filter(|b| !b.is_empty()),
@@ -64,8 +77,11 @@ impl Body for RequestBody {
                     .or_else(|| trailers.take().map(Frame::trailers))
                     .map(Ok),
             ),
-            RequestBody::Stream { prefix, rest } => match prefix.take() {
-                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+            RequestBody::Stream { prefix, rest, held } => match prefix.take() {
+                Some(b) => {
+                    *held = None;
+                    Poll::Ready(Some(Ok(Frame::data(b))))
+                }
                 None => Pin::new(rest).poll_frame(cx),
             },
         }
@@ -74,7 +90,7 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Full { data, trailers } => data.is_none() && trailers.is_none(),
-            RequestBody::Stream { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+            RequestBody::Stream { prefix, rest, .. } => prefix.is_none() && rest.is_end_stream(),
         }
     }
 
@@ -92,7 +108,7 @@ impl Body for RequestBody {
                     SizeHint::with_exact(len)
                 }
             }
-            RequestBody::Stream { prefix, rest } => {
+            RequestBody::Stream { prefix, rest, .. } => {
                 let extra = prefix.as_ref().map_or(0, |b| b.len() as u64);
                 let inner = rest.size_hint();
                 let mut hint = SizeHint::new();
@@ -160,14 +176,10 @@ pub struct Kept {
 }
 
 /// Read up to `limit` bytes of `body` to decide whether it can be replayed: it can when it is
-/// no larger and fits in `budget` (a body of known length takes its bytes at once, one of
-/// unknown length as they arrive).
+/// no larger and its bytes fit in `budget`, taken as they arrive (so a slow client holds only
+/// what it sent).
 pub async fn prepare(body: Paced, limit: u64, budget: &Budget) -> Result<Prepared, BodyError> {
     let mut body = body;
-    let stream = |prefix: Option<Bytes>, rest: Paced| Prepared {
-        body: RequestBody::Stream { prefix, rest },
-        replay: None,
-    };
     if body.is_end_stream() {
         return Ok(Prepared {
             body: RequestBody::full(Buffered::default()),
@@ -177,17 +189,17 @@ pub async fn prepare(body: Paced, limit: u64, budget: &Budget) -> Result<Prepare
             }),
         });
     }
-    let hint = body.size_hint();
-    if hint.lower() > limit {
-        return Ok(stream(None, body));
+    if body.size_hint().lower() > limit {
+        return Ok(Prepared {
+            body: RequestBody::Stream {
+                prefix: None,
+                rest: body,
+                held: None,
+            },
+            replay: None,
+        });
     }
-    let mut held = match hint.exact() {
-        Some(n) => match budget.take(n) {
-            Some(held) => Some(held),
-            None => return Ok(stream(None, body)),
-        },
-        None => None,
-    };
+    let mut held: Option<Held> = None;
     let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
     let mut read = 0u64;
@@ -202,17 +214,14 @@ pub async fn prepare(body: Paced, limit: u64, budget: &Budget) -> Result<Prepare
             }
         };
         read += data.len() as u64;
-        // A body of known length took its bytes at once; one of unknown length takes them as
-        // they come.
         let n = data.len() as u64;
-        let fits = hint.exact().is_some()
-            || match &mut held {
-                Some(held) => held.grow(n),
-                None => {
-                    held = budget.take(n);
-                    held.is_some()
-                }
-            };
+        let fits = match &mut held {
+            Some(held) => held.grow(n),
+            None => {
+                held = budget.take(n);
+                held.is_some()
+            }
+        };
         // One frame is kept as it is; only several frames are copied together.
         match first.take() {
             None if buf.is_empty() => first = Some(data),
@@ -223,9 +232,15 @@ pub async fn prepare(body: Paced, limit: u64, budget: &Budget) -> Result<Prepare
             None => buf.extend_from_slice(&data),
         }
         if read > limit || !fits {
-            // Sent at once, and not kept: its bytes leave the budget.
-            drop(held);
-            return Ok(stream(Some(first.unwrap_or_else(|| buf.freeze())), body));
+            // Not kept: what was read leaves the budget once it is sent.
+            return Ok(Prepared {
+                body: RequestBody::Stream {
+                    prefix: Some(first.unwrap_or_else(|| buf.freeze())),
+                    rest: body,
+                    held,
+                },
+                replay: None,
+            });
         }
     }
     let all = Buffered {

@@ -4,7 +4,9 @@
 //! would let a client send a byte a second for ever.
 //!
 //! Only the time spent waiting for the client counts: while the upstream is slow to take the
-//! body, the body is not read, and that is not the client's doing. A body that breaks a limit
+//! body, the body is not read, and that is not the client's doing. (Over HTTP/2 a stream can
+//! also wait for the connection's flow-control window, held by other streams' unread bodies:
+//! the listener gives the connection four streams' worth, so that takes several at once.) A body that breaks a limit
 //! ends with [`TooSlow`]; the request gets 408 and its connection is closed.
 
 use bytes::Bytes;
@@ -12,6 +14,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
@@ -26,6 +29,10 @@ pub struct Pace {
     pub between_reads: Duration,
     pub min_rate: u64,
 }
+
+/// Where a streamed body leaves its [`TooSlow`] for the request to find: an HTTP/2 upstream
+/// connection resets the stream without passing the body's error on.
+pub type Verdict = Arc<OnceLock<TooSlow>>;
 
 /// A body that arrived too slowly: which limit it broke, in words.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -70,6 +77,8 @@ pub struct Paced {
     waiting_since: Option<Instant>,
     /// Wakes the task when a limit would be broken; made on the first wait only.
     timer: Option<Pin<Box<Sleep>>>,
+    /// Made when the request asks for it ([`Paced::verdict`]).
+    verdict: Option<Verdict>,
 }
 
 impl Paced {
@@ -81,7 +90,13 @@ impl Paced {
             waited: Duration::ZERO,
             waiting_since: None,
             timer: None,
+            verdict: None,
         }
+    }
+
+    /// Where this body's [`TooSlow`] will be, for a request whose upstream may not say.
+    pub fn verdict(&mut self) -> Verdict {
+        Arc::clone(self.verdict.get_or_insert_with(Verdict::default))
     }
 
     /// When the wait that began at `since` breaks a limit: `body_timeout` after it began, or
@@ -96,7 +111,16 @@ impl Paced {
         deadline
     }
 
-    fn broken(&self, since: Instant, now: Instant) -> TooSlow {
+    /// The [`TooSlow`] of a wait that began at `since`, left in the verdict too.
+    fn broken(&self, since: Instant, now: Instant) -> BodyError {
+        let slow = self.which_limit(since, now);
+        if let Some(verdict) = &self.verdict {
+            let _ = verdict.set(slow.clone());
+        }
+        BodyError::TooSlow(slow)
+    }
+
+    fn which_limit(&self, since: Instant, now: Instant) -> TooSlow {
         let waited = self.waited + (now - since);
         if now - since >= self.pace.between_reads {
             TooSlow(format!(
@@ -137,19 +161,22 @@ impl Body for Paced {
                 let now = Instant::now();
                 let since = *this.waiting_since.get_or_insert(now);
                 let deadline = this.deadline(since);
+                if now >= deadline {
+                    return Poll::Ready(Some(Err(this.broken(since, now))));
+                }
+                // Set again only when the deadline came closer: one that moved away (bytes
+                // arrived) is found when the timer fires early, and set then.
                 let timer = match &mut this.timer {
-                    Some(timer) => {
-                        if timer.deadline() != deadline {
-                            timer.as_mut().reset(deadline);
-                        }
-                        timer
-                    }
+                    Some(timer) => timer,
                     None => this
                         .timer
                         .insert(Box::pin(tokio::time::sleep_until(deadline))),
                 };
+                if deadline < timer.deadline() || timer.is_elapsed() {
+                    timer.as_mut().reset(deadline);
+                }
                 match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(this.broken(since, now).into()))),
+                    Poll::Ready(()) => Poll::Ready(Some(Err(this.broken(since, now)))),
                     Poll::Pending => Poll::Pending,
                 }
             }

@@ -79,6 +79,9 @@ impl Handler for crate::pipeline::Pipeline {
     }
 }
 
+/// What an HTTP/2 client may send on one stream before it is read (hyper's default).
+const H2_STREAM_WINDOW: u32 = 1024 * 1024;
+
 fn builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -94,6 +97,11 @@ fn builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
         // Ping quiet HTTP/2 connections; one whose peer is gone closes.
         .keep_alive_interval(limits.header_timeout)
         .keep_alive_timeout(Duration::from_secs(20))
+        // A stream whose body waits (in the quota's queue, behind a slow upstream) holds up
+        // to its window of the connection's: with equal windows one such stream would stall
+        // the bodies of the others, and their wait would count against their pace.
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(4 * H2_STREAM_WINDOW)
         .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX));
     builder
 }

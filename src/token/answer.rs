@@ -43,12 +43,14 @@ pub fn parse_response(
                 let description = f
                     .error_description
                     .map(|d| scrubber.clean(&d, MAX_DESCRIPTION));
-                let code = scrubber.clean(&f.error, MAX_CODE);
+                // Sorted by the code as sent; shown only scrubbed.
+                let raw = f.error.as_str();
+                let code = scrubber.clean(raw, MAX_CODE);
                 // Spring answers an expired refresh token with 401 invalid_token.
-                if code == "invalid_grant" || (status == 401 && code == "invalid_token") {
+                if raw == "invalid_grant" || (status == 401 && raw == "invalid_token") {
                     Err(GrantError::InvalidGrant { code, description })
                 } else if matches!(
-                    code.as_str(),
+                    raw,
                     "temporarily_unavailable" | "server_error" | "slow_down"
                 ) {
                     Err(GrantError::Transient {
@@ -56,7 +58,7 @@ pub fn parse_response(
                         retry_after,
                     })
                 } else if !matches!(
-                    code.as_str(),
+                    raw,
                     "invalid_client"
                         | "unauthorized_client"
                         | "unsupported_grant_type"
@@ -95,9 +97,18 @@ fn parse_success(body: &[u8], default_expires_in: Duration) -> Result<Issued, Gr
     })?;
     if let Some(kind) = &ok.token_type {
         if !kind.eq_ignore_ascii_case("bearer") {
+            // Shown only when it is a plain word: it is the server's text.
+            let plain = kind.len() <= 32
+                && kind
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            let description = match plain {
+                true => format!("token_type `{kind}` is not Bearer"),
+                false => "the token_type is not Bearer".to_owned(),
+            };
             return Err(GrantError::Refused {
                 code: "unsupported_token_type".into(),
-                description: Some(format!("token_type `{kind}` is not Bearer")),
+                description: Some(description),
             });
         }
     }
@@ -255,6 +266,17 @@ mod tests {
                 .unwrap();
             assert_eq!(e.is_final(), fatal, "{}", String::from_utf8_lossy(body));
         }
+    }
+
+    #[test]
+    fn the_code_as_sent_decides_even_when_a_secret_is_cut_from_it() {
+        // A param value ("grant") that happens to be inside the code.
+        let scrubber = Scrubber::new(["grant"], None);
+        let e = parse_response(400, br#"{"error":"invalid_grant"}"#, None, HOUR, &scrubber)
+            .err()
+            .unwrap();
+        assert!(matches!(e, GrantError::InvalidGrant { .. }), "{e}");
+        assert!(!e.to_string().contains("grant"), "{e}");
     }
 
     #[test]

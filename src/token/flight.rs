@@ -250,7 +250,9 @@ impl TokenCache {
                 let mut lineage = cache.lineage.lock().await;
                 cache.attempts(&mut lineage, purpose, &progress).await
             };
-            *lock(&cache.last_failure) = result.as_ref().err().map(|e| e.to_string());
+            if result.is_ok() {
+                *lock(&cache.last_failure) = None;
+            }
             landing.land(&progress, result);
         };
         (receiver, task)
@@ -312,11 +314,16 @@ impl TokenCache {
                         TokenError::NeedsLogin(_) | TokenError::Refused(_) => Counted::Refused,
                         _ => Counted::Error,
                     });
+                    self.failed(&e);
                     return Err(e);
                 }
                 Err(Attempt::Retry { reason, hint }) => {
                     self.count_refresh(Counted::Error);
                     lock(&self.retry).failed(Instant::now(), hint);
+                    self.failed(&TokenError::Unavailable {
+                        reason: reason.clone(),
+                        retry_after: Duration::ZERO,
+                    });
                     failed = Some(reason);
                 }
                 Err(Attempt::Recovering(reason)) => {
@@ -332,6 +339,12 @@ impl TokenCache {
                 }
             }
         }
+    }
+
+    /// Remember `e` as the last failure, for readiness and status: only what an attempt met,
+    /// never the words of a flight that did not try (they quote this one).
+    fn failed(&self, e: &TokenError) {
+        *lock(&self.last_failure) = Some(e.to_string());
     }
 
     /// Why a flight does not call the identity server yet, before it failed itself.

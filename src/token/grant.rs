@@ -196,6 +196,12 @@ impl TokenEndpoint {
         }
     }
 
+    /// Whether [`TokenEndpoint::obtain`] with `refresh_token` sends one: a request the
+    /// identity server may act on (rotate) whether or not its answer arrives.
+    pub fn spends(&self, refresh_token: Option<&Secret<String>>) -> bool {
+        refresh_token.is_some() && self.grant != Grant::ClientCredentials
+    }
+
     /// Redeem an authorization code (RFC 6749 §4.1.3, with the PKCE verifier of RFC 7636).
     pub async fn exchange_code(
         &self,

@@ -241,17 +241,31 @@ impl TokenCache {
         &self,
         refresh_token: Option<&Secret<String>>,
     ) -> Result<Result<Issued, GrantError>, Attempt> {
+        let stopped = || {
+            Attempt::Final(TokenError::Unavailable {
+                reason: "tollgate is shutting down".into(),
+                retry_after: Duration::from_secs(1),
+            })
+        };
         let mut sent_again = false;
         loop {
             if *self.stopping.borrow() {
-                return Err(Attempt::Final(TokenError::Unavailable {
-                    reason: "tollgate is shutting down".into(),
-                    retry_after: Duration::from_secs(1),
-                }));
+                return Err(stopped());
             }
-            *lock(&self.in_the_air) = Some(Instant::now() + self.endpoint.longest_request());
-            let obtained = self.endpoint.obtain(refresh_token).await;
-            *lock(&self.in_the_air) = None;
+            let obtained = if self.endpoint.spends(refresh_token) {
+                // A shutdown waits for its answer: the server may rotate on receiving it.
+                *lock(&self.in_the_air) = Some(Instant::now() + self.endpoint.longest_request());
+                let obtained = self.endpoint.obtain(refresh_token).await;
+                *lock(&self.in_the_air) = None;
+                obtained
+            } else {
+                // Spends nothing: a shutdown drops it.
+                let mut stopping = self.stopping.subscribe();
+                tokio::select! {
+                    obtained = self.endpoint.obtain(refresh_token) => obtained,
+                    _ = stopping.wait_for(|stopping| *stopping) => return Err(stopped()),
+                }
+            };
             match obtained {
                 Err(GrantError::Unanswered { reason }) if !sent_again => {
                     sent_again = true;
