@@ -49,6 +49,11 @@ pub struct Pipeline {
     budget: Budget,
 }
 
+/// `d` in milliseconds, to the hundredth: `0.45`, not `0.45012799999999998`.
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 100_000.0).round() / 100.0
+}
+
 /// What the access log reports of a request beyond its head and status.
 #[derive(Default)]
 struct Trace {
@@ -146,8 +151,8 @@ impl Pipeline {
                 %method,
                 %path,
                 status = response.status().as_u16(),
-                upstream_ms = trace.upstream.as_secs_f64() * 1000.0,
-                total_ms = started.elapsed().as_secs_f64() * 1000.0,
+                upstream_ms = millis(trace.upstream),
+                total_ms = millis(started.elapsed()),
                 token = %trace.token.as_deref().unwrap_or("-"),
                 "request"
             );
@@ -431,6 +436,13 @@ client_secret = "secret"
         let size = size_of_return(|request| pipeline.handle(request));
         // 9,304 bytes before the refresh and the replay were boxed; 5,088 after.
         assert!(size <= 6 * 1024, "the request's future is {size} bytes");
+    }
+
+    #[test]
+    fn access_log_times_are_in_hundredths_of_a_millisecond() {
+        assert_eq!(millis(Duration::from_nanos(127_978_999)).to_string(), "127.98");
+        assert_eq!(millis(Duration::from_nanos(450_128)).to_string(), "0.45");
+        assert_eq!(millis(Duration::from_micros(300)).to_string(), "0.3");
     }
 
     /// The size of the future `f` returns, without calling it.
