@@ -14,7 +14,7 @@ impl QuotaConfig {
         let mut out = Vec::new();
         if let Some(limit) = self.daily_limit() {
             let how = match (self.per_day, self.edition, self.licenses) {
-                (None, Some(e), Some(l)) => format!(" ({} edition, {l} licences)", e.as_str()),
+                (None, Some(e), Some(l)) => format!(" ({} edition, {l} licenses)", e.as_str()),
                 _ => String::new(),
             };
             let h = self.day_starts / 3600;

@@ -207,7 +207,7 @@ pub struct QuotaConfig {
     pub queue_timeout: Duration,
 }
 
-/// BeProduct's editions, whose daily limit grows with the number of licences.
+/// BeProduct's editions, whose daily limit grows with the number of licenses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Edition {
@@ -216,7 +216,7 @@ pub enum Edition {
 }
 
 impl Edition {
-    /// Business: min(2000, 250 × licences); Enterprise: min(25000, 500 × licences).
+    /// Business: min(2000, 250 × licenses); Enterprise: min(25000, 500 × licenses).
     pub fn per_day(self, licenses: u64) -> u64 {
         match self {
             Edition::Business => (250 * licenses).min(2000),

@@ -434,7 +434,7 @@ impl QuotaConfig {
             )),
             (_, Some(_), None) => out.push((
                 "licenses",
-                "is required with edition: the number of licences the organisation holds".into(),
+                "is required with edition: the number of licenses the organisation holds".into(),
             )),
             (_, None, Some(_)) => out.push((
                 "licenses",
@@ -756,7 +756,7 @@ mod tests {
         let described = config.describe();
         assert!(
             described
-                .contains("3500 (enterprise edition, 7 licences), the day starts at 06:30 UTC"),
+                .contains("3500 (enterprise edition, 7 licenses), the day starts at 06:30 UTC"),
             "{described}"
         );
         assert!(described.contains("600 (burst 600)"), "{described}");
