@@ -440,7 +440,10 @@ client_secret = "secret"
 
     #[test]
     fn access_log_times_are_in_hundredths_of_a_millisecond() {
-        assert_eq!(millis(Duration::from_nanos(127_978_999)).to_string(), "127.98");
+        assert_eq!(
+            millis(Duration::from_nanos(127_978_999)).to_string(),
+            "127.98"
+        );
         assert_eq!(millis(Duration::from_nanos(450_128)).to_string(), "0.45");
         assert_eq!(millis(Duration::from_micros(300)).to_string(), "0.3");
     }

@@ -1,7 +1,7 @@
 //! Several tollgates on one Redis (`redis://` state store): one token lineage and one day for
 //! the group, against a real `redis-server` each test starts, stops and flushes itself.
 
-mod common;
+use crate::common;
 
 use common::redis_server::RedisServer;
 use common::{on_redis, parse, replicas, url_of as url, Setup};

@@ -1,7 +1,7 @@
 //! Hostile input: no request target, however it is spelled, reaches a path outside the
 //! upstream's base path; garbage on the wire gets 400 and the server stays up.
 
-mod common;
+use crate::common;
 
 use common::{Harness, Setup};
 use http::{Method, Uri, Version};

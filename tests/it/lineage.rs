@@ -2,7 +2,7 @@
 //! reload or a `kill -9` in the middle of a refresh never lose the token lineage, nor make
 //! tollgate redeem a refresh token twice at a strictly rotating identity server.
 
-mod common;
+use crate::common;
 
 use async_trait::async_trait;
 use common::{until, Harness, Setup};

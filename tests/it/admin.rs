@@ -1,7 +1,7 @@
 //! The admin listener seen from outside: the HTML status page at `/`, and `tollgate status`
 //! run as a child process against it.
 
-mod common;
+use crate::common;
 
 use common::{status_command, Clock, Harness, Setup};
 use std::time::{Duration, Instant};

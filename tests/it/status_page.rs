@@ -2,7 +2,7 @@
 //! the DOM it dumps has the day's chart (bars, the even pace, the forecast) and the key table;
 //! a screenshot of it is rendered too. `.ci/run` installs Chromium when it is missing.
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use common::{Harness, Setup};

@@ -2,7 +2,7 @@
 //! concurrency line, the hold after an upstream 429, what counts, the headers, and what the
 //! admin listener shows. Time is a manual clock; nothing sleeps a window out.
 
-mod common;
+use crate::common;
 
 use common::{Clock, Harness, Setup};
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! `tollgate login`: authorization code + PKCE against the simulated identity server, driven
 //! by a test client in place of the browser; then `serve` uses the stored token.
 
-mod common;
+use crate::common;
 
 use common::{Harness, Setup};
 use std::time::Duration;

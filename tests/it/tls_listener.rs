@@ -1,7 +1,7 @@
 //! The HTTPS listener (`[upstream.tls]`): HTTP/1.1 and HTTP/2 by ALPN, and a certificate read
 //! again on reload (SIGHUP) — new handshakes get the new one, a bad file keeps the old.
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use common::certs::{make_ca, TestCa};

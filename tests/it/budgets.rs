@@ -3,7 +3,7 @@
 //! a spent budget back. Every figure names the key, never shows it; the day's use and its
 //! forecast follow the pace.
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use common::{Answer, Harness, Setup};

@@ -343,6 +343,23 @@ impl Captured {
     }
 }
 
+/// Every log line of the test binary from the first call on, at trace level for every crate:
+/// the process-wide subscriber, installed once, for the tests that search the log for secrets
+/// (what they search for is their own, so the other tests' lines do not get in the way).
+pub fn logs() -> &'static Captured {
+    static LOGS: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Captured::default();
+        let writer = logs.clone();
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .init();
+        logs
+    })
+}
+
 /// Run `tollgate status -c config` off the runtime, so an in-process proxy keeps serving.
 pub async fn status_command(config: &Path) -> std::process::Output {
     let config = config.to_owned();

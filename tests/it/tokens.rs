@@ -1,7 +1,7 @@
 //! Token lifecycle through the proxy: refresh ahead, replay after 401, single flight under
 //! load with strict rotation, and identity-server failures.
 
-mod common;
+use crate::common;
 
 use common::{Harness, Setup};
 use std::sync::Arc;

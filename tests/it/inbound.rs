@@ -1,7 +1,7 @@
 //! Inbound keys: a listener with `[upstream.inbound] keys` lets in only requests that carry
 //! one, and the key never reaches the API.
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use common::{Answer, Harness, Setup};

@@ -1,9 +1,9 @@
 //! No secret or token ever appears in logs, error responses, `check` output or Debug output.
-//! (One test in this binary: it installs the process-wide log subscriber.)
+//! The log is the test binary's own ([`common::logs`]).
 
-mod common;
+use crate::common;
 
-use common::{Captured, Harness, Setup};
+use common::{Harness, Setup};
 use std::time::Duration;
 use tollgate::sim::identity::IdentityConfig;
 
@@ -13,13 +13,7 @@ use tollgate::sim::identity::IdentityConfig;
 /// or answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_or_token_in_logs_errors_or_debug() {
-    let logs = Captured::default();
-    let writer = logs.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .init();
+    let logs = common::logs();
 
     let mut h = Harness::start(Setup {
         identity: IdentityConfig {
@@ -36,7 +30,7 @@ async fn no_secret_or_token_in_logs_errors_or_debug() {
         answers.push(h.get(&format!("/a/{i}")).await);
     }
     h.api.reject_next(1);
-    answers.push(h.post("/replay", "payload").await);
+    answers.push(h.post("/secrets-replay", "payload").await);
     tokio::time::sleep(Duration::from_millis(1800)).await; // one refresh ahead
     answers.push(h.get("/after-ahead").await);
     h.identity.fail_next(2, 500);
@@ -48,7 +42,7 @@ async fn no_secret_or_token_in_logs_errors_or_debug() {
     answers.push(h.get("/after-restart").await);
     h.identity.revoke_all();
     h.identity.expire_access_tokens();
-    let refused = h.get("/after-revoke").await;
+    let refused = h.get("/secrets-after-revoke").await;
     assert_eq!(refused.status, 503);
     answers.push(refused);
 
@@ -61,8 +55,8 @@ async fn no_secret_or_token_in_logs_errors_or_debug() {
     // fingerprint of the token that was finally sent; a refused one with its status.
     let replayed = log_text
         .lines()
-        .find(|l| l.contains("tollgate::access") && l.contains("path=/replay"))
-        .expect("an access line for /replay");
+        .find(|l| l.contains("tollgate::access") && l.contains("path=/secrets-replay"))
+        .expect("an access line for /secrets-replay");
     assert!(
         replayed.contains("method=POST") && replayed.contains("status=200"),
         "{replayed}"
@@ -75,7 +69,7 @@ async fn no_secret_or_token_in_logs_errors_or_debug() {
     );
     assert!(log_text
         .lines()
-        .any(|l| l.contains("path=/after-revoke") && l.contains("status=503")));
+        .any(|l| l.contains("path=/secrets-after-revoke") && l.contains("status=503")));
 
     let mut secrets = h.identity.issued_tokens();
     // Guaranteed: the seed, then access + refresh token from the first refresh, the replay's

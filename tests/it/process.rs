@@ -1,7 +1,7 @@
 //! The real binary under signals: SIGTERM drains in-flight requests, and SIGKILL in the
 //! middle of a refresh loses no refresh token.
 
-mod common;
+use crate::common;
 
 use common::{Harness, Setup};
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 //! and no refresh token is redeemed twice. ERP.net and Spring use the token URL the preset
 //! derives from `url`, as a real config would.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 use tollgate::config::Config;

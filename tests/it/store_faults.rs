@@ -4,7 +4,7 @@
 //! lock's life, Redis losing its data during a refresh or while the replica that knows the day
 //! is idle, a store address that answered garbage for a while, a refused password.
 
-mod common;
+use crate::common;
 
 use common::redis_server::RedisServer;
 use common::{on_redis, parse, replicas, until, url_of as url, Answer, Setup};

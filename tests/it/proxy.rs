@@ -1,6 +1,6 @@
 //! Forwarding: what reaches the upstream, what is refused before it, and upstream failures.
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use common::{Harness, Setup};

@@ -2,7 +2,7 @@
 //! token or the day's count; upstreams come and go; a config that cannot be put in force
 //! changes nothing.
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use common::{collect, until, Answer, Harness, Setup};

@@ -2,7 +2,7 @@
 //! served, an oversized head gets 431, the connection cap holds new connections back, and
 //! past `max_upstream_connections` a request waits, then gets 503.
 
-mod common;
+use crate::common;
 
 use common::{Harness, Setup};
 use std::time::{Duration, Instant};

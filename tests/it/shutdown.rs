@@ -1,6 +1,6 @@
 //! Graceful shutdown: in-flight requests finish, new connections are refused.
 
-mod common;
+use crate::common;
 
 use common::{Harness, Setup};
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! WinBooks (Basic(e-mail), exchange token, `code` fields, string expires_in), and client
 //! credentials that need RFC 6749 §2.3.1 encoding.
 
-mod common;
+use crate::common;
 
 use common::{Harness, Setup};
 use tollgate::sim::identity::{ClientAuthRule, IdentityConfig, Rotation};

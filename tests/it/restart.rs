@@ -1,7 +1,7 @@
 //! Restarts and a second process on the same state directory: the lineage of rotated refresh
 //! tokens survives, and no refresh token is redeemed twice.
 
-mod common;
+use crate::common;
 
 use common::{Harness, Setup};
 use std::time::{Duration, Instant};

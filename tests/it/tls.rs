@@ -1,7 +1,7 @@
 //! HTTPS upstreams: a private CA given through `ca_file` is trusted, and without it the
 //! upstream's certificate is refused (502), so tokens never go to an unverified host.
 
-mod common;
+use crate::common;
 
 use common::certs::{make_ca, make_self_signed_ca, TestCa};
 use common::{Harness, Setup};

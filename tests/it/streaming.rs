@@ -1,7 +1,7 @@
 //! Large bodies stream through the proxy both ways without being buffered whole.
 //! (One test in this binary, so the process's peak memory is this test's alone.)
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use common::{Harness, Setup};

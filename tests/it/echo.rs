@@ -2,12 +2,12 @@
 //! `error_description`, the fields one by one, the `Authorization` header — never gets a
 //! secret of the token request into anything tollgate shows: the 503 a client gets, the log,
 //! `/readyz`, `/status`, the status page, `tollgate status`.
-//! (Only the first test installs the process-wide log subscriber.)
+//! The log is the test binary's own ([`common::logs`]).
 
-mod common;
+use crate::common;
 
 use base64::Engine;
-use common::{status_command, Captured, Harness, Setup};
+use common::{status_command, Harness, Setup};
 use tollgate::sim::identity::{ClientAuthRule, IdentityConfig};
 
 /// A client secret and a password with every character form encoding changes.
@@ -54,13 +54,7 @@ struct Case {
 /// request carried comes back out, and the error still says what happened.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_echoing_identity_server_gets_no_secret_out() {
-    let logs = Captured::default();
-    let writer = logs.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .init();
+    let logs = common::logs();
 
     let cases = [
         Case {

@@ -1,0 +1,36 @@
+//! The integration tests, one binary: a module per area, the harness in [`common`]. Every
+//! server a test needs (identity server, API, TLS front, Redis, the proxy itself) it starts on
+//! loopback; nothing depends on the order the tests run in.
+//!
+//! One binary links the crate once (25 binaries each linked it whole); `cargo test` runs them
+//! all, `cargo test --test it replicas::` one area.
+
+mod common;
+
+mod admin;
+mod budgets;
+mod config_files;
+mod demo;
+mod echo;
+mod hostile;
+mod inbound;
+mod limits;
+mod lineage;
+mod login;
+mod messages;
+mod presets;
+mod process;
+mod providers;
+mod proxy;
+mod quotas;
+mod reload;
+mod replicas;
+mod restart;
+mod secrets;
+mod shutdown;
+mod status_page;
+mod store_faults;
+mod streaming;
+mod tls;
+mod tls_listener;
+mod tokens;
