@@ -132,7 +132,7 @@ fn typed<T: serde::de::DeserializeOwned>(
 ) -> Result<T, Problem> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let key = render_path(e.path());
-        let mut message = redact(&e.inner().to_string(), secrets);
+        let mut message = super::hints::explain(&key, &redact(&e.inner().to_string(), secrets));
         if key == "upstream" && message.contains("expected a sequence") {
             // The README's fragments, pasted on their own, often start with [upstream].
             message.push_str(": write each upstream as [[upstream]] (an array of tables, with double brackets), not [upstream]");
@@ -232,6 +232,20 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("write each upstream as [[upstream]]"), "{err}");
+    }
+
+    #[test]
+    fn a_number_without_a_unit_says_how_to_write_it() {
+        let text = GOOD.replace("timeout = \"30s\"", "timeout = 30");
+        let err = error_of(&text);
+        assert!(
+            err.contains("upstream[0].timeout: 30 has no unit: write a duration as a string with one, like \"30s\""),
+            "{err}"
+        );
+        assert!(!err.contains("\nin `"), "{err}");
+        let text = GOOD.replace("retry_body_limit = \"2MiB\"", "retry_body_limit = 1048576");
+        let err = error_of(&text);
+        assert!(err.contains("like \"1048576B\""), "{err}");
     }
 
     #[test]

@@ -114,7 +114,10 @@ mod tests {
     fn unknown_key_names_key_and_line() {
         let text = GOOD.replace("timeout = \"30s\"", "timeout = \"30s\"\ncolour = \"red\"");
         let err = error_of(&text);
-        assert!(err.contains("unknown field `colour`"), "{err}");
+        assert!(
+            err.contains("unknown key `colour`; the keys here are name, listen"),
+            "{err}"
+        );
         assert!(err.starts_with("t.toml:"), "{err}");
         assert!(err.contains("upstream[0]"), "{err}");
     }

@@ -14,6 +14,7 @@
 //! prints the values it loads: they hold secrets.
 
 mod check;
+mod hints;
 mod interpolate;
 mod keys;
 mod load;

@@ -7,8 +7,57 @@ use std::time::Duration;
 use url::Url;
 
 pub(super) fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let text = String::deserialize(d)?;
+    let text = d.deserialize_any(Written {
+        what: "a duration",
+        unit: "s",
+        units: "ms, s, m, h",
+    })?;
     parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+/// A duration or a size as written: a string. A bare number is refused saying how to write
+/// it, with the unit it lacks.
+struct Written {
+    what: &'static str,
+    unit: &'static str,
+    units: &'static str,
+}
+
+impl Written {
+    fn no_unit<E: serde::de::Error>(&self, number: impl std::fmt::Display) -> E {
+        E::custom(format!(
+            "{number} has no unit: write {} as a string with one, like \"{number}{}\" ({})",
+            self.what, self.unit, self.units
+        ))
+    }
+}
+
+impl serde::de::Visitor<'_> for Written {
+    type Value = String;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "{} written as a string, like \"30{}\"",
+            self.what, self.unit
+        )
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+        Ok(v.to_owned())
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
+        Err(self.no_unit(v))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
+        Err(self.no_unit(v))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<String, E> {
+        Err(self.no_unit(v))
+    }
 }
 
 pub(super) fn de_opt_duration<'de, D: Deserializer<'de>>(
@@ -18,7 +67,11 @@ pub(super) fn de_opt_duration<'de, D: Deserializer<'de>>(
 }
 
 pub(super) fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    let text = String::deserialize(d)?;
+    let text = d.deserialize_any(Written {
+        what: "a size",
+        unit: "B",
+        units: "B, KiB, MiB, GiB",
+    })?;
     parse_size(&text).map_err(serde::de::Error::custom)
 }
 
