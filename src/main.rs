@@ -10,14 +10,24 @@ use std::process::ExitCode;
 #[command(
     name = "tollgate",
     version,
-    about = "An authenticating reverse proxy for OAuth2 APIs"
+    about = "An authenticating reverse proxy for OAuth2 APIs",
+    after_help = "\
+Examples:
+  tollgate demo                          try it: simulated providers, curl lines to paste
+  tollgate check -c tollgate.toml        validate a config, print what it resolves to
+  tollgate serve -c tollgate.toml        run the proxy (SIGHUP reloads, SIGTERM stops)
+  tollgate login beproduct               log in once, store the refresh token
+  curl -H \"Authorization: Bearer $(tollgate token beproduct)\" https://…
+
+Logs go to stderr; RUST_LOG sets what is shown (default: info; `tollgate token`: errors only),
+e.g. RUST_LOG=debug or RUST_LOG=info,tollgate::access=off.
+
+Exit codes: 0 done; 1 failed (the identity server, the store, the admin listener); 2 the
+config or the command line is wrong."
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value = "pretty")]
-    log_format: LogFormat,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -29,7 +39,13 @@ enum LogFormat {
 #[derive(clap::Args)]
 struct ConfigArg {
     /// Config file.
-    #[arg(short, long, env = "TOLLGATE_CONFIG", default_value = tollgate::config::DEFAULT_PATH)]
+    #[arg(
+        short,
+        long,
+        env = "TOLLGATE_CONFIG",
+        hide_env_values = true,
+        default_value = tollgate::config::DEFAULT_PATH
+    )]
     config: PathBuf,
 }
 
@@ -40,14 +56,19 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
         /// Worker threads serving requests (default: one per CPU).
-        #[arg(long, env = "TOLLGATE_WORKERS")]
+        #[arg(long, env = "TOLLGATE_WORKERS", hide_env_values = true)]
         workers: Option<usize>,
+        /// Log format on stderr.
+        #[arg(long, value_enum, default_value = "pretty")]
+        log_format: LogFormat,
     },
     /// Validate the config and print the resolved settings (secrets redacted).
     Check(ConfigArg),
-    /// Try tollgate on this machine: the four providers it has presets for (BeProduct,
-    /// ERP.net, WinBooks, a Spring backend) as simulated identity servers and APIs, tollgate in
-    /// front of each, and the status page; prints curl lines to paste. Ctrl-C stops it.
+    /// Try tollgate on this machine, with nothing to configure.
+    ///
+    /// The four providers it has presets for (BeProduct, ERP.net, WinBooks, a Spring backend)
+    /// run as simulated identity servers and APIs, tollgate in front of each, with the status
+    /// page; it prints curl lines to paste. Ctrl-C stops it.
     Demo,
     /// Log in once (authorization code + PKCE) and store the refresh token for upstream NAME.
     Login {
@@ -73,9 +94,10 @@ enum Command {
     Status(ConfigArg),
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs on stderr in `format`, filtered by `RUST_LOG`, else showing `default` and up.
+fn init_logging(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // Colours only for a person at a terminal, never into a file or a journal.
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
@@ -91,7 +113,12 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    match &cli.command {
+        Command::Serve { log_format, .. } => init_logging(*log_format, "info"),
+        // Scripts read what it prints: only errors, unless RUST_LOG asks for more.
+        Command::Token { .. } => init_logging(LogFormat::Pretty, "error"),
+        _ => init_logging(LogFormat::Pretty, "info"),
+    }
     // Requests are served on worker threads of their own (see `tollgate::run`); this runtime
     // only runs signals, refresh-ahead tasks and the admin listener.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -106,6 +133,7 @@ fn main() -> ExitCode {
             Command::Serve {
                 config: arg,
                 workers,
+                ..
             } => commands::serve(&arg.config, workers)
                 .await
                 .context("tollgate could not start")?,

@@ -93,7 +93,8 @@ async fn sigkill_during_a_refresh_loses_no_refresh_token() {
 }
 
 /// `tollgate token NAME` beside a running proxy on a strictly rotating identity server: it
-/// prints only a token the API accepts, and no refresh token is ever redeemed twice.
+/// prints only a token the API accepts (and, without RUST_LOG, nothing on stderr), and no
+/// refresh token is ever redeemed twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_command_beside_serve_never_double_redeems() {
     let h = Harness::start(Setup::default()).await;
@@ -109,17 +110,16 @@ async fn token_command_beside_serve_never_double_redeems() {
             std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
                 .args(["token", "api", "-c"])
                 .arg(&path)
-                .env("RUST_LOG", "off")
+                .env_remove("RUST_LOG")
                 .output()
                 .unwrap()
         });
         assert_eq!(proxy.await.status, 200, "round {round}");
         let out = command.await.unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        // Scripts read it: without RUST_LOG, nothing but errors on stderr.
+        assert!(stderr.is_empty(), "{stderr}");
         let stdout = String::from_utf8(out.stdout).unwrap();
         let lines: Vec<&str> = stdout.lines().collect();
         assert_eq!(lines.len(), 1, "only the token on stdout: {stdout:?}");
