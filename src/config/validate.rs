@@ -46,9 +46,10 @@ impl Config {
             );
         }
         let mut names = HashSet::new();
-        let mut listens = HashSet::new();
+        // Each listen address, and who has it, for a clash to name both.
+        let mut listens = std::collections::HashMap::new();
         if let Some(admin) = &self.admin {
-            listens.insert(admin.listen);
+            listens.insert(admin.listen, "[admin] listen".to_owned());
         }
         for (i, up) in self.upstreams.iter().enumerate() {
             let mut report = Report {
@@ -68,14 +69,14 @@ impl Config {
             check_inbound_and_tls(up, &mut report);
             check_limits(up, &mut report);
             // Port 0 asks the system for a free port: two of them never clash.
-            if up.listen.port() != 0 && !listens.insert(up.listen) {
-                report.at(
-                    "listen",
-                    format!(
-                        "{} is already used by another listener; give each its own port",
-                        up.listen
-                    ),
-                );
+            if up.listen.port() != 0 {
+                let this = format!("the listen of upstream `{}`", up.name);
+                if let Some(other) = listens.insert(up.listen, this) {
+                    report.at(
+                        "listen",
+                        format!("{} is already {other}; give each its own port", up.listen),
+                    );
+                }
             }
             check_target(up, &mut report);
             check_auth(&up.auth, &mut report);
@@ -546,6 +547,16 @@ mod tests {
             "{err}"
         );
         assert!(!err.contains("s3cr3t-value"), "{err}");
+    }
+
+    #[test]
+    fn a_listen_address_taken_twice_names_both_places() {
+        let text = format!("[admin]\nlisten = \"127.0.0.1:8080\"\n{GOOD}");
+        let err = error_of(&text);
+        assert!(
+            err.contains("upstream[0].listen: 127.0.0.1:8080 is already [admin] listen; give each its own port"),
+            "{err}"
+        );
     }
 
     #[test]
