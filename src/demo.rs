@@ -1,4 +1,4 @@
-//! `tollgate demo`: the four providers of PROVIDERS.md as simulators — each an identity server
+//! `tollgate demo`: the four providers of docs/providers.md as simulators — each an identity server
 //! and an API that accepts only its tokens — with one tollgate in front (a listener per
 //! provider, presets in the config), on loopback with a temporary state directory. Access
 //! tokens live one minute, so refreshes (and strict rotation) happen while you watch.

@@ -7,6 +7,7 @@
 
 use crate::inbound::Denied;
 use crate::quota::{self, QuotaError, Reason};
+use crate::response::ProxyBody;
 use crate::store::StoreError;
 use crate::token::TokenError;
 use bytes::Bytes;
@@ -25,9 +26,6 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     }
     out
 }
-
-/// The body of every response the proxy sends: the upstream's, streamed, or one of its own.
-pub type ProxyBody = Either<crate::body::ResponseBody, Full<Bytes>>;
 
 /// Something that stopped a request before or while it was forwarded.
 #[derive(Debug, thiserror::Error)]

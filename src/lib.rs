@@ -24,6 +24,7 @@ pub mod pipeline;
 pub mod provider;
 pub mod proxy;
 pub mod quota;
+pub mod response;
 pub mod secret;
 pub mod server;
 pub mod sim;

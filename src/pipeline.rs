@@ -11,19 +11,20 @@
 //! upstream is counted by the quota just before it happens, and every upstream answer is shown
 //! to it (a 429 holds the upstream back).
 
-use crate::body::{
-    self, BodyError, Budget, Buffered, Held, Pace, Paced, RequestBody, ResponseBody, Verdict,
-};
+use crate::body::{self, BodyError, Budget, Buffered, Held, Pace, Paced, RequestBody, Verdict};
 use crate::config::UpstreamConfig;
-use crate::error::{ProxyBody, ProxyError};
+use crate::error::ProxyError;
 use crate::forward::{self, SendError, TargetError, Upstream, UpstreamBody};
 use crate::inbound::{Keys, NO_KEY};
 use crate::quota::{self, Quota, Slot, Window};
+use crate::response::{ProxyBody, ResponseBody};
+use crate::server::Handler;
 use crate::stats::{KeyCounts, RequestStats};
 use crate::token::{AccessToken, TokenCache};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,6 +48,12 @@ pub struct Pipeline {
     pace: Pace,
     /// This worker's share of `limits.max_buffered`.
     budget: Budget,
+}
+
+impl Handler for Pipeline {
+    fn call(&self, request: Request<Incoming>) -> impl Future<Output = Response<ProxyBody>> + Send {
+        self.handle(request)
+    }
 }
 
 /// `d` in milliseconds, to the hundredth: `0.45`, not `0.45012799999999998`.

@@ -1,4 +1,4 @@
-//! Presets for the providers in PROVIDERS.md: `beproduct`, `erpnet`, `winbooks`, `spring`.
+//! Presets for the providers in docs/providers.md: `beproduct`, `erpnet`, `winbooks`, `spring`.
 //!
 //! A preset fills the keys a user would otherwise copy from the provider's documentation —
 //! token URL, grant, client authentication, scope, login URLs — into the upstream's TOML table
@@ -90,7 +90,7 @@ fn erpnet(upstream: &mut Table, filled: &mut Filled) -> Result<(), String> {
     };
     filled.fill(auth, "auth", "scope", scope);
     login(upstream, filled, &format!("{origin}/id/connect/authorize"))?;
-    // Per session, answered with 429 past them (PROVIDERS.md).
+    // Per session, answered with 429 past them (docs/providers.md).
     let quota = section(upstream, "quota")?;
     for (key, n) in [("per_minute", 600), ("concurrency", 1), ("queue", 5)] {
         filled.fill(quota, "quota", key, Value::Integer(n));

@@ -3,7 +3,7 @@
 //! is reached; then a table of the keys with their use and budget. No script, no external
 //! asset: the page stays one self-contained document.
 
-use super::page::escape;
+use super::html::escape;
 use super::status::DayStatus;
 use std::fmt::Write;
 

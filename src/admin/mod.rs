@@ -11,6 +11,7 @@
 
 mod chart;
 pub mod client;
+mod html;
 pub mod key;
 pub mod metrics;
 pub mod page;
@@ -20,9 +21,10 @@ pub mod table;
 pub use key::AdminKey;
 pub use status::Status;
 
-use crate::error::{problem, ProxyBody};
+use crate::error::problem;
 use crate::inbound::Denied;
 use crate::quota::Quota;
+use crate::response::ProxyBody;
 use crate::server::Handler;
 use crate::stats::RequestStats;
 use crate::store::StateStore;

@@ -5,6 +5,7 @@
 //! the status (upstream names, unready reasons) goes through [`escape`]. The page is drawn from
 //! the same [`Status`] as `/status`, so it can show no more than that: never a token.
 
+use super::html::escape;
 use super::status::{QuotaStatus, Status, TokenState, UpstreamStatus, WindowStatus};
 use std::fmt::Write;
 use std::time::{Duration, SystemTime};
@@ -170,39 +171,10 @@ fn seconds(s: u64) -> String {
     humantime::format_duration(Duration::from_secs(s)).to_string()
 }
 
-/// `text` made safe inside HTML text and attribute values.
-pub fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::admin::status::UpstreamStatus;
-
-    /// Markup characters in a dynamic string come out as entities, other text as it was.
-    #[test]
-    fn escape_replaces_markup_characters() {
-        assert_eq!(
-            escape(r#"<script>alert("x") & 'y'</script>"#),
-            "&lt;script&gt;alert(&quot;x&quot;) &amp; &#39;y&#39;&lt;/script&gt;"
-        );
-        assert_eq!(
-            escape("token endpoint: 503 — ça"),
-            "token endpoint: 503 — ça"
-        );
-    }
 
     /// An unready reason with markup in it is shown as text, not as markup.
     #[test]

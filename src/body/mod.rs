@@ -1,5 +1,5 @@
-//! Bodies on their way through: the request body sent upstream, and whether it can be sent
-//! twice; the response body passed back, and the concurrency slot it holds until it ends.
+//! The request body on its way upstream, and whether it can be sent twice (the way back is
+//! [`crate::response`]).
 //!
 //! A replay after a 401 needs the body again, so bodies up to `retry_body_limit` are buffered
 //! (most are a few KiB, and GETs have none), while they fit in the upstream's [`budget`]. A
@@ -13,7 +13,6 @@ mod pace;
 pub use budget::{Budget, Held};
 pub use pace::{BodyError, Pace, Paced, TooSlow, Verdict};
 
-use crate::forward::UpstreamBody;
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
@@ -119,46 +118,6 @@ impl Body for RequestBody {
                 hint
             }
         }
-    }
-}
-
-/// The upstream's response body, streamed to the client. With `concurrency` set it holds the
-/// request's slot, freed when the last frame has passed (or the client went away): the API
-/// counts the request in flight until then.
-#[derive(Debug)]
-pub struct ResponseBody {
-    inner: UpstreamBody,
-    slot: Option<crate::quota::Slot>,
-}
-
-impl ResponseBody {
-    pub fn new(inner: UpstreamBody, slot: Option<crate::quota::Slot>) -> Self {
-        ResponseBody { inner, slot }
-    }
-}
-
-impl Body for ResponseBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let frame = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(None | Some(Err(_))) = &frame {
-            this.slot = None;
-        }
-        frame
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

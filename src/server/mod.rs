@@ -9,8 +9,8 @@
 //! it has had no request in flight for one to two times `header_timeout`, in either protocol.
 
 use crate::config::LimitsConfig;
-use crate::error::ProxyBody;
 use crate::gate::Gate;
+use crate::response::ProxyBody;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Request, Response};
@@ -71,12 +71,6 @@ pub type Live<H> = ArcSwap<Site<H>>;
 /// Something that answers requests: a proxy pipeline or the admin endpoints.
 pub trait Handler: Send + Sync + 'static {
     fn call(&self, request: Request<Incoming>) -> impl Future<Output = Response<ProxyBody>> + Send;
-}
-
-impl Handler for crate::pipeline::Pipeline {
-    fn call(&self, request: Request<Incoming>) -> impl Future<Output = Response<ProxyBody>> + Send {
-        self.handle(request)
-    }
 }
 
 /// What an HTTP/2 client may send on one stream before it is read (hyper's default).

@@ -53,7 +53,7 @@ pub struct ApiLimits {
 }
 
 impl ApiLimits {
-    /// ERP.net's defaults per session (PROVIDERS.md).
+    /// ERP.net's defaults per session (docs/providers.md).
     pub const ERPNET: ApiLimits = ApiLimits {
         per_minute: 600,
         concurrency: 1,

@@ -1,4 +1,4 @@
-//! The four providers of PROVIDERS.md as simulators: an identity server configured with the
+//! The four providers of docs/providers.md as simulators: an identity server configured with the
 //! provider's token path, client authentication, rotation and error dialect, and an API on the
 //! same origin. Used by `tollgate demo` and the preset tests.
 
@@ -23,7 +23,7 @@ pub struct SimProvider {
 /// The presets with a simulator, in the order the demo lists them.
 pub const PROVIDERS: [&str; 4] = ["beproduct", "erpnet", "winbooks", "spring"];
 
-/// The identity server of `preset`, per PROVIDERS.md, with access tokens living `lifetime`.
+/// The identity server of `preset`, per docs/providers.md, with access tokens living `lifetime`.
 pub fn identity_config(preset: &str, lifetime: Duration) -> IdentityConfig {
     let base = IdentityConfig {
         access_lifetime: lifetime,

@@ -4,7 +4,7 @@
 //! It knows nothing of caches, stores or retries: it sends one request and says what came back,
 //! sorted into "final" answers (the grant or client is refused) and transient failures.
 
-use super::answer::parse_response;
+use super::answer::{parse_response, GrantError, Issued};
 use super::scrub::Scrubber;
 use crate::config::{ClientAuth, Grant, UpstreamConfig};
 use crate::secret::Secret;
@@ -26,71 +26,6 @@ const LAST_LOOK: Duration = Duration::from_secs(1);
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
 const KEEPALIVE_EVERY: Duration = Duration::from_secs(5);
 const KEEPALIVE_PROBES: u32 = 3;
-
-/// A successful token response.
-pub struct Issued {
-    pub access_token: Secret<String>,
-    pub expires_in: Duration,
-    /// Present when the server issued (or rotated) a refresh token.
-    pub refresh_token: Option<Secret<String>>,
-    /// Obtained by logging in again (password, exchange) after the refresh token was refused:
-    /// the refused refresh token must not be kept.
-    pub logged_in: bool,
-}
-
-/// Why a token request did not produce a token.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum GrantError {
-    /// `invalid_grant` (or a 401 `invalid_token` from the token endpoint): the refresh token is
-    /// dead. Only a new login or a new seed helps.
-    #[error("{code}{}", describe(.description))]
-    InvalidGrant {
-        code: String,
-        description: Option<String>,
-    },
-    /// The client itself is refused (`invalid_client`, `unauthorized_client`, ...): the config
-    /// needs fixing.
-    #[error("{code}{}", describe(.description))]
-    Refused {
-        code: String,
-        description: Option<String>,
-    },
-    /// Network trouble before the request was sent, 5xx, 429, or an answer that could not be
-    /// read: worth retrying.
-    #[error("{reason}")]
-    Transient {
-        reason: String,
-        retry_after: Option<Duration>,
-    },
-    /// A request that spends a refresh token (or a login code) was sent and no answer came:
-    /// its connection ended, or `auth.answer_timeout` passed. The identity server may have
-    /// processed it, and rotated.
-    #[error("{reason}")]
-    Unanswered { reason: String },
-}
-
-fn describe(description: &Option<String>) -> String {
-    match description {
-        Some(d) => format!(": {d}"),
-        None => String::new(),
-    }
-}
-
-impl GrantError {
-    pub fn is_final(&self) -> bool {
-        matches!(
-            self,
-            GrantError::InvalidGrant { .. } | GrantError::Refused { .. }
-        )
-    }
-
-    pub(super) fn transient(reason: impl Into<String>) -> Self {
-        GrantError::Transient {
-            reason: reason.into(),
-            retry_after: None,
-        }
-    }
-}
 
 /// The token endpoint of one upstream, with its client credentials.
 pub struct TokenEndpoint {

@@ -6,7 +6,8 @@
 //! refresh lock with a higher generation — so a running `serve` adopts them on its next
 //! refresh, and they win over the seed in the config. It never prints a token.
 
-use super::grant::{GrantError, TokenEndpoint};
+use super::answer::GrantError;
+use super::grant::TokenEndpoint;
 use super::{lineage_hash, new_record};
 use crate::config::{Config, Grant, UpstreamConfig};
 use crate::secret::Secret;

@@ -49,7 +49,7 @@
 //! its successor, and sends its own waiting requests there.
 
 mod ahead;
-mod answer;
+pub mod answer;
 mod backoff;
 mod cache;
 mod flight;
@@ -67,7 +67,7 @@ pub use cache::{AccessToken, TokenCache, REFRESH_RESULTS};
 use crate::config::Grant;
 use crate::secret::{sha256_hex, Secret};
 use crate::store::TokenRecord;
-use grant::Issued;
+use answer::Issued;
 use std::time::Duration;
 
 /// Why no token could be had. Cloned to every request that waited on the same refresh.

@@ -10,10 +10,10 @@
 //! Must not: redeem without the lock, send the same refresh token again once its answer may
 //! still come, or let the lock go before the store took what was redeemed.
 
+use super::answer::{GrantError, Issued};
 use super::backoff::RETRY_FIRST;
 use super::cache::{lock, AccessToken, TokenCache};
 use super::flight::{Attempt, Lineage, Progress};
-use super::grant::{GrantError, Issued};
 use super::{new_record, Purpose, TokenError, LOCK_MARGIN};
 use crate::config::Grant;
 use crate::secret::Secret;

@@ -1,4 +1,4 @@
-//! Every preset end to end against its simulator (PROVIDERS.md): across two token expiries
+//! Every preset end to end against its simulator (docs/providers.md): across two token expiries
 //! and a restart on the same state directory, every request reaches the API with a valid token
 //! and no refresh token is redeemed twice. ERP.net and Spring use the token URL the preset
 //! derives from `url`, as a real config would.

@@ -1,4 +1,4 @@
-//! Presets and the provider-specific grants against simulators that follow PROVIDERS.md:
+//! Presets and the provider-specific grants against simulators that follow docs/providers.md:
 //! Spring (password grant, Basic client auth, refresh reuse, 401 for an expired refresh token),
 //! WinBooks (Basic(e-mail), exchange token, `code` fields, string expires_in), and client
 //! credentials that need RFC 6749 §2.3.1 encoding.

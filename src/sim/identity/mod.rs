@@ -1,7 +1,7 @@
 //! A simulated OAuth2 identity server: a token endpoint strict per RFC 6749 §§2.3, 3.2, 4.1,
 //! 4.3, 4.4, 5 and 6, and an authorization endpoint for the authorization-code grant with
 //! PKCE S256 only (RFC 6749 §4.1, RFC 7636), with switches for the dialects of the providers
-//! in `PROVIDERS.md`.
+//! in `docs/providers.md`.
 //!
 //! Owns: the configuration; the state every part shares (the grants, authorization codes,
 //! refresh, access and exchange tokens it issued); serving, and sending each request to its
