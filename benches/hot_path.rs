@@ -10,9 +10,9 @@ use tollgate::config::Config;
 use tollgate::config::QuotaConfig;
 use tollgate::forward::{self, Target};
 use tollgate::quota::{Clock, Quota};
-use tollgate::sim::identity::{IdentityConfig, IdentitySim};
 use tollgate::store::{FileStore, StateStore};
 use tollgate::token::TokenCache;
+use tollgate_sim::identity::{IdentityConfig, IdentitySim};
 
 fn uri_rewrite(c: &mut Criterion) {
     let local: SocketAddr = "127.0.0.1:8080".parse().unwrap();

@@ -8,8 +8,8 @@
 //! Prints one line per server with its URL, then a seed refresh token, and runs until killed.
 
 use std::time::Duration;
-use tollgate::sim::api::ApiSim;
-use tollgate::sim::identity::{IdentityConfig, IdentitySim};
+use tollgate_sim::api::ApiSim;
+use tollgate_sim::identity::{IdentityConfig, IdentitySim};
 
 #[tokio::main]
 async fn main() {

@@ -50,10 +50,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::{interval_at, sleep_until, Instant};
 use tollgate::config::Config;
-use tollgate::sim::api::ApiSim;
-use tollgate::sim::bind_loopback;
-use tollgate::sim::identity::{IdentityConfig, IdentitySim, Rotation};
 use tollgate::Proxy;
+use tollgate_sim::api::ApiSim;
+use tollgate_sim::bind_loopback;
+use tollgate_sim::identity::{IdentityConfig, IdentitySim, Rotation};
 
 const ACCESS_LIFETIME: Duration = Duration::from_secs(5);
 const WORKERS: usize = 2;

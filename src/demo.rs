@@ -7,11 +7,11 @@
 //! Prints `curl` lines that work as pasted.
 
 use crate::config::Config;
-use crate::sim::bind_loopback;
-use crate::sim::provider::{SimProvider, PROVIDERS};
 use crate::{Proxy, StartError};
 use std::future::Future;
 use std::time::Duration;
+use tollgate_sim::bind_loopback;
+use tollgate_sim::provider::{SimProvider, PROVIDERS};
 
 /// Listener ports the demo prefers (8080–8083, the admin listener 9901), so the printed lines
 /// are the same every run.
@@ -52,7 +52,7 @@ pub fn config(state: &str, sims: &[SimProvider], fixed: bool) -> (String, Config
             text.push_str(&format!(
                 "\n[upstream.login]\nauthorize_url = \"{}\"\nredirect_uri = \"{}\"\n",
                 sim.identity.authorize_url(),
-                crate::provider::DEFAULT_REDIRECT_URI
+                crate::config::presets::DEFAULT_REDIRECT_URI
             ));
         }
         if sim.preset == "beproduct" {
@@ -183,7 +183,7 @@ pub async fn run(shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let clients: Vec<String> = sims
         .iter()
         .map(|sim| {
-            let id = crate::sim::provider::identity_config(sim.preset, Duration::ZERO).client_id;
+            let id = tollgate_sim::provider::identity_config(sim.preset, Duration::ZERO).client_id;
             format!("{} {id}", sim.preset)
         })
         .collect();

@@ -5,7 +5,7 @@
 //! itself — which decides the status. Messages never contain a secret: token errors are built
 //! from [`TokenError`], which holds only descriptions and fingerprints.
 
-use crate::inbound::Denied;
+use crate::inbound_keys::Denied;
 use crate::quota::{self, QuotaError, Reason};
 use crate::response::ProxyBody;
 use crate::store::StoreError;

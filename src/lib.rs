@@ -15,24 +15,22 @@ pub mod admin;
 pub mod body;
 pub mod commands;
 pub mod config;
+pub mod counters;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod error;
 pub mod forward;
-pub mod gate;
-pub mod inbound;
+pub mod inbound_keys;
 pub mod pipeline;
-pub mod provider;
 pub mod proxy;
 pub mod quota;
 pub mod response;
 pub mod secret;
+pub mod semaphore;
 pub mod server;
-pub mod sim;
-pub mod stats;
 pub mod store;
 pub mod tls;
 pub mod token;
-pub mod trust;
 pub mod usage;
 
 pub use proxy::{Proxy, Reloaded, StartError, SHUTDOWN_GRACE};

@@ -69,6 +69,7 @@ enum Command {
     /// The four providers it has presets for (BeProduct, ERP.net, WinBooks, a Spring backend)
     /// run as simulated identity servers and APIs, tollgate in front of each, with the status
     /// page; it prints curl lines to paste. Ctrl-C stops it.
+    #[cfg(feature = "demo")]
     Demo,
     /// Log in once (authorization code + PKCE) and store the refresh token for upstream NAME.
     Login {
@@ -145,6 +146,7 @@ fn main() -> ExitCode {
                 timeout,
             } => commands::login(&arg.config, &name, no_browser, timeout).await,
             Command::Status(arg) => commands::status(&arg.config).await,
+            #[cfg(feature = "demo")]
             Command::Demo => {
                 tollgate::demo::run(commands::shutdown_signal()).await?;
                 ExitCode::SUCCESS

@@ -13,13 +13,13 @@
 
 use crate::body::{self, BodyError, Budget, Buffered, Held, Pace, Paced, RequestBody, Verdict};
 use crate::config::UpstreamConfig;
+use crate::counters::{KeyCounts, RequestStats};
 use crate::error::ProxyError;
 use crate::forward::{self, SendError, TargetError, Upstream, UpstreamBody};
-use crate::inbound::{Keys, NO_KEY};
+use crate::inbound_keys::{Keys, NO_KEY};
 use crate::quota::{self, Quota, Slot, Window};
 use crate::response::{ProxyBody, ResponseBody};
 use crate::server::Handler;
-use crate::stats::{KeyCounts, RequestStats};
 use crate::token::{AccessToken, TokenCache};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use http_body_util::Either;

@@ -5,9 +5,9 @@
 //! load balancers.
 //!
 //! Only the key's SHA-256 digest is kept, and digests are compared in constant time, as for
-//! inbound keys ([`crate::inbound`]). Must not: echo what a request sent.
+//! inbound keys ([`crate::inbound_keys`]). Must not: echo what a request sent.
 
-use crate::inbound::{bearer, digest, equal, Denied};
+use crate::inbound_keys::{bearer, digest, equal, Denied};
 use crate::secret::Secret;
 use base64::Engine;
 use http::header::AUTHORIZATION;

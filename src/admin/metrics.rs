@@ -5,7 +5,7 @@
 //! escaped all the same; nothing secret is shown.
 
 use super::Upstream;
-use crate::stats::{self, BUCKETS};
+use crate::counters::{self, BUCKETS};
 use crate::store::StateStore;
 use std::fmt::Write;
 
@@ -48,9 +48,9 @@ fn escape(value: &str) -> std::borrow::Cow<'_, str> {
 
 pub fn render(upstreams: &[Upstream], store: &dyn StateStore) -> String {
     let mut out = String::new();
-    let totals: Vec<stats::Totals> = upstreams
+    let totals: Vec<counters::Totals> = upstreams
         .iter()
-        .map(|u| stats::totals(u.stats.iter().map(|s| &**s)))
+        .map(|u| counters::totals(u.stats.iter().map(|s| &**s)))
         .collect();
     requests(&mut out, upstreams, &totals);
     refreshes(&mut out, upstreams);
@@ -74,7 +74,7 @@ pub fn render(upstreams: &[Upstream], store: &dyn StateStore) -> String {
 }
 
 /// Answers by status and the upstream's response time.
-fn requests(out: &mut String, upstreams: &[Upstream], totals: &[stats::Totals]) {
+fn requests(out: &mut String, upstreams: &[Upstream], totals: &[counters::Totals]) {
     let name = "tollgate_requests_total";
     let help = "Answers to clients, by inbound key (its name; - for none) and status.";
     let mut f = Family::new(out, name, "counter", help);

@@ -21,12 +21,12 @@ pub mod table;
 pub use key::AdminKey;
 pub use status::Status;
 
+use crate::counters::RequestStats;
 use crate::error::problem;
-use crate::inbound::Denied;
+use crate::inbound_keys::Denied;
 use crate::quota::Quota;
 use crate::response::ProxyBody;
 use crate::server::Handler;
-use crate::stats::RequestStats;
 use crate::store::StateStore;
 use crate::token::TokenCache;
 use bytes::Bytes;

@@ -1,5 +1,5 @@
 //! Reading a config: the file, its TOML, `${NAME}` replaced ([`super::interpolate`]), the
-//! presets filled in ([`crate::provider`]), the typed structs, then [`Config::validate`]; every
+//! presets filled in ([`super::presets`]), the typed structs, then [`Config::validate`]; every
 //! problem placed on its line ([`super::locate`]). `tollgate status` reads `[admin]` alone.
 
 use super::interpolate::{interpolated, redact};
@@ -167,7 +167,7 @@ fn apply_presets(value: &mut toml::Value, problems: &mut Vec<Problem>) -> Vec<Ve
     let mut all = Vec::new();
     for (i, up) in upstreams.iter_mut().enumerate() {
         let filled = match up.as_table_mut() {
-            Some(table) => crate::provider::apply(table).unwrap_or_else(|message| {
+            Some(table) => crate::config::presets::apply(table).unwrap_or_else(|message| {
                 problems.push(Problem {
                     key: format!("upstream[{i}].preset"),
                     line: None,

@@ -19,6 +19,7 @@ mod interpolate;
 mod keys;
 mod load;
 mod locate;
+pub mod presets;
 mod schema;
 mod validate;
 mod values;
@@ -107,12 +108,12 @@ impl UpstreamConfig {
     /// `pin_sha256` for the host of `url`.
     pub fn tls_client(&self, extra_roots: Option<&[u8]>) -> Result<rustls::ClientConfig, String> {
         let pin = match &self.pin_sha256 {
-            Some(text) => Some(crate::trust::Pin::parse(text)?),
+            Some(text) => Some(crate::tls::upstream::Pin::parse(text)?),
             None => None,
         };
         let host = self.url.host_str().unwrap_or_default();
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        crate::trust::client_config(extra_roots, host, pin)
+        crate::tls::upstream::client_config(extra_roots, host, pin)
     }
 
     /// The PEM of `ca_file`, when one is set.

@@ -107,7 +107,7 @@ pub struct UpstreamConfig {
     /// Extra CA certificates (PEM) trusted for the upstream and the token endpoint.
     pub ca_file: Option<PathBuf>,
     /// Trust exactly the certificate with this public key (`sha256//BASE64`) for the host of
-    /// `url`, the token endpoint's too when it is on that host ([`crate::trust`]).
+    /// `url`, the token endpoint's too when it is on that host ([`crate::tls::upstream`]).
     pub pin_sha256: Option<String>,
     pub auth: AuthConfig,
     pub login: Option<LoginConfig>,

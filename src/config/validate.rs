@@ -314,7 +314,7 @@ fn check_target(up: &UpstreamConfig, report: &mut Report<'_>) {
         }
     }
     if let Some(pin) = &up.pin_sha256 {
-        if let Err(e) = crate::trust::Pin::parse(pin) {
+        if let Err(e) = crate::tls::upstream::Pin::parse(pin) {
             report.at("pin_sha256", e);
         } else if up.url.scheme() != "https" {
             report.at(

@@ -303,8 +303,8 @@ async fn in_turn(
     Err(last)
 }
 
-/// A TLS failure in words: rustls's reason, which [`crate::trust`] explains for a
+/// A TLS failure in words: rustls's reason, which [`crate::tls::upstream`] explains for a
 /// certificate it refused.
 fn describe_tls(e: &std::io::Error) -> String {
-    crate::trust::describe(e).unwrap_or_else(|| e.to_string())
+    crate::tls::upstream::describe(e).unwrap_or_else(|| e.to_string())
 }

@@ -13,10 +13,10 @@ pub use reload::Reloaded;
 
 use crate::admin::Admin;
 use crate::config::{Config, UpstreamConfig};
+use crate::counters::RequestStats;
 use crate::pipeline::Pipeline;
 use crate::quota::{Clock, Quota};
 use crate::server::{self, Listener, Workers};
-use crate::stats::RequestStats;
 use crate::store::{self, StateStore};
 use crate::tls::CertStore;
 use crate::token::TokenCache;

@@ -20,12 +20,12 @@ use super::{flush_task, give_back, refresh_task, Proxy, Running, StartError, SHU
 use crate::admin::{self, Admin, AdminKey};
 use crate::body::Budget;
 use crate::config::{Config, UpstreamConfig};
+use crate::counters::RequestStats;
 use crate::forward;
-use crate::inbound;
+use crate::inbound_keys;
 use crate::pipeline::Pipeline;
 use crate::quota::Quota;
 use crate::server::{Bound, Listener, Site, Workers};
-use crate::stats::RequestStats;
 use crate::tls::CertStore;
 use crate::token::TokenCache;
 use crate::usage::Usage;
@@ -329,7 +329,7 @@ impl Proxy {
         let keys = p.config.inbound.iter().flat_map(|i| i.keys.iter());
         let labels = keys
             .enumerate()
-            .map(|(i, k)| inbound::label(k, i))
+            .map(|(i, k)| inbound_keys::label(k, i))
             .collect();
         usage.serve(stats.clone(), Arc::clone(&p.quota), labels);
         let local = match &p.socket {

@@ -5,7 +5,7 @@
 //! A [`Slot`] is held from admission until the upstream's response body has been passed on in
 //! full (or the client went away), because that is when the API considers the request done.
 
-use crate::gate::{Gate, Permit};
+use crate::semaphore::{Gate, Permit};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

@@ -9,8 +9,8 @@
 //! it has had no request in flight for one to two times `header_timeout`, in either protocol.
 
 use crate::config::LimitsConfig;
-use crate::gate::Gate;
 use crate::response::ProxyBody;
+use crate::semaphore::Gate;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Request, Response};

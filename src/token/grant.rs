@@ -378,7 +378,7 @@ fn unreachable(url: &Url, e: reqwest::Error) -> String {
             "the connection was refused".to_owned(),
             format!("check the port in auth.token_url and that the identity server runs on {host}"),
         )
-    } else if let Some(tls) = crate::trust::describe(&e) {
+    } else if let Some(tls) = crate::tls::upstream::describe(&e) {
         (
             format!("TLS failed ({tls})"),
             "the upstream's ca_file applies to the token endpoint too, and so does pin_sha256 when the endpoint is on the url's host".to_owned(),

@@ -1,7 +1,7 @@
 //! Who spends an upstream's day, and when it will run out: the day's requests per inbound key
 //! and 15-minute slot, for the group (every process on the state store), and the forecast.
 //!
-//! The request path only bumps its worker's counter of the key ([`crate::stats`]). Every few
+//! The request path only bumps its worker's counter of the key ([`crate::counters`]). Every few
 //! seconds, and whenever `/status` or `/metrics` is read, [`Usage::flush`] adds what the
 //! workers sent since the last flush to the store's tally of the day and reads the whole tally
 //! back: a [`Day`]. The counts are attribution only; the quota admits and refuses on its own.
@@ -9,8 +9,8 @@
 
 pub mod forecast;
 
+use crate::counters::{self, RequestStats};
 use crate::quota::{Clock, Quota};
-use crate::stats::{self, RequestStats};
 use crate::store::{Period, StateStore, StoreError, Used};
 pub use forecast::describe;
 use forecast::{Forecast, SLOT_MS};
@@ -195,7 +195,7 @@ impl Usage {
         counted: Option<u64>,
     ) -> Result<Day, StoreError> {
         let mut flushed = self.flushed.lock().await;
-        let sent = stats::totals(stats.iter().map(|s| &**s)).sent;
+        let sent = counters::totals(stats.iter().map(|s| &**s)).sent;
         let now = self.clock.unix_ms();
         let offset = u64::from(day_starts_s) * 1000;
         let period = Period::nth(Period::number(now, DAY_MS, offset), DAY_MS, offset);

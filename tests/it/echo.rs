@@ -8,7 +8,7 @@ use crate::common;
 
 use base64::Engine;
 use common::{status_command, Harness, Setup};
-use tollgate::sim::identity::{ClientAuthRule, IdentityConfig};
+use tollgate_sim::identity::{ClientAuthRule, IdentityConfig};
 
 /// A client secret and a password with every character form encoding changes.
 const CLIENT_SECRET: &str = "Cs9/+=&Xk% Secret";

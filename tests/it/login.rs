@@ -6,8 +6,8 @@ use crate::common;
 use common::{Harness, Setup};
 use std::time::Duration;
 use tollgate::config::Config;
-use tollgate::sim::identity::IdentityConfig;
 use tollgate::token::login::{Login, LoginError};
+use tollgate_sim::identity::IdentityConfig;
 
 async fn setup() -> (Harness, String) {
     // Registered with the identity server up front, bound by the login later.

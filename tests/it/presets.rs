@@ -7,8 +7,8 @@ use crate::common;
 
 use std::time::Duration;
 use tollgate::config::Config;
-use tollgate::sim::bind_loopback;
-use tollgate::sim::provider::{SimProvider, PROVIDERS};
+use tollgate_sim::bind_loopback;
+use tollgate_sim::provider::{SimProvider, PROVIDERS};
 
 async fn get(proxy: &tollgate::Proxy, path: &str) -> common::Answer {
     common::get(format!("http://{}{path}", proxy.addr("p").unwrap())).await

@@ -6,7 +6,7 @@
 use crate::common;
 
 use common::{Harness, Setup};
-use tollgate::sim::identity::{ClientAuthRule, IdentityConfig, Rotation};
+use tollgate_sim::identity::{ClientAuthRule, IdentityConfig, Rotation};
 
 /// Replace the `[upstream.auth]` section of a harness config and start a proxy on it.
 ///
@@ -213,11 +213,11 @@ async fn continue_path_passes_both_ways() {
 /// tollgate's own 429 — the API never sees more than one, nor has to refuse any.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn erpnet_preset_keeps_one_request_in_flight_with_a_queue_of_five() {
-    use tollgate::sim::provider::SimProvider;
+    use tollgate_sim::provider::SimProvider;
     let sim = SimProvider::start(
         "erpnet",
         std::time::Duration::from_secs(3600),
-        tollgate::sim::bind_loopback().await,
+        tollgate_sim::bind_loopback().await,
     )
     .await;
     let state = tempfile::tempdir().unwrap();

@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tollgate::config::StateConfig;
 use tollgate::secret::Secret;
-use tollgate::sim::identity::IdentityConfig;
 use tollgate::store::{Period, RedisStore, Reservation, Seen, StateStore, StoreError, TokenRecord};
 use tollgate::token::TokenCache;
 use tollgate::Proxy;
+use tollgate_sim::identity::IdentityConfig;
 
 /// `[upstream.auth]` lines for a test where Redis loses its data: a refresh lock lives 11 s
 /// (`timeout` + 10 s), so no lock is granted for 11 s after the loss, and clients wait

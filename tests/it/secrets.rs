@@ -5,7 +5,7 @@ use crate::common;
 
 use common::{Harness, Setup};
 use std::time::Duration;
-use tollgate::sim::identity::IdentityConfig;
+use tollgate_sim::identity::IdentityConfig;
 
 /// A full run at trace level for every crate — refreshes, a replay after 401, rotations,
 /// identity failures, invalid_grant, a restart — then every token the identity server ever

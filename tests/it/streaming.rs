@@ -45,10 +45,7 @@ async fn twenty_megabytes_each_way_stream_with_flat_memory() {
     let echo: serde_json::Value =
         serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
     assert_eq!(echo["body_len"], SIZE);
-    assert_eq!(
-        echo["body_sha256"],
-        tollgate::sim::api::pattern_sha256(SIZE)
-    );
+    assert_eq!(echo["body_sha256"], tollgate_sim::api::pattern_sha256(SIZE));
 
     // Download: hashed as it arrives.
     let response = h
@@ -76,7 +73,7 @@ async fn twenty_megabytes_each_way_stream_with_flat_memory() {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    assert_eq!(digest, tollgate::sim::api::pattern_sha256(SIZE));
+    assert_eq!(digest, tollgate_sim::api::pattern_sha256(SIZE));
 
     let grown_mib = (peak_rss_kib().saturating_sub(baseline)) / 1024;
     assert!(

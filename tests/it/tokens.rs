@@ -6,7 +6,7 @@ use crate::common;
 use common::{Harness, Setup};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tollgate::sim::identity::IdentityConfig;
+use tollgate_sim::identity::IdentityConfig;
 
 fn lifetime(d: Duration) -> IdentityConfig {
     IdentityConfig {

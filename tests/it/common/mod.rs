@@ -15,10 +15,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tollgate::config::Config;
 pub use tollgate::quota::Clock;
-use tollgate::sim::api::ApiSim;
-use tollgate::sim::identity::{IdentityConfig, IdentitySim};
-use tollgate::sim::{bind_loopback, SimServer};
 use tollgate::Proxy;
+use tollgate_sim::api::ApiSim;
+use tollgate_sim::identity::{IdentityConfig, IdentitySim};
+use tollgate_sim::{bind_loopback, SimServer};
 
 pub type TestClient = Client<HttpConnector, Full<Bytes>>;
 

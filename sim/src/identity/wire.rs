@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
 
-use crate::sim::{empty_body, full_body, SimBody};
+use crate::{empty_body, full_body, SimBody};
 
 /// Largest token request body accepted; more gets 413 so a client cannot exhaust memory.
 const BODY_LIMIT: usize = 64 * 1024;
@@ -201,8 +201,8 @@ mod tests {
     use http_body_util::Full;
 
     use super::*;
-    use crate::sim::identity::test_support::*;
-    use crate::sim::identity::IdentityConfig;
+    use crate::identity::test_support::*;
+    use crate::identity::IdentityConfig;
 
     /// A parameter sent twice is invalid_request (RFC 6749 §3.2).
     #[tokio::test]

@@ -22,7 +22,7 @@ use super::wire::{
     parse_form, read_body, required, unsupported_grant_type, OAuthError, Params,
 };
 use super::{IdentitySim, Rotation};
-use crate::sim::SimBody;
+use crate::SimBody;
 
 impl IdentitySim {
     pub(super) async fn token_endpoint(
@@ -244,8 +244,8 @@ mod tests {
     use http_body_util::Full;
 
     use super::*;
-    use crate::sim::identity::test_support::*;
-    use crate::sim::identity::{ClientAuthRule, IdentityConfig};
+    use crate::identity::test_support::*;
+    use crate::identity::{ClientAuthRule, IdentityConfig};
 
     /// Strict rotation: each refresh gives a new token, the old one is refused, and presenting
     /// it revokes the grant so even the newest token fails.

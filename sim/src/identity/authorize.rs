@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 
 use super::wire::{invalid_grant, required, OAuthError, Params};
 use super::{random_token, IdentitySim};
-use crate::sim::{empty_body, full_body, SimBody};
+use crate::{empty_body, full_body, SimBody};
 
 /// How long an authorization code can be redeemed (RFC 6749 §4.1.2 recommends 10 minutes
 /// at most; real servers use 30 to 60 seconds).
@@ -301,8 +301,8 @@ mod tests {
     use http_body_util::Full;
 
     use super::*;
-    use crate::sim::identity::test_support::*;
-    use crate::sim::identity::{ClientAuthRule, IdentityConfig};
+    use crate::identity::test_support::*;
+    use crate::identity::{ClientAuthRule, IdentityConfig};
 
     /// RFC 7636 Appendix B: the verifier and challenge of the specification's example.
     const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";

@@ -1,4 +1,5 @@
-//! Simulated upstreams for integration tests and `tollgate demo`.
+//! Simulated upstreams for tollgate's integration tests and `tollgate demo`: a crate of its own,
+//! which imports nothing of tollgate (a build without the `demo` feature carries none of it).
 //!
 //! Owns: a small in-process HTTP server ([`SimServer`]) and two simulators built on it, an
 //! OAuth2 token endpoint ([`identity::IdentitySim`]) and a protected API
@@ -9,7 +10,7 @@
 //!
 //! ```no_run
 //! # async fn demo() {
-//! use tollgate::sim::{api::ApiSim, bind_loopback, identity::{IdentityConfig, IdentitySim}};
+//! use tollgate_sim::{api::ApiSim, bind_loopback, identity::{IdentityConfig, IdentitySim}};
 //!
 //! let identity = IdentitySim::new(IdentityConfig::default());
 //! let identity_server = identity.serve(bind_loopback().await).await;

@@ -171,7 +171,7 @@ mod tests {
     use http_body_util::Full;
 
     use super::*;
-    use crate::sim::identity::test_support::*;
+    use crate::identity::test_support::*;
 
     /// Basic and body credentials in one request are refused as invalid_request.
     #[tokio::test]

@@ -18,7 +18,7 @@ use http::{Response, StatusCode};
 
 use super::wire::OAuthError;
 use super::IdentitySim;
-use crate::sim::{full_body, SimBody};
+use crate::{full_body, SimBody};
 
 #[derive(Debug, Default)]
 pub(super) struct Faults {
@@ -202,8 +202,8 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::sim::identity::test_support::*;
-    use crate::sim::identity::IdentityConfig;
+    use crate::identity::test_support::*;
+    use crate::identity::IdentityConfig;
 
     /// fail_next answers the given status n times without touching the grant, then recovers.
     #[tokio::test]

@@ -457,7 +457,7 @@ mod test_support {
     use http_body_util::Full;
 
     use super::*;
-    use crate::sim::testing::*;
+    use crate::testing::*;
 
     /// The form-encoding RFC 6749 §2.3.1 asks for before base64.
     pub(super) fn form_encode(value: &str) -> String {
@@ -547,7 +547,7 @@ mod tests {
 
     use super::test_support::*;
     use super::*;
-    use crate::sim::testing::*;
+    use crate::testing::*;
 
     /// expire_access_tokens and revoke_all do what tests rely on.
     #[tokio::test]
