@@ -15,16 +15,19 @@ use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 use std::time::Duration;
 
+/// `e`, then its cause, and that one's cause, to the first.
+pub fn causes<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |e| e.source())
+}
+
 /// An error and its causes, `: `-separated.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(err) = source {
-        out.push_str(": ");
-        out.push_str(&err.to_string());
-        source = err.source();
-    }
-    out
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    causes(e)
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// Something that stopped a request before or while it was forwarded.

@@ -51,17 +51,10 @@ pub enum BodyError {
 impl BodyError {
     /// The [`TooSlow`] somewhere in `error`'s causes, if a body broke a limit.
     pub fn too_slow_in<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a TooSlow> {
-        let mut cause = Some(error);
-        while let Some(e) = cause {
-            if let Some(slow) = e.downcast_ref::<TooSlow>() {
-                return Some(slow);
-            }
-            if let Some(BodyError::TooSlow(slow)) = e.downcast_ref::<BodyError>() {
-                return Some(slow);
-            }
-            cause = e.source();
-        }
-        None
+        crate::error::causes(error).find_map(|e| match e.downcast_ref::<BodyError>() {
+            Some(BodyError::TooSlow(slow)) => Some(slow),
+            _ => e.downcast_ref::<TooSlow>(),
+        })
     }
 }
 

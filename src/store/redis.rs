@@ -36,6 +36,7 @@ mod link;
 mod listener;
 mod lock;
 mod recovery;
+mod settings;
 
 use super::{unix_ms, TokenRecord};
 use super::{Period, RefreshLock, Reservation, Seen, StateStore, StoreError, StoreHealth, Used};
@@ -89,10 +90,6 @@ pub struct RedisStore {
     /// process's id but none of these values was left over (an attempt whose answer was lost,
     /// a release that failed): it is taken back rather than waited out.
     live: Arc<Mutex<HashSet<String>>>,
-}
-
-pub(super) fn lock_map<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 struct Scripts {
@@ -481,55 +478,7 @@ impl StateStore for RedisStore {
     }
 
     async fn startup_warnings(&self) -> Vec<String> {
-        let ping = self
-            .link
-            .run(
-                |mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await },
-                true,
-            )
-            .await;
-        if let Err(reason) = ping {
-            return vec![format!(
-                "the state store {} does not answer: {reason}; requests that need it get 503 until it does",
-                self.shown
-            )];
-        }
-        // Managed Redis services often refuse CONFIG: then nothing can be said, and nothing
-        // failed (it is not counted as an error of the store).
-        let answer = self
-            .link
-            .run(
-                |mut c| async move {
-                    redis::cmd("CONFIG")
-                        .arg("GET")
-                        .arg("appendonly")
-                        .arg("maxmemory-policy")
-                        .query_async::<HashMap<String, String>>(&mut c)
-                        .await
-                },
-                true,
-            )
-            .await;
-        let Ok(settings) = answer else {
-            return Vec::new();
-        };
-        let mut warnings = Vec::new();
-        if settings.get("appendonly").map(String::as_str) == Some("no") {
-            warnings.push(format!(
-                "the state store {} runs without appendonly: a restart of Redis loses what tollgate wrote since its last snapshot; the replicas then write back the newest token record and counts they know, but set `appendonly yes` (see the README, \"Several replicas\")",
-                self.shown
-            ));
-        }
-        if let Some(policy) = settings
-            .get("maxmemory-policy")
-            .filter(|p| p.as_str() != "noeviction")
-        {
-            warnings.push(format!(
-                "the state store {} evicts keys when it is full (maxmemory-policy {policy}): a refresh lock or a count can vanish at any moment, and then a refresh token is redeemed twice or the day counted again; set `maxmemory-policy noeviction` (see the README, \"Several replicas\")",
-                self.shown
-            ));
-        }
-        warnings
+        self.check_settings().await
     }
 
     async fn flush(&self) {

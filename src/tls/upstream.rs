@@ -228,21 +228,13 @@ struct Explained(String);
 /// A TLS failure found in `error` or its causes, in words: a refusal explained here, or
 /// rustls's own reason. `None` when no cause is a TLS error.
 pub fn describe(error: &(dyn std::error::Error + 'static)) -> Option<String> {
-    let mut cause = Some(error);
-    while let Some(e) = cause {
-        if let Some(tls) = rustls_error(e) {
-            if let rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) =
-                tls
-            {
-                if let Some(Explained(text)) = inner.downcast_ref::<Explained>() {
-                    return Some(format!("invalid peer certificate: {text}"));
-                }
-            }
-            return Some(tls.to_string());
+    let tls = crate::error::causes(error).find_map(rustls_error)?;
+    if let rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) = tls {
+        if let Some(Explained(text)) = inner.downcast_ref::<Explained>() {
+            return Some(format!("invalid peer certificate: {text}"));
         }
-        cause = e.source();
     }
-    None
+    Some(tls.to_string())
 }
 
 impl std::fmt::Display for Explained {

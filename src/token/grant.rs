@@ -354,12 +354,10 @@ fn shown(url: &Url) -> Url {
 /// Why the token endpoint at `url` could not be reached, in words: which URL, which cause
 /// (DNS, refused, TLS, timeout), and what to check.
 fn unreachable(url: &Url, e: reqwest::Error) -> String {
-    let mut chain = Vec::new();
-    let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(&e);
-    while let Some(c) = cause {
-        chain.push(c.to_string());
-        cause = c.source();
-    }
+    let chain: Vec<String> = crate::error::causes(&e)
+        .skip(1)
+        .map(|c| c.to_string())
+        .collect();
     let text = chain.join(": ").to_lowercase();
     let host = url.host_str().unwrap_or("its host");
     let shown = shown(url);

@@ -97,7 +97,7 @@ async fn an_echoing_identity_server_gets_no_secret_out() {
     let mut shown = String::new();
     for case in cases {
         let client_id = "my app/1";
-        let h = Harness::start(Setup {
+        let mut h = Harness::start(Setup {
             identity: IdentityConfig {
                 client_id: client_id.into(),
                 client_secret: CLIENT_SECRET.into(),
@@ -114,7 +114,12 @@ async fn an_echoing_identity_server_gets_no_secret_out() {
             ..Setup::default()
         })
         .await;
+        // The proxy may have fetched a token at its start: start it again without one, with
+        // every token request echoed (never processed, so the seed is not spent).
+        h.stop_proxy().await;
         h.identity.echo_next(1000, case.code);
+        let _ = std::fs::remove_file(h.state_dir().join("api.token.json"));
+        h.start_proxy().await;
         let answer = h.get("/x").await;
         assert_eq!(answer.status, 503, "{}: {}", case.name, answer.text());
         let readyz = common::get(h.admin_url("/readyz")).await;
@@ -164,13 +169,16 @@ async fn an_echoing_identity_server_gets_no_secret_out() {
 /// to run `tollgate login`, which it cannot use.
 #[tokio::test]
 async fn client_credentials_refused_is_not_told_to_log_in() {
-    let h = Harness::start(Setup {
+    let mut h = Harness::start(Setup {
         grant: "client_credentials",
         admin: true,
         ..Setup::default()
     })
     .await;
+    h.stop_proxy().await;
     h.identity.echo_next(10, Some("invalid_grant"));
+    let _ = std::fs::remove_file(h.state_dir().join("api.token.json"));
+    h.start_proxy().await;
     let answer = h.get("/x").await;
     assert_eq!(answer.status, 503);
     let detail = answer.json()["detail"].as_str().unwrap().to_owned();

@@ -4,7 +4,7 @@
 //! flights holds it (an answer lost as Redis restarted, a release that failed).
 
 use super::link::Link;
-use super::{lock_map, RedisStore};
+use super::RedisStore;
 use crate::store::{RefreshLock, StoreError};
 use redis::{AsyncCommands, Script};
 use std::collections::HashSet;
@@ -317,4 +317,9 @@ impl RedisStore {
             }
         }
     }
+}
+
+/// The set of live lock values, even after a panic elsewhere poisoned its mutex.
+fn lock_map<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
