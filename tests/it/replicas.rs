@@ -57,7 +57,7 @@ async fn three_replicas_share_one_lineage() {
     }
     // Forced 401s away from the refreshes ahead (1.6 s after each token is issued): a token
     // issued a moment before the identity server revokes every token would be refused on
-    // its replay, and then the 401 is passed on (see README, "Tokens and backups").
+    // its replay, and then the 401 is passed on (see docs/security.md, "Tokens and backups").
     for at in [1000, 3500] {
         tokio::time::sleep_until((started + Duration::from_millis(at)).into()).await;
         h.identity.expire_access_tokens();

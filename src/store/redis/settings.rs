@@ -44,7 +44,7 @@ impl RedisStore {
         let mut warnings = Vec::new();
         if settings.get("appendonly").map(String::as_str) == Some("no") {
             warnings.push(format!(
-                "the state store {} runs without appendonly: a restart of Redis loses what tollgate wrote since its last snapshot; the replicas then write back the newest token record and counts they know, but set `appendonly yes` (see the README, \"Several replicas\")",
+                "the state store {} runs without appendonly: a restart of Redis loses what tollgate wrote since its last snapshot; the replicas then write back the newest token record and counts they know, but set `appendonly yes` (see docs/replicas.md)",
                 self.shown
             ));
         }
@@ -53,7 +53,7 @@ impl RedisStore {
             .filter(|p| p.as_str() != "noeviction")
         {
             warnings.push(format!(
-                "the state store {} evicts keys when it is full (maxmemory-policy {policy}): a refresh lock or a count can vanish at any moment, and then a refresh token is redeemed twice or the day counted again; set `maxmemory-policy noeviction` (see the README, \"Several replicas\")",
+                "the state store {} evicts keys when it is full (maxmemory-policy {policy}): a refresh lock or a count can vanish at any moment, and then a refresh token is redeemed twice or the day counted again; set `maxmemory-policy noeviction` (see docs/replicas.md)",
                 self.shown
             ));
         }
