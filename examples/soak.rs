@@ -177,7 +177,7 @@ async fn main() -> ExitCode {
     }
 }
 
-/// The proxy's config, as `tests/common` writes it: one upstream `api` on `127.0.0.1:0`.
+/// The proxy's config, as `tests/it/common` writes it: one upstream `api` on `127.0.0.1:0`.
 fn config_text(
     identity: &IdentityConfig,
     state: &str,

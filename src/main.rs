@@ -163,7 +163,7 @@ fn main() -> ExitCode {
 /// the chain then names again.
 fn causes(e: &anyhow::Error) -> String {
     let mut out = String::new();
-    for cause in e.chain() {
+    for cause in tollgate::error::causes(e.as_ref()) {
         let text = cause.to_string();
         // A message that ends with its cause's text already said it.
         if out.ends_with(&text) {

@@ -6,7 +6,8 @@
 pub(super) fn explain(key: &str, message: &str) -> String {
     // toml ends its messages with "\nin `table.key`", which the key in front already says.
     let message = message.split("\nin `").next().unwrap_or(message);
-    if let Some((wrong, choices)) = unknown(message, "unknown field") {
+    if let Some((wrong, choices)) = unknown(message, "unknown field").filter(|(_, c)| !c.is_empty())
+    {
         return match closest(wrong, &choices) {
             Some(near) => format!("unknown key `{wrong}`; did you mean `{near}`?"),
             None => format!(
@@ -15,7 +16,9 @@ pub(super) fn explain(key: &str, message: &str) -> String {
             ),
         };
     }
-    if let Some((wrong, choices)) = unknown(message, "unknown variant") {
+    if let Some((wrong, choices)) =
+        unknown(message, "unknown variant").filter(|(_, c)| !c.is_empty())
+    {
         if key.ends_with("auth.grant") && wrong == "authorization_code" {
             return "`authorization_code` is not a grant tollgate runs on its own: set grant = \"refresh_token\", configure [upstream.login], and run `tollgate login NAME` once; it does the authorization-code login and tollgate then keeps the refresh token it got".to_owned();
         }
@@ -38,13 +41,14 @@ fn unknown<'m>(message: &'m str, what: &str) -> Option<(&'m str, Vec<&'m str>)> 
 }
 
 /// The choice at most a third of its letters away from `wrong` (a typo, a swapped pair, a
-/// missing letter), if one is nearest.
+/// missing letter), if one alone is nearest.
 fn closest<'c>(wrong: &str, choices: &[&'c str]) -> Option<&'c str> {
-    let (distance, near) = choices
-        .iter()
-        .map(|c| (edits(wrong, c), *c))
-        .min_by_key(|(d, _)| *d)?;
-    (distance <= (wrong.len() / 3).max(1)).then_some(near)
+    let mut by_distance: Vec<(usize, &str)> =
+        choices.iter().map(|c| (edits(wrong, c), *c)).collect();
+    by_distance.sort_unstable();
+    let (distance, near) = *by_distance.first()?;
+    let tied = by_distance.get(1).is_some_and(|(d, _)| *d == distance);
+    (distance <= (wrong.len() / 3).max(1) && !tied).then_some(near)
 }
 
 /// Edits (insert, delete, substitute, swap two neighbours) from `a` to `b`.
@@ -87,6 +91,18 @@ mod tests {
         assert_eq!(
             explain("upstream[0].auth.colour", serde),
             "unknown key `colour`; the keys here are grant, scope"
+        );
+    }
+
+    #[test]
+    fn no_choices_or_a_tie_suggests_nothing() {
+        assert_eq!(
+            explain("x", "unknown field `a`, there are no fields"),
+            "unknown field `a`, there are no fields"
+        );
+        assert_eq!(
+            explain("x", "unknown variant `ab`, expected one of `ac`, `ad`"),
+            "`ab` is not one of ac, ad"
         );
     }
 

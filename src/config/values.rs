@@ -24,9 +24,10 @@ struct Written {
 }
 
 impl Written {
-    fn no_unit<E: serde::de::Error>(&self, number: impl std::fmt::Display) -> E {
+    /// `number` as written, and the example to write instead (never negative).
+    fn no_unit<E: serde::de::Error>(&self, number: impl std::fmt::Display, example: f64) -> E {
         E::custom(format!(
-            "{number} has no unit: write {} as a string with one, like \"{number}{}\" ({})",
+            "{number} has no unit: write {} as a string with one, like \"{example}{}\" ({})",
             self.what, self.unit, self.units
         ))
     }
@@ -48,15 +49,15 @@ impl serde::de::Visitor<'_> for Written {
     }
 
     fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
-        Err(self.no_unit(v))
+        Err(self.no_unit(v, v.unsigned_abs() as f64))
     }
 
     fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
-        Err(self.no_unit(v))
+        Err(self.no_unit(v, v as f64))
     }
 
     fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<String, E> {
-        Err(self.no_unit(v))
+        Err(self.no_unit(v, v.abs()))
     }
 }
 

@@ -10,6 +10,7 @@ mod common;
 mod admin;
 mod budgets;
 mod config_files;
+#[cfg(feature = "demo")]
 mod demo;
 mod echo;
 mod hostile;

@@ -91,6 +91,7 @@ fn logs_into_a_pipe_have_no_colours() {
 }
 
 /// `demo --help` says what the demo runs.
+#[cfg(feature = "demo")]
 #[test]
 fn demo_help_describes_the_tour() {
     let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))

@@ -96,7 +96,7 @@ fn store(redis: &RedisServer) -> RedisStore {
 
 /// Mark `redis` as a store replicas already use (its epoch written), as it is after the first
 /// start: a store without one makes its first users wait the recovery window (see
-/// `tests/store_faults.rs`).
+/// `tests/it/store_faults.rs`).
 fn in_use(redis: &RedisServer) {
     redis.command(&["SET", "tollgate:epoch", "1-in-use"]);
 }
