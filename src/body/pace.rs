@@ -165,12 +165,20 @@ impl Body for Paced {
                         .timer
                         .insert(Box::pin(tokio::time::sleep_until(deadline))),
                 };
-                if deadline < timer.deadline() || timer.is_elapsed() {
+                if deadline < timer.deadline() {
                     timer.as_mut().reset(deadline);
                 }
-                match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(this.broken(since, now)))),
-                    Poll::Pending => Poll::Pending,
+                loop {
+                    match timer.as_mut().poll(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        // The timer was set for an earlier deadline: set it again.
+                        Poll::Ready(()) if Instant::now() < deadline => {
+                            timer.as_mut().reset(deadline)
+                        }
+                        Poll::Ready(()) => {
+                            return Poll::Ready(Some(Err(this.broken(since, Instant::now()))))
+                        }
+                    }
                 }
             }
         }
