@@ -198,6 +198,15 @@ impl Admin {
     }
 }
 
+/// Whole seconds as `1h 2m 3s`; `under 1s` for none (a window in its last second resets in
+/// less than one, not in none).
+pub(crate) fn seconds(s: u64) -> String {
+    match s {
+        0 => "under 1s".to_owned(),
+        s => humantime::format_duration(std::time::Duration::from_secs(s)).to_string(),
+    }
+}
+
 /// 401 for a request without the admin key: a Basic challenge, so that a browser asks for it.
 fn refused(denied: Denied) -> Response<ProxyBody> {
     let detail = match denied {
@@ -237,5 +246,14 @@ fn respond(status: StatusCode, content_type: &'static str, body: String) -> Resp
 impl Handler for Admin {
     async fn call(&self, request: Request<Incoming>) -> Response<ProxyBody> {
         self.route(&request).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_window_in_its_last_second_resets_in_under_one() {
+        assert_eq!(super::seconds(0), "under 1s");
+        assert_eq!(super::seconds(3725), "1h 2m 5s");
     }
 }

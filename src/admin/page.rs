@@ -6,9 +6,10 @@
 //! the same [`Status`] as `/status`, so it can show no more than that: never a token.
 
 use super::html::escape;
+use super::seconds;
 use super::status::{QuotaStatus, Status, TokenState, UpstreamStatus, WindowStatus};
 use std::fmt::Write;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 /// Seconds between reloads of an open page.
 const REFRESH_S: u32 = 10;
@@ -164,11 +165,6 @@ fn window_row(out: &mut String, w: &WindowStatus) {
         remaining = w.remaining,
         resets = seconds(w.resets_in_s),
     );
-}
-
-/// Whole seconds as `1h 2m 3s`.
-fn seconds(s: u64) -> String {
-    humantime::format_duration(Duration::from_secs(s)).to_string()
 }
 
 #[cfg(test)]

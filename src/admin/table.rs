@@ -4,8 +4,8 @@
 //! usually long, so it is printed under the table instead of in a column, and so is each
 //! upstream's day: its use, the forecast, and its keys.
 
+use super::seconds;
 use super::status::{DayStatus, QuotaStatus, Status, TokenState};
-use std::time::Duration;
 
 const HEADER: [&str; 5] = ["UPSTREAM", "TOKEN", "EXPIRES IN", "GENERATION", "QUOTA"];
 
@@ -135,11 +135,6 @@ fn day(name: &str, day: &DayStatus) -> String {
         out.push_str(&format!("  keys: {}\n", keys.join(", ")));
     }
     out
-}
-
-/// Whole seconds as `1h 2m 3s`.
-fn seconds(s: u64) -> String {
-    humantime::format_duration(Duration::from_secs(s)).to_string()
 }
 
 #[cfg(test)]

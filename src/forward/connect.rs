@@ -138,20 +138,11 @@ impl Connector {
         let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
         let io = TokioIo::new(stream);
         if h2 {
-            let (send, connection) = http2::Builder::new(TokioExecutor::new())
+            let handshake = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .handshake(io)
-                .await
-                .map_err(|source| ConnectError::Handshake {
-                    authority: self.authority.clone(),
-                    source,
-                })?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
-                }
-            });
-            Ok(Sender::Http2(send))
+                .await;
+            Ok(Sender::Http2(self.driven(handshake)?))
         } else {
             Ok(Sender::Http1(self.handshake_http1(io).await?))
         }
@@ -190,14 +181,19 @@ impl Connector {
     {
         let mut builder = http1::Builder::new();
         builder.max_buf_size(MAX_RESPONSE_HEAD);
-        let (send, connection) =
-            builder
-                .handshake(io)
-                .await
-                .map_err(|source| ConnectError::Handshake {
-                    authority: self.authority.clone(),
-                    source,
-                })?;
+        self.driven(builder.handshake(io).await)
+    }
+
+    /// The sender of a `handshake` (HTTP/1.1 or HTTP/2) that succeeded, its connection
+    /// driven by a task of its own.
+    fn driven<S, C>(&self, handshake: Result<(S, C), hyper::Error>) -> Result<S, ConnectError>
+    where
+        C: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
+    {
+        let (send, connection) = handshake.map_err(|source| ConnectError::Handshake {
+            authority: self.authority.clone(),
+            source,
+        })?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
