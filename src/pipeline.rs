@@ -316,7 +316,6 @@ impl Pipeline {
                 ProxyError::UpstreamUnreachable(reason)
             }
             (SendError::Timeout(d), _) => ProxyError::UpstreamTimeout(d),
-            (SendError::BodyTooSlow(slow), _) => ProxyError::BodyTooSlow(slow),
             (SendError::Busy(why), _) => ProxyError::UpstreamBusy(why),
         })?;
         self.quota

@@ -45,11 +45,12 @@ pub enum RequestBody {
 }
 
 impl RequestBody {
-    /// Where a streamed body says it came too slowly; none for a body read whole.
+    /// Where a streamed body says it came too slowly; none for a body read whole or one
+    /// already over (a GET's: nothing to wait for, nothing allocated).
     pub fn verdict(&mut self) -> Option<Verdict> {
         match self {
-            RequestBody::Full { .. } => None,
-            RequestBody::Stream { rest, .. } => Some(rest.verdict()),
+            RequestBody::Stream { rest, .. } if !rest.is_end_stream() => Some(rest.verdict()),
+            _ => None,
         }
     }
 

@@ -30,8 +30,9 @@ pub struct Pace {
     pub min_rate: u64,
 }
 
-/// Where a streamed body leaves its [`TooSlow`] for the request to find: an HTTP/2 upstream
-/// connection resets the stream without passing the body's error on.
+/// Where a streamed body leaves its [`TooSlow`] for the request to find: the upstream
+/// connection reports only that sending failed (HTTP/2 resets the stream without passing the
+/// body's error on).
 pub type Verdict = Arc<OnceLock<TooSlow>>;
 
 /// A body that arrived too slowly: which limit it broke, in words.
@@ -46,16 +47,6 @@ pub enum BodyError {
     Client(#[from] hyper::Error),
     #[error(transparent)]
     TooSlow(#[from] TooSlow),
-}
-
-impl BodyError {
-    /// The [`TooSlow`] somewhere in `error`'s causes, if a body broke a limit.
-    pub fn too_slow_in<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a TooSlow> {
-        crate::error::causes(error).find_map(|e| match e.downcast_ref::<BodyError>() {
-            Some(BodyError::TooSlow(slow)) => Some(slow),
-            _ => e.downcast_ref::<TooSlow>(),
-        })
-    }
 }
 
 /// A client's body, read within its [`Pace`].

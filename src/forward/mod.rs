@@ -36,8 +36,6 @@ pub enum SendError {
     Timeout(Duration),
     /// Every connection this worker may hold stayed busy for the timeout: the words say so.
     Busy(String),
-    /// The client sent its body too slowly while it streamed upstream.
-    BodyTooSlow(crate::body::TooSlow),
 }
 
 /// Worker `worker`'s share of `total` places among `workers`: shares that add up to
@@ -98,10 +96,7 @@ impl Upstream {
         let sent = self.pool.send(request, permit, absolute);
         match tokio::time::timeout_at(deadline, sent).await {
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => match crate::body::BodyError::too_slow_in(&e) {
-                Some(slow) => Err(SendError::BodyTooSlow(slow.clone())),
-                None => Err(SendError::Unreachable(e.to_string())),
-            },
+            Ok(Err(e)) => Err(SendError::Unreachable(e.to_string())),
             Err(_) => Err(SendError::Timeout(self.timeout)),
         }
     }

@@ -74,7 +74,7 @@ pub enum PoolError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
     #[error("the connection to the upstream broke: {}", chain(.0))]
-    Broken(#[source] hyper::Error),
+    Broken(hyper::Error),
     #[error("the upstream answered with a response head (status line and headers) larger than the {} KiB tollgate reads, or with more than 100 header fields; the upstream sends too many or too large headers", MAX_RESPONSE_HEAD / 1024)]
     HeadTooLarge,
 }
