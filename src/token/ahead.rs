@@ -3,14 +3,15 @@
 //! shared store follows the generations other replicas announce.
 
 use super::backoff::{Backoff, RETRY_FIRST, RETRY_MAX};
-use super::cache::{lock, TokenCache};
+use super::lock;
+use super::refresher::Refresher;
+
 use super::{Purpose, TokenError};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
-impl TokenCache {
+impl Refresher {
     /// Refresh ahead of expiry until `shutdown` resolves. Fetches the first token at once, so
     /// the first request does not wait for it.
     ///
@@ -18,7 +19,7 @@ impl TokenCache {
     /// newer token over as soon as it is saved.
     pub async fn refresh_ahead(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let mut published = self.published.subscribe();
+        let mut published = self.current.published.subscribe();
         let mut announced = self.store.announcements(&self.name);
         let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
         let mut wake_at = Instant::now();
@@ -27,7 +28,7 @@ impl TokenCache {
                 _ = &mut shutdown => return,
                 _ = tokio::time::sleep_until(wake_at.into()) => {}
                 _ = published.changed() => {
-                    wake_at = self.next_wake();
+                    wake_at = self.current.next_wake();
                     continue;
                 }
                 Some(_) = next_announcement(&mut announced) => {
@@ -39,7 +40,7 @@ impl TokenCache {
                     continue;
                 }
             }
-            let purpose = if self.cached().is_some() {
+            let purpose = if self.current.cached().is_some() {
                 Purpose::Ahead
             } else {
                 Purpose::Missing
@@ -52,7 +53,7 @@ impl TokenCache {
             match refreshed {
                 Ok(_) => {
                     backoff.reset();
-                    wake_at = self.next_wake();
+                    wake_at = self.current.next_wake();
                 }
                 Err(TokenError::NeedsLogin(_) | TokenError::Refused(_)) => {
                     // Final until the store changes; look again now and then for a login.
@@ -70,7 +71,7 @@ impl TokenCache {
 
     /// A generation another replica saved and announced: take its token over, without the
     /// lock (it only reads), when it is of this lineage, newer and usable; write back what
-    /// this cache knows when the store holds less (it lost data).
+    /// this process knows when the store holds less (it lost data).
     async fn take_announced(&self) {
         let Ok(Some(record)) = self.store.load_token(&self.name).await else {
             return;
@@ -83,26 +84,18 @@ impl TokenCache {
             self.write_back().await;
             return;
         }
-        if record.seed_hash != self.seed_hash
-            || record.generation <= self.generation().max(self.refused.load(Ordering::Acquire))
-        {
+        if record.seed_hash != self.seed_hash || record.generation <= self.current.floor() {
             return;
         }
         self.remember(&record);
         if let Some(token) = self
+            .current
             .token_from(&record)
             .filter(|t| t.is_usable(Instant::now()))
         {
             tracing::debug!(upstream = %self.name, generation = token.generation, "using the token another replica announced");
             // Unless a flight published a newer one meanwhile.
-            self.publish_if_newer(Arc::new(token));
-        }
-    }
-
-    fn next_wake(&self) -> Instant {
-        match self.current.load().as_ref() {
-            Some(t) => t.refresh_at,
-            None => Instant::now(),
+            self.current.publish_if_newer(Arc::new(token));
         }
     }
 }

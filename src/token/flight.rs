@@ -1,4 +1,4 @@
-//! One refresh at a time per token cache, run by a task the cache owns: the *flight*.
+//! One refresh at a time per token cache, run by a task its [`Refresher`] owns: the *flight*.
 //!
 //! ```text
 //! Idle ──(a request, or the refresh-ahead task, needs a token)──► Busy: a task is spawned
@@ -22,7 +22,11 @@
 //! release the lock of a record the store has not taken.
 
 use super::backoff::{Backoff, RETRY_FIRST, RETRY_MAX};
-use super::cache::{lock, AccessToken, Counted, TokenCache};
+use super::current::AccessToken;
+use super::lock;
+use super::refresher::Counted;
+use super::refresher::Refresher;
+
 use super::{whole_seconds, Purpose, TokenError};
 use crate::store::StoreError;
 use std::sync::{Arc, MutexGuard};
@@ -92,8 +96,8 @@ impl Attempt {
 }
 
 /// Why a flight ended before its time: the process stops, or a reload replaced the cache.
-fn interrupted(cache: &TokenCache) -> TokenError {
-    let reason = match *cache.stopping.borrow() {
+fn interrupted(refresher: &Refresher) -> TokenError {
+    let reason = match *refresher.stopping.borrow() {
         true => "tollgate is shutting down",
         false => "the auth settings were replaced by a reload",
     };
@@ -107,7 +111,7 @@ fn interrupted(cache: &TokenCache) -> TokenError {
 /// with its runtime before it ever ran: otherwise the cache would wait for a flight that
 /// never lands.
 struct Landing {
-    cache: Arc<TokenCache>,
+    refresher: Arc<Refresher>,
     /// Identifies this flight's channel, so a later flight is never landed by mistake.
     mine: watch::Receiver<Progress>,
 }
@@ -120,7 +124,7 @@ impl Landing {
         progress: &watch::Sender<Progress>,
         result: Result<Arc<AccessToken>, TokenError>,
     ) {
-        let mut flight = self.cache.flight();
+        let mut flight = self.refresher.flight();
         self.make_idle(&mut flight);
         progress.send_replace(Progress::Done(result));
     }
@@ -134,12 +138,12 @@ impl Landing {
 
 impl Drop for Landing {
     fn drop(&mut self) {
-        let mut flight = self.cache.flight();
+        let mut flight = self.refresher.flight();
         self.make_idle(&mut flight);
     }
 }
 
-impl TokenCache {
+impl Refresher {
     pub(super) fn flight(&self) -> MutexGuard<'_, Flight> {
         lock(&self.flight)
     }
@@ -153,11 +157,11 @@ impl TokenCache {
     ) -> Result<Arc<AccessToken>, TokenError> {
         let mut joined = false;
         loop {
-            if let Some(t) = self.good_enough(purpose) {
+            if let Some(t) = self.current.good_enough(purpose) {
                 return Ok(t);
             }
-            if let Some(next) = self.replaced_by() {
-                return Box::pin(next.refresh(purpose, until)).await;
+            if self.is_retired() {
+                return Err(interrupted(self));
             }
             let (mut progress, task) = {
                 let mut flight = self.flight();
@@ -206,8 +210,6 @@ impl TokenCache {
                 Ok(t) if own || joined => return Ok(t),
                 // Another request's flight, which may have brought less than this one needs.
                 Ok(_) => joined = true,
-                // Retired meanwhile: the successor answers with the new settings.
-                Err(_) if self.replaced_by().is_some() => {}
                 Err(e) => return Err(e),
             }
         }
@@ -216,7 +218,7 @@ impl TokenCache {
     /// A client request waited `auth.refresh_wait` for a flight that has not landed (the
     /// identity server is slow to answer, or failing and retried).
     fn still_refreshing(&self) -> TokenError {
-        let last = lock(&self.last_failure).clone();
+        let last = self.last_failure();
         TokenError::Unavailable {
             reason: match last {
                 Some(last) => format!("no token within auth.refresh_wait ({}): the refresh goes on in the background; the last one failed: {last}", humantime::format_duration(self.refresh_wait)),
@@ -241,17 +243,17 @@ impl TokenCache {
     ) {
         let (progress, receiver) = watch::channel(Progress::Running);
         let landing = Landing {
-            cache: Arc::clone(self),
+            refresher: Arc::clone(self),
             mine: receiver.clone(),
         };
         let task = async move {
-            let cache = Arc::clone(&landing.cache);
+            let refresher = Arc::clone(&landing.refresher);
             let result = {
-                let mut lineage = cache.lineage.lock().await;
-                cache.attempts(&mut lineage, purpose, &progress).await
+                let mut lineage = refresher.lineage.lock().await;
+                refresher.attempts(&mut lineage, purpose, &progress).await
             };
             if result.is_ok() {
-                *lock(&cache.last_failure) = None;
+                *lock(&refresher.last_failure) = None;
             }
             landing.land(&progress, result);
         };
@@ -278,7 +280,7 @@ impl TokenCache {
             let retry_at = lock(&self.retry).not_before(now);
             if let Some(until) = retry_at.max(paused_until.take()).filter(|t| *t > now) {
                 // A still-usable token keeps serving; the refresh-ahead task tries again later.
-                let keep_current = purpose == Purpose::Ahead && self.cached().is_some();
+                let keep_current = purpose == Purpose::Ahead && self.current.cached().is_some();
                 if keep_current || until > deadline {
                     let reason = match failed {
                         Some(reason) => {
@@ -339,12 +341,6 @@ impl TokenCache {
                 }
             }
         }
-    }
-
-    /// Remember `e` as the last failure, for readiness and status: only what an attempt met,
-    /// never the words of a flight that did not try (they quote this one).
-    fn failed(&self, e: &TokenError) {
-        *lock(&self.last_failure) = Some(e.to_string());
     }
 
     /// Why a flight does not call the identity server yet, before it failed itself.

@@ -1,12 +1,12 @@
 //! The access token of each upstream: who fetches it, who may redeem a refresh token, and when
 //! a request gets one.
 //!
-//! - [`cache`]: [`TokenCache`], read lock-free by every request; [`ahead`]: its refresh-ahead
-//!   task.
-//! - [`flight`]: one refresh at a time per cache, run by a task the cache owns (below);
-//!   [`redeem`]: one attempt of it (adopt, or redeem under the lock and save); [`save`]: a
-//!   redeemed record the store will not take yet; [`recover`]: writing back what a store
-//!   lost.
+//! - [`cache`]: [`TokenCache`], what requests see; its token in use is [`current`], read
+//!   lock-free by every request.
+//! - [`refresher`]: the refresh side, which publishes into it: [`flight`], one refresh at a
+//!   time, run by a task the refresher owns (below); [`redeem`]: one attempt of it (adopt, or
+//!   redeem under the lock and save); [`save`]: a redeemed record the store will not take
+//!   yet; [`recover`]: writing back what a store lost; [`ahead`]: the refresh-ahead task.
 //! - [`pacing`]: when the upstream's refusal (401) may be answered with a new token.
 //! - [`grant`]: the token endpoint calls; [`scrub`]: the request's secrets cut out of what the
 //!   identity server answers; [`login`]: the authorization-code login.
@@ -42,7 +42,7 @@
 //!
 //! # After a reload
 //!
-//! Changed auth settings get a new cache ([`TokenCache::successor`]) with a flight of its own:
+//! Changed auth settings get a new cache ([`TokenCache::successor`]) with a refresher of its own:
 //! it keeps the running token, inherits no failure, and waits for a refresh under the old
 //! settings only while that one holds the store lock. The old cache, retired
 //! ([`TokenCache::retire`]), lets a flight in the air land and save, hands what it obtained to
@@ -52,23 +52,33 @@ mod ahead;
 pub mod answer;
 mod backoff;
 mod cache;
+mod current;
 mod flight;
 pub mod grant;
 pub mod login;
 mod pacing;
 mod recover;
 mod redeem;
+mod refresher;
 mod save;
 mod scrub;
 
 pub use backoff::Backoff;
-pub use cache::{AccessToken, TokenCache, REFRESH_RESULTS};
+pub use cache::TokenCache;
+pub use current::AccessToken;
+pub use refresher::REFRESH_RESULTS;
 
 use crate::config::Grant;
 use crate::secret::{sha256_hex, Secret};
 use crate::store::TokenRecord;
 use answer::Issued;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
+
+/// A `std` mutex, through a panic elsewhere (the data it guards stays consistent).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Why no token could be had. Cloned to every request that waited on the same refresh.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -8,12 +8,14 @@
 //! back what it saw, without a lock, as soon as it notices (`store/redis/recovery.rs`); this
 //! is the net below that, at the moment a refresh would otherwise redeem an old token.
 
-use super::cache::{lock, TokenCache};
+use super::lock;
+use super::refresher::Refresher;
+
 use super::flight::Attempt;
 use super::LOCK_MARGIN;
 use crate::store::{RefreshLock, StoreError, TokenRecord};
 
-impl TokenCache {
+impl Refresher {
     /// The store's record, after writing back the newest this cache knows when the store holds
     /// less of its lineage: data lost (a Redis flushed, or failed over to a stale replica)
     /// must not send the lineage back to an old, long-rotated refresh token. Also says whether

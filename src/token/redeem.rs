@@ -12,7 +12,10 @@
 
 use super::answer::{GrantError, Issued};
 use super::backoff::RETRY_FIRST;
-use super::cache::{lock, AccessToken, TokenCache};
+use super::current::AccessToken;
+use super::lock;
+use super::refresher::Refresher;
+
 use super::flight::{Attempt, Lineage, Progress};
 use super::{new_record, Purpose, TokenError, LOCK_MARGIN};
 use crate::config::Grant;
@@ -40,7 +43,7 @@ enum Consulted {
     },
 }
 
-impl TokenCache {
+impl Refresher {
     /// One attempt: take the store lock, adopt a newer record if another process made one,
     /// else redeem, save durably, then publish.
     pub(super) async fn redeem(
@@ -65,7 +68,7 @@ impl TokenCache {
             _ = retired.wait_for(|retired| *retired) => return Err(Attempt::Replaced),
         };
         // Retired while taking the lock: the successor redeems, with the new settings.
-        if self.replaced_by().is_some() {
+        if self.is_retired() {
             return Err(Attempt::Replaced);
         }
         let consulted = self.consult(lineage, purpose, &store_lock).await?;
@@ -100,9 +103,7 @@ impl TokenCache {
             refresh_token,
             // Generations only grow here, whatever the store holds (a login after data loss
             // starts again at 1): a refused generation must never come back.
-            stored_generation
-                .max(self.generation())
-                .max(self.refused.load(Ordering::Acquire)),
+            stored_generation.max(self.current.floor()),
             login_at_ms,
         );
         self.lineage_used.store(true, Ordering::Release);
@@ -117,7 +118,10 @@ impl TokenCache {
                 hint: None,
             });
         }
-        let token = self.token_from(&record).map(|t| self.publish(t));
+        let token = self
+            .current
+            .token_from(&record)
+            .map(|t| self.current.publish(t));
         match saved {
             Ok(()) => {
                 self.remember(&record);
@@ -162,7 +166,7 @@ impl TokenCache {
         } else {
             tracing::info!(upstream = %self.name, generation = token.generation, token = %token.fingerprint, "using the stored token");
         }
-        self.publish(token)
+        self.current.publish(token)
     }
 
     /// Under the store lock: what the store holds decides whether to adopt a token another
@@ -326,12 +330,12 @@ impl TokenCache {
         let floor = match purpose {
             Purpose::Missing => 0,
             Purpose::Rejected(g) => g,
-            Purpose::Ahead => self.generation(),
+            Purpose::Ahead => self.current.generation(),
         };
-        if record.generation <= floor.max(self.refused.load(Ordering::Acquire)) {
+        if record.generation <= floor.max(self.current.refused()) {
             return None;
         }
-        let token = self.token_from(record)?;
+        let token = self.current.token_from(record)?;
         let now = Instant::now();
         (token.is_usable(now) && now < token.refresh_at).then_some(token)
     }

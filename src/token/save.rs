@@ -1,12 +1,15 @@
 //! A redeemed record the store will not take (a full disk, a permission changed): it holds the
 //! only copy of a refresh token the identity server has just rotated. And waiting, before the
-//! process ends, for what a flight redeemed to be saved ([`TokenCache::settle`]). Until the store takes
+//! process ends, for what a flight redeemed to be saved ([`Refresher::settle`]). Until the store takes
 //! it, its flight keeps the store's refresh lock — so nothing of the lineage is redeemed, in
 //! this process or another on the store — lets the new access token serve, says why in
 //! `/readyz`, and retries the save with backoff.
 
 use super::backoff::{Backoff, RETRY_FIRST};
-use super::cache::{lock, AccessToken, TokenCache};
+use super::current::AccessToken;
+use super::lock;
+use super::refresher::Refresher;
+
 use super::flight::{Flight, Progress};
 use crate::store::{RefreshLock, StoreError, TokenRecord};
 use std::sync::Arc;
@@ -19,7 +22,7 @@ const SAVE_RETRY_MAX: Duration = Duration::from_secs(10);
 /// the record to be saved.
 const SAVE_AFTER_ANSWER: Duration = Duration::from_secs(5);
 
-impl TokenCache {
+impl Refresher {
     /// The store refused `record`, the only copy of a refresh token the identity server has
     /// just rotated. Keep the lock, so nothing redeems meanwhile, here or in another process
     /// on the store; let the waiting requests have the new access token at once; retry the
