@@ -1,5 +1,7 @@
 //! Text made safe inside HTML: every dynamic string on the status page and in its chart
-//! (upstream and key names, unready reasons) goes through [`escape`].
+//! (upstream and key names, unready reasons, refusal reasons not known to the page) goes
+//! through [`escape`]. For the tests, the text a reader sees of a page ([`visible_text`]) and
+//! the identifiers left in it ([`snake_case_words`]).
 
 /// `text` made safe inside HTML text and attribute values.
 pub fn escape(text: &str) -> String {
@@ -17,6 +19,46 @@ pub fn escape(text: &str) -> String {
     out
 }
 
+/// The text a reader sees of `html`: without its `<style>` and its tags, entities decoded.
+#[cfg(test)]
+pub fn visible_text(html: &str) -> String {
+    let mut rest = html;
+    let mut text = String::new();
+    while let Some(open) = rest.find('<') {
+        text.push_str(&rest[..open]);
+        rest = &rest[open..];
+        let end = if rest.starts_with("<style") {
+            rest.find("</style>")
+                .map_or(rest.len(), |e| e + "</style>".len())
+        } else {
+            rest.find('>').map_or(rest.len(), |e| e + 1)
+        };
+        rest = &rest[end..];
+    }
+    text.push_str(rest);
+    [
+        ("&lt;", "<"),
+        ("&gt;", ">"),
+        ("&quot;", "\""),
+        ("&#39;", "'"),
+        ("&amp;", "&"),
+    ]
+    .iter()
+    .fold(text, |text, (entity, c)| text.replace(entity, c))
+}
+
+/// The words of `text` that are identifiers joined by `_` (`key_budget`, `per_day`).
+#[cfg(test)]
+pub fn snake_case_words(text: &str) -> Vec<String> {
+    text.split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .filter(|w| {
+            let parts: Vec<&str> = w.split('_').collect();
+            parts.len() > 1 && parts.iter().all(|p| !p.is_empty())
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -32,5 +74,13 @@ mod tests {
             escape("token endpoint: 503 — ça"),
             "token endpoint: 503 — ça"
         );
+    }
+
+    #[test]
+    fn visible_text_drops_tags_and_style_and_finds_identifiers() {
+        let html = "<style>td{x_y:1}</style><p class=\"a_b\">2 &lt; 3, per_day &amp; _x</p>";
+        let text = visible_text(html);
+        assert_eq!(text, "2 < 3, per_day & _x");
+        assert_eq!(snake_case_words(&text), ["per_day"]);
     }
 }

@@ -2,12 +2,15 @@
 //!
 //! One self-contained document: inline CSS, no script, no external assets, and a
 //! `<meta http-equiv="refresh">` so an open tab stays current. Every string that comes from
-//! the status (upstream names, unready reasons) goes through [`escape`]. The page is drawn from
-//! the same [`Status`] as `/status`, so it can show no more than that: never a token.
+//! the status (upstream names, unready reasons) goes through [`escape`]. What the status holds
+//! as identifiers (refusal reasons such as `key_budget`) is shown in words, and a duration as
+//! [`seconds`] prints it ("under 1s", never "0s"). The page is drawn from the same [`Status`]
+//! as `/status`, so it can show no more than that: never a token.
 
 use super::html::escape;
 use super::seconds;
 use super::status::{QuotaStatus, Status, TokenState, UpstreamStatus, WindowStatus};
+use crate::quota::Reason;
 use std::fmt::Write;
 use std::time::SystemTime;
 
@@ -25,11 +28,14 @@ meter{width:14em;height:1.1em}
 .ready{color:#176b2c;font-weight:600}.unready{color:#b00020;font-weight:600}
 .note{color:#555}.warn{color:#8a5300}
 footer{color:#777;font-size:.85em}
-figure.day{margin:1em 0}figure.day svg{height:9em;background:#fafafa;border:1px solid #eee}
-figure.day figcaption{color:#555;font-size:.9em}
+figure.day{margin:1em 0}figure.day>svg{display:block;height:auto;background:#fafafa;border:1px solid #eee}
+figure.day figcaption{color:#555;font-size:.9em}figure.day figcaption p{margin:.4em 0}
+ul.legend{list-style:none;margin:.3em 0;padding:0}ul.legend li{margin:.15em 0}
+svg.swatch{vertical-align:middle;margin-right:.3em}
 rect.slot{fill:#4a7fb5}line.pace{stroke:#b00020;stroke-dasharray:6 4;stroke-width:1.5}
 line.now{stroke:#999;stroke-width:1}line.forecast{stroke:#8a5300;stroke-dasharray:3 3;stroke-width:1.5}
-text{font:11px system-ui,sans-serif;fill:#555}text.forecast{fill:#8a5300}
+line.grid{stroke:#e4e4e4;stroke-width:1}polyline.frame{fill:none;stroke:#999;stroke-width:1}
+text{font:15px system-ui,sans-serif;fill:#555}text.forecast{fill:#8a5300}
 table.keys{margin-top:.6em}";
 
 /// The whole page for `status`.
@@ -135,12 +141,20 @@ fn quota(out: &mut String, quota: &QuotaStatus) {
         let refused: Vec<String> = quota
             .rejected
             .iter()
-            .map(|(reason, n)| format!("{} {n}", escape(reason)))
+            .map(|(label, n)| format!("{n} {}", reason(label)))
             .collect();
         notes.push(format!("Refused by tollgate: {}", refused.join(", ")));
     }
     for note in notes {
         let _ = writeln!(out, "<p>{note}</p>");
+    }
+}
+
+/// A refusal reason's label (`key_budget`) in words; one the page does not know, with spaces.
+fn reason(label: &str) -> String {
+    match Reason::of_label(label) {
+        Some(reason) => reason.words().to_owned(),
+        None => escape(&label.replace('_', " ")),
     }
 }
 
@@ -170,6 +184,7 @@ fn window_row(out: &mut String, w: &WindowStatus) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admin::html::{snake_case_words, visible_text};
     use crate::admin::status::UpstreamStatus;
 
     /// An unready reason with markup in it is shown as text, not as markup.
@@ -228,5 +243,51 @@ mod tests {
         assert!(page.contains("expires in 59m 59s"), "{page}");
         assert!(page.contains("<td>500</td><td>2h</td>"), "{page}");
         assert!(page.contains("Held back for 30s"), "{page}");
+    }
+
+    /// What the status holds as labels is read in words, and a window in its last second
+    /// resets in "under 1s", not in "0s".
+    #[test]
+    fn labels_are_words_and_no_duration_is_0s() {
+        let status = Status {
+            upstreams: vec![UpstreamStatus {
+                name: "api".into(),
+                token: TokenState::Ready {
+                    generation: 1,
+                    expires_in_s: 0,
+                },
+                quota: QuotaStatus {
+                    windows: vec![WindowStatus {
+                        window: "minute".into(),
+                        limit: 100,
+                        used: 100,
+                        remaining: 0,
+                        resets_in_s: 0,
+                    }],
+                    held_back_s: Some(0),
+                    rejected: [("key_budget", 3), ("per_day", 2), ("some_new_reason", 1)]
+                        .into_iter()
+                        .map(|(r, n)| (r.to_owned(), n))
+                        .collect(),
+                    ..QuotaStatus::default()
+                },
+                day: None,
+            }],
+            store: None,
+        };
+        let page = render(&status);
+        let text = visible_text(&page);
+        assert!(
+            text.contains(
+                "Refused by tollgate: 3 over a key's daily budget, 2 at the daily limit, \
+                 1 some new reason"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("expires in under 1s"), "{text}");
+        assert!(text.contains("Held back for under 1s"), "{text}");
+        assert!(page.contains("<td>under 1s</td></tr>"), "{page}");
+        assert_eq!(snake_case_words(&text), Vec::<String>::new(), "{text}");
+        assert!(!text.contains(" 0s"), "{text}");
     }
 }

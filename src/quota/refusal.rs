@@ -1,5 +1,6 @@
-//! Why tollgate refuses a request itself: which limit ([`Reason`]), when to come back, and
-//! the words that say so — the `detail` of the 429 problem+json.
+//! Why tollgate refuses a request itself: which limit ([`Reason`], with a label for metrics
+//! and words for the status page), when to come back, and the words that say so — the
+//! `detail` of the 429 problem+json.
 
 use super::leased::Leased;
 use super::queue::{Queue, Turned};
@@ -44,6 +45,25 @@ impl Reason {
             Reason::UpstreamThrottled => "upstream_429",
             Reason::KeyBudget => "key_budget",
         }
+    }
+
+    /// The reason in words, after a count on the status page: "3 at the daily limit".
+    pub fn words(self) -> &'static str {
+        match self {
+            Reason::PerDay => "at the daily limit",
+            Reason::PerSecond => "at the limit per second",
+            Reason::PerMinute => "at the limit per minute",
+            Reason::PerHour => "at the limit per hour",
+            Reason::QueueFull => "with the wait line full",
+            Reason::QueueTimeout => "after waiting too long in line",
+            Reason::UpstreamThrottled => "held back after the API answered 429",
+            Reason::KeyBudget => "over a key's daily budget",
+        }
+    }
+
+    /// The reason whose [`Reason::as_str`] label is `label`.
+    pub fn of_label(label: &str) -> Option<Reason> {
+        Reason::ALL.into_iter().find(|r| r.as_str() == label)
     }
 
     pub(super) fn of_window(name: &str) -> Reason {

@@ -48,6 +48,7 @@ async fn the_status_page_shows_tokens_and_quotas_but_no_token() {
     assert!(html.contains("<p>In flight: "), "{html}");
     assert!(html.contains(", waiting: 0</p>"), "{html}");
     assert!(!html.contains("<script"), "no script: {html}");
+    common::readable_page_text(&html);
     let tokens = h.identity.issued_tokens();
     assert!(!tokens.is_empty());
     for token in tokens {
@@ -56,6 +57,36 @@ async fn the_status_page_shows_tokens_and_quotas_but_no_token() {
             "a token leaked into the status page"
         );
     }
+}
+
+/// Read in the day's last second, after a refusal: the day resets in "under 1s", not "0s",
+/// and the refusal's reason is in words, not its label `per_day`.
+#[tokio::test]
+async fn the_page_in_the_last_second_of_the_day_is_in_words() {
+    let h = harness().await;
+    for i in 0..11 {
+        let expected = if i < 10 { 200 } else { 429 };
+        assert_eq!(h.get("/x").await.status, expected);
+    }
+    h.clock
+        .advance(Duration::from_secs(12 * 3600) - Duration::from_millis(500));
+    let html = common::get(h.admin_url("/")).await.text();
+    let text = common::readable_page_text(&html);
+    assert!(
+        html.contains("<tr><td>day</td><td>10 / 10</td>")
+            && html.contains("<td>0</td><td>under 1s</td></tr>"),
+        "{html}"
+    );
+    assert!(
+        text.contains("Refused by tollgate: 1 at the daily limit"),
+        "{text}"
+    );
+    // The day's chart is read on a labelled scale, with its pace in words.
+    assert!(text.contains("0 to 10"), "{text}");
+    assert!(
+        text.contains("Even pace: 0.1 requests per 15 minutes spend the day's quota of 10"),
+        "{text}"
+    );
 }
 
 /// `/` and `/status` tell the same story: they are drawn from one gathered status.

@@ -481,3 +481,41 @@ pub async fn replicas(text: &str, n: usize) -> Vec<Proxy> {
 pub fn url_of(proxy: &Proxy, path: &str) -> String {
     format!("http://{}{path}", proxy.addr("api").unwrap())
 }
+
+/// What a reader sees of the status page `html`, checked for what should not be there: an
+/// identifier joined by `_` (`key_budget`) or a duration of `0s`. Returns the text, without
+/// the `<style>` and the tags, entities decoded.
+pub fn readable_page_text(html: &str) -> String {
+    let mut rest = html;
+    let mut text = String::new();
+    while let Some(open) = rest.find('<') {
+        text.push_str(&rest[..open]);
+        rest = &rest[open..];
+        let end = if rest.starts_with("<style") {
+            rest.find("</style>")
+                .map_or(rest.len(), |e| e + "</style>".len())
+        } else {
+            rest.find('>').map_or(rest.len(), |e| e + 1)
+        };
+        rest = &rest[end..];
+    }
+    text.push_str(rest);
+    let text = [
+        ("&lt;", "<"),
+        ("&gt;", ">"),
+        ("&quot;", "\""),
+        ("&#39;", "'"),
+        ("&amp;", "&"),
+    ]
+    .iter()
+    .fold(text, |text, (entity, c)| text.replace(entity, c));
+    for word in text.split(|c: char| !(c.is_alphanumeric() || c == '_')) {
+        let parts: Vec<&str> = word.split('_').collect();
+        assert!(
+            parts.len() < 2 || parts.iter().any(|p| p.is_empty()),
+            "an identifier on the page: {word:?} in {text}"
+        );
+        assert_ne!(word, "0s", "a duration of 0s on the page: {text}");
+    }
+    text
+}
