@@ -39,7 +39,7 @@ impl Keys {
                 .iter()
                 .map(|k| digest(k.key.expose().as_bytes()))
                 .collect(),
-            labels: keys.iter().enumerate().map(|(i, k)| label(k, i)).collect(),
+            labels: keys.iter().enumerate().map(|(i, k)| k.label(i)).collect(),
         }
     }
 
@@ -88,14 +88,6 @@ impl Keys {
         } else {
             Err(Denied::Wrong)
         }
-    }
-}
-
-/// How attribution shows the key at `index` of the list.
-pub fn label(key: &InboundKey, index: usize) -> Arc<str> {
-    match &key.name {
-        Some(name) => Arc::from(name.as_str()),
-        None => Arc::from(format!("#{}", index + 1)),
     }
 }
 

@@ -131,7 +131,7 @@ impl Config {
                     .iter()
                     .enumerate()
                     .map(|(i, k)| {
-                        let label = crate::inbound_keys::label(k, i);
+                        let label = k.label(i);
                         match k.budget {
                             Some(b @ crate::config::Budget::Share(_)) => match b.per_day(daily) {
                                 Some(n) => format!("{label} (budget {b}: {n} a day)"),

@@ -6,6 +6,7 @@
 
 use crate::secret::Secret;
 use serde::Deserialize;
+use std::sync::Arc;
 
 /// One entry of `[upstream.inbound] keys`: a plain string, or a table that names the key and
 /// may give it a daily budget: `{ name = "etl", key = "${ETL_KEY}", per_day = 500 }` or
@@ -25,6 +26,17 @@ pub enum Budget {
     /// A share of the upstream's daily limit, in hundredths of a percent (`"20%"` is 2000;
     /// above 0, at most 10,000).
     Share(u64),
+}
+
+impl InboundKey {
+    /// How logs, `/status` and `/metrics` call the key at `index` of its list: its name, or
+    /// `#N` for the Nth key (a plain string).
+    pub fn label(&self, index: usize) -> Arc<str> {
+        match &self.name {
+            Some(name) => Arc::from(name.as_str()),
+            None => Arc::from(format!("#{}", index + 1)),
+        }
+    }
 }
 
 impl Budget {

@@ -22,7 +22,6 @@ use crate::body::Budget;
 use crate::config::{Config, UpstreamConfig};
 use crate::counters::RequestStats;
 use crate::forward;
-use crate::inbound_keys;
 use crate::pipeline::Pipeline;
 use crate::quota::Quota;
 use crate::server::{Bound, Listener, Site, Workers};
@@ -327,10 +326,7 @@ impl Proxy {
             )),
         };
         let keys = p.config.inbound.iter().flat_map(|i| i.keys.iter());
-        let labels = keys
-            .enumerate()
-            .map(|(i, k)| inbound_keys::label(k, i))
-            .collect();
+        let labels = keys.enumerate().map(|(i, k)| k.label(i)).collect();
         usage.serve(stats.clone(), Arc::clone(&p.quota), labels);
         let local = match &p.socket {
             Socket::Keep(from) => old_listeners[from].local,
