@@ -3,7 +3,7 @@
 
 use crate::common;
 
-use common::{status_command, Clock, Harness, Setup};
+use common::{status_command, Clock, Harness, Output, Setup, Tollgate};
 use std::time::{Duration, Instant};
 
 /// 2026-11-24T12:00:00Z: far from midnight, so the day does not turn during a test.
@@ -125,8 +125,9 @@ async fn not_found_lists_the_status_page() {
     );
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+/// `tollgate status` on the config `text`.
+async fn status_of(text: &str) -> Output {
+    Tollgate::new(&["status"]).config(text).run_async().await
 }
 
 /// `tollgate status` against a running proxy prints each upstream's token and quota as a
@@ -138,7 +139,7 @@ async fn status_command_prints_the_table() {
     let path = h.config_for_status();
 
     let out = status_command(&path).await;
-    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    let (stdout, stderr) = (out.stdout, out.stderr);
     assert!(out.status.success(), "{stderr}");
     let mut lines = stdout.lines();
     assert!(lines.next().unwrap().starts_with("UPSTREAM"), "{stdout}");
@@ -159,17 +160,13 @@ async fn status_command_prints_the_table() {
 /// config is not read, so its unset variables do not get in the way.
 #[tokio::test]
 async fn status_command_without_admin_says_what_to_add() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tollgate.toml");
-    std::fs::write(
-        &path,
+    let out = status_of(
         "[[upstream]]\nname = \"api\"\nlisten = \"127.0.0.1:8080\"\n\
          url = \"https://api.example.com\"\n\n[upstream.auth]\n\
          client_secret = \"${TOLLGATE_TEST_UNSET_SECRET}\"\n",
     )
-    .unwrap();
-    let out = status_command(&path).await;
-    let stderr = text(&out.stderr);
+    .await;
+    let stderr = &out.stderr;
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains("[admin]\nlisten = \"127.0.0.1:9901\""),
@@ -183,11 +180,8 @@ async fn status_command_without_admin_says_what_to_add() {
 #[tokio::test]
 async fn status_command_with_nothing_listening_exits_1() {
     let free = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tollgate.toml");
-    std::fs::write(&path, format!("[admin]\nlisten = \"{free}\"\n")).unwrap();
-    let out = status_command(&path).await;
-    let stderr = text(&out.stderr);
+    let out = status_of(&format!("[admin]\nlisten = \"{free}\"\n")).await;
+    let stderr = &out.stderr;
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!(
@@ -216,11 +210,8 @@ async fn status_command_with_a_stranger_listening_exits_1() {
         );
         socket.write_all(response.as_bytes()).await.unwrap();
     });
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tollgate.toml");
-    std::fs::write(&path, format!("[admin]\nlisten = \"{addr}\"\n")).unwrap();
-    let out = status_command(&path).await;
-    let stderr = text(&out.stderr);
+    let out = status_of(&format!("[admin]\nlisten = \"{addr}\"\n")).await;
+    let stderr = &out.stderr;
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("did not answer with tollgate's status JSON"),
@@ -393,7 +384,7 @@ async fn status_command_sends_the_admin_key_of_its_config() {
     let h = keyed().await;
     assert_eq!(h.get("/x").await.status, 200);
     let out = status_command(&h.config_for_status()).await;
-    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    let (stdout, stderr) = (out.stdout, out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.starts_with("UPSTREAM"), "{stdout}");
     assert!(
@@ -421,7 +412,7 @@ async fn status_command_refused_by_the_admin_key_says_to_set_it() {
     ] {
         std::fs::write(&path, config).unwrap();
         let out = status_command(&path).await;
-        let stderr = text(&out.stderr);
+        let stderr = &out.stderr;
         assert_eq!(out.status.code(), Some(1), "{stderr}");
         assert!(
             stderr.contains(&format!("error: {}: ", path.display())),

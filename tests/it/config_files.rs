@@ -1,6 +1,6 @@
 //! Every example in `config/` loads, and `tollgate check` reports errors by file, line and key.
 
-use std::process::Command;
+use crate::common::Tollgate;
 use tollgate::config::Config;
 
 /// Each file in config/ parses and validates (environment variables stand in as placeholders).
@@ -27,18 +27,14 @@ fn every_example_config_loads() {
     assert!(seen >= 2, "found {seen} example configs");
 }
 
-fn tollgate(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(args)
-        .envs(env.iter().copied())
-        .env_remove("TOLLGATE_CONFIG")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+/// `tollgate ARGS` with `env` set, logging as by default: (exit code, stdout, stderr).
+fn tollgate(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let mut command = Tollgate::new(args).env_remove("RUST_LOG");
+    for (key, value) in env {
+        command = command.env(key, value);
+    }
+    let out = command.run();
+    (out.code(), out.stdout, out.stderr)
 }
 
 /// `check` prints the resolved settings with secrets redacted and exits 0.
@@ -50,7 +46,7 @@ fn check_prints_settings_without_secrets() {
         ("BEPRODUCT_REFRESH_TOKEN", "super-secret-seed-2"),
     ];
     let (code, out, err) = tollgate(&["check", "-c", "config/tollgate.toml"], &env);
-    assert_eq!(code, 0, "{err}");
+    assert_eq!(code, Some(0), "{err}");
     assert!(
         out.contains("auth.client_secret") && out.contains("[redacted]"),
         "{out}"
@@ -63,7 +59,7 @@ fn check_prints_settings_without_secrets() {
 #[test]
 fn check_names_file_line_key_and_variable() {
     let (code, _, err) = tollgate(&["check", "-c", "config/tollgate.toml"], &[]);
-    assert_eq!(code, 2);
+    assert_eq!(code, Some(2));
     assert!(
         err.contains("config/tollgate.toml:21: upstream[0].auth.client_id"),
         "{err}"
@@ -75,7 +71,7 @@ fn check_names_file_line_key_and_variable() {
 #[test]
 fn check_without_a_file_says_what_to_do() {
     let (code, _, err) = tollgate(&["check", "-c", "/nonexistent/tollgate.toml"], &[]);
-    assert_eq!(code, 2);
+    assert_eq!(code, Some(2));
     assert!(
         err.contains("-c FILE") && err.contains("TOLLGATE_CONFIG"),
         "{err}"
@@ -99,7 +95,7 @@ fn check_redacts_a_token_url_query_value_from_the_environment() {
     std::fs::write(&path, config).unwrap();
     let env = [("TG_TEST_TENANT", "tenant-value-7f3a")];
     let (code, out, err) = tollgate(&["check", "-c", path.to_str().unwrap()], &env);
-    assert_eq!(code, 0, "{err}");
+    assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("region=eu"), "{out}");
     assert!(out.contains("tenant=[redacted]"), "{out}");
     assert!(

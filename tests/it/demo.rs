@@ -2,40 +2,19 @@
 //! file it writes serves `tollgate status` and `tollgate login --no-browser`, and the POST line
 //! really shows a replay.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use crate::common::Tollgate;
+use std::process::Command;
+use std::time::Duration;
 
 #[test]
 fn the_demo_prints_lines_that_work() {
-    let mut demo = Killed(
-        Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .arg("demo")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let demo = &mut demo.0;
-    let mut stderr = demo.stderr.take().unwrap();
-    let logs = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text);
-        text
-    });
-    let mut printed = String::new();
-    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !printed.contains("Press Ctrl-C to stop.") {
-        assert!(
-            Instant::now() < deadline,
-            "the demo did not start:\n{printed}"
-        );
-        let line = lines.next().expect("the demo exited").unwrap();
-        printed.push_str(&line);
-        printed.push('\n');
-    }
+    let mut demo = Tollgate::new(&["demo"]).env("RUST_LOG", "info").spawn();
+    let printed = demo
+        .stdout
+        .until(Duration::from_secs(30), |line| {
+            line.contains("Press Ctrl-C to stop.")
+        })
+        .join("\n");
     let word_after = |marker: &str| -> String {
         let at = printed
             .find(marker)
@@ -52,12 +31,8 @@ fn the_demo_prints_lines_that_work() {
     assert!(post.contains("/Items?sim_refuse_once=$RANDOM"), "{post}");
 
     // The status command against the config the demo wrote.
-    let status = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["status", "-c", &file])
-        .env("RUST_LOG", "off")
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&status.stdout);
+    let status = Tollgate::new(&["status"]).config_file(&file).run();
+    let table = status.stdout;
     assert!(status.status.success(), "{table}");
     assert!(table.contains("beproduct today: 0 of 2000"), "{table}");
 
@@ -74,42 +49,21 @@ fn the_demo_prints_lines_that_work() {
 
     // `tollgate login beproduct --no-browser`: open the URL it prints (the simulated identity
     // server signs in without asking), and the login lands in the demo's state.
-    let mut login = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["login", "beproduct", "--no-browser", "-c", &file])
-        .env("RUST_LOG", "off")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut said = BufReader::new(login.stderr.take().unwrap()).lines();
-    let url = loop {
-        let line = said.next().expect("login printed its URL").unwrap();
-        if let Some(url) = line.trim().strip_prefix("http://") {
-            break format!("http://{url}");
-        }
-    };
+    let mut login = Tollgate::new(&["login", "beproduct", "--no-browser"])
+        .config_file(&file)
+        .spawn();
+    let said = login.stderr.until(Duration::from_secs(30), |line| {
+        line.trim().starts_with("http://")
+    });
+    let url = said.last().unwrap().trim().to_owned();
     let page = Command::new("curl").args(["-sL", &url]).output().unwrap();
     assert!(String::from_utf8_lossy(&page.stdout).contains("Logged in"));
-    let rest: Vec<String> = said.map_while(Result::ok).collect();
-    assert!(login.wait().unwrap().success(), "{rest:?}");
+    let rest = login.stderr.rest();
+    assert!(login.child.wait().unwrap().success(), "{rest:?}");
     assert!(rest.iter().any(|l| l.contains("Logged in")), "{rest:?}");
 
-    terminate(demo.id());
-    let _ = demo.wait();
-    let logs = logs.join().unwrap();
+    demo.signal("TERM"); // as Ctrl-C would stop it
+    let _ = demo.child.wait();
+    let logs = demo.stderr.rest().join("\n");
     assert!(logs.contains("refreshing and replaying once"), "{logs}");
-}
-
-/// A child killed when the test ends, passed or failed.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// SIGTERM, as Ctrl-C would stop it.
-fn terminate(pid: u32) {
-    let _ = Command::new("kill").arg(pid.to_string()).status();
 }

@@ -131,8 +131,8 @@ async fn an_echoing_identity_server_gets_no_secret_out() {
             "{}\n{}\n{status}\n{page}\n{}\n{}",
             answer.text(),
             readyz.text(),
-            String::from_utf8_lossy(&command.stdout),
-            String::from_utf8_lossy(&command.stderr),
+            command.stdout,
+            command.stderr,
         );
         assert!(
             h.identity.counters().failures_injected > 0,

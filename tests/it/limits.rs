@@ -337,14 +337,11 @@ fn memory_kib(pid: u32, field: &str) -> u64 {
 /// send a 1 MiB body each at once to an upstream that takes 2 s to read them. The process
 /// continues the harness's lineage in its state directory (the harness's proxy is stopped).
 async fn peak_growth_with(h: &Harness, max_buffered: &str) -> u64 {
-    let dir = tempfile::tempdir().unwrap();
     let text = h.config_text.replace(
             "[upstream.auth]",
             &format!("retry_body_limit = \"2MiB\"\n\n[upstream.limits]\nmax_buffered = \"{max_buffered}\"\n\n[upstream.auth]"),
         );
-    let path = dir.path().join("tollgate.toml");
-    std::fs::write(&path, text).unwrap();
-    let spawned = common::spawn_serve(&path);
+    let spawned = common::spawn_serve(&h.write_config("limits.toml", &text));
     let url = format!("http://{}/upload?sim_delay_ms=2000", spawned.addr);
     assert_eq!(common::get(url.replace("2000", "0")).await.status, 200);
     let pid = spawned.child.id();

@@ -11,15 +11,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tollgate::config::Config;
 use tollgate::store::{
     FileStore, Period, RefreshLock, Reservation, Seen, StateStore, StoreError, TokenRecord, Used,
 };
 use tollgate::token::TokenCache;
-
-fn parse(text: &str) -> Config {
-    Config::parse(text, "test.toml", |_| None).expect("test config is valid")
-}
 
 /// GET `path` on a connection of its own and close it after `patience` without an answer: a
 /// client that gives up (`curl -m 1`, a legacy tool's timeout).
@@ -75,7 +70,7 @@ async fn a_client_that_gives_up_waiting_for_the_first_token_loses_nothing() {
         &state.path().display().to_string(),
     );
     h.identity.answer_late(1, Duration::from_millis(600));
-    let proxy = tollgate::Proxy::start(&parse(&text)).await.unwrap();
+    let proxy = common::replica(&text).await;
     let addr = proxy.addr("api").unwrap();
     give_up(addr, "/first", Duration::from_millis(200)).await;
     let next = common::get(format!("http://{addr}/next")).await;
@@ -93,8 +88,7 @@ async fn a_client_that_gives_up_waiting_for_the_first_token_loses_nothing() {
 async fn kill_9_during_a_late_answer_leaves_the_old_record_or_the_new() {
     let mut h = Harness::start(Setup::default()).await;
     h.stop_proxy().await;
-    let path = h.state.path().join("tollgate.toml");
-    std::fs::write(&path, &h.config_text).unwrap();
+    let path = h.write_config("tollgate.toml", &h.config_text);
 
     // Killed after the answer arrived.
     let spawned = common::spawn_serve(&path);

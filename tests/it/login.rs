@@ -3,7 +3,7 @@
 
 use crate::common;
 
-use common::{Harness, Setup};
+use common::{Harness, Setup, Tollgate};
 use std::time::Duration;
 use tollgate::config::Config;
 use tollgate::token::login::{Login, LoginError};
@@ -25,7 +25,7 @@ async fn setup() -> (Harness, String) {
 
 /// The harness config without a seed, with an [upstream.login] section.
 fn login_config(h: &Harness, redirect: &str) -> Config {
-    Config::parse(&login_text(h, redirect), "t", |_| None).unwrap_or_else(|e| panic!("{e}"))
+    common::parse(&login_text(h, redirect))
 }
 
 fn login_text(h: &Harness, redirect: &str) -> String {
@@ -157,7 +157,7 @@ async fn a_running_proxy_picks_up_a_login() {
         "{}\n[upstream.login]\nauthorize_url = \"{authorize}\"\nredirect_uri = \"{redirect}\"\n",
         h.config_text
     );
-    let config = Config::parse(&text, "t", |_| None).unwrap();
+    let config = common::parse(&text);
     log_in(&config).await;
 
     let a = h.get("/alive-again").await;
@@ -180,9 +180,8 @@ async fn a_login_on_redis_reaches_every_replica() {
             &format!("store = \"{}\"\nheartbeat = \"200ms\"", redis.url()),
         )
     );
-    let config = Config::parse(&text, "t", |_| None).unwrap();
-    let a = tollgate::Proxy::start(&config).await.unwrap();
-    let b = tollgate::Proxy::start(&config).await.unwrap();
+    let config = common::parse(&text);
+    let (a, b) = (common::replica(&text).await, common::replica(&text).await);
     let get = |proxy: &tollgate::Proxy, path: &str| {
         common::get(format!("http://{}{path}", proxy.addr("api").unwrap()))
     };
@@ -217,22 +216,12 @@ async fn token_after_login_uses_the_stored_token() {
     let config = login_config(&h, &redirect);
     log_in(&config).await;
 
-    let path = h.state_dir().join("login.toml");
-    std::fs::write(&path, login_text(&h, &redirect)).unwrap();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(["token", "api", "-c"])
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
+    let out = Tollgate::new(&["token", "api"])
+        .config(&login_text(&h, &redirect))
+        .env("RUST_LOG", "info")
+        .run_async()
+        .await;
+    let (stdout, stderr) = (out.stdout, out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
         h.identity

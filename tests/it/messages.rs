@@ -1,28 +1,8 @@
 //! What a newcomer reads when something is wrong: each message says what happened once, and
 //! what to do. The binary is run as a user would run it.
 
+use crate::common::Tollgate;
 use std::net::TcpListener;
-use std::process::Command;
-
-/// Run `tollgate ARGS` with `config` written to a file; returns (exit code, stdout, stderr).
-fn tollgate(args: &[&str], config: &str) -> (i32, String, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tollgate.toml");
-    std::fs::write(&path, config).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(args)
-        .arg("-c")
-        .arg(&path)
-        .env_remove("TOLLGATE_CONFIG")
-        .env("RUST_LOG", "off")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn config(store: &str, listen: &str) -> String {
     format!(
@@ -37,8 +17,11 @@ fn a_taken_port_is_named_once() {
     let listen = taken.local_addr().unwrap().to_string();
     let state = tempfile::tempdir().unwrap();
     let store = format!("file:{}", state.path().join("state").display());
-    let (code, _, err) = tollgate(&["serve"], &config(&store, &listen));
-    assert_ne!(code, 0);
+    let out = Tollgate::new(&["serve"])
+        .config(&config(&store, &listen))
+        .run();
+    let err = &out.stderr;
+    assert_ne!(out.code(), Some(0));
     assert!(err.contains(&format!("cannot listen on {listen}")), "{err}");
     assert_eq!(err.matches("Address already in use").count(), 1, "{err}");
 }
@@ -46,8 +29,11 @@ fn a_taken_port_is_named_once() {
 /// A state directory that cannot be made: the cause is printed once.
 #[test]
 fn a_state_directory_that_cannot_be_made_is_named_once() {
-    let (code, _, err) = tollgate(&["serve"], &config("file:/proc/nope/state", "127.0.0.1:0"));
-    assert_ne!(code, 0);
+    let out = Tollgate::new(&["serve"])
+        .config(&config("file:/proc/nope/state", "127.0.0.1:0"))
+        .run();
+    let err = &out.stderr;
+    assert_ne!(out.code(), Some(0));
     assert!(err.contains("/proc/nope/state"), "{err}");
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
 }
@@ -55,15 +41,20 @@ fn a_state_directory_that_cannot_be_made_is_named_once() {
 /// `check` refuses a state directory `serve` could not make or write, and says what to do.
 #[test]
 fn check_refuses_a_state_directory_serve_could_not_use() {
-    let (code, _, err) = tollgate(&["check"], &config("file:/proc/nope/state", "127.0.0.1:0"));
-    assert_ne!(code, 0);
+    let out = Tollgate::new(&["check"])
+        .config(&config("file:/proc/nope/state", "127.0.0.1:0"))
+        .run();
+    let err = &out.stderr;
+    assert_ne!(out.code(), Some(0));
     assert!(err.contains("state.store: tollgate cannot write in the directory the state directory would be made in, /proc"), "{err}");
     assert!(err.contains("create /proc/nope/state"), "{err}");
     let fine = tempfile::tempdir().unwrap();
     let store = format!("file:{}", fine.path().join("state").display());
-    let (code, out, err) = tollgate(&["check"], &config(&store, "127.0.0.1:0"));
-    assert_eq!(code, 0, "{err}");
-    assert!(out.contains(": OK"), "{out}");
+    let out = Tollgate::new(&["check"])
+        .config(&config(&store, "127.0.0.1:0"))
+        .run();
+    assert_eq!(out.code(), Some(0), "{}", out.stderr);
+    assert!(out.stdout.contains(": OK"), "{}", out.stdout);
 }
 
 /// Logs written to a file or a pipe carry no colour codes.
@@ -75,17 +66,12 @@ fn logs_into_a_pipe_have_no_colours() {
     let listen = format!("0.0.0.0:{}", taken.local_addr().unwrap().port());
     let state = tempfile::tempdir().unwrap();
     let store = format!("file:{}", state.path().join("state").display());
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tollgate.toml");
     let keys = "\n[upstream.inbound]\nkeys = [\"an-inbound-key-0123456789\"]\n";
-    std::fs::write(&path, config(&store, &listen) + keys).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["serve", "-c"])
-        .arg(&path)
+    let out = Tollgate::new(&["serve"])
+        .config(&(config(&store, &listen) + keys))
         .env("RUST_LOG", "info")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+        .run();
+    let err = &out.stderr;
     assert!(err.contains("WARN") && err.contains("plain HTTP"), "{err}");
     assert!(!err.contains('\u{1b}'), "colour codes in {err:?}");
 }
@@ -94,11 +80,7 @@ fn logs_into_a_pipe_have_no_colours() {
 #[cfg(feature = "demo")]
 #[test]
 fn demo_help_describes_the_tour() {
-    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["demo", "--help"])
-        .output()
-        .unwrap();
-    let help = String::from_utf8_lossy(&out.stdout);
+    let help = Tollgate::new(&["demo", "--help"]).run().stdout;
     assert!(help.contains("four providers"), "{help}");
     assert!(help.contains("status page"), "{help}");
 }
@@ -116,8 +98,9 @@ fn an_unreachable_identity_server_is_named_with_its_cause() {
         "https://id.example.com/token",
         &format!("http://127.0.0.1:{port}/token"),
     );
-    let (code, _, err) = tollgate(&["token", "api"], &text);
-    assert_ne!(code, 0);
+    let out = Tollgate::new(&["token", "api"]).config(&text).run();
+    let err = &out.stderr;
+    assert_ne!(out.code(), Some(0));
     assert!(
         err.contains(&format!("cannot reach the token endpoint http://127.0.0.1:{port}/token: the connection was refused; check the port in auth.token_url")),
         "{err}"
@@ -134,22 +117,9 @@ fn an_empty_refresh_token_says_to_log_in() {
         "refresh_token = \"a-refresh-token\"",
         "refresh_token = \"${SEED}\"",
     );
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tollgate.toml");
-    std::fs::write(&path, &text).unwrap();
     let run = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(args)
-            .arg("-c")
-            .arg(&path)
-            .env("SEED", "")
-            .env("RUST_LOG", "off")
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let out = Tollgate::new(args).config(&text).env("SEED", "").run();
+        (out.code(), out.stderr)
     };
     let (code, err) = run(&["token", "api"]);
     assert_ne!(code, Some(0));

@@ -3,25 +3,15 @@
 
 use crate::common;
 
-use common::{Harness, Setup};
+use common::{Harness, Setup, Tollgate};
 use std::time::{Duration, Instant};
-
-fn signal(pid: u32, name: &str) {
-    let status = std::process::Command::new("kill")
-        .args([&format!("-{name}"), &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
 
 /// SIGTERM while a slow request is in flight: the request still gets its 200, then the
 /// process exits 0.
 #[tokio::test]
 async fn sigterm_drains_in_flight_requests() {
     let h = Harness::start(Setup::default()).await;
-    let path = h.state.path().join("tollgate.toml");
-    std::fs::write(&path, &h.config_text).unwrap();
-    let mut spawned = common::spawn_serve(&path);
+    let mut spawned = common::spawn_serve(&h.write_config("tollgate.toml", &h.config_text));
     let base = format!("http://{}", spawned.addr);
     assert_eq!(common::get(format!("{base}/warm")).await.status, 200);
     let seen = h.api.counters().requests;
@@ -29,23 +19,13 @@ async fn sigterm_drains_in_flight_requests() {
     while h.api.counters().requests == seen {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    signal(spawned.child.id(), "TERM");
+    spawned.signal("TERM");
     assert_eq!(
         slow.await.unwrap().status,
         200,
         "in-flight request finished"
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = spawned.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "tollgate did not exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = spawned.exit_within(Duration::from_secs(10)).await;
     assert!(status.success(), "{status:?}");
 }
 
@@ -54,8 +34,7 @@ async fn sigterm_drains_in_flight_requests() {
 #[tokio::test]
 async fn sigkill_during_a_refresh_loses_no_refresh_token() {
     let h = Harness::start(Setup::default()).await;
-    let path = h.state.path().join("tollgate.toml");
-    std::fs::write(&path, &h.config_text).unwrap();
+    let path = h.write_config("tollgate.toml", &h.config_text);
     // Let the in-process proxy rotate a few times first, then stop it.
     for _ in 0..3 {
         h.identity.expire_access_tokens();
@@ -98,29 +77,22 @@ async fn sigkill_during_a_refresh_loses_no_refresh_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_command_beside_serve_never_double_redeems() {
     let h = Harness::start(Setup::default()).await;
-    let path = h.state.path().join("tollgate.toml");
-    std::fs::write(&path, &h.config_text).unwrap();
+    let path = h.write_config("tollgate.toml", &h.config_text);
     assert_eq!(h.get("/warm").await.status, 200);
     for round in 0..4 {
         h.identity.expire_access_tokens();
         // The proxy and the command race to refresh.
         let proxy = h.get("/race");
-        let path = path.clone();
-        let command = tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-                .args(["token", "api", "-c"])
-                .arg(&path)
-                .env_remove("RUST_LOG")
-                .output()
-                .unwrap()
-        });
+        let command = Tollgate::new(&["token", "api"])
+            .config_file(&path)
+            .env_remove("RUST_LOG");
+        let command = tokio::spawn(command.run_async());
         assert_eq!(proxy.await.status, 200, "round {round}");
         let out = command.await.unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{stderr}");
+        assert!(out.status.success(), "{}", out.stderr);
         // Scripts read it: without RUST_LOG, nothing but errors on stderr.
-        assert!(stderr.is_empty(), "{stderr}");
-        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert!(out.stderr.is_empty(), "{}", out.stderr);
+        let stdout = out.stdout;
         let lines: Vec<&str> = stdout.lines().collect();
         assert_eq!(lines.len(), 1, "only the token on stdout: {stdout:?}");
         // The printed token may be one the API already expired in this round; it must at
@@ -131,25 +103,23 @@ async fn token_command_beside_serve_never_double_redeems() {
     assert_eq!(h.identity.counters().grants_revoked, 0);
 
     // Quiet now: the printed token is one the API accepts.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["token", "api", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let token = String::from_utf8(out.stdout).unwrap();
+    let token = Tollgate::new(&["token", "api"])
+        .config_file(&path)
+        .env_remove("RUST_LOG")
+        .run()
+        .stdout;
     assert!(
         h.identity.validate_access(token.trim_end()).is_ok(),
         "{token:?}"
     );
 
     // Unknown name: a clear error, non-zero.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["token", "nope", "-c"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = Tollgate::new(&["token", "nope"])
+        .config_file(&path)
+        .env_remove("RUST_LOG")
+        .run();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no upstream named `nope`"));
+    assert!(out.stderr.contains("no upstream named `nope`"));
     assert!(out.stdout.is_empty());
 }
 
@@ -169,26 +139,15 @@ async fn sigterm_with_nothing_in_flight_exits_at_once_while_the_identity_server_
             &h.state_dir().display().to_string(),
             &state.path().display().to_string(),
         );
-    let path = state.path().join("tollgate.toml");
-    std::fs::write(&path, text).unwrap();
-    let mut spawned = common::spawn_serve(&path);
+    let mut spawned = common::spawn_serve(&h.write_config("tollgate.toml", &text));
     // The first token is fetched at the start, and fails; the pauses between tries grow
     // (200 ms, 400 ms, ...): after five failures the next try is seconds away.
     for _ in 0..5 {
         spawned.wait_for_log("token refresh failed; retrying");
     }
     let asked = Instant::now();
-    signal(spawned.child.id(), "TERM");
-    let status = loop {
-        if let Some(status) = spawned.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            asked.elapsed() < Duration::from_secs(30),
-            "tollgate did not exit"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    spawned.signal("TERM");
+    let status = spawned.exit_within(Duration::from_secs(30)).await;
     let took = asked.elapsed();
     println!("SIGTERM to exit with the identity server down: {took:?}");
     assert!(status.success(), "{status:?}");

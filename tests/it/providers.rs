@@ -28,9 +28,7 @@ async fn proxy_with_auth(h: &mut Harness, preset: &str, auth: &str) -> tollgate:
         "{head}[upstream.auth]\ntoken_url = \"{}\"\n{auth}\n",
         h.identity.token_url()
     );
-    let config =
-        tollgate::config::Config::parse(&text, "t", |_| None).unwrap_or_else(|e| panic!("{e}"));
-    tollgate::Proxy::start(&config).await.unwrap()
+    common::replica(&text).await
 }
 
 async fn get(h: &Harness, proxy: &tollgate::Proxy, path: &str) -> common::Answer {
@@ -226,8 +224,7 @@ async fn erpnet_preset_keeps_one_request_in_flight_with_a_queue_of_five() {
         state.path().display(),
         sim.upstream_toml("p", "127.0.0.1:0")
     );
-    let config = tollgate::config::Config::parse(&text, "t", |_| None).unwrap();
-    let proxy = tollgate::Proxy::start(&config).await.unwrap();
+    let proxy = common::replica(&text).await;
     let url = format!("http://{}/Items?sim_delay_ms=600", proxy.addr("p").unwrap());
     let mut calls = Vec::new();
     for _ in 0..10 {

@@ -198,8 +198,7 @@ async fn upstream_down_is_502_and_slow_is_504() {
     let dead = format!("http://127.0.0.1:{}/api", common::free_port());
     let api_url = format!("{}/api/v1", h.api_server.url());
     let text = h.config_text.replace(&api_url, &dead);
-    let config = tollgate::config::Config::parse(&text, "t", |_| None).unwrap();
-    let other = tollgate::Proxy::start(&config).await.unwrap();
+    let other = common::replica(&text).await;
     let url = format!("http://{}/x", other.addr("api").unwrap());
     let a = common::collect(
         h.client

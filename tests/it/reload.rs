@@ -5,14 +5,13 @@
 use crate::common;
 
 use bytes::Bytes;
-use common::{collect, until, Answer, Harness, Setup};
+use common::{collect, parse, until, Answer, Harness, Setup};
 use http::Request;
 use http_body_util::Full;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tollgate::config::Config;
 use tollgate::Reloaded;
 
 const FIRST_KEY: &str = "first-key-0123456789";
@@ -20,10 +19,6 @@ const SECOND_KEY: &str = "second-key-0123456789";
 
 fn keys_table(key: &str) -> String {
     format!("[upstream.inbound]\nkeys = [\"{key}\"]\n")
-}
-
-fn parse(text: &str) -> Config {
-    Config::parse(text, "test.toml", |_| None).expect("test config is valid")
 }
 
 /// One kept-alive HTTP/1.1 connection to `addr`.
@@ -264,11 +259,7 @@ async fn a_renamed_upstream_takes_over_the_listener_and_its_connections() {
 #[tokio::test]
 async fn a_removed_upstream_counts_its_requests_to_the_end() {
     let port = common::free_port();
-    let mut h = Harness::start(Setup {
-        quota: "per_day = 100".into(),
-        ..Setup::default()
-    })
-    .await;
+    let mut h = Harness::start(Setup::with_quota("per_day = 100")).await;
     h.stop_proxy().await;
     h.config_text = h.config_text.replace(
         "listen = \"127.0.0.1:0\"",
@@ -328,8 +319,7 @@ async fn a_config_that_cannot_be_put_in_force_changes_nothing() {
 async fn sighup_puts_a_valid_config_in_force_and_keeps_the_old_on_an_invalid_one() {
     let mut h = with_keys().await;
     h.stop_proxy().await;
-    let path = h.state.path().join("tollgate.toml");
-    std::fs::write(&path, &h.config_text).unwrap();
+    let path = h.write_config("tollgate.toml", &h.config_text);
     let spawned = common::spawn_serve(&path);
     let addr: SocketAddr = spawned.addr.parse().unwrap();
     let mut conn = connect(addr).await;
@@ -345,7 +335,7 @@ async fn sighup_puts_a_valid_config_in_force_and_keeps_the_old_on_an_invalid_one
             .replace("grant = \"refresh_token\"", "grant = \"refresh-token\""),
     )
     .unwrap();
-    spawned.hang_up();
+    spawned.signal("HUP");
     let refused = spawned.wait_for_log("config not reloaded; the running config stays in force");
     let error = refused["fields"]["error"].as_str().unwrap();
     assert!(error.contains("tollgate.toml:"), "names the file: {error}");
@@ -356,7 +346,7 @@ async fn sighup_puts_a_valid_config_in_force_and_keeps_the_old_on_an_invalid_one
     );
 
     std::fs::write(&path, h.config_text.replace(FIRST_KEY, SECOND_KEY)).unwrap();
-    spawned.hang_up();
+    spawned.signal("HUP");
     let reloaded = spawned.wait_for_log("config reloaded");
     assert_eq!(reloaded["fields"]["changed"], "[\"api\"]");
     assert_eq!(key_statuses(&mut conn, addr).await, (401, 200));

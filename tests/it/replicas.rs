@@ -4,7 +4,10 @@
 use crate::common;
 
 use common::redis_server::RedisServer;
-use common::{on_redis, parse, replicas, url_of as url, Setup};
+use common::{
+    on_redis, parse, redis_harness, redis_store, replica, replicas, shut_down, url_of as url,
+    warm_replicas, Setup, Tollgate, THROUGH_A_LOSS,
+};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,29 +18,20 @@ use tollgate::token::TokenCache;
 use tollgate::Proxy;
 use tollgate_sim::identity::IdentityConfig;
 
-/// `[upstream.auth]` lines for a test where Redis loses its data: a refresh lock lives 11 s
-/// (`timeout` + 10 s), so no lock is granted for 11 s after the loss, and clients wait
-/// through that.
-const THROUGH_A_LOSS: &str = "timeout = \"1s\"\nrefresh_wait = \"20s\"";
-
 /// Three replicas under concurrent load over several token lifetimes and forced 401s: every
 /// request is served, no refresh token is redeemed twice, and the group refreshes about once
 /// per lifetime, not once per replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_one_lineage() {
-    let redis = RedisServer::start();
-    let setup = Setup {
+    let (_redis, h, text) = redis_harness(Setup {
         identity: IdentityConfig {
             access_lifetime: Duration::from_secs(3),
             ..IdentityConfig::default()
         },
         ..Setup::default()
-    };
-    let (h, text) = on_redis(setup, &redis).await;
-    let group = replicas(&text, 3).await;
-    for proxy in &group {
-        assert_eq!(common::get(url(proxy, "/warm")).await.status, 200);
-    }
+    })
+    .await;
+    let group = warm_replicas(&text, 3).await;
     let before = h.identity.counters().refreshes;
     let addrs: Vec<SocketAddr> = group.iter().map(|p| p.addr("api").unwrap()).collect();
     let started = std::time::Instant::now();
@@ -73,9 +67,7 @@ async fn three_replicas_share_one_lineage() {
     // the group. Each replica on its own would make three times as many.
     let refreshes = h.identity.counters().refreshes - before;
     assert!((3..=8).contains(&refreshes), "refreshes: {refreshes}");
-    for proxy in group {
-        proxy.shutdown().await;
-    }
+    shut_down(group).await;
 }
 
 fn state(redis: &RedisServer) -> StateConfig {
@@ -87,11 +79,7 @@ fn state(redis: &RedisServer) -> StateConfig {
 }
 
 fn store(redis: &RedisServer) -> RedisStore {
-    let state = state(redis);
-    let Ok(tollgate::config::StoreLocation::Redis(url)) = state.location() else {
-        panic!("a redis:// location")
-    };
-    RedisStore::open(&url, &state).unwrap()
+    redis_store(&state(redis))
 }
 
 /// Mark `redis` as a store replicas already use (its epoch written), as it is after the first
@@ -109,6 +97,14 @@ async fn connected(stores: &[&RedisStore]) {
         store.heartbeat().await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
+}
+
+/// Two stores on `redis`, marked [`in_use`] and [`connected`].
+async fn two_connected(redis: &RedisServer) -> (RedisStore, RedisStore) {
+    in_use(redis);
+    let (a, b) = (store(redis), store(redis));
+    connected(&[&a, &b]).await;
+    (a, b)
 }
 
 fn record(generation: u64, refresh: &str) -> TokenRecord {
@@ -129,9 +125,7 @@ fn record(generation: u64, refresh: &str) -> TokenRecord {
 #[tokio::test]
 async fn a_paused_replica_cannot_save_over_a_newer_lineage() {
     let redis = RedisServer::start();
-    in_use(&redis);
-    let (paused, other) = (store(&redis), store(&redis));
-    connected(&[&paused, &other]).await;
+    let (paused, other) = two_connected(&redis).await;
     let hold = Duration::from_secs(30);
     let stale = paused
         .lock_refresh("api", Duration::ZERO, hold)
@@ -154,27 +148,17 @@ async fn a_paused_replica_cannot_save_over_a_newer_lineage() {
         .await
         .unwrap();
 
-    let refused = paused
-        .save_token("api", &record(6, "rt-stale"), &stale)
-        .await;
-    assert!(
-        matches!(refused, Err(StoreError::Superseded { .. })),
-        "{refused:?}"
-    );
-    let refused = paused
-        .save_token("api", &record(7, "rt-stale"), &stale)
-        .await;
-    assert!(
-        matches!(refused, Err(StoreError::Superseded { .. })),
-        "{refused:?}"
-    );
-    let refused = other
-        .save_token("api", &record(5, "rt-older"), &current)
-        .await;
-    assert!(
-        matches!(refused, Err(StoreError::Superseded { .. })),
-        "{refused:?}"
-    );
+    for (store, saved, lock) in [
+        (&paused, record(6, "rt-stale"), &stale),
+        (&paused, record(7, "rt-stale"), &stale),
+        (&other, record(5, "rt-older"), &current),
+    ] {
+        let refused = store.save_token("api", &saved, lock).await;
+        assert!(
+            matches!(refused, Err(StoreError::Superseded { .. })),
+            "{refused:?}"
+        );
+    }
     let stored = other.load_token("api").await.unwrap().unwrap();
     assert_eq!(stored.refresh_token.unwrap().expose(), "rt-6");
 
@@ -197,9 +181,7 @@ async fn a_paused_replica_cannot_save_over_a_newer_lineage() {
 #[tokio::test]
 async fn a_lock_left_over_by_this_process_is_taken_back() {
     let redis = RedisServer::start();
-    in_use(&redis);
-    let (ours, theirs) = (store(&redis), store(&redis));
-    connected(&[&ours, &theirs]).await;
+    let (ours, theirs) = two_connected(&redis).await;
     let left = format!("{}:0123456789abcdef", ours.replica());
     redis.command(&["SET", "tollgate:api:lock", &left, "PX", "60000"]);
     let hold = Duration::from_secs(30);
@@ -224,11 +206,7 @@ async fn spend(proxies: &[&Proxy], n: usize) -> usize {
     let mut served = 0;
     for i in 0..n {
         let a = common::get(url(proxies[i % proxies.len()], &format!("/day/{i}"))).await;
-        match a.status {
-            200 => served += 1,
-            429 => {}
-            other => panic!("unexpected {other}: {}", a.text()),
-        }
+        served += usize::from(a.served());
     }
     served
 }
@@ -237,20 +215,13 @@ async fn spend(proxies: &[&Proxy], n: usize) -> usize {
 /// admits them; a replica restarted later finds the day spent.
 #[tokio::test]
 async fn three_replicas_share_one_day() {
-    let redis = RedisServer::start();
-    let setup = Setup {
-        quota: "per_day = 50".into(),
-        ..Setup::default()
-    };
-    let (h, text) = on_redis(setup, &redis).await;
+    let (_redis, h, text) = redis_harness(Setup::with_quota("per_day = 50")).await;
     let group = replicas(&text, 3).await;
     let all: Vec<&Proxy> = group.iter().collect();
     assert_eq!(spend(&all, 70).await, 50);
     assert_eq!(h.api.counters().requests, 50);
-    for proxy in group {
-        proxy.shutdown().await;
-    }
-    let late = Proxy::start(&parse(&text)).await.unwrap();
+    shut_down(group).await;
+    let late = replica(&text).await;
     assert_eq!(spend(&[&late], 5).await, 0, "the day holds");
     late.shutdown().await;
     assert_eq!(h.api.counters().requests, 50);
@@ -260,16 +231,9 @@ async fn three_replicas_share_one_day() {
 /// replicas left go on, and the day never passes its limit.
 #[tokio::test]
 async fn a_replica_killed_loses_at_most_its_lease() {
-    let redis = RedisServer::start();
-    let setup = Setup {
-        quota: "per_day = 50".into(),
-        ..Setup::default()
-    };
-    let (h, text) = on_redis(setup, &redis).await;
-    let path = h.state.path().join("replica.toml");
-    std::fs::write(&path, &text).unwrap();
-    let spawned = common::spawn_serve(&path);
-    let other = Proxy::start(&parse(&text)).await.unwrap();
+    let (_redis, h, text) = redis_harness(Setup::with_quota("per_day = 50")).await;
+    let spawned = common::spawn_serve(&h.write_config("replica.toml", &text));
+    let other = replica(&text).await;
     for i in 0..20 {
         let a = common::get(format!("http://{}/spawned/{i}", spawned.addr)).await;
         assert_eq!(a.status, 200, "{}", a.text());
@@ -288,14 +252,13 @@ async fn a_replica_killed_loses_at_most_its_lease() {
 /// replica recovers without a restart.
 #[tokio::test]
 async fn redis_down_then_back() {
-    let mut redis = RedisServer::start();
-    let setup = Setup {
+    let (mut redis, h, text) = redis_harness(Setup {
         quota: "per_day = 1000".into(),
         admin: true,
         ..Setup::default()
-    };
-    let (h, text) = on_redis(setup, &redis).await;
-    let proxy = Proxy::start(&parse(&text)).await.unwrap();
+    })
+    .await;
+    let proxy = replica(&text).await;
     assert_eq!(common::get(url(&proxy, "/warm")).await.status, 200);
     let admin = |path: &str| format!("http://{}{path}", proxy.admin_addr().unwrap());
     let status = common::get(admin("/status")).await.json();
@@ -368,9 +331,8 @@ async fn redis_down_then_back() {
 /// a token. Redis comes back: one refresh, and requests are served again.
 #[tokio::test]
 async fn a_refused_token_is_not_replaced_while_redis_is_down() {
-    let mut redis = RedisServer::start();
-    let (h, text) = on_redis(Setup::default(), &redis).await;
-    let proxy = Proxy::start(&parse(&text)).await.unwrap();
+    let (mut redis, h, text) = redis_harness(Setup::default()).await;
+    let proxy = replica(&text).await;
     assert_eq!(common::get(url(&proxy, "/warm")).await.status, 200);
 
     redis.stop();
@@ -422,29 +384,16 @@ async fn a_refused_token_is_not_replaced_while_redis_is_down() {
 /// rather than leave the replicas waiting for it to expire.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_command_joins_the_lineage() {
-    let redis = RedisServer::start();
-    let (h, text) = on_redis(Setup::default(), &redis).await;
-    let path = h.state.path().join("replica.toml");
-    std::fs::write(&path, &text).unwrap();
-    let replica = Proxy::start(&parse(&text)).await.unwrap();
+    let (redis, h, text) = redis_harness(Setup::default()).await;
+    let replica = replica(&text).await;
     assert_eq!(common::get(url(&replica, "/warm")).await.status, 200);
     let refreshes = h.identity.counters().refreshes;
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(["token", "api", "-c"])
-            .arg(&path)
-            .env("RUST_LOG", "off")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = String::from_utf8(out.stdout).unwrap();
+    let out = Tollgate::new(&["token", "api"])
+        .config(&text)
+        .run_async()
+        .await;
+    assert!(out.status.success(), "{}", out.stderr);
+    let token = out.stdout;
     let used = h.api.last_authorization().unwrap();
     assert_eq!(format!("Bearer {}", token.trim_end()), used);
     assert_eq!(h.identity.counters().refreshes, refreshes, "adopted");
@@ -461,13 +410,12 @@ async fn the_token_command_joins_the_lineage() {
 /// one lease per replica can be admitted again.
 #[tokio::test]
 async fn redis_losing_its_data_loses_neither_the_lineage_nor_the_day() {
-    let redis = RedisServer::start();
-    let setup = Setup {
+    let (redis, h, text) = redis_harness(Setup {
         quota: "per_day = 60".into(),
         extra_auth: THROUGH_A_LOSS.into(),
         ..Setup::default()
-    };
-    let (h, text) = on_redis(setup, &redis).await;
+    })
+    .await;
     let group = replicas(&text, 2).await;
     let both: Vec<&Proxy> = group.iter().collect();
     // A few rotations first, so the seed in the config is long spent.
@@ -492,9 +440,7 @@ async fn redis_losing_its_data_loses_neither_the_lineage_nor_the_day() {
     h.assert_lineage_intact();
     let stored = redis.command(&["HGET", "tollgate:api:token", "generation"]);
     assert!(stored != redis::Value::Nil, "the record is back in Redis");
-    for proxy in group {
-        proxy.shutdown().await;
-    }
+    shut_down(group).await;
 }
 
 /// Each replica shows itself on the store; each sees the others. A Redis that does not
@@ -547,16 +493,13 @@ async fn generation(proxy: &Proxy) -> u64 {
 /// and without waiting for its token to come due.
 #[tokio::test]
 async fn a_new_generation_is_announced_to_the_other_replicas() {
-    let redis = RedisServer::start();
-    let setup = Setup {
+    let (_redis, h, text) = redis_harness(Setup {
         admin: true,
         ..Setup::default()
-    };
-    let (h, text) = on_redis(setup, &redis).await;
-    let group = replicas(&text, 2).await;
+    })
+    .await;
+    let group = warm_replicas(&text, 2).await;
     let (a, b) = (&group[0], &group[1]);
-    assert_eq!(common::get(url(a, "/warm")).await.status, 200);
-    assert_eq!(common::get(url(b, "/warm")).await.status, 200);
     let before = generation(b).await;
     assert_eq!(generation(a).await, before, "one token for the group");
     let refreshes = h.identity.counters().refreshes;
@@ -580,21 +523,16 @@ async fn a_new_generation_is_announced_to_the_other_replicas() {
     );
     assert_eq!(common::get(url(b, "/after")).await.status, 200);
     h.assert_lineage_intact();
-    for proxy in group {
-        proxy.shutdown().await;
-    }
+    shut_down(group).await;
 }
 
 /// The API answers one replica 429 with `Retry-After: 30`: every replica holds back — the
 /// other answers 429 itself, without contacting the API — not only the one that was told.
 #[tokio::test]
 async fn an_upstream_429_to_one_replica_holds_every_replica_back() {
-    let redis = RedisServer::start();
-    let (h, text) = on_redis(Setup::default(), &redis).await;
-    let group = replicas(&text, 2).await;
+    let (_redis, h, text) = redis_harness(Setup::default()).await;
+    let group = warm_replicas(&text, 2).await;
     let (a, b) = (&group[0], &group[1]);
-    assert_eq!(common::get(url(a, "/warm")).await.status, 200);
-    assert_eq!(common::get(url(b, "/warm")).await.status, 200);
 
     let throttled = common::get(url(a, "/x?sim_status=429&sim_retry_after=30")).await;
     assert_eq!(throttled.status, 429, "the API's own 429");
@@ -626,9 +564,7 @@ async fn an_upstream_429_to_one_replica_holds_every_replica_back() {
         "not contacted while held"
     );
     assert!(before <= sent + 5);
-    for proxy in group {
-        proxy.shutdown().await;
-    }
+    shut_down(group).await;
 }
 
 /// A lock is kept alive while its holder holds it, past the time it was taken for (a slow
@@ -636,9 +572,7 @@ async fn an_upstream_429_to_one_replica_holds_every_replica_back() {
 #[tokio::test]
 async fn a_held_lock_is_kept_alive() {
     let redis = RedisServer::start();
-    in_use(&redis);
-    let (holder, other) = (store(&redis), store(&redis));
-    connected(&[&holder, &other]).await;
+    let (holder, other) = two_connected(&redis).await;
     let short = Duration::from_secs(1);
     let held = holder
         .lock_refresh("api", Duration::ZERO, short)
@@ -664,12 +598,11 @@ async fn a_held_lock_is_kept_alive() {
 /// token rotated away is redeemed: the strict identity server sees no reuse.
 #[tokio::test]
 async fn after_a_data_loss_the_newest_record_wins_over_a_stale_replica() {
-    let redis = RedisServer::start();
-    let setup = Setup {
+    let (redis, h, text) = redis_harness(Setup {
         extra_auth: THROUGH_A_LOSS.into(),
         ..Setup::default()
-    };
-    let (h, text) = on_redis(setup, &redis).await;
+    })
+    .await;
     let config = parse(&text);
     let upstream = &config.upstreams[0];
     let cache = |s: RedisStore| Arc::new(TokenCache::new(upstream, Arc::new(s), None).unwrap());
@@ -699,11 +632,7 @@ async fn after_a_data_loss_the_newest_record_wins_over_a_stale_replica() {
 
 /// A RedisStore for the `[state]` of config `text`.
 fn store_of(text: &str) -> RedisStore {
-    let config = parse(text);
-    let Ok(tollgate::config::StoreLocation::Redis(url)) = config.state.location() else {
-        panic!("a redis:// location")
-    };
-    RedisStore::open(&url, &config.state).unwrap()
+    redis_store(&parse(text).state)
 }
 
 /// After Redis lost its data, a new login (`tollgate login`, here its record saved directly)
@@ -711,12 +640,11 @@ fn store_of(text: &str) -> RedisStore {
 /// than write theirs back over it.
 #[tokio::test]
 async fn a_login_after_a_data_loss_is_not_overwritten() {
-    let redis = RedisServer::start();
-    let setup = Setup {
+    let (redis, h, text) = redis_harness(Setup {
         extra_auth: THROUGH_A_LOSS.into(),
         ..Setup::default()
-    };
-    let (h, text) = on_redis(setup, &redis).await;
+    })
+    .await;
     let config = parse(&text);
     let upstream = &config.upstreams[0];
     let replica = Arc::new(TokenCache::new(upstream, Arc::new(store_of(&text)), None).unwrap());
@@ -861,12 +789,7 @@ async fn one_holder_at_a_time_within_a_process() {
 /// sees exactly the limit, and a refusal says which window and when the next one starts.
 #[tokio::test]
 async fn three_replicas_share_one_short_window() {
-    let redis = RedisServer::start();
-    let setup = Setup {
-        quota: "per_hour = 30".into(),
-        ..Setup::default()
-    };
-    let (h, text) = on_redis(setup, &redis).await;
+    let (_redis, h, text) = redis_harness(Setup::with_quota("per_hour = 30")).await;
     // Not within seconds of the hour's end, where the window would turn during the test.
     let into_hour = || {
         let now = std::time::SystemTime::now()
@@ -891,11 +814,9 @@ async fn three_replicas_share_one_short_window() {
         retry <= left + 1 && retry + 5 >= left,
         "retry {retry}, hour ends in {left}"
     );
-    for proxy in group {
-        proxy.shutdown().await;
-    }
+    shut_down(group).await;
     // What the replicas held and did not spend went back; the hour is still spent.
-    let late = Proxy::start(&parse(&text)).await.unwrap();
+    let late = replica(&text).await;
     assert_eq!(
         spend(&[&late], 5).await,
         0,
@@ -909,11 +830,7 @@ async fn three_replicas_share_one_short_window() {
 #[tokio::test]
 async fn replicas_share_over_tls_with_a_password() {
     let redis = RedisServer::start_tls();
-    let setup = Setup {
-        quota: "per_day = 20".into(),
-        ..Setup::default()
-    };
-    let (h, text) = on_redis(setup, &redis).await;
+    let (h, text) = on_redis(Setup::with_quota("per_day = 20"), &redis).await;
     let ca = redis.ca_file();
     let text = text.replace(
         "timeout = \"500ms\"",
@@ -942,22 +859,15 @@ async fn replicas_share_over_tls_with_a_password() {
     h.assert_lineage_intact();
     let stored = redis.command(&["HGET", "tollgate:api:token", "generation"]);
     assert!(stored != redis::Value::Nil, "the record is in Redis");
-    for proxy in group {
-        proxy.shutdown().await;
-    }
+    shut_down(group).await;
 }
 
 /// A spent day refuses before the short windows count the request: refusals keep naming the
 /// day (not a minute drained by refused requests), and say when it resets.
 #[tokio::test]
 async fn a_spent_day_does_not_drain_the_short_windows() {
-    let redis = RedisServer::start();
-    let setup = Setup {
-        quota: "per_day = 5\nper_minute = 12".into(),
-        ..Setup::default()
-    };
-    let (h, text) = on_redis(setup, &redis).await;
-    let proxy = Proxy::start(&parse(&text)).await.unwrap();
+    let (_redis, h, text) = redis_harness(Setup::with_quota("per_day = 5\nper_minute = 12")).await;
+    let proxy = replica(&text).await;
     assert_eq!(spend(&[&proxy], 5).await, 5);
     for i in 0..20 {
         let refused = common::get(url(&proxy, &format!("/over/{i}"))).await;
@@ -973,17 +883,16 @@ async fn a_spent_day_does_not_drain_the_short_windows() {
 /// between them, and both report the group's day by key.
 #[tokio::test]
 async fn a_key_budget_holds_across_replicas() {
-    let redis = RedisServer::start();
     const KEY: &str = "etl-key-0123456789abcdef";
-    let setup = Setup {
+    let (_redis, h, text) = redis_harness(Setup {
         quota: "per_day = 100".into(),
         extra_tables: format!(
             "[upstream.inbound]\nkeys = [{{ name = \"etl\", key = \"{KEY}\", per_day = 10 }}]"
         ),
         admin: true,
         ..Setup::default()
-    };
-    let (h, text) = on_redis(setup, &redis).await;
+    })
+    .await;
     let group = replicas(&text, 2).await;
     let mut served = 0;
     for i in 0..30 {
@@ -1014,9 +923,7 @@ async fn a_key_budget_holds_across_replicas() {
         assert_eq!(keys["name"], "etl");
         assert_eq!(keys["used_today"], served, "the group's, on each replica");
     }
-    for proxy in group {
-        proxy.shutdown().await;
-    }
+    shut_down(group).await;
 }
 
 /// A loss is noticed once: after FLUSHALL the store's clock starts again from nothing, which

@@ -56,9 +56,7 @@ async fn a_new_seed_in_the_config_wins() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_on_one_state_directory_never_double_redeem() {
     let h = Harness::start(Setup::default()).await;
-    let config_path = h.state.path().join("tollgate.toml");
-    std::fs::write(&config_path, &h.config_text).unwrap();
-    let other = common::spawn_serve(&config_path);
+    let other = common::spawn_serve(&h.write_config("tollgate.toml", &h.config_text));
     let urls = [h.url(""), format!("http://{}", other.addr)];
 
     let start = Instant::now();

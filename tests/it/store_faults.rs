@@ -7,22 +7,21 @@
 use crate::common;
 
 use common::redis_server::RedisServer;
-use common::{on_redis, parse, replicas, until, url_of as url, Answer, Setup};
+use common::{
+    on_redis, redis_harness, replica, replicas, shut_down, until, url_of as url, warm_replicas,
+    Answer, Setup, THROUGH_A_LOSS,
+};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tollgate::store::{RedisStore, StateStore};
+use tollgate::store::StateStore;
 use tollgate::Proxy;
 
 /// GET `path` on `proxy` in a task of its own.
 fn get_later(proxy: &Proxy, path: &str) -> tokio::task::JoinHandle<Answer> {
     tokio::spawn(common::get(url(proxy, path)))
 }
-
-/// A refresh lock lives 11 s (`auth.timeout` 1 s + 10 s): after a loss none is granted for
-/// that long, and clients wait through it.
-const LOCK_11S: &str = "timeout = \"1s\"\nrefresh_wait = \"20s\"";
 
 /// The identity server answers a refresh 3 s late, past `auth.timeout` (1 s), on two
 /// replicas whose tokens both expired: one redeems and waits for the answer, keeping the lock;
@@ -39,16 +38,13 @@ async fn a_late_answer_on_replicas_is_redeemed_once() {
 /// other adopts. No refresh token is redeemed twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_holder_paused_within_its_lock_keeps_its_redemption() {
-    let redis = RedisServer::start();
-    let setup = Setup {
+    let (_redis, h, text) = redis_harness(Setup {
         extra_auth: "timeout = \"2s\"\nrefresh_wait = \"20s\"".into(),
         ..Setup::default()
-    };
-    let (h, text) = on_redis(setup, &redis).await;
-    let path = h.state.path().join("paused.toml");
-    std::fs::write(&path, &text).unwrap();
-    let paused = common::spawn_serve(&path);
-    let other = Proxy::start(&parse(&text)).await.unwrap();
+    })
+    .await;
+    let paused = common::spawn_serve(&h.write_config("paused.toml", &text));
+    let other = replica(&text).await;
     let paused_url = format!("http://{}", paused.addr);
     assert_eq!(common::get(format!("{paused_url}/warm")).await.status, 200);
     assert_eq!(common::get(url(&other, "/warm")).await.status, 200);
@@ -58,10 +54,10 @@ async fn a_lock_holder_paused_within_its_lock_keeps_its_redemption() {
     h.identity.expire_access_tokens();
     let held = tokio::spawn(common::get(format!("{paused_url}/held")));
     until(|| h.identity.counters().refreshes > before.refreshes).await;
-    signal(&paused, "-STOP");
+    paused.signal("STOP");
     let waiting = get_later(&other, "/waits");
     tokio::time::sleep(Duration::from_secs(5)).await;
-    signal(&paused, "-CONT");
+    paused.signal("CONT");
     for answer in [held.await.unwrap(), waiting.await.unwrap()] {
         assert_eq!(answer.status, 200, "{}", answer.text());
     }
@@ -69,14 +65,6 @@ async fn a_lock_holder_paused_within_its_lock_keeps_its_redemption() {
     assert_eq!(after.refreshes - before.refreshes, 1, "one redemption");
     h.assert_lineage_intact();
     other.shutdown().await;
-}
-
-fn signal(spawned: &common::Spawned, which: &str) {
-    let status = std::process::Command::new("kill")
-        .args([which, &spawned.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 /// Two replicas whose tokens expired; the identity server answers the first one's refresh
@@ -96,14 +84,11 @@ async fn two_replicas_one_redemption(
     meanwhile: impl FnOnce(&mut RedisServer),
 ) {
     let setup = Setup {
-        extra_auth: LOCK_11S.into(),
+        extra_auth: THROUGH_A_LOSS.into(),
         ..Setup::default()
     };
     let (h, text) = on_redis(setup, &redis).await;
-    let group = replicas(&text, 2).await;
-    for proxy in &group {
-        assert_eq!(common::get(url(proxy, "/warm")).await.status, 200);
-    }
+    let group = warm_replicas(&text, 2).await;
     // A few heartbeats, so that each replica has seen the store's clock move on.
     tokio::time::sleep(Duration::from_millis(500)).await;
     first(&mut redis);
@@ -130,9 +115,7 @@ async fn two_replicas_one_redemption(
     }
     let stored = redis.command(&["HGET", "tollgate:api:token", "generation"]);
     assert!(stored != redis::Value::Nil, "the record is back in Redis");
-    for proxy in group {
-        proxy.shutdown().await;
-    }
+    shut_down(group).await;
 }
 
 /// Redis loses its data (FLUSHALL) while a refresh is in the air: the second replica notices
@@ -198,12 +181,7 @@ async fn spend_until_refused(proxy: &Proxy, n: usize) -> usize {
 /// spent. The API sees 30, not 60.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_loss_while_the_replica_that_knows_the_day_is_idle_does_not_double_it() {
-    let mut redis = RedisServer::start();
-    let setup = Setup {
-        quota: "per_day = 30".into(),
-        ..Setup::default()
-    };
-    let (h, text) = on_redis(setup, &redis).await;
+    let (mut redis, h, text) = redis_harness(Setup::with_quota("per_day = 30")).await;
     let group = replicas(&text, 2).await;
     assert_eq!(spend_until_refused(&group[0], 40).await, 30);
     let spent = h.api.counters().requests;
@@ -217,9 +195,7 @@ async fn a_loss_while_the_replica_that_knows_the_day_is_idle_does_not_double_it(
         "the day is not counted again"
     );
     h.assert_lineage_intact();
-    for proxy in group {
-        proxy.shutdown().await;
-    }
+    shut_down(group).await;
 }
 
 /// What a fake store address answers, by phase.
@@ -268,13 +244,9 @@ async fn garbage_server(port: u16, phase: Arc<AtomicU8>) -> tokio::task::JoinHan
 async fn a_store_address_that_answered_garbage_is_used_again_when_redis_answers() {
     let port = common::free_port();
     let phase = Arc::new(AtomicU8::new(SILENT));
-    let setup = Setup {
-        quota: "per_day = 100".into(),
-        ..Setup::default()
-    };
     let mut redis = RedisServer::start_at(port);
-    let (h, text) = on_redis(setup, &redis).await;
-    let proxy = Proxy::start(&parse(&text)).await.unwrap();
+    let (h, text) = on_redis(Setup::with_quota("per_day = 100"), &redis).await;
+    let proxy = replica(&text).await;
     assert_eq!(common::get(url(&proxy, "/before")).await.status, 200);
     redis.stop();
     let fake = garbage_server(port, Arc::clone(&phase)).await;
@@ -330,10 +302,7 @@ async fn a_refused_password_is_named_as_an_authentication_failure() {
         ca_file: Some(redis.ca_file()),
         ..tollgate::config::StateConfig::default()
     };
-    let Ok(tollgate::config::StoreLocation::Redis(location)) = state.location() else {
-        panic!("a rediss:// location")
-    };
-    let store = RedisStore::open(&location, &state).unwrap();
+    let store = common::redis_store(&state);
     let warnings = store.startup_warnings().await;
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(
@@ -351,16 +320,9 @@ async fn a_refused_password_is_named_as_an_authentication_failure() {
 /// most that can be lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_loss_after_the_replica_that_knew_the_day_died_keeps_what_the_others_read() {
-    let mut redis = RedisServer::start();
-    let setup = Setup {
-        quota: "per_day = 30".into(),
-        ..Setup::default()
-    };
-    let (h, text) = on_redis(setup, &redis).await;
-    let path = h.state.path().join("dies.toml");
-    std::fs::write(&path, &text).unwrap();
-    let dies = common::spawn_serve(&path);
-    let survivor = Proxy::start(&parse(&text)).await.unwrap();
+    let (mut redis, h, text) = redis_harness(Setup::with_quota("per_day = 30")).await;
+    let dies = common::spawn_serve(&h.write_config("dies.toml", &text));
+    let survivor = replica(&text).await;
     let base = format!("http://{}", dies.addr);
     let mut served = 0;
     for i in 0..40 {

@@ -60,7 +60,7 @@ fn https_config(
         let ca_line = format!("ca_file = \"{}\"\n\n[upstream.auth]", ca_path.display());
         text = text.replace("[upstream.auth]", &ca_line);
     }
-    tollgate::config::Config::parse(&text, "t", |_| None).unwrap()
+    common::parse(&text)
 }
 
 /// With the test CA in `ca_file`, requests reach the HTTPS upstream with the token; without

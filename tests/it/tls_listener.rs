@@ -169,9 +169,7 @@ async fn sighup_reloads_the_certificate_of_a_running_serve() {
     write_certs(dir.path(), &first);
     let mut h = harness(dir.path()).await;
     h.stop_proxy().await;
-    let path = h.state.path().join("tollgate.toml");
-    std::fs::write(&path, &h.config_text).unwrap();
-    let spawned = common::spawn_serve(&path);
+    let spawned = common::spawn_serve(&h.write_config("tollgate.toml", &h.config_text));
     let stream = connect_to(spawned.addr.as_str(), &first, &[b"http/1.1"])
         .await
         .unwrap();
@@ -182,11 +180,7 @@ async fn sighup_reloads_the_certificate_of_a_running_serve() {
 
     let second = make_ca("second");
     write_certs(dir.path(), &second);
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &spawned.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    spawned.signal("HUP");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     // Until the signal is handled, the old certificate fails the new CA's check.
     loop {

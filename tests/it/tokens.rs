@@ -350,8 +350,7 @@ async fn client_credentials_grant() {
         .filter(|l| !l.starts_with("refresh_token"))
         .collect::<Vec<_>>()
         .join("\n");
-    let config = tollgate::config::Config::parse(&text, "t", |_| None).unwrap();
-    let proxy = tollgate::Proxy::start(&config).await.unwrap();
+    let proxy = common::replica(&text).await;
     let url = format!("http://{}/cc", proxy.addr("api").unwrap());
     let get = || async {
         let req = http::Request::get(&url)

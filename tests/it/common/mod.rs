@@ -1,20 +1,23 @@
 //! Shared test harness: simulated identity server and API, a proxy in front, a client.
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod certs;
 pub mod redis_server;
+
+pub use binary::{spawn_serve, status_command, Output, Tollgate};
+use redis_server::RedisServer;
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tollgate::config::Config;
+use tollgate::config::{Config, StateConfig, StoreLocation};
 pub use tollgate::quota::Clock;
+use tollgate::store::RedisStore;
 use tollgate::Proxy;
 use tollgate_sim::api::ApiSim;
 use tollgate_sim::identity::{IdentityConfig, IdentitySim};
@@ -68,6 +71,15 @@ impl Answer {
             .unwrap()
     }
 
+    /// Served (200) rather than refused by a quota (429); any other status fails the test.
+    pub fn served(&self) -> bool {
+        match self.status {
+            200 => true,
+            429 => false,
+            other => panic!("unexpected {other}: {}", self.text()),
+        }
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
@@ -116,6 +128,16 @@ pub struct Setup {
     pub clock: Clock,
     /// Start the admin listener too, on `127.0.0.1:0`.
     pub admin: bool,
+}
+
+impl Setup {
+    /// The default setup with the `[upstream.quota]` lines `quota`.
+    pub fn with_quota(quota: &str) -> Setup {
+        Setup {
+            quota: quota.into(),
+            ..Setup::default()
+        }
+    }
 }
 
 impl Default for Setup {
@@ -180,7 +202,7 @@ impl Harness {
     }
 
     pub fn config(&self) -> Config {
-        Config::parse(&self.config_text, "test.toml", |_| None).expect("test config is valid")
+        parse(&self.config_text)
     }
 
     pub async fn start_proxy(&mut self) {
@@ -196,7 +218,7 @@ impl Harness {
 
     /// Put the config `text` in force on the running proxy (SIGHUP).
     pub async fn reload(&mut self, text: &str) -> Result<tollgate::Reloaded, tollgate::StartError> {
-        let config = Config::parse(text, "test.toml", |_| None).expect("test config is valid");
+        let config = parse(text);
         self.proxy
             .as_mut()
             .expect("proxy running")
@@ -258,8 +280,13 @@ impl Harness {
             &format!("[admin]\nlisten = \"{admin}\""),
         );
         assert_ne!(config, self.config_text);
-        let path = self.state.path().join("tollgate.toml");
-        std::fs::write(&path, config).unwrap();
+        self.write_config("tollgate.toml", &config)
+    }
+
+    /// `text` written to `name` in the harness's temp dir, for the binary's `-c`.
+    pub fn write_config(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.state.path().join(name);
+        std::fs::write(&path, text).unwrap();
         path
     }
 
@@ -360,95 +387,21 @@ pub fn logs() -> &'static Captured {
     })
 }
 
-/// Run `tollgate status -c config` off the runtime, so an in-process proxy keeps serving.
-pub async fn status_command(config: &Path) -> std::process::Output {
-    let config = config.to_owned();
-    tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(["status", "-c"])
-            .arg(&config)
-            .env("RUST_LOG", "off")
-            .output()
-            .expect("run tollgate status")
-    })
-    .await
-    .unwrap()
-}
+/// `[upstream.auth]` lines for a test where Redis loses its data: a refresh lock lives 11 s
+/// (`timeout` + 10 s), so none is granted for 11 s after the loss, and clients wait through it.
+pub const THROUGH_A_LOSS: &str = "timeout = \"1s\"\nrefresh_wait = \"20s\"";
 
-/// A tollgate process spawned from the binary.
-pub struct Spawned {
-    pub child: Child,
-    pub addr: String,
-    /// Its log lines after the start, as JSON.
-    pub logs: std::sync::mpsc::Receiver<serde_json::Value>,
-}
-
-impl Spawned {
-    /// The next log line whose message is `message` (others are skipped).
-    pub fn wait_for_log(&self, message: &str) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self
-                .logs
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no log line `{message}` within 20 s"));
-            if line["fields"]["message"] == message {
-                return line;
-            }
-        }
-    }
-
-    /// Send SIGHUP.
-    pub fn hang_up(&self) {
-        let status = Command::new("kill")
-            .args(["-HUP", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-pub fn spawn_serve(config_path: &std::path::Path) -> Spawned {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["serve", "--log-format", "json", "-c"])
-        .arg(config_path)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn tollgate");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let addr = loop {
-        assert!(Instant::now() < deadline, "tollgate did not start");
-        let line = lines.next().expect("tollgate exited early").unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["fields"]["message"] == "listening" {
-            break v["fields"]["listen"].as_str().unwrap().to_owned();
-        }
-    };
-    // Keep draining stderr so the child never blocks on a full pipe.
-    let (tx, logs) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in lines.map_while(Result::ok) {
-            let _ = tx.send(serde_json::from_str(&line).unwrap_or_default());
-        }
-    });
-    Spawned { child, addr, logs }
+/// A Redis of its own, and [`on_redis`] on it.
+pub async fn redis_harness(setup: Setup) -> (RedisServer, Harness, String) {
+    let redis = RedisServer::start();
+    let (h, text) = on_redis(setup, &redis).await;
+    (redis, h, text)
 }
 
 /// The harness's simulators, with the config moved to `redis` (operations bounded by 500 ms,
 /// heartbeats every 200 ms) and a seed of its own; the harness's own proxy, on a file store,
 /// is stopped first.
-pub async fn on_redis(setup: Setup, redis: &redis_server::RedisServer) -> (Harness, String) {
+pub async fn on_redis(setup: Setup, redis: &RedisServer) -> (Harness, String) {
     let redis_url = redis.url();
     let mut h = Harness::start(setup).await;
     h.stop_proxy().await;
@@ -465,16 +418,45 @@ pub async fn on_redis(setup: Setup, redis: &redis_server::RedisServer) -> (Harne
 
 /// A config of the tests, parsed.
 pub fn parse(text: &str) -> Config {
-    Config::parse(text, "test.toml", |_| None).expect("test config is valid")
+    Config::parse(text, "test.toml", |_| None).unwrap_or_else(|e| panic!("test config: {e}"))
+}
+
+/// A proxy started on the config `text`.
+pub async fn replica(text: &str) -> Proxy {
+    Proxy::start(&parse(text)).await.expect("replica starts")
 }
 
 /// `n` proxies started on the config `text`: replicas, when its store is shared.
 pub async fn replicas(text: &str, n: usize) -> Vec<Proxy> {
     let mut out = Vec::new();
     for _ in 0..n {
-        out.push(Proxy::start(&parse(text)).await.expect("replica starts"));
+        out.push(replica(text).await);
     }
     out
+}
+
+/// [`replicas`], each served a first request (`/warm`), so each holds a token.
+pub async fn warm_replicas(text: &str, n: usize) -> Vec<Proxy> {
+    let group = replicas(text, n).await;
+    for proxy in &group {
+        assert_eq!(get(url_of(proxy, "/warm")).await.status, 200);
+    }
+    group
+}
+
+/// Shut each proxy of `group` down.
+pub async fn shut_down(group: Vec<Proxy>) {
+    for proxy in group {
+        proxy.shutdown().await;
+    }
+}
+
+/// A store on the Redis of `state` (a `redis://` or `rediss://` store).
+pub fn redis_store(state: &StateConfig) -> RedisStore {
+    let Ok(StoreLocation::Redis(url)) = state.location() else {
+        panic!("a redis:// location")
+    };
+    RedisStore::open(&url, state).unwrap()
 }
 
 /// `path` on the listener of upstream `api` of `proxy`.
