@@ -1,16 +1,24 @@
 //! `Secret<T>`: a value that must never be printed. Debug and Display show `[redacted]`, there is
 //! no `Serialize`, and the only way to read it is `expose()`, which makes every use easy to find.
+//! Its memory is zeroed when it is dropped.
 //! Tokens that must appear in logs appear as a [`fingerprint`] at most.
 
 use serde::{Deserialize, Deserializer};
 use sha2::{Digest, Sha256};
 use std::fmt;
+use zeroize::Zeroize;
 
-/// A secret value (client secret, refresh token, password, inbound key).
+/// A secret value (client secret, refresh token, password, inbound key), zeroed on drop.
 #[derive(Clone, PartialEq, Eq, Default)]
-pub struct Secret<T>(T);
+pub struct Secret<T: Zeroize>(T);
 
-impl<T> Secret<T> {
+impl<T: Zeroize> Drop for Secret<T> {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl<T: Zeroize> Secret<T> {
     pub fn new(value: T) -> Self {
         Secret(value)
     }
@@ -22,19 +30,19 @@ impl<T> Secret<T> {
     }
 }
 
-impl<T> fmt::Debug for Secret<T> {
+impl<T: Zeroize> fmt::Debug for Secret<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("[redacted]")
     }
 }
 
-impl<T> fmt::Display for Secret<T> {
+impl<T: Zeroize> fmt::Display for Secret<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("[redacted]")
     }
 }
 
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Secret<T> {
+impl<'de, T: Deserialize<'de> + Zeroize> Deserialize<'de> for Secret<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         T::deserialize(deserializer).map(Secret)
     }
@@ -101,5 +109,24 @@ mod tests {
         assert_eq!(a, fingerprint("token-a"));
         assert_ne!(a, fingerprint("token-b"));
         assert!(!a.contains("token"));
+    }
+
+    /// Dropping a secret wipes its value first.
+    #[test]
+    fn a_dropped_secret_is_zeroed() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        #[derive(Default)]
+        struct Watched(Arc<AtomicBool>);
+        impl Zeroize for Watched {
+            fn zeroize(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let wiped = Arc::new(AtomicBool::new(false));
+        let secret = Secret::new(Watched(Arc::clone(&wiped)));
+        assert!(!wiped.load(Ordering::SeqCst));
+        drop(secret);
+        assert!(wiped.load(Ordering::SeqCst));
     }
 }
