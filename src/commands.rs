@@ -1,4 +1,4 @@
-//! What each command does: `check`, `serve`, `login`, `token`, `status` (the demo is
+//! What each command does: `check`, `serve`, `login`, `token`, `status`, `rekey` (the demo is
 //! [`crate::demo`]). `main.rs` only parses the arguments, sets up logging and calls these; each
 //! says what went wrong on stderr and returns the exit code: 0 done, 1 failed, 2 the config
 //! (or the command line) is wrong.
@@ -174,6 +174,82 @@ pub async fn status(path: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `tollgate rekey`: every upstream's token record sealed with `[state] key` now, one line
+/// each on stdout; 1 when one could not be.
+pub async fn rekey(path: &Path) -> ExitCode {
+    let Some(config) = load(path) else {
+        return ExitCode::from(WRONG_CONFIG);
+    };
+    let keys = match config.state.keys() {
+        Ok(keys) => keys,
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            return ExitCode::from(WRONG_CONFIG);
+        }
+    };
+    let Some(key) = keys.fingerprint().map(str::to_owned) else {
+        eprintln!(
+            "{}: no [state] key is set: tollgate rekey seals the token records with it. Set [state] key = \"${{file:/path/to/key}}\" ({})",
+            path.display(),
+            crate::seal::HOW_TO_MAKE_A_KEY
+        );
+        return ExitCode::from(WRONG_CONFIG);
+    };
+    let store = match store::open(&config.state) {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut failed = false;
+    for up in &config.upstreams {
+        match reseal(&*store, up).await {
+            Ok(true) => println!("{}: sealed with key {key}", up.name),
+            Ok(false) => println!("{}: no token record", up.name),
+            Err(e) => {
+                failed = true;
+                println!("{}: not sealed: {e}", up.name);
+            }
+        }
+    }
+    store.flush().await;
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// `up`'s token record read and written back sealed, under its refresh lock; false when there
+/// is none.
+async fn reseal(
+    store: &dyn store::StateStore,
+    up: &crate::config::UpstreamConfig,
+) -> Result<bool, store::StoreError> {
+    let hold = up.auth.timeout + crate::token::LOCK_MARGIN;
+    let wait = up.auth.timeout + up.auth.answer_timeout + crate::token::LOCK_MARGIN;
+    let until = std::time::Instant::now() + wait;
+    store.lock_life(hold);
+    let lock = loop {
+        match store.lock_refresh(&up.name, wait, hold).await {
+            // A shared store just connected to, or writing back what it lost, grants no lock
+            // for a moment.
+            Err(store::StoreError::Recovering { left, .. })
+                if std::time::Instant::now() + left < until =>
+            {
+                tokio::time::sleep(left.min(Duration::from_secs(1))).await;
+            }
+            taken => break taken?,
+        }
+    };
+    let Some(record) = store.load_token(&up.name).await? else {
+        return Ok(false);
+    };
+    store.reseal_token(&up.name, &record, &lock).await?;
+    Ok(true)
 }
 
 /// How long `tollgate token` keeps retrying to save a rotated refresh token before it gives up.

@@ -94,6 +94,10 @@ impl ProxyError {
                 ("client-refused", "Identity server refused the client")
             }
             ProxyError::Token(TokenError::Store(_)) => ("state-store", "State store failure"),
+            ProxyError::Token(TokenError::Sealed(_)) => (
+                "record-sealed",
+                "Token record sealed with a key not configured",
+            ),
             ProxyError::UpstreamUnreachable(_) => ("upstream-unreachable", "Upstream unreachable"),
             ProxyError::UpstreamTimeout(_) => ("upstream-timeout", "Upstream timeout"),
             ProxyError::UpstreamBusy(_) => ("upstream-busy", "Every upstream connection busy"),
@@ -143,6 +147,7 @@ impl ProxyError {
             }
             ProxyError::Quota(QuotaError::Store(_))
             | ProxyError::Token(TokenError::Store(_))
+            | ProxyError::Token(TokenError::Sealed(_))
             | ProxyError::UpstreamBusy(_) => {
                 response
                     .headers_mut()

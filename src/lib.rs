@@ -25,6 +25,7 @@ pub mod pipeline;
 pub mod proxy;
 pub mod quota;
 pub mod response;
+pub mod seal;
 pub mod secret;
 pub mod semaphore;
 pub mod server;

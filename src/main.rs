@@ -93,6 +93,12 @@ enum Command {
     },
     /// Ask a running serve (its [admin] listener) for tokens and quotas; print them as a table.
     Status(ConfigArg),
+    /// Seal every token record with [state] key now (after a key rotation).
+    ///
+    /// Each record is read (opened with [state] key or one of previous_keys) and written back
+    /// sealed with [state] key, under its refresh lock: safe beside a running serve. A record
+    /// no configured key opens is left as it is, and said.
+    Rekey(ConfigArg),
 }
 
 /// Logs on stderr in `format`, filtered by `RUST_LOG`, else showing `default` and up.
@@ -146,6 +152,7 @@ fn main() -> ExitCode {
                 timeout,
             } => commands::login(&arg.config, &name, no_browser, timeout).await,
             Command::Status(arg) => commands::status(&arg.config).await,
+            Command::Rekey(arg) => commands::rekey(&arg.config).await,
             #[cfg(feature = "demo")]
             Command::Demo => {
                 tollgate::demo::run(commands::shutdown_signal()).await?;

@@ -172,6 +172,12 @@ impl Config {
         }
         if let Ok(StoreLocation::Redis(redis)) = self.state.location() {
             out.extend(redis_warnings(&redis));
+            if self.state.key.is_none() {
+                out.push(format!(
+                    "state.store {} holds the refresh tokens unsealed: anyone with the Redis password, and every backup or replica of it, can read and redeem them; set [state] key (see docs/security.md, \"Sealed token records\")",
+                    redis.shown
+                ));
+            }
         }
         for up in &self.upstreams {
             if !up.listen.ip().is_loopback() && up.tls.is_none() {
@@ -280,6 +286,21 @@ fn describe_state(state: &StateConfig) -> String {
         return out;
     };
     let _ = writeln!(out, "state.store = {}", location.shown());
+    if let Ok(keys) = state.keys() {
+        let sealed = match keys.fingerprint() {
+            Some(id) => format!("sealed with key {id} (AES-256-GCM)"),
+            None => "plain: no [state] key, the token records are not sealed".into(),
+        };
+        let _ = writeln!(out, "state.key = {sealed}");
+        let previous: Vec<&str> = keys.previous_fingerprints().collect();
+        if !previous.is_empty() {
+            let _ = writeln!(
+                out,
+                "state.previous_keys = {} (open only)",
+                previous.join(", ")
+            );
+        }
+    }
     if let StoreLocation::Redis(_) = location {
         let _ = writeln!(out, "state.prefix = {}", state.prefix);
         let timeout = humantime::format_duration(state.timeout);

@@ -51,12 +51,32 @@ pub struct StateConfig {
     /// its data; the replicas write back what they know within two of these.
     #[serde(default = "default_heartbeat", deserialize_with = "de_duration")]
     pub heartbeat: Duration,
+    /// Seals the secrets of every token record (32 bytes, base64); see [`crate::seal`].
+    pub key: Option<Secret<String>>,
+    /// Keys that still open records, never used to seal: a rotation's old keys.
+    #[serde(default)]
+    pub previous_keys: Vec<Secret<String>>,
 }
 
 impl StateConfig {
     /// Where `store` points.
     pub fn location(&self) -> Result<StoreLocation, String> {
         StoreLocation::parse(self.store.expose())
+    }
+
+    /// The keys records are sealed and opened with.
+    pub fn keys(&self) -> Result<crate::seal::Keys, String> {
+        crate::seal::Keys::new(self.key.as_ref(), &self.previous_keys)
+    }
+
+    /// Whether `other` is the same store, whatever its keys (a reload may change those).
+    pub fn same_store(&self, other: &StateConfig) -> bool {
+        let keyless = |s: &StateConfig| StateConfig {
+            key: None,
+            previous_keys: Vec::new(),
+            ..s.clone()
+        };
+        keyless(self) == keyless(other)
     }
 }
 
@@ -68,6 +88,8 @@ impl Default for StateConfig {
             timeout: default_store_timeout(),
             ca_file: None,
             heartbeat: default_heartbeat(),
+            key: None,
+            previous_keys: Vec::new(),
         }
     }
 }

@@ -92,6 +92,20 @@ impl Config {
 
 /// `[state]`: a store tollgate can open, and what a Redis store needs.
 fn check_state(state: &StateConfig, report: &mut impl FnMut(&str, String)) {
+    if let Some(Err(e)) = state.key.as_ref().map(crate::seal::check_key) {
+        report("state.key", e);
+    }
+    for (i, key) in state.previous_keys.iter().enumerate() {
+        if let Err(e) = crate::seal::check_key(key) {
+            report(&format!("state.previous_keys[{i}]"), e);
+        }
+    }
+    if !state.previous_keys.is_empty() && state.key.is_none() {
+        report(
+            "state.previous_keys",
+            "open records only; set [state] key too, which seals them from now on".into(),
+        );
+    }
     let redis = match state.location() {
         Err(message) => return report("state.store", message),
         Ok(StoreLocation::File(_)) => return,

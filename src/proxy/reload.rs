@@ -69,7 +69,7 @@ impl Proxy {
     /// (SIGHUP). When any part of it cannot be put in force, nothing changes and the reason is
     /// returned.
     pub async fn reload(&mut self, config: &Config) -> Result<Reloaded, StartError> {
-        if config.state != self.config.state {
+        if !config.state.same_store(&self.config.state) {
             let shown = |c: &Config| c.state.location().map_or_else(|e| e, |l| l.shown());
             return Err(StartError::StoreLocation(format!(
                 "[state] changed (now `{}`, was `{}`); moving the state store takes a restart",
@@ -92,7 +92,17 @@ impl Proxy {
             .filter(|old| config.upstream(&old.name).is_none())
             .map(|old| old.name.clone())
             .collect();
+        let keys = (config.state.key != self.config.state.key
+            || config.state.previous_keys != self.config.state.previous_keys)
+            .then(|| config.state.keys())
+            .transpose()
+            .map_err(StartError::StoreLocation)?;
         self.apply(config).await?;
+        if let Some(keys) = keys {
+            let sealing = keys.fingerprint().unwrap_or("none").to_owned();
+            self.store.set_keys(keys);
+            tracing::info!(key = %sealing, "state keys reloaded: token records are sealed with the new [state] key from their next save");
+        }
         Ok(changes)
     }
 

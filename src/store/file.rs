@@ -3,20 +3,25 @@
 //! so after a crash the file is either the old record or the new one, never a torn mix.
 //! `flock` on `<name>.lock` serialises refreshes across processes on the same directory.
 
-use super::TokenRecord;
 use super::{Period, RefreshLock, Relation, Reservation, Seen, StateStore, StoreError, Used};
+use super::{Place, TokenRecord, OWN_IDENTITY};
+use crate::seal::Keys;
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The file store rooted at one directory.
 #[derive(Debug, Clone)]
 pub struct FileStore {
     dir: PathBuf,
+    /// What token records are sealed and opened with (`[state] key`).
+    keys: Arc<ArcSwap<Keys>>,
 }
 
 impl FileStore {
@@ -48,6 +53,7 @@ impl FileStore {
         }
         Ok(FileStore {
             dir: dir.to_path_buf(),
+            keys: Arc::default(),
         })
     }
 
@@ -186,12 +192,28 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     }
 }
 
+/// Where a record of this store lives: a state directory has no namespace of its own.
+fn place(upstream: &str) -> Place<'_> {
+    Place {
+        namespace: "",
+        upstream,
+        identity: OWN_IDENTITY,
+    }
+}
+
+/// Read a file; `None` when it does not exist.
+fn read_bytes(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
+    match fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
 /// Read and parse a JSON document; `None` when it does not exist.
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreError> {
-    let bytes = match fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err(path)(e)),
+    let Some(bytes) = read_bytes(path)? else {
+        return Ok(None);
     };
     serde_json::from_slice(&bytes)
         .map(Some)
@@ -272,7 +294,17 @@ async fn blocking<T: Send + 'static>(
 impl StateStore for FileStore {
     async fn load_token(&self, upstream: &str) -> Result<Option<TokenRecord>, StoreError> {
         let path = self.token_path(upstream);
-        blocking(move || read_json(&path)).await
+        let read = blocking({
+            let path = path.clone();
+            move || read_bytes(&path)
+        })
+        .await?;
+        let Some(bytes) = read else {
+            return Ok(None);
+        };
+        TokenRecord::decode(&bytes, &place(upstream), &self.keys.load())
+            .map(Some)
+            .map_err(|e| StoreError::unread(upstream, path.display().to_string(), e))
     }
 
     async fn save_token(
@@ -282,7 +314,9 @@ impl StateStore for FileStore {
         lock: &RefreshLock,
     ) -> Result<(), StoreError> {
         let path = self.token_path(upstream);
-        let bytes = serde_json::to_vec_pretty(record).expect("a token record always serialises");
+        let bytes = record
+            .encode(&place(upstream), &self.keys.load())
+            .into_bytes();
         let held = lock.share();
         blocking(move || {
             let written = write_durably(&path, &bytes);
@@ -290,6 +324,10 @@ impl StateStore for FileStore {
             written
         })
         .await
+    }
+
+    fn set_keys(&self, keys: Keys) {
+        self.keys.store(Arc::new(keys));
     }
 
     async fn lock_refresh(

@@ -9,80 +9,19 @@
 
 mod file;
 mod period;
+mod record;
 mod redis;
 
 pub use self::redis::RedisStore;
 pub use file::FileStore;
 pub use period::{Period, Relation};
+pub use record::{Place, TokenRecord, Unread, OWN_IDENTITY};
 
 use crate::config::{StateConfig, StoreLocation};
-use crate::secret::Secret;
+use crate::seal::Keys;
 use async_trait::async_trait;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// The persisted token state of one upstream.
-#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct TokenRecord {
-    /// SHA-256 of the seed this lineage grew from; a different seed in the config wins.
-    pub seed_hash: String,
-    /// The newest refresh token of the lineage, if the grant has one.
-    #[serde(
-        default,
-        serialize_with = "ser_opt_secret",
-        deserialize_with = "de_opt_secret"
-    )]
-    pub refresh_token: Option<Secret<String>>,
-    #[serde(
-        default,
-        serialize_with = "ser_opt_secret",
-        deserialize_with = "de_opt_secret"
-    )]
-    pub access_token: Option<Secret<String>>,
-    /// When the access token was issued and when it expires, in Unix milliseconds.
-    #[serde(default)]
-    pub issued_at_ms: u64,
-    #[serde(default)]
-    pub expires_at_ms: u64,
-    /// Counts refreshes of this lineage; the cache uses it to tell tokens apart.
-    pub generation: u64,
-    /// When `tollgate login` started this lineage (Unix ms); 0 when it grew from the seed in
-    /// the config. A newer login wins over any generation of an older one.
-    #[serde(default)]
-    pub login_at_ms: u64,
-}
-
-impl TokenRecord {
-    /// Whether this record comes after `other` in their lineage: a later login, or a later
-    /// generation of the same login.
-    pub fn is_after(&self, other: &TokenRecord) -> bool {
-        (self.login_at_ms, self.generation) > (other.login_at_ms, other.generation)
-    }
-}
-
-impl fmt::Debug for TokenRecord {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TokenRecord")
-            .field("seed_hash", &self.seed_hash)
-            .field("refresh_token", &self.refresh_token)
-            .field("access_token", &self.access_token)
-            .field("issued_at_ms", &self.issued_at_ms)
-            .field("expires_at_ms", &self.expires_at_ms)
-            .field("generation", &self.generation)
-            .field("login_at_ms", &self.login_at_ms)
-            .finish()
-    }
-}
-
-fn ser_opt_secret<S: Serializer>(v: &Option<Secret<String>>, s: S) -> Result<S::Ok, S::Error> {
-    v.as_ref().map(|secret| secret.expose()).serialize(s)
-}
-
-fn de_opt_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret<String>>, D::Error> {
-    Option::<String>::deserialize(d).map(|o| o.map(Secret::new))
-}
 
 /// The outcome of [`StateStore::reserve_quota`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,6 +132,34 @@ pub enum StoreError {
     /// `state.store` names no store this version can open.
     #[error("state.store: {0}")]
     Location(String),
+    /// A sealed token record no configured key opens: its plain fields, and why. Never
+    /// overwritten by the proxy, never redeemed.
+    #[error("the token record of `{upstream}` in the state store does not open: {why}. Until it opens, tollgate neither redeems nor overwrites it; to start over instead, run `tollgate login {upstream}` or give the upstream a new seed")]
+    Sealed {
+        upstream: String,
+        seed_hash: String,
+        generation: u64,
+        why: String,
+    },
+}
+
+impl StoreError {
+    /// A record `upstream`'s store could not read at `path`.
+    pub(crate) fn unread(upstream: &str, path: String, unread: Unread) -> StoreError {
+        match unread {
+            Unread::Damaged(reason) => StoreError::Corrupt { path, reason },
+            Unread::Sealed {
+                seed_hash,
+                generation,
+                why,
+            } => StoreError::Sealed {
+                upstream: upstream.to_owned(),
+                seed_hash,
+                generation,
+                why,
+            },
+        }
+    }
 }
 
 /// Persistent state shared by every tollgate process that uses the same store.
@@ -210,6 +177,22 @@ pub trait StateStore: Send + Sync {
         record: &TokenRecord,
         lock: &RefreshLock,
     ) -> Result<(), StoreError>;
+
+    /// Write `record`, read from the store under `lock`, again as it is, sealed with the key
+    /// now configured (`tollgate rekey`). A store that only moves forward in a lineage takes
+    /// it at the same place.
+    async fn reseal_token(
+        &self,
+        upstream: &str,
+        record: &TokenRecord,
+        lock: &RefreshLock,
+    ) -> Result<(), StoreError> {
+        self.save_token(upstream, record, lock).await
+    }
+
+    /// Seal and open token records with `keys` from now on (a reload changed `[state] key`
+    /// or `previous_keys`).
+    fn set_keys(&self, keys: Keys);
 
     /// Wait (up to `wait`) for the right to redeem `upstream`'s refresh token, for at least
     /// `hold` (a shared store's lock expires after that, in case its holder died).
@@ -375,10 +358,14 @@ pub fn check(state: &StateConfig) -> Result<(), String> {
     })
 }
 
-/// Open the store that `state.store` names. A Redis store connects on first use.
+/// Open the store that `state.store` names, sealing with `[state] key`. A Redis store
+/// connects on first use.
 pub fn open(state: &StateConfig) -> Result<Arc<dyn StateStore>, StoreError> {
-    match state.location().map_err(StoreError::Location)? {
-        StoreLocation::File(dir) => Ok(Arc::new(FileStore::open(&dir)?)),
-        StoreLocation::Redis(url) => Ok(Arc::new(RedisStore::open(&url, state)?)),
-    }
+    let keys = state.keys().map_err(StoreError::Location)?;
+    let store: Arc<dyn StateStore> = match state.location().map_err(StoreError::Location)? {
+        StoreLocation::File(dir) => Arc::new(FileStore::open(&dir)?),
+        StoreLocation::Redis(url) => Arc::new(RedisStore::open(&url, state)?),
+    };
+    store.set_keys(keys);
+    Ok(store)
 }

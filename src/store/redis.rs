@@ -38,10 +38,12 @@ mod lock;
 mod recovery;
 mod settings;
 
-use super::{unix_ms, TokenRecord};
+use super::{unix_ms, Place, TokenRecord, OWN_IDENTITY};
 use super::{Period, RefreshLock, Reservation, Seen, StateStore, StoreError, StoreHealth, Used};
 use crate::config::{RedisUrl, StateConfig};
+use crate::seal::Keys;
 use crate::secret::Secret;
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use link::Link;
 use listener::Listener;
@@ -69,6 +71,8 @@ pub struct RedisStore {
     lock_life_ms: AtomicU64,
     /// The store's epoch as this replica knows it, and what it would write back.
     recovery: Recovery,
+    /// What token records are sealed and opened with (`[state] key`).
+    keys: ArcSwap<Keys>,
     /// The URL as messages show it.
     shown: String,
     /// This replica, as its locks name it.
@@ -157,6 +161,7 @@ impl RedisStore {
             heartbeat: state.heartbeat,
             lock_life_ms: AtomicU64::new(0),
             recovery: Recovery::default(),
+            keys: ArcSwap::default(),
             shown: url.shown.clone(),
             id: format!("{:016x}", rand::random::<u64>()),
             scripts: Scripts {
@@ -183,6 +188,15 @@ impl RedisStore {
     /// This replica's id, as its locks name it.
     pub fn replica(&self) -> &str {
         &self.id
+    }
+
+    /// Where a record of `upstream` lives: under this store's prefix.
+    fn place<'a>(&'a self, upstream: &'a str) -> Place<'a> {
+        Place {
+            namespace: &self.prefix,
+            upstream,
+            identity: OWN_IDENTITY,
+        }
     }
 
     fn key(&self, upstream: &str, what: &str) -> String {
@@ -278,9 +292,9 @@ impl RedisStore {
         Some(sender.subscribe())
     }
 
-    /// `save.lua`: `record` as `upstream`'s, saved under the lock of `fence` (`save`), or
-    /// written back after a loss (`restore`: `fence` is the one it was saved under). Its
-    /// answer: `ok`, or why not.
+    /// `save.lua`: `record` as `upstream`'s, saved under the lock of `fence` (`save`), sealed
+    /// again at the same place (`reseal`), or written back after a loss (`restore`: `fence`
+    /// is the one it was saved under). Its answer: `ok`, or why not.
     async fn write_record(
         &self,
         upstream: &str,
@@ -288,7 +302,7 @@ impl RedisStore {
         fence: u64,
         mode: &str,
     ) -> Result<String, StoreError> {
-        let json = serde_json::to_string(record).expect("a token record always serialises");
+        let json = record.encode(&self.place(upstream), &self.keys.load());
         let mut invocation = self.scripts.save.key(self.key(upstream, "token"));
         invocation
             .key(self.key(upstream, "fence"))
@@ -319,9 +333,10 @@ impl StateStore for RedisStore {
             .await?;
         let record: Option<TokenRecord> = json
             .map(|json| {
-                serde_json::from_str(&json).map_err(|e| StoreError::Corrupt {
-                    path: format!("{} key {}", self.shown, self.key(upstream, "token")),
-                    reason: e.to_string(),
+                let keys = self.keys.load();
+                TokenRecord::decode(json.as_bytes(), &self.place(upstream), &keys).map_err(|e| {
+                    let at = format!("{} key {}", self.shown, self.key(upstream, "token"));
+                    StoreError::unread(upstream, at, e)
                 })
             })
             .transpose()?;
@@ -350,6 +365,27 @@ impl StateStore for RedisStore {
                 upstream: upstream.to_owned(),
             }),
         }
+    }
+
+    async fn reseal_token(
+        &self,
+        upstream: &str,
+        record: &TokenRecord,
+        lock: &RefreshLock,
+    ) -> Result<(), StoreError> {
+        let outcome = self
+            .write_record(upstream, record, lock.fence, "reseal")
+            .await?;
+        match outcome.as_str() {
+            "ok" => Ok(()),
+            _ => Err(StoreError::Superseded {
+                upstream: upstream.to_owned(),
+            }),
+        }
+    }
+
+    fn set_keys(&self, keys: Keys) {
+        self.keys.store(Arc::new(keys));
     }
 
     async fn lock_refresh(

@@ -62,7 +62,7 @@ impl Refresher {
                 Err(TokenError::Unavailable { retry_after, .. }) => {
                     wake_at = Instant::now() + backoff.next_delay().max(retry_after);
                 }
-                Err(TokenError::Store(_)) => {
+                Err(TokenError::Store(_) | TokenError::Sealed(_)) => {
                     wake_at = Instant::now() + backoff.next_delay();
                 }
             }

@@ -90,6 +90,7 @@ impl Attempt {
             },
             // The store is writing back what it lost: the lock comes back by itself.
             StoreError::Recovering { .. } => Attempt::Recovering(e.to_string()),
+            StoreError::Sealed { .. } => Attempt::Final(TokenError::Sealed(e.to_string())),
             other => Attempt::Final(TokenError::Store(other.to_string())),
         }
     }

@@ -342,12 +342,17 @@ impl Callback {
                 description: Some("the identity server issued no refresh token; ask for offline_access in auth.scope".into()),
             }));
         }
-        let previous = login
-            .store
-            .load_token(name)
-            .await
-            .map_err(store_error)?
-            .map_or(0, |r| r.generation);
+        let previous = match login.store.load_token(name).await {
+            Ok(stored) => stored.map_or(0, |r| r.generation),
+            // The operator starting over: said, and replaced.
+            Err(crate::store::StoreError::Sealed {
+                generation, why, ..
+            }) => {
+                tracing::warn!(upstream = %name, generation, %why, "the stored token record does not open; this login replaces it");
+                generation
+            }
+            Err(e) => return Err(store_error(e)),
+        };
         let mut issued = issued;
         issued.logged_in = true;
         let lineage = lineage_hash(&login.upstream.auth);

@@ -98,6 +98,10 @@ pub enum TokenError {
     /// The state store failed; refreshing without it could lose a rotated refresh token.
     #[error("the state store failed: {0}")]
     Store(String),
+    /// The stored record is sealed with a key not configured: it is neither redeemed nor
+    /// overwritten until `[state] key` opens it.
+    #[error("{0}")]
+    Sealed(String),
 }
 
 /// What a refresh is for; decides whether a still-usable token may be kept.

@@ -24,11 +24,26 @@ impl Refresher {
         &self,
         store_lock: &RefreshLock,
     ) -> Result<(Option<TokenRecord>, bool), Attempt> {
-        let stored = self
-            .store
-            .load_token(&self.name)
-            .await
-            .map_err(Attempt::store)?;
+        let stored = match self.store.load_token(&self.name).await {
+            Ok(stored) => stored,
+            // Another lineage's record, sealed with a key not configured: what decides is
+            // that it is another lineage (a new seed wins over it), not its secrets.
+            Err(StoreError::Sealed {
+                seed_hash,
+                generation,
+                why,
+                ..
+            }) if seed_hash != self.seed_hash => {
+                tracing::warn!(upstream = %self.name, generation, %why, "the stored token record is of another lineage and does not open");
+                Some(TokenRecord::unopened(seed_hash, generation))
+            }
+            Err(e) => {
+                if let StoreError::Sealed { .. } = e {
+                    tracing::error!(upstream = %self.name, "{e}");
+                }
+                return Err(Attempt::store(e));
+            }
+        };
         let Some(known) = lock(&self.known).clone() else {
             return Ok((stored, false));
         };

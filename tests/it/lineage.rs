@@ -158,6 +158,10 @@ impl StateStore for FlakyStore {
         self.inner.save_token(upstream, record, lock).await
     }
 
+    fn set_keys(&self, keys: tollgate::seal::Keys) {
+        self.inner.set_keys(keys)
+    }
+
     async fn lock_refresh(
         &self,
         upstream: &str,

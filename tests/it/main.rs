@@ -27,6 +27,7 @@ mod quotas;
 mod reload;
 mod replicas;
 mod restart;
+mod sealed;
 mod secrets;
 mod shutdown;
 mod status_page;

@@ -10,12 +10,23 @@
 -- KEYS[1] token record (hash)   KEYS[2] fence counter
 -- ARGV[1] fence   ARGV[2] generation   ARGV[3] seed hash   ARGV[4] record (JSON)
 -- ARGV[5] channel to announce the generation on   ARGV[6] login time (ms, 0 for the seed's)
--- ARGV[7] 'save', or 'restore' for a write-back
+-- ARGV[7] 'save', 'restore' for a write-back, or 'reseal' for the same record sealed again
+--         (`tollgate rekey`): under the lock, and only over the same place in the lineage
 -- -> 'ok'; 'fence' a later holder saved; 'generation' the store holds this place in the
 --    lineage or a later one; 'lineage' (write-back only) the store holds another lineage
 local stored = redis.call('HMGET', KEYS[1], 'fence', 'generation', 'seed_hash', 'login_at')
 local fence = tonumber(ARGV[1])
 local restore = ARGV[7] == 'restore'
+if ARGV[7] == 'reseal' then
+  if not stored[1] or tonumber(stored[1]) > fence then
+    return 'fence'
+  end
+  if stored[2] ~= ARGV[2] or stored[3] ~= ARGV[3] or (stored[4] or '0') ~= ARGV[6] then
+    return 'generation'
+  end
+  redis.call('HSET', KEYS[1], 'record', ARGV[4])
+  return 'ok'
+end
 if restore then
   if stored[2] and stored[3] ~= ARGV[3] then
     return 'lineage'

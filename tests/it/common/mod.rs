@@ -128,6 +128,8 @@ pub struct Setup {
     pub clock: Clock,
     /// Start the admin listener too, on `127.0.0.1:0`.
     pub admin: bool,
+    /// More lines of `[state]` (a `key`).
+    pub extra_state: String,
 }
 
 impl Setup {
@@ -152,6 +154,7 @@ impl Default for Setup {
             extra_tables: String::new(),
             clock: Clock::system(),
             admin: false,
+            extra_state: String::new(),
         }
     }
 }
@@ -308,6 +311,7 @@ pub fn config_text(
         r#"
 [state]
 store = "file:{state}"
+{extra_state}
 {admin}
 
 [[upstream]]
@@ -339,6 +343,7 @@ client_secret = "{client_secret}"
         } else {
             ""
         },
+        extra_state = setup.extra_state,
         extra_upstream = setup.extra_upstream,
         extra_auth = setup.extra_auth,
         extra_tables = setup.extra_tables,
