@@ -34,6 +34,10 @@ pub fn check(path: &Path) -> ExitCode {
     for w in config.warnings() {
         eprintln!("warning: {w}");
     }
+    let upstreams = config.upstreams.iter().map(|u| u.name.as_str());
+    for problem in store::record_problems(&config.state, upstreams) {
+        eprintln!("warning: {problem}");
+    }
     ExitCode::SUCCESS
 }
 

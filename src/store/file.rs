@@ -57,6 +57,22 @@ impl FileStore {
         })
     }
 
+    /// The token record of `upstream` in `dir`, read without opening the store (which
+    /// creates and tightens the directory): what `tollgate check` looks at.
+    pub fn peek(
+        dir: &Path,
+        upstream: &str,
+        keys: &Keys,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let path = dir.join(format!("{upstream}.token.json"));
+        let Some(bytes) = read_bytes(&path)? else {
+            return Ok(None);
+        };
+        TokenRecord::decode(&bytes, &place(upstream), keys)
+            .map(Some)
+            .map_err(|e| StoreError::unread(upstream, path.display().to_string(), e))
+    }
+
     fn token_path(&self, upstream: &str) -> PathBuf {
         self.dir.join(format!("{upstream}.token.json"))
     }

@@ -358,6 +358,22 @@ pub fn check(state: &StateConfig) -> Result<(), String> {
     })
 }
 
+/// What `tollgate check` can tell of the token records without changing anything: in a state
+/// directory, each record of `upstreams` that no configured key opens, or that cannot be
+/// read. (A shared store is not asked: `/readyz` says the same of it.)
+pub fn record_problems<'a>(
+    state: &StateConfig,
+    upstreams: impl Iterator<Item = &'a str>,
+) -> Vec<String> {
+    let (Ok(StoreLocation::File(dir)), Ok(keys)) = (state.location(), state.keys()) else {
+        return Vec::new();
+    };
+    upstreams
+        .filter_map(|name| FileStore::peek(&dir, name, &keys).err())
+        .map(|e| e.to_string())
+        .collect()
+}
+
 /// Open the store that `state.store` names, sealing with `[state] key`. A Redis store
 /// connects on first use.
 pub fn open(state: &StateConfig) -> Result<Arc<dyn StateStore>, StoreError> {

@@ -130,6 +130,15 @@ async fn a_wrong_key_is_refused_in_words_and_rotation_goes_on_with_previous_keys
     );
     let now = std::fs::read(h.state_dir().join("api.token.json")).unwrap();
     assert_eq!(now, record, "nothing overwritten");
+    let path = h.write_config("wrong-key.toml", &h.config_text);
+    let out = Tollgate::new(&["check"])
+        .config_file(&path)
+        .run_async()
+        .await;
+    assert!(
+        out.stderr.contains("does not open") && out.stderr.contains("[state] key"),
+        "{out:?}"
+    );
 
     // Rotation, step 2: the new key seals, the old one still opens. A reload puts it in force.
     let rotated = sealed_with_1.replace(
