@@ -233,3 +233,42 @@ async fn token_after_login_uses_the_stored_token() {
     assert!(stderr.contains("using the stored token"), "{stderr}");
     assert!(!stderr.contains("another process"), "{stderr}");
 }
+
+/// The operator starting over: a login replaces a record no configured key opens (the key was
+/// lost), says that it does, and the new record is sealed with the key now set.
+#[tokio::test]
+async fn a_login_replaces_a_record_no_key_opens_and_says_so() {
+    let logs = common::logs();
+    let redirect = format!("http://127.0.0.1:{}/callback", common::free_port());
+    let lost = "key = \"bG9zdCBrZXkgb2YgdGhpcnR5LXR3byBieXRlcyBsb24=\"";
+    let mut h = Harness::start(Setup {
+        identity: IdentityConfig {
+            redirect_uris: vec![redirect.clone()],
+            ..IdentityConfig::default()
+        },
+        extra_state: lost.into(),
+        ..Setup::default()
+    })
+    .await;
+    assert_eq!(h.get("/warm").await.status, 200);
+    h.stop_proxy().await;
+    let lost_id = h.stored()["sealed"]["key"].as_str().unwrap().to_owned();
+
+    let text = login_text(&h, &redirect).replace(
+        lost,
+        "key = \"bmV3IGtleSBvZiB0aGlydHktdHdvIGJ5dGVzIGxvbmc=\"",
+    );
+    let config = common::parse(&text);
+    log_in(&config).await;
+    assert!(
+        logs.text()
+            .contains("the stored token record does not open; this login replaces it"),
+        "the login says it replaced the record"
+    );
+    let stored = h.stored();
+    assert_ne!(stored["sealed"]["key"].as_str().unwrap(), lost_id);
+    let proxy = tollgate::Proxy::start(&config).await.unwrap();
+    let url = format!("http://{}/after-login", proxy.addr("api").unwrap());
+    assert_eq!(common::get(url).await.status, 200);
+    proxy.shutdown().await;
+}

@@ -194,6 +194,32 @@ async fn a_plain_store_is_sealed_at_its_next_save() {
     h.assert_lineage_intact();
 }
 
+/// The operator starting over: a new seed in the config replaces a record no configured key
+/// opens (it is another lineage), and the log says so.
+#[tokio::test]
+async fn a_new_seed_replaces_a_record_no_key_opens() {
+    let logs = common::logs();
+    let mut h = Harness::start(sealed_setup(8)).await;
+    assert_eq!(h.get("/warm").await.status, 200);
+    h.stop_proxy().await;
+    h.identity.revoke_all();
+    let new_seed = h.identity.issue_refresh_token();
+    h.config_text = h
+        .config_text
+        .replace(&h.seed, &new_seed)
+        .replace(&key_line(8), &key_line(9));
+    h.seed = new_seed;
+    h.start_proxy().await;
+    let served = h.get("/with-new-seed").await;
+    assert_eq!(served.status, 200, "{}", served.text());
+    assert_eq!(h.stored()["generation"], 1, "a new lineage starts");
+    let logs = logs.text();
+    assert!(
+        logs.contains("the stored token record is of another lineage and does not open"),
+        "{logs}"
+    );
+}
+
 /// A record copied under another upstream's name does not open there, and says why.
 #[tokio::test]
 async fn a_record_moved_to_another_upstream_does_not_open() {
@@ -296,6 +322,49 @@ async fn a_sealed_redis_store_holds_no_token() {
         "{values:?}"
     );
     assert_no_token_in(&h, &values);
+
+    // Rotation across the group: every replica first gets the new key, the old one kept to
+    // open; then `tollgate rekey` seals the record with the new key beside them.
+    let rotated = text.replace(
+        &key_line(7),
+        &format!("{}\nprevious_keys = [\"{}\"]", key_line(10), key(7)),
+    );
+    let mut group = group;
+    for proxy in &mut group {
+        proxy
+            .reload(&common::parse(&rotated))
+            .await
+            .expect("reloaded");
+    }
+    let record = || {
+        format!(
+            "{:?}",
+            redis.command(&["HGET", "tollgate:api:token", "record"])
+        )
+    };
+    let before = record();
+    let path = h.write_config("rotated.toml", &rotated);
+    let out = Tollgate::new(&["rekey"])
+        .config_file(&path)
+        .run_async()
+        .await;
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    let after = record();
+    assert!(out.stdout.starts_with("api: sealed with key "), "{out:?}");
+    let id = out.stdout.trim().rsplit(' ').next().unwrap().to_owned();
+    assert!(
+        after.contains(&id) && !before.contains(&id),
+        "{before}\n{after}"
+    );
+    h.identity.expire_access_tokens();
+    for proxy in &group {
+        assert_eq!(
+            common::get(common::url_of(proxy, "/after-rekey"))
+                .await
+                .status,
+            200
+        );
+    }
     common::shut_down(group).await;
     h.assert_lineage_intact();
 
