@@ -319,6 +319,26 @@ impl RedisStore {
         })
         .await
     }
+
+    /// [`RedisStore::write_record`] under `lock`: a later holder's record wins over it.
+    async fn write_under_lock(
+        &self,
+        upstream: &str,
+        record: &TokenRecord,
+        lock: &RefreshLock,
+        mode: &str,
+    ) -> Result<(), StoreError> {
+        match self
+            .write_record(upstream, record, lock.fence, mode)
+            .await?
+            .as_str()
+        {
+            "ok" => Ok(()),
+            _ => Err(StoreError::Superseded {
+                upstream: upstream.to_owned(),
+            }),
+        }
+    }
 }
 
 #[async_trait]
@@ -353,18 +373,10 @@ impl StateStore for RedisStore {
         record: &TokenRecord,
         lock: &RefreshLock,
     ) -> Result<(), StoreError> {
-        let outcome = self
-            .write_record(upstream, record, lock.fence, "save")
+        self.write_under_lock(upstream, record, lock, "save")
             .await?;
-        match outcome.as_str() {
-            "ok" => {
-                self.recovery.saw_record(upstream, record, lock.fence);
-                Ok(())
-            }
-            _ => Err(StoreError::Superseded {
-                upstream: upstream.to_owned(),
-            }),
-        }
+        self.recovery.saw_record(upstream, record, lock.fence);
+        Ok(())
     }
 
     async fn reseal_token(
@@ -373,15 +385,8 @@ impl StateStore for RedisStore {
         record: &TokenRecord,
         lock: &RefreshLock,
     ) -> Result<(), StoreError> {
-        let outcome = self
-            .write_record(upstream, record, lock.fence, "reseal")
-            .await?;
-        match outcome.as_str() {
-            "ok" => Ok(()),
-            _ => Err(StoreError::Superseded {
-                upstream: upstream.to_owned(),
-            }),
-        }
+        self.write_under_lock(upstream, record, lock, "reseal")
+            .await
     }
 
     fn set_keys(&self, keys: Keys) {

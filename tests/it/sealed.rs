@@ -59,6 +59,18 @@ fn sealed_with(h: &Harness) -> String {
         .to_owned()
 }
 
+/// `path` is served from the stored record: nothing is redeemed for it.
+async fn serves_without_redeeming(h: &Harness, path: &str) {
+    let asked = h.identity.counters().token_requests;
+    let served = h.get(path).await;
+    assert_eq!(served.status, 200, "{}", served.text());
+    assert_eq!(
+        h.identity.counters().token_requests,
+        asked,
+        "redeemed for {path}"
+    );
+}
+
 /// With a key, the state directory holds no token the identity server issued, across
 /// refreshes; a restart with the key goes on from the sealed record without redeeming.
 #[tokio::test]
@@ -79,13 +91,7 @@ async fn a_sealed_file_store_holds_no_token_and_restarts_without_redeeming() {
 
     h.stop_proxy().await;
     h.start_proxy().await;
-    let asked = h.identity.counters().token_requests;
-    assert_eq!(h.get("/after-restart").await.status, 200);
-    assert_eq!(
-        h.identity.counters().token_requests,
-        asked,
-        "adopted, not redeemed"
-    );
+    serves_without_redeeming(&h, "/after-restart").await;
     h.identity.expire_access_tokens();
     assert_eq!(h.get("/refresh-after-restart").await.status, 200);
     h.assert_lineage_intact();
@@ -158,9 +164,7 @@ async fn a_wrong_key_is_refused_in_words_and_rotation_goes_on_with_previous_keys
     h.stop_proxy().await;
     h.config_text = sealed_with_1.replace(&key_line(1), &key_line(2));
     h.start_proxy().await;
-    let asked = h.identity.counters().token_requests;
-    assert_eq!(h.get("/new-key-alone").await.status, 200);
-    assert_eq!(h.identity.counters().token_requests, asked);
+    serves_without_redeeming(&h, "/new-key-alone").await;
     h.assert_lineage_intact();
 }
 
@@ -179,13 +183,7 @@ async fn a_plain_store_is_sealed_at_its_next_save() {
         &format!("{}\n\n[[upstream]]", key_line(3)),
     );
     h.start_proxy().await;
-    let asked = h.identity.counters().token_requests;
-    assert_eq!(h.get("/adopted").await.status, 200);
-    assert_eq!(
-        h.identity.counters().token_requests,
-        asked,
-        "read as before"
-    );
+    serves_without_redeeming(&h, "/adopted").await;
     h.identity.expire_access_tokens();
     assert_eq!(h.get("/saved").await.status, 200);
     assert!(h.stored()["sealed"].is_object(), "{}", h.stored());
@@ -265,9 +263,7 @@ async fn rekey_seals_every_record_with_the_new_key() {
     h.stop_proxy().await;
     h.config_text = original.replace(&key_line(5), &key_line(6));
     h.start_proxy().await;
-    let asked = h.identity.counters().token_requests;
-    assert_eq!(h.get("/after-rekey").await.status, 200);
-    assert_eq!(h.identity.counters().token_requests, asked);
+    serves_without_redeeming(&h, "/after-rekey").await;
 
     // Without a key there is nothing to seal with: the config is wrong, and says how to fix it.
     let path = h.write_config("keyless.toml", &original.replace(&key_line(5), ""));
