@@ -3,7 +3,8 @@
 //!
 //! Keys live under `{prefix}:{upstream}:` (`[state] prefix`, default `tollgate`):
 //!
-//! - `token` — a hash: the record (JSON, as the file store writes it), its `generation`,
+//! - `token` — a hash: the record (JSON, as the file store writes it, sealed with `[state] key`
+//!   when one is set: [`records`]), its `generation`,
 //!   `seed_hash`, `login_at`, and the `fence` of the lock it was saved under;
 //! - `lock` — the refresh lock, set with its holder's id and a nonce, living `auth.timeout`
 //!   and a margin and kept alive while its holder works (a token request's answer awaited, a
@@ -35,10 +36,11 @@ mod counts;
 mod link;
 mod listener;
 mod lock;
+mod records;
 mod recovery;
 mod settings;
 
-use super::{unix_ms, Place, TokenRecord, OWN_IDENTITY};
+use super::{unix_ms, TokenRecord};
 use super::{Period, RefreshLock, Reservation, Seen, StateStore, StoreError, StoreHealth, Used};
 use crate::config::{RedisUrl, StateConfig};
 use crate::seal::Keys;
@@ -50,7 +52,7 @@ use listener::Listener;
 use lock::Releasing;
 use recovery::Recovery;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncCommands, Script};
+use redis::Script;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -190,15 +192,6 @@ impl RedisStore {
         &self.id
     }
 
-    /// Where a record of `upstream` lives: under this store's prefix.
-    fn place<'a>(&'a self, upstream: &'a str) -> Place<'a> {
-        Place {
-            namespace: &self.prefix,
-            upstream,
-            identity: OWN_IDENTITY,
-        }
-    }
-
     fn key(&self, upstream: &str, what: &str) -> String {
         format!("{}:{upstream}:{what}", self.prefix)
     }
@@ -291,80 +284,12 @@ impl RedisStore {
             .or_insert_with(|| watch::channel(0).0);
         Some(sender.subscribe())
     }
-
-    /// `save.lua`: `record` as `upstream`'s, saved under the lock of `fence` (`save`), sealed
-    /// again at the same place (`reseal`), or written back after a loss (`restore`: `fence`
-    /// is the one it was saved under). Its answer: `ok`, or why not.
-    async fn write_record(
-        &self,
-        upstream: &str,
-        record: &TokenRecord,
-        fence: u64,
-        mode: &str,
-    ) -> Result<String, StoreError> {
-        let json = record.encode(&self.place(upstream), &self.keys.load());
-        let mut invocation = self.scripts.save.key(self.key(upstream, "token"));
-        invocation
-            .key(self.key(upstream, "fence"))
-            .arg(fence)
-            .arg(record.generation)
-            .arg(&record.seed_hash)
-            .arg(json)
-            .arg(self.key(upstream, "generation"))
-            .arg(record.login_at_ms)
-            .arg(mode);
-        self.run(|mut c| {
-            let invocation = &invocation;
-            async move { invocation.invoke_async(&mut c).await }
-        })
-        .await
-    }
-
-    /// [`RedisStore::write_record`] under `lock`: a later holder's record wins over it.
-    async fn write_under_lock(
-        &self,
-        upstream: &str,
-        record: &TokenRecord,
-        lock: &RefreshLock,
-        mode: &str,
-    ) -> Result<(), StoreError> {
-        match self
-            .write_record(upstream, record, lock.fence, mode)
-            .await?
-            .as_str()
-        {
-            "ok" => Ok(()),
-            _ => Err(StoreError::Superseded {
-                upstream: upstream.to_owned(),
-            }),
-        }
-    }
 }
 
 #[async_trait]
 impl StateStore for RedisStore {
     async fn load_token(&self, upstream: &str) -> Result<Option<TokenRecord>, StoreError> {
-        let key = self.key(upstream, "token");
-        let (json, fence): (Option<String>, Option<u64>) = self
-            .run(|mut c| {
-                let key = &key;
-                async move { c.hmget(key, &["record", "fence"]).await }
-            })
-            .await?;
-        let record: Option<TokenRecord> = json
-            .map(|json| {
-                let keys = self.keys.load();
-                TokenRecord::decode(json.as_bytes(), &self.place(upstream), &keys).map_err(|e| {
-                    let at = format!("{} key {}", self.shown, self.key(upstream, "token"));
-                    StoreError::unread(upstream, at, e)
-                })
-            })
-            .transpose()?;
-        if let Some(record) = &record {
-            self.recovery
-                .saw_record(upstream, record, fence.unwrap_or(0));
-        }
-        Ok(record)
+        self.read_record(upstream).await
     }
 
     async fn save_token(
