@@ -7,8 +7,8 @@
 //! `key` seals; `key` and `previous_keys` open, each record naming the key that sealed it by a
 //! short id ([`Keys::fingerprint`]: the first 8 hex digits of a SHA-256 of the key, which says
 //! nothing of it). A record sealed with a previous key is sealed again with `key` at its next
-//! save. Key material lives in `ring`'s keys and in zeroed-on-drop buffers only, and is never
-//! shown: not in `Debug`, logs or errors.
+//! save. Key material is never shown: not in `Debug`, logs or errors (a key is known by its
+//! id). The decoded key is zeroed once `ring` has it; `ring`'s own key schedule is not.
 
 use crate::secret::Secret;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};

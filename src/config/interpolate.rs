@@ -151,6 +151,37 @@ fn read_secret_file(path: &str) -> Result<String, String> {
     Ok(text)
 }
 
+/// The keys whose values are secrets wherever they are written: a type error quotes the
+/// value, so it is cut out of the message even when it was written in the file itself.
+const SECRET_KEYS: [&str; 8] = [
+    "key",
+    "keys",
+    "previous_keys",
+    "client_secret",
+    "password",
+    "refresh_token",
+    "exchange_token",
+    "store",
+];
+
+/// Every string (or string in an array) under a key of [`SECRET_KEYS`], long enough not to
+/// be mistaken for ordinary words of a message.
+pub(super) fn written_secrets(value: &toml::Value) -> Vec<String> {
+    fn walk(value: &toml::Value, secret: bool, out: &mut Vec<String>) {
+        match value {
+            toml::Value::String(s) if secret && s.len() >= 6 => out.push(s.clone()),
+            toml::Value::Array(items) => items.iter().for_each(|v| walk(v, secret, out)),
+            toml::Value::Table(table) => table
+                .iter()
+                .for_each(|(k, v)| walk(v, SECRET_KEYS.contains(&k.as_str()), out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(value, false, &mut out);
+    out
+}
+
 /// Serde messages quote the offending value; a value that came from the environment may be a
 /// secret, so it is cut out.
 pub(super) fn redact(message: &str, secrets: &[String]) -> String {
@@ -276,5 +307,24 @@ mod tests {
 
         let err = error_of(&GOOD.replace("${SECRET}", "${file:}"));
         assert!(err.contains("names no file"), "{err}");
+    }
+
+    /// A secret written in the file itself is cut out of a type error that quotes it.
+    #[test]
+    fn a_secret_written_in_the_file_is_cut_from_errors() {
+        let key = "c2VhbGluZyBrZXkgb2YgdGhpcnR5LXR3byBieXRlcyE=";
+        let text = GOOD.replace(
+            "[[upstream]]",
+            &format!("previous_keys = \"{key}\"\n\n[[upstream]]"),
+        );
+        let err = error_of(&text);
+        assert!(err.contains("previous_keys"), "{err}");
+        assert!(!err.contains(key), "{err}");
+        let text = GOOD.replace("${SECRET}", "written-secret").replace(
+            "client_secret = \"written-secret\"",
+            "client_secret = [\"written-secret\"]",
+        );
+        let err = error_of(&text);
+        assert!(!err.contains("written-secret"), "{err}");
     }
 }

@@ -2,7 +2,7 @@
 //! presets filled in ([`super::presets`]), the typed structs, then [`Config::validate`]; every
 //! problem placed on its line ([`super::locate`]). `tollgate status` reads `[admin]` alone.
 
-use super::interpolate::{interpolated, redact};
+use super::interpolate::{interpolated, redact, written_secrets};
 use super::locate::{line_of_offset, locate, render_path};
 use super::{AdminConfig, Config, ConfigError, Problem};
 use serde::Deserialize;
@@ -35,7 +35,8 @@ impl Config {
         };
         let mut value = parse_toml(text).map_err(|p| fail(vec![p]))?;
         let written = token_urls_as_written(&value);
-        let secrets = interpolated(&mut value, &env).map_err(|p| fail(locate(text, p)))?;
+        let mut secrets = interpolated(&mut value, &env).map_err(|p| fail(locate(text, p)))?;
+        secrets.extend(written_secrets(&value));
 
         let mut problems = Vec::new();
         let filled = apply_presets(&mut value, &mut problems);

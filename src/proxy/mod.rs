@@ -140,7 +140,7 @@ impl Proxy {
             retiring: JoinSet::new(),
             heartbeat,
         };
-        proxy.apply(config).await?;
+        proxy.apply(config, None).await?;
         Ok(proxy)
     }
 

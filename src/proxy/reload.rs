@@ -24,6 +24,7 @@ use crate::counters::RequestStats;
 use crate::forward;
 use crate::pipeline::Pipeline;
 use crate::quota::Quota;
+use crate::seal::Keys;
 use crate::server::{Bound, Listener, Site, Workers};
 use crate::tls::CertStore;
 use crate::token::TokenCache;
@@ -97,17 +98,17 @@ impl Proxy {
             .then(|| config.state.keys())
             .transpose()
             .map_err(StartError::StoreLocation)?;
-        self.apply(config).await?;
-        if let Some(keys) = keys {
-            let sealing = keys.fingerprint().unwrap_or("none").to_owned();
-            self.store.set_keys(keys);
-            tracing::info!(key = %sealing, "state keys reloaded: token records are sealed with the new [state] key from their next save");
-        }
+        self.apply(config, keys).await?;
         Ok(changes)
     }
 
-    /// Prepare every upstream of `config`, then switch to them.
-    pub(super) async fn apply(&mut self, config: &Config) -> Result<(), StartError> {
+    /// Prepare every upstream of `config`, then switch to them; records are sealed and opened
+    /// with `keys` (when they changed) from the same moment, before any new cache refreshes.
+    pub(super) async fn apply(
+        &mut self,
+        config: &Config,
+        keys: Option<Keys>,
+    ) -> Result<(), StartError> {
         // Listeners drained since the last reload.
         while self.retiring.try_join_next().is_some() {}
         let mut claimed = BTreeSet::new();
@@ -128,6 +129,11 @@ impl Proxy {
             (None, _) => None,
         };
         // Nothing below fails.
+        if let Some(keys) = keys {
+            let sealing = keys.fingerprint().unwrap_or("none").to_owned();
+            self.store.set_keys(keys);
+            tracing::info!(key = %sealing, "state keys reloaded: token records are sealed with [state] key from their next save");
+        }
         let handovers = self.commit(prepared);
         self.switch_admin(config, admin);
         self.config = config.clone();

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -57,20 +57,17 @@ impl FileStore {
         })
     }
 
-    /// The token record of `upstream` in `dir`, read without opening the store (which
-    /// creates and tightens the directory): what `tollgate check` looks at.
-    pub fn peek(
-        dir: &Path,
-        upstream: &str,
-        keys: &Keys,
-    ) -> Result<Option<TokenRecord>, StoreError> {
+    /// Whether the token record of `upstream` in `dir` is sealed (`None`: there is none), or
+    /// why it does not open with `keys`; read without opening the store (which creates and
+    /// tightens the directory): what `tollgate check` looks at.
+    pub fn peek(dir: &Path, upstream: &str, keys: &Keys) -> Result<Option<bool>, StoreError> {
         let path = dir.join(format!("{upstream}.token.json"));
         let Some(bytes) = read_bytes(&path)? else {
             return Ok(None);
         };
         TokenRecord::decode(&bytes, &place(upstream), keys)
-            .map(Some)
-            .map_err(|e| StoreError::unread(upstream, path.display().to_string(), e))
+            .map_err(|e| StoreError::unread(upstream, path.display().to_string(), e))?;
+        Ok(Some(TokenRecord::is_sealed(&bytes)))
     }
 
     fn token_path(&self, upstream: &str) -> PathBuf {
@@ -254,6 +251,7 @@ fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
+        owned_like_dir(&file, dir);
         file.write_all(bytes)?;
         file.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -263,6 +261,16 @@ fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         let _ = fs::remove_file(&tmp);
     }
     result.map_err(io_err(path))
+}
+
+/// A file made in the state directory belongs to the directory's owner: `tollgate login`,
+/// `token` or `rekey` run as root beside a service that runs as its own user must not leave
+/// records or locks that user cannot read. Only root can give a file away; for anyone else it
+/// is theirs already (their directory), or stays theirs.
+fn owned_like_dir(file: &File, dir: &Path) {
+    if let Ok(meta) = fs::metadata(dir) {
+        let _ = std::os::unix::fs::fchown(file, Some(meta.uid()), Some(meta.gid()));
+    }
 }
 
 /// Take an exclusive flock on `path`, polling until `wait` runs out.
@@ -279,6 +287,7 @@ async fn flock(
         .mode(0o600)
         .open(&path)
         .map_err(io_err(&path))?;
+    owned_like_dir(&file, path.parent().unwrap_or(Path::new(".")));
     let start = Instant::now();
     loop {
         match file.try_lock() {
@@ -660,5 +669,30 @@ mod tests {
         let store = FileStore::open(tmp.path()).unwrap();
         assert_eq!(store.quota_used("api", &day(20_416, 7)).await.unwrap(), 30);
         assert_eq!(store.quota_used("api", &day(20_417, 7)).await.unwrap(), 0);
+    }
+
+    /// Records and locks belong to the state directory's owner whoever writes them: root
+    /// running `tollgate token` beside a service user leaves nothing that user cannot read.
+    #[tokio::test]
+    async fn files_belong_to_the_directory_owner() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        let store = FileStore::open(&dir).unwrap();
+        // Only root can give the directory away; then the files follow it.
+        let nobody = 65534;
+        let given = std::os::unix::fs::chown(&dir, Some(nobody), Some(nobody)).is_ok();
+        let lock = store
+            .lock_refresh("api", Duration::from_secs(1), Duration::from_secs(1))
+            .await
+            .unwrap();
+        store.save_token("api", &record(1), &lock).await.unwrap();
+        let owner = fs::metadata(&dir).unwrap().uid();
+        for name in ["api.token.json", "api.refresh.lock"] {
+            let uid = fs::metadata(dir.join(name)).unwrap().uid();
+            assert_eq!(uid, owner, "{name}");
+            if given {
+                assert_eq!(uid, nobody, "{name}");
+            }
+        }
     }
 }

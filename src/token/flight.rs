@@ -255,6 +255,7 @@ impl Refresher {
             };
             if result.is_ok() {
                 *lock(&refresher.last_failure) = None;
+                *lock(&refresher.blocked) = None;
             }
             landing.land(&progress, result);
         };

@@ -34,7 +34,7 @@ impl Refresher {
                 why,
                 ..
             }) if seed_hash != self.seed_hash => {
-                tracing::warn!(upstream = %self.name, generation, %why, "the stored token record is of another lineage and does not open");
+                tracing::warn!(upstream = %self.name, generation, %why, "the stored token record is of another lineage and does not open; the config's new seed starts a new lineage, whose first save replaces it");
                 Some(TokenRecord::unopened(seed_hash, generation))
             }
             Err(e) => {

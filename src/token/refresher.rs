@@ -51,6 +51,9 @@ pub(super) struct Refresher {
     pub(super) last_failure: Mutex<Option<String>>,
     /// Why a record the identity server issued is not saved yet (see [`super::save`]).
     pub(super) unsaved: Mutex<Option<String>>,
+    /// Why the stored record cannot be refreshed until the config changes (it does not open
+    /// with the configured keys), while a token may still serve; cleared by a success.
+    pub(super) blocked: Mutex<Option<String>>,
     /// The newest record of this lineage saved or read: written back when the store turns out
     /// to have lost it (a Redis flushed or failed over to a stale replica).
     pub(super) known: Mutex<Option<TokenRecord>>,
@@ -106,6 +109,7 @@ impl Refresher {
             request_timeout: auth.timeout,
             last_failure: Mutex::new(None),
             unsaved: Mutex::new(None),
+            blocked: Mutex::new(None),
             known: Mutex::new(None),
             refreshes: Default::default(),
             flight: Mutex::new(Flight::Idle),
@@ -150,11 +154,12 @@ impl Refresher {
         self.refreshes[counted as usize].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Why the refresh side keeps the upstream from being ready, if it does: a record the
-    /// identity server issued and the store has not taken, or (with no token to serve) the
-    /// last failure.
+    /// Why the refresh side keeps the upstream from being ready whatever token serves, if it
+    /// does: a record the identity server issued and the store has not taken, or a stored
+    /// record the configured keys do not open.
     pub(super) fn unsaved_reason(&self) -> Option<String> {
-        lock(&self.unsaved).clone()
+        let unsaved = lock(&self.unsaved).clone();
+        unsaved.or_else(|| lock(&self.blocked).clone())
     }
 
     pub(super) fn last_failure(&self) -> Option<String> {
@@ -165,6 +170,9 @@ impl Refresher {
     /// never the words of a flight that did not try (they quote this one).
     pub(super) fn failed(&self, e: &TokenError) {
         *lock(&self.last_failure) = Some(e.to_string());
+        if let TokenError::Sealed(reason) = e {
+            *lock(&self.blocked) = Some(reason.clone());
+        }
     }
 
     /// Wait until `until`; false when the cache was retired first or the process began to

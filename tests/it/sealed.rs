@@ -182,6 +182,12 @@ async fn a_plain_store_is_sealed_at_its_next_save() {
         "\n[[upstream]]",
         &format!("{}\n\n[[upstream]]", key_line(3)),
     );
+    let path = h.write_config("sealing.toml", &h.config_text);
+    let out = Tollgate::new(&["check"])
+        .config_file(&path)
+        .run_async()
+        .await;
+    assert!(out.stderr.contains("is not sealed yet"), "{out:?}");
     h.start_proxy().await;
     serves_without_redeeming(&h, "/adopted").await;
     h.identity.expire_access_tokens();
@@ -319,18 +325,32 @@ async fn a_sealed_redis_store_holds_no_token() {
     );
     assert_no_token_in(&h, &values);
 
-    // Rotation across the group: every replica first gets the new key, the old one kept to
-    // open; then `tollgate rekey` seals the record with the new key beside them.
+    // Rotation across the group, in two steps: every replica first gets the new key to open
+    // with (the old one still seals), then every replica swaps them; then `tollgate rekey`
+    // seals the record with the new key beside them.
+    let step_1 = text.replace(
+        &key_line(7),
+        &format!("{}\nprevious_keys = [\"{}\"]", key_line(7), key(10)),
+    );
     let rotated = text.replace(
         &key_line(7),
         &format!("{}\nprevious_keys = [\"{}\"]", key_line(10), key(7)),
     );
     let mut group = group;
-    for proxy in &mut group {
-        proxy
-            .reload(&common::parse(&rotated))
-            .await
-            .expect("reloaded");
+    for (config, step) in [(&step_1, "/step-1"), (&rotated, "/step-2")] {
+        for proxy in &mut group {
+            proxy
+                .reload(&common::parse(config))
+                .await
+                .expect("reloaded");
+        }
+        if step == "/step-1" {
+            // A refresh in step 1 still seals with the old key, which every replica opens.
+            h.identity.expire_access_tokens();
+        }
+        for proxy in &group {
+            assert_eq!(common::get(common::url_of(proxy, step)).await.status, 200);
+        }
     }
     let record = || {
         format!(
