@@ -4,7 +4,7 @@
 //! `flock` on `<name>.lock` serialises refreshes across processes on the same directory.
 
 use super::{Period, RefreshLock, Relation, Reservation, Seen, StateStore, StoreError, Used};
-use super::{Place, TokenRecord, OWN_IDENTITY};
+use super::{Place, TokenRecord};
 use crate::seal::Keys;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -206,12 +206,8 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 }
 
 /// Where a record of this store lives: a state directory has no namespace of its own.
-fn place(upstream: &str) -> Place<'_> {
-    Place {
-        namespace: "",
-        upstream,
-        identity: OWN_IDENTITY,
-    }
+fn place(name: &str) -> Place<'_> {
+    Place::of("", name)
 }
 
 /// Read a file; `None` when it does not exist.

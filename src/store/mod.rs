@@ -15,7 +15,7 @@ mod redis;
 pub use self::redis::RedisStore;
 pub use file::FileStore;
 pub use period::{Period, Relation};
-pub use record::{Place, TokenRecord, Unread, OWN_IDENTITY};
+pub use record::{record_name, Place, TokenRecord, Unread, IDENTITY_SEPARATOR, OWN_IDENTITY};
 
 use crate::config::{StateConfig, StoreLocation};
 use crate::seal::Keys;

@@ -12,6 +12,19 @@ use std::fmt;
 /// associated data (no identity name can be `-`).
 pub const OWN_IDENTITY: &str = "-";
 
+/// What joins an upstream and one of its identities in a record's name (`api@alice`): no
+/// upstream or identity name can contain it.
+pub const IDENTITY_SEPARATOR: char = '@';
+
+/// The name a store keeps a lineage's record under: the upstream's own is the upstream's name
+/// (`api`, as before identities), an identity's is `api@alice`.
+pub fn record_name(upstream: &str, identity: Option<&str>) -> String {
+    match identity {
+        None => upstream.to_owned(),
+        Some(identity) => format!("{upstream}{IDENTITY_SEPARATOR}{identity}"),
+    }
+}
+
 /// The persisted token state of one upstream.
 #[derive(Clone, PartialEq, Eq)]
 pub struct TokenRecord {
@@ -59,6 +72,20 @@ pub struct Place<'a> {
     pub namespace: &'a str,
     pub upstream: &'a str,
     pub identity: &'a str,
+}
+
+impl<'a> Place<'a> {
+    /// The place of the record a store keeps under `name` ([`record_name`]).
+    pub fn of(namespace: &'a str, name: &'a str) -> Place<'a> {
+        let (upstream, identity) = name
+            .split_once(IDENTITY_SEPARATOR)
+            .unwrap_or((name, OWN_IDENTITY));
+        Place {
+            namespace,
+            upstream,
+            identity,
+        }
+    }
 }
 
 /// Why a stored record could not be read.
@@ -211,4 +238,54 @@ fn ser_opt_secret<S: Serializer>(v: &Option<Secret<String>>, s: S) -> Result<S::
 
 fn de_opt_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret<String>>, D::Error> {
     Option::<String>::deserialize(d).map(|o| o.map(Secret::new))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> TokenRecord {
+        TokenRecord {
+            seed_hash: "h".into(),
+            refresh_token: Some(Secret::from("rt-secret")),
+            access_token: Some(Secret::from("at-secret")),
+            issued_at_ms: 1,
+            expires_at_ms: 2,
+            generation: 3,
+            login_at_ms: 0,
+        }
+    }
+
+    /// A record sealed for one identity opens only there: not as the upstream's own, nor as
+    /// another identity's, nor under another namespace.
+    #[test]
+    fn a_sealed_record_opens_only_at_its_place() {
+        let key = Secret::new("c2VhbGluZyBrZXkgb2YgdGhpcnR5LXR3byBieXRlcyE=".to_owned());
+        let keys = Keys::new(Some(&key), &[]).unwrap();
+        let alice = record_name("api", Some("alice"));
+        assert_eq!(alice, "api@alice");
+        let text = record().encode(&Place::of("tollgate", &alice), &keys);
+        assert!(
+            !text.contains("rt-secret") && !text.contains("at-secret"),
+            "{text}"
+        );
+        let opened = TokenRecord::decode(text.as_bytes(), &Place::of("tollgate", &alice), &keys);
+        assert!(opened.unwrap() == record());
+        for (namespace, name) in [
+            ("tollgate", "api"),
+            ("tollgate", "api@bob"),
+            ("other", "api@alice"),
+        ] {
+            let moved = TokenRecord::decode(text.as_bytes(), &Place::of(namespace, name), &keys);
+            assert!(
+                matches!(moved, Err(Unread::Sealed { .. })),
+                "{namespace} {name}"
+            );
+        }
+        // Without a key a record is written plain, as before sealing.
+        let plain = record().encode(&Place::of("", "api"), &Keys::default());
+        assert!(plain.contains("rt-secret"));
+        let read = TokenRecord::decode(plain.as_bytes(), &Place::of("", "api"), &keys).unwrap();
+        assert!(read == record());
+    }
 }

@@ -4,17 +4,13 @@
 //! lock's fence and only forward in the lineage.
 
 use super::RedisStore;
-use crate::store::{Place, RefreshLock, StoreError, TokenRecord, OWN_IDENTITY};
+use crate::store::{Place, RefreshLock, StoreError, TokenRecord};
 use redis::AsyncCommands;
 
 impl RedisStore {
-    /// Where a record of `upstream` lives: under this store's prefix.
-    fn place<'a>(&'a self, upstream: &'a str) -> Place<'a> {
-        Place {
-            namespace: &self.prefix,
-            upstream,
-            identity: OWN_IDENTITY,
-        }
+    /// Where the record kept under `name` lives: under this store's prefix.
+    fn place<'a>(&'a self, name: &'a str) -> Place<'a> {
+        Place::of(&self.prefix, name)
     }
 
     /// `upstream`'s record, opened with the store's keys; remembered for a write-back.
