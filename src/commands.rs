@@ -54,12 +54,13 @@ pub async fn serve(path: &Path, workers: Option<usize>) -> Result<ExitCode, Star
     Ok(ExitCode::SUCCESS)
 }
 
-/// `tollgate token`: a valid access token of upstream `name` on stdout, nothing else.
-pub async fn token(path: &Path, name: &str) -> ExitCode {
+/// `tollgate token`: a valid access token of upstream `name` (or of its `identity`) on
+/// stdout, nothing else.
+pub async fn token(path: &Path, name: &str, identity: Option<&str>) -> ExitCode {
     let Some(config) = load(path) else {
         return ExitCode::from(WRONG_CONFIG);
     };
-    match access_token(&config, name).await {
+    match access_token(&config, name, identity).await {
         Ok(token) => {
             println!("{}", token.expose());
             ExitCode::SUCCESS
@@ -84,16 +85,28 @@ pub async fn shutdown_signal() {
 
 /// `tollgate login`: the authorization-code login for upstream `name`, its refresh token
 /// stored.
-pub async fn login(path: &Path, name: &str, no_browser: bool, timeout: Duration) -> ExitCode {
+pub async fn login(
+    path: &Path,
+    name: &str,
+    identity: Option<&str>,
+    no_browser: bool,
+    timeout: Duration,
+) -> ExitCode {
     let Some(config) = load(path) else {
         return ExitCode::from(WRONG_CONFIG);
     };
-    sign_in(&config, name, no_browser, timeout).await
+    sign_in(&config, name, identity, no_browser, timeout).await
 }
 
-async fn sign_in(config: &Config, name: &str, no_browser: bool, timeout: Duration) -> ExitCode {
+async fn sign_in(
+    config: &Config,
+    name: &str,
+    identity: Option<&str>,
+    no_browser: bool,
+    timeout: Duration,
+) -> ExitCode {
     use crate::token::login::Login;
-    let login = match Login::prepare(config, name).await {
+    let login = match Login::prepare(config, name, identity).await {
         Ok(l) => l,
         Err(e) => {
             eprintln!("error: {e}");
@@ -125,7 +138,8 @@ async fn sign_in(config: &Config, name: &str, no_browser: bool, timeout: Duratio
     );
     match login.finish(timeout).await {
         Ok(()) => {
-            eprintln!("Logged in: the refresh token of `{name}` is in the state store. A running serve picks it up at its next refresh.");
+            let whose = store::record_name(name, identity);
+            eprintln!("Logged in: the refresh token of `{whose}` is in the state store. A running serve picks it up at its next refresh.");
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -261,11 +275,22 @@ const TOKEN_SAVE_WAIT: Duration = Duration::from_secs(30);
 
 /// A valid access token for upstream `name`: the stored one while it is fresh, else a new one,
 /// redeemed under the store's refresh lock — safe beside a running `serve`.
-pub async fn access_token(config: &Config, name: &str) -> Result<secret::Secret<String>, String> {
+pub async fn access_token(
+    config: &Config,
+    name: &str,
+    identity: Option<&str>,
+) -> Result<secret::Secret<String>, String> {
     let up = config.upstream_named(name)?;
+    let identity = match identity {
+        None => None,
+        Some(id) => Some(up.identity(id).ok_or_else(|| {
+            format!("upstream `{name}` has no identity `{id}`: add [[upstream.identity]] name = \"{id}\"")
+        })?),
+    };
     let store = store::open(&config.state).map_err(|e| e.to_string())?;
     let roots = up.read_ca()?;
-    let cache = std::sync::Arc::new(TokenCache::new(up, store.clone(), roots.as_deref())?);
+    let cache = TokenCache::of(up, identity, store.clone(), roots.as_deref())?;
+    let cache = std::sync::Arc::new(cache);
     // As long as a token request can take: an answer that comes late is still one to save.
     let token = cache.get_within(cache.longest_request()).await;
     // A refresh token rotated on the way, even by a refresh that failed after, must be saved
@@ -274,7 +299,8 @@ pub async fn access_token(config: &Config, name: &str) -> Result<secret::Secret<
     store.flush().await;
     if !settled {
         return Err(format!(
-            "a new refresh token of upstream `{name}` could not be saved to the state store; it is lost when this command ends, so the next refresh redeems the one before it, which an identity server that rotates refuses: fix the store, then run `tollgate login {name}`"
+            "a new refresh token of upstream `{name}` could not be saved to the state store; it is lost when this command ends, so the next refresh redeems the one before it, which an identity server that rotates refuses: fix the store, then run `{}`",
+            store::login_command(&store::record_name(name, identity.map(|i| i.name.as_str())))
         ));
     }
     Ok(token.map_err(|e| e.to_string())?.bearer())

@@ -124,6 +124,7 @@ mod tests {
             name: None,
             key: Secret::from(key),
             budget: None,
+            identity: None,
         }
     }
 

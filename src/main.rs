@@ -83,6 +83,9 @@ enum Command {
         /// How long to wait for the browser to come back.
         #[arg(long, default_value = "5m", value_parser = tollgate::config::parse_duration)]
         timeout: std::time::Duration,
+        /// Log in as this [[upstream.identity]] instead of the upstream's own user.
+        #[arg(long, value_name = "ID")]
+        identity: Option<String>,
     },
     /// Print a valid access token of upstream NAME to stdout (for scripts).
     Token {
@@ -90,6 +93,9 @@ enum Command {
         name: String,
         #[command(flatten)]
         config: ConfigArg,
+        /// The token of this [[upstream.identity]] instead of the upstream's own.
+        #[arg(long, value_name = "ID")]
+        identity: Option<String>,
     },
     /// Ask a running serve (its [admin] listener) for tokens and quotas; print them as a table.
     Status(ConfigArg),
@@ -144,13 +150,21 @@ fn main() -> ExitCode {
             } => commands::serve(&arg.config, workers)
                 .await
                 .context("tollgate could not start")?,
-            Command::Token { name, config: arg } => commands::token(&arg.config, &name).await,
+            Command::Token {
+                name,
+                config: arg,
+                identity,
+            } => commands::token(&arg.config, &name, identity.as_deref()).await,
             Command::Login {
                 name,
                 config: arg,
                 no_browser,
                 timeout,
-            } => commands::login(&arg.config, &name, no_browser, timeout).await,
+                identity,
+            } => {
+                let id = identity.as_deref();
+                commands::login(&arg.config, &name, id, no_browser, timeout).await
+            }
             Command::Status(arg) => commands::status(&arg.config).await,
             Command::Rekey(arg) => commands::rekey(&arg.config).await,
             #[cfg(feature = "demo")]

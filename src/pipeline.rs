@@ -24,17 +24,29 @@ use crate::token::{AccessToken, TokenCache};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// The token caches a listener's requests take their tokens from: the upstream's own, and each
+/// `[[upstream.identity]]`'s by name.
+pub struct Caches<'a> {
+    pub own: Arc<TokenCache>,
+    pub identities: &'a BTreeMap<String, Arc<TokenCache>>,
+}
 
 /// Everything one listener needs to serve requests for its upstream.
 pub struct Pipeline {
     name: String,
     local: SocketAddr,
     upstream: Upstream,
+    /// The upstream's own token cache ([upstream.auth]).
     pub tokens: Arc<TokenCache>,
+    /// The cache each inbound key reaches the API with, by the key's index: its identity's,
+    /// or `None` for the upstream's own.
+    by_key: Vec<Option<Arc<TokenCache>>>,
     quota: Arc<Quota>,
     keys: Keys,
     /// `http` or `https`: how clients reach this listener.
@@ -85,12 +97,21 @@ impl Pipeline {
         config: &UpstreamConfig,
         local: SocketAddr,
         upstream: Upstream,
-        tokens: Arc<TokenCache>,
+        caches: Caches<'_>,
         quota: Arc<Quota>,
         stats: Arc<RequestStats>,
         budget: Budget,
     ) -> Pipeline {
-        let keys = Keys::new(config.inbound.as_ref().map_or(&[][..], |i| &i.keys[..]));
+        let Caches {
+            own: tokens,
+            identities,
+        } = caches;
+        let configured = config.inbound.as_ref().map_or(&[][..], |i| &i.keys[..]);
+        let keys = Keys::new(configured);
+        let by_key = configured
+            .iter()
+            .map(|k| k.identity.as_ref().and_then(|i| identities.get(i)).cloned())
+            .collect();
         let labels = (0..keys.len()).map(|i| Arc::clone(keys.label(i)));
         let counts = labels
             .chain([Arc::from(NO_KEY)])
@@ -101,6 +122,7 @@ impl Pipeline {
             local,
             upstream,
             tokens,
+            by_key,
             quota,
             keys,
             counts,
@@ -173,6 +195,15 @@ impl Pipeline {
         &self.counts[index.unwrap_or(last)]
     }
 
+    /// The token cache the key at `index` reaches the API with.
+    #[inline]
+    fn tokens_for(&self, index: Option<usize>) -> &Arc<TokenCache> {
+        match index.and_then(|i| self.by_key[i].as_ref()) {
+            Some(identity) => identity,
+            None => &self.tokens,
+        }
+    }
+
     /// The name of the key at `index`, for its budget.
     fn key_name(&self, index: Option<usize>) -> Option<&str> {
         index.map(|i| &**self.keys.label(i))
@@ -218,9 +249,10 @@ impl Pipeline {
         // uploads (the body read is capped at retry_body_limit).
         // From the cache on the hot path; a refresh is a large future and a rare one, boxed so
         // that every request's future does not carry (and move) its room.
-        let token = match self.tokens.cached() {
+        let tokens = self.tokens_for(key);
+        let token = match tokens.cached() {
             Some(token) => token,
-            None => Box::pin(self.tokens.get()).await?,
+            None => Box::pin(tokens.get()).await?,
         };
         forward::rewrite_request_headers(
             &mut parts.headers,
@@ -333,12 +365,13 @@ impl Pipeline {
         window: &mut Option<Window>,
         trace: &mut Option<Trace>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
-        if !self.tokens.may_replace(token) {
+        let tokens = self.tokens_for(key);
+        if !tokens.may_replace(token) {
             return Ok(refused);
         }
         tracing::info!(upstream = %self.name, status = refused.status().as_u16(), generation = token.generation, token = %token.fingerprint, "upstream refused the token; refreshing and replaying once");
         drop(refused);
-        let fresh = self.tokens.replace_rejected(token.generation).await?;
+        let fresh = tokens.replace_rejected(token.generation).await?;
         let mut headers = replay.headers;
         headers.insert(http::header::AUTHORIZATION, fresh.header.clone());
         let mut request = Request::new(RequestBody::full(replay.body));
@@ -352,8 +385,7 @@ impl Pipeline {
             t.token = Some(fresh.fingerprint.clone());
         }
         let response = self.send(request, None, trace).await?;
-        self.tokens
-            .replayed(self.retry_on.contains(&response.status().as_u16()));
+        tokens.replayed(self.retry_on.contains(&response.status().as_u16()));
         Ok(response)
     }
 
@@ -437,7 +469,18 @@ client_secret = "secret"
         let upstream = Upstream::new(up, None, 1).unwrap();
         let local = "127.0.0.1:8080".parse().unwrap();
         let stats = Arc::new(RequestStats::default());
-        let pipeline = Pipeline::new(up, local, upstream, tokens, quota, stats, Budget::new(1));
+        let pipeline = Pipeline::new(
+            up,
+            local,
+            upstream,
+            Caches {
+                own: tokens,
+                identities: &Default::default(),
+            },
+            quota,
+            stats,
+            Budget::new(1),
+        );
 
         let size = size_of_return(|request| pipeline.handle(request));
         // 9,304 bytes before the refresh and the replay were boxed; 5,088 after.

@@ -124,6 +124,22 @@ impl Config {
                     ),
                 );
             }
+            for identity in &up.identities {
+                let keys = up.inbound.iter().flat_map(|i| i.keys.iter());
+                let reached: Vec<String> = keys
+                    .enumerate()
+                    .filter(|(_, k)| k.identity.as_ref() == Some(&identity.name))
+                    .map(|(i, k)| k.label(i).to_string())
+                    .collect();
+                let by = match reached.is_empty() {
+                    true => "no key reaches the API as it".to_owned(),
+                    false => format!("keys {}", reached.join(", ")),
+                };
+                line(
+                    &format!("identity {}", identity.name),
+                    format!("{} credentials of its own; {by}", identity_fields(identity)),
+                );
+            }
             if let Some(inbound) = &up.inbound {
                 let daily = up.quota.as_ref().and_then(|q| q.daily_limit());
                 let keys: Vec<String> = inbound
@@ -132,13 +148,17 @@ impl Config {
                     .enumerate()
                     .map(|(i, k)| {
                         let label = k.label(i);
-                        match k.budget {
+                        let budget = match k.budget {
                             Some(b @ crate::config::Budget::Share(_)) => match b.per_day(daily) {
-                                Some(n) => format!("{label} (budget {b}: {n} a day)"),
-                                None => format!("{label} (budget {b})"),
+                                Some(n) => format!("budget {b}: {n} a day"),
+                                None => format!("budget {b}"),
                             },
-                            Some(b) => format!("{label} (budget {b})"),
-                            None => format!("{label} (no budget)"),
+                            Some(b) => format!("budget {b}"),
+                            None => "no budget".into(),
+                        };
+                        match &k.identity {
+                            Some(id) => format!("{label} ({budget}, as identity {id})"),
+                            None => format!("{label} ({budget})"),
                         }
                     })
                     .collect();
@@ -204,6 +224,28 @@ impl Config {
             }
         }
         out
+    }
+}
+
+/// Which credentials an identity gives, by name (never their values).
+fn identity_fields(identity: &crate::config::IdentityConfig) -> String {
+    let given = [
+        ("client_id", identity.client_id.is_some()),
+        ("client_secret", identity.client_secret.is_some()),
+        ("refresh_token", identity.refresh_token.is_some()),
+        ("username", identity.username.is_some()),
+        ("password", identity.password.is_some()),
+        ("exchange_token", identity.exchange_token.is_some()),
+        ("params", !identity.params.is_empty()),
+    ];
+    let names: Vec<&str> = given
+        .iter()
+        .filter(|(_, set)| *set)
+        .map(|(n, _)| *n)
+        .collect();
+    match names.is_empty() {
+        true => "no".into(),
+        false => names.join(", "),
     }
 }
 

@@ -17,6 +17,8 @@ pub struct InboundKey {
     pub name: Option<String>,
     pub key: Secret<String>,
     pub budget: Option<Budget>,
+    /// The `[[upstream.identity]]` this key reaches the API as; `None`: `[upstream.auth]`.
+    pub identity: Option<String>,
 }
 
 /// A key's daily budget, counted against it beside the upstream's own day.
@@ -76,6 +78,7 @@ impl<'de> Deserialize<'de> for InboundKey {
             key: Secret<String>,
             per_day: Option<u64>,
             share: Option<String>,
+            identity: Option<String>,
         }
         #[derive(Deserialize)]
         #[serde(untagged)]
@@ -86,13 +89,14 @@ impl<'de> Deserialize<'de> for InboundKey {
         use serde::de::Error;
         // Untagged errors say only that nothing matched: name what a key may be.
         let entry = Entry::deserialize(deserializer).map_err(|_| {
-            D::Error::custom("a key is a string, or a table { name = \"…\", key = \"…\" } with optionally per_day = N or share = \"N%\" (and no other keys)")
+            D::Error::custom("a key is a string, or a table { name = \"…\", key = \"…\" } with optionally per_day = N or share = \"N%\", and identity = \"…\" (and no other keys)")
         })?;
         Ok(match entry {
             Entry::Plain(key) => InboundKey {
                 name: None,
                 key,
                 budget: None,
+                identity: None,
             },
             Entry::Named(n) => {
                 let budget = match (n.per_day, n.share) {
@@ -112,6 +116,7 @@ impl<'de> Deserialize<'de> for InboundKey {
                     name: Some(n.name),
                     key: n.key,
                     budget,
+                    identity: n.identity,
                 }
             }
         })

@@ -15,6 +15,7 @@
 
 mod check;
 mod hints;
+mod identity;
 mod interpolate;
 mod keys;
 mod load;
@@ -24,6 +25,7 @@ mod schema;
 mod validate;
 mod values;
 
+pub use identity::IdentityConfig;
 pub use keys::{Budget, InboundKey};
 pub use schema::{
     AdminConfig, AuthConfig, ClientAuth, Config, Edition, Grant, InboundConfig, LimitsConfig,

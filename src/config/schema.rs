@@ -132,6 +132,9 @@ pub struct UpstreamConfig {
     /// `url`, the token endpoint's too when it is on that host ([`crate::tls::upstream`]).
     pub pin_sha256: Option<String>,
     pub auth: AuthConfig,
+    /// `[[upstream.identity]]`: other users the API is reached as (see [`super::identity`]).
+    #[serde(default, rename = "identity")]
+    pub identities: Vec<super::IdentityConfig>,
     pub login: Option<LoginConfig>,
     /// The organisation's request limits for this API; none when absent.
     pub quota: Option<QuotaConfig>,

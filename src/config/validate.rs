@@ -80,6 +80,7 @@ impl Config {
             }
             check_target(up, &mut report);
             check_auth(&up.auth, &mut report);
+            super::identity::check(up, &mut |key, message| report.at(key, message));
             if let Some(quota) = &up.quota {
                 for (k, message) in quota.problems() {
                     report.at(&format!("quota.{k}"), message);

@@ -7,6 +7,7 @@
 //! background work a reload leaves behind (listeners draining, retired token caches
 //! landing their refresh), which shutdown waits for.
 
+mod caches;
 mod reload;
 
 pub use reload::Reloaded;
@@ -70,6 +71,8 @@ struct Running {
     roots: Option<Vec<u8>>,
     tokens: Arc<TokenCache>,
     refresh: Task,
+    /// Each `[[upstream.identity]]`'s cache, and its refresh-ahead task, by name.
+    identities: BTreeMap<String, (Arc<TokenCache>, Task)>,
     quota: Arc<Quota>,
     certs: Option<Arc<CertStore>>,
     /// One per worker.
@@ -198,13 +201,22 @@ impl Proxy {
         // Every upstream at once: a refresh still saving must not hold the others back.
         let mut stopping = JoinSet::new();
         for up in std::mem::take(&mut self.upstreams).into_values() {
-            let _ = up.refresh.stop.send(true);
             let _ = up.flushing.stop.send(true);
+            let caches: Vec<(Arc<TokenCache>, Task)> = std::iter::once((up.tokens, up.refresh))
+                .chain(up.identities.into_values())
+                .collect();
+            for (_, task) in &caches {
+                let _ = task.stop.send(true);
+            }
+            let (name, quota, flushing) = (up.config.name, up.quota, up.flushing);
             stopping.spawn(async move {
-                let _ = up.flushing.handle.await;
-                let _ = up.refresh.handle.await;
-                up.tokens.settle(SHUTDOWN_GRACE).await;
-                give_back(&up.config.name, &up.quota).await;
+                let _ = flushing.handle.await;
+                let settled = caches.into_iter().map(|(tokens, task)| async move {
+                    let _ = task.handle.await;
+                    tokens.settle(SHUTDOWN_GRACE).await;
+                });
+                futures_util::future::join_all(settled).await;
+                give_back(&name, &quota).await;
             });
         }
         while stopping.join_next().await.is_some() {}

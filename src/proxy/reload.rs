@@ -22,7 +22,7 @@ use crate::body::Budget;
 use crate::config::{Config, UpstreamConfig};
 use crate::counters::RequestStats;
 use crate::forward;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Caches, Pipeline};
 use crate::quota::Quota;
 use crate::seal::Keys;
 use crate::server::{Bound, Listener, Site, Workers};
@@ -51,6 +51,8 @@ struct Prepared {
     roots: Option<Vec<u8>>,
     /// The running cache, or a new one (whose refresh task is not started yet).
     tokens: Arc<TokenCache>,
+    /// The same for each identity, by name.
+    identities: BTreeMap<String, Arc<TokenCache>>,
     quota: Arc<Quota>,
     certs: Option<Arc<CertStore>>,
     /// One per worker.
@@ -157,20 +159,7 @@ impl Proxy {
         };
         let roots = up.read_ca().map_err(&fail)?;
         let old = self.upstreams.get(&up.name);
-        let store = Arc::clone(&self.store);
-        let tokens = match old {
-            Some(o)
-                if o.config.auth == up.auth
-                    && o.roots == roots
-                    && o.config.pin_sha256 == up.pin_sha256 =>
-            {
-                Arc::clone(&o.tokens)
-            }
-            Some(o) => Arc::new(
-                TokenCache::successor(&o.tokens, up, store, roots.as_deref()).map_err(&fail)?,
-            ),
-            None => Arc::new(TokenCache::new(up, store, roots.as_deref()).map_err(&fail)?),
-        };
+        let (tokens, identities) = self.caches(up, old, &roots).map_err(&fail)?;
         let budgets = up.budgets();
         let quota = match old {
             Some(o) if o.quota.enforces(up.quota.as_ref(), &budgets) => Arc::clone(&o.quota),
@@ -225,6 +214,7 @@ impl Proxy {
             config: up.clone(),
             roots,
             tokens,
+            identities,
             quota,
             certs,
             forwards,
@@ -324,7 +314,7 @@ impl Proxy {
     fn put_in_force(
         &mut self,
         p: Prepared,
-        old: Option<Running>,
+        mut old: Option<Running>,
         old_listeners: &mut BTreeMap<String, Listener<Pipeline>>,
     ) -> Option<Handover> {
         let stats = match &old {
@@ -362,7 +352,10 @@ impl Proxy {
                     &p.config,
                     local,
                     forward,
-                    Arc::clone(&p.tokens),
+                    Caches {
+                        own: Arc::clone(&p.tokens),
+                        identities: &p.identities,
+                    },
                     Arc::clone(&p.quota),
                     Arc::clone(stats),
                     Budget::new(budget as u64),
@@ -384,6 +377,7 @@ impl Proxy {
             }
         };
         let mut handover = None;
+        let identities = self.keep_identities(&p.identities, old.as_mut());
         let (refresh, flushing) = match old {
             Some(o) => {
                 if !Arc::ptr_eq(&o.quota, &p.quota) {
@@ -407,6 +401,7 @@ impl Proxy {
             roots: p.roots,
             tokens: p.tokens,
             refresh,
+            identities,
             quota: p.quota,
             certs: p.certs,
             stats,
@@ -426,6 +421,9 @@ impl Proxy {
         drained: Option<impl std::future::Future<Output = ()> + Send + 'static>,
     ) {
         self.retire_tokens(gone.tokens, gone.refresh);
+        for (_, (tokens, task)) in gone.identities {
+            self.retire_tokens(tokens, task);
+        }
         let (quota, stats, flushing) = (gone.quota, gone.stats, gone.flushing);
         self.retiring.spawn(async move {
             if let Some(drained) = drained {

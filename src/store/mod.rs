@@ -15,7 +15,9 @@ mod redis;
 pub use self::redis::RedisStore;
 pub use file::FileStore;
 pub use period::{Period, Relation};
-pub use record::{record_name, Place, TokenRecord, Unread, IDENTITY_SEPARATOR, OWN_IDENTITY};
+pub use record::{
+    login_command, record_name, Place, TokenRecord, Unread, IDENTITY_SEPARATOR, OWN_IDENTITY,
+};
 
 use crate::config::{StateConfig, StoreLocation};
 use crate::seal::Keys;
@@ -134,7 +136,7 @@ pub enum StoreError {
     Location(String),
     /// A sealed token record no configured key opens: its plain fields, and why. Never
     /// overwritten by the proxy, never redeemed.
-    #[error("the token record of `{upstream}` in the state store does not open: {why}. Until it opens, tollgate neither redeems nor overwrites it; to start over instead, run `tollgate login {upstream}` or give the upstream a new seed")]
+    #[error("the token record of `{upstream}` in the state store does not open: {why}. Until it opens, tollgate neither redeems nor overwrites it; to start over instead, run `{}` or give the upstream a new seed", login_command(upstream))]
     Sealed {
         upstream: String,
         seed_hash: String,

@@ -65,6 +65,14 @@ impl fmt::Debug for TokenRecord {
     }
 }
 
+/// The command that logs the lineage kept under `name` ([`record_name`]) in anew.
+pub fn login_command(name: &str) -> String {
+    match name.split_once(IDENTITY_SEPARATOR) {
+        Some((upstream, identity)) => format!("tollgate login {upstream} --identity {identity}"),
+        None => format!("tollgate login {name}"),
+    }
+}
+
 /// Where a record lives; its seal is bound to it, so a record copied elsewhere does not open.
 #[derive(Debug, Clone, Copy)]
 pub struct Place<'a> {

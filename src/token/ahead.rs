@@ -17,9 +17,21 @@ impl Refresher {
     ///
     /// On a shared store it also follows the generations other replicas announce, taking a
     /// newer token over as soon as it is saved.
-    pub async fn refresh_ahead(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+    /// When `lazy` (an identity's lineage), it waits for the first token a request brought
+    /// before it does anything: an identity never used costs no token request.
+    pub async fn refresh_ahead(
+        self: Arc<Self>,
+        lazy: bool,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
         tokio::pin!(shutdown);
         let mut published = self.current.published.subscribe();
+        if lazy && self.current.generation() == 0 {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = published.changed() => {}
+            }
+        }
         let mut announced = self.store.announcements(&self.name);
         let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
         let mut wake_at = Instant::now();

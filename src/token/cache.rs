@@ -8,7 +8,7 @@ use super::current::Current;
 use super::pacing::Pacing;
 use super::refresher::{Refresher, REFRESH_RESULTS};
 use super::{AccessToken, Purpose, TokenError};
-use crate::config::UpstreamConfig;
+use crate::config::{IdentityConfig, UpstreamConfig};
 use crate::store::StateStore;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
@@ -24,22 +24,37 @@ pub struct TokenCache {
     pacing: Arc<Pacing>,
     /// Set by [`TokenCache::retire`]. The chain only points forward, so it holds no cycle.
     next: OnceLock<Arc<TokenCache>>,
+    /// An identity's cache: nothing is fetched until a request needs it.
+    lazy: bool,
 }
 
 impl TokenCache {
+    /// The cache of `upstream`'s own lineage.
     pub fn new(
         upstream: &UpstreamConfig,
         store: Arc<dyn StateStore>,
         extra_roots: Option<&[u8]>,
     ) -> Result<Self, String> {
-        let current = Arc::new(Current::new(upstream.auth.refresh_before));
-        let refresher = Refresher::new(upstream, Arc::clone(&current), store, extra_roots)?;
-        Ok(TokenCache::assemble(upstream, current, refresher))
+        TokenCache::of(upstream, None, store, extra_roots)
     }
 
-    fn assemble(upstream: &UpstreamConfig, current: Arc<Current>, refresher: Refresher) -> Self {
+    /// The cache of `identity`'s lineage (`None`: the upstream's own).
+    pub fn of(
+        upstream: &UpstreamConfig,
+        identity: Option<&IdentityConfig>,
+        store: Arc<dyn StateStore>,
+        extra_roots: Option<&[u8]>,
+    ) -> Result<Self, String> {
+        let current = Arc::new(Current::new(upstream.auth.refresh_before));
+        let refresher =
+            Refresher::new(upstream, identity, Arc::clone(&current), store, extra_roots)?;
+        Ok(TokenCache::assemble(current, refresher, identity.is_some()))
+    }
+
+    fn assemble(current: Arc<Current>, refresher: Refresher, lazy: bool) -> Self {
         TokenCache {
-            name: upstream.name.clone(),
+            lazy,
+            name: refresher.name.clone(),
             current,
             refresher: Arc::new(refresher),
             pacing: Arc::default(),
@@ -59,14 +74,16 @@ impl TokenCache {
     pub fn successor(
         old: &TokenCache,
         upstream: &UpstreamConfig,
+        identity: Option<&IdentityConfig>,
         store: Arc<dyn StateStore>,
         extra_roots: Option<&[u8]>,
     ) -> Result<Self, String> {
         let current = Arc::new(Current::new(upstream.auth.refresh_before));
-        let mut refresher = Refresher::new(upstream, Arc::clone(&current), store, extra_roots)?;
+        let mut refresher =
+            Refresher::new(upstream, identity, Arc::clone(&current), store, extra_roots)?;
         refresher.continue_from(&old.refresher);
         let same_lineage = refresher.seed_hash == old.refresher.seed_hash;
-        let mut next = TokenCache::assemble(upstream, current, refresher);
+        let mut next = TokenCache::assemble(current, refresher, identity.is_some());
         if same_lineage {
             next.pacing = Arc::clone(&old.pacing);
             next.current.continue_from(&old.current);
@@ -190,9 +207,13 @@ impl TokenCache {
         }
     }
 
-    /// Refresh ahead of expiry until `shutdown` resolves (see [`super::ahead`]).
+    /// Refresh ahead of expiry until `shutdown` resolves (see [`super::ahead`]); an
+    /// identity's cache only once a request brought its first token.
     pub async fn refresh_ahead(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
-        Arc::clone(&self.refresher).refresh_ahead(shutdown).await
+        let lazy = self.lazy;
+        Arc::clone(&self.refresher)
+            .refresh_ahead(lazy, shutdown)
+            .await
     }
 
     /// Wait, up to `wait`, until no flight is in the air (see [`Refresher::settle`]). Returns

@@ -6,7 +6,7 @@
 
 use super::answer::{parse_response, GrantError, Issued};
 use super::scrub::Scrubber;
-use crate::config::{ClientAuth, Grant, UpstreamConfig};
+use crate::config::{AuthConfig, ClientAuth, Grant, UpstreamConfig};
 use crate::secret::Secret;
 use base64::Engine;
 use std::time::Duration;
@@ -51,8 +51,12 @@ impl TokenEndpoint {
     /// The token endpoint of `upstream`, over TLS that trusts what the upstream's connections
     /// trust: `extra_roots` (the PEM of `ca_file`) besides the public roots, and `pin_sha256`
     /// when the endpoint is on the upstream's host.
-    pub fn new(upstream: &UpstreamConfig, extra_roots: Option<&[u8]>) -> Result<Self, String> {
-        let auth = &upstream.auth;
+    /// The endpoint of `upstream`, asked with `auth` (its own, or an identity's).
+    pub fn new(
+        upstream: &UpstreamConfig,
+        auth: &AuthConfig,
+        extra_roots: Option<&[u8]>,
+    ) -> Result<Self, String> {
         // No overall timeout here: a request that spends a refresh token waits for its answer
         // longer than one that does not (see `post`).
         let builder = reqwest::Client::builder()

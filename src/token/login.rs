@@ -9,8 +9,9 @@
 use super::answer::GrantError;
 use super::grant::TokenEndpoint;
 use super::{lineage_hash, new_record};
-use crate::config::{Config, Grant, UpstreamConfig};
+use crate::config::{AuthConfig, Config, Grant};
 use crate::secret::Secret;
+use crate::store::record_name;
 use crate::store::{self, StateStore};
 use base64::Engine;
 use bytes::Bytes;
@@ -52,7 +53,10 @@ pub enum LoginError {
 /// A login in progress: what the browser must be sent to.
 pub struct Login {
     pub authorize_url: Url,
-    upstream: UpstreamConfig,
+    /// The lineage the login starts: the upstream's (`api`) or an identity's (`api@alice`).
+    record: String,
+    /// The upstream's auth, or the identity's.
+    auth: AuthConfig,
     redirect_uri: Url,
     listener: TcpListener,
     state: String,
@@ -115,10 +119,24 @@ async fn bind_redirect(mut redirect_uri: Url) -> Result<(TcpListener, Url), Logi
 }
 
 impl Login {
-    /// Check the config, bind the redirect listener and build the authorize URL.
-    pub async fn prepare(config: &Config, name: &str) -> Result<Login, LoginError> {
+    /// Check the config, bind the redirect listener and build the authorize URL, for the
+    /// upstream's own lineage or, with `identity`, for that identity's.
+    pub async fn prepare(
+        config: &Config,
+        name: &str,
+        identity: Option<&str>,
+    ) -> Result<Login, LoginError> {
         let setup = |m: String| LoginError::Setup(m);
         let up = config.upstream_named(name).map_err(setup)?;
+        let (record, auth) = match identity {
+            None => (name.to_owned(), up.auth.clone()),
+            Some(id) => {
+                let identity = up.identity(id).ok_or_else(|| {
+                    setup(format!("upstream `{name}` has no identity `{id}`: add [[upstream.identity]] name = \"{id}\""))
+                })?;
+                (record_name(name, Some(id)), up.identity_auth(identity))
+            }
+        };
         let login = up.login.as_ref().ok_or_else(|| {
             setup(format!(
                 "upstream `{name}` has no [upstream.login]; add authorize_url (and redirect_uri) there"
@@ -133,7 +151,7 @@ impl Login {
         let (listener, redirect_uri) = bind_redirect(login.redirect_uri.clone()).await?;
         let store = store::open(&config.state).map_err(|e| LoginError::Store(e.to_string()))?;
         let roots = up.read_ca().map_err(setup)?;
-        let endpoint = TokenEndpoint::new(up, roots.as_deref()).map_err(setup)?;
+        let endpoint = TokenEndpoint::new(up, &auth, roots.as_deref()).map_err(setup)?;
 
         let verifier = random_verifier();
         let state = random_verifier();
@@ -142,9 +160,9 @@ impl Login {
             let mut query = authorize_url.query_pairs_mut();
             query
                 .append_pair("response_type", "code")
-                .append_pair("client_id", &up.auth.client_id)
+                .append_pair("client_id", &auth.client_id)
                 .append_pair("redirect_uri", redirect_uri.as_str());
-            if let Some(scope) = &up.auth.scope {
+            if let Some(scope) = &auth.scope {
                 query.append_pair("scope", scope);
             }
             query
@@ -157,7 +175,8 @@ impl Login {
         }
         Ok(Login {
             authorize_url,
-            upstream: up.clone(),
+            record,
+            auth,
             redirect_uri,
             listener,
             state,
@@ -284,7 +303,7 @@ impl Callback {
                         "Logged in",
                         &format!(
                             "tollgate has the tokens for <b>{}</b>. You can close this tab.",
-                            self.login.upstream.name
+                            self.login.record
                         ),
                     ),
                 ),
@@ -317,11 +336,11 @@ impl Callback {
     /// Exchange the code and save the tokens durably, under the refresh lock.
     async fn exchange(&self, code: &str) -> Result<(), LoginError> {
         let login = &self.login;
-        let name = &login.upstream.name;
+        let name = &login.record;
         let store_error = |e: crate::store::StoreError| LoginError::Store(e.to_string());
         // As long as a holder may keep it (waiting for its answer), or a store that lost its
         // data may refuse it.
-        let auth = &login.upstream.auth;
+        let auth = &login.auth;
         let lock = login
             .store
             .lock_refresh(
@@ -355,7 +374,7 @@ impl Callback {
         };
         let mut issued = issued;
         issued.logged_in = true;
-        let lineage = lineage_hash(&login.upstream.auth);
+        let lineage = lineage_hash(&login.auth);
         let record = new_record(&lineage, issued, None, previous, super::unix_ms());
         login
             .store

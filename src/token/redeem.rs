@@ -224,8 +224,8 @@ impl Refresher {
             .or_else(|| self.seed.clone());
         if self.endpoint.grant() == Grant::RefreshToken && refresh_token.is_none() {
             let e = TokenError::NeedsLogin(format!(
-                "upstream `{0}` has no refresh token: run `tollgate login {0}` (with [upstream.login] configured), or set auth.refresh_token and restart",
-                self.name
+                "upstream `{}` has no refresh token: run `{}` (with [upstream.login] configured), or set the seed (auth.refresh_token, or the identity's refresh_token) and restart",
+                self.name, self.login
             ));
             lineage.final_failure = Some((e.clone(), position));
             return Err(Attempt::Final(e));
@@ -273,7 +273,7 @@ impl Refresher {
             match obtained {
                 Err(GrantError::Unanswered { reason }) if !sent_again => {
                     sent_again = true;
-                    tracing::warn!(upstream = %self.name, %reason, "a refresh was sent and not answered: the identity server may have processed it. Sending the same refresh token once more: if the server never processed the first, this recovers; if it did, the next refresh token was lost with the answer, and a server that rotates strictly refuses this one (then run `tollgate login {}`)", self.name);
+                    tracing::warn!(upstream = %self.name, %reason, "a refresh was sent and not answered: the identity server may have processed it. Sending the same refresh token once more: if the server never processed the first, this recovers; if it did, the next refresh token was lost with the answer, and a server that rotates strictly refuses this one (then run `{}`)", self.login);
                     tokio::time::sleep(RETRY_FIRST).await;
                 }
                 Err(GrantError::Unanswered { reason }) => {
@@ -313,7 +313,7 @@ impl Refresher {
                 "the identity server refused the exchange token of upstream `{name}` ({e}); create a new exchange token in WinBooks on Web, set auth.exchange_token, then restart"
             )),
             (GrantError::InvalidGrant { .. }, Grant::RefreshToken) => TokenError::NeedsLogin(format!(
-                "the identity server no longer accepts the refresh token of upstream `{name}` ({e}); run `tollgate login {name}`: a running tollgate picks the new token up by itself, no restart needed"
+                "the identity server no longer accepts the refresh token of upstream `{name}` ({e}); run `{}`: a running tollgate picks the new token up by itself, no restart needed", self.login
             )),
             (GrantError::Refused { .. }, _) => TokenError::Refused(format!(
                 "the identity server refused the client of upstream `{name}` ({e}); check client_id, client_secret, client_auth and scope"

@@ -13,9 +13,9 @@ use super::current::Current;
 use super::flight::{Flight, Lineage};
 use super::grant::TokenEndpoint;
 use super::{lineage_hash, lock, TokenError};
-use crate::config::{Grant, UpstreamConfig};
+use crate::config::{Grant, IdentityConfig, UpstreamConfig};
 use crate::secret::Secret;
-use crate::store::{StateStore, TokenRecord};
+use crate::store::{login_command, record_name, StateStore, TokenRecord};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -37,7 +37,10 @@ pub(super) enum Counted {
 
 /// The refresh side of one upstream's token cache.
 pub(super) struct Refresher {
+    /// The lineage's name: the upstream's, or `api@alice` for an identity's.
     pub(super) name: String,
+    /// The command that logs this lineage in anew, for messages.
+    pub(super) login: String,
     /// Where what is obtained goes: the cache's token in use.
     pub(super) current: Arc<Current>,
     pub(super) endpoint: TokenEndpoint,
@@ -83,14 +86,20 @@ pub(super) struct Refresher {
 }
 
 impl Refresher {
+    /// The refresher of `upstream`'s own lineage, or of `identity`'s.
     pub(super) fn new(
         upstream: &UpstreamConfig,
+        identity: Option<&IdentityConfig>,
         current: Arc<Current>,
         store: Arc<dyn StateStore>,
         extra_roots: Option<&[u8]>,
     ) -> Result<Refresher, String> {
-        let auth = &upstream.auth;
-        let endpoint = TokenEndpoint::new(upstream, extra_roots)?;
+        let auth = &match identity {
+            Some(identity) => upstream.identity_auth(identity),
+            None => upstream.auth.clone(),
+        };
+        let name = record_name(&upstream.name, identity.map(|i| i.name.as_str()));
+        let endpoint = TokenEndpoint::new(upstream, auth, extra_roots)?;
         store.lock_life(auth.timeout + super::LOCK_MARGIN);
         // Only a refresh_token grant redeems the config's seed; the others log in with their
         // own credentials, which also name their lineage.
@@ -99,7 +108,8 @@ impl Refresher {
             _ => None,
         };
         Ok(Refresher {
-            name: upstream.name.clone(),
+            login: login_command(&name),
+            name,
             current,
             seed_hash: lineage_hash(auth),
             seed,

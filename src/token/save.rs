@@ -101,9 +101,9 @@ impl Refresher {
                 continue;
             }
             if answer_by.is_some() {
-                tracing::error!(upstream = %self.name, "stopping with a refresh sent and not answered: if the identity server processed it, the next refresh token is lost with its answer, and a server that rotates strictly then refuses the one in the store (run `tollgate login {}`)", self.name);
+                tracing::error!(upstream = %self.name, "stopping with a refresh sent and not answered: if the identity server processed it, the next refresh token is lost with its answer, and a server that rotates strictly then refuses the one in the store (run `{}`)", self.login);
             } else if let Some(reason) = lock(&self.unsaved).clone() {
-                tracing::error!(upstream = %self.name, "{reason}; stopping now loses it: the next start redeems the refresh token before it, which an identity server that rotates refuses (then run `tollgate login {}`)", self.name);
+                tracing::error!(upstream = %self.name, "{reason}; stopping now loses it: the next start redeems the refresh token before it, which an identity server that rotates refuses (then run `{}`)", self.login);
             }
             return false;
         }

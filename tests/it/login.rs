@@ -43,7 +43,7 @@ fn login_text(h: &Harness, redirect: &str) -> String {
 
 /// A whole login for `api`: the browser follows the authorize URL, the login lands.
 async fn log_in(config: &Config) {
-    let login = Login::prepare(config, "api").await.unwrap();
+    let login = Login::prepare(config, "api", None).await.unwrap();
     let url = login.authorize_url.to_string();
     let finished = tokio::spawn(login.finish(Duration::from_secs(10)));
     assert_eq!(browse(&url, |l| l).await, 200);
@@ -102,7 +102,7 @@ async fn login_then_serve_uses_the_stored_token() {
 async fn wrong_state_is_refused() {
     let (h, redirect) = setup().await;
     let config = login_config(&h, &redirect);
-    let login = Login::prepare(&config, "api").await.unwrap();
+    let login = Login::prepare(&config, "api", None).await.unwrap();
     let url = login.authorize_url.to_string();
     let finished = tokio::spawn(login.finish(Duration::from_secs(10)));
     let status = browse(&url, |l| {
@@ -122,7 +122,7 @@ async fn access_denied_is_reported() {
     let (h, redirect) = setup().await;
     let config = login_config(&h, &redirect);
     h.identity.deny_next_authorization();
-    let login = Login::prepare(&config, "api").await.unwrap();
+    let login = Login::prepare(&config, "api", None).await.unwrap();
     let url = login.authorize_url.to_string();
     let finished = tokio::spawn(login.finish(Duration::from_secs(10)));
     browse(&url, |l| l).await;
@@ -135,7 +135,7 @@ async fn access_denied_is_reported() {
 async fn timeout_is_reported() {
     let (h, redirect) = setup().await;
     let config = login_config(&h, &redirect);
-    let login = Login::prepare(&config, "api").await.unwrap();
+    let login = Login::prepare(&config, "api", None).await.unwrap();
     let err = login.finish(Duration::from_millis(200)).await.unwrap_err();
     assert!(matches!(err, LoginError::Timeout(_)), "{err}");
     assert!(err.to_string().contains("run the login again"));

@@ -14,6 +14,7 @@ mod config_files;
 mod demo;
 mod echo;
 mod hostile;
+mod identities;
 mod inbound;
 mod limits;
 mod lineage;

@@ -232,7 +232,7 @@ impl IdentitySim {
             entry.grant = Some(grant);
         }
         let refresh_token = state.new_refresh_token(grant, config.refresh_lifetime);
-        let access_token = state.new_access_token(config.access_lifetime);
+        let access_token = state.new_access_token(config.access_lifetime, Some(grant));
         state.counters.authorization_codes += 1;
         state.counters.issued += 1;
         drop(state);

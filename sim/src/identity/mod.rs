@@ -182,6 +182,8 @@ struct State {
     grants: Vec<Grant>,
     refresh_tokens: HashMap<String, RefreshToken>,
     access_tokens: HashMap<String, Instant>,
+    /// The grant each access token was issued under: whose it is.
+    access_grants: HashMap<String, usize>,
     /// WinBooks exchange tokens; the value says whether the token was revoked.
     exchange_tokens: HashMap<String, bool>,
     /// Authorization codes, kept after use so that a second use can be detected.
@@ -293,6 +295,16 @@ impl IdentitySim {
             Some(expires_at) if Instant::now() >= *expires_at => Err("access token expired"),
             Some(_) => Ok(()),
         }
+    }
+
+    /// The grant (the user's login) a refresh token belongs to.
+    pub fn grant_of_refresh_token(&self, token: &str) -> Option<usize> {
+        self.state().refresh_tokens.get(token).map(|t| t.grant)
+    }
+
+    /// The grant an access token was issued under: who a request that carried it acts as.
+    pub fn grant_of_access_token(&self, token: &str) -> Option<usize> {
+        self.state().access_grants.get(token).copied()
     }
 
     /// Expires every access token issued so far (tests use this instead of sleeping).
@@ -425,10 +437,14 @@ impl State {
         token
     }
 
-    fn new_access_token(&mut self, lifetime: Duration) -> String {
+    /// A new access token, of `grant` when it has one (not `client_credentials`).
+    fn new_access_token(&mut self, lifetime: Duration, grant: Option<usize>) -> String {
         let token = random_token("at_");
         self.access_tokens
             .insert(token.clone(), Instant::now() + lifetime);
+        if let Some(grant) = grant {
+            self.access_grants.insert(token.clone(), grant);
+        }
         token
     }
 

@@ -137,7 +137,7 @@ impl IdentitySim {
                 state.new_refresh_token(entry.grant, config.refresh_lifetime)
             }
         };
-        let access_token = state.new_access_token(config.access_lifetime);
+        let access_token = state.new_access_token(config.access_lifetime, Some(entry.grant));
         state.counters.refreshes += 1;
         state.counters.issued += 1;
         drop(state);
@@ -159,7 +159,7 @@ impl IdentitySim {
         let mut state = self.state();
         let grant = state.new_grant();
         let refresh_token = state.new_refresh_token(grant, config.refresh_lifetime);
-        let access_token = state.new_access_token(config.access_lifetime);
+        let access_token = state.new_access_token(config.access_lifetime, Some(grant));
         state.counters.password_grants += 1;
         state.counters.issued += 1;
         drop(state);
@@ -179,7 +179,7 @@ impl IdentitySim {
         }
         let grant = state.new_grant();
         let refresh_token = state.new_refresh_token(grant, config.refresh_lifetime);
-        let access_token = state.new_access_token(config.access_lifetime);
+        let access_token = state.new_access_token(config.access_lifetime, Some(grant));
         state.counters.exchanges += 1;
         state.counters.issued += 1;
         drop(state);
@@ -189,7 +189,7 @@ impl IdentitySim {
     /// RFC 6749 §4.4: no refresh token in the answer.
     fn client_credentials(&self, params: &Params) -> Response<SimBody> {
         let mut state = self.state();
-        let access_token = state.new_access_token(self.inner.config.access_lifetime);
+        let access_token = state.new_access_token(self.inner.config.access_lifetime, None);
         state.counters.client_credentials += 1;
         state.counters.issued += 1;
         drop(state);

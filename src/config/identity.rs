@@ -1,0 +1,139 @@
+//! `[[upstream.identity]]`: another user the API is reached as, beside the upstream's own
+//! (`[upstream.auth]`). An identity names itself and gives credentials of its own; everything
+//! else (grant, token endpoint, client auth, timeouts) it takes from `[upstream.auth]`. A named
+//! inbound key with `identity = "…"` reaches the API as that identity.
+//!
+//! Must not: check anything of `[upstream.auth]` itself (that is [`super::validate`]).
+
+use super::{AuthConfig, Grant, UpstreamConfig};
+use crate::secret::Secret;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// One `[[upstream.identity]]` table.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// `[a-z0-9][a-z0-9-]*`, unique within the upstream: it names the identity's lineage in the
+    /// store (`api@alice`), in logs and in `tollgate login api --identity alice`.
+    pub name: String,
+    pub client_id: Option<String>,
+    pub client_secret: Option<Secret<String>>,
+    /// The identity's seed refresh token (grant = refresh_token).
+    pub refresh_token: Option<Secret<String>>,
+    pub username: Option<String>,
+    pub password: Option<Secret<String>>,
+    pub exchange_token: Option<Secret<String>>,
+    /// Form fields added to (or replacing) `auth.params` for this identity's token requests.
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+}
+
+impl UpstreamConfig {
+    /// The identity named `name`, if the upstream has one.
+    pub fn identity(&self, name: &str) -> Option<&IdentityConfig> {
+        self.identities.iter().find(|i| i.name == name)
+    }
+
+    /// `[upstream.auth]` with `identity`'s credentials in place of its own.
+    pub fn identity_auth(&self, identity: &IdentityConfig) -> AuthConfig {
+        let mut auth = self.auth.clone();
+        let own = identity.clone();
+        if let Some(id) = own.client_id {
+            auth.client_id = id;
+        }
+        // A credential of the identity replaces the upstream's; one it does not give is not
+        // inherited where it names a user (the upstream's user is not this identity's).
+        auth.client_secret = own.client_secret.or(auth.client_secret);
+        auth.refresh_token = own.refresh_token;
+        auth.username = own.username;
+        auth.password = own.password;
+        auth.exchange_token = own.exchange_token;
+        auth.params.extend(own.params);
+        auth
+    }
+}
+
+/// What is wrong with the identities of `up`, as (key below the upstream, message).
+pub(super) fn check(up: &UpstreamConfig, report: &mut impl FnMut(&str, String)) {
+    for (i, identity) in up.identities.iter().enumerate() {
+        let at = format!("identity[{i}]");
+        let name = &identity.name;
+        let valid = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-';
+        let starts = name.bytes().next().is_some_and(|b| b != b'-');
+        if name.len() > 64 || !starts || !name.bytes().all(valid) {
+            report(
+                &format!("{at}.name"),
+                format!("`{name}` is not a valid identity name: 1 to 64 lowercase letters, digits and '-', not starting with '-'"),
+            );
+        }
+        if up.identities[..i].iter().any(|other| &other.name == name) {
+            report(
+                &format!("{at}.name"),
+                format!(
+                    "`{name}` names two identities of upstream `{}`: give each its own name",
+                    up.name
+                ),
+            );
+        }
+        for (field, problem) in missing(up.auth.grant, identity) {
+            report(&format!("{at}.{field}"), problem);
+        }
+    }
+    let keys = up.inbound.iter().flat_map(|i| i.keys.iter());
+    for (j, key) in keys.enumerate() {
+        let Some(identity) = &key.identity else {
+            continue;
+        };
+        if up.identity(identity).is_none() {
+            report(
+                &format!("inbound.keys[{j}].identity"),
+                format!("upstream `{}` has no identity `{identity}`: add [[upstream.identity]] name = \"{identity}\" with its credentials, or remove identity from the key", up.name),
+            );
+        }
+    }
+}
+
+/// The credentials `grant` needs that `identity` does not give.
+fn missing(grant: Grant, identity: &IdentityConfig) -> Vec<(&'static str, String)> {
+    let name = &identity.name;
+    let need = |field: &'static str, why: &str| {
+        (
+            field,
+            format!("identity `{name}` needs its own {field} {why}"),
+        )
+    };
+    let mut out = Vec::new();
+    match grant {
+        // A refresh token may come from `tollgate login … --identity` instead.
+        Grant::RefreshToken => {}
+        Grant::Password => {
+            if identity.username.is_none() {
+                out.push(need("username", "for the password grant"));
+            }
+            if identity.password.is_none() {
+                out.push(need("password", "for the password grant"));
+            }
+        }
+        Grant::ClientCredentials => {
+            if identity.client_id.is_none() {
+                out.push(need(
+                    "client_id",
+                    "for the client_credentials grant (the client is the identity)",
+                ));
+            }
+        }
+        Grant::WinbooksExchange => {
+            if identity.username.is_none() {
+                out.push(need(
+                    "username",
+                    "(the WinBooks e-mail) for the winbooks_exchange grant",
+                ));
+            }
+            if identity.exchange_token.is_none() {
+                out.push(need("exchange_token", "for the winbooks_exchange grant"));
+            }
+        }
+    }
+    out
+}

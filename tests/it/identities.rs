@@ -1,0 +1,214 @@
+//! `[[upstream.identity]]`: each inbound key reaches the API as its own user, with a lineage of
+//! its own in the store, under the upstream's one day.
+
+use crate::common;
+
+use common::{Answer, Harness, Setup, Tollgate};
+use http_body_util::Full;
+
+const KEYS: [(&str, &str); 3] = [
+    ("etl", "etl-key-0123456789abcdef"),
+    ("reports", "reports-key-0123456789abcdef"),
+    ("tool", "tool-key-0123456789abcdef"),
+];
+
+/// A harness whose upstream has identities `alice` (key `etl`) and `bob` (key `reports`), each
+/// seeded with a login of its own, beside the upstream's own user (key `tool`). Returns the
+/// grants (users) of the upstream's own, alice and bob.
+async fn three_users(quota: &str) -> (Harness, [usize; 3]) {
+    let mut h = Harness::start(Setup::with_quota(quota)).await;
+    h.stop_proxy().await;
+    let (alice, bob) = (
+        h.identity.issue_refresh_token(),
+        h.identity.issue_refresh_token(),
+    );
+    h.config_text.push_str(&format!(
+        r#"
+[upstream.inbound]
+keys = [
+  {{ name = "etl", key = "{}", identity = "alice" }},
+  {{ name = "reports", key = "{}", identity = "bob" }},
+  {{ name = "tool", key = "{}" }},
+]
+
+[[upstream.identity]]
+name = "alice"
+refresh_token = "{alice}"
+
+[[upstream.identity]]
+name = "bob"
+refresh_token = "{bob}"
+"#,
+        KEYS[0].1, KEYS[1].1, KEYS[2].1
+    ));
+    let grant = |seed: &str| h.identity.grant_of_refresh_token(seed).unwrap();
+    let users = [grant(&h.seed), grant(&alice), grant(&bob)];
+    h.start_proxy().await;
+    (h, users)
+}
+
+async fn get_as(h: &Harness, key: &str, path: &str) -> Answer {
+    let request = http::Request::get(h.url(path))
+        .header("authorization", format!("Bearer {key}"))
+        .body(Full::default())
+        .unwrap();
+    h.send(request).await
+}
+
+/// Who the API saw the last request as.
+fn caller(h: &Harness) -> usize {
+    let authorization = h
+        .api
+        .last_authorization()
+        .expect("a request reached the API");
+    let token = authorization.strip_prefix("Bearer ").unwrap();
+    h.identity
+        .grant_of_access_token(token)
+        .expect("a token the identity server issued to a user")
+}
+
+/// Each key reaches the API as its own user, over several expiries, with no refresh token
+/// redeemed twice in any of the three lineages; an identity fetches nothing until used.
+#[tokio::test]
+async fn each_key_reaches_the_api_as_its_user_across_expiries() {
+    let (h, users) = three_users("").await;
+    assert_eq!(get_as(&h, KEYS[2].1, "/own-first").await.status, 200);
+    assert_eq!(caller(&h), users[0]);
+    let dir = h.state_dir();
+    assert!(
+        !dir.join("api@alice.token.json").exists(),
+        "alice was not used yet"
+    );
+    assert_eq!(
+        h.identity.counters().refreshes,
+        1,
+        "one token request: the upstream's own"
+    );
+
+    for round in 0..3 {
+        for (i, (name, key)) in KEYS.iter().enumerate() {
+            let answer = get_as(&h, key, &format!("/{name}/{round}")).await;
+            assert_eq!(answer.status, 200, "{name}: {}", answer.text());
+            let expected = [users[1], users[2], users[0]][i];
+            assert_eq!(caller(&h), expected, "{name} reached the API as its user");
+        }
+        h.identity.expire_access_tokens();
+    }
+    h.assert_lineage_intact();
+    for file in [
+        "api.token.json",
+        "api@alice.token.json",
+        "api@bob.token.json",
+    ] {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap();
+        assert!(text.contains("\"generation\""), "{file}: {text}");
+    }
+}
+
+/// The three users spend one day: the upstream's limit holds their sum.
+#[tokio::test]
+async fn the_day_holds_the_sum_of_every_identity() {
+    let (h, _) = three_users("per_day = 4").await;
+    let mut served = 0;
+    for round in 0..3 {
+        for (name, key) in KEYS {
+            if get_as(&h, key, &format!("/{name}/{round}")).await.status == 200 {
+                served += 1;
+            }
+        }
+    }
+    assert_eq!(served, 4, "the day's four requests, whoever sent them");
+}
+
+/// `tollgate token --identity` prints that identity's token; an unknown identity is an error
+/// that says how to add it.
+#[tokio::test]
+async fn token_with_identity_prints_that_users_token() {
+    let (h, users) = three_users("").await;
+    let path = h.write_config("tollgate.toml", &h.config_text);
+    let out = Tollgate::new(&["token", "api", "--identity", "bob"])
+        .config_file(&path)
+        .run_async()
+        .await;
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    let token = out.stdout.trim();
+    assert_eq!(h.identity.grant_of_access_token(token), Some(users[2]));
+
+    let out = Tollgate::new(&["token", "api", "--identity", "carol"])
+        .config_file(&path)
+        .run_async()
+        .await;
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("[[upstream.identity]]"), "{out:?}");
+}
+
+/// A reload adds an identity and removes another without touching the others' tokens.
+#[tokio::test]
+async fn reload_adds_and_removes_identities() {
+    let (mut h, users) = three_users("").await;
+    for (name, key) in KEYS {
+        assert_eq!(get_as(&h, key, &format!("/{name}")).await.status, 200);
+    }
+    let asked = h.identity.counters().token_requests;
+    // Bob goes; his key now reaches the API as the upstream's own user.
+    let without_bob = h
+        .config_text
+        .replace(", identity = \"bob\"", "")
+        .split("[[upstream.identity]]\nname = \"bob\"")
+        .next()
+        .unwrap()
+        .to_owned();
+    h.reload(&without_bob).await.expect("reloaded");
+    assert_eq!(get_as(&h, KEYS[0].1, "/alice-kept").await.status, 200);
+    assert_eq!(caller(&h), users[1]);
+    assert_eq!(get_as(&h, KEYS[1].1, "/bob-gone").await.status, 200);
+    assert_eq!(caller(&h), users[0]);
+    assert_eq!(
+        h.identity.counters().token_requests,
+        asked,
+        "no other token touched"
+    );
+    h.assert_lineage_intact();
+}
+
+/// `check` lists each identity, which credentials it gives (never their values) and which
+/// keys reach the API as it; a key naming an unknown identity is an error that says so.
+#[tokio::test]
+async fn check_lists_identities_and_refuses_an_unknown_one() {
+    let (h, _) = three_users("").await;
+    let path = h.write_config("tollgate.toml", &h.config_text);
+    let out = Tollgate::new(&["check"])
+        .config_file(&path)
+        .run_async()
+        .await;
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    assert!(out.stdout.contains("identity alice"), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains("refresh_token credentials of its own; keys etl"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("etl (no budget, as identity alice)"),
+        "{}",
+        out.stdout
+    );
+    for token in h.identity.issued_tokens() {
+        assert!(!out.stdout.contains(&token), "a token in check");
+    }
+    let wrong = h
+        .config_text
+        .replace("identity = \"bob\"", "identity = \"carol\"");
+    let path = h.write_config("wrong.toml", &wrong);
+    let out = Tollgate::new(&["check"])
+        .config_file(&path)
+        .run_async()
+        .await;
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    assert!(
+        out.stderr.contains("has no identity `carol`"),
+        "{}",
+        out.stderr
+    );
+}
