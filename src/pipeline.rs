@@ -177,6 +177,7 @@ impl Pipeline {
                 target: "tollgate::access",
                 upstream = %self.name,
                 key = %counts.label,
+                identity = %self.tokens_for(key).identity(),
                 %method,
                 %path,
                 status = response.status().as_u16(),
@@ -250,6 +251,9 @@ impl Pipeline {
         // From the cache on the hot path; a refresh is a large future and a rare one, boxed so
         // that every request's future does not carry (and move) its room.
         let tokens = self.tokens_for(key);
+        if tokens.is_identity() {
+            tokens.mark_used();
+        }
         let token = match tokens.cached() {
             Some(token) => token,
             None => Box::pin(tokens.get()).await?,

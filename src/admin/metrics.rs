@@ -122,11 +122,19 @@ fn refreshes(out: &mut String, upstreams: &[Upstream]) {
         out,
         name,
         "counter",
-        "Token refresh attempts, by result (ok, error: retried, refused: needs a new grant).",
+        "Token refresh attempts, by identity (- for the upstream's own) and result (ok, error: retried, refused: needs a new grant).",
     );
     for u in upstreams {
-        for (result, n) in u.tokens.refreshes() {
-            f.sample(name, &[("upstream", &u.name), ("result", result)], n);
+        for tokens in std::iter::once(&u.tokens).chain(&u.identities) {
+            let identity = tokens.identity();
+            for (result, n) in tokens.refreshes() {
+                let labels = [
+                    ("upstream", u.name.as_str()),
+                    ("identity", identity),
+                    ("result", result),
+                ];
+                f.sample(name, &labels, n);
+            }
         }
     }
 }

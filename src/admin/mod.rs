@@ -43,6 +43,8 @@ const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 pub struct Upstream {
     pub name: String,
     pub tokens: Arc<TokenCache>,
+    /// Each `[[upstream.identity]]`'s token cache.
+    pub identities: Vec<Arc<TokenCache>>,
     pub quota: Arc<Quota>,
     /// One per worker serving the upstream.
     pub stats: Vec<Arc<RequestStats>>,
@@ -97,6 +99,15 @@ impl Admin {
                 )),
                 (Some(_), Some(reason)) => degraded.push(format!("{}: {reason}", u.name)),
                 (Some(_), None) => {}
+            }
+            // An identity never used yet has no token and is not a problem; one that failed is.
+            for identity in &u.identities {
+                let whose = format!("{} (identity {})", u.name, identity.identity());
+                match (identity.cached(), identity.failure()) {
+                    (None, Some(reason)) => unready.push(format!("{whose}: {reason}")),
+                    (Some(_), Some(reason)) => degraded.push(format!("{whose}: {reason}")),
+                    (_, None) => {}
+                }
             }
             if let Some(problem) = &store_problem {
                 if !u.quota.counts_in_hand() {

@@ -9,7 +9,9 @@
 
 use super::html::escape;
 use super::seconds;
-use super::status::{QuotaStatus, Status, TokenState, UpstreamStatus, WindowStatus};
+use super::status::{
+    IdentityStatus, QuotaStatus, Status, TokenState, UpstreamStatus, WindowStatus,
+};
 use crate::quota::Reason;
 use std::fmt::Write;
 use std::time::SystemTime;
@@ -84,6 +86,32 @@ pub fn render(status: &Status) -> String {
     out
 }
 
+/// Each identity's token in one line: its state, and when a request last used it.
+fn identities(out: &mut String, identities: &[IdentityStatus]) {
+    if identities.is_empty() {
+        return;
+    }
+    let each: Vec<String> = identities
+        .iter()
+        .map(|i| {
+            let state = match &i.token {
+                TokenState::Ready { generation, .. } => format!("ready, generation {generation}"),
+                TokenState::Unready { reason } => format!(
+                    "<span class=\"unready\">unready</span>: {}",
+                    escape(reason.as_deref().unwrap_or("no usable token"))
+                ),
+                TokenState::Unused => "not used yet".to_owned(),
+            };
+            let used = match i.last_used_s {
+                Some(s) => format!(", last used {} ago", seconds(s)),
+                None => String::new(),
+            };
+            format!("{}: {state}{used}", escape(&i.name))
+        })
+        .collect();
+    let _ = writeln!(out, "<p>Identities: {}</p>", each.join("; "));
+}
+
 fn section(out: &mut String, upstream: &UpstreamStatus) {
     let _ = writeln!(out, "<section>\n<h2>{}</h2>", escape(&upstream.name));
     match &upstream.token {
@@ -106,7 +134,9 @@ fn section(out: &mut String, upstream: &UpstreamStatus) {
                 escape(reason)
             );
         }
+        TokenState::Unused => out.push_str("<p>Token: not used yet</p>\n"),
     }
+    identities(out, &upstream.identities);
     quota(out, &upstream.quota);
     if let Some(day) = &upstream.day {
         super::chart::render(out, day);
@@ -192,6 +222,7 @@ mod tests {
     fn an_unready_reason_is_escaped_on_the_page() {
         let status = Status {
             upstreams: vec![UpstreamStatus {
+                identities: Vec::new(),
                 name: "api".into(),
                 token: TokenState::Unready {
                     reason: Some("identity server said <b>no</b> & \"bye\"".into()),
@@ -214,6 +245,7 @@ mod tests {
     fn the_day_is_a_meter() {
         let status = Status {
             upstreams: vec![UpstreamStatus {
+                identities: Vec::new(),
                 name: "api".into(),
                 token: TokenState::Ready {
                     generation: 2,
@@ -251,6 +283,7 @@ mod tests {
     fn labels_are_words_and_no_duration_is_0s() {
         let status = Status {
             upstreams: vec![UpstreamStatus {
+                identities: Vec::new(),
                 name: "api".into(),
                 token: TokenState::Ready {
                     generation: 1,

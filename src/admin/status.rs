@@ -6,6 +6,7 @@
 
 use super::Upstream;
 use crate::store::StateStore;
+use crate::token::TokenCache;
 use crate::usage::describe;
 use crate::usage::forecast::SLOT_MS;
 use serde::{Deserialize, Serialize};
@@ -43,6 +44,19 @@ pub struct UpstreamStatus {
     /// The day's use by the group, once it was read from the store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub day: Option<DayStatus>,
+    /// Each `[[upstream.identity]]`'s token (never the token itself).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<IdentityStatus>,
+}
+
+/// One identity's token, and when a request last used it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IdentityStatus {
+    pub name: String,
+    pub token: TokenState,
+    /// Seconds since a request last took its token; absent when none ever did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_s: Option<u64>,
 }
 
 /// Who spent the day, per 15 minutes and per key, and when it will run out.
@@ -83,8 +97,15 @@ pub struct KeyStatus {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "lowercase")]
 pub enum TokenState {
-    Ready { generation: u64, expires_in_s: u64 },
-    Unready { reason: Option<String> },
+    Ready {
+        generation: u64,
+        expires_in_s: u64,
+    },
+    Unready {
+        reason: Option<String>,
+    },
+    /// An identity no request has used yet: it fetches nothing until one does.
+    Unused,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -127,8 +148,9 @@ pub fn gather(upstreams: &[Upstream], store: &dyn StateStore) -> Status {
     }
 }
 
-fn upstream(u: &Upstream) -> UpstreamStatus {
-    let token = match u.tokens.cached() {
+/// What a token cache has to show: a usable token, or why not.
+fn token_state(tokens: &TokenCache) -> TokenState {
+    match tokens.cached() {
         Some(t) => TokenState::Ready {
             generation: t.generation,
             expires_in_s: t
@@ -137,9 +159,27 @@ fn upstream(u: &Upstream) -> UpstreamStatus {
                 .map_or(0, |d| d.as_secs()),
         },
         None => TokenState::Unready {
-            reason: u.tokens.unready_reason(),
+            reason: tokens.unready_reason(),
         },
+    }
+}
+
+fn identity(tokens: &TokenCache) -> IdentityStatus {
+    let last_used = tokens.last_used();
+    let token = match (last_used, tokens.failure()) {
+        // Nothing fetched yet, and nothing failed: not a problem.
+        (None, None) if tokens.cached().is_none() => TokenState::Unused,
+        _ => token_state(tokens),
     };
+    IdentityStatus {
+        name: tokens.identity().to_owned(),
+        token,
+        last_used_s: last_used.map(|d| d.as_secs()),
+    }
+}
+
+fn upstream(u: &Upstream) -> UpstreamStatus {
+    let token = token_state(&u.tokens);
     let windows = u
         .quota
         .windows()
@@ -157,6 +197,7 @@ fn upstream(u: &Upstream) -> UpstreamStatus {
         name: u.name.clone(),
         day: day(u),
         token,
+        identities: u.identities.iter().map(|t| identity(t)).collect(),
         quota: QuotaStatus {
             windows,
             in_flight: line.map(|(in_flight, _)| in_flight),
@@ -215,6 +256,7 @@ mod tests {
         let status = Status {
             upstreams: vec![
                 UpstreamStatus {
+                    identities: Vec::new(),
                     name: "api".into(),
                     token: TokenState::Ready {
                         generation: 3,
@@ -236,6 +278,7 @@ mod tests {
                     day: None,
                 },
                 UpstreamStatus {
+                    identities: Vec::new(),
                     name: "other".into(),
                     token: TokenState::Unready {
                         reason: Some("no token yet".into()),

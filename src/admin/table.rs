@@ -9,6 +9,27 @@ use super::status::{DayStatus, QuotaStatus, Status, TokenState};
 
 const HEADER: [&str; 5] = ["UPSTREAM", "TOKEN", "EXPIRES IN", "GENERATION", "QUOTA"];
 
+/// The token columns of a row (state, expires in, generation); an unready token's reason
+/// goes to `reasons`, under the table.
+fn token(name: &str, token: &TokenState, reasons: &mut Vec<String>) -> [String; 3] {
+    match token {
+        TokenState::Ready {
+            generation,
+            expires_in_s,
+        } => [
+            "ready".to_owned(),
+            seconds(*expires_in_s),
+            generation.to_string(),
+        ],
+        TokenState::Unready { reason } => {
+            let reason = reason.as_deref().unwrap_or("no usable token");
+            reasons.push(format!("{name}: unready: {reason}"));
+            ["unready".to_owned(), "-".to_owned(), "-".to_owned()]
+        }
+        TokenState::Unused => ["unused".to_owned(), "-".to_owned(), "-".to_owned()],
+    }
+}
+
 /// The table, ending with a newline.
 pub fn render(status: &Status) -> String {
     if status.upstreams.is_empty() {
@@ -22,22 +43,19 @@ pub fn render(status: &Status) -> String {
         .filter_map(|u| Some(day(&u.name, u.day.as_ref()?)))
         .collect();
     for u in &status.upstreams {
-        let (state, expires, generation) = match &u.token {
-            TokenState::Ready {
-                generation,
-                expires_in_s,
-            } => (
-                "ready".to_owned(),
-                seconds(*expires_in_s),
-                generation.to_string(),
-            ),
-            TokenState::Unready { reason } => {
-                let reason = reason.as_deref().unwrap_or("no usable token");
-                reasons.push(format!("{}: unready: {reason}", u.name));
-                ("unready".to_owned(), "-".to_owned(), "-".to_owned())
-            }
-        };
+        let [state, expires, generation] = token(&u.name, &u.token, &mut reasons);
         rows.push([u.name.clone(), state, expires, generation, quota(&u.quota)]);
+        // An identity's row: its token, and in the quota column when it was last used (the
+        // quota is the upstream's, shared).
+        for i in &u.identities {
+            let name = format!("{} as {}", u.name, i.name);
+            let [state, expires, generation] = token(&name, &i.token, &mut reasons);
+            let used = match i.last_used_s {
+                Some(s) => format!("last used {} ago", seconds(s)),
+                None => "not used yet".to_owned(),
+            };
+            rows.push([name, state, expires, generation, used]);
+        }
     }
     let mut widths = [0; HEADER.len()];
     for row in &rows {
@@ -158,6 +176,7 @@ mod tests {
         let status = Status {
             upstreams: vec![
                 UpstreamStatus {
+                    identities: Vec::new(),
                     name: "beproduct".into(),
                     token: TokenState::Ready {
                         generation: 12,
@@ -197,6 +216,7 @@ mod tests {
                     }),
                 },
                 UpstreamStatus {
+                    identities: Vec::new(),
                     name: "erp".into(),
                     token: TokenState::Unready {
                         reason: Some("invalid_grant: run `tollgate login erp`".into()),

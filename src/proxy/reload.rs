@@ -451,6 +451,7 @@ impl Proxy {
             .map(|(name, u)| admin::Upstream {
                 name: name.clone(),
                 tokens: Arc::clone(&u.tokens),
+                identities: u.identities.values().map(|(c, _)| Arc::clone(c)).collect(),
                 quota: Arc::clone(&u.quota),
                 stats: u.stats.clone(),
                 usage: Arc::clone(&u.usage),

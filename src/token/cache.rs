@@ -9,8 +9,8 @@ use super::pacing::Pacing;
 use super::refresher::{Refresher, REFRESH_RESULTS};
 use super::{AccessToken, Purpose, TokenError};
 use crate::config::{IdentityConfig, UpstreamConfig};
-use crate::store::StateStore;
-use std::sync::atomic::Ordering;
+use crate::store::{StateStore, OWN_IDENTITY};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,10 @@ pub struct TokenCache {
     next: OnceLock<Arc<TokenCache>>,
     /// An identity's cache: nothing is fetched until a request needs it.
     lazy: bool,
+    /// The identity's name, or [`crate::store::OWN_IDENTITY`] for the upstream's own.
+    identity: String,
+    /// When a request last took a token from it (Unix seconds; 0: never), for an identity's.
+    last_used: AtomicU64,
 }
 
 impl TokenCache {
@@ -48,12 +52,20 @@ impl TokenCache {
         let current = Arc::new(Current::new(upstream.auth.refresh_before));
         let refresher =
             Refresher::new(upstream, identity, Arc::clone(&current), store, extra_roots)?;
-        Ok(TokenCache::assemble(current, refresher, identity.is_some()))
+        Ok(TokenCache::assemble(current, refresher, identity))
     }
 
-    fn assemble(current: Arc<Current>, refresher: Refresher, lazy: bool) -> Self {
+    fn assemble(
+        current: Arc<Current>,
+        refresher: Refresher,
+        identity: Option<&IdentityConfig>,
+    ) -> Self {
         TokenCache {
-            lazy,
+            lazy: identity.is_some(),
+            identity: identity
+                .map_or(OWN_IDENTITY, |i| i.name.as_str())
+                .to_owned(),
+            last_used: AtomicU64::new(0),
             name: refresher.name.clone(),
             current,
             refresher: Arc::new(refresher),
@@ -64,6 +76,40 @@ impl TokenCache {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The identity whose lineage this is: its name, or `-` for the upstream's own.
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// Whether this is an identity's cache, not the upstream's own.
+    #[inline]
+    pub fn is_identity(&self) -> bool {
+        self.lazy
+    }
+
+    /// A request took a token from this cache now (kept to the second: a store only when the
+    /// second changed, so requests at once do not contend for the line).
+    pub fn mark_used(&self) {
+        let now = crate::store::unix_ms() / 1000;
+        if self.last_used.load(Ordering::Relaxed) != now {
+            self.last_used.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// How long ago a request last took a token from it ([`TokenCache::mark_used`]), if ever.
+    pub fn last_used(&self) -> Option<Duration> {
+        let at = self.last_used.load(Ordering::Relaxed);
+        (at > 0).then(|| Duration::from_secs((crate::store::unix_ms() / 1000).saturating_sub(at)))
+    }
+
+    /// Why its last refresh failed, or a record is unsaved or sealed away; `None` for one
+    /// that never failed (an identity never used yet, say).
+    pub fn failure(&self) -> Option<String> {
+        self.refresher
+            .unsaved_reason()
+            .or_else(|| self.refresher.last_failure())
     }
 
     /// The cache for `upstream` after a reload changed its auth settings or CA, continuing
@@ -83,7 +129,7 @@ impl TokenCache {
             Refresher::new(upstream, identity, Arc::clone(&current), store, extra_roots)?;
         refresher.continue_from(&old.refresher);
         let same_lineage = refresher.seed_hash == old.refresher.seed_hash;
-        let mut next = TokenCache::assemble(current, refresher, identity.is_some());
+        let mut next = TokenCache::assemble(current, refresher, identity);
         if same_lineage {
             next.pacing = Arc::clone(&old.pacing);
             next.current.continue_from(&old.current);

@@ -242,8 +242,8 @@ async fn metrics_count_requests_refreshes_and_upstream_time() {
     // Six sends: five requests and the replay after the 401.
     has("tollgate_upstream_duration_seconds_count{upstream=\"api\"} 6");
     has("tollgate_upstream_duration_seconds_bucket{upstream=\"api\",le=\"+Inf\"} 6");
-    has("tollgate_token_refreshes_total{upstream=\"api\",result=\"ok\"} 2");
-    has("tollgate_token_refreshes_total{upstream=\"api\",result=\"refused\"} 0");
+    has("tollgate_token_refreshes_total{upstream=\"api\",identity=\"-\",result=\"ok\"} 2");
+    has("tollgate_token_refreshes_total{upstream=\"api\",identity=\"-\",result=\"refused\"} 0");
     assert!(text.contains("# TYPE tollgate_upstream_duration_seconds histogram"));
     for token in h.identity.issued_tokens() {
         assert!(!text.contains(&token));

@@ -16,7 +16,11 @@ const KEYS: [(&str, &str); 3] = [
 /// seeded with a login of its own, beside the upstream's own user (key `tool`). Returns the
 /// grants (users) of the upstream's own, alice and bob.
 async fn three_users(quota: &str) -> (Harness, [usize; 3]) {
-    let mut h = Harness::start(Setup::with_quota(quota)).await;
+    let mut h = Harness::start(Setup {
+        admin: true,
+        ..Setup::with_quota(quota)
+    })
+    .await;
     h.stop_proxy().await;
     let (alice, bob) = (
         h.identity.issue_refresh_token(),
@@ -210,5 +214,75 @@ async fn check_lists_identities_and_refuses_an_unknown_one() {
         out.stderr.contains("has no identity `carol`"),
         "{}",
         out.stderr
+    );
+}
+
+/// One identity's `invalid_grant` leaves the others serving; `/readyz` names it, an identity
+/// never used does not fail it; `/status` and `/metrics` show each identity, never a token.
+#[tokio::test]
+async fn a_refused_identity_leaves_the_others_serving_and_is_named() {
+    let (h, users) = three_users("").await;
+    assert_eq!(get_as(&h, KEYS[2].1, "/own").await.status, 200);
+    let ready = common::get(h.admin_url("/readyz")).await;
+    assert_eq!(ready.status, 200, "bob and alice unused: {}", ready.text());
+    let status = common::get(h.admin_url("/status")).await.json();
+    let identities = &status["upstreams"][0]["identities"];
+    assert_eq!(identities[0]["name"], "alice");
+    assert_eq!(identities[0]["token"]["state"], "unused");
+
+    assert_eq!(get_as(&h, KEYS[0].1, "/alice").await.status, 200);
+    h.identity.revoke_grant(users[1]);
+    h.identity.expire_access_tokens();
+    let refused = get_as(&h, KEYS[0].1, "/alice-revoked").await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert!(
+        refused
+            .text()
+            .contains("tollgate login api --identity alice"),
+        "{}",
+        refused.text()
+    );
+    for (name, key) in [KEYS[1], KEYS[2]] {
+        assert_eq!(
+            get_as(&h, key, &format!("/{name}")).await.status,
+            200,
+            "{name} serves"
+        );
+    }
+    let ready = common::get(h.admin_url("/readyz")).await;
+    assert_eq!(ready.status, 503);
+    assert!(
+        ready.text().contains("api (identity alice)"),
+        "{}",
+        ready.text()
+    );
+    assert!(!ready.text().contains("identity bob"), "{}", ready.text());
+
+    let status = common::get(h.admin_url("/status")).await;
+    let json = status.json();
+    let identities = &json["upstreams"][0]["identities"];
+    assert_eq!(identities[0]["token"]["state"], "unready");
+    assert_eq!(identities[1]["token"]["state"], "ready");
+    assert!(identities[1]["last_used_s"].as_u64().is_some());
+    let metrics = common::get(h.admin_url("/metrics")).await.text();
+    assert!(
+        metrics.contains("tollgate_token_refreshes_total{upstream=\"api\",identity=\"alice\",result=\"refused\"} 1"),
+        "{metrics}"
+    );
+    let page = common::get(h.admin_url("/")).await.text();
+    assert!(page.contains("Identities: alice"), "{page}");
+    for token in h.identity.issued_tokens() {
+        for (what, text) in [
+            ("status", status.text()),
+            ("metrics", metrics.clone()),
+            ("page", page.clone()),
+        ] {
+            assert!(!text.contains(&token), "a token in {what}");
+        }
+    }
+    assert_eq!(
+        h.identity.counters().reuse_detected,
+        0,
+        "no refresh token redeemed twice"
     );
 }

@@ -263,7 +263,8 @@ async fn a_failed_save_keeps_the_lock_until_the_record_is_saved() {
 /// `tollgate_token_refreshes_total{result="error"}` of upstream `api`.
 async fn refresh_errors(h: &Harness) -> u64 {
     let metrics = common::get(h.admin_url("/metrics")).await.text();
-    let sample = "tollgate_token_refreshes_total{upstream=\"api\",result=\"error\"} ";
+    let sample =
+        "tollgate_token_refreshes_total{upstream=\"api\",identity=\"-\",result=\"error\"} ";
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(sample))

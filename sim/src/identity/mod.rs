@@ -332,6 +332,11 @@ impl IdentitySim {
         }
     }
 
+    /// Revokes one grant (one user's login): its refresh tokens are refused from now on.
+    pub fn revoke_grant(&self, grant: usize) {
+        self.state().revoke(grant);
+    }
+
     pub fn counters(&self) -> IdentityCounters {
         self.state().counters
     }
