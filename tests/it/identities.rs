@@ -22,12 +22,22 @@ async fn three_users(quota: &str) -> (Harness, [usize; 3]) {
     })
     .await;
     h.stop_proxy().await;
+    let own = h.seed.clone();
+    let (text, users) = with_users(&h, &h.config_text, &own);
+    h.config_text = text;
+    h.start_proxy().await;
+    (h, users)
+}
+
+/// `text` (whose own seed is `own`) with the keys and identities of [`three_users`], the
+/// identities seeded with new logins; and the three users' grants.
+fn with_users(h: &Harness, text: &str, own: &str) -> (String, [usize; 3]) {
     let (alice, bob) = (
         h.identity.issue_refresh_token(),
         h.identity.issue_refresh_token(),
     );
-    h.config_text.push_str(&format!(
-        r#"
+    let text = format!(
+        r#"{text}
 [upstream.inbound]
 keys = [
   {{ name = "etl", key = "{}", identity = "alice" }},
@@ -44,11 +54,9 @@ name = "bob"
 refresh_token = "{bob}"
 "#,
         KEYS[0].1, KEYS[1].1, KEYS[2].1
-    ));
+    );
     let grant = |seed: &str| h.identity.grant_of_refresh_token(seed).unwrap();
-    let users = [grant(&h.seed), grant(&alice), grant(&bob)];
-    h.start_proxy().await;
-    (h, users)
+    (text, [grant(own), grant(&alice), grant(&bob)])
 }
 
 async fn get_as(h: &Harness, key: &str, path: &str) -> Answer {
@@ -285,4 +293,80 @@ async fn a_refused_identity_leaves_the_others_serving_and_is_named() {
         0,
         "no refresh token redeemed twice"
     );
+}
+
+/// A restart goes on with each identity's stored lineage, redeeming nothing for a token still
+/// valid.
+#[tokio::test]
+async fn a_restart_keeps_each_lineage() {
+    let (mut h, users) = three_users("").await;
+    for (name, key) in KEYS {
+        assert_eq!(get_as(&h, key, &format!("/{name}")).await.status, 200);
+    }
+    h.identity.expire_access_tokens();
+    for (name, key) in KEYS {
+        assert_eq!(
+            get_as(&h, key, &format!("/{name}/refreshed")).await.status,
+            200
+        );
+    }
+    h.stop_proxy().await;
+    h.start_proxy().await;
+    let asked = h.identity.counters().token_requests;
+    for (i, (name, key)) in KEYS.iter().enumerate() {
+        assert_eq!(
+            get_as(&h, key, &format!("/{name}/restarted")).await.status,
+            200
+        );
+        assert_eq!(caller(&h), [users[1], users[2], users[0]][i]);
+    }
+    assert_eq!(
+        h.identity.counters().token_requests,
+        asked,
+        "nothing redeemed after a restart"
+    );
+    h.assert_lineage_intact();
+}
+
+/// Two replicas on Redis share each identity's lineage.
+#[tokio::test]
+async fn replicas_on_redis_share_each_lineage() {
+    let redis = common::redis_server::RedisServer::start();
+    let (h, text) = common::on_redis(Setup::default(), &redis).await;
+    let own = text
+        .split("refresh_token = \"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+    let (text, _) = with_users(&h, &text, &own);
+    let group = common::replicas(&text, 2).await;
+    for round in 0..3 {
+        h.identity.expire_access_tokens();
+        for proxy in &group {
+            for (name, key) in KEYS {
+                let request =
+                    http::Request::get(common::url_of(proxy, &format!("/{name}/{round}")))
+                        .header("authorization", format!("Bearer {key}"))
+                        .body(Full::default())
+                        .unwrap();
+                let answer = common::collect(h.client.request(request).await.unwrap()).await;
+                assert_eq!(answer.status, 200, "{name}: {}", answer.text());
+            }
+        }
+    }
+    assert_eq!(
+        h.identity.counters().reuse_detected,
+        0,
+        "no refresh token redeemed twice"
+    );
+    let records = redis.command(&["KEYS", "tollgate:api@*:token"]);
+    assert!(
+        format!("{records:?}").contains("api@alice") && format!("{records:?}").contains("api@bob"),
+        "{records:?}"
+    );
+    common::shut_down(group).await;
+    h.assert_lineage_intact();
 }
