@@ -289,7 +289,7 @@ pub async fn access_token(
     };
     let store = store::open(&config.state).map_err(|e| e.to_string())?;
     let roots = up.read_ca()?;
-    let cache = TokenCache::of(up, identity, store.clone(), roots.as_deref())?;
+    let cache = TokenCache::of(up, identity, store.clone(), roots.as_deref(), None)?;
     let cache = std::sync::Arc::new(cache);
     // As long as a token request can take: an answer that comes late is still one to save.
     let token = cache.get_within(cache.longest_request()).await;

@@ -34,6 +34,7 @@ impl Proxy {
                 None,
                 store,
                 roots.as_deref(),
+                None,
             )?),
             None => Arc::new(TokenCache::new(up, store, roots.as_deref())?),
         };
@@ -59,8 +60,15 @@ impl Proxy {
                     Some(identity),
                     store,
                     roots.as_deref(),
+                    Some(&tokens),
                 )?),
-                None => Arc::new(TokenCache::of(up, Some(identity), store, roots.as_deref())?),
+                None => Arc::new(TokenCache::of(
+                    up,
+                    Some(identity),
+                    store,
+                    roots.as_deref(),
+                    Some(&tokens),
+                )?),
             };
             identities.insert(identity.name.clone(), cache);
         }

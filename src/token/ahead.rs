@@ -24,7 +24,7 @@ impl Refresher {
         lazy: bool,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
-        tokio::pin!(shutdown);
+        let mut shutdown = Box::pin(shutdown);
         let mut published = self.current.published.subscribe();
         if lazy && self.current.generation() == 0 {
             tokio::select! {
@@ -32,6 +32,17 @@ impl Refresher {
                 _ = published.changed() => {}
             }
         }
+        // The loop's state (a refresh in it) takes a few KiB: held in a box, made only once the
+        // task starts working, so an identity never used costs a small future.
+        Box::pin(self.follow(published, shutdown)).await
+    }
+
+    /// The refresh-ahead loop proper (see [`Refresher::refresh_ahead`]).
+    async fn follow(
+        self: Arc<Self>,
+        mut published: watch::Receiver<u64>,
+        mut shutdown: std::pin::Pin<Box<impl std::future::Future<Output = ()>>>,
+    ) {
         let mut announced = self.store.announcements(&self.name);
         let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
         let mut wake_at = Instant::now();

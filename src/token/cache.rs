@@ -39,19 +39,29 @@ impl TokenCache {
         store: Arc<dyn StateStore>,
         extra_roots: Option<&[u8]>,
     ) -> Result<Self, String> {
-        TokenCache::of(upstream, None, store, extra_roots)
+        TokenCache::of(upstream, None, store, extra_roots, None)
     }
 
-    /// The cache of `identity`'s lineage (`None`: the upstream's own).
+    /// The cache of `identity`'s lineage (`None`: the upstream's own), its token requests
+    /// sent over the client of `sharing` (the upstream's own cache) when given: identities
+    /// share the upstream's connections and TLS settings, a few KiB each instead of a client.
     pub fn of(
         upstream: &UpstreamConfig,
         identity: Option<&IdentityConfig>,
         store: Arc<dyn StateStore>,
         extra_roots: Option<&[u8]>,
+        sharing: Option<&TokenCache>,
     ) -> Result<Self, String> {
         let current = Arc::new(Current::new(upstream.auth.refresh_before));
-        let refresher =
-            Refresher::new(upstream, identity, Arc::clone(&current), store, extra_roots)?;
+        let own = sharing.map(|c| &*c.refresher);
+        let refresher = Refresher::new(
+            upstream,
+            identity,
+            Arc::clone(&current),
+            store,
+            extra_roots,
+            own,
+        )?;
         Ok(TokenCache::assemble(current, refresher, identity))
     }
 
@@ -123,10 +133,18 @@ impl TokenCache {
         identity: Option<&IdentityConfig>,
         store: Arc<dyn StateStore>,
         extra_roots: Option<&[u8]>,
+        sharing: Option<&TokenCache>,
     ) -> Result<Self, String> {
         let current = Arc::new(Current::new(upstream.auth.refresh_before));
-        let mut refresher =
-            Refresher::new(upstream, identity, Arc::clone(&current), store, extra_roots)?;
+        let own = sharing.map(|c| &*c.refresher);
+        let mut refresher = Refresher::new(
+            upstream,
+            identity,
+            Arc::clone(&current),
+            store,
+            extra_roots,
+            own,
+        )?;
         refresher.continue_from(&old.refresher);
         let same_lineage = refresher.seed_hash == old.refresher.seed_hash;
         let mut next = TokenCache::assemble(current, refresher, identity);

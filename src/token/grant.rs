@@ -48,10 +48,10 @@ pub struct TokenEndpoint {
 }
 
 impl TokenEndpoint {
-    /// The token endpoint of `upstream`, over TLS that trusts what the upstream's connections
-    /// trust: `extra_roots` (the PEM of `ca_file`) besides the public roots, and `pin_sha256`
-    /// when the endpoint is on the upstream's host.
-    /// The endpoint of `upstream`, asked with `auth` (its own, or an identity's).
+    /// The token endpoint of `upstream`, asked with `auth` (its own, or an identity's), over
+    /// TLS that trusts what the upstream's connections trust: `extra_roots` (the PEM of
+    /// `ca_file`) besides the public roots, and `pin_sha256` when the endpoint is on the
+    /// upstream's host.
     pub fn new(
         upstream: &UpstreamConfig,
         auth: &AuthConfig,
@@ -68,10 +68,21 @@ impl TokenEndpoint {
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")))
             .use_preconfigured_tls(upstream.tls_client(extra_roots)?);
-        Ok(TokenEndpoint {
-            http: builder
-                .build()
-                .map_err(|e| format!("cannot build the token client: {e}"))?,
+        let http = builder
+            .build()
+            .map_err(|e| format!("cannot build the token client: {e}"))?;
+        Ok(TokenEndpoint::over(http, auth))
+    }
+
+    /// The same endpoint asked with `auth` (an identity's), over this one's client: its TLS
+    /// settings and its connections are the upstream's, shared by every identity.
+    pub fn sharing(&self, auth: &AuthConfig) -> TokenEndpoint {
+        TokenEndpoint::over(self.http.clone(), auth)
+    }
+
+    fn over(http: reqwest::Client, auth: &AuthConfig) -> TokenEndpoint {
+        TokenEndpoint {
+            http,
             url: auth.token_url.clone(),
             grant: auth.grant,
             client_id: auth.client_id.clone(),
@@ -89,7 +100,7 @@ impl TokenEndpoint {
             default_expires_in: auth.default_expires_in,
             timeout: auth.timeout,
             answer_timeout: auth.answer_timeout,
-        })
+        }
     }
 
     /// The longest a token request may take: connecting, then waiting for the answer to one

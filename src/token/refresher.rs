@@ -86,20 +86,25 @@ pub(super) struct Refresher {
 }
 
 impl Refresher {
-    /// The refresher of `upstream`'s own lineage, or of `identity`'s.
+    /// The refresher of `upstream`'s own lineage, or of `identity`'s: over the token endpoint
+    /// client of `sharing` (the upstream's own refresher) when given.
     pub(super) fn new(
         upstream: &UpstreamConfig,
         identity: Option<&IdentityConfig>,
         current: Arc<Current>,
         store: Arc<dyn StateStore>,
         extra_roots: Option<&[u8]>,
+        sharing: Option<&Refresher>,
     ) -> Result<Refresher, String> {
         let auth = &match identity {
             Some(identity) => upstream.identity_auth(identity),
             None => upstream.auth.clone(),
         };
         let name = record_name(&upstream.name, identity.map(|i| i.name.as_str()));
-        let endpoint = TokenEndpoint::new(upstream, auth, extra_roots)?;
+        let endpoint = match sharing {
+            Some(own) => own.endpoint.sharing(auth),
+            None => TokenEndpoint::new(upstream, auth, extra_roots)?,
+        };
         store.lock_life(auth.timeout + super::LOCK_MARGIN);
         // Only a refresh_token grant redeems the config's seed; the others log in with their
         // own credentials, which also name their lineage.
