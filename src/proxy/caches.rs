@@ -62,13 +62,10 @@ impl Proxy {
                     roots.as_deref(),
                     Some(&tokens),
                 )?),
-                None => Arc::new(TokenCache::of(
-                    up,
-                    Some(identity),
-                    store,
-                    roots.as_deref(),
-                    Some(&tokens),
-                )?),
+                None => {
+                    let (roots, own) = (roots.as_deref(), Some(&*tokens));
+                    Arc::new(TokenCache::of(up, Some(identity), store, roots, own)?)
+                }
             };
             identities.insert(identity.name.clone(), cache);
         }

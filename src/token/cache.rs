@@ -52,16 +52,7 @@ impl TokenCache {
         extra_roots: Option<&[u8]>,
         sharing: Option<&TokenCache>,
     ) -> Result<Self, String> {
-        let current = Arc::new(Current::new(upstream.auth.refresh_before));
-        let own = sharing.map(|c| &*c.refresher);
-        let refresher = Refresher::new(
-            upstream,
-            identity,
-            Arc::clone(&current),
-            store,
-            extra_roots,
-            own,
-        )?;
+        let (current, refresher) = parts(upstream, identity, store, extra_roots, sharing)?;
         Ok(TokenCache::assemble(current, refresher, identity))
     }
 
@@ -135,16 +126,7 @@ impl TokenCache {
         extra_roots: Option<&[u8]>,
         sharing: Option<&TokenCache>,
     ) -> Result<Self, String> {
-        let current = Arc::new(Current::new(upstream.auth.refresh_before));
-        let own = sharing.map(|c| &*c.refresher);
-        let mut refresher = Refresher::new(
-            upstream,
-            identity,
-            Arc::clone(&current),
-            store,
-            extra_roots,
-            own,
-        )?;
+        let (current, mut refresher) = parts(upstream, identity, store, extra_roots, sharing)?;
         refresher.continue_from(&old.refresher);
         let same_lineage = refresher.seed_hash == old.refresher.seed_hash;
         let mut next = TokenCache::assemble(current, refresher, identity);
@@ -285,6 +267,27 @@ impl TokenCache {
     pub async fn settle(&self, wait: Duration) -> bool {
         self.refresher.settle(wait).await
     }
+}
+
+/// A new cache's token in use and its refresher, publishing into it (see [`TokenCache::of`]).
+fn parts(
+    upstream: &UpstreamConfig,
+    identity: Option<&IdentityConfig>,
+    store: Arc<dyn StateStore>,
+    extra_roots: Option<&[u8]>,
+    sharing: Option<&TokenCache>,
+) -> Result<(Arc<Current>, Refresher), String> {
+    let current = Arc::new(Current::new(upstream.auth.refresh_before));
+    let own = sharing.map(|c| &*c.refresher);
+    let refresher = Refresher::new(
+        upstream,
+        identity,
+        Arc::clone(&current),
+        store,
+        extra_roots,
+        own,
+    )?;
+    Ok((current, refresher))
 }
 
 #[cfg(test)]
