@@ -146,8 +146,10 @@ fn main() {
             asked
         );
 
-        // One request as each of the first 100 identities: each fetches its first token.
-        let used = n.min(100);
+        // One request as each of the first 100 identities: each fetches its first token (a
+        // token request, and a record saved with fsync). Without keys no request reaches an
+        // identity.
+        let used = if std::env::var_os("NO_KEYS").is_some() { 0 } else { n.min(100) };
         let client = reqwest::Client::new();
         let addr = many.addr("api").unwrap();
         let before_use = live_kib();
@@ -163,6 +165,11 @@ fn main() {
         }
         let took = sent.elapsed();
         tokio::time::sleep(Duration::from_millis(200)).await;
+        if used == 0 {
+            many.shutdown().await;
+            none.shutdown().await;
+            return;
+        }
         println!(
             "  first request as {used} identities: {:>7.1} ms in all, {:.2} ms each (a token request each)",
             took.as_secs_f64() * 1e3,

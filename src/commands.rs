@@ -224,12 +224,16 @@ pub async fn rekey(path: &Path) -> ExitCode {
     };
     let mut failed = false;
     for up in &config.upstreams {
-        match reseal(&*store, up).await {
-            Ok(true) => println!("{}: sealed with key {key}", up.name),
-            Ok(false) => println!("{}: no token record", up.name),
-            Err(e) => {
-                failed = true;
-                println!("{}: not sealed: {e}", up.name);
+        let identities = up.identities.iter().map(|i| Some(i.name.as_str()));
+        for identity in std::iter::once(None).chain(identities) {
+            let name = store::record_name(&up.name, identity);
+            match reseal(&*store, up, &name).await {
+                Ok(true) => println!("{name}: sealed with key {key}"),
+                Ok(false) => println!("{name}: no token record"),
+                Err(e) => {
+                    failed = true;
+                    println!("{name}: not sealed: {e}");
+                }
             }
         }
     }
@@ -241,18 +245,19 @@ pub async fn rekey(path: &Path) -> ExitCode {
     }
 }
 
-/// `up`'s token record read and written back sealed, under its refresh lock; false when there
-/// is none.
+/// The token record kept under `name` (`up`'s own, or one of its identities') read and
+/// written back sealed, under its refresh lock; false when there is none.
 async fn reseal(
     store: &dyn store::StateStore,
     up: &crate::config::UpstreamConfig,
+    name: &str,
 ) -> Result<bool, store::StoreError> {
     let hold = up.auth.timeout + crate::token::LOCK_MARGIN;
     let wait = up.auth.timeout + up.auth.answer_timeout + crate::token::LOCK_MARGIN;
     let until = std::time::Instant::now() + wait;
     store.lock_life(hold);
     let lock = loop {
-        match store.lock_refresh(&up.name, wait, hold).await {
+        match store.lock_refresh(name, wait, hold).await {
             // A shared store just connected to, or writing back what it lost, grants no lock
             // for a moment.
             Err(store::StoreError::Recovering { left, .. })
@@ -263,10 +268,10 @@ async fn reseal(
             taken => break taken?,
         }
     };
-    let Some(record) = store.load_token(&up.name).await? else {
+    let Some(record) = store.load_token(name).await? else {
         return Ok(false);
     };
-    store.reseal_token(&up.name, &record, &lock).await?;
+    store.reseal_token(name, &record, &lock).await?;
     Ok(true)
 }
 

@@ -80,6 +80,23 @@ pub(super) fn check(up: &UpstreamConfig, report: &mut impl FnMut(&str, String)) 
             report(&format!("{at}.{field}"), problem);
         }
     }
+    // Two lineages redeeming one seed would spend each other's refresh token: a server that
+    // rotates strictly then revokes the grant under both.
+    let seed = |auth: &AuthConfig| {
+        let seed = auth.refresh_token.as_ref().or(auth.exchange_token.as_ref());
+        seed.map(|s| s.expose().clone())
+    };
+    let mut seeds = vec![("[upstream.auth]".to_owned(), seed(&up.auth))];
+    for (i, identity) in up.identities.iter().enumerate() {
+        let own = seed(&up.identity_auth(identity));
+        if let Some(first) = seeds.iter().find(|(_, s)| own.is_some() && *s == own) {
+            report(
+                &format!("identity[{i}]"),
+                format!("identity `{}` has the same refresh_token (or exchange_token) as {}: each user needs a login of its own (`tollgate login {} --identity {}`), or two lineages would spend one refresh token", identity.name, first.0, up.name, identity.name),
+            );
+        }
+        seeds.push((format!("identity `{}`", identity.name), own));
+    }
     let keys = up.inbound.iter().flat_map(|i| i.keys.iter());
     for (j, key) in keys.enumerate() {
         let Some(identity) = &key.identity else {

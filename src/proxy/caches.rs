@@ -97,6 +97,7 @@ impl Proxy {
             kept.insert(name.clone(), (Arc::clone(cache), task));
         }
         for (_, (gone, task)) in before {
+            gone.close();
             self.retire_tokens(gone, task);
         }
         kept

@@ -420,8 +420,10 @@ impl Proxy {
         gone: Running,
         drained: Option<impl std::future::Future<Output = ()> + Send + 'static>,
     ) {
+        gone.tokens.close();
         self.retire_tokens(gone.tokens, gone.refresh);
         for (_, (tokens, task)) in gone.identities {
+            tokens.close();
             self.retire_tokens(tokens, task);
         }
         let (quota, stats, flushing) = (gone.quota, gone.stats, gone.flushing);

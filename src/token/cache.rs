@@ -130,6 +130,7 @@ impl TokenCache {
         refresher.continue_from(&old.refresher);
         let same_lineage = refresher.seed_hash == old.refresher.seed_hash;
         let mut next = TokenCache::assemble(current, refresher, identity);
+        next.last_used = AtomicU64::new(old.last_used.load(Ordering::Relaxed));
         if same_lineage {
             next.pacing = Arc::clone(&old.pacing);
             next.current.continue_from(&old.current);
@@ -147,6 +148,13 @@ impl TokenCache {
             self.current.hand_over(&next.current);
         }
         self.refresher.retire(&next.refresher);
+    }
+
+    /// A reload dropped this cache's identity (or its upstream), with no successor: a
+    /// refresh in the air lands and saves, and none starts any more; requests still holding
+    /// it get 503.
+    pub fn close(&self) {
+        self.refresher.retired.send_replace(true);
     }
 
     /// The cache that replaced this one.

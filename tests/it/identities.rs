@@ -180,6 +180,13 @@ async fn reload_adds_and_removes_identities() {
         asked,
         "no other token touched"
     );
+
+    // Bob comes back: his lineage goes on from the store, not from his rotated-away seed.
+    let with_bob = h.config_text.clone();
+    h.reload(&with_bob).await.expect("reloaded");
+    h.identity.expire_access_tokens();
+    assert_eq!(get_as(&h, KEYS[1].1, "/bob-back").await.status, 200);
+    assert_eq!(caller(&h), users[2]);
     h.assert_lineage_intact();
 }
 
@@ -209,6 +216,30 @@ async fn check_lists_identities_and_refuses_an_unknown_one() {
     for token in h.identity.issued_tokens() {
         assert!(!out.stdout.contains(&token), "a token in check");
     }
+    // One seed for two users would spend one refresh token in two lineages.
+    let seed_of = |name: &str| {
+        let table = h
+            .config_text
+            .split(&format!("name = \"{name}\"\n"))
+            .nth(1)
+            .unwrap();
+        table.split('"').nth(1).unwrap().to_owned()
+    };
+    let shared = h.config_text.replace(&seed_of("bob"), &seed_of("alice"));
+    let path = h.write_config("shared.toml", &shared);
+    let out = Tollgate::new(&["check"])
+        .config_file(&path)
+        .run_async()
+        .await;
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("identity `bob` has the same refresh_token"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains(&seed_of("alice")), "{}", out.stderr);
+
     let wrong = h
         .config_text
         .replace("identity = \"bob\"", "identity = \"carol\"");
@@ -369,4 +400,37 @@ async fn replicas_on_redis_share_each_lineage() {
     );
     common::shut_down(group).await;
     h.assert_lineage_intact();
+}
+
+/// `tollgate rekey` seals every identity's record too.
+#[tokio::test]
+async fn rekey_seals_every_identitys_record() {
+    let (h, _) = three_users("").await;
+    for (name, key) in KEYS {
+        assert_eq!(get_as(&h, key, &format!("/{name}")).await.status, 200);
+    }
+    let key = "key = \"c2VhbGluZyBrZXkgb2YgdGhpcnR5LXR3byBieXRlcyE=\"";
+    let store_line = format!("store = \"file:{}\"", h.state_dir().display());
+    let sealing = h
+        .config_text
+        .replace(&store_line, &format!("{store_line}\n{key}"));
+    let path = h.write_config("sealing.toml", &sealing);
+    let out = Tollgate::new(&["rekey"])
+        .config_file(&path)
+        .run_async()
+        .await;
+    assert_eq!(out.code(), Some(0), "{out:?}");
+    for name in ["api", "api@alice", "api@bob"] {
+        assert!(
+            out.stdout.contains(&format!("{name}: sealed with key ")),
+            "{}",
+            out.stdout
+        );
+        let text =
+            std::fs::read_to_string(h.state_dir().join(format!("{name}.token.json"))).unwrap();
+        assert!(
+            text.contains("A256GCM") && !text.contains("refresh_token"),
+            "{name}: {text}"
+        );
+    }
 }
