@@ -272,3 +272,52 @@ async fn a_login_replaces_a_record_no_key_opens_and_says_so() {
     assert_eq!(common::get(url).await.status, 200);
     proxy.shutdown().await;
 }
+
+/// `tollgate login api --identity alice` stores alice's lineage beside the upstream's own, and
+/// a key of hers then reaches the API with it; the upstream's own record is untouched.
+#[tokio::test]
+async fn a_login_with_identity_stores_that_identitys_lineage() {
+    let (mut h, redirect) = setup().await;
+    assert_eq!(h.get("/own").await.status, 200);
+    h.stop_proxy().await;
+    let own_before = std::fs::read(h.state_dir().join("api.token.json")).unwrap();
+    let text = format!(
+        "{}\n[[upstream.identity]]\nname = \"alice\"\n\n[upstream.inbound]\nkeys = [{{ name = \"etl\", key = \"etl-key-0123456789abcdef\", identity = \"alice\" }}]\n",
+        login_text(&h, &redirect)
+    );
+    let config = common::parse(&text);
+    let login = Login::prepare(&config, "api", Some("alice")).await.unwrap();
+    let url = login.authorize_url.to_string();
+    let finished = tokio::spawn(login.finish(Duration::from_secs(10)));
+    assert_eq!(browse(&url, |l| l).await, 200);
+    finished.await.unwrap().unwrap();
+    let alice = std::fs::read_to_string(h.state_dir().join("api@alice.token.json")).unwrap();
+    assert!(alice.contains("\"login_at_ms\""), "{alice}");
+    assert_eq!(
+        std::fs::read(h.state_dir().join("api.token.json")).unwrap(),
+        own_before,
+        "the upstream's own lineage is untouched"
+    );
+
+    let proxy = tollgate::Proxy::start(&config).await.unwrap();
+    let request = http::Request::get(format!("http://{}/as-alice", proxy.addr("api").unwrap()))
+        .header("authorization", "Bearer etl-key-0123456789abcdef")
+        .body(http_body_util::Full::default())
+        .unwrap();
+    let answer = common::collect(common::client().request(request).await.unwrap()).await;
+    assert_eq!(answer.status, 200);
+    let bearer = h.api.last_authorization().unwrap();
+    let grant = h
+        .identity
+        .grant_of_access_token(bearer.trim_start_matches("Bearer "));
+    let own_seed_grant = h.identity.grant_of_refresh_token(&h.seed);
+    assert!(
+        grant.is_some() && grant != own_seed_grant,
+        "alice's own login, not the upstream's"
+    );
+    proxy.shutdown().await;
+
+    let unknown = Login::prepare(&config, "api", Some("carol")).await;
+    let err = unknown.err().expect("no identity carol").to_string();
+    assert!(err.contains("has no identity `carol`"), "{err}");
+}
