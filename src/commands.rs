@@ -34,8 +34,17 @@ pub fn check(path: &Path) -> ExitCode {
     for w in config.warnings() {
         eprintln!("warning: {w}");
     }
-    let upstreams = config.upstreams.iter().map(|u| u.name.as_str());
-    for problem in store::record_problems(&config.state, upstreams) {
+    let records: Vec<String> = config
+        .upstreams
+        .iter()
+        .flat_map(|u| {
+            let identities = u.identities.iter().map(|i| Some(i.name.as_str()));
+            std::iter::once(None)
+                .chain(identities)
+                .map(|identity| store::record_name(&u.name, identity))
+        })
+        .collect();
+    for problem in store::record_problems(&config.state, records.iter().map(String::as_str)) {
         eprintln!("warning: {problem}");
     }
     ExitCode::SUCCESS

@@ -1,7 +1,7 @@
 //! Text made safe inside HTML: every dynamic string on the status page and in its chart
 //! (upstream and key names, unready reasons, refusal reasons not known to the page) goes
-//! through [`escape`]. For the tests, the text a reader sees of a page ([`visible_text`]) and
-//! the identifiers left in it ([`snake_case_words`]).
+//! through [`escape`]. For tests, the text a reader sees of a page ([`visible_text`]) and the
+//! identifiers left in it ([`snake_case_words`]).
 
 /// `text` made safe inside HTML text and attribute values.
 pub fn escape(text: &str) -> String {
@@ -19,8 +19,8 @@ pub fn escape(text: &str) -> String {
     out
 }
 
-/// The text a reader sees of `html`: without its `<style>` and its tags, entities decoded.
-#[cfg(test)]
+/// The text a reader sees of `html`: without its `<style>` and its tags, entities decoded
+/// (for tests of the page: a word it must or must not show).
 pub fn visible_text(html: &str) -> String {
     let mut rest = html;
     let mut text = String::new();
@@ -47,8 +47,8 @@ pub fn visible_text(html: &str) -> String {
     .fold(text, |text, (entity, c)| text.replace(entity, c))
 }
 
-/// The words of `text` that are identifiers joined by `_` (`key_budget`, `per_day`).
-#[cfg(test)]
+/// The words of `text` that are identifiers joined by `_` (`key_budget`, `per_day`): what a
+/// page meant for people must not show.
 pub fn snake_case_words(text: &str) -> Vec<String> {
     text.split(|c: char| !(c.is_alphanumeric() || c == '_'))
         .filter(|w| {

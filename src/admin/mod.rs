@@ -11,7 +11,7 @@
 
 mod chart;
 pub mod client;
-mod html;
+pub mod html;
 pub mod key;
 pub mod metrics;
 pub mod page;

@@ -8,17 +8,18 @@ use crate::token::TokenCache;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// An upstream's own token cache, and each identity's by name.
-pub(super) type Caches = (Arc<TokenCache>, BTreeMap<String, Arc<TokenCache>>);
+/// Each identity's token cache, by name.
+pub(super) type Identities = BTreeMap<String, Arc<TokenCache>>;
 
 impl Proxy {
-    /// The token caches `up` needs, given what `old` ran under its name (`roots`: its CA).
+    /// The token caches `up` needs — its own, and each identity's by name — given what `old`
+    /// ran under its name (`roots`: its CA).
     pub(super) fn caches(
         &self,
         up: &UpstreamConfig,
         old: Option<&Running>,
         roots: &Option<Vec<u8>>,
-    ) -> Result<Caches, String> {
+    ) -> Result<(Arc<TokenCache>, Identities), String> {
         let store = Arc::clone(&self.store);
         let tokens = match old {
             Some(o)
@@ -77,7 +78,7 @@ impl Proxy {
     /// retired (taken out of `old`).
     pub(super) fn keep_identities(
         &mut self,
-        identities: &BTreeMap<String, Arc<TokenCache>>,
+        identities: &Identities,
         old: Option<&mut Running>,
     ) -> BTreeMap<String, (Arc<TokenCache>, Task)> {
         let mut before = old

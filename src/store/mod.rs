@@ -361,18 +361,18 @@ pub fn check(state: &StateConfig) -> Result<(), String> {
 }
 
 /// What `tollgate check` can tell of the token records without changing anything: in a state
-/// directory, each record of `upstreams` that no configured key opens, that cannot be read,
-/// or that is not sealed yet although a key is set. (A shared store is not asked: `/readyz`
+/// directory, each record of `names` (upstreams', identities') that no configured key opens,
+/// that cannot be read, or that is not sealed yet although a key is set. (A shared store is not asked: `/readyz`
 /// says the same of it.)
 pub fn record_problems<'a>(
     state: &StateConfig,
-    upstreams: impl Iterator<Item = &'a str>,
+    names: impl Iterator<Item = &'a str>,
 ) -> Vec<String> {
     let (Ok(StoreLocation::File(dir)), Ok(keys)) = (state.location(), state.keys()) else {
         return Vec::new();
     };
     let sealing = keys.fingerprint().is_some();
-    upstreams
+    names
         .filter_map(|name| match FileStore::peek(&dir, name, &keys) {
             Err(e) => Some(e.to_string()),
             Ok(Some(false)) if sealing => Some(format!("the token record of `{name}` is not sealed yet: it is at its next save, or now with `tollgate rekey`")),

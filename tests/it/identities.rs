@@ -195,11 +195,7 @@ async fn reload_adds_and_removes_identities() {
 #[tokio::test]
 async fn check_lists_identities_and_refuses_an_unknown_one() {
     let (h, _) = three_users("").await;
-    let path = h.write_config("tollgate.toml", &h.config_text);
-    let out = Tollgate::new(&["check"])
-        .config_file(&path)
-        .run_async()
-        .await;
+    let out = h.check_config("tollgate.toml", &h.config_text).await;
     assert_eq!(out.code(), Some(0), "{out:?}");
     assert!(out.stdout.contains("identity alice"), "{}", out.stdout);
     assert!(
@@ -226,11 +222,7 @@ async fn check_lists_identities_and_refuses_an_unknown_one() {
         table.split('"').nth(1).unwrap().to_owned()
     };
     let shared = h.config_text.replace(&seed_of("bob"), &seed_of("alice"));
-    let path = h.write_config("shared.toml", &shared);
-    let out = Tollgate::new(&["check"])
-        .config_file(&path)
-        .run_async()
-        .await;
+    let out = h.check_config("shared.toml", &shared).await;
     assert_eq!(out.code(), Some(2), "{out:?}");
     assert!(
         out.stderr
@@ -243,11 +235,7 @@ async fn check_lists_identities_and_refuses_an_unknown_one() {
     let wrong = h
         .config_text
         .replace("identity = \"bob\"", "identity = \"carol\"");
-    let path = h.write_config("wrong.toml", &wrong);
-    let out = Tollgate::new(&["check"])
-        .config_file(&path)
-        .run_async()
-        .await;
+    let out = h.check_config("wrong.toml", &wrong).await;
     assert_eq!(out.code(), Some(2), "{out:?}");
     assert!(
         out.stderr.contains("has no identity `carol`"),

@@ -136,11 +136,7 @@ async fn a_wrong_key_is_refused_in_words_and_rotation_goes_on_with_previous_keys
     );
     let now = std::fs::read(h.state_dir().join("api.token.json")).unwrap();
     assert_eq!(now, record, "nothing overwritten");
-    let path = h.write_config("wrong-key.toml", &h.config_text);
-    let out = Tollgate::new(&["check"])
-        .config_file(&path)
-        .run_async()
-        .await;
+    let out = h.check_config("wrong-key.toml", &h.config_text).await;
     assert!(
         out.stderr.contains("does not open") && out.stderr.contains("[state] key"),
         "{out:?}"
@@ -182,11 +178,7 @@ async fn a_plain_store_is_sealed_at_its_next_save() {
         "\n[[upstream]]",
         &format!("{}\n\n[[upstream]]", key_line(3)),
     );
-    let path = h.write_config("sealing.toml", &h.config_text);
-    let out = Tollgate::new(&["check"])
-        .config_file(&path)
-        .run_async()
-        .await;
+    let out = h.check_config("sealing.toml", &h.config_text).await;
     assert!(out.stderr.contains("is not sealed yet"), "{out:?}");
     h.start_proxy().await;
     serves_without_redeeming(&h, "/adopted").await;
@@ -385,21 +377,13 @@ async fn a_sealed_redis_store_holds_no_token() {
     h.assert_lineage_intact();
 
     let unsealed = text.replace(&key_line(7), "");
-    let path = h.write_config("unsealed.toml", &unsealed);
-    let out = Tollgate::new(&["check"])
-        .config_file(&path)
-        .run_async()
-        .await;
+    let out = h.check_config("unsealed.toml", &unsealed).await;
     assert_eq!(out.code(), Some(0), "{out:?}");
     assert!(
         out.stderr.contains("holds the refresh tokens unsealed"),
         "{out:?}"
     );
-    let path = h.write_config("sealed.toml", &text);
-    let out = Tollgate::new(&["check"])
-        .config_file(&path)
-        .run_async()
-        .await;
+    let out = h.check_config("sealed.toml", &text).await;
     assert!(
         out.stdout.contains("state.key = sealed with key "),
         "{out:?}"

@@ -293,6 +293,15 @@ impl Harness {
         path
     }
 
+    /// `tollgate check` on the config `text`, written to `name` in the harness's temp dir.
+    pub async fn check_config(&self, name: &str, text: &str) -> Output {
+        let path = self.write_config(name, text);
+        Tollgate::new(&["check"])
+            .config_file(&path)
+            .run_async()
+            .await
+    }
+
     /// The stored token record of upstream `api`.
     pub fn stored(&self) -> serde_json::Value {
         let text = std::fs::read_to_string(self.state_dir().join("api.token.json")).unwrap();
@@ -473,36 +482,17 @@ pub fn url_of(proxy: &Proxy, path: &str) -> String {
 /// identifier joined by `_` (`key_budget`) or a duration of `0s`. Returns the text, without
 /// the `<style>` and the tags, entities decoded.
 pub fn readable_page_text(html: &str) -> String {
-    let mut rest = html;
-    let mut text = String::new();
-    while let Some(open) = rest.find('<') {
-        text.push_str(&rest[..open]);
-        rest = &rest[open..];
-        let end = if rest.starts_with("<style") {
-            rest.find("</style>")
-                .map_or(rest.len(), |e| e + "</style>".len())
-        } else {
-            rest.find('>').map_or(rest.len(), |e| e + 1)
-        };
-        rest = &rest[end..];
-    }
-    text.push_str(rest);
-    let text = [
-        ("&lt;", "<"),
-        ("&gt;", ">"),
-        ("&quot;", "\""),
-        ("&#39;", "'"),
-        ("&amp;", "&"),
-    ]
-    .iter()
-    .fold(text, |text, (entity, c)| text.replace(entity, c));
-    for word in text.split(|c: char| !(c.is_alphanumeric() || c == '_')) {
-        let parts: Vec<&str> = word.split('_').collect();
-        assert!(
-            parts.len() < 2 || parts.iter().any(|p| p.is_empty()),
-            "an identifier on the page: {word:?} in {text}"
-        );
-        assert_ne!(word, "0s", "a duration of 0s on the page: {text}");
-    }
+    use tollgate::admin::html::{snake_case_words, visible_text};
+    let text = visible_text(html);
+    assert_eq!(
+        snake_case_words(&text),
+        Vec::<String>::new(),
+        "an identifier on the page: {text}"
+    );
+    let words = text.split(|c: char| !(c.is_alphanumeric() || c == '_'));
+    assert!(
+        !words.into_iter().any(|w| w == "0s"),
+        "a duration of 0s on the page: {text}"
+    );
     text
 }
