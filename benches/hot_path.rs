@@ -110,7 +110,7 @@ fn token_read(c: &mut Criterion) {
 /// One admit decision, polled once: the fast path never waits, so it is ready at once; a
 /// pending one (the lease being topped up) is finished on the runtime.
 fn admit(quota: &Quota, runtime: &tokio::runtime::Handle) {
-    let mut spend = std::pin::pin!(quota.spend(None));
+    let mut spend = std::pin::pin!(quota.spend(None, "-"));
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     match spend.as_mut().poll(&mut cx) {
         std::task::Poll::Ready(r) => {
@@ -132,11 +132,23 @@ fn quota_admit(c: &mut Criterion) {
     let _entered = runtime.enter();
     let state = tempfile::tempdir().unwrap();
     let store: Arc<dyn StateStore> = Arc::new(FileStore::open(state.path()).unwrap());
-    let none = Quota::new("b", None, &[], Arc::clone(&store), Clock::system());
+    let none = Quota::new(
+        "b",
+        None,
+        Default::default(),
+        Arc::clone(&store),
+        Clock::system(),
+    );
     // Limits far above what the bench spends, so every decision is an admit.
     let config: QuotaConfig =
         toml::from_str("per_day = 4000000000\nper_minute = 4000000000").unwrap();
-    let quota = Arc::new(Quota::new("b", Some(&config), &[], store, Clock::system()));
+    let quota = Arc::new(Quota::new(
+        "b",
+        Some(&config),
+        Default::default(),
+        store,
+        Clock::system(),
+    ));
     c.bench_function("quota_admit/no_quota", |b| b.iter(|| admit(&none, &handle)));
     let window = quota.windows()[0];
     c.bench_function("quota_headers/add_five", |b| {

@@ -245,12 +245,12 @@ impl Pipeline {
         });
         let (mut body, replay) = self.body(body).await?;
         let verdict = body.verdict();
-        let slot = self.quota.enter().await?;
+        let tokens = self.tokens_for(key);
+        let slot = self.quota.enter(tokens.identity()).await?;
         // The token is taken after the body was read, so it cannot expire while a slow client
         // uploads (the body read is capped at retry_body_limit).
         // From the cache on the hot path; a refresh is a large future and a rare one, boxed so
         // that every request's future does not carry (and move) its room.
-        let tokens = self.tokens_for(key);
         if tokens.is_identity() {
             tokens.mark_used();
         }
@@ -276,7 +276,8 @@ impl Pipeline {
         *request.method_mut() = parts.method;
         *request.uri_mut() = uri;
         *request.headers_mut() = parts.headers;
-        let mut window = self.quota.spend(self.key_name(key)).await?;
+        let identity = tokens.identity();
+        let mut window = self.quota.spend(self.key_name(key), identity).await?;
         self.counts(key).sent();
         if let Some(t) = trace {
             t.token = Some(token.fingerprint.clone());
@@ -383,7 +384,10 @@ impl Pipeline {
         *request.uri_mut() = replay.uri;
         *request.headers_mut() = headers;
         // The replay is a request like any other for the API's quota.
-        *window = self.quota.spend(self.key_name(key)).await?;
+        *window = self
+            .quota
+            .spend(self.key_name(key), tokens.identity())
+            .await?;
         self.counts(key).sent();
         if let Some(t) = trace {
             t.token = Some(fresh.fingerprint.clone());
@@ -469,7 +473,13 @@ client_secret = "secret"
         let up = &config.upstreams[0];
         let store = crate::store::open(&config.state).unwrap();
         let tokens = Arc::new(TokenCache::new(up, Arc::clone(&store), None).unwrap());
-        let quota = Arc::new(Quota::new(&up.name, None, &[], store, Clock::system()));
+        let quota = Arc::new(Quota::new(
+            &up.name,
+            None,
+            Default::default(),
+            store,
+            Clock::system(),
+        ));
         let upstream = Upstream::new(up, None, 1).unwrap();
         let local = "127.0.0.1:8080".parse().unwrap();
         let stats = Arc::new(RequestStats::default());

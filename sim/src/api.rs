@@ -43,8 +43,9 @@ const LOCATION_SWITCH: &str = "x-sim-location";
 /// paging of truncated answers).
 const CONTINUE_SWITCH: &str = "x-sim-continue-path";
 
-/// Request limits of a provider's API (ERP.net: 600 a minute, one in flight, five waiting);
-/// past them the API answers 429 without `Retry-After`, as ERP.net does.
+/// Request limits of a provider's API, per session (ERP.net: 600 a minute, one in flight,
+/// five waiting, for each user's login); past them the API answers 429 without
+/// `Retry-After`, as ERP.net does. A session is the grant the access token was issued under.
 #[derive(Debug, Clone, Copy)]
 pub struct ApiLimits {
     pub per_minute: u32,
@@ -61,13 +62,28 @@ impl ApiLimits {
     };
 }
 
+/// The limits of one session.
 #[derive(Debug)]
 struct Limiter {
     limits: ApiLimits,
-    slots: tokio::sync::Semaphore,
+    slots: Arc<tokio::sync::Semaphore>,
     waiting: std::sync::atomic::AtomicUsize,
     /// Start of the current minute and requests counted in it.
     window: Mutex<(std::time::Instant, u32)>,
+    /// The session's requests arrived and not yet answered.
+    arrived: AtomicU64,
+}
+
+impl Limiter {
+    fn new(limits: ApiLimits) -> Limiter {
+        Limiter {
+            limits,
+            slots: Arc::new(tokio::sync::Semaphore::new(limits.concurrency)),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+            window: Mutex::new((std::time::Instant::now(), 0)),
+            arrived: AtomicU64::new(0),
+        }
+    }
 }
 
 /// What the API has seen so far.
@@ -80,6 +96,9 @@ pub struct ApiCounters {
     pub in_flight_max: u64,
     /// Requests refused with 429 by the limits.
     pub throttled: u64,
+    /// Most requests of one session (one grant) that had arrived and were not yet answered
+    /// at the same moment, on an API with limits.
+    pub session_in_flight_max: u64,
 }
 
 /// The simulated API. Cloning is cheap and shares state.
@@ -101,7 +120,10 @@ struct Inner {
     in_flight: AtomicU64,
     in_flight_max: AtomicU64,
     throttled: AtomicU64,
-    limiter: Option<Limiter>,
+    limits: Option<ApiLimits>,
+    /// Each session's limiter, by the grant of its access tokens.
+    sessions: Mutex<std::collections::HashMap<Option<usize>, Arc<Limiter>>>,
+    session_in_flight_max: AtomicU64,
     last_authorization: Mutex<Option<String>>,
 }
 
@@ -145,12 +167,9 @@ impl ApiSim {
                 in_flight: AtomicU64::new(0),
                 in_flight_max: AtomicU64::new(0),
                 throttled: AtomicU64::new(0),
-                limiter: limits.map(|limits| Limiter {
-                    limits,
-                    slots: tokio::sync::Semaphore::new(limits.concurrency),
-                    waiting: std::sync::atomic::AtomicUsize::new(0),
-                    window: Mutex::new((std::time::Instant::now(), 0)),
-                }),
+                limits,
+                sessions: Mutex::default(),
+                session_in_flight_max: AtomicU64::new(0),
                 last_authorization: Mutex::new(None),
             }),
         }
@@ -183,6 +202,7 @@ impl ApiSim {
             rejected: inner.rejected.load(Ordering::SeqCst),
             in_flight_max: inner.in_flight_max.load(Ordering::SeqCst),
             throttled: inner.throttled.load(Ordering::SeqCst),
+            session_in_flight_max: inner.session_in_flight_max.load(Ordering::SeqCst),
         }
     }
 
@@ -208,7 +228,8 @@ impl ApiSim {
             return unauthorized(refusal);
         }
         self.inner.authorized.fetch_add(1, Ordering::SeqCst);
-        let _slot = match self.admit().await {
+        let session = self.session_of(request.headers());
+        let _slot = match self.admit(session).await {
             Ok(slot) => slot,
             Err(response) => return response,
         };
@@ -246,11 +267,33 @@ impl ApiSim {
         response
     }
 
-    /// Apply the limits: a slot to run in (waiting in line if there is room), or a 429.
-    async fn admit(&self) -> Result<Option<tokio::sync::SemaphorePermit<'_>>, Response<SimBody>> {
-        let Some(limiter) = &self.inner.limiter else {
+    /// The session a request's (valid) bearer token belongs to, on an API with limits.
+    fn session_of(&self, headers: &HeaderMap) -> Option<Arc<Limiter>> {
+        let limits = self.inner.limits?;
+        let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+        let token = value.split_once(' ').map(|(_, t)| t.trim())?;
+        let grant = self.inner.identity.grant_of_access_token(token);
+        let mut sessions = self
+            .inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let limiter = sessions
+            .entry(grant)
+            .or_insert_with(|| Arc::new(Limiter::new(limits)));
+        Some(Arc::clone(limiter))
+    }
+
+    /// Apply the session's limits: a slot to run in (waiting in line if there is room), or a
+    /// 429.
+    async fn admit(
+        &self,
+        session: Option<Arc<Limiter>>,
+    ) -> Result<Option<Admitted>, Response<SimBody>> {
+        let Some(limiter) = session else {
             return Ok(None);
         };
+        let arrived = Arrived::enter(&limiter, &self.inner.session_in_flight_max);
         let too_many = || {
             self.inner.throttled.fetch_add(1, Ordering::SeqCst);
             let mut response = Response::new(super::full_body("Too many requests"));
@@ -267,20 +310,19 @@ impl ApiSim {
             }
             window.1 += 1;
         }
-        if let Ok(permit) = limiter.slots.try_acquire() {
-            return Ok(Some(permit));
+        if let Ok(permit) = Arc::clone(&limiter.slots).try_acquire_owned() {
+            return Ok(Some((permit, arrived)));
         }
         if limiter.waiting.fetch_add(1, Ordering::SeqCst) >= limiter.limits.queue {
             limiter.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(too_many());
         }
-        let permit = limiter
-            .slots
-            .acquire()
+        let permit = Arc::clone(&limiter.slots)
+            .acquire_owned()
             .await
             .expect("the semaphore is never closed");
         limiter.waiting.fetch_sub(1, Ordering::SeqCst);
-        Ok(Some(permit))
+        Ok(Some((permit, arrived)))
     }
 
     fn remember_authorization(&self, headers: &HeaderMap) {
@@ -337,6 +379,27 @@ impl ApiSim {
             // Another scheme is no bearer credential at all.
             _ => Err(Refusal::NoCredentials),
         }
+    }
+}
+
+/// A request admitted by its session's limits: its slot, and its count among the session's
+/// arrived requests.
+type Admitted = (tokio::sync::OwnedSemaphorePermit, Arrived);
+
+/// Counts a request among its session's arrived ones for as long as it lives.
+struct Arrived(Arc<Limiter>);
+
+impl Arrived {
+    fn enter(limiter: &Arc<Limiter>, max: &AtomicU64) -> Arrived {
+        let now = limiter.arrived.fetch_add(1, Ordering::SeqCst) + 1;
+        max.fetch_max(now, Ordering::SeqCst);
+        Arrived(Arc::clone(limiter))
+    }
+}
+
+impl Drop for Arrived {
+    fn drop(&mut self) {
+        self.0.arrived.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

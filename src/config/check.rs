@@ -43,8 +43,31 @@ impl QuotaConfig {
                 ),
             ));
         }
+        if let Some(l) = &self.per_identity {
+            let each = describe_limits(l.per_minute, l.concurrency, l.queue);
+            out.push((
+                "quota.per_identity".into(),
+                format!("{each} (each identity)"),
+            ));
+        }
         out
     }
+}
+
+/// An identity's own limits in words: `600/minute, 1 in flight, 5 waiting`.
+fn describe_limits(
+    per_minute: Option<u32>,
+    concurrency: Option<u32>,
+    queue: Option<u32>,
+) -> String {
+    let mut parts = Vec::new();
+    if let Some(n) = per_minute {
+        parts.push(format!("{n}/minute"));
+    }
+    if let Some(n) = concurrency {
+        parts.push(format!("{n} in flight, {} waiting", queue.unwrap_or(0)));
+    }
+    parts.join(", ")
 }
 
 impl Config {
@@ -124,6 +147,7 @@ impl Config {
                     ),
                 );
             }
+            let each = up.identity_limits();
             for identity in &up.identities {
                 let keys = up.inbound.iter().flat_map(|i| i.keys.iter());
                 let reached: Vec<String> = keys
@@ -135,9 +159,19 @@ impl Config {
                     true => "no key reaches the API as it".to_owned(),
                     false => format!("keys {}", reached.join(", ")),
                 };
+                let limits = match each.iter().find(|(n, _)| *n == identity.name) {
+                    Some((_, q)) => format!(
+                        "; limits of its own: {}",
+                        describe_limits(q.per_minute, q.concurrency, q.queue)
+                    ),
+                    None => String::new(),
+                };
                 line(
                     &format!("identity {}", identity.name),
-                    format!("{} credentials of its own; {by}", identity_fields(identity)),
+                    format!(
+                        "{} credentials of its own; {by}{limits}",
+                        identity_fields(identity)
+                    ),
                 );
             }
             if let Some(inbound) = &up.inbound {

@@ -5,8 +5,9 @@
 //!
 //! Must not: check anything of `[upstream.auth]` itself (that is [`super::validate`]).
 
-use super::{AuthConfig, Grant, UpstreamConfig};
+use super::{AuthConfig, Grant, QuotaConfig, UpstreamConfig};
 use crate::secret::Secret;
+use crate::store::OWN_IDENTITY;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -27,6 +28,22 @@ pub struct IdentityConfig {
     /// Form fields added to (or replacing) `auth.params` for this identity's token requests.
     #[serde(default)]
     pub params: BTreeMap<String, String>,
+    /// Limits of this identity's own requests, before the upstream's (else
+    /// `[upstream.quota.per_identity]`'s).
+    pub per_minute: Option<u32>,
+    pub concurrency: Option<u32>,
+    pub queue: Option<u32>,
+}
+
+/// `[upstream.quota.per_identity]`: the limits of each identity's own requests — the upstream's
+/// own identity and every `[[upstream.identity]]` that does not set them itself — enforced
+/// before the upstream's, which count every identity's. ERP.net counts these per user session.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityLimits {
+    pub per_minute: Option<u32>,
+    pub concurrency: Option<u32>,
+    pub queue: Option<u32>,
 }
 
 impl UpstreamConfig {
@@ -51,6 +68,33 @@ impl UpstreamConfig {
         auth.exchange_token = own.exchange_token;
         auth.params.extend(own.params);
         auth
+    }
+
+    /// The limits of each identity's own requests, by label ([`OWN_IDENTITY`] for the
+    /// upstream's own): a quota of `per_minute`, `concurrency` and `queue` alone, for each
+    /// identity that has any.
+    pub fn identity_limits(&self) -> Vec<(String, QuotaConfig)> {
+        let default = self.quota.as_ref().and_then(|q| q.per_identity.as_ref());
+        let default = default.cloned().unwrap_or_default();
+        let own = (OWN_IDENTITY.to_owned(), default.clone());
+        let each = self.identities.iter().map(|i| {
+            let limits = IdentityLimits {
+                per_minute: i.per_minute.or(default.per_minute),
+                concurrency: i.concurrency.or(default.concurrency),
+                queue: i.queue.or(default.queue),
+            };
+            (i.name.clone(), limits)
+        });
+        let queue_timeout = self.quota.as_ref().map(|q| q.queue_timeout);
+        std::iter::once(own)
+            .chain(each)
+            .filter(|(_, l)| *l != IdentityLimits::default())
+            .map(|(name, l)| {
+                let mut quota = QuotaConfig::limits(l.per_minute, l.concurrency, l.queue);
+                quota.queue_timeout = queue_timeout.unwrap_or(quota.queue_timeout);
+                (name, quota)
+            })
+            .collect()
     }
 }
 
@@ -78,6 +122,21 @@ pub(super) fn check(up: &UpstreamConfig, report: &mut impl FnMut(&str, String)) 
         }
         for (field, problem) in missing(up.auth.grant, identity) {
             report(&format!("{at}.{field}"), problem);
+        }
+        let own = (identity.per_minute, identity.concurrency, identity.queue);
+        if own != (None, None, None) {
+            let limits = up.identity_limits();
+            let merged = limits.iter().find(|(n, _)| n == name).map(|(_, q)| q);
+            for (field, problem) in merged.map(QuotaConfig::problems).unwrap_or_default() {
+                report(&format!("{at}.{field}"), problem);
+            }
+        }
+    }
+    let default = up.quota.as_ref().and_then(|q| q.per_identity.as_ref());
+    if let Some(l) = default {
+        let quota = QuotaConfig::limits(l.per_minute, l.concurrency, l.queue);
+        for (field, problem) in quota.problems() {
+            report(&format!("quota.per_identity.{field}"), problem);
         }
     }
     // Two lineages redeeming one seed would spend each other's refresh token: a server that
@@ -153,4 +212,91 @@ fn missing(grant: Grant, identity: &IdentityConfig) -> Vec<(&'static str, String
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{env, error_of, GOOD};
+    use crate::config::Config;
+
+    fn with(lines: &str) -> String {
+        format!("{GOOD}\n{lines}\n")
+    }
+
+    const TWO: &str = r#"
+[upstream.quota]
+queue_timeout = "5s"
+[upstream.quota.per_identity]
+per_minute = 600
+concurrency = 1
+queue = 5
+
+[[upstream.identity]]
+name = "alice"
+refresh_token = "alice-seed"
+concurrency = 2
+
+[[upstream.identity]]
+name = "bob"
+refresh_token = "bob-seed"
+"#;
+
+    #[test]
+    fn an_identity_takes_the_per_identity_limits_it_does_not_set() {
+        let config = Config::parse(&with(TWO), "t.toml", env).unwrap();
+        let up = &config.upstreams[0];
+        let limits: Vec<_> = up
+            .identity_limits()
+            .into_iter()
+            .map(|(name, q)| (name, q.per_minute, q.concurrency, q.queue, q.queue_timeout))
+            .collect();
+        let s5 = std::time::Duration::from_secs(5);
+        assert_eq!(
+            limits,
+            [
+                ("-".to_owned(), Some(600), Some(1), Some(5), s5),
+                ("alice".to_owned(), Some(600), Some(2), Some(5), s5),
+                ("bob".to_owned(), Some(600), Some(1), Some(5), s5),
+            ]
+        );
+        let shown = config.describe();
+        assert!(
+            shown.contains(
+                "quota.per_identity       600/minute, 1 in flight, 5 waiting (each identity)"
+            ),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("limits of its own: 600/minute, 2 in flight, 5 waiting"),
+            "{shown}"
+        );
+        // Without limits anywhere, no identity has any.
+        let bare = TWO
+            .split("[[upstream.identity]]")
+            .skip(1)
+            .collect::<Vec<_>>();
+        let bare = format!(
+            "[[upstream.identity]]{}",
+            bare.join("[[upstream.identity]]")
+        );
+        let bare = bare.replace("concurrency = 2\n", "");
+        let config = Config::parse(&with(&bare), "t.toml", env).unwrap();
+        assert!(config.upstreams[0].identity_limits().is_empty());
+    }
+
+    #[test]
+    fn bad_identity_limits_are_named() {
+        let err = error_of(&with(&TWO.replace("concurrency = 2", "per_minute = 0")));
+        assert!(
+            err.contains("upstream[0].identity[0].per_minute: must be at least 1"),
+            "{err}"
+        );
+        let err = error_of(&with(&TWO.replace("concurrency = 1\n", "")));
+        assert!(
+            err.contains("upstream[0].quota.per_identity.queue: is the wait line of `concurrency`"),
+            "{err}"
+        );
+        let err = error_of(&with(&TWO.replace("queue = 5", "wait = 5")));
+        assert!(err.contains("wait"), "{err}");
+    }
 }

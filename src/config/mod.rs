@@ -25,7 +25,7 @@ mod schema;
 mod validate;
 mod values;
 
-pub use identity::IdentityConfig;
+pub use identity::{IdentityConfig, IdentityLimits};
 pub use keys::{Budget, InboundKey};
 pub use schema::{
     AdminConfig, AuthConfig, ClientAuth, Config, Edition, Grant, InboundConfig, LimitsConfig,

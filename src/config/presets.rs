@@ -4,8 +4,8 @@
 //! token URL, grant, client authentication, scope, login URLs — into the upstream's TOML table
 //! before it is read, and only where the user did not set them: every key stays overridable.
 //! It returns the keys it filled, so `tollgate check` can show them.
-//! Quota defaults come from here too (ERP.net: 600/minute, 1 in flight, a queue of 5); the
-//! quota module enforces them.
+//! Quota defaults come from here too (ERP.net: 600/minute, 1 in flight, a queue of 5 per
+//! session, so per identity when the upstream has identities); the quota module enforces them.
 
 use toml::{Table, Value};
 use url::Url;
@@ -90,10 +90,17 @@ fn erpnet(upstream: &mut Table, filled: &mut Filled) -> Result<(), String> {
     };
     filled.fill(auth, "auth", "scope", scope);
     login(upstream, filled, &format!("{origin}/id/connect/authorize"))?;
-    // Per session, answered with 429 past them (docs/providers.md).
+    // Per session, answered with 429 past them (docs/providers.md). Each identity is a
+    // session of its own: with identities, the limits hold for each one, not for their sum.
+    let identities = upstream.get("identity").and_then(Value::as_array);
+    let sessions = identities.is_some_and(|a| !a.is_empty());
     let quota = section(upstream, "quota")?;
+    let (table, at) = match sessions {
+        false => (quota, "quota"),
+        true => (section(quota, "per_identity")?, "quota.per_identity"),
+    };
     for (key, n) in [("per_minute", 600), ("concurrency", 1), ("queue", 5)] {
-        filled.fill(quota, "quota", key, Value::Integer(n));
+        filled.fill(table, at, key, Value::Integer(n));
     }
     Ok(())
 }

@@ -230,6 +230,8 @@ pub struct QuotaConfig {
     pub queue: Option<u32>,
     #[serde(default = "default_queue_timeout", deserialize_with = "de_duration")]
     pub queue_timeout: Duration,
+    /// The limits of each identity's own requests (config/identity.rs).
+    pub per_identity: Option<super::IdentityLimits>,
 }
 
 /// BeProduct's editions, whose daily limit grows with the number of licenses.
@@ -258,6 +260,23 @@ impl Edition {
 }
 
 impl QuotaConfig {
+    /// A quota of short limits alone: an identity's own.
+    pub fn limits(per_minute: Option<u32>, concurrency: Option<u32>, queue: Option<u32>) -> Self {
+        QuotaConfig {
+            per_day: None,
+            edition: None,
+            licenses: None,
+            day_starts: 0,
+            per_second: None,
+            per_minute,
+            per_hour: None,
+            concurrency,
+            queue,
+            queue_timeout: default_queue_timeout(),
+            per_identity: None,
+        }
+    }
+
     /// The daily limit: `per_day`, else the edition's formula.
     pub fn daily_limit(&self) -> Option<u64> {
         match (self.per_day, self.edition, self.licenses) {

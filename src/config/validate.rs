@@ -441,7 +441,7 @@ fn check_client(auth: &AuthConfig, report: &mut Report<'_>) {
 
 impl QuotaConfig {
     /// What is wrong with this table, as (key, message).
-    fn problems(&self) -> Vec<(&'static str, String)> {
+    pub(super) fn problems(&self) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
         match (self.per_day, self.edition, self.licenses) {
             (Some(_), Some(_), _) => out.push((

@@ -23,7 +23,7 @@ use crate::config::{Config, UpstreamConfig};
 use crate::counters::RequestStats;
 use crate::forward;
 use crate::pipeline::{Caches, Pipeline};
-use crate::quota::Quota;
+use crate::quota::{Limits, Quota};
 use crate::seal::Keys;
 use crate::server::{Bound, Listener, Site, Workers};
 use crate::tls::CertStore;
@@ -160,16 +160,20 @@ impl Proxy {
         let roots = up.read_ca().map_err(&fail)?;
         let old = self.upstreams.get(&up.name);
         let (tokens, identities) = self.caches(up, old, &roots).map_err(&fail)?;
-        let budgets = up.budgets();
+        let (budgets, own_limits) = (up.budgets(), up.identity_limits());
+        let limits = Limits {
+            budgets: &budgets,
+            identities: &own_limits,
+        };
         let quota = match old {
-            Some(o) if o.quota.enforces(up.quota.as_ref(), &budgets) => Arc::clone(&o.quota),
+            Some(o) if o.quota.enforces(up.quota.as_ref(), limits) => Arc::clone(&o.quota),
             _ => {
                 let quota = match old {
-                    Some(o) => o.quota.successor(up.quota.as_ref(), &budgets),
+                    Some(o) => o.quota.successor(up.quota.as_ref(), limits),
                     None => Quota::new(
                         &up.name,
                         up.quota.as_ref(),
-                        &budgets,
+                        limits,
                         Arc::clone(&self.store),
                         self.clock.clone(),
                     ),

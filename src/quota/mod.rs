@@ -1,8 +1,10 @@
 //! An upstream's request limits (`[upstream.quota]`), enforced before a request is sent:
 //!
 //! ```text
-//! enter: a slot among the requests in flight (queue.rs), or wait in line, or 429
+//! enter: the identity's own line, then a slot among the requests in flight (queue.rs), or
+//!        wait in line, or 429
 //! spend: for every send, the replay after a 401 included:
+//!        the identity's own window (identity.rs) ─►
 //!        upstream held back after its own 429? (hold.rs) ─► the inbound key's budget
 //!        (leased.rs) ─► short windows (rate.rs) ─► windows counted in the store
 //!        (leased.rs) ─► admit, with the tightest window
@@ -19,6 +21,7 @@
 
 mod clock;
 mod hold;
+mod identity;
 mod leased;
 mod queue;
 mod rate;
@@ -27,19 +30,21 @@ mod window;
 
 pub use clock::Clock;
 pub use hold::http_date;
-pub use queue::Slot;
 pub use refusal::{QuotaError, Reason, Refusal};
 pub use window::{add_headers, has_headers, Policy, Window};
 
+use identity::named;
 use window::tighter;
 
 use crate::config::QuotaConfig;
+use crate::semaphore::Permit;
 use crate::store::{StateStore, StoreError};
 use hold::Hold;
 use http::{HeaderMap, StatusCode};
 use leased::{Leased, Next};
 use queue::Queue;
 use rate::Rate;
+use std::collections::BTreeMap;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -63,18 +68,36 @@ pub struct Quota {
     /// The daily budgets of named inbound keys: (key name, its day), counted in the store.
     budgets: Vec<(Arc<str>, Arc<Leased>)>,
     queue: Option<Arc<Queue>>,
+    /// The limits of each identity's own requests, by label (identity.rs).
+    identities: BTreeMap<Arc<str>, Arc<Quota>>,
     hold: Arc<Hold>,
     rejected: Arc<[AtomicU64; Reason::ALL.len()]>,
     /// Set by [`Quota::hand_over`]: requests still holding this quota are counted there.
     successor: OnceLock<Arc<Quota>>,
 }
 
+/// A request's places in flight — its identity's and the upstream's, where they are limited —
+/// held until its response has been passed on; freed on drop.
+#[derive(Debug)]
+pub struct Slot {
+    _identity: Option<Permit>,
+    _upstream: Option<Permit>,
+}
+
+/// What a quota counts beside `[upstream.quota]`: the daily budget of each named key, and the
+/// limits of each identity's own requests, by label.
+#[derive(Clone, Copy, Default)]
+pub struct Limits<'a> {
+    pub budgets: &'a [(String, u64)],
+    pub identities: &'a [(String, QuotaConfig)],
+}
+
 impl Quota {
-    /// The limits of `config` (none when absent), counting the day in `store`.
+    /// The limits of `config` (none when absent) and `limits`, counting the day in `store`.
     pub fn new(
         upstream: &str,
         config: Option<&QuotaConfig>,
-        budgets: &[(String, u64)],
+        limits: Limits<'_>,
         store: Arc<dyn StateStore>,
         clock: Clock,
     ) -> Quota {
@@ -88,7 +111,19 @@ impl Quota {
                 clock.clone(),
             ));
         }
-        let empty = Quota {
+        let empty = Quota::empty(upstream, store, clock, hold, Arc::default());
+        empty.successor(config, limits)
+    }
+
+    /// A quota that limits nothing yet.
+    fn empty(
+        upstream: &str,
+        store: Arc<dyn StateStore>,
+        clock: Clock,
+        hold: Arc<Hold>,
+        rejected: Arc<[AtomicU64; Reason::ALL.len()]>,
+    ) -> Quota {
+        Quota {
             upstream: upstream.to_owned(),
             config: None,
             clock,
@@ -97,18 +132,18 @@ impl Quota {
             rates: Vec::new(),
             budgets: Vec::new(),
             queue: None,
+            identities: BTreeMap::new(),
             hold,
-            rejected: Arc::default(),
+            rejected,
             successor: OnceLock::new(),
-        };
-        empty.successor(config, budgets)
+        }
     }
 
     /// The limits of `config` for the same upstream, taking over what this one counted: the
     /// day when its limit and start are unchanged (else the new day reads the store), each
     /// short window (a changed count starts with what was spent), and the queue. Nothing
     /// changes for requests until [`Quota::hand_over`].
-    pub fn successor(&self, config: Option<&QuotaConfig>, budgets: &[(String, u64)]) -> Quota {
+    pub fn successor(&self, config: Option<&QuotaConfig>, limits: Limits<'_>) -> Quota {
         let mut leased = Vec::new();
         let mut rates = Vec::new();
         let shared = self.store.is_shared();
@@ -155,7 +190,8 @@ impl Quota {
             });
         }
         let day_starts = config.map_or(0, |c| c.day_starts);
-        let budgets = budgets
+        let budgets = limits
+            .budgets
             .iter()
             .map(|(name, per_day)| {
                 let old = self.budgets.iter().find(|(n, _)| **n == **name);
@@ -191,6 +227,7 @@ impl Quota {
             rates,
             budgets,
             queue,
+            identities: self.identity_successors(limits.identities),
             hold: Arc::clone(&self.hold),
             rejected: Arc::clone(&self.rejected),
             successor: OnceLock::new(),
@@ -202,8 +239,9 @@ impl Quota {
         self.config.as_ref()
     }
 
-    /// Whether this quota enforces exactly `config` and `budgets`.
-    pub fn enforces(&self, config: Option<&QuotaConfig>, budgets: &[(String, u64)]) -> bool {
+    /// Whether this quota enforces exactly `config` and `limits`.
+    pub fn enforces(&self, config: Option<&QuotaConfig>, limits: Limits<'_>) -> bool {
+        let budgets = limits.budgets;
         self.config.as_ref() == config
             && self.budgets.len() == budgets.len()
             && self
@@ -211,6 +249,7 @@ impl Quota {
                 .iter()
                 .zip(budgets)
                 .all(|((name, day), (n, per_day))| **name == **n && day.limit() == *per_day)
+            && self.enforces_identities(limits.identities)
     }
 
     /// Each named key's budget: (name, requests a day, the state of its day), for `/status`.
@@ -227,12 +266,12 @@ impl Quota {
     /// no longer counts with go back to the store.
     pub async fn hand_over(&self, next: &Arc<Quota>) -> Result<(), StoreError> {
         let _ = self.successor.set(Arc::clone(next));
+        let mut outcome = self.hand_over_identities(next).await;
         if let (Some(queue), Some(c)) = (&next.queue, &next.config) {
             if let Some(n) = c.concurrency {
                 queue.resize(n, c.queue.unwrap_or(0), c.queue_timeout);
             }
         }
-        let mut outcome = Ok(());
         let windows = self
             .leased
             .iter()
@@ -261,26 +300,61 @@ impl Quota {
         self.leased.iter().find(|w| w.policy().name == name)
     }
 
-    /// A slot among the requests in flight, when `concurrency` is set.
-    pub async fn enter(&self) -> Result<Option<Slot>, QuotaError> {
+    /// A place among the requests in flight of `identity` (its label), when it has a
+    /// `concurrency` of its own, then among the upstream's, when `concurrency` is set.
+    pub async fn enter(&self, identity: &str) -> Result<Option<Slot>, QuotaError> {
         if let Some(next) = self.successor.get() {
-            return Box::pin(next.enter()).await;
+            return Box::pin(next.enter(identity)).await;
         }
+        let own = match self.identities.get(identity) {
+            Some(limits) => limits.line_place().await.map_err(|e| named(e, identity))?,
+            None => None,
+        };
+        let upstream = self.line_place().await?;
+        Ok((own.is_some() || upstream.is_some()).then_some(Slot {
+            _identity: own,
+            _upstream: upstream,
+        }))
+    }
+
+    /// A place in this quota's line, when it has one.
+    async fn line_place(&self) -> Result<Option<Permit>, QuotaError> {
         let Some(queue) = &self.queue else {
             return Ok(None);
         };
         match queue.enter().await {
-            Ok(slot) => Ok(Some(slot)),
+            Ok(place) => Ok(Some(place)),
             Err(turned) => Err(self.refuse(refusal::turned(turned, queue))),
         }
     }
 
-    /// Count one request about to be sent upstream for inbound key `key` (its name). Returns
-    /// the tightest window, for headers.
-    pub async fn spend(&self, key: Option<&str>) -> Result<Option<Window>, QuotaError> {
+    /// Count one request about to be sent upstream for inbound key `key` (its name), reaching
+    /// the API as `identity` (its label): the identity's own limits first. Returns the
+    /// tightest window, for headers.
+    pub async fn spend(
+        &self,
+        key: Option<&str>,
+        identity: &str,
+    ) -> Result<Option<Window>, QuotaError> {
         if let Some(next) = self.successor.get() {
-            return Box::pin(next.spend(key)).await;
+            return Box::pin(next.spend(key, identity)).await;
         }
+        let own = match self.identities.get(identity) {
+            Some(limits) => limits
+                .spend_here(None)
+                .await
+                .map_err(|e| named(e, identity))?,
+            None => None,
+        };
+        let upstream = self.spend_here(key).await?;
+        Ok(match (own, upstream) {
+            (Some(own), Some(upstream)) => Some(tighter(Some(own), upstream)),
+            (own, upstream) => own.or(upstream),
+        })
+    }
+
+    /// [`Quota::spend`] of this quota's own windows.
+    async fn spend_here(&self, key: Option<&str>) -> Result<Option<Window>, QuotaError> {
         if let Some(left) = self.hold.remaining(&self.clock) {
             return Err(self.refuse(refusal::held(left)));
         }
@@ -430,10 +504,12 @@ impl Quota {
 
     /// Read what the windows counted in the store have spent so far (at start).
     pub async fn load(&self) -> Result<(), StoreError> {
+        let identities = self.identities.values().flat_map(|q| &q.leased);
         for window in self
             .leased
             .iter()
             .chain(self.budgets.iter().map(|(_, d)| d))
+            .chain(identities)
         {
             window.load(self.clock.unix_ms()).await?;
         }
@@ -443,10 +519,12 @@ impl Quota {
     /// Give the counts in hand back to the store (clean shutdown).
     pub async fn give_back(&self) -> Result<(), StoreError> {
         let mut outcome = Ok(());
+        let identities = self.identities.values().flat_map(|q| &q.leased);
         for window in self
             .leased
             .iter()
             .chain(self.budgets.iter().map(|(_, d)| d))
+            .chain(identities)
         {
             // Every window gives back what it can, whichever failed first.
             outcome = outcome.and(window.give_back().await);
@@ -463,11 +541,18 @@ pub(crate) fn ceil_secs(d: Duration) -> u64 {
 mod tests {
     use super::*;
     use crate::store::FileStore;
+    use crate::store::OWN_IDENTITY;
 
     fn quota(config: &str, clock: &Clock, dir: &std::path::Path) -> Quota {
         let config: QuotaConfig = toml::from_str(config).unwrap();
         let store: Arc<dyn StateStore> = Arc::new(FileStore::open(dir).unwrap());
-        Quota::new("api", Some(&config), &[], store, clock.clone())
+        Quota::new(
+            "api",
+            Some(&config),
+            Limits::default(),
+            store,
+            clock.clone(),
+        )
     }
 
     #[tokio::test]
@@ -477,12 +562,16 @@ mod tests {
         let config: QuotaConfig = toml::from_str("per_day = 10").unwrap();
         let store: Arc<dyn StateStore> = Arc::new(FileStore::open(tmp.path()).unwrap());
         let budgets = [("etl".to_owned(), 3)];
-        let q = Quota::new("api", Some(&config), &budgets, store, clock.clone());
+        let limits = Limits {
+            budgets: &budgets,
+            identities: &[],
+        };
+        let q = Quota::new("api", Some(&config), limits, store, clock.clone());
         for left in [2, 1, 0] {
-            let w = q.spend(Some("etl")).await.unwrap().unwrap();
+            let w = q.spend(Some("etl"), OWN_IDENTITY).await.unwrap().unwrap();
             assert_eq!(w.remaining, left, "the key's budget is the tightest window");
         }
-        let QuotaError::Refused(r) = q.spend(Some("etl")).await.unwrap_err() else {
+        let QuotaError::Refused(r) = q.spend(Some("etl"), OWN_IDENTITY).await.unwrap_err() else {
             panic!("expected a refusal")
         };
         assert_eq!(r.reason, Reason::KeyBudget);
@@ -494,16 +583,28 @@ mod tests {
         assert!(r.retry_after > 0);
         // Other keys, and requests without one, go on; the day holds the sum.
         for _ in 0..7 {
-            q.spend(Some("reports")).await.unwrap();
+            q.spend(Some("reports"), OWN_IDENTITY).await.unwrap();
         }
-        let QuotaError::Refused(r) = q.spend(None).await.unwrap_err() else {
+        let QuotaError::Refused(r) = q.spend(None, OWN_IDENTITY).await.unwrap_err() else {
             panic!("expected a refusal")
         };
         assert_eq!(r.reason, Reason::PerDay, "3 + 7 = the day");
         // A reload that raises the budget: the key goes on from what it spent.
         let raised = [("etl".to_owned(), 5)];
-        assert!(!q.enforces(Some(&config), &raised));
-        let next = Arc::new(q.successor(Some(&config), &raised));
+        assert!(!q.enforces(
+            Some(&config),
+            Limits {
+                budgets: &raised,
+                identities: &[]
+            }
+        ));
+        let next = Arc::new(q.successor(
+            Some(&config),
+            Limits {
+                budgets: &raised,
+                identities: &[],
+            },
+        ));
         next.load().await.unwrap();
         q.hand_over(&next).await.unwrap();
         let (_, w) = next.budgets().next().unwrap();
@@ -515,14 +616,14 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let clock = Clock::manual(1_700_000_000_000);
         let q = quota("per_day = 100\nper_minute = 3", &clock, tmp.path());
-        let w = q.spend(None).await.unwrap().unwrap();
+        let w = q.spend(None, OWN_IDENTITY).await.unwrap().unwrap();
         assert_eq!(
             (w.policy.name, w.remaining, w.policy.limit),
             ("minute", 2, 3)
         );
-        q.spend(None).await.unwrap();
-        q.spend(None).await.unwrap();
-        let QuotaError::Refused(r) = q.spend(None).await.unwrap_err() else {
+        q.spend(None, OWN_IDENTITY).await.unwrap();
+        q.spend(None, OWN_IDENTITY).await.unwrap();
+        let QuotaError::Refused(r) = q.spend(None, OWN_IDENTITY).await.unwrap_err() else {
             panic!("expected a refusal")
         };
         assert_eq!(r.reason, Reason::PerMinute);
@@ -552,17 +653,17 @@ mod tests {
             http::HeaderValue::from_static("3"),
         );
         q.upstream_answered(StatusCode::TOO_MANY_REQUESTS, &headers);
-        let QuotaError::Refused(r) = q.spend(None).await.unwrap_err() else {
+        let QuotaError::Refused(r) = q.spend(None, OWN_IDENTITY).await.unwrap_err() else {
             panic!("expected a refusal")
         };
         assert_eq!((r.reason, r.retry_after), (Reason::UpstreamThrottled, 3));
         clock.advance(Duration::from_millis(2500));
-        let QuotaError::Refused(r) = q.spend(None).await.unwrap_err() else {
+        let QuotaError::Refused(r) = q.spend(None, OWN_IDENTITY).await.unwrap_err() else {
             panic!("expected a refusal")
         };
         assert_eq!(r.retry_after, 1);
         clock.advance(Duration::from_millis(500));
-        assert!(q.spend(None).await.is_ok());
+        assert!(q.spend(None, OWN_IDENTITY).await.is_ok());
     }
 
     /// A reload's successor keeps what did not change and takes over what did: a request that
@@ -578,38 +679,44 @@ mod tests {
             &clock,
             tmp.path(),
         );
-        let held = [old.enter().await.unwrap(), old.enter().await.unwrap()];
-        old.spend(None).await.unwrap();
-        old.spend(None).await.unwrap();
+        let held = [
+            old.enter(OWN_IDENTITY).await.unwrap(),
+            old.enter(OWN_IDENTITY).await.unwrap(),
+        ];
+        old.spend(None, OWN_IDENTITY).await.unwrap();
+        old.spend(None, OWN_IDENTITY).await.unwrap();
 
         let config: QuotaConfig =
             toml::from_str("per_day = 2000\nper_minute = 3\nconcurrency = 1").unwrap();
-        let new = Arc::new(old.successor(Some(&config), &[]));
+        let new = Arc::new(old.successor(Some(&config), Limits::default()));
         new.load().await.unwrap();
         old.hand_over(&new).await.unwrap();
 
         // The request that was on its way spends against the old quota: the new day counts it.
-        old.spend(None).await.unwrap();
+        old.spend(None, OWN_IDENTITY).await.unwrap();
         let windows = new.windows();
         let day = windows.iter().find(|w| w.policy.name == "day").unwrap();
         assert_eq!((day.policy.limit, day.remaining), (2000, 1997));
         // The minute keeps its state: all three spent.
-        let QuotaError::Refused(r) = new.spend(None).await.unwrap_err() else {
+        let QuotaError::Refused(r) = new.spend(None, OWN_IDENTITY).await.unwrap_err() else {
             panic!("expected a refusal")
         };
         assert_eq!(r.reason, Reason::PerMinute);
 
         assert_eq!(new.line(), Some((2, 0)));
-        let QuotaError::Refused(r) = new.enter().await.unwrap_err() else {
+        let QuotaError::Refused(r) = new.enter(OWN_IDENTITY).await.unwrap_err() else {
             panic!("expected a refusal")
         };
         assert_eq!(r.reason, Reason::QueueFull, "two in flight, one allowed");
         let [first, second] = held;
         drop(first);
         tokio::task::yield_now().await;
-        assert!(new.enter().await.is_err(), "still one in flight of one");
+        assert!(
+            new.enter(OWN_IDENTITY).await.is_err(),
+            "still one in flight of one"
+        );
         drop(second);
-        let slot = new.enter().await.unwrap();
+        let slot = new.enter(OWN_IDENTITY).await.unwrap();
         assert_eq!(new.line(), Some((1, 0)));
         drop(slot);
     }
@@ -620,19 +727,19 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let clock = Clock::manual(1_700_000_000_000);
         let old = quota("per_minute = 5", &clock, tmp.path());
-        old.spend(None).await.unwrap();
-        old.spend(None).await.unwrap();
+        old.spend(None, OWN_IDENTITY).await.unwrap();
+        old.spend(None, OWN_IDENTITY).await.unwrap();
         let config: QuotaConfig = toml::from_str("per_minute = 4").unwrap();
-        let new = Arc::new(old.successor(Some(&config), &[]));
+        let new = Arc::new(old.successor(Some(&config), Limits::default()));
         old.hand_over(&new).await.unwrap();
-        old.spend(None).await.unwrap();
-        new.spend(None).await.unwrap();
-        let QuotaError::Refused(r) = new.spend(None).await.unwrap_err() else {
+        old.spend(None, OWN_IDENTITY).await.unwrap();
+        new.spend(None, OWN_IDENTITY).await.unwrap();
+        let QuotaError::Refused(r) = new.spend(None, OWN_IDENTITY).await.unwrap_err() else {
             panic!("expected a refusal")
         };
         assert_eq!(r.reason, Reason::PerMinute, "2 + 1 + 1 of 4 spent");
         assert!(
-            old.spend(None).await.is_err(),
+            old.spend(None, OWN_IDENTITY).await.is_err(),
             "the old quota refuses as the new one does"
         );
     }

@@ -2,15 +2,13 @@
 //! the next `queue` wait in line, first come first served (tokio's semaphore is fair); past the
 //! line, or after waiting `queue_timeout`, a request is refused.
 //!
-//! A [`Slot`] is held from admission until the upstream's response body has been passed on in
+//! A place ([`super::Slot`]) is held from admission until the upstream's response body has been passed on in
 //! full (or the client went away), because that is when the API considers the request done.
 
 use crate::semaphore::{Gate, Permit};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-/// A place among the requests in flight; freed on drop.
-pub type Slot = Permit;
 
 /// The line of one upstream. A reload changes its numbers in place, so the requests in flight
 /// and in line stay counted.
@@ -50,7 +48,7 @@ impl Queue {
     }
 
     /// A slot now, or after waiting in line.
-    pub async fn enter(&self) -> Result<Slot, Turned> {
+    pub async fn enter(&self) -> Result<Permit, Turned> {
         if let Ok(slot) = self.slots.try_acquire() {
             return Ok(slot);
         }

@@ -422,3 +422,259 @@ async fn rekey_seals_every_identitys_record() {
         );
     }
 }
+
+/// ERP.net limits each user's session (one request in flight, five waiting). With identities,
+/// the preset sets those limits for each identity instead of the upstream: three users'
+/// slow requests run side by side, one per user, and the API never sees two of one user at
+/// once nor has to refuse any.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erpnet_preset_limits_each_identity_as_a_session() {
+    use tollgate_sim::provider::SimProvider;
+    let sim = SimProvider::start(
+        "erpnet",
+        std::time::Duration::from_secs(3600),
+        tollgate_sim::bind_loopback().await,
+    )
+    .await;
+    let state = tempfile::tempdir().unwrap();
+    let (alice, bob) = (
+        sim.identity.issue_refresh_token(),
+        sim.identity.issue_refresh_token(),
+    );
+    let text = format!(
+        r#"[state]
+store = "file:{}"
+
+{}
+[upstream.inbound]
+keys = [
+  {{ name = "etl", key = "{}", identity = "alice" }},
+  {{ name = "reports", key = "{}", identity = "bob" }},
+  {{ name = "tool", key = "{}" }},
+]
+
+[[upstream.identity]]
+name = "alice"
+refresh_token = "{alice}"
+
+[[upstream.identity]]
+name = "bob"
+refresh_token = "{bob}"
+"#,
+        state.path().display(),
+        sim.upstream_toml("p", "127.0.0.1:0"),
+        KEYS[0].1,
+        KEYS[1].1,
+        KEYS[2].1,
+    );
+    let config = tollgate::config::Config::parse(&text, "t.toml", |_| None).unwrap();
+    let filled = &config.upstreams[0].preset_filled;
+    assert!(
+        filled.contains(&"quota.per_identity.concurrency".to_owned()),
+        "{filled:?}"
+    );
+    assert!(
+        !filled.contains(&"quota.concurrency".to_owned()),
+        "{filled:?}"
+    );
+
+    let proxy = common::replica(&text).await;
+    let url = format!("http://{}/Items?sim_delay_ms=500", proxy.addr("p").unwrap());
+    let mut calls = Vec::new();
+    for round in 0..2 {
+        for (_, key) in KEYS {
+            let (url, key) = (url.clone(), key.to_owned());
+            calls.push(tokio::spawn(async move {
+                let req = http::Request::get(url)
+                    .header("authorization", format!("Bearer {key}"))
+                    .body(Full::default())
+                    .unwrap();
+                let reply = common::collect(common::client().request(req).await.unwrap()).await;
+                (round, reply.status)
+            }));
+        }
+    }
+    for call in calls {
+        let (round, status) = call.await.unwrap();
+        assert_eq!(status, 200, "round {round}");
+    }
+    let api = sim.api.counters();
+    assert_eq!(api.authorized, 6);
+    assert_eq!(api.session_in_flight_max, 1, "one at a time per user");
+    assert_eq!(api.in_flight_max, 3, "the three users side by side");
+    assert_eq!(api.throttled, 0);
+    proxy.shutdown().await;
+}
+
+/// `kill -9` of the real binary while an identity's refresh waits on the identity server:
+/// every lineage — that identity's, the other's, the upstream's own — goes on after a
+/// restart, with no refresh token redeemed twice.
+#[tokio::test]
+async fn kill_9_during_an_identitys_refresh_keeps_every_lineage() {
+    let (mut h, users) = three_users("").await;
+    h.stop_proxy().await;
+    let path = h.write_config("tollgate.toml", &h.config_text);
+    let spawned = common::spawn_serve(&path);
+    let base = format!("http://{}", spawned.addr);
+    let as_key = |key: &str, path: &str| {
+        http::Request::get(format!("{base}{path}"))
+            .header("authorization", format!("Bearer {key}"))
+            .body(Full::default())
+            .unwrap()
+    };
+    for round in 0..2 {
+        for (name, key) in KEYS {
+            let answer = common::collect(
+                common::client()
+                    .request(as_key(key, &format!("/{name}/{round}")))
+                    .await
+                    .unwrap(),
+            )
+            .await;
+            assert_eq!(answer.status, 200, "{name}: {}", answer.text());
+        }
+        h.identity.expire_access_tokens();
+    }
+    let asked = h.identity.counters().token_requests;
+    h.identity.delay_next(1, std::time::Duration::from_secs(5));
+    let pending = tokio::spawn(common::client().request(as_key(KEYS[0].1, "/alice/refreshing")));
+    while h.identity.counters().token_requests == asked {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    drop(spawned); // SIGKILL, while alice's refresh is on its way
+    assert!(
+        pending.await.unwrap().is_err(),
+        "the client saw the process die"
+    );
+
+    h.start_proxy().await;
+    for (i, (name, key)) in KEYS.iter().enumerate() {
+        let answer = get_as(&h, key, &format!("/{name}/after")).await;
+        assert_eq!(answer.status, 200, "{name}: {}", answer.text());
+        assert_eq!(caller(&h), [users[1], users[2], users[0]][i]);
+    }
+    let counters = h.identity.counters();
+    assert_eq!(
+        counters.reuse_detected, 0,
+        "no refresh token redeemed twice"
+    );
+    assert_eq!(counters.grants_revoked, 0);
+    h.assert_lineage_intact();
+}
+
+/// A reload that gives an identity a new login, and moves a key to another identity, touches
+/// nothing else: the others' tokens stay in use, no token request is made for them.
+#[tokio::test]
+async fn reload_changes_an_identity_and_moves_a_key() {
+    let (mut h, users) = three_users("").await;
+    for (name, key) in KEYS {
+        assert_eq!(get_as(&h, key, &format!("/{name}")).await.status, 200);
+    }
+    // Alice logs in anew (another grant); bob's key `reports` now acts as alice too.
+    let (old_seed, new_seed) = {
+        let table = h.config_text.split("name = \"alice\"\n").nth(1).unwrap();
+        let seed = table.split('"').nth(1).unwrap().to_owned();
+        (seed, h.identity.issue_refresh_token())
+    };
+    let alice_again = h.identity.grant_of_refresh_token(&new_seed).unwrap();
+    let text = h
+        .config_text
+        .replace(&old_seed, &new_seed)
+        .replace("identity = \"bob\"", "identity = \"alice\"");
+    let asked = h.identity.counters().token_requests;
+    h.reload(&text).await.expect("reloaded");
+
+    assert_eq!(get_as(&h, KEYS[2].1, "/own").await.status, 200);
+    assert_eq!(caller(&h), users[0]);
+    assert_eq!(
+        h.identity.counters().token_requests,
+        asked,
+        "the upstream's own token stays in use"
+    );
+    assert_eq!(get_as(&h, KEYS[0].1, "/alice-new").await.status, 200);
+    assert_eq!(caller(&h), alice_again, "alice's new login");
+    assert_eq!(get_as(&h, KEYS[1].1, "/moved").await.status, 200);
+    assert_eq!(caller(&h), alice_again, "the moved key acts as alice");
+    assert_eq!(
+        h.identity.counters().token_requests,
+        asked + 1,
+        "one token request: alice's new login"
+    );
+    let stored = std::fs::read_to_string(h.state_dir().join("api@bob.token.json")).unwrap();
+    assert!(
+        stored.contains("\"generation\""),
+        "bob's record kept: {stored}"
+    );
+    h.assert_lineage_intact();
+}
+
+/// GET `path` on `proxy` with `key`, in a task of its own.
+fn get_on(proxy: &tollgate::Proxy, key: &str, path: &str) -> tokio::task::JoinHandle<Answer> {
+    let request = http::Request::get(common::url_of(proxy, path))
+        .header("authorization", format!("Bearer {key}"))
+        .body(Full::default())
+        .unwrap();
+    tokio::spawn(
+        async move { common::collect(common::client().request(request).await.unwrap()).await },
+    )
+}
+
+/// Redis loses its data (FLUSHALL) while an identity's refresh is in the air on one replica,
+/// and the other replica needs that identity's token: one redemption, no reuse, both served,
+/// the identity's record back in Redis, and the other lineages untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushall_during_an_identitys_refresh_redeems_nothing_twice() {
+    let redis = common::redis_server::RedisServer::start();
+    let setup = Setup {
+        extra_auth: common::THROUGH_A_LOSS.into(),
+        ..Setup::default()
+    };
+    let (h, text) = common::on_redis(setup, &redis).await;
+    let own = text.split("refresh_token = \"").nth(1).unwrap();
+    let own = own.split('"').next().unwrap().to_owned();
+    let (text, users) = with_users(&h, &text, &own);
+    let group = common::replicas(&text, 2).await;
+    for proxy in &group {
+        for (name, key) in KEYS {
+            let answer = get_on(proxy, key, &format!("/{name}/warm")).await.unwrap();
+            assert_eq!(answer.status, 200, "{name}: {}", answer.text());
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+
+    let before = h.identity.counters();
+    h.identity.answer_late(1, std::time::Duration::from_secs(2));
+    h.identity.expire_access_tokens();
+    let holder = get_on(&group[0], KEYS[0].1, "/alice/holder");
+    common::until(|| h.identity.counters().refreshes > before.refreshes).await;
+    redis.command(&["FLUSHALL"]);
+    let other = get_on(&group[1], KEYS[0].1, "/alice/other");
+    for answer in [holder.await.unwrap(), other.await.unwrap()] {
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    let after = h.identity.counters();
+    assert_eq!(
+        after.token_requests - before.token_requests,
+        1,
+        "one redemption"
+    );
+    let stored = redis.command(&["HGET", "tollgate:api@alice:token", "generation"]);
+    assert!(
+        stored != redis::Value::Nil,
+        "alice's record is back in Redis"
+    );
+
+    for proxy in &group {
+        for (i, (name, key)) in KEYS.iter().enumerate() {
+            let answer = get_on(proxy, key, &format!("/{name}/after")).await.unwrap();
+            assert_eq!(answer.status, 200, "{name}: {}", answer.text());
+            let authorization = h.api.last_authorization().unwrap();
+            let token = authorization.strip_prefix("Bearer ").unwrap();
+            let grant = h.identity.grant_of_access_token(token);
+            assert_eq!(grant, Some([users[1], users[2], users[0]][i]), "{name}");
+        }
+    }
+    assert_eq!(h.identity.counters().reuse_detected, 0);
+    h.assert_lineage_intact();
+    common::shut_down(group).await;
+}

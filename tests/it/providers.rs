@@ -259,6 +259,7 @@ async fn erpnet_preset_keeps_one_request_in_flight_with_a_queue_of_five() {
     let api = sim.api.counters();
     assert_eq!(api.authorized, 6, "only the admitted reached the API");
     assert_eq!(api.in_flight_max, 1);
+    assert_eq!(api.session_in_flight_max, 1);
     assert_eq!(api.throttled, 0);
     proxy.shutdown().await;
 }
