@@ -80,7 +80,7 @@ fn token_read(c: &mut Criterion) {
         );
         let config = Config::parse(&text, "bench", |_| None).unwrap();
         let store = tollgate::store::open(&config.state).unwrap();
-        let cache = Arc::new(TokenCache::new(&config.upstreams[0], store, None).unwrap());
+        let cache = Arc::new(TokenCache::new(&config.upstreams[0], store, &Default::default()).unwrap());
         cache.get().await.unwrap();
         (cache, identity, server, state)
     });

@@ -1,6 +1,7 @@
 //! What identities cost: one upstream started with 0 and with N `[[upstream.identity]]`
 //! tables (N = 1,000 unless `IDENTITIES` says otherwise), each with a seed and a named inbound
-//! key of its own (`NO_KEYS=1`: identities alone, no keys). Prints the start time and the heap
+//! key of its own (`NO_KEYS=1`: identities alone, no keys; `LIMITS=1`: each identity with limits
+//! of its own, ERP.net's 600 a minute, 1 in flight and 5 waiting). Prints the start time and the heap
 //! each identity holds (a counting allocator; resident memory beside it), then sends one request
 //! as each of the first 100 identities through the simulated identity server and API, and
 //! prints what a used identity adds. `cargo bench --bench identities`.
@@ -61,6 +62,11 @@ fn config(n: usize, identity: &IdentitySim, api_url: &str, state: &std::path::Pa
         identity.config().client_secret,
         identity.issue_refresh_token(),
     );
+    if std::env::var_os("LIMITS").is_some() {
+        text.push_str(
+            "\n[upstream.quota.per_identity]\nper_minute = 600\nconcurrency = 1\nqueue = 5\n",
+        );
+    }
     if n > 0 && std::env::var_os("NO_KEYS").is_none() {
         text.push_str("\n[upstream.inbound]\nkeys = [\n");
         for i in 0..n {

@@ -302,8 +302,8 @@ pub async fn access_token(
         })?),
     };
     let store = store::open(&config.state).map_err(|e| e.to_string())?;
-    let roots = up.read_ca()?;
-    let cache = TokenCache::of(up, identity, store.clone(), roots.as_deref(), None)?;
+    let files = up.read_files()?;
+    let cache = TokenCache::of(up, identity, store.clone(), &files, None)?;
     let cache = std::sync::Arc::new(cache);
     // As long as a token request can take: an answer that comes late is still one to save.
     let token = cache.get_within(cache.longest_request()).await;

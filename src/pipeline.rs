@@ -472,7 +472,8 @@ client_secret = "secret"
         let config = Config::parse(&text, "t", |_| None).unwrap();
         let up = &config.upstreams[0];
         let store = crate::store::open(&config.state).unwrap();
-        let tokens = Arc::new(TokenCache::new(up, Arc::clone(&store), None).unwrap());
+        let tokens =
+            Arc::new(TokenCache::new(up, Arc::clone(&store), &Default::default()).unwrap());
         let quota = Arc::new(Quota::new(
             &up.name,
             None,

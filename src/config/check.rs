@@ -434,7 +434,24 @@ fn describe_auth(
     } else {
         line("auth.client_id", a.client_id.clone());
         line("auth.client_auth", a.client_auth.as_str().into());
-        line("auth.client_secret", redacted(a.client_secret.is_some()));
+        if a.client_auth != crate::config::ClientAuth::PrivateKeyJwt {
+            line("auth.client_secret", redacted(a.client_secret.is_some()));
+        }
+        let files = [
+            ("auth.private_key_file", &a.private_key_file),
+            ("auth.certificate_file", &a.certificate_file),
+        ];
+        for (key, path) in files {
+            if let Some(path) = path {
+                line(key, format!("{} [contents not shown]", path.display()));
+            }
+        }
+        if let Some(kid) = &a.key_id {
+            line("auth.key_id", kid.clone());
+        }
+        if let Some(audience) = &a.assertion_audience {
+            line("auth.assertion_audience", audience.clone());
+        }
     }
     if a.grant == Grant::Password {
         line("auth.username", a.username.clone().unwrap_or_default());

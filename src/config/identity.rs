@@ -123,6 +123,14 @@ pub(super) fn check(up: &UpstreamConfig, report: &mut impl FnMut(&str, String)) 
         for (field, problem) in missing(up.auth.grant, identity) {
             report(&format!("{at}.{field}"), problem);
         }
+        let own_secret = identity.client_secret.as_ref().map(|s| s.expose().as_str());
+        if let (super::ClientAuth::ClientSecretJwt, Some(secret)) =
+            (up.auth.client_auth, own_secret)
+        {
+            if let Err(e) = crate::token::assertion::Signer::secret(secret) {
+                report(&format!("{at}.client_secret"), e);
+            }
+        }
         let own = (identity.per_minute, identity.concurrency, identity.queue);
         if own != (None, None, None) {
             let limits = up.identity_limits();

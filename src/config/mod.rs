@@ -13,7 +13,9 @@
 //! [`check`] describes the result for `tollgate check`, secrets redacted. Nothing here logs or
 //! prints the values it loads: they hold secrets.
 
+mod auth;
 mod check;
+mod files;
 mod hints;
 mod identity;
 mod interpolate;
@@ -25,12 +27,13 @@ mod schema;
 mod validate;
 mod values;
 
+pub use auth::{AuthConfig, ClientAuth, Grant};
+pub use files::UpstreamFiles;
 pub use identity::{IdentityConfig, IdentityLimits};
 pub use keys::{Budget, InboundKey};
 pub use schema::{
-    AdminConfig, AuthConfig, ClientAuth, Config, Edition, Grant, InboundConfig, LimitsConfig,
-    LoginConfig, QuotaConfig, RedisUrl, StateConfig, StoreLocation, TlsConfig, UpstreamConfig,
-    MIN_KEY_LEN,
+    AdminConfig, Config, Edition, InboundConfig, LimitsConfig, LoginConfig, QuotaConfig, RedisUrl,
+    StateConfig, StoreLocation, TlsConfig, UpstreamConfig, MIN_KEY_LEN,
 };
 pub use values::{parse_day_starts, parse_duration, parse_http_url, parse_size};
 
@@ -116,16 +119,6 @@ impl UpstreamConfig {
         let host = self.url.host_str().unwrap_or_default();
         let host = host.trim_start_matches('[').trim_end_matches(']');
         crate::tls::upstream::client_config(extra_roots, host, pin)
-    }
-
-    /// The PEM of `ca_file`, when one is set.
-    pub fn read_ca(&self) -> Result<Option<Vec<u8>>, String> {
-        let Some(path) = &self.ca_file else {
-            return Ok(None);
-        };
-        std::fs::read(path)
-            .map(Some)
-            .map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))
     }
 }
 

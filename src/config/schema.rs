@@ -6,7 +6,8 @@
 //! value (secrets are [`Secret`]s).
 
 use super::keys::InboundKey;
-use super::values::{de_day_starts, de_duration, de_http_url, de_opt_duration, de_size};
+use super::values::{de_day_starts, de_duration, de_http_url, de_size};
+use super::AuthConfig;
 use crate::secret::Secret;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -308,97 +309,6 @@ fn default_redirect_uri() -> Url {
     Url::parse("http://127.0.0.1:8765/callback").expect("a valid URL")
 }
 
-/// How tokens are obtained from the identity server.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuthConfig {
-    pub grant: Grant,
-    #[serde(deserialize_with = "de_http_url")]
-    pub token_url: Url,
-    /// The client id; for `winbooks_exchange` it is not used (the e-mail authenticates).
-    #[serde(default)]
-    pub client_id: String,
-    pub client_secret: Option<Secret<String>>,
-    #[serde(default)]
-    pub client_auth: ClientAuth,
-    /// The seed refresh token (grant = refresh_token). The state store keeps its descendants.
-    pub refresh_token: Option<Secret<String>>,
-    /// The user for `password`; the e-mail for `winbooks_exchange`.
-    pub username: Option<String>,
-    /// The password for `password`.
-    pub password: Option<Secret<String>>,
-    /// The long-lived exchange token for `winbooks_exchange`.
-    pub exchange_token: Option<Secret<String>>,
-    pub scope: Option<String>,
-    /// Refresh this long before expiry, if that comes before 80% of the lifetime.
-    #[serde(default, deserialize_with = "de_opt_duration")]
-    pub refresh_before: Option<Duration>,
-    /// Extra form fields sent on every token request (`resource`, `audience`, ...).
-    #[serde(default)]
-    pub params: BTreeMap<String, String>,
-    /// Lifetime assumed when a token response has no `expires_in`.
-    #[serde(default = "default_expires_in", deserialize_with = "de_duration")]
-    pub default_expires_in: Duration,
-    /// How long a client request waits for a token (a refresh in the air, or retries while
-    /// the identity server fails), before 503.
-    #[serde(default = "default_refresh_wait", deserialize_with = "de_duration")]
-    pub refresh_wait: Duration,
-    /// How long connecting to the token endpoint may take; and the whole of a token request
-    /// that spends nothing (client credentials, a password login).
-    #[serde(default = "default_token_timeout", deserialize_with = "de_duration")]
-    pub timeout: Duration,
-    /// How long a request that spends a refresh token (or a login code) waits for its answer
-    /// once it is sent: the identity server may have rotated already, so it stays in the air
-    /// while its connection lives, up to this ceiling.
-    #[serde(default = "default_answer_timeout", deserialize_with = "de_duration")]
-    pub answer_timeout: Duration,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Grant {
-    RefreshToken,
-    ClientCredentials,
-    /// Resource-owner password; refreshes while the refresh token works, then logs in again.
-    Password,
-    /// WinBooks on Web: an exchange token traded for tokens, Basic(e-mail) client auth.
-    WinbooksExchange,
-}
-
-impl Grant {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Grant::RefreshToken => "refresh_token",
-            Grant::ClientCredentials => "client_credentials",
-            Grant::Password => "password",
-            Grant::WinbooksExchange => "winbooks_exchange",
-        }
-    }
-}
-
-/// RFC 6749 §2.3.1 client authentication.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ClientAuth {
-    /// `client_id` and `client_secret` in the form body (client_secret_post).
-    #[default]
-    Post,
-    /// HTTP Basic with form-encoded id and secret (client_secret_basic).
-    Basic,
-    /// A public client: only `client_id` in the form body.
-    None,
-}
-
-impl ClientAuth {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ClientAuth::Post => "post",
-            ClientAuth::Basic => "basic",
-            ClientAuth::None => "none",
-        }
-    }
-}
-
 fn default_store() -> Secret<String> {
     Secret::from("file:./state")
 }
@@ -419,18 +329,6 @@ fn default_retry_body_limit() -> u64 {
 }
 fn default_timeout() -> Duration {
     Duration::from_secs(60)
-}
-fn default_expires_in() -> Duration {
-    Duration::from_secs(3600)
-}
-fn default_refresh_wait() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_token_timeout() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_answer_timeout() -> Duration {
-    Duration::from_secs(120)
 }
 
 /// Where token records live, parsed from `state.store`.

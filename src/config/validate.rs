@@ -16,6 +16,8 @@ const RESERVED_PARAMS: &[&str] = &[
     "grant_type",
     "client_id",
     "client_secret",
+    "client_assertion",
+    "client_assertion_type",
     "refresh_token",
     "scope",
     "code",
@@ -410,6 +412,36 @@ fn check_auth(auth: &AuthConfig, report: &mut Report<'_>) {
     }
 }
 
+/// `private_key_file` holds a key tollgate can sign with, `certificate_file` a certificate
+/// (their contents are never shown).
+fn check_key_files(auth: &AuthConfig, report: &mut Report<'_>) {
+    use crate::token::assertion::{thumbprints, Signer};
+    if let Some(path) = &auth.private_key_file {
+        let problem = match std::fs::read(path) {
+            Ok(pem) => Signer::private_key(&pem).err(),
+            Err(e) => Some(format!("cannot be read ({e})")),
+        };
+        if let Some(problem) = problem {
+            report.at(
+                "auth.private_key_file",
+                format!("{}: {problem}", path.display()),
+            );
+        }
+    }
+    if let Some(path) = &auth.certificate_file {
+        let problem = match std::fs::read(path) {
+            Ok(pem) => thumbprints(&pem).err(),
+            Err(e) => Some(format!("cannot be read ({e})")),
+        };
+        if let Some(problem) = problem {
+            report.at(
+                "auth.certificate_file",
+                format!("{}: {problem}", path.display()),
+            );
+        }
+    }
+}
+
 /// The client's id and secret, as `client_auth` sends them.
 fn check_client(auth: &AuthConfig, report: &mut Report<'_>) {
     let has_secret = auth
@@ -429,7 +461,62 @@ fn check_client(auth: &AuthConfig, report: &mut Report<'_>) {
             "is set but client_auth = \"none\" would not send it; use \"post\" or \"basic\""
                 .into(),
         ),
+        ClientAuth::ClientSecretJwt => {
+            let secret = auth.client_secret.as_ref().map(|s| s.expose().as_str());
+            if let Err(e) = crate::token::assertion::Signer::secret(secret.unwrap_or_default()) {
+                report.at("auth.client_secret", e);
+            }
+        }
+        ClientAuth::PrivateKeyJwt => {
+            check_key_files(auth, report);
+            if auth.private_key_file.is_none() {
+                report.at(
+                    "auth.private_key_file",
+                    "is required with client_auth = \"private_key_jwt\": the PEM file of the key registered with the identity server".into(),
+                );
+            }
+            if auth.client_secret.is_some() {
+                report.at(
+                    "auth.client_secret",
+                    "is not sent with client_auth = \"private_key_jwt\" (the key proves the client); remove it".into(),
+                );
+            }
+        }
         _ => {}
+    }
+    let jwt = matches!(
+        auth.client_auth,
+        ClientAuth::PrivateKeyJwt | ClientAuth::ClientSecretJwt
+    );
+    let only_with = [
+        (
+            "private_key_file",
+            auth.private_key_file.is_some(),
+            ClientAuth::PrivateKeyJwt == auth.client_auth,
+        ),
+        (
+            "key_id",
+            auth.key_id.is_some(),
+            ClientAuth::PrivateKeyJwt == auth.client_auth,
+        ),
+        (
+            "certificate_file",
+            auth.certificate_file.is_some(),
+            ClientAuth::PrivateKeyJwt == auth.client_auth,
+        ),
+        ("assertion_audience", auth.assertion_audience.is_some(), jwt),
+    ];
+    for (key, set, used) in only_with {
+        if set && !used {
+            let with = match key {
+                "assertion_audience" => "\"private_key_jwt\" or \"client_secret_jwt\"",
+                _ => "\"private_key_jwt\"",
+            };
+            report.at(
+                &format!("auth.{key}"),
+                format!("is only used with client_auth = {with}; set client_auth, or remove it"),
+            );
+        }
     }
     if auth.client_id.is_empty() {
         report.at(

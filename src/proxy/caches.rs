@@ -3,7 +3,7 @@
 //! keeps its token in use), started anew for a new identity, and retired when dropped.
 
 use super::{refresh_task, Proxy, Running, Task};
-use crate::config::UpstreamConfig;
+use crate::config::{UpstreamConfig, UpstreamFiles};
 use crate::token::TokenCache;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,31 +13,26 @@ pub(super) type Identities = BTreeMap<String, Arc<TokenCache>>;
 
 impl Proxy {
     /// The token caches `up` needs — its own, and each identity's by name — given what `old`
-    /// ran under its name (`roots`: its CA).
+    /// ran under its name (`files`: what its settings' files hold).
     pub(super) fn caches(
         &self,
         up: &UpstreamConfig,
         old: Option<&Running>,
-        roots: &Option<Vec<u8>>,
+        files: &UpstreamFiles,
     ) -> Result<(Arc<TokenCache>, Identities), String> {
         let store = Arc::clone(&self.store);
         let tokens = match old {
             Some(o)
                 if o.config.auth == up.auth
-                    && o.roots == *roots
+                    && o.files == *files
                     && o.config.pin_sha256 == up.pin_sha256 =>
             {
                 Arc::clone(&o.tokens)
             }
             Some(o) => Arc::new(TokenCache::successor(
-                &o.tokens,
-                up,
-                None,
-                store,
-                roots.as_deref(),
-                None,
+                &o.tokens, up, None, store, files, None,
             )?),
-            None => Arc::new(TokenCache::new(up, store, roots.as_deref())?),
+            None => Arc::new(TokenCache::new(up, store, files)?),
         };
         let mut identities = BTreeMap::new();
         for identity in &up.identities {
@@ -50,7 +45,7 @@ impl Proxy {
             let cache = match running {
                 Some((o, before, cache))
                     if o.config.identity_auth(before) == up.identity_auth(identity)
-                        && o.roots == *roots
+                        && o.files == *files
                         && o.config.pin_sha256 == up.pin_sha256 =>
                 {
                     Arc::clone(cache)
@@ -60,12 +55,12 @@ impl Proxy {
                     up,
                     Some(identity),
                     store,
-                    roots.as_deref(),
+                    files,
                     Some(&tokens),
                 )?),
                 None => {
-                    let (roots, own) = (roots.as_deref(), Some(&*tokens));
-                    Arc::new(TokenCache::of(up, Some(identity), store, roots, own)?)
+                    let own = Some(&*tokens);
+                    Arc::new(TokenCache::of(up, Some(identity), store, files, own)?)
                 }
             };
             identities.insert(identity.name.clone(), cache);

@@ -13,7 +13,7 @@ mod reload;
 pub use reload::Reloaded;
 
 use crate::admin::Admin;
-use crate::config::{Config, UpstreamConfig};
+use crate::config::{Config, UpstreamConfig, UpstreamFiles};
 use crate::counters::RequestStats;
 use crate::pipeline::Pipeline;
 use crate::quota::{Clock, Quota};
@@ -68,7 +68,7 @@ pub struct Proxy {
 /// The state of one upstream that outlives a reload.
 struct Running {
     config: UpstreamConfig,
-    roots: Option<Vec<u8>>,
+    files: UpstreamFiles,
     tokens: Arc<TokenCache>,
     refresh: Task,
     /// Each `[[upstream.identity]]`'s cache, and its refresh-ahead task, by name.

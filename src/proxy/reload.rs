@@ -19,7 +19,7 @@
 use super::{flush_task, give_back, refresh_task, Proxy, Running, StartError, SHUTDOWN_GRACE};
 use crate::admin::{self, Admin, AdminKey};
 use crate::body::Budget;
-use crate::config::{Config, UpstreamConfig};
+use crate::config::{Config, UpstreamConfig, UpstreamFiles};
 use crate::counters::RequestStats;
 use crate::forward;
 use crate::pipeline::{Caches, Pipeline};
@@ -48,7 +48,7 @@ type Handover = (String, Arc<Quota>, Arc<Quota>);
 /// One upstream of the new config, with everything that could fail already done.
 struct Prepared {
     config: UpstreamConfig,
-    roots: Option<Vec<u8>>,
+    files: UpstreamFiles,
     /// The running cache, or a new one (whose refresh task is not started yet).
     tokens: Arc<TokenCache>,
     /// The same for each identity, by name.
@@ -157,9 +157,9 @@ impl Proxy {
             upstream: up.name.clone(),
             reason,
         };
-        let roots = up.read_ca().map_err(&fail)?;
+        let files = up.read_files().map_err(&fail)?;
         let old = self.upstreams.get(&up.name);
-        let (tokens, identities) = self.caches(up, old, &roots).map_err(&fail)?;
+        let (tokens, identities) = self.caches(up, old, &files).map_err(&fail)?;
         let (budgets, own_limits) = (up.budgets(), up.identity_limits());
         let limits = Limits {
             budgets: &budgets,
@@ -187,7 +187,7 @@ impl Proxy {
                 && o.config.timeout == up.timeout
                 && o.config.limits.connect_timeout == up.limits.connect_timeout
                 && o.config.limits.max_upstream_connections == up.limits.max_upstream_connections
-                && o.roots == roots
+                && o.files.ca == files.ca
                 && o.config.pin_sha256 == up.pin_sha256
         });
         let forwards = match self.listeners.get(&up.name) {
@@ -202,7 +202,7 @@ impl Proxy {
                 let mut forwards = Vec::with_capacity(workers);
                 for worker in 0..workers {
                     let connections = forward::share(total, workers, worker);
-                    let forward = forward::Upstream::new(up, roots.as_deref(), connections);
+                    let forward = forward::Upstream::new(up, files.ca.as_deref(), connections);
                     forwards.push(forward.map_err(&fail)?);
                 }
                 forwards
@@ -216,7 +216,7 @@ impl Proxy {
         Ok(Prepared {
             socket: self.socket_for(up, claimed)?,
             config: up.clone(),
-            roots,
+            files,
             tokens,
             identities,
             quota,
@@ -402,7 +402,7 @@ impl Proxy {
         self.listeners.insert(name.clone(), listener);
         let running = Running {
             config: p.config,
-            roots: p.roots,
+            files: p.files,
             tokens: p.tokens,
             refresh,
             identities,

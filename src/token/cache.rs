@@ -8,7 +8,7 @@ use super::current::Current;
 use super::pacing::Pacing;
 use super::refresher::{Refresher, REFRESH_RESULTS};
 use super::{AccessToken, Purpose, TokenError};
-use crate::config::{IdentityConfig, UpstreamConfig};
+use crate::config::{IdentityConfig, UpstreamConfig, UpstreamFiles};
 use crate::store::{StateStore, OWN_IDENTITY};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -37,9 +37,9 @@ impl TokenCache {
     pub fn new(
         upstream: &UpstreamConfig,
         store: Arc<dyn StateStore>,
-        extra_roots: Option<&[u8]>,
+        files: &UpstreamFiles,
     ) -> Result<Self, String> {
-        TokenCache::of(upstream, None, store, extra_roots, None)
+        TokenCache::of(upstream, None, store, files, None)
     }
 
     /// The cache of `identity`'s lineage (`None`: the upstream's own), its token requests
@@ -49,10 +49,10 @@ impl TokenCache {
         upstream: &UpstreamConfig,
         identity: Option<&IdentityConfig>,
         store: Arc<dyn StateStore>,
-        extra_roots: Option<&[u8]>,
+        files: &UpstreamFiles,
         sharing: Option<&TokenCache>,
     ) -> Result<Self, String> {
-        let (current, refresher) = parts(upstream, identity, store, extra_roots, sharing)?;
+        let (current, refresher) = parts(upstream, identity, store, files, sharing)?;
         Ok(TokenCache::assemble(current, refresher, identity))
     }
 
@@ -123,10 +123,10 @@ impl TokenCache {
         upstream: &UpstreamConfig,
         identity: Option<&IdentityConfig>,
         store: Arc<dyn StateStore>,
-        extra_roots: Option<&[u8]>,
+        files: &UpstreamFiles,
         sharing: Option<&TokenCache>,
     ) -> Result<Self, String> {
-        let (current, mut refresher) = parts(upstream, identity, store, extra_roots, sharing)?;
+        let (current, mut refresher) = parts(upstream, identity, store, files, sharing)?;
         refresher.continue_from(&old.refresher);
         let same_lineage = refresher.seed_hash == old.refresher.seed_hash;
         let mut next = TokenCache::assemble(current, refresher, identity);
@@ -282,19 +282,12 @@ fn parts(
     upstream: &UpstreamConfig,
     identity: Option<&IdentityConfig>,
     store: Arc<dyn StateStore>,
-    extra_roots: Option<&[u8]>,
+    files: &UpstreamFiles,
     sharing: Option<&TokenCache>,
 ) -> Result<(Arc<Current>, Refresher), String> {
     let current = Arc::new(Current::new(upstream.auth.refresh_before));
     let own = sharing.map(|c| &*c.refresher);
-    let refresher = Refresher::new(
-        upstream,
-        identity,
-        Arc::clone(&current),
-        store,
-        extra_roots,
-        own,
-    )?;
+    let refresher = Refresher::new(upstream, identity, Arc::clone(&current), store, files, own)?;
     Ok((current, refresher))
 }
 
@@ -313,7 +306,7 @@ mod tests {
         let config = Config::parse(&text, "t.toml", |_| None).unwrap();
         let store = Arc::new(FileStore::open(tmp.path()).unwrap());
         (
-            TokenCache::new(&config.upstreams[0], store, None).unwrap(),
+            TokenCache::new(&config.upstreams[0], store, &Default::default()).unwrap(),
             tmp,
         )
     }

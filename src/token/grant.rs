@@ -5,10 +5,12 @@
 //! sorted into "final" answers (the grant or client is refused) and transient failures.
 
 use super::answer::{parse_response, GrantError, Issued};
+use super::assertion::{self, Assertions, Signer};
 use super::scrub::Scrubber;
-use crate::config::{AuthConfig, ClientAuth, Grant, UpstreamConfig};
+use crate::config::{AuthConfig, ClientAuth, Grant, UpstreamConfig, UpstreamFiles};
 use crate::secret::Secret;
 use base64::Engine;
+use std::sync::Arc;
 use std::time::Duration;
 use url::Url;
 
@@ -27,14 +29,25 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
 const KEEPALIVE_EVERY: Duration = Duration::from_secs(5);
 const KEEPALIVE_PROBES: u32 = 3;
 
+/// `auth.private_key_file` made ready to sign, and the thumbprints of `auth.certificate_file`.
+#[derive(Clone, Default)]
+struct PrivateKey {
+    signer: Option<Arc<Signer>>,
+    thumbprints: Option<(String, String)>,
+}
+
 /// The token endpoint of one upstream, with its client credentials.
 pub struct TokenEndpoint {
     http: reqwest::Client,
+    /// The upstream's private key for assertions, shared with its identities.
+    key: PrivateKey,
     url: Url,
     grant: Grant,
     client_id: String,
     client_secret: Option<Secret<String>>,
     client_auth: ClientAuth,
+    /// What signs the client assertions, with `private_key_jwt` or `client_secret_jwt`.
+    assertions: Option<Assertions>,
     scope: Option<String>,
     username: Option<String>,
     password: Option<Secret<String>>,
@@ -49,13 +62,13 @@ pub struct TokenEndpoint {
 
 impl TokenEndpoint {
     /// The token endpoint of `upstream`, asked with `auth` (its own, or an identity's), over
-    /// TLS that trusts what the upstream's connections trust: `extra_roots` (the PEM of
-    /// `ca_file`) besides the public roots, and `pin_sha256` when the endpoint is on the
-    /// upstream's host.
+    /// TLS that trusts what the upstream's connections trust: `files.ca` besides the public
+    /// roots, and `pin_sha256` when the endpoint is on the upstream's host. Client assertions
+    /// are signed with `files.private_key`.
     pub fn new(
         upstream: &UpstreamConfig,
         auth: &AuthConfig,
-        extra_roots: Option<&[u8]>,
+        files: &UpstreamFiles,
     ) -> Result<Self, String> {
         // No overall timeout here: a request that spends a refresh token waits for its answer
         // longer than one that does not (see `post`).
@@ -67,22 +80,76 @@ impl TokenEndpoint {
             // A redirect would carry client credentials to another host.
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")))
-            .use_preconfigured_tls(upstream.tls_client(extra_roots)?);
+            .use_preconfigured_tls(upstream.tls_client(files.ca.as_deref())?);
         let http = builder
             .build()
             .map_err(|e| format!("cannot build the token client: {e}"))?;
-        Ok(TokenEndpoint::over(http, auth))
+        let signer = match (auth.client_auth, &files.private_key) {
+            (ClientAuth::PrivateKeyJwt, Some(pem)) => {
+                let shown = auth
+                    .private_key_file
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(""));
+                let signer = Signer::private_key(pem.expose())
+                    .map_err(|e| format!("auth.private_key_file {}: {e}", shown.display()))?;
+                Some(Arc::new(signer))
+            }
+            (ClientAuth::PrivateKeyJwt, None) => {
+                return Err("client_auth = \"private_key_jwt\" needs auth.private_key_file".into())
+            }
+            _ => None,
+        };
+        let thumbprints = match &files.certificate {
+            Some(pem) => Some(assertion::thumbprints(pem).map_err(|e| {
+                let shown = auth
+                    .certificate_file
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(""));
+                format!("auth.certificate_file {}: {e}", shown.display())
+            })?),
+            None => None,
+        };
+        let key = PrivateKey {
+            signer,
+            thumbprints,
+        };
+        TokenEndpoint::over(http, auth, key)
     }
 
     /// The same endpoint asked with `auth` (an identity's), over this one's client: its TLS
-    /// settings and its connections are the upstream's, shared by every identity.
-    pub fn sharing(&self, auth: &AuthConfig) -> TokenEndpoint {
-        TokenEndpoint::over(self.http.clone(), auth)
+    /// settings, its connections and its private key are the upstream's, shared by every
+    /// identity.
+    pub fn sharing(&self, auth: &AuthConfig) -> Result<TokenEndpoint, String> {
+        TokenEndpoint::over(self.http.clone(), auth, self.key.clone())
     }
 
-    fn over(http: reqwest::Client, auth: &AuthConfig) -> TokenEndpoint {
-        TokenEndpoint {
+    fn over(
+        http: reqwest::Client,
+        auth: &AuthConfig,
+        key: PrivateKey,
+    ) -> Result<TokenEndpoint, String> {
+        let audience = match &auth.assertion_audience {
+            Some(audience) => audience.clone(),
+            None => auth.token_url.to_string(),
+        };
+        let key_id = auth.key_id.as_deref();
+        let assertions = match (auth.client_auth, &key.signer) {
+            (ClientAuth::PrivateKeyJwt, Some(signer)) => {
+                let thumbprints = key.thumbprints.as_ref();
+                let signer = Arc::clone(signer);
+                Some(Assertions::new(signer, key_id, thumbprints, &audience))
+            }
+            (ClientAuth::ClientSecretJwt, _) => {
+                let secret = auth.client_secret.as_ref().map(|s| s.expose().as_str());
+                let signer = Arc::new(Signer::secret(secret.unwrap_or_default())?);
+                Some(Assertions::new(signer, key_id, None, &audience))
+            }
+            _ => None,
+        };
+        Ok(TokenEndpoint {
             http,
+            key,
+            assertions,
             url: auth.token_url.clone(),
             grant: auth.grant,
             client_id: auth.client_id.clone(),
@@ -100,7 +167,7 @@ impl TokenEndpoint {
             default_expires_in: auth.default_expires_in,
             timeout: auth.timeout,
             answer_timeout: auth.answer_timeout,
-        }
+        })
     }
 
     /// The longest a token request may take: connecting, then waiting for the answer to one
@@ -218,6 +285,14 @@ impl TokenEndpoint {
 
     /// Add client authentication (exactly one method) and send the form.
     async fn post(&self, mut fields: Vec<(&str, &str)>) -> Result<Issued, GrantError> {
+        let assertion = match &self.assertions {
+            Some(assertions) => Some(
+                assertions
+                    .make(&self.client_id, assertion::unix_now())
+                    .map_err(GrantError::transient)?,
+            ),
+            None => None,
+        };
         let mut request = self
             .http
             .post(self.url.clone())
@@ -249,6 +324,14 @@ impl TokenEndpoint {
                     );
                 }
                 ClientAuth::None => fields.push(("client_id", &self.client_id)),
+                // RFC 7523 §2.2; client_id too, which RFC 7521 §4.2 allows and some servers
+                // (Entra ID) want.
+                ClientAuth::PrivateKeyJwt | ClientAuth::ClientSecretJwt => {
+                    fields.push(("client_id", &self.client_id));
+                    fields.push(("client_assertion_type", assertion::JWT_BEARER));
+                    let jwt = assertion.as_ref().map(|a| a.expose().as_str());
+                    fields.push(("client_assertion", jwt.unwrap_or_default()));
+                }
             }
         }
         // Identity servers echo what they were sent: every secret of this request, in every
@@ -260,7 +343,12 @@ impl TokenEndpoint {
         let scrubber = Scrubber::new(
             fields
                 .iter()
-                .filter(|(k, _)| !matches!(*k, "grant_type" | "scope" | "username" | "client_id"))
+                .filter(|(k, _)| {
+                    !matches!(
+                        *k,
+                        "grant_type" | "scope" | "username" | "client_id" | "client_assertion_type"
+                    )
+                })
                 .map(|(_, v)| *v)
                 .chain(secret),
             basic,

@@ -150,8 +150,8 @@ impl Login {
         }
         let (listener, redirect_uri) = bind_redirect(login.redirect_uri.clone()).await?;
         let store = store::open(&config.state).map_err(|e| LoginError::Store(e.to_string()))?;
-        let roots = up.read_ca().map_err(setup)?;
-        let endpoint = TokenEndpoint::new(up, &auth, roots.as_deref()).map_err(setup)?;
+        let files = up.read_files().map_err(setup)?;
+        let endpoint = TokenEndpoint::new(up, &auth, &files).map_err(setup)?;
 
         let verifier = random_verifier();
         let state = random_verifier();

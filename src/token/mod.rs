@@ -50,6 +50,7 @@
 
 mod ahead;
 pub mod answer;
+pub mod assertion;
 mod backoff;
 mod cache;
 mod current;

@@ -13,7 +13,7 @@ use super::current::Current;
 use super::flight::{Flight, Lineage};
 use super::grant::TokenEndpoint;
 use super::{lineage_hash, lock, TokenError};
-use crate::config::{Grant, IdentityConfig, UpstreamConfig};
+use crate::config::{Grant, IdentityConfig, UpstreamConfig, UpstreamFiles};
 use crate::secret::Secret;
 use crate::store::{login_command, record_name, StateStore, TokenRecord};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -93,7 +93,7 @@ impl Refresher {
         identity: Option<&IdentityConfig>,
         current: Arc<Current>,
         store: Arc<dyn StateStore>,
-        extra_roots: Option<&[u8]>,
+        files: &UpstreamFiles,
         sharing: Option<&Refresher>,
     ) -> Result<Refresher, String> {
         let auth = &match identity {
@@ -102,8 +102,8 @@ impl Refresher {
         };
         let name = record_name(&upstream.name, identity.map(|i| i.name.as_str()));
         let endpoint = match sharing {
-            Some(own) => own.endpoint.sharing(auth),
-            None => TokenEndpoint::new(upstream, auth, extra_roots)?,
+            Some(own) => own.endpoint.sharing(auth)?,
+            None => TokenEndpoint::new(upstream, auth, files)?,
         };
         store.lock_life(auth.timeout + super::LOCK_MARGIN);
         // Only a refresh_token grant redeems the config's seed; the others log in with their

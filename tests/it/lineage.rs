@@ -223,8 +223,8 @@ async fn a_failed_save_keeps_the_lock_until_the_record_is_saved() {
         failures: AtomicU32::new(3),
     });
     let other_store = Arc::new(FileStore::open(&h.state_dir()).unwrap());
-    let a = Arc::new(TokenCache::new(upstream, flaky.clone(), None).unwrap());
-    let b = Arc::new(TokenCache::new(upstream, other_store, None).unwrap());
+    let a = Arc::new(TokenCache::new(upstream, flaky.clone(), &Default::default()).unwrap());
+    let b = Arc::new(TokenCache::new(upstream, other_store, &Default::default()).unwrap());
     let first = a.get().await.unwrap();
     assert_eq!(b.get().await.unwrap().generation, first.generation);
     let refreshes = h.identity.counters().refreshes;

@@ -9,6 +9,7 @@ mod common;
 
 mod admin;
 mod budgets;
+mod client_proof;
 mod config_files;
 #[cfg(feature = "demo")]
 mod demo;

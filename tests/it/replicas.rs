@@ -605,7 +605,9 @@ async fn after_a_data_loss_the_newest_record_wins_over_a_stale_replica() {
     .await;
     let config = parse(&text);
     let upstream = &config.upstreams[0];
-    let cache = |s: RedisStore| Arc::new(TokenCache::new(upstream, Arc::new(s), None).unwrap());
+    let cache = |s: RedisStore| {
+        Arc::new(TokenCache::new(upstream, Arc::new(s), &Default::default()).unwrap())
+    };
     // `behind` follows no announcements (no refresh-ahead task); `ahead` does.
     let (behind, ahead) = (cache(store_of(&text)), cache(store_of(&text)));
     let first = behind.get().await.unwrap();
@@ -647,7 +649,9 @@ async fn a_login_after_a_data_loss_is_not_overwritten() {
     .await;
     let config = parse(&text);
     let upstream = &config.upstreams[0];
-    let replica = Arc::new(TokenCache::new(upstream, Arc::new(store_of(&text)), None).unwrap());
+    let replica = Arc::new(
+        TokenCache::new(upstream, Arc::new(store_of(&text)), &Default::default()).unwrap(),
+    );
     let first = replica.get().await.unwrap();
     let first = replica.replace_rejected(first.generation).await.unwrap();
 

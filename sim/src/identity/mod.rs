@@ -33,6 +33,7 @@
 //!   `refresh_token` grants exist, both taking their token in the `code` field.
 //! - `all_errors_400`: every error answer is 400, `invalid_client` included (ERP.net).
 
+pub mod assertion;
 mod authorize;
 mod client_auth;
 mod faults;
@@ -68,6 +69,10 @@ pub enum ClientAuthRule {
     Basic,
     /// Either one, but never both in the same request.
     Either,
+    /// A JWT signed with a key of `jwt_keys` (private_key_jwt, RFC 7523).
+    PrivateKeyJwt,
+    /// A JWT signed with HS256 and the client secret (client_secret_jwt).
+    ClientSecretJwt,
 }
 
 /// What a refresh does to the refresh token that was presented.
@@ -112,6 +117,10 @@ pub struct IdentityConfig {
     /// The `authorization_code` grant also accepts a public client: `client_id` in the body
     /// and no client authentication at all (RFC 6749 §4.1.3). Other grants still require it.
     pub public_client_ok: bool,
+    /// The public keys the client registered, for `private_key_jwt`.
+    pub jwt_keys: Vec<assertion::JwtKey>,
+    /// The `aud` client assertions must name; the token endpoint's URL when `None`.
+    pub assertion_audience: Option<String>,
 }
 
 impl Default for IdentityConfig {
@@ -133,6 +142,8 @@ impl Default for IdentityConfig {
             authorize_path: "/authorize".to_owned(),
             redirect_uris: vec!["http://127.0.0.1:8765/callback".into()],
             public_client_ok: true,
+            jwt_keys: Vec::new(),
+            assertion_audience: None,
         }
     }
 }
@@ -194,6 +205,11 @@ struct State {
     last_authorize_params: Vec<(String, String)>,
     faults: Faults,
     counters: IdentityCounters,
+    /// The `jti`s of client assertions already used, with their `exp`.
+    assertion_ids: HashMap<String, u64>,
+    /// Which key verified the last accepted assertion: an index in `jwt_keys`, or `None`
+    /// for the client secret (HS256).
+    last_assertion_key: Option<Option<usize>>,
 }
 
 #[derive(Debug)]
@@ -295,6 +311,12 @@ impl IdentitySim {
             Some(expires_at) if Instant::now() >= *expires_at => Err("access token expired"),
             Some(_) => Ok(()),
         }
+    }
+
+    /// Which key verified the last accepted client assertion: `Some(Some(i))` for
+    /// `jwt_keys[i]`, `Some(None)` for the client secret; `None` if none was accepted yet.
+    pub fn last_assertion_key(&self) -> Option<Option<usize>> {
+        self.state().last_assertion_key
     }
 
     /// The grant (the user's login) a refresh token belongs to.

@@ -21,10 +21,52 @@ use super::wire::{
     check_accepts_json, check_content_type, invalid_grant, invalid_request, json_response,
     parse_form, read_body, required, unsupported_grant_type, OAuthError, Params,
 };
-use super::{IdentitySim, Rotation};
+use super::{assertion, ClientAuthRule, IdentitySim, Rotation};
 use crate::SimBody;
 
 impl IdentitySim {
+    /// Client authentication by an assertion (RFC 7523): only for a client registered for
+    /// it, and never beside another method.
+    fn check_assertion(
+        &self,
+        headers: &http::HeaderMap,
+        params: &Params,
+    ) -> Result<(), OAuthError> {
+        let config = &self.inner.config;
+        let allowed: &[&str] = match config.client_auth {
+            ClientAuthRule::PrivateKeyJwt => &["ES256", "RS256", "EdDSA"],
+            ClientAuthRule::ClientSecretJwt => &["HS256"],
+            _ => {
+                return Err(super::wire::unauthorized_client(
+                    "this client does not authenticate with assertions",
+                ))
+            }
+        };
+        if headers.contains_key(http::header::AUTHORIZATION) {
+            return Err(invalid_request(
+                "the client authenticated with both HTTP Basic and an assertion",
+            ));
+        }
+        let audience = match &config.assertion_audience {
+            Some(audience) => audience.clone(),
+            None => self.token_url(),
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut state = self.state();
+        let key = assertion::verify(
+            config,
+            allowed,
+            &audience,
+            params,
+            &mut state.assertion_ids,
+            now,
+        )?;
+        state.last_assertion_key = Some(key);
+        Ok(())
+    }
+
     pub(super) async fn token_endpoint(
         &self,
         request: Request<Incoming>,
@@ -73,6 +115,14 @@ impl IdentitySim {
                     "unknown client_id",
                 ));
             }
+        } else if params.contains_key("client_assertion")
+            || params.contains_key("client_assertion_type")
+            || matches!(
+                config.client_auth,
+                ClientAuthRule::PrivateKeyJwt | ClientAuthRule::ClientSecretJwt
+            )
+        {
+            self.check_assertion(&parts.headers, &params)?;
         } else {
             authenticate_client(config, &parts.headers, &params)?;
         }

@@ -333,7 +333,7 @@ url = "{api_url}"
 grant = "{grant}"
 token_url = "{token_url}"
 client_id = "{client_id}"
-client_secret = "{client_secret}"
+{client_secret}
 {seed}
 {extra_auth}
 {quota}
@@ -346,7 +346,11 @@ client_secret = "{client_secret}"
             _ => String::new(),
         },
         client_id = setup.identity.client_id,
-        client_secret = setup.identity.client_secret,
+        // A client registered with a key has no secret to configure.
+        client_secret = match setup.identity.client_auth {
+            tollgate_sim::identity::ClientAuthRule::PrivateKeyJwt => String::new(),
+            _ => format!("client_secret = \"{}\"", setup.identity.client_secret),
+        },
         admin = if setup.admin {
             "\n[admin]\nlisten = \"127.0.0.1:0\"\n"
         } else {
