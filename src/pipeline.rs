@@ -481,7 +481,7 @@ client_secret = "secret"
             store,
             Clock::system(),
         ));
-        let upstream = Upstream::new(up, None, 1).unwrap();
+        let upstream = Upstream::new(up, &Default::default(), 1).unwrap();
         let local = "127.0.0.1:8080".parse().unwrap();
         let stats = Arc::new(RequestStats::default());
         let pipeline = Pipeline::new(

@@ -371,11 +371,23 @@ impl ApiSim {
         }
         let value = value.to_str().map_err(|_| Refusal::InvalidToken)?;
         match value.split_once(' ') {
-            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => self
-                .inner
-                .identity
-                .validate_access(token.trim())
-                .map_err(|_| Refusal::InvalidToken),
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
+                let identity = &self.inner.identity;
+                identity
+                    .validate_access(token.trim())
+                    .map_err(|_| Refusal::InvalidToken)?;
+                // A certificate-bound token (RFC 8705 §3) is good only with its certificate.
+                match identity.binding() {
+                    Some(bound) => {
+                        let presented = headers.get(crate::identity::CLIENT_CERT_HEADER);
+                        match presented.and_then(|v| v.to_str().ok()) {
+                            Some(presented) if presented == bound => Ok(()),
+                            _ => Err(Refusal::InvalidToken),
+                        }
+                    }
+                    None => Ok(()),
+                }
+            }
             // Another scheme is no bearer credential at all.
             _ => Err(Refusal::NoCredentials),
         }

@@ -35,6 +35,10 @@ pub struct AuthConfig {
     pub certificate_file: Option<PathBuf>,
     /// The assertions' `aud`: the token endpoint unless set (some servers want their issuer).
     pub assertion_audience: Option<String>,
+    /// `client_auth = "tls"` (RFC 8705): the certificate (PEM, leaf first) and key presented
+    /// to the token endpoint.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
     /// The seed refresh token (grant = refresh_token). The state store keeps its descendants.
     pub refresh_token: Option<Secret<String>>,
     /// The user for `password`; the e-mail for `winbooks_exchange`.
@@ -105,6 +109,9 @@ pub enum ClientAuth {
     PrivateKeyJwt,
     /// A JWT signed with HS256 and the client secret (`client_secret_jwt`).
     ClientSecretJwt,
+    /// A client certificate at the token endpoint, `client_id` in the form (RFC 8705
+    /// `tls_client_auth`).
+    Tls,
 }
 
 impl ClientAuth {
@@ -115,6 +122,7 @@ impl ClientAuth {
             ClientAuth::None => "none",
             ClientAuth::PrivateKeyJwt => "private_key_jwt",
             ClientAuth::ClientSecretJwt => "client_secret_jwt",
+            ClientAuth::Tls => "tls",
         }
     }
 }
@@ -164,7 +172,13 @@ mod tests {
             err.contains("/nonexistent/key.pem: cannot be read"),
             "{err}"
         );
-        let err = error_of(&GOOD.replace("params = {", "params = { client_assertion = \"x\", "));
-        assert!(err.contains("auth.params.client_assertion"), "{err}");
+        let err = error_of(
+            &auth("client_auth = \"client_secret_jwt\"")
+                .replace("params = {", "params = { client_assertion = \"x\", "),
+        );
+        assert!(
+            err.contains("auth.params.client_assertion: is made by tollgate"),
+            "{err}"
+        );
     }
 }

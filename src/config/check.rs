@@ -122,6 +122,12 @@ impl Config {
                     show_size(l.max_buffered),
                 ),
             );
+            if let (Some(cert), Some(_)) = (&up.client_cert, &up.client_key) {
+                line(
+                    "client_cert",
+                    format!("{} (with its key; contents not shown)", cert.display()),
+                );
+            }
             if let Some(ca) = &up.ca_file {
                 line("ca_file", ca.display().to_string());
             }
@@ -434,12 +440,15 @@ fn describe_auth(
     } else {
         line("auth.client_id", a.client_id.clone());
         line("auth.client_auth", a.client_auth.as_str().into());
-        if a.client_auth != crate::config::ClientAuth::PrivateKeyJwt {
+        use crate::config::ClientAuth;
+        if !matches!(a.client_auth, ClientAuth::PrivateKeyJwt | ClientAuth::Tls) {
             line("auth.client_secret", redacted(a.client_secret.is_some()));
         }
         let files = [
             ("auth.private_key_file", &a.private_key_file),
             ("auth.certificate_file", &a.certificate_file),
+            ("auth.client_cert", &a.client_cert),
+            ("auth.client_key", &a.client_key),
         ];
         for (key, path) in files {
             if let Some(path) = path {

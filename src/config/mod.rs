@@ -28,7 +28,7 @@ mod validate;
 mod values;
 
 pub use auth::{AuthConfig, ClientAuth, Grant};
-pub use files::UpstreamFiles;
+pub use files::{ClientCert, UpstreamFiles};
 pub use identity::{IdentityConfig, IdentityLimits};
 pub use keys::{Budget, InboundKey};
 pub use schema::{
@@ -108,17 +108,21 @@ impl UpstreamConfig {
             .collect()
     }
 
-    /// The TLS client settings for this upstream's connections, the API's and the token
-    /// endpoint's: the public roots and `extra_roots` (the PEM of `ca_file`), and
-    /// `pin_sha256` for the host of `url`.
-    pub fn tls_client(&self, extra_roots: Option<&[u8]>) -> Result<rustls::ClientConfig, String> {
+    /// The TLS client settings for one of this upstream's sides, the API's or the token
+    /// endpoint's: the public roots and `files.ca`, `pin_sha256` for the host of `url`, and
+    /// `certificate` presented when the server asks for one.
+    pub fn tls_client(
+        &self,
+        files: &UpstreamFiles,
+        certificate: Option<&ClientCert>,
+    ) -> Result<rustls::ClientConfig, String> {
         let pin = match &self.pin_sha256 {
             Some(text) => Some(crate::tls::upstream::Pin::parse(text)?),
             None => None,
         };
         let host = self.url.host_str().unwrap_or_default();
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        crate::tls::upstream::client_config(extra_roots, host, pin)
+        crate::tls::upstream::client_config(files.ca.as_deref(), host, pin, certificate)
     }
 }
 

@@ -132,6 +132,9 @@ pub struct UpstreamConfig {
     /// Trust exactly the certificate with this public key (`sha256//BASE64`) for the host of
     /// `url`, the token endpoint's too when it is on that host ([`crate::tls::upstream`]).
     pub pin_sha256: Option<String>,
+    /// A client certificate (PEM, leaf first) and its key presented to the API (mTLS).
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
     pub auth: AuthConfig,
     /// `[[upstream.identity]]`: other users the API is reached as (see [`super::identity`]).
     #[serde(default, rename = "identity")]

@@ -16,8 +16,6 @@ const RESERVED_PARAMS: &[&str] = &[
     "grant_type",
     "client_id",
     "client_secret",
-    "client_assertion",
-    "client_assertion_type",
     "refresh_token",
     "scope",
     "code",
@@ -330,6 +328,12 @@ fn check_target(up: &UpstreamConfig, report: &mut Report<'_>) {
             );
         }
     }
+    check_cert_pair(
+        "",
+        up.client_cert.as_deref(),
+        up.client_key.as_deref(),
+        report,
+    );
     if let Some(pin) = &up.pin_sha256 {
         if let Err(e) = crate::tls::upstream::Pin::parse(pin) {
             report.at("pin_sha256", e);
@@ -412,6 +416,49 @@ fn check_auth(auth: &AuthConfig, report: &mut Report<'_>) {
     }
 }
 
+/// `client_cert` and `client_key` (below `prefix`): both or neither, readable, a certificate
+/// and its own key.
+fn check_cert_pair(
+    prefix: &str,
+    cert: Option<&std::path::Path>,
+    key: Option<&std::path::Path>,
+    report: &mut Report<'_>,
+) {
+    let (cert, key) = match (cert, key) {
+        (Some(cert), Some(key)) => (cert, key),
+        (Some(_), None) => {
+            return report.at(
+                &format!("{prefix}client_key"),
+                "is required with client_cert: the certificate's private key (PEM)".into(),
+            )
+        }
+        (None, Some(_)) => {
+            return report.at(
+                &format!("{prefix}client_cert"),
+                "is required with client_key: the certificate (PEM, leaf first)".into(),
+            )
+        }
+        (None, None) => return,
+    };
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| format!("{}: cannot be read ({e})", path.display()))
+    };
+    let pair = match (read(cert), read(key)) {
+        (Ok(chain), Ok(key)) => crate::config::ClientCert {
+            chain,
+            key: crate::secret::Secret::new(key),
+        },
+        (Err(e), _) => return report.at(&format!("{prefix}client_cert"), e),
+        (_, Err(e)) => return report.at(&format!("{prefix}client_key"), e),
+    };
+    if let Err(e) = crate::tls::upstream::client_identity(&pair) {
+        report.at(
+            &format!("{prefix}client_cert"),
+            format!("{} with {}: {e}", cert.display(), key.display()),
+        );
+    }
+}
+
 /// `private_key_file` holds a key tollgate can sign with, `certificate_file` a certificate
 /// (their contents are never shown).
 fn check_key_files(auth: &AuthConfig, report: &mut Report<'_>) {
@@ -467,6 +514,27 @@ fn check_client(auth: &AuthConfig, report: &mut Report<'_>) {
                 report.at("auth.client_secret", e);
             }
         }
+        ClientAuth::Tls => {
+            if auth.client_secret.is_some() {
+                report.at(
+                    "auth.client_secret",
+                    "is not sent with client_auth = \"tls\" (the certificate proves the client); remove it".into(),
+                );
+            }
+            let files = [
+                ("auth.client_cert", &auth.client_cert),
+                ("auth.client_key", &auth.client_key),
+            ];
+            for (key, path) in files {
+                if path.is_none() {
+                    report.at(
+                        key,
+                        format!("is required with client_auth = \"tls\": the PEM file of the client's {}", if key.ends_with("cert") { "certificate (leaf first)" } else { "private key" }),
+                    );
+                }
+            }
+            check_cert_pair("auth.", auth.client_cert.as_deref(), auth.client_key.as_deref(), report);
+        }
         ClientAuth::PrivateKeyJwt => {
             check_key_files(auth, report);
             if auth.private_key_file.is_none() {
@@ -505,11 +573,33 @@ fn check_client(auth: &AuthConfig, report: &mut Report<'_>) {
             ClientAuth::PrivateKeyJwt == auth.client_auth,
         ),
         ("assertion_audience", auth.assertion_audience.is_some(), jwt),
+        (
+            "client_cert",
+            auth.client_cert.is_some(),
+            auth.client_auth == ClientAuth::Tls,
+        ),
+        (
+            "client_key",
+            auth.client_key.is_some(),
+            auth.client_auth == ClientAuth::Tls,
+        ),
     ];
+    for name in ["client_assertion", "client_assertion_type"] {
+        if jwt && auth.params.contains_key(name) {
+            report.at(
+                &format!("auth.params.{name}"),
+                format!(
+                    "is made by tollgate with client_auth = \"{}\"; remove it from params",
+                    auth.client_auth.as_str()
+                ),
+            );
+        }
+    }
     for (key, set, used) in only_with {
         if set && !used {
             let with = match key {
                 "assertion_audience" => "\"private_key_jwt\" or \"client_secret_jwt\"",
+                "client_cert" | "client_key" => "\"tls\" (for the API, set them in [[upstream]])",
                 _ => "\"private_key_jwt\"",
             };
             report.at(

@@ -11,7 +11,7 @@ pub use headers::{remove_hop_by_hop, rewrite_request_headers};
 pub use target::{check_path, Target, TargetError, FORWARDED_METHODS};
 
 use crate::body::RequestBody;
-use crate::config::UpstreamConfig;
+use crate::config::{UpstreamConfig, UpstreamFiles};
 use connect::Connector;
 use http::{Request, Response, Version};
 use pool::Pool;
@@ -51,13 +51,13 @@ impl Upstream {
     /// at most: its [`share`] of `limits.max_upstream_connections`.
     pub fn new(
         config: &UpstreamConfig,
-        extra_roots: Option<&[u8]>,
+        files: &UpstreamFiles,
         connections: usize,
     ) -> Result<Upstream, String> {
         let target = Target::new(&config.url)?;
         let https = target.is_https();
         let tls = if https {
-            Some(config.tls_client(extra_roots)?)
+            Some(config.tls_client(files, files.api_cert.as_ref())?)
         } else {
             None
         };

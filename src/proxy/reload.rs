@@ -188,6 +188,7 @@ impl Proxy {
                 && o.config.limits.connect_timeout == up.limits.connect_timeout
                 && o.config.limits.max_upstream_connections == up.limits.max_upstream_connections
                 && o.files.ca == files.ca
+                && o.files.api_cert == files.api_cert
                 && o.config.pin_sha256 == up.pin_sha256
         });
         let forwards = match self.listeners.get(&up.name) {
@@ -202,7 +203,7 @@ impl Proxy {
                 let mut forwards = Vec::with_capacity(workers);
                 for worker in 0..workers {
                     let connections = forward::share(total, workers, worker);
-                    let forward = forward::Upstream::new(up, files.ca.as_deref(), connections);
+                    let forward = forward::Upstream::new(up, &files, connections);
                     forwards.push(forward.map_err(&fail)?);
                 }
                 forwards

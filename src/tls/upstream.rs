@@ -14,6 +14,7 @@
 //!
 //! Must not: trust anything when a certificate cannot be parsed.
 
+use crate::config::ClientCert;
 use base64::Engine;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -77,15 +78,55 @@ pub fn client_config(
     extra_roots: Option<&[u8]>,
     host: &str,
     pin: Option<Pin>,
+    certificate: Option<&ClientCert>,
 ) -> Result<rustls::ClientConfig, String> {
     let verifier = Verifier::new(extra_roots, host, pin)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth())
+        .with_custom_certificate_verifier(Arc::new(verifier));
+    match certificate {
+        Some(certificate) => {
+            let (chain, key) = client_identity(certificate)?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("the client certificate and key cannot be used together: {e}"))
+        }
+        None => Ok(builder.with_no_client_auth()),
+    }
+}
+
+/// The certificate chain (leaf first) and the private key of `certificate`, parsed.
+pub fn client_identity(
+    certificate: &ClientCert,
+) -> Result<
+    (
+        Vec<CertificateDer<'static>>,
+        rustls_pki_types::PrivateKeyDer<'static>,
+    ),
+    String,
+> {
+    use rustls_pki_types::pem::PemObject;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&certificate.chain)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("client_cert is not valid PEM: {e}"))?;
+    if chain.is_empty() {
+        return Err("client_cert holds no PEM certificate".into());
+    }
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(certificate.key.expose())
+        .map_err(|_| "client_key holds no PEM private key (PKCS#8, PKCS#1 or SEC1)".to_owned())?;
+    let provider = rustls::crypto::ring::default_provider();
+    let signing = provider
+        .key_provider
+        .load_private_key(key.clone_key())
+        .map_err(|e| format!("client_key cannot sign: {e}"))?;
+    let certified = rustls::sign::CertifiedKey::new(chain.clone(), signing);
+    certified
+        .keys_match()
+        .map_err(|_| "client_key is not the key of client_cert's certificate".to_owned())?;
+    Ok((chain, key))
 }
 
 impl Verifier {

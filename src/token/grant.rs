@@ -80,7 +80,7 @@ impl TokenEndpoint {
             // A redirect would carry client credentials to another host.
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")))
-            .use_preconfigured_tls(upstream.tls_client(files.ca.as_deref())?);
+            .use_preconfigured_tls(upstream.tls_client(files, files.token_cert.as_ref())?);
         let http = builder
             .build()
             .map_err(|e| format!("cannot build the token client: {e}"))?;
@@ -323,7 +323,8 @@ impl TokenEndpoint {
                         basic_credentials(&self.client_id, secret.unwrap_or_default()),
                     );
                 }
-                ClientAuth::None => fields.push(("client_id", &self.client_id)),
+                // The certificate proves the client (RFC 8705 §2).
+                ClientAuth::None | ClientAuth::Tls => fields.push(("client_id", &self.client_id)),
                 // RFC 7523 §2.2; client_id too, which RFC 7521 §4.2 allows and some servers
                 // (Entra ID) want.
                 ClientAuth::PrivateKeyJwt | ClientAuth::ClientSecretJwt => {

@@ -21,6 +21,7 @@ mod limits;
 mod lineage;
 mod login;
 mod messages;
+mod mtls;
 mod presets;
 mod process;
 mod providers;

@@ -73,7 +73,16 @@ pub enum ClientAuthRule {
     PrivateKeyJwt,
     /// A JWT signed with HS256 and the client secret (client_secret_jwt).
     ClientSecretJwt,
+    /// The client certificate `tls_client_s256` names, `client_id` in the form (RFC 8705
+    /// tls_client_auth); the tokens issued are bound to it, and the API checks that they come
+    /// with it (RFC 8705 §3).
+    Tls,
 }
+
+/// The header a TLS terminator in front of the simulators sets to the SHA-256 (base64url) of
+/// the client certificate it verified, as nginx passes `$ssl_client_fingerprint` on: how the
+/// simulators, which speak plain HTTP, learn which certificate a request came with.
+pub const CLIENT_CERT_HEADER: &str = "x-client-cert-sha256";
 
 /// What a refresh does to the refresh token that was presented.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +130,8 @@ pub struct IdentityConfig {
     pub jwt_keys: Vec<assertion::JwtKey>,
     /// The `aud` client assertions must name; the token endpoint's URL when `None`.
     pub assertion_audience: Option<String>,
+    /// With [`ClientAuthRule::Tls`]: the SHA-256 (base64url) of the client's certificate.
+    pub tls_client_s256: Option<String>,
 }
 
 impl Default for IdentityConfig {
@@ -144,6 +155,7 @@ impl Default for IdentityConfig {
             public_client_ok: true,
             jwt_keys: Vec::new(),
             assertion_audience: None,
+            tls_client_s256: None,
         }
     }
 }
@@ -310,6 +322,16 @@ impl IdentitySim {
             None => Err("unknown access token"),
             Some(expires_at) if Instant::now() >= *expires_at => Err("access token expired"),
             Some(_) => Ok(()),
+        }
+    }
+
+    /// The certificate every access token is bound to (RFC 8705 §3), when the client
+    /// authenticates with one: its SHA-256, base64url.
+    pub fn binding(&self) -> Option<&str> {
+        let config = &self.inner.config;
+        match config.client_auth {
+            ClientAuthRule::Tls => config.tls_client_s256.as_deref(),
+            _ => None,
         }
     }
 

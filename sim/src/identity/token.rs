@@ -115,6 +115,8 @@ impl IdentitySim {
                     "unknown client_id",
                 ));
             }
+        } else if config.client_auth == ClientAuthRule::Tls {
+            check_certificate(config, &parts.headers, &params)?;
         } else if params.contains_key("client_assertion")
             || params.contains_key("client_assertion_type")
             || matches!(
@@ -279,6 +281,39 @@ impl IdentitySim {
             body["scope"] = json!(scope);
         }
         json_response(StatusCode::OK, &body)
+    }
+}
+
+/// RFC 8705 §2 (tls_client_auth): the registered certificate, `client_id` in the form, and no
+/// other client authentication.
+fn check_certificate(
+    config: &super::IdentityConfig,
+    headers: &http::HeaderMap,
+    params: &Params,
+) -> Result<(), OAuthError> {
+    use super::wire::unauthorized_client;
+    if headers.contains_key(http::header::AUTHORIZATION)
+        || params.contains_key("client_secret")
+        || params.contains_key("client_assertion")
+    {
+        return Err(invalid_request(
+            "a certificate-authenticated client sends no other client authentication",
+        ));
+    }
+    if params.get("client_id") != Some(&config.client_id) {
+        return Err(unauthorized_client("client_id is missing or unknown"));
+    }
+    let presented = headers
+        .get(super::CLIENT_CERT_HEADER)
+        .and_then(|v| v.to_str().ok());
+    match (presented, config.tls_client_s256.as_deref()) {
+        (None, _) => Err(unauthorized_client(
+            "no client certificate was presented (tls_client_auth)",
+        )),
+        (Some(presented), Some(registered)) if presented == registered => Ok(()),
+        _ => Err(unauthorized_client(
+            "the client certificate is not the one registered for this client",
+        )),
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod binary;
 pub mod certs;
+pub mod mtls;
 pub mod redis_server;
 
 pub use binary::{spawn_serve, status_command, Output, Tollgate};
