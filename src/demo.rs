@@ -4,14 +4,20 @@
 //! tokens live one minute, so refreshes (and strict rotation) happen while you watch.
 //! BeProduct gets a daily quota and two named inbound keys with budgets, and the admin
 //! listener serves the status page, so the day's use by key and its forecast can be watched.
-//! Prints `curl` lines that work as pasted.
+//! A fifth upstream, `signed`, is an OAuth2 API whose identity server takes no client secret,
+//! only a JWT signed with the client's key (`private_key_jwt`, as Entra ID, Okta and Keycloak
+//! offer): the demo makes the key, registers its public half with the simulator and gives
+//! tollgate the key file. Prints `curl` lines that work as pasted.
 
 use crate::config::Config;
 use crate::{Proxy, StartError};
 use std::future::Future;
 use std::time::Duration;
-use tollgate_sim::bind_loopback;
+use tollgate_sim::api::ApiSim;
+use tollgate_sim::identity::assertion::JwtKey;
+use tollgate_sim::identity::{ClientAuthRule, IdentityConfig, IdentitySim};
 use tollgate_sim::provider::{SimProvider, PROVIDERS};
+use tollgate_sim::{bind_loopback, serve_together, SimServer};
 
 /// Listener ports the demo prefers (8080–8083, the admin listener 9901), so the printed lines
 /// are the same every run.
@@ -37,9 +43,99 @@ fn example_path(preset: &str) -> &'static str {
     }
 }
 
+/// The upstream whose identity server wants a signed client assertion.
+pub struct Signed {
+    pub identity: IdentitySim,
+    pub api: ApiSim,
+    pub server: SimServer,
+    /// The client's private key (PKCS#8 PEM), in the demo's directory.
+    pub key_file: std::path::PathBuf,
+}
+
+impl Signed {
+    /// A new EC P-256 key written to `dir`, its public half registered with a simulated
+    /// identity server that takes `private_key_jwt` alone, and an API in front of it.
+    pub async fn start(dir: &std::path::Path) -> Result<Signed, String> {
+        use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING as P256};
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&P256, &rng).map_err(|e| e.to_string())?;
+        let pair =
+            EcdsaKeyPair::from_pkcs8(&P256, pkcs8.as_ref(), &rng).map_err(|e| e.to_string())?;
+        let key_file = dir.join("signed-client-key.pem");
+        let pem = crate::secret::Secret::new(pem("PRIVATE KEY", pkcs8.as_ref()));
+        let written = {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true).mode(0o600);
+            options
+                .open(&key_file)
+                .and_then(|mut f| f.write_all(pem.expose().as_bytes()))
+        };
+        written.map_err(|e| format!("cannot write {}: {e}", key_file.display()))?;
+        let identity = IdentitySim::new(IdentityConfig {
+            client_id: "signed-client".into(),
+            client_auth: ClientAuthRule::PrivateKeyJwt,
+            jwt_keys: vec![JwtKey {
+                kid: Some("demo-key".into()),
+                alg: "ES256",
+                public_key: pair.public_key().as_ref().to_vec(),
+                x5t_s256: None,
+                x5t: None,
+            }],
+            access_lifetime: Duration::from_secs(60),
+            ..IdentityConfig::default()
+        });
+        let api = ApiSim::new(identity.clone());
+        let server = serve_together(&identity, &api, bind_loopback().await).await;
+        Ok(Signed {
+            identity,
+            api,
+            server,
+            key_file,
+        })
+    }
+
+    fn upstream_toml(&self, listen: &str) -> String {
+        format!(
+            "[[upstream]]
+name = \"signed\"
+listen = \"{listen}\"
+url = \"{}/api\"
+
+[upstream.auth]
+grant = \"client_credentials\"
+token_url = \"{}\"
+client_id = \"signed-client\"
+client_auth = \"private_key_jwt\"
+private_key_file = \"{}\"
+key_id = \"demo-key\"
+",
+            self.server.url(),
+            self.identity.token_url(),
+            self.key_file.display()
+        )
+    }
+}
+
+/// `der` as PEM with `label`.
+fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = body
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).expect("base64 is ASCII"))
+        .collect();
+    format!(
+        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+        lines.join("\n")
+    )
+}
+
 /// The demo's config, as text and parsed: `fixed` puts the listeners on the ports above, else
 /// on any free port.
-pub fn config(state: &str, sims: &[SimProvider], fixed: bool) -> (String, Config) {
+pub fn config(state: &str, sims: &[SimProvider], signed: &Signed, fixed: bool) -> (String, Config) {
     let admin = if fixed { ADMIN_PORT } else { 0 };
     let mut text =
         format!("[state]\nstore = \"file:{state}\"\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n");
@@ -69,6 +165,12 @@ pub fn config(state: &str, sims: &[SimProvider], fixed: bool) -> (String, Config
         }
         text.push('\n');
     }
+    let port = if fixed {
+        FIRST_PORT + sims.len() as u16
+    } else {
+        0
+    };
+    text.push_str(&signed.upstream_toml(&format!("127.0.0.1:{port}")));
     let config = Config::parse(&text, "demo", |_| None).expect("the demo config is valid");
     (text, config)
 }
@@ -85,13 +187,16 @@ pub async fn run(shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
         .map_err(|e| {
             StartError::StoreLocation(format!("cannot create a temporary directory: {e}"))
         })?;
+    let signed = Signed::start(tmp.path())
+        .await
+        .map_err(StartError::StoreLocation)?;
     // A subdirectory, so the file store creates it with mode 0700 itself.
     let state = tmp.path().join("state").display().to_string();
-    let (mut text, fixed) = config(&state, &sims, true);
+    let (mut text, fixed) = config(&state, &sims, &signed, true);
     let proxy = match Proxy::start(&fixed).await {
         Ok(p) => p,
         Err(StartError::Bind { .. }) => {
-            let (free, config) = config(&state, &sims, false);
+            let (free, config) = config(&state, &sims, &signed, false);
             let proxy = Proxy::start(&config).await?;
             // The file shows the ports the listeners took: the admin listener's first, then
             // the upstreams', in the order the text lists them.
@@ -99,7 +204,8 @@ pub async fn run(shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
             let admin = proxy
                 .admin_addr()
                 .expect("the demo serves the admin listener");
-            let upstreams = sims.iter().map(|sim| proxy.addr(sim.preset));
+            let names = sims.iter().map(|sim| sim.preset).chain(["signed"]);
+            let upstreams = names.map(|name| proxy.addr(name));
             for addr in [Some(admin)].into_iter().chain(upstreams).flatten() {
                 text = text.replacen("127.0.0.1:0\"", &format!("{addr}\""), 1);
             }
@@ -115,7 +221,7 @@ pub async fn run(shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let exe =
         std::env::current_exe().map_or_else(|_| "tollgate".to_owned(), |p| p.display().to_string());
 
-    println!("\ntollgate demo: four simulated providers, each with tollgate in front.\n");
+    println!("\ntollgate demo: four simulated providers and a signed-client API, each with tollgate in front.\n");
     println!(
         "Access tokens live 60 s; tollgate refreshes them ahead of time (ERP.net and BeProduct"
     );
@@ -127,6 +233,13 @@ pub async fn run(shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
         println!(
             "  {:<10} simulated API {}   tollgate http://{addr}",
             sim.preset, sim.url
+        );
+    }
+    if let Some(addr) = proxy.addr("signed") {
+        println!(
+            "  {:<10} simulated API {}/api   tollgate http://{addr}",
+            "signed",
+            signed.server.url()
         );
     }
     println!("\nTry (the APIs echo the request they got, Authorization header included):\n");
@@ -164,6 +277,14 @@ pub async fn run(shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
          \"upstream refused the token; refreshing and replaying once\", and the answer is the\n\
          API's echo of the replayed POST:\n\n\
          \x20 curl -s -X POST -H 'Content-Type: application/json' -d '{{\"filters\":[]}}' \"http://{erp}/Items?sim_refuse_once=$RANDOM\""
+    );
+    let signed_addr = proxy.addr("signed").expect("signed listener");
+    println!(
+        "\n`signed` is an OAuth2 API whose identity server takes no client secret, only a JWT the\n\
+         client signs with its own key (private_key_jwt); tollgate signs a fresh one for every token\n\
+         request with {}:\n\n\
+         \x20 curl -s 'http://{signed_addr}/orders?status=open'",
+        signed.key_file.display()
     );
     println!(
         "\nThe simulated APIs take switches on any path, to try quotas and holds:\n\
@@ -204,6 +325,7 @@ pub async fn run(shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     println!("stopping the demo");
     proxy.shutdown().await;
     drop(sims);
+    drop(signed);
     drop(tmp);
     Ok(())
 }

@@ -68,7 +68,8 @@ enum Command {
     ///
     /// The four providers it has presets for (BeProduct, ERP.net, WinBooks, a Spring backend)
     /// run as simulated identity servers and APIs, tollgate in front of each, with the status
-    /// page; it prints curl lines to paste. Ctrl-C stops it.
+    /// page, beside an API whose identity server takes only a signed client assertion
+    /// (private_key_jwt); it prints curl lines to paste. Ctrl-C stops it.
     #[cfg(feature = "demo")]
     Demo,
     /// Log in once (authorization code + PKCE) and store the refresh token for upstream NAME.

@@ -27,6 +27,17 @@ pub struct UpstreamFiles {
     pub certificate: Option<Vec<u8>>,
 }
 
+impl UpstreamFiles {
+    /// Whether `other` holds what the token endpoint's side uses alike: its TLS settings and
+    /// its client proof (the API's certificate is not among them).
+    pub fn same_for_tokens(&self, other: &UpstreamFiles) -> bool {
+        self.ca == other.ca
+            && self.token_cert == other.token_cert
+            && self.private_key == other.private_key
+            && self.certificate == other.certificate
+    }
+}
+
 /// A client certificate (PEM, leaf first) and its private key (PEM).
 #[derive(Clone, PartialEq)]
 pub struct ClientCert {

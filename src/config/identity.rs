@@ -123,6 +123,33 @@ pub(super) fn check(up: &UpstreamConfig, report: &mut impl FnMut(&str, String)) 
         for (field, problem) in missing(up.auth.grant, identity) {
             report(&format!("{at}.{field}"), problem);
         }
+        let proof = up.auth.client_auth;
+        if identity.client_secret.is_some()
+            && matches!(
+                proof,
+                super::ClientAuth::PrivateKeyJwt | super::ClientAuth::Tls
+            )
+        {
+            report(
+                &format!("{at}.client_secret"),
+                format!("is not sent with client_auth = \"{}\" (the upstream's key or certificate proves the client); remove it", proof.as_str()),
+            );
+        }
+        let jwt = matches!(
+            proof,
+            super::ClientAuth::PrivateKeyJwt | super::ClientAuth::ClientSecretJwt
+        );
+        for name in ["client_assertion", "client_assertion_type"] {
+            if jwt && identity.params.contains_key(name) {
+                report(
+                    &format!("{at}.params.{name}"),
+                    format!(
+                        "is made by tollgate with client_auth = \"{}\"; remove it from params",
+                        proof.as_str()
+                    ),
+                );
+            }
+        }
         let own_secret = identity.client_secret.as_ref().map(|s| s.expose().as_str());
         if let (super::ClientAuth::ClientSecretJwt, Some(secret)) =
             (up.auth.client_auth, own_secret)

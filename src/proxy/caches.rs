@@ -24,7 +24,7 @@ impl Proxy {
         let tokens = match old {
             Some(o)
                 if o.config.auth == up.auth
-                    && o.files == *files
+                    && o.files.same_for_tokens(files)
                     && o.config.pin_sha256 == up.pin_sha256 =>
             {
                 Arc::clone(&o.tokens)
@@ -45,7 +45,7 @@ impl Proxy {
             let cache = match running {
                 Some((o, before, cache))
                     if o.config.identity_auth(before) == up.identity_auth(identity)
-                        && o.files == *files
+                        && o.files.same_for_tokens(files)
                         && o.config.pin_sha256 == up.pin_sha256 =>
                 {
                     Arc::clone(cache)

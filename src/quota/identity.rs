@@ -170,6 +170,28 @@ mod tests {
         );
     }
 
+    /// While the upstream holds back after its 429, a request is refused before it spends
+    /// anything of its identity's minute.
+    #[tokio::test]
+    async fn a_hold_spends_nothing_of_an_identitys_minute() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store: Arc<dyn StateStore> = Arc::new(FileStore::open(tmp.path()).unwrap());
+        let clock = Clock::manual(1_700_000_000_000);
+        let each = [("alice".to_owned(), limits(Some(2), None))];
+        let with = Limits {
+            budgets: &[],
+            identities: &each,
+        };
+        let q = Quota::new("api", None, with, store, clock);
+        q.upstream_answered(http::StatusCode::TOO_MANY_REQUESTS, &http::HeaderMap::new());
+        for _ in 0..3 {
+            let r = refused(q.spend(None, "alice").await.unwrap_err());
+            assert_eq!(r.reason, Reason::UpstreamThrottled);
+        }
+        let minute = q.identities["alice"].windows()[0];
+        assert_eq!(minute.remaining, 2, "nothing of alice's minute spent");
+    }
+
     #[tokio::test]
     async fn a_reload_keeps_an_identitys_line_and_drops_a_removed_one() {
         let tmp = tempfile::tempdir().unwrap();

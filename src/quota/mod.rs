@@ -339,30 +339,47 @@ impl Quota {
         if let Some(next) = self.successor.get() {
             return Box::pin(next.spend(key, identity)).await;
         }
-        let own = match self.identities.get(identity) {
-            Some(limits) => limits
-                .spend_here(None)
-                .await
-                .map_err(|e| named(e, identity))?,
+        let limits = self.identities.get(identity);
+        let own = match limits {
+            Some(limits) => {
+                // What the upstream refuses at once spends nothing of the identity's.
+                self.refused_at_once()?;
+                let spent = limits.spend_here(None).await;
+                spent.map_err(|e| named(e, identity))?
+            }
             None => None,
         };
-        let upstream = self.spend_here(key).await?;
+        let upstream = self.spend_here(key).await;
+        if let (Err(_), Some(limits)) = (&upstream, limits) {
+            // Not sent: the identity's windows counted in the store take it back (one counted
+            // in memory cannot, and stays spent).
+            let now = self.clock.unix_ms();
+            limits.leased.iter().for_each(|w| w.put_back(now));
+        }
+        let upstream = upstream?;
         Ok(match (own, upstream) {
             (Some(own), Some(upstream)) => Some(tighter(Some(own), upstream)),
             (own, upstream) => own.or(upstream),
         })
     }
 
-    /// [`Quota::spend`] of this quota's own windows.
-    async fn spend_here(&self, key: Option<&str>) -> Result<Option<Window>, QuotaError> {
+    /// What refuses a request before anything counts it: the hold after the upstream's 429,
+    /// or a window found spent a moment ago.
+    fn refused_at_once(&self) -> Result<(), QuotaError> {
         if let Some(left) = self.hold.remaining(&self.clock) {
             return Err(self.refuse(refusal::held(left)));
         }
         let now = self.clock.unix_ms();
-        // A window found spent a moment ago refuses before any other counts the request.
         if let Some(spent) = self.leased.iter().find(|w| w.known_spent(now)) {
             return Err(self.refuse(refusal::spent(spent, now)));
         }
+        Ok(())
+    }
+
+    /// [`Quota::spend`] of this quota's own windows.
+    async fn spend_here(&self, key: Option<&str>) -> Result<Option<Window>, QuotaError> {
+        self.refused_at_once()?;
+        let now = self.clock.unix_ms();
         let mut tightest: Option<Window> = None;
         // The key's own budget first: a key past it spends nothing of the upstream's day.
         let budget = key.and_then(|k| self.budgets.iter().find(|(name, _)| **name == *k));

@@ -9,7 +9,8 @@
 //!   bytes).
 //!
 //! Each assertion: `iss` = `sub` = the client id, `aud` = the token endpoint (or
-//! `assertion_audience`), a random `jti`, `iat` and `nbf` now, and `exp` one minute on.
+//! `assertion_audience`), a random `jti`, `iat` now, `nbf` 30 seconds back (a clock a little
+//! ahead of the server's), and `exp` one minute on.
 //!
 //! Must not: show a key, a secret or an assertion anywhere (an assertion is a credential for
 //! its minute): [`Signer`]'s `Debug` names the algorithm alone.
@@ -30,6 +31,9 @@ pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-be
 /// How long an assertion is valid: long enough for a slow network, short enough that one
 /// caught in flight is of little use (and the server's replay cache small).
 const LIFETIME_S: u64 = 60;
+
+/// How far back `nbf` is set, for a clock ahead of the server's.
+const CLOCK_SLACK_S: u64 = 30;
 
 /// The smallest HS256 key RFC 7518 §3.2 allows.
 const MIN_SECRET: usize = 32;
@@ -182,7 +186,8 @@ impl Assertions {
             "aud": self.audience,
             "jti": B64.encode(jti),
             "iat": now,
-            "nbf": now,
+            // A clock a little ahead of the server's does not make it "not yet valid".
+            "nbf": now.saturating_sub(CLOCK_SLACK_S),
             "exp": now + LIFETIME_S,
         });
         let mut jwt = self.header.clone();

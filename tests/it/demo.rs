@@ -47,6 +47,21 @@ fn the_demo_prints_lines_that_work() {
     let echo = String::from_utf8_lossy(&out.stdout);
     assert!(echo.contains("\"body\":\"{\\\"filters\\\":[]}\""), "{echo}");
 
+    // The signed-client line, pasted: tollgate signed an assertion for the token, and the API
+    // echoes the bearer token it was given.
+    let signed = printed
+        .lines()
+        .find(|l| l.contains("/orders?status=open"))
+        .unwrap_or_else(|| panic!("the signed line in\n{printed}"))
+        .trim()
+        .split('\'')
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    let out = Command::new("curl").args(["-s", &signed]).output().unwrap();
+    let echo = String::from_utf8_lossy(&out.stdout);
+    assert!(echo.contains("Bearer at_"), "{echo}");
+
     // `tollgate login beproduct --no-browser`: open the URL it prints (the simulated identity
     // server signs in without asking), and the login lands in the demo's state.
     let mut login = Tollgate::new(&["login", "beproduct", "--no-browser"])

@@ -38,6 +38,9 @@ pub struct JwtKey {
     /// When the key was registered with a certificate: its SHA-256 thumbprint (base64url),
     /// which the assertion's header must carry as `x5t#S256` (as Entra ID requires).
     pub x5t_s256: Option<String>,
+    /// The certificate's SHA-1 thumbprint (base64url): when set, a header's `x5t` must equal
+    /// it (Entra ID's older form).
+    pub x5t: Option<String>,
 }
 
 /// Check the assertion in `params`, signed with one of the `allowed` algorithms; `jtis` holds
@@ -138,6 +141,9 @@ pub(super) fn verify(
     if iat > now + SKEW_S {
         return Err(refuse("issued in the future"));
     }
+    if claims["nbf"].as_u64().is_some_and(|nbf| nbf > now + SKEW_S) {
+        return Err(refuse("not valid yet (nbf)"));
+    }
     let jti = claims["jti"].as_str().ok_or_else(|| refuse("no jti"))?;
     jtis.retain(|_, until| *until > now);
     if jtis.insert(jti.to_owned(), exp).is_some() {
@@ -154,12 +160,14 @@ fn registered_keys(
 ) -> Result<Vec<usize>, String> {
     let kid = header["kid"].as_str();
     let thumb = header["x5t#S256"].as_str();
+    let sha1 = header["x5t"].as_str();
     let found: Vec<usize> = (0..config.jwt_keys.len())
         .filter(|i| {
             let k = &config.jwt_keys[*i];
             k.alg == alg
                 && kid.is_none_or(|kid| k.kid.as_deref() == Some(kid))
                 && k.x5t_s256.as_deref().is_none_or(|t| thumb == Some(t))
+                && sha1.is_none_or(|s| k.x5t.as_deref().is_none_or(|t| s == t))
         })
         .collect();
     if !found.is_empty() {
@@ -203,6 +211,7 @@ mod tests {
                 alg: "ES256",
                 public_key: self.key.public_key().as_ref().to_vec(),
                 x5t_s256: None,
+                x5t: None,
             }
         }
 
