@@ -8,6 +8,8 @@
 #           e.g. benches/instructions.sh /tmp/tollgate-before ./target/release/tollgate
 #           UPSTREAM=https benches/instructions.sh ...   nginx over TLS (a private CA made
 #           here with openssl), verified and kept alive; rustls's work is then counted too
+#           DPOP=1 benches/instructions.sh ...   with DPoP-bound tokens (auth.dpop): a proof
+#           signed for every request (nginx does not check it)
 #           BY_CRATE=1 benches/instructions.sh ...   and where a request's instructions go:
 #           each function's own cost, summed by the crate it belongs to (a generic
 #           function goes to the first crate named in it other than core, alloc and std)
@@ -56,7 +58,13 @@ http { access_log off; server { listen $listen; keepalive_requests 1000000;
   location / { return 200 '{"ok":true}\n'; } } }
 CONF
 nginx -c "$work/up.conf" -e "$work/up.err"
-./target/release/examples/sim --identity "127.0.0.1:$IDENTITY_PORT" > "$work/sim.out" &
+dpop_flag=""
+dpop_line=""
+if [ "${DPOP:-0}" = 1 ]; then
+  dpop_flag="--dpop"
+  dpop_line="dpop = true"
+fi
+./target/release/examples/sim --identity "127.0.0.1:$IDENTITY_PORT" $dpop_flag > "$work/sim.out" &
 sim=$!
 for _ in $(seq 50); do grep -q '^seed ' "$work/sim.out" 2>/dev/null && break; sleep 0.1; done
 client_id=$(awk '/^client_id /{print $2}' "$work/sim.out")
@@ -89,6 +97,7 @@ grant = "client_credentials"
 token_url = "http://127.0.0.1:$IDENTITY_PORT/token"
 client_id = "$client_id"
 client_secret = "$client_secret"
+$dpop_line
 CONF
   RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" \
     "$1" serve --workers 1 -c "$work/t.toml" 2> "$work/vg.err" &

@@ -2,10 +2,12 @@
 //! ports, for load scripts such as `benches/compare.sh`.
 //!
 //! ```sh
-//! cargo run --release --example sim -- --identity 127.0.0.1:9400 [--api 127.0.0.1:9401] [--lifetime 3600]
+//! cargo run --release --example sim -- --identity 127.0.0.1:9400 [--api 127.0.0.1:9401] [--lifetime 3600] [--dpop]
 //! ```
 //!
 //! Prints one line per server with its URL, then a seed refresh token, and runs until killed.
+//! `--dpop`: the identity server issues DPoP-bound tokens (RFC 9449) and wants a proof with
+//! every token request.
 
 use std::time::Duration;
 use tollgate_sim::api::ApiSim;
@@ -25,6 +27,7 @@ async fn main() {
         value("--lifetime").map_or(3600, |v| v.parse().expect("--lifetime SECONDS"));
     let identity = IdentitySim::new(IdentityConfig {
         access_lifetime: Duration::from_secs(lifetime),
+        dpop: args.iter().any(|a| a == "--dpop"),
         ..IdentityConfig::default()
     });
     let listener = tokio::net::TcpListener::bind(&identity_addr)

@@ -72,6 +72,9 @@ pub async fn token(path: &Path, name: &str, identity: Option<&str>) -> ExitCode 
     match access_token(&config, name, identity).await {
         Ok(token) => {
             println!("{}", token.expose());
+            if config.upstream_named(name).is_ok_and(|up| up.auth.dpop) {
+                eprintln!("note: upstream `{name}` binds its tokens to tollgate's DPoP key (auth.dpop): the API takes this token only with a proof that key signs; send requests through tollgate instead");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

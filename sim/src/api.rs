@@ -124,15 +124,19 @@ struct Inner {
     /// Each session's limiter, by the grant of its access tokens.
     sessions: Mutex<std::collections::HashMap<Option<usize>, Arc<Limiter>>>,
     session_in_flight_max: AtomicU64,
+    /// The `jti`s of DPoP proofs already used here.
+    dpop_jtis: Mutex<std::collections::HashMap<String, u64>>,
     last_authorization: Mutex<Option<String>>,
 }
 
 /// Why a request was refused, which decides the RFC 6750 challenge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Refusal {
     /// No bearer credentials at all: the challenge carries no error code (RFC 6750 §3.1).
     NoCredentials,
     InvalidToken,
+    /// A DPoP proof without the API's nonce: `use_dpop_nonce`, with the nonce to use.
+    DpopNonce(String),
 }
 
 /// The query switches a test can put on any request.
@@ -170,6 +174,7 @@ impl ApiSim {
                 limits,
                 sessions: Mutex::default(),
                 session_in_flight_max: AtomicU64::new(0),
+                dpop_jtis: Mutex::default(),
                 last_authorization: Mutex::new(None),
             }),
         }
@@ -223,7 +228,7 @@ impl ApiSim {
             self.inner.rejected.fetch_add(1, Ordering::SeqCst);
             return unauthorized(Refusal::InvalidToken);
         }
-        if let Err(refusal) = self.authorize(request.headers()) {
+        if let Err(refusal) = self.authorize(request.method(), request.uri(), request.headers()) {
             self.inner.rejected.fetch_add(1, Ordering::SeqCst);
             return unauthorized(refusal);
         }
@@ -354,7 +359,12 @@ impl ApiSim {
         seen.insert(id.into_owned())
     }
 
-    fn authorize(&self, headers: &HeaderMap) -> Result<(), Refusal> {
+    fn authorize(
+        &self,
+        method: &http::Method,
+        uri: &http::Uri,
+        headers: &HeaderMap,
+    ) -> Result<(), Refusal> {
         let forced = self
             .inner
             .reject_left
@@ -371,11 +381,18 @@ impl ApiSim {
         }
         let value = value.to_str().map_err(|_| Refusal::InvalidToken)?;
         match value.split_once(' ') {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("dpop") => {
+                self.check_dpop(method, uri, headers, token.trim())
+            }
             Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
                 let identity = &self.inner.identity;
                 identity
                     .validate_access(token.trim())
                     .map_err(|_| Refusal::InvalidToken)?;
+                // A DPoP-bound token is no bearer token (RFC 9449 §7.1).
+                if identity.access_jkt(token.trim()).is_some() {
+                    return Err(Refusal::InvalidToken);
+                }
                 // A certificate-bound token (RFC 8705 §3) is good only with its certificate.
                 match identity.binding() {
                     Some(bound) => {
@@ -390,6 +407,60 @@ impl ApiSim {
             }
             // Another scheme is no bearer credential at all.
             _ => Err(Refusal::NoCredentials),
+        }
+    }
+}
+
+impl ApiSim {
+    /// RFC 9449 §7: a DPoP-bound token with a valid proof by its key for this request.
+    fn check_dpop(
+        &self,
+        method: &http::Method,
+        uri: &http::Uri,
+        headers: &HeaderMap,
+        token: &str,
+    ) -> Result<(), Refusal> {
+        let identity = &self.inner.identity;
+        identity
+            .validate_access(token)
+            .map_err(|_| Refusal::InvalidToken)?;
+        let bound = identity.access_jkt(token).ok_or(Refusal::InvalidToken)?;
+        let mut proofs = headers.get_all("dpop").iter();
+        let (Some(proof), None) = (proofs.next(), proofs.next()) else {
+            return Err(Refusal::InvalidToken);
+        };
+        let proof = proof.to_str().map_err(|_| Refusal::InvalidToken)?;
+        let host = headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default();
+        let htu = format!("http://{host}{}", uri.path());
+        let nonce = identity
+            .config()
+            .api_dpop_nonce
+            .then(|| identity.dpop_nonce());
+        let expected = crate::dpop::Expected {
+            htm: method.as_str(),
+            htu: &htu,
+            ath: Some(crate::dpop::ath(token)),
+            nonce: nonce.as_deref(),
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut jtis = self
+            .inner
+            .dpop_jtis
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match crate::dpop::verify(proof, &expected, &mut jtis, now) {
+            Ok(jkt) if jkt == bound => Ok(()),
+            Ok(_) => Err(Refusal::InvalidToken),
+            Err(crate::dpop::ProofError::Nonce) => {
+                identity.count_dpop_challenge();
+                Err(Refusal::DpopNonce(nonce.unwrap_or_default()))
+            }
+            Err(crate::dpop::ProofError::Invalid(_)) => Err(Refusal::InvalidToken),
         }
     }
 }
@@ -465,13 +536,18 @@ impl Switches {
 }
 
 fn unauthorized(refusal: Refusal) -> Response<SimBody> {
-    let challenge = match refusal {
-        Refusal::NoCredentials => "Bearer",
-        Refusal::InvalidToken => r#"Bearer error="invalid_token""#,
+    let (challenge, nonce) = match refusal {
+        Refusal::NoCredentials => ("Bearer", None),
+        Refusal::InvalidToken => (r#"Bearer error="invalid_token""#, None),
+        Refusal::DpopNonce(nonce) => (r#"DPoP error="use_dpop_nonce""#, Some(nonce)),
     };
-    Response::builder()
+    let mut response = Response::builder()
         .status(StatusCode::UNAUTHORIZED)
-        .header(WWW_AUTHENTICATE, challenge)
+        .header(WWW_AUTHENTICATE, challenge);
+    if let Some(nonce) = nonce {
+        response = response.header("dpop-nonce", nonce);
+    }
+    response
         .body(empty_body())
         .expect("static headers are valid")
 }

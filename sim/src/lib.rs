@@ -23,6 +23,7 @@
 //! ```
 
 pub mod api;
+pub mod dpop;
 pub mod identity;
 mod pattern;
 pub mod provider;

@@ -35,6 +35,10 @@ pub struct AuthConfig {
     pub certificate_file: Option<PathBuf>,
     /// The assertions' `aud`: the token endpoint unless set (some servers want their issuer).
     pub assertion_audience: Option<String>,
+    /// RFC 9449: tokens bound to a key of tollgate's (one per lineage, kept in its record),
+    /// with a DPoP proof on every token request and every API request.
+    #[serde(default)]
+    pub dpop: bool,
     /// `client_auth = "tls"` (RFC 8705): the certificate (PEM, leaf first) and key presented
     /// to the token endpoint.
     pub client_cert: Option<PathBuf>,

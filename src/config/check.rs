@@ -461,6 +461,12 @@ fn describe_auth(
         if let Some(audience) = &a.assertion_audience {
             line("auth.assertion_audience", audience.clone());
         }
+        if a.dpop {
+            line(
+                "auth.dpop",
+                "true (tokens bound to a key of each lineage, kept in its record; a proof with every request)".into(),
+            );
+        }
     }
     if a.grant == Grant::Password {
         line("auth.username", a.username.clone().unwrap_or_default());

@@ -184,6 +184,12 @@ impl Target {
     pub fn is_https(&self) -> bool {
         self.scheme == Scheme::HTTPS
     }
+
+    /// `htu` of a request to `uri` (origin-form) for a DPoP proof: scheme, authority and
+    /// path, no query (RFC 9449 §4.2).
+    pub fn htu(&self, uri: &Uri) -> String {
+        format!("{}://{}{}", self.scheme, self.authority, uri.path())
+    }
 }
 
 fn names_listener(authority: &Authority, local: SocketAddr) -> bool {

@@ -466,6 +466,7 @@ mod tests {
     fn record(generation: u64) -> TokenRecord {
         TokenRecord {
             seed_hash: "h".into(),
+            dpop_key: None,
             refresh_token: Some(Secret::from(format!("rt-{generation}"))),
             access_token: Some(Secret::from("at")),
             issued_at_ms: 1,

@@ -41,6 +41,8 @@ pub struct TokenRecord {
     /// When `tollgate login` started this lineage (Unix ms); 0 when it grew from the seed in
     /// the config. A newer login wins over any generation of an older one.
     pub login_at_ms: u64,
+    /// The lineage's DPoP key (PKCS#8, base64url), with `auth.dpop`: its tokens are bound to it.
+    pub dpop_key: Option<Secret<String>>,
 }
 
 impl TokenRecord {
@@ -57,6 +59,7 @@ impl fmt::Debug for TokenRecord {
             .field("seed_hash", &self.seed_hash)
             .field("refresh_token", &self.refresh_token)
             .field("access_token", &self.access_token)
+            .field("dpop_key", &self.dpop_key)
             .field("issued_at_ms", &self.issued_at_ms)
             .field("expires_at_ms", &self.expires_at_ms)
             .field("generation", &self.generation)
@@ -143,6 +146,13 @@ struct Secrets {
         deserialize_with = "de_opt_secret"
     )]
     access_token: Option<Secret<String>>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser_opt_secret",
+        deserialize_with = "de_opt_secret"
+    )]
+    dpop_key: Option<Secret<String>>,
 }
 
 impl TokenRecord {
@@ -168,6 +178,7 @@ impl TokenRecord {
         let secrets = Secrets {
             refresh_token: self.refresh_token.clone(),
             access_token: self.access_token.clone(),
+            dpop_key: self.dpop_key.clone(),
         };
         let plain = secrets_json(&secrets);
         let (secrets, sealed) = match keys.seal(&self.bound(place), plain.expose().as_bytes()) {
@@ -192,6 +203,7 @@ impl TokenRecord {
             serde_json::from_slice(text).map_err(|e| Unread::Damaged(e.to_string()))?;
         let mut record = TokenRecord {
             seed_hash: stored.seed_hash,
+            dpop_key: stored.secrets.dpop_key,
             refresh_token: stored.secrets.refresh_token,
             access_token: stored.secrets.access_token,
             issued_at_ms: stored.issued_at_ms,
@@ -213,6 +225,7 @@ impl TokenRecord {
             .map_err(|e| Unread::Damaged(format!("its sealed part: {e}")))?;
         record.refresh_token = secrets.refresh_token;
         record.access_token = secrets.access_token;
+        record.dpop_key = secrets.dpop_key;
         Ok(record)
     }
 
@@ -220,6 +233,7 @@ impl TokenRecord {
     pub fn unopened(seed_hash: String, generation: u64) -> TokenRecord {
         TokenRecord {
             seed_hash,
+            dpop_key: None,
             refresh_token: None,
             access_token: None,
             issued_at_ms: 0,
@@ -255,6 +269,7 @@ mod tests {
     fn record() -> TokenRecord {
         TokenRecord {
             seed_hash: "h".into(),
+            dpop_key: None,
             refresh_token: Some(Secret::from("rt-secret")),
             access_token: Some(Secret::from("at-secret")),
             issued_at_ms: 1,

@@ -100,8 +100,28 @@ pub fn parse_response(
     default_expires_in: Duration,
     scrubber: &Scrubber,
 ) -> Result<Issued, GrantError> {
+    parse_answer(
+        status,
+        body,
+        retry_after,
+        default_expires_in,
+        scrubber,
+        false,
+    )
+}
+
+/// [`parse_response`] of a token request that asked for a DPoP-bound token when `dpop`:
+/// then the token type must be `DPoP` (RFC 9449 §5), never `Bearer`.
+pub fn parse_answer(
+    status: u16,
+    body: &[u8],
+    retry_after: Option<Duration>,
+    default_expires_in: Duration,
+    scrubber: &Scrubber,
+    dpop: bool,
+) -> Result<Issued, GrantError> {
     match status {
-        200 => parse_success(body, default_expires_in),
+        200 => parse_success(body, default_expires_in, dpop),
         400 | 401 => match serde_json::from_slice::<Failure>(body) {
             Ok(f) => {
                 let description = f
@@ -153,23 +173,37 @@ pub fn parse_response(
     }
 }
 
-fn parse_success(body: &[u8], default_expires_in: Duration) -> Result<Issued, GrantError> {
+fn parse_success(
+    body: &[u8],
+    default_expires_in: Duration,
+    dpop: bool,
+) -> Result<Issued, GrantError> {
     let ok: Success = serde_json::from_slice(body).map_err(|_| {
         GrantError::transient(
             "token endpoint answered 200 with a body that is not a token response",
         )
     })?;
+    let expected = if dpop { "DPoP" } else { "Bearer" };
+    if dpop && ok.token_type.is_none() {
+        return Err(GrantError::Refused {
+            code: "unsupported_token_type".into(),
+            description: Some("a DPoP-bound token was asked for and the answer names no token_type: the server does not bind this client's tokens; set auth.dpop = false".into()),
+        });
+    }
     if let Some(kind) = &ok.token_type {
-        if !kind.eq_ignore_ascii_case("bearer") {
+        if !kind.eq_ignore_ascii_case(expected) {
             // Shown only when it is a plain word: it is the server's text.
             let plain = kind.len() <= 32
                 && kind
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-            let description = match plain {
-                true => format!("token_type `{kind}` is not Bearer"),
-                false => "the token_type is not Bearer".to_owned(),
+            let mut description = match plain {
+                true => format!("token_type `{kind}` is not {expected}"),
+                false => format!("the token_type is not {expected}"),
             };
+            if dpop {
+                description.push_str(": the server does not bind this client's tokens to its DPoP key; set auth.dpop = false, or allow DPoP for the client");
+            }
             return Err(GrantError::Refused {
                 code: "unsupported_token_type".into(),
                 description: Some(description),

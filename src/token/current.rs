@@ -22,8 +22,10 @@ const MAX_MARGIN: Duration = Duration::from_secs(10);
 
 /// An access token ready to be put on requests.
 pub struct AccessToken {
-    /// `Bearer <token>`, marked sensitive.
+    /// `Bearer <token>` (`DPoP <token>` when bound to a DPoP key), marked sensitive.
     pub header: HeaderValue,
+    /// The key the token is bound to (RFC 9449), which signs a proof for every request.
+    pub dpop: Option<Arc<DpopBinding>>,
     pub generation: u64,
     /// Short fingerprint for logs.
     pub fingerprint: String,
@@ -36,21 +38,30 @@ pub struct AccessToken {
     pub expires_at: SystemTime,
 }
 
+/// A DPoP-bound token's key, and the token's hash that every proof carries (`ath`).
+#[derive(Debug)]
+pub struct DpopBinding {
+    pub key: super::dpop::DpopKey,
+    pub ath: String,
+}
+
 impl AccessToken {
     pub fn is_usable(&self, now: Instant) -> bool {
         now < self.usable_until && SystemTime::now() < self.usable_until_wall
     }
 
-    /// The token itself, without the `Bearer ` prefix (for `tollgate token`).
+    /// The token itself, without the `Bearer ` (or `DPoP `) prefix (for `tollgate token`).
     pub fn bearer(&self) -> Secret<String> {
         let value = self.header.to_str().unwrap_or_default();
-        Secret::new(value.strip_prefix("Bearer ").unwrap_or(value).to_owned())
+        let token = value.split_once(' ').map_or(value, |(_, token)| token);
+        Secret::new(token.to_owned())
     }
 
     /// The same token, due for replacement now.
     fn due_now(&self) -> AccessToken {
         AccessToken {
             header: self.header.clone(),
+            dpop: self.dpop.clone(),
             generation: self.generation,
             fingerprint: self.fingerprint.clone(),
             usable_until: self.usable_until,
@@ -188,10 +199,19 @@ impl Current {
         let ahead = ahead.min(usable_lifetime.mul_f64(0.8));
         let elapsed = Duration::from_millis(now_unix.saturating_sub(record.issued_at_ms));
         let refresh_at = now + ahead.saturating_sub(elapsed);
-        let mut header = HeaderValue::from_str(&format!("Bearer {}", access.expose())).ok()?;
+        let dpop = match &record.dpop_key {
+            Some(key) => Some(Arc::new(DpopBinding {
+                key: super::dpop::DpopKey::from_stored(key).ok()?,
+                ath: super::dpop::ath(access.expose()),
+            })),
+            None => None,
+        };
+        let scheme = if dpop.is_some() { "DPoP" } else { "Bearer" };
+        let mut header = HeaderValue::from_str(&format!("{scheme} {}", access.expose())).ok()?;
         header.set_sensitive(true);
         Some(AccessToken {
             header,
+            dpop,
             generation: record.generation,
             fingerprint: fingerprint(access.expose()),
             usable_until: now + usable,
@@ -251,6 +271,7 @@ mod tests {
         let now = unix_ms();
         TokenRecord {
             seed_hash: "h".into(),
+            dpop_key: None,
             refresh_token: None,
             access_token: Some(Secret::from("at")),
             issued_at_ms: now,

@@ -4,8 +4,10 @@
 //! It knows nothing of caches, stores or retries: it sends one request and says what came back,
 //! sorted into "final" answers (the grant or client is refused) and transient failures.
 
-use super::answer::{parse_response, GrantError, Issued};
+use super::answer::{parse_answer, GrantError, Issued};
 use super::assertion::{self, Assertions, Signer};
+use super::dpop::DpopKey;
+use super::lock;
 use super::scrub::Scrubber;
 use crate::config::{AuthConfig, ClientAuth, Grant, UpstreamConfig, UpstreamFiles};
 use crate::secret::Secret;
@@ -29,6 +31,27 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
 const KEEPALIVE_EVERY: Duration = Duration::from_secs(5);
 const KEEPALIVE_PROBES: u32 = 3;
 
+/// What came back from the token endpoint.
+struct Answer {
+    status: u16,
+    body: Vec<u8>,
+    retry_after: Option<Duration>,
+    /// `DPoP-Nonce`: the nonce the server wants in the next proof.
+    nonce: Option<String>,
+}
+
+impl Answer {
+    /// A 400 `use_dpop_nonce` with a nonce to use (RFC 9449 §8).
+    fn asks_for_nonce(&self) -> bool {
+        #[derive(serde::Deserialize)]
+        struct Error {
+            error: String,
+        }
+        let error = serde_json::from_slice::<Error>(&self.body).map(|e| e.error);
+        self.status == 400 && self.nonce.is_some() && error.is_ok_and(|e| e == "use_dpop_nonce")
+    }
+}
+
 /// `auth.private_key_file` made ready to sign, and the thumbprints of `auth.certificate_file`.
 #[derive(Clone, Default)]
 struct PrivateKey {
@@ -48,6 +71,12 @@ pub struct TokenEndpoint {
     client_auth: ClientAuth,
     /// What signs the client assertions, with `private_key_jwt` or `client_secret_jwt`.
     assertions: Option<Assertions>,
+    /// `auth.dpop`: tokens bound to the lineage's DPoP key.
+    dpop: bool,
+    /// `htu` of the token endpoint, for DPoP proofs.
+    htu: String,
+    /// The nonce the token endpoint last gave for DPoP proofs.
+    dpop_nonce: std::sync::Mutex<Option<String>>,
     scope: Option<String>,
     username: Option<String>,
     password: Option<Secret<String>>,
@@ -150,6 +179,9 @@ impl TokenEndpoint {
             http,
             key,
             assertions,
+            dpop: auth.dpop,
+            htu: super::dpop::htu(&auth.token_url),
+            dpop_nonce: std::sync::Mutex::new(None),
             url: auth.token_url.clone(),
             grant: auth.grant,
             client_id: auth.client_id.clone(),
@@ -180,6 +212,11 @@ impl TokenEndpoint {
         self.grant
     }
 
+    /// Whether tokens are asked for bound to a DPoP key (`auth.dpop`).
+    pub fn dpop(&self) -> bool {
+        self.dpop
+    }
+
     pub fn url(&self) -> &Url {
         &self.url
     }
@@ -192,24 +229,25 @@ impl TokenEndpoint {
     pub async fn obtain(
         &self,
         refresh_token: Option<&Secret<String>>,
+        dpop: Option<&DpopKey>,
     ) -> Result<Issued, GrantError> {
         match (self.grant, refresh_token) {
-            (Grant::ClientCredentials, _) => self.send(self.login_fields()).await,
-            (Grant::RefreshToken, Some(rt)) => self.send(self.refresh_fields(rt)).await,
+            (Grant::ClientCredentials, _) => self.send(self.login_fields(), dpop).await,
+            (Grant::RefreshToken, Some(rt)) => self.send(self.refresh_fields(rt), dpop).await,
             (Grant::RefreshToken, None) => Err(GrantError::InvalidGrant {
                 code: "no_refresh_token".into(),
                 description: Some("there is no refresh token to redeem".into()),
             }),
             (Grant::Password | Grant::WinbooksExchange, Some(rt)) => {
-                match self.send(self.refresh_fields(rt)).await {
+                match self.send(self.refresh_fields(rt), dpop).await {
                     Err(GrantError::InvalidGrant { code, .. }) => {
                         tracing::info!(grant = self.grant.as_str(), %code, "refresh token refused; logging in again");
-                        self.login_again().await
+                        self.login_again(dpop).await
                     }
                     other => other,
                 }
             }
-            (Grant::Password | Grant::WinbooksExchange, None) => self.login_again().await,
+            (Grant::Password | Grant::WinbooksExchange, None) => self.login_again(dpop).await,
         }
     }
 
@@ -225,6 +263,7 @@ impl TokenEndpoint {
         code: &str,
         redirect_uri: &str,
         verifier: &Secret<String>,
+        dpop: Option<&DpopKey>,
     ) -> Result<Issued, GrantError> {
         let fields = vec![
             ("grant_type", "authorization_code"),
@@ -232,11 +271,11 @@ impl TokenEndpoint {
             ("redirect_uri", redirect_uri),
             ("code_verifier", verifier.expose().as_str()),
         ];
-        self.send(fields).await
+        self.send(fields, dpop).await
     }
 
-    async fn login_again(&self) -> Result<Issued, GrantError> {
-        let mut issued = self.send(self.login_fields()).await?;
+    async fn login_again(&self, dpop: Option<&DpopKey>) -> Result<Issued, GrantError> {
+        let mut issued = self.send(self.login_fields(), dpop).await?;
         issued.logged_in = true;
         Ok(issued)
     }
@@ -276,15 +315,23 @@ impl TokenEndpoint {
     }
 
     /// Add the extra `params`, then client authentication, and send.
-    async fn send(&self, mut fields: Vec<(&str, &str)>) -> Result<Issued, GrantError> {
+    async fn send(
+        &self,
+        mut fields: Vec<(&str, &str)>,
+        dpop: Option<&DpopKey>,
+    ) -> Result<Issued, GrantError> {
         for (k, v) in &self.params {
             fields.push((k, v));
         }
-        self.post(fields).await
+        self.post(fields, dpop).await
     }
 
     /// Add client authentication (exactly one method) and send the form.
-    async fn post(&self, mut fields: Vec<(&str, &str)>) -> Result<Issued, GrantError> {
+    async fn post(
+        &self,
+        mut fields: Vec<(&str, &str)>,
+        dpop: Option<&DpopKey>,
+    ) -> Result<Issued, GrantError> {
         let assertion = match &self.assertions {
             Some(assertions) => Some(
                 assertions
@@ -359,45 +406,77 @@ impl TokenEndpoint {
         let spends = fields.iter().any(|(k, v)| {
             *k == "grant_type" && matches!(*v, "refresh_token" | "authorization_code")
         });
-        let request = request
+        let form = request
             .header(
                 http::header::CONTENT_TYPE,
                 "application/x-www-form-urlencoded",
             )
             .body(encode_form(&fields));
+        let mut nonce_asked = false;
+        loop {
+            let mut request = form.try_clone().expect("a form body can be sent again");
+            if let Some(key) = dpop {
+                let nonce = lock(&self.dpop_nonce).clone();
+                let proof = key
+                    .proof(
+                        "POST",
+                        &self.htu,
+                        None,
+                        nonce.as_deref(),
+                        assertion::unix_now(),
+                    )
+                    .map_err(GrantError::transient)?;
+                request = request.header("dpop", proof);
+            }
+            let answer = self.answer(request, spends).await?;
+            if let Some(nonce) = &answer.nonce {
+                *lock(&self.dpop_nonce) = Some(nonce.clone());
+            }
+            // RFC 9449 §8: the server wants its nonce in the proof; it processed nothing.
+            if dpop.is_some() && !nonce_asked && answer.asks_for_nonce() {
+                nonce_asked = true;
+                continue;
+            }
+            return parse_answer(
+                answer.status,
+                &answer.body,
+                answer.retry_after,
+                self.default_expires_in,
+                &scrubber,
+                dpop.is_some(),
+            );
+        }
+    }
+
+    /// Send `request` and read the answer, within `auth.timeout` or, for a request that
+    /// `spends` a refresh token or a code, as long as its answer may still come.
+    async fn answer(
+        &self,
+        request: reqwest::RequestBuilder,
+        spends: bool,
+    ) -> Result<Answer, GrantError> {
         let exchange = self.exchange(request, spends);
         let answer = if spends {
             answer_within(self.longest_request() - LAST_LOOK, exchange).await
         } else {
             tokio::time::timeout(self.timeout, exchange).await.ok()
         };
-        let (status, body, retry_after) = match answer {
-            Some(answer) => answer?,
-            None if spends => {
-                return Err(GrantError::Unanswered {
-                    reason: format!(
-                        "the token endpoint {} did not answer within auth.timeout + auth.answer_timeout ({})",
-                        shown(&self.url),
-                        humantime::format_duration(self.longest_request() - LAST_LOOK)
-                    ),
-                })
-            }
-            None => {
-                return Err(GrantError::transient(format!(
-                    "the token endpoint {} did not answer within auth.timeout ({}); check that {} is reachable from this machine",
+        match answer {
+            Some(answer) => answer,
+            None if spends => Err(GrantError::Unanswered {
+                reason: format!(
+                    "the token endpoint {} did not answer within auth.timeout + auth.answer_timeout ({})",
                     shown(&self.url),
-                    humantime::format_duration(self.timeout),
-                    self.url.host_str().unwrap_or("its host")
-                )))
-            }
-        };
-        parse_response(
-            status,
-            &body,
-            retry_after,
-            self.default_expires_in,
-            &scrubber,
-        )
+                    humantime::format_duration(self.longest_request() - LAST_LOOK)
+                ),
+            }),
+            None => Err(GrantError::transient(format!(
+                "the token endpoint {} did not answer within auth.timeout ({}); check that {} is reachable from this machine",
+                shown(&self.url),
+                humantime::format_duration(self.timeout),
+                self.url.host_str().unwrap_or("its host")
+            ))),
+        }
     }
 
     /// Send `request` and read its answer: status, body, `Retry-After`. A failure after the
@@ -406,7 +485,7 @@ impl TokenEndpoint {
         &self,
         request: reqwest::RequestBuilder,
         spends: bool,
-    ) -> Result<(u16, Vec<u8>, Option<Duration>), GrantError> {
+    ) -> Result<Answer, GrantError> {
         let lost = |reason: String| match spends {
             true => GrantError::Unanswered { reason },
             false => GrantError::transient(reason),
@@ -425,11 +504,21 @@ impl TokenEndpoint {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
+        let nonce = response
+            .headers()
+            .get("dpop-nonce")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let body = read_capped(response).await.map_err(|e| match e {
             Capped::CutOff(reason) => lost(reason),
             Capped::TooLarge => GrantError::transient("token response is larger than 256 KiB"),
         })?;
-        Ok((status, body, retry_after))
+        Ok(Answer {
+            status,
+            body,
+            retry_after,
+            nonce,
+        })
     }
 }
 

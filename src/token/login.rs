@@ -350,9 +350,22 @@ impl Callback {
             )
             .await
             .map_err(store_error)?;
+        // A new login starts a new lineage, with a DPoP key of its own.
+        let dpop = match login.endpoint.dpop() {
+            true => Some(
+                super::dpop::DpopKey::generate()
+                    .map_err(|e| LoginError::Exchange(GrantError::transient(e)))?,
+            ),
+            false => None,
+        };
         let issued = login
             .endpoint
-            .exchange_code(code, login.redirect_uri.as_str(), &login.verifier)
+            .exchange_code(
+                code,
+                login.redirect_uri.as_str(),
+                &login.verifier,
+                dpop.as_ref(),
+            )
             .await
             .map_err(LoginError::Exchange)?;
         if issued.refresh_token.is_none() {
@@ -375,7 +388,8 @@ impl Callback {
         let mut issued = issued;
         issued.logged_in = true;
         let lineage = lineage_hash(&login.auth);
-        let record = new_record(&lineage, issued, None, previous, super::unix_ms());
+        let key = dpop.map(|key| key.stored().clone());
+        let record = new_record(&lineage, issued, None, previous, super::unix_ms(), key);
         login
             .store
             .save_token(name, &record, &lock)

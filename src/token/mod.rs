@@ -54,6 +54,7 @@ pub mod assertion;
 mod backoff;
 mod cache;
 mod current;
+pub mod dpop;
 mod flight;
 pub mod grant;
 pub mod login;
@@ -66,7 +67,7 @@ mod scrub;
 
 pub use backoff::Backoff;
 pub use cache::TokenCache;
-pub use current::AccessToken;
+pub use current::{AccessToken, DpopBinding};
 pub use refresher::REFRESH_RESULTS;
 
 use crate::config::Grant;
@@ -77,7 +78,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 /// A `std` mutex, through a panic elsewhere (the data it guards stays consistent).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -136,10 +137,12 @@ pub(crate) fn new_record(
     redeemed: Option<Secret<String>>,
     previous_generation: u64,
     login_at_ms: u64,
+    dpop_key: Option<Secret<String>>,
 ) -> TokenRecord {
     let now = unix_ms();
     TokenRecord {
         seed_hash: seed_hash.to_owned(),
+        dpop_key,
         // Keep whatever came back; a server that does not rotate sends none. After a new
         // login the redeemed token was refused, so it is not kept.
         refresh_token: if issued.logged_in {

@@ -13,6 +13,7 @@
 use super::answer::{GrantError, Issued};
 use super::backoff::RETRY_FIRST;
 use super::current::AccessToken;
+use super::dpop::DpopKey;
 use super::lock;
 use super::refresher::Refresher;
 
@@ -40,6 +41,8 @@ enum Consulted {
         generation: u64,
         login_at_ms: u64,
         refresh_token: Option<Secret<String>>,
+        /// The lineage's DPoP key as stored, if any.
+        dpop_key: Option<Secret<String>>,
     },
 }
 
@@ -72,14 +75,16 @@ impl Refresher {
             return Err(Attempt::Replaced);
         }
         let consulted = self.consult(lineage, purpose, &store_lock).await?;
-        let (stored_generation, login_at_ms, refresh_token) = match consulted {
+        let (stored_generation, login_at_ms, refresh_token, stored_key) = match consulted {
             Consulted::Adopted(token) => return Ok(token),
             Consulted::Redeem {
                 generation,
                 login_at_ms,
                 refresh_token,
-            } => (generation, login_at_ms, refresh_token),
+                dpop_key,
+            } => (generation, login_at_ms, refresh_token, dpop_key),
         };
+        let dpop = self.dpop_key(stored_key)?;
         // A shared store's lock expires by itself: never start a token request it would not
         // outlive, or another replica could redeem the same refresh token meanwhile.
         if let Some(expires) = store_lock.expires {
@@ -90,7 +95,7 @@ impl Refresher {
                 });
             }
         }
-        let issued = match self.obtain(refresh_token.as_ref()).await? {
+        let issued = match self.obtain(refresh_token.as_ref(), dpop.as_ref()).await? {
             Ok(issued) => issued,
             Err(e) => {
                 let position = (login_at_ms, stored_generation);
@@ -105,6 +110,7 @@ impl Refresher {
             // starts again at 1): a refused generation must never come back.
             stored_generation.max(self.current.floor()),
             login_at_ms,
+            dpop.map(|key| key.stored().clone()),
         );
         self.lineage_used.store(true, Ordering::Release);
         let saved = self
@@ -234,7 +240,26 @@ impl Refresher {
             generation,
             login_at_ms: stored.as_ref().map_or(0, |r| r.login_at_ms),
             refresh_token,
+            dpop_key: stored.and_then(|r| r.dpop_key),
         })
+    }
+
+    /// With `auth.dpop`, the lineage's key: the one its record keeps (its tokens are bound to
+    /// it), else a new one, which the record then keeps.
+    fn dpop_key(&self, stored: Option<Secret<String>>) -> Result<Option<DpopKey>, Attempt> {
+        if !self.endpoint.dpop() {
+            return Ok(None);
+        }
+        let key = match stored.map(|k| DpopKey::from_stored(&k)) {
+            Some(Ok(key)) => Ok(key),
+            Some(Err(why)) => {
+                tracing::warn!(upstream = %self.name, %why, "the stored DPoP key cannot be used; a new one signs from now on (tokens bound to the old one are refused)");
+                DpopKey::generate()
+            }
+            None => DpopKey::generate(),
+        };
+        key.map(Some)
+            .map_err(|reason| Attempt::Retry { reason, hint: None })
     }
 
     /// Send the token request, under the store lock (kept alive meanwhile). A redemption that
@@ -244,6 +269,7 @@ impl Refresher {
     async fn obtain(
         &self,
         refresh_token: Option<&Secret<String>>,
+        dpop: Option<&DpopKey>,
     ) -> Result<Result<Issued, GrantError>, Attempt> {
         let stopped = || {
             Attempt::Final(TokenError::Unavailable {
@@ -259,14 +285,14 @@ impl Refresher {
             let obtained = if self.endpoint.spends(refresh_token) {
                 // A shutdown waits for its answer: the server may rotate on receiving it.
                 *lock(&self.in_the_air) = Some(Instant::now() + self.endpoint.longest_request());
-                let obtained = self.endpoint.obtain(refresh_token).await;
+                let obtained = self.endpoint.obtain(refresh_token, dpop).await;
                 *lock(&self.in_the_air) = None;
                 obtained
             } else {
                 // Spends nothing: a shutdown drops it.
                 let mut stopping = self.stopping.subscribe();
                 tokio::select! {
-                    obtained = self.endpoint.obtain(refresh_token) => obtained,
+                    obtained = self.endpoint.obtain(refresh_token, dpop) => obtained,
                     _ = stopping.wait_for(|stopping| *stopping) => return Err(stopped()),
                 }
             };

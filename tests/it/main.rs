@@ -13,6 +13,7 @@ mod client_proof;
 mod config_files;
 #[cfg(feature = "demo")]
 mod demo;
+mod dpop;
 mod echo;
 mod hostile;
 mod identities;

@@ -110,6 +110,7 @@ async fn two_connected(redis: &RedisServer) -> (RedisStore, RedisStore) {
 fn record(generation: u64, refresh: &str) -> TokenRecord {
     TokenRecord {
         seed_hash: "lineage".into(),
+        dpop_key: None,
         refresh_token: Some(Secret::from(refresh)),
         access_token: Some(Secret::from("at")),
         issued_at_ms: 1,
@@ -659,6 +660,7 @@ async fn a_login_after_a_data_loss_is_not_overwritten() {
     let login_store = store_of(&text);
     let login = TokenRecord {
         seed_hash: tollgate::token::lineage_hash(&upstream.auth),
+        dpop_key: None,
         refresh_token: Some(Secret::from(h.identity.issue_refresh_token())),
         access_token: None,
         issued_at_ms: 0,

@@ -132,6 +132,14 @@ pub struct IdentityConfig {
     pub assertion_audience: Option<String>,
     /// With [`ClientAuthRule::Tls`]: the SHA-256 (base64url) of the client's certificate.
     pub tls_client_s256: Option<String>,
+    /// RFC 9449: every token request must carry a DPoP proof; the tokens issued are bound to
+    /// its key (token_type `DPoP`; a grant's refresh tokens to the key of its first proof),
+    /// and the API takes them only with a proof by that key.
+    pub dpop: bool,
+    /// The token endpoint wants its nonce in proofs (400 `use_dpop_nonce` without it).
+    pub dpop_nonce: bool,
+    /// The API wants the nonce in proofs (401 `use_dpop_nonce` without it).
+    pub api_dpop_nonce: bool,
 }
 
 impl Default for IdentityConfig {
@@ -156,6 +164,9 @@ impl Default for IdentityConfig {
             jwt_keys: Vec::new(),
             assertion_audience: None,
             tls_client_s256: None,
+            dpop: false,
+            dpop_nonce: false,
+            api_dpop_nonce: false,
         }
     }
 }
@@ -163,6 +174,8 @@ impl Default for IdentityConfig {
 /// What the token endpoint has seen so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct IdentityCounters {
+    /// DPoP nonce challenges answered (`use_dpop_nonce`), at the token endpoint and the API.
+    pub dpop_challenges: u64,
     /// Every request to the token path, whatever its outcome.
     pub token_requests: u64,
     /// Successful token responses.
@@ -222,11 +235,18 @@ struct State {
     /// Which key verified the last accepted assertion: an index in `jwt_keys`, or `None`
     /// for the client secret (HS256).
     last_assertion_key: Option<Option<usize>>,
+    /// DPoP: the proofs' `jti`s already used at the token endpoint, the key each access
+    /// token is bound to, and the nonce proofs must carry where one is wanted.
+    dpop_jtis: HashMap<String, u64>,
+    access_jkt: HashMap<String, String>,
+    dpop_nonce: String,
 }
 
 #[derive(Debug)]
 struct Grant {
     revoked: bool,
+    /// The DPoP key (its thumbprint) the grant's refresh tokens are bound to.
+    jkt: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -323,6 +343,31 @@ impl IdentitySim {
             Some(expires_at) if Instant::now() >= *expires_at => Err("access token expired"),
             Some(_) => Ok(()),
         }
+    }
+
+    /// The nonce DPoP proofs must carry where one is wanted (the token endpoint's and the
+    /// API's alike).
+    pub fn dpop_nonce(&self) -> String {
+        let mut state = self.state();
+        if state.dpop_nonce.is_empty() {
+            state.dpop_nonce = random_token("n_");
+        }
+        state.dpop_nonce.clone()
+    }
+
+    /// A new nonce: proofs with the old one are answered `use_dpop_nonce`.
+    pub fn rotate_dpop_nonce(&self) {
+        self.state().dpop_nonce = random_token("n_");
+    }
+
+    /// The DPoP key (thumbprint) `access_token` is bound to, if it is.
+    pub fn access_jkt(&self, access_token: &str) -> Option<String> {
+        self.state().access_jkt.get(access_token).cloned()
+    }
+
+    /// Count a nonce challenge (the token endpoint's or the API's).
+    pub fn count_dpop_challenge(&self) {
+        self.state().counters.dpop_challenges += 1;
     }
 
     /// The certificate every access token is bound to (RFC 8705 §3), when the client
@@ -471,7 +516,10 @@ impl IdentitySim {
 
 impl State {
     fn new_grant(&mut self) -> usize {
-        self.grants.push(Grant { revoked: false });
+        self.grants.push(Grant {
+            revoked: false,
+            jkt: None,
+        });
         self.grants.len() - 1
     }
 

@@ -128,7 +128,14 @@ impl IdentitySim {
         } else {
             authenticate_client(config, &parts.headers, &params)?;
         }
-        match grant_type {
+        let jkt = match config.dpop {
+            true => Some(self.check_dpop(&parts.headers)?),
+            false => None,
+        };
+        if let (Some(jkt), Some("refresh_token")) = (&jkt, grant_type) {
+            self.check_bound_grant(required(&params, "refresh_token")?, jkt)?;
+        }
+        let response = match grant_type {
             None => Err(invalid_request("grant_type is required")),
             // The only client there is; authenticate_client checked that it is this one.
             Some("authorization_code") => self.authorization_code(&config.client_id, &params),
@@ -139,7 +146,94 @@ impl IdentitySim {
             Some("client_credentials") => Ok(self.client_credentials(&params)),
             Some("password") if !config.users.is_empty() => self.password(&params),
             Some(other) => Err(unsupported_grant_type(other)),
+        }?;
+        Ok(match jkt {
+            Some(jkt) => self.bind(response, &jkt).await,
+            None => response,
+        })
+    }
+
+    /// RFC 9449 §5: a valid proof for this token request, with the nonce when one is wanted.
+    /// Returns its key's thumbprint.
+    fn check_dpop(&self, headers: &http::HeaderMap) -> Result<String, OAuthError> {
+        let invalid =
+            |why: String| OAuthError::new(StatusCode::BAD_REQUEST, "invalid_dpop_proof", why);
+        let mut proofs = headers.get_all("dpop").iter();
+        let (Some(proof), None) = (proofs.next(), proofs.next()) else {
+            return Err(invalid("exactly one DPoP proof is required".into()));
+        };
+        let proof = proof
+            .to_str()
+            .map_err(|_| invalid("the proof is not text".into()))?;
+        let nonce = self.inner.config.dpop_nonce.then(|| self.dpop_nonce());
+        let url = self.token_url();
+        let expected = crate::dpop::Expected {
+            htm: "POST",
+            htu: &url,
+            ath: None,
+            nonce: nonce.as_deref(),
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let verified = crate::dpop::verify(proof, &expected, &mut self.state().dpop_jtis, now);
+        match verified {
+            Ok(jkt) => Ok(jkt),
+            Err(crate::dpop::ProofError::Nonce) => {
+                self.count_dpop_challenge();
+                let nonce = nonce.unwrap_or_default();
+                Err(OAuthError::new(
+                    StatusCode::BAD_REQUEST,
+                    "use_dpop_nonce",
+                    "a DPoP nonce is required",
+                )
+                .with_nonce(nonce))
+            }
+            Err(crate::dpop::ProofError::Invalid(why)) => Err(invalid(why)),
         }
+    }
+
+    /// A refresh token bound to one key is refused with a proof by another.
+    fn check_bound_grant(&self, presented: &str, jkt: &str) -> Result<(), OAuthError> {
+        let state = self.state();
+        let grant = state.refresh_tokens.get(presented).map(|t| t.grant);
+        match grant.and_then(|g| state.grants[g].jkt.as_deref()) {
+            Some(bound) if bound != jkt => Err(invalid_grant(
+                "the refresh token is bound to another DPoP key",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// A token response made DPoP-bound to `jkt`: its token type, its access token's binding,
+    /// and its grant's (for the refresh tokens).
+    async fn bind(&self, response: Response<SimBody>, jkt: &str) -> Response<SimBody> {
+        use http_body_util::BodyExt;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let Ok(mut body) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+            return json_response(status, &serde_json::Value::Null);
+        };
+        let mut state = self.state();
+        if let Some(access) = body["access_token"].as_str() {
+            state.access_jkt.insert(access.to_owned(), jkt.to_owned());
+            body["token_type"] = "DPoP".into();
+        }
+        let grant = body["refresh_token"]
+            .as_str()
+            .and_then(|rt| state.refresh_tokens.get(rt))
+            .map(|t| t.grant);
+        if let Some(grant) = grant {
+            state.grants[grant]
+                .jkt
+                .get_or_insert_with(|| jkt.to_owned());
+        }
+        json_response(status, &body)
     }
 
     /// RFC 6749 §6.

@@ -40,6 +40,8 @@ pub(super) struct OAuthError {
     description: String,
     /// A `WWW-Authenticate` value replacing the default one [`json_response`] adds on 401.
     challenge: Option<String>,
+    /// A `DPoP-Nonce` to send (with `use_dpop_nonce`).
+    nonce: Option<String>,
 }
 
 impl OAuthError {
@@ -53,7 +55,13 @@ impl OAuthError {
             code,
             description: description.into(),
             challenge: None,
+            nonce: None,
         }
+    }
+
+    pub(super) fn with_nonce(mut self, nonce: String) -> Self {
+        self.nonce = Some(nonce);
+        self
     }
 
     pub(super) fn with_challenge(mut self, challenge: String) -> Self {
@@ -74,6 +82,10 @@ impl OAuthError {
         if let Some(challenge) = self.challenge {
             let value = HeaderValue::try_from(challenge).expect("challenges are visible ASCII");
             response.headers_mut().insert(WWW_AUTHENTICATE, value);
+        }
+        if let Some(nonce) = self.nonce {
+            let value = HeaderValue::try_from(nonce).expect("nonces are visible ASCII");
+            response.headers_mut().insert("dpop-nonce", value);
         }
         response
     }

@@ -60,6 +60,8 @@ pub struct Pipeline {
     pace: Pace,
     /// This worker's share of `limits.max_buffered`.
     budget: Budget,
+    /// The nonce the API last gave for DPoP proofs (dpop.rs).
+    dpop_nonce: std::sync::Mutex<Option<String>>,
 }
 
 impl Handler for Pipeline {
@@ -81,6 +83,8 @@ struct Trace {
     /// Fingerprint of the token generation last sent.
     token: Option<String>,
 }
+
+mod dpop;
 
 /// The parts of a request kept for a possible replay.
 struct Replay {
@@ -139,6 +143,7 @@ impl Pipeline {
                 min_rate: config.limits.min_body_rate,
             },
             budget,
+            dpop_nonce: std::sync::Mutex::new(None),
         }
     }
 
@@ -271,6 +276,10 @@ impl Pipeline {
             body: kept.body,
             _held: kept.held,
         });
+        if let Some(binding) = &token.dpop {
+            // After the copy for a replay: each send gets a proof of its own.
+            self.prove(&mut parts.headers, &parts.method, &uri, binding)?;
+        }
 
         let mut request = Request::new(body);
         *request.method_mut() = parts.method;
@@ -282,7 +291,13 @@ impl Pipeline {
         if let Some(t) = trace {
             t.token = Some(token.fingerprint.clone());
         }
-        let response = self.send(request, verdict.as_ref(), trace).await?;
+        let mut response = self.send(request, verdict.as_ref(), trace).await?;
+        if let Some(binding) = &token.dpop {
+            // Boxed: rare, and only with DPoP.
+            let answered =
+                self.answer_nonce(response, replay.as_ref(), binding, key, &mut window, trace);
+            response = Box::pin(answered).await?;
+        }
 
         let response = match replay {
             Some(replay) if self.retry_on.contains(&response.status().as_u16()) => {
@@ -379,6 +394,9 @@ impl Pipeline {
         let fresh = tokens.replace_rejected(token.generation).await?;
         let mut headers = replay.headers;
         headers.insert(http::header::AUTHORIZATION, fresh.header.clone());
+        if let Some(binding) = &fresh.dpop {
+            self.prove(&mut headers, &replay.method, &replay.uri, binding)?;
+        }
         let mut request = Request::new(RequestBody::full(replay.body));
         *request.method_mut() = replay.method;
         *request.uri_mut() = replay.uri;
