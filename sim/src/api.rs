@@ -438,7 +438,7 @@ impl ApiSim {
         let nonce = identity
             .config()
             .api_dpop_nonce
-            .then(|| identity.dpop_nonce());
+            .then(|| identity.api_dpop_nonce());
         let expected = crate::dpop::Expected {
             htm: method.as_str(),
             htu: &htu,

@@ -47,18 +47,8 @@ pub fn verify(
     now: u64,
 ) -> Result<String, ProofError> {
     let bad = |why: &str| ProofError::Invalid(why.to_owned());
-    let mut parts = proof.split('.');
-    let (Some(h), Some(c), Some(s), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(bad("not a compact JWS"));
-    };
-    let json = |p: &str| -> Option<serde_json::Value> {
-        serde_json::from_slice(&B64.decode(p).ok()?).ok()
-    };
-    let (Some(header), Some(claims), Ok(sig)) = (json(h), json(c), B64.decode(s)) else {
-        return Err(bad("a part is not base64url JSON"));
-    };
+    let jws = crate::jws::parse(proof).map_err(bad)?;
+    let (header, claims, sig, signed) = (&jws.header, &jws.claims, &jws.signature, jws.signed);
     if header["typ"] != "dpop+jwt" {
         return Err(bad("typ is not dpop+jwt"));
     }
@@ -74,9 +64,8 @@ pub fn verify(
         return Err(bad("jwk has no x and y"));
     };
     let point = [&[4u8][..], &x, &y].concat();
-    let signed = &proof.as_bytes()[..h.len() + 1 + c.len()];
     if UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &point)
-        .verify(signed, &sig)
+        .verify(signed, sig)
         .is_err()
     {
         return Err(bad("the signature does not verify with its jwk"));

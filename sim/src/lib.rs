@@ -25,6 +25,7 @@
 pub mod api;
 pub mod dpop;
 pub mod identity;
+mod jws;
 mod pattern;
 pub mod provider;
 

@@ -1,8 +1,9 @@
 //! DPoP on API requests (RFC 9449 §7): a fresh proof beside every DPoP-bound token — its
 //! method, URL without query, the token's hash, and the API's nonce when it gave one — and the
 //! API's nonce challenge (401 `error="use_dpop_nonce"` with `DPoP-Nonce`), answered by sending
-//! the request once more with the nonce and the same token: no refresh, and apart from the
-//! 401 replay, which may still follow.
+//! the request once more with the nonce and the same token: no refresh. A 401 that is not a
+//! challenge may still get the 401 replay after it; a second challenge is passed on as it is.
+//! Each worker keeps the nonce it learnt last.
 //!
 //! Must not: refresh a token, or resend a request whose body was not kept.
 
@@ -46,23 +47,17 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Learn the API's nonce from `response`; when it is a nonce challenge and the request
-    /// was kept, send it once more with the nonce (a request like any other for the quota).
-    pub(super) async fn answer_nonce(
+    /// The API asked for its nonce: send the `kept` request once more with it and the same
+    /// token (a request like any other for the quota).
+    pub(super) async fn resend_with_nonce(
         &self,
-        response: Response<UpstreamBody>,
-        replay: Option<&Replay>,
+        kept: &Replay,
         binding: &DpopBinding,
         key: Option<usize>,
         window: &mut Option<Window>,
         trace: &mut Option<Trace>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
-        let challenged = self.learn_nonce(&response);
-        let Some(kept) = replay.filter(|_| challenged) else {
-            return Ok(response);
-        };
         tracing::debug!(upstream = %self.name, "the API asked for a DPoP nonce; sending once more with it");
-        drop(response);
         let mut headers = kept.headers.clone();
         self.prove(&mut headers, &kept.method, &kept.uri, binding)?;
         let mut request = Request::new(crate::body::RequestBody::full(kept.body.clone()));
@@ -72,13 +67,11 @@ impl Pipeline {
         let identity = self.tokens_for(key).identity();
         *window = self.quota.spend(self.key_name(key), identity).await?;
         self.counts(key).sent();
-        let response = self.send(request, None, trace).await?;
-        self.learn_nonce(&response);
-        Ok(response)
+        self.send(request, None, trace).await
     }
 
     /// Keep the `DPoP-Nonce` of `response`; whether it is a nonce challenge.
-    fn learn_nonce(&self, response: &Response<UpstreamBody>) -> bool {
+    pub(super) fn learn_nonce(&self, response: &Response<UpstreamBody>) -> bool {
         let Some(nonce) = response
             .headers()
             .get("dpop-nonce")

@@ -292,15 +292,20 @@ impl Pipeline {
             t.token = Some(token.fingerprint.clone());
         }
         let mut response = self.send(request, verdict.as_ref(), trace).await?;
+        // A nonce challenge (DPoP) is answered once, and is no refused token.
+        let mut challenged = false;
         if let Some(binding) = &token.dpop {
-            // Boxed: rare, and only with DPoP.
-            let answered =
-                self.answer_nonce(response, replay.as_ref(), binding, key, &mut window, trace);
-            response = Box::pin(answered).await?;
+            challenged = self.learn_nonce(&response);
+            if let (true, Some(kept)) = (challenged, replay.as_ref()) {
+                // Boxed, as the refresh above: rare, and large.
+                let resent = self.resend_with_nonce(kept, binding, key, &mut window, trace);
+                response = Box::pin(resent).await?;
+                challenged = self.learn_nonce(&response);
+            }
         }
 
         let response = match replay {
-            Some(replay) if self.retry_on.contains(&response.status().as_u16()) => {
+            Some(replay) if !challenged && self.retry_on.contains(&response.status().as_u16()) => {
                 // Boxed, as the refresh above: rare, and large.
                 let replayed = self.replay(response, replay, &token, key, &mut window, trace);
                 Box::pin(replayed).await?
@@ -411,6 +416,9 @@ impl Pipeline {
             t.token = Some(fresh.fingerprint.clone());
         }
         let response = self.send(request, None, trace).await?;
+        if fresh.dpop.is_some() {
+            self.learn_nonce(&response);
+        }
         tokens.replayed(self.retry_on.contains(&response.status().as_u16()));
         Ok(response)
     }

@@ -92,20 +92,25 @@ impl DpopKey {
         let rng = SystemRandom::new();
         rng.fill(&mut jti)
             .map_err(|_| "no randomness for a DPoP proof".to_owned())?;
-        let mut claims = serde_json::json!({
-            "jti": B64.encode(jti),
-            "htm": htm,
-            "htu": htu,
-            "iat": now,
-        });
+        // Written out rather than built as a JSON value: this runs for every API request.
+        // `ath` and `jti` are base64url; the strings that could hold a quote are escaped.
+        let text = |s: &str| serde_json::to_string(s).expect("a string serialises");
+        let mut claims = format!(
+            r#"{{"jti":"{}","htm":{},"htu":{},"iat":{now}"#,
+            B64.encode(jti),
+            text(htm),
+            text(htu)
+        );
         if let Some(ath) = ath {
-            claims["ath"] = ath.into();
+            claims.push_str(&format!(r#","ath":"{ath}""#));
         }
         if let Some(nonce) = nonce {
-            claims["nonce"] = nonce.into();
+            claims.push_str(&format!(r#","nonce":{}"#, text(nonce)));
         }
-        let mut jwt = self.header.clone();
-        jwt.push_str(&B64.encode(claims.to_string()));
+        claims.push('}');
+        let mut jwt = String::with_capacity(self.header.len() + claims.len() * 4 / 3 + 100);
+        jwt.push_str(&self.header);
+        jwt.push_str(&B64.encode(claims));
         let signature = self
             .pair
             .sign(&rng, jwt.as_bytes())

@@ -329,9 +329,39 @@ impl TokenEndpoint {
     /// Add client authentication (exactly one method) and send the form.
     async fn post(
         &self,
-        mut fields: Vec<(&str, &str)>,
+        fields: Vec<(&str, &str)>,
         dpop: Option<&DpopKey>,
     ) -> Result<Issued, GrantError> {
+        let mut nonce_asked = false;
+        loop {
+            let (answer, scrubber) = self.post_once(fields.clone(), dpop).await?;
+            if let Some(nonce) = &answer.nonce {
+                *lock(&self.dpop_nonce) = Some(nonce.clone());
+            }
+            // RFC 9449 §8: the server wants its nonce in the proof, and processed nothing. The
+            // request is made anew (a fresh assertion and proof: their ids are single-use).
+            if dpop.is_some() && !nonce_asked && answer.asks_for_nonce() {
+                nonce_asked = true;
+                continue;
+            }
+            return parse_answer(
+                answer.status,
+                &answer.body,
+                answer.retry_after,
+                self.default_expires_in,
+                &scrubber,
+                dpop.is_some(),
+            );
+        }
+    }
+
+    /// Send the form once, with client authentication and a DPoP proof (when `dpop`); the
+    /// answer, and the scrubber of this request's secrets.
+    async fn post_once(
+        &self,
+        mut fields: Vec<(&str, &str)>,
+        dpop: Option<&DpopKey>,
+    ) -> Result<(Answer, Scrubber), GrantError> {
         let assertion = match &self.assertions {
             Some(assertions) => Some(
                 assertions
@@ -406,46 +436,21 @@ impl TokenEndpoint {
         let spends = fields.iter().any(|(k, v)| {
             *k == "grant_type" && matches!(*v, "refresh_token" | "authorization_code")
         });
-        let form = request
+        let mut request = request
             .header(
                 http::header::CONTENT_TYPE,
                 "application/x-www-form-urlencoded",
             )
             .body(encode_form(&fields));
-        let mut nonce_asked = false;
-        loop {
-            let mut request = form.try_clone().expect("a form body can be sent again");
-            if let Some(key) = dpop {
-                let nonce = lock(&self.dpop_nonce).clone();
-                let proof = key
-                    .proof(
-                        "POST",
-                        &self.htu,
-                        None,
-                        nonce.as_deref(),
-                        assertion::unix_now(),
-                    )
-                    .map_err(GrantError::transient)?;
-                request = request.header("dpop", proof);
-            }
-            let answer = self.answer(request, spends).await?;
-            if let Some(nonce) = &answer.nonce {
-                *lock(&self.dpop_nonce) = Some(nonce.clone());
-            }
-            // RFC 9449 §8: the server wants its nonce in the proof; it processed nothing.
-            if dpop.is_some() && !nonce_asked && answer.asks_for_nonce() {
-                nonce_asked = true;
-                continue;
-            }
-            return parse_answer(
-                answer.status,
-                &answer.body,
-                answer.retry_after,
-                self.default_expires_in,
-                &scrubber,
-                dpop.is_some(),
-            );
+        if let Some(key) = dpop {
+            let nonce = lock(&self.dpop_nonce).clone();
+            let now = assertion::unix_now();
+            let proof = key
+                .proof("POST", &self.htu, None, nonce.as_deref(), now)
+                .map_err(GrantError::transient)?;
+            request = request.header("dpop", proof);
         }
+        Ok((self.answer(request, spends).await?, scrubber))
     }
 
     /// Send `request` and read the answer, within `auth.timeout` or, for a request that

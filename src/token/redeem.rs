@@ -254,12 +254,24 @@ impl Refresher {
             Some(Ok(key)) => Ok(key),
             Some(Err(why)) => {
                 tracing::warn!(upstream = %self.name, %why, "the stored DPoP key cannot be used; a new one signs from now on (tokens bound to the old one are refused)");
-                DpopKey::generate()
+                self.new_dpop_key()
             }
-            None => DpopKey::generate(),
+            None => self.new_dpop_key(),
         };
         key.map(Some)
             .map_err(|reason| Attempt::Retry { reason, hint: None })
+    }
+
+    /// A key for a lineage whose record holds none yet: the same one on every attempt until a
+    /// record keeps it (a server that processed an unanswered attempt bound the grant to it).
+    fn new_dpop_key(&self) -> Result<DpopKey, String> {
+        let mut pending = lock(&self.pending_dpop);
+        if let Some(key) = pending.as_ref() {
+            return DpopKey::from_stored(key);
+        }
+        let key = DpopKey::generate()?;
+        *pending = Some(key.stored().clone());
+        Ok(key)
     }
 
     /// Send the token request, under the store lock (kept alive meanwhile). A redemption that
@@ -284,7 +296,10 @@ impl Refresher {
             }
             let obtained = if self.endpoint.spends(refresh_token) {
                 // A shutdown waits for its answer: the server may rotate on receiving it.
-                *lock(&self.in_the_air) = Some(Instant::now() + self.endpoint.longest_request());
+                // With DPoP, a nonce challenge may take a second request.
+                let requests = if self.endpoint.dpop() { 2 } else { 1 };
+                let longest = self.endpoint.longest_request() * requests;
+                *lock(&self.in_the_air) = Some(Instant::now() + longest);
                 let obtained = self.endpoint.obtain(refresh_token, dpop).await;
                 *lock(&self.in_the_air) = None;
                 obtained

@@ -83,6 +83,8 @@ pub(super) struct Refresher {
     /// Turns true when a reload retires the cache; wakes a flight waiting to retry, so the
     /// successor's settings take over at once.
     pub(super) retired: watch::Sender<bool>,
+    /// A DPoP key made for this lineage and not yet kept by a saved record (redeem.rs).
+    pub(super) pending_dpop: Mutex<Option<Secret<String>>>,
 }
 
 impl Refresher {
@@ -135,6 +137,7 @@ impl Refresher {
             lineage_used: AtomicBool::new(false),
             runtime: Handle::try_current().ok(),
             retired: watch::channel(false).0,
+            pending_dpop: Mutex::new(None),
         })
     }
 

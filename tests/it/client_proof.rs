@@ -25,7 +25,7 @@ const RSA_CERT_S256: &str = "eY2lWBQetw590tTWrsHepUELvZKubJ_VoThdC9xM_eU";
 const RSA_CERT_SHA1: &str = "wqltuFe2xm_bcry1Hets3KB9td4";
 
 /// A new EC P-256 key: its PKCS#8 PEM, and the public key as the server registers it.
-fn ec_key() -> (String, Vec<u8>) {
+pub(crate) fn ec_key() -> (String, Vec<u8>) {
     let rng = SystemRandom::new();
     let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
     let pair =
@@ -45,7 +45,7 @@ fn ec_key() -> (String, Vec<u8>) {
 
 use base64::Engine;
 
-fn es256(kid: Option<&str>, public_key: Vec<u8>) -> JwtKey {
+pub(crate) fn es256(kid: Option<&str>, public_key: Vec<u8>) -> JwtKey {
     JwtKey {
         kid: kid.map(str::to_owned),
         alg: "ES256",

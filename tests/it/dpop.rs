@@ -137,3 +137,37 @@ async fn a_server_without_dpop_is_named() {
         answer.text()
     );
 }
+
+/// A client that signs its login (`private_key_jwt`) and a token endpoint that wants a DPoP
+/// nonce: the request sent again with the nonce carries a new assertion too (its `jti` is
+/// single-use, and the strict server refuses one seen before).
+#[tokio::test]
+async fn a_nonce_challenge_gets_a_fresh_client_assertion_too() {
+    use tollgate_sim::identity::ClientAuthRule;
+    let dir = tempfile::tempdir().unwrap();
+    let (pem, public) = crate::client_proof::ec_key();
+    let key_file = dir.path().join("key.pem");
+    std::fs::write(&key_file, &pem).unwrap();
+    let h = Harness::start(Setup {
+        extra_auth: format!(
+            "dpop = true\nclient_auth = \"private_key_jwt\"\nprivate_key_file = \"{}\"",
+            key_file.display()
+        ),
+        ..dpop_setup(IdentityConfig {
+            client_auth: ClientAuthRule::PrivateKeyJwt,
+            jwt_keys: vec![crate::client_proof::es256(None, public)],
+            dpop_nonce: true,
+            ..IdentityConfig::default()
+        })
+    })
+    .await;
+    for round in 0..2 {
+        let answer = h.get(&format!("/signed/{round}")).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        h.identity.rotate_dpop_nonce();
+        h.identity.expire_access_tokens();
+    }
+    assert_eq!(h.identity.counters().dpop_challenges, 2);
+    assert_eq!(h.identity.last_assertion_key(), Some(Some(0)));
+    h.assert_lineage_intact();
+}

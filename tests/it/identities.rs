@@ -36,9 +36,16 @@ fn with_users(h: &Harness, text: &str, own: &str) -> (String, [usize; 3]) {
         h.identity.issue_refresh_token(),
         h.identity.issue_refresh_token(),
     );
-    let text = format!(
-        r#"{text}
-[upstream.inbound]
+    let text = format!("{text}\n{}", users_toml(&alice, &bob));
+    let grant = |seed: &str| h.identity.grant_of_refresh_token(seed).unwrap();
+    (text, [grant(own), grant(&alice), grant(&bob)])
+}
+
+/// The keys of [`KEYS`] and identities `alice` and `bob` seeded with `alice` and `bob`: `etl`
+/// reaches the API as alice, `reports` as bob, `tool` as the upstream's own user.
+fn users_toml(alice: &str, bob: &str) -> String {
+    format!(
+        r#"[upstream.inbound]
 keys = [
   {{ name = "etl", key = "{}", identity = "alice" }},
   {{ name = "reports", key = "{}", identity = "bob" }},
@@ -54,9 +61,7 @@ name = "bob"
 refresh_token = "{bob}"
 "#,
         KEYS[0].1, KEYS[1].1, KEYS[2].1
-    );
-    let grant = |seed: &str| h.identity.grant_of_refresh_token(seed).unwrap();
-    (text, [grant(own), grant(&alice), grant(&bob)])
+    )
 }
 
 async fn get_as(h: &Harness, key: &str, path: &str) -> Answer {
@@ -442,30 +447,10 @@ async fn erpnet_preset_limits_each_identity_as_a_session() {
         sim.identity.issue_refresh_token(),
     );
     let text = format!(
-        r#"[state]
-store = "file:{}"
-
-{}
-[upstream.inbound]
-keys = [
-  {{ name = "etl", key = "{}", identity = "alice" }},
-  {{ name = "reports", key = "{}", identity = "bob" }},
-  {{ name = "tool", key = "{}" }},
-]
-
-[[upstream.identity]]
-name = "alice"
-refresh_token = "{alice}"
-
-[[upstream.identity]]
-name = "bob"
-refresh_token = "{bob}"
-"#,
+        "[state]\nstore = \"file:{}\"\n\n{}\n{}",
         state.path().display(),
         sim.upstream_toml("p", "127.0.0.1:0"),
-        KEYS[0].1,
-        KEYS[1].1,
-        KEYS[2].1,
+        users_toml(&alice, &bob)
     );
     let config = tollgate::config::Config::parse(&text, "t.toml", |_| None).unwrap();
     let filled = &config.upstreams[0].preset_filled;

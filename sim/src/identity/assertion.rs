@@ -10,8 +10,6 @@
 //!
 //! Must not: touch anything but the `jti`s it is given to remember.
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-use base64::Engine;
 use ring::signature::{self, UnparsedPublicKey};
 use std::collections::HashMap;
 
@@ -67,25 +65,14 @@ pub(super) fn verify(
         .get("client_assertion")
         .map(String::as_str)
         .unwrap_or_default();
-    let mut parts = jwt.split('.');
-    let (Some(h), Some(c), Some(s), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(refuse("not a JWS in compact form"));
-    };
-    let json = |part: &str| -> Option<serde_json::Value> {
-        serde_json::from_slice(&B64.decode(part).ok()?).ok()
-    };
-    let (Some(header), Some(claims), Ok(sig)) = (json(h), json(c), B64.decode(s)) else {
-        return Err(refuse("a part is not base64url JSON"));
-    };
+    let jws = crate::jws::parse(jwt).map_err(refuse)?;
+    let (header, claims, sig, signed) = (&jws.header, &jws.claims, &jws.signature, jws.signed);
     let alg = header["alg"].as_str().unwrap_or_default();
     if !allowed.contains(&alg) {
         return Err(refuse(&format!(
             "alg `{alg}` is not accepted for this client"
         )));
     }
-    let signed = &jwt.as_bytes()[..h.len() + 1 + c.len()];
     let verified = match alg {
         "HS256" => {
             let key =
@@ -93,7 +80,7 @@ pub(super) fn verify(
             ring::hmac::verify(&key, signed, &sig).map(|()| None).ok()
         }
         "ES256" | "RS256" | "EdDSA" => {
-            let keys = registered_keys(config, &header, alg).map_err(|why| refuse(&why))?;
+            let keys = registered_keys(config, header, alg).map_err(|why| refuse(&why))?;
             let algorithm: &dyn signature::VerificationAlgorithm = match alg {
                 "ES256" => &signature::ECDSA_P256_SHA256_FIXED,
                 "RS256" => &signature::RSA_PKCS1_2048_8192_SHA256,
@@ -187,6 +174,8 @@ mod tests {
     use super::super::test_support::{call, form_request, start};
     use super::super::{ClientAuthRule, IdentityConfig, IdentitySim};
     use super::*;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use base64::Engine;
     use http::StatusCode;
     use http_body_util::Full;
     use ring::rand::SystemRandom;

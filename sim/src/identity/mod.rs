@@ -240,6 +240,7 @@ struct State {
     dpop_jtis: HashMap<String, u64>,
     access_jkt: HashMap<String, String>,
     dpop_nonce: String,
+    api_dpop_nonce: String,
 }
 
 #[derive(Debug)]
@@ -345,8 +346,7 @@ impl IdentitySim {
         }
     }
 
-    /// The nonce DPoP proofs must carry where one is wanted (the token endpoint's and the
-    /// API's alike).
+    /// The nonce the token endpoint wants in DPoP proofs.
     pub fn dpop_nonce(&self) -> String {
         let mut state = self.state();
         if state.dpop_nonce.is_empty() {
@@ -355,9 +355,21 @@ impl IdentitySim {
         state.dpop_nonce.clone()
     }
 
-    /// A new nonce: proofs with the old one are answered `use_dpop_nonce`.
+    /// The nonce the API wants in DPoP proofs (another than the token endpoint's).
+    pub fn api_dpop_nonce(&self) -> String {
+        let mut state = self.state();
+        if state.api_dpop_nonce.is_empty() {
+            state.api_dpop_nonce = random_token("an_");
+        }
+        state.api_dpop_nonce.clone()
+    }
+
+    /// New nonces, the token endpoint's and the API's: proofs with the old ones are answered
+    /// `use_dpop_nonce`.
     pub fn rotate_dpop_nonce(&self) {
-        self.state().dpop_nonce = random_token("n_");
+        let mut state = self.state();
+        state.dpop_nonce = random_token("n_");
+        state.api_dpop_nonce = random_token("an_");
     }
 
     /// The DPoP key (thumbprint) `access_token` is bound to, if it is.
