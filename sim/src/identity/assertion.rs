@@ -77,7 +77,7 @@ pub(super) fn verify(
         "HS256" => {
             let key =
                 ring::hmac::Key::new(ring::hmac::HMAC_SHA256, config.client_secret.as_bytes());
-            ring::hmac::verify(&key, signed, &sig).map(|()| None).ok()
+            ring::hmac::verify(&key, signed, sig).map(|()| None).ok()
         }
         "ES256" | "RS256" | "EdDSA" => {
             let keys = registered_keys(config, header, alg).map_err(|why| refuse(&why))?;
@@ -90,7 +90,7 @@ pub(super) fn verify(
                 .find(|i| {
                     let key = &config.jwt_keys[*i].public_key;
                     UnparsedPublicKey::new(algorithm, key)
-                        .verify(signed, &sig)
+                        .verify(signed, sig)
                         .is_ok()
                 })
                 .map(Some)

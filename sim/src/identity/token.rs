@@ -752,4 +752,37 @@ mod tests {
         assert_eq!(sim.counters().refreshes, 1);
         assert_eq!(sim.counters().reuse_detected, 0);
     }
+
+    /// tls_client_auth: the registered certificate and client_id, nothing else; a missing or
+    /// another certificate, or a secret beside it, is refused.
+    #[tokio::test]
+    async fn a_certificate_client_is_known_by_its_certificate_alone() {
+        let config = IdentityConfig {
+            client_auth: ClientAuthRule::Tls,
+            tls_client_s256: Some("registered".into()),
+            ..IdentityConfig::default()
+        };
+        let (sim, _server) = start(config).await;
+        let form = "grant_type=client_credentials&client_id=tollgate-test";
+        let send = |cert: Option<&str>, body: &str| {
+            let mut request = form_request(&sim);
+            if let Some(cert) = cert {
+                request = request.header(crate::identity::CLIENT_CERT_HEADER, cert);
+            }
+            call(request.body(Full::from(body.to_owned())).unwrap())
+        };
+        assert_eq!(send(Some("registered"), form).await.status, StatusCode::OK);
+        let missing = send(None, form).await;
+        assert_eq!(missing.status, StatusCode::UNAUTHORIZED);
+        assert!(
+            missing.text.contains("no client certificate"),
+            "{}",
+            missing.text
+        );
+        let other = send(Some("another"), form).await;
+        assert_eq!(other.status, StatusCode::UNAUTHORIZED);
+        let with_secret = format!("{form}&client_secret=s3cret");
+        let both = send(Some("registered"), &with_secret).await;
+        assert_eq!(both.status, StatusCode::BAD_REQUEST);
+    }
 }
