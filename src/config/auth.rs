@@ -35,6 +35,8 @@ pub struct AuthConfig {
     pub certificate_file: Option<PathBuf>,
     /// The assertions' `aud`: the token endpoint unless set (some servers want their issuer).
     pub assertion_audience: Option<String>,
+    /// `private_key_jwt` with an RSA key: `PS256` instead of `RS256` (Entra ID's current form).
+    pub assertion_alg: Option<String>,
     /// RFC 9449: tokens bound to a key of tollgate's (one per lineage, kept in its record),
     /// with a DPoP proof on every token request and every API request.
     #[serde(default)]

@@ -458,6 +458,9 @@ fn describe_auth(
         if let Some(kid) = &a.key_id {
             line("auth.key_id", kid.clone());
         }
+        if let Some(alg) = &a.assertion_alg {
+            line("auth.assertion_alg", alg.clone());
+        }
         if let Some(audience) = &a.assertion_audience {
             line("auth.assertion_audience", audience.clone());
         }

@@ -465,7 +465,15 @@ fn check_key_files(auth: &AuthConfig, report: &mut Report<'_>) {
     use crate::token::assertion::{thumbprints, Signer};
     if let Some(path) = &auth.private_key_file {
         let problem = match std::fs::read(path) {
-            Ok(pem) => Signer::private_key(&pem).err(),
+            Ok(pem) => match Signer::private_key(&pem) {
+                Ok(signer) => {
+                    if let Err(e) = signer.with_alg(auth.assertion_alg.as_deref()) {
+                        report.at("auth.assertion_alg", e);
+                    }
+                    None
+                }
+                Err(e) => Some(e),
+            },
             Err(e) => Some(format!("cannot be read ({e})")),
         };
         if let Some(problem) = problem {
@@ -565,6 +573,11 @@ fn check_client(auth: &AuthConfig, report: &mut Report<'_>) {
         (
             "key_id",
             auth.key_id.is_some(),
+            ClientAuth::PrivateKeyJwt == auth.client_auth,
+        ),
+        (
+            "assertion_alg",
+            auth.assertion_alg.is_some(),
             ClientAuth::PrivateKeyJwt == auth.client_auth,
         ),
         (

@@ -11,6 +11,8 @@
 //! upstream is counted by the quota just before it happens, and every upstream answer is shown
 //! to it (a 429 holds the upstream back).
 
+mod dpop;
+
 use crate::body::{self, BodyError, Budget, Buffered, Held, Pace, Paced, RequestBody, Verdict};
 use crate::config::UpstreamConfig;
 use crate::counters::{KeyCounts, RequestStats};
@@ -83,8 +85,6 @@ struct Trace {
     /// Fingerprint of the token generation last sent.
     token: Option<String>,
 }
-
-mod dpop;
 
 /// The parts of a request kept for a possible replay.
 struct Replay {

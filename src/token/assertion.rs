@@ -2,7 +2,7 @@
 //! JWT the client signs, sent as `client_assertion` with `client_assertion_type`.
 //!
 //! - `private_key_jwt`: signed with the client's private key, PKCS#8 PEM (or PKCS#1 for RSA):
-//!   EC P-256 → ES256, RSA → RS256, Ed25519 → EdDSA. `key_id` goes in the header as `kid`; a
+//!   EC P-256 → ES256, RSA → RS256 (or PS256 with `assertion_alg`), Ed25519 → EdDSA. `key_id` goes in the header as `kid`; a
 //!   `certificate_file` puts its SHA-1 and SHA-256 thumbprints there as `x5t` and `x5t#S256`
 //!   (Entra ID identifies a certificate credential by them).
 //! - `client_secret_jwt`: HS256 with the client secret as the key (RFC 7518 §3.2: at least 32
@@ -41,7 +41,11 @@ const MIN_SECRET: usize = 32;
 /// A key that signs assertions.
 pub enum Signer {
     Es256(EcdsaKeyPair),
-    Rs256(RsaKeyPair),
+    /// RS256, or PS256 (RSASSA-PSS) when `pss`.
+    Rsa {
+        key: RsaKeyPair,
+        pss: bool,
+    },
     EdDsa(Ed25519KeyPair),
     Hs256(ring::hmac::Key),
 }
@@ -69,15 +73,34 @@ impl Signer {
                 if let Ok(key) = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der) {
                     return Ok(Signer::EdDsa(key));
                 }
-                RsaKeyPair::from_pkcs8(der).map(Signer::Rs256).map_err(|e| {
+                RsaKeyPair::from_pkcs8(der).map(Signer::rsa).map_err(|e| {
                     format!("is not an EC P-256, RSA (2048 bits or more) or Ed25519 key ({e})")
                 })
             }
             PrivateKeyDer::Pkcs1(der) => RsaKeyPair::from_der(der.secret_pkcs1_der())
-                .map(Signer::Rs256)
+                .map(Signer::rsa)
                 .map_err(|e| format!("is not a usable RSA key ({e})")),
             PrivateKeyDer::Sec1(_) => Err("is an EC key in SEC1 form (-----BEGIN EC PRIVATE KEY-----): convert it to PKCS#8 with `openssl pkcs8 -topk8 -nocrypt -in KEY -out KEY.pk8`".into()),
             _ => Err("is a private key of a kind tollgate cannot sign with".into()),
+        }
+    }
+
+    fn rsa(key: RsaKeyPair) -> Signer {
+        Signer::Rsa { key, pss: false }
+    }
+
+    /// The same key signing with `alg` (`assertion_alg`), when it can: an RSA key signs RS256
+    /// or PS256, any key its own algorithm.
+    pub fn with_alg(self, alg: Option<&str>) -> Result<Signer, String> {
+        match (self, alg) {
+            (signer, None) => Ok(signer),
+            (Signer::Rsa { key, .. }, Some("RS256")) => Ok(Signer::Rsa { key, pss: false }),
+            (Signer::Rsa { key, .. }, Some("PS256")) => Ok(Signer::Rsa { key, pss: true }),
+            (signer, Some(alg)) if signer.alg() == alg => Ok(signer),
+            (signer, Some(alg)) => Err(format!(
+                "assertion_alg = \"{alg}\" cannot be signed with this key, which signs {} (RS256 and PS256 need an RSA key)",
+                signer.alg()
+            )),
         }
     }
 
@@ -94,7 +117,8 @@ impl Signer {
     pub fn alg(&self) -> &'static str {
         match self {
             Signer::Es256(_) => "ES256",
-            Signer::Rs256(_) => "RS256",
+            Signer::Rsa { pss: false, .. } => "RS256",
+            Signer::Rsa { pss: true, .. } => "PS256",
             Signer::EdDsa(_) => "EdDSA",
             Signer::Hs256(_) => "HS256",
         }
@@ -105,7 +129,7 @@ impl Signer {
     pub fn public_key(&self) -> Option<Vec<u8>> {
         match self {
             Signer::Es256(k) => Some(k.public_key().as_ref().to_vec()),
-            Signer::Rs256(k) => Some(k.public_key().as_ref().to_vec()),
+            Signer::Rsa { key, .. } => Some(key.public_key().as_ref().to_vec()),
             Signer::EdDsa(k) => Some(k.public_key().as_ref().to_vec()),
             Signer::Hs256(_) => None,
         }
@@ -116,9 +140,13 @@ impl Signer {
         let failed = |_| "the assertion could not be signed".to_owned();
         Ok(match self {
             Signer::Es256(k) => k.sign(&rng, message).map_err(failed)?.as_ref().to_vec(),
-            Signer::Rs256(k) => {
-                let mut out = vec![0; k.public().modulus_len()];
-                k.sign(&signature::RSA_PKCS1_SHA256, &rng, message, &mut out)
+            Signer::Rsa { key, pss } => {
+                let encoding: &dyn signature::RsaEncoding = match pss {
+                    true => &signature::RSA_PSS_SHA256,
+                    false => &signature::RSA_PKCS1_SHA256,
+                };
+                let mut out = vec![0; key.public().modulus_len()];
+                key.sign(encoding, &rng, message, &mut out)
                     .map_err(failed)?;
                 out
             }
@@ -292,6 +320,10 @@ mod tests {
         assert!(Signer::private_key(b"not a key")
             .unwrap_err()
             .contains("PKCS#8"));
+        let ec = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng);
+        let ec = Signer::private_key(&pem("PRIVATE KEY", ec.unwrap().as_ref())).unwrap();
+        let refused = ec.with_alg(Some("PS256")).unwrap_err();
+        assert!(refused.contains("which signs ES256"), "{refused}");
         let sec1 = pem("EC PRIVATE KEY", &[0x30, 0x00]);
         assert!(Signer::private_key(&sec1)
             .unwrap_err()

@@ -120,7 +120,8 @@ impl TokenEndpoint {
                     .as_deref()
                     .unwrap_or(std::path::Path::new(""));
                 let signer = Signer::private_key(pem.expose())
-                    .map_err(|e| format!("auth.private_key_file {}: {e}", shown.display()))?;
+                    .map_err(|e| format!("auth.private_key_file {}: {e}", shown.display()))?
+                    .with_alg(auth.assertion_alg.as_deref())?;
                 Some(Arc::new(signer))
             }
             (ClientAuth::PrivateKeyJwt, None) => {

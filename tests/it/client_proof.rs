@@ -139,6 +139,15 @@ async fn private_key_jwt_with_a_certificate_sends_its_thumbprints() {
     assert_eq!(answer.status, 200, "{}", answer.text());
     assert_eq!(h.identity.last_assertion_key(), Some(Some(0)));
 
+    // PS256 with the same key, as Entra ID's current docs show it.
+    let pss = JwtKey {
+        alg: "PS256",
+        ..registered.clone()
+    };
+    let h = with_keys(vec![pss], format!("{auth}\nassertion_alg = \"PS256\"")).await;
+    let answer = h.get("/entra-pss").await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+
     // Without the certificate the server cannot tell which key signed: refused, and said so.
     let without = with_keys(
         vec![registered],

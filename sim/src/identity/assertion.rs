@@ -29,8 +29,8 @@ const SKEW_S: u64 = 5;
 #[derive(Debug, Clone)]
 pub struct JwtKey {
     pub kid: Option<String>,
-    /// `ES256` (an uncompressed P-256 point), `RS256` (an RSAPublicKey, DER) or `EdDSA` (the
-    /// 32 bytes).
+    /// `ES256` (an uncompressed P-256 point), `RS256` or `PS256` (an RSAPublicKey, DER) or
+    /// `EdDSA` (the 32 bytes).
     pub alg: &'static str,
     pub public_key: Vec<u8>,
     /// When the key was registered with a certificate: its SHA-256 thumbprint (base64url),
@@ -79,11 +79,12 @@ pub(super) fn verify(
                 ring::hmac::Key::new(ring::hmac::HMAC_SHA256, config.client_secret.as_bytes());
             ring::hmac::verify(&key, signed, sig).map(|()| None).ok()
         }
-        "ES256" | "RS256" | "EdDSA" => {
+        "ES256" | "RS256" | "PS256" | "EdDSA" => {
             let keys = registered_keys(config, header, alg).map_err(|why| refuse(&why))?;
             let algorithm: &dyn signature::VerificationAlgorithm = match alg {
                 "ES256" => &signature::ECDSA_P256_SHA256_FIXED,
                 "RS256" => &signature::RSA_PKCS1_2048_8192_SHA256,
+                "PS256" => &signature::RSA_PSS_2048_8192_SHA256,
                 _ => &signature::ED25519,
             };
             keys.into_iter()

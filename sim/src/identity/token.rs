@@ -34,7 +34,7 @@ impl IdentitySim {
     ) -> Result<(), OAuthError> {
         let config = &self.inner.config;
         let allowed: &[&str] = match config.client_auth {
-            ClientAuthRule::PrivateKeyJwt => &["ES256", "RS256", "EdDSA"],
+            ClientAuthRule::PrivateKeyJwt => &["ES256", "RS256", "PS256", "EdDSA"],
             ClientAuthRule::ClientSecretJwt => &["HS256"],
             _ => {
                 return Err(super::wire::unauthorized_client(
