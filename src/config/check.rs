@@ -1,11 +1,11 @@
-//! `tollgate check`: the resolved settings, one per line, secrets shown as `[redacted]`; and
-//! the warnings about settings that work but deserve a second look.
+//! `tollgate check`: the resolved settings, one per line, secrets shown as `[redacted]` (its
+//! warnings are [`super::warnings`]).
 //!
 //! Must not: print a secret, or the value of a `${NAME}` (it may be one): a token URL's query
 //! value that names a variable shows as `[redacted]` ([`shown_url`]).
 
 use super::values::show_size;
-use super::{AuthConfig, Config, Grant, QuotaConfig, RedisUrl, StateConfig, StoreLocation};
+use super::{AuthConfig, Config, Grant, QuotaConfig, StateConfig, StoreLocation};
 use url::Url;
 
 impl QuotaConfig {
@@ -218,53 +218,6 @@ impl Config {
         }
         out
     }
-
-    /// Settings that work but deserve a second look.
-    pub fn warnings(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if let Some(admin) = self.admin.as_ref().filter(|a| a.key.is_none()) {
-            if !admin.listen.ip().is_loopback() {
-                out.push(format!(
-                    "[admin] listens on {} without a key: anyone who reaches it can read the status page, /status and /metrics (upstreams, quotas, inbound key names); listen on 127.0.0.1, or set [admin] key = \"${{ADMIN_KEY}}\"",
-                    admin.listen
-                ));
-            }
-        }
-        if let Ok(StoreLocation::Redis(redis)) = self.state.location() {
-            out.extend(redis_warnings(&redis));
-            if self.state.key.is_none() {
-                out.push(format!(
-                    "state.store {} holds the refresh tokens unsealed: anyone with the Redis password, and every backup or replica of it, can read and redeem them; set [state] key (see docs/security.md, \"Sealed token records\")",
-                    redis.shown
-                ));
-            }
-        }
-        for up in &self.upstreams {
-            if !up.listen.ip().is_loopback() && up.tls.is_none() {
-                out.push(format!(
-                    "upstream `{}` listens on {} over plain HTTP: inbound keys cross the network unencrypted; put it behind TLS or a trusted network",
-                    up.name, up.listen
-                ));
-            }
-            if up.auth.grant == crate::config::Grant::RefreshToken
-                && up.auth.refresh_token.is_none()
-            {
-                out.push(format!(
-                    "upstream `{0}` has no refresh token in the config (auth.refresh_token is unset or empty): unless `tollgate login {0}` has stored one, run it before `serve` can call the API",
-                    up.name
-                ));
-            }
-            for (key, url) in [("url", &up.url), ("auth.token_url", &up.auth.token_url)] {
-                if url.scheme() == "http" && !is_loopback_host(url) {
-                    out.push(format!(
-                        "upstream `{}` {key} uses plain http to a remote host: credentials cross the network unencrypted",
-                        up.name
-                    ));
-                }
-            }
-        }
-        out
-    }
 }
 
 /// Which credentials an identity gives, by name (never their values).
@@ -294,46 +247,6 @@ fn redacted(set: bool) -> String {
         "[redacted]".into()
     } else {
         "(not set)".into()
-    }
-}
-
-/// A Redis store on another machine without TLS, or without a password.
-fn redis_warnings(redis: &RedisUrl) -> Vec<String> {
-    let Ok(url) = Url::parse(redis.url.expose()) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    // A redis:// host is opaque to `url` (not a special scheme): its IP is parsed here.
-    let host = url.host_str().unwrap_or_default();
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-    {
-        return out;
-    }
-    if url.scheme() == "redis" {
-        out.push(format!(
-            "state.store {} uses redis:// (no TLS) to a remote host: access tokens and refresh tokens cross the network readable; use rediss:// (Redis with TLS)",
-            redis.shown
-        ));
-    }
-    if url.password().is_none_or(str::is_empty) {
-        out.push(format!(
-            "state.store {} has no password: anyone who reaches that port can read the refresh tokens and redeem them; give Redis a password (requirepass) and write it as redis://:${{REDIS_PASSWORD}}@HOST:PORT/DB",
-            redis.shown
-        ));
-    }
-    out
-}
-
-fn is_loopback_host(url: &Url) -> bool {
-    match url.host() {
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        None => false,
     }
 }
 

@@ -26,6 +26,7 @@ pub mod presets;
 mod schema;
 mod validate;
 mod values;
+mod warnings;
 
 pub use auth::{AuthConfig, ClientAuth, Grant};
 pub use files::{ClientCert, UpstreamFiles};

@@ -3,25 +3,12 @@
 //! that cannot be guessed, limits in range.
 //! Every problem is reported, not only the first.
 
+use super::auth::{check_auth, check_cert_pair};
 use super::StoreLocation;
-use super::{
-    AdminConfig, AuthConfig, ClientAuth, Config, Grant, Problem, QuotaConfig, StateConfig,
-};
+use super::{AdminConfig, Config, Problem, QuotaConfig, StateConfig};
 use super::{Budget, UpstreamConfig, MIN_KEY_LEN};
 use std::collections::HashSet;
 use std::time::Duration;
-
-/// Form fields that tollgate sets itself; `params` may not override them.
-const RESERVED_PARAMS: &[&str] = &[
-    "grant_type",
-    "client_id",
-    "client_secret",
-    "refresh_token",
-    "scope",
-    "code",
-    "username",
-    "password",
-];
 
 impl Config {
     /// Checks that span several keys or that types alone cannot express.
@@ -154,13 +141,13 @@ fn check_admin(admin: &AdminConfig, report: &mut impl FnMut(&str, String)) {
 }
 
 /// The problems of one upstream, under `upstream[i].`.
-struct Report<'a> {
+pub(super) struct Report<'a> {
     problems: &'a mut Vec<Problem>,
     upstream: usize,
 }
 
 impl Report<'_> {
-    fn at(&mut self, key: &str, message: String) {
+    pub(super) fn at(&mut self, key: &str, message: String) {
         self.problems.push(Problem {
             key: format!("upstream[{}].{key}", self.upstream),
             line: None,
@@ -343,289 +330,6 @@ fn check_target(up: &UpstreamConfig, report: &mut Report<'_>) {
                 "pins the certificate of an https url; this url is plain http".into(),
             );
         }
-    }
-}
-
-/// The keys each grant and client authentication needs, and those it would ignore.
-fn check_auth(auth: &AuthConfig, report: &mut Report<'_>) {
-    let mut require = |set: bool, k: &str, why: &str| {
-        if !set {
-            report.at(
-                k,
-                format!(
-                    "is required with grant = \"{}\"; {why}",
-                    auth.grant.as_str()
-                ),
-            );
-        }
-    };
-    match auth.grant {
-        Grant::WinbooksExchange => {
-            require(
-                auth.username.is_some(),
-                "auth.username",
-                "set it to the e-mail of the WinBooks account",
-            );
-            require(
-                auth.exchange_token.is_some(),
-                "auth.exchange_token",
-                "set it to the exchange token from WinBooks on Web",
-            );
-        }
-        Grant::Password => {
-            require(
-                auth.username.is_some(),
-                "auth.username",
-                "set the user to log in as",
-            );
-            require(
-                auth.password.is_some(),
-                "auth.password",
-                "set it, from the environment: password = \"${VAR}\"",
-            );
-        }
-        Grant::ClientCredentials | Grant::RefreshToken => {}
-    }
-    if auth.grant != Grant::WinbooksExchange {
-        check_client(auth, report);
-    }
-    if auth.grant == Grant::ClientCredentials {
-        if auth.client_auth == ClientAuth::None {
-            report.at(
-                "auth.client_auth",
-                "client_credentials needs a client secret: use \"post\" or \"basic\"".into(),
-            );
-        }
-        if auth.refresh_token.is_some() {
-            report.at(
-                "auth.refresh_token",
-                "is not used by grant = \"client_credentials\"; remove it".into(),
-            );
-        }
-    }
-    for name in auth.params.keys() {
-        if RESERVED_PARAMS.contains(&name.as_str()) {
-            report.at(
-                &format!("auth.params.{name}"),
-                format!("`{name}` is set by tollgate itself; use the auth key instead"),
-            );
-        }
-    }
-    if auth.default_expires_in.is_zero() {
-        report.at("auth.default_expires_in", "must be more than 0s".into());
-    }
-}
-
-/// `client_cert` and `client_key` (below `prefix`): both or neither, readable, a certificate
-/// and its own key.
-fn check_cert_pair(
-    prefix: &str,
-    cert: Option<&std::path::Path>,
-    key: Option<&std::path::Path>,
-    report: &mut Report<'_>,
-) {
-    let (cert, key) = match (cert, key) {
-        (Some(cert), Some(key)) => (cert, key),
-        (Some(_), None) => {
-            return report.at(
-                &format!("{prefix}client_key"),
-                "is required with client_cert: the certificate's private key (PEM)".into(),
-            )
-        }
-        (None, Some(_)) => {
-            return report.at(
-                &format!("{prefix}client_cert"),
-                "is required with client_key: the certificate (PEM, leaf first)".into(),
-            )
-        }
-        (None, None) => return,
-    };
-    let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| format!("{}: cannot be read ({e})", path.display()))
-    };
-    let pair = match (read(cert), read(key)) {
-        (Ok(chain), Ok(key)) => crate::config::ClientCert {
-            chain,
-            key: crate::secret::Secret::new(key),
-        },
-        (Err(e), _) => return report.at(&format!("{prefix}client_cert"), e),
-        (_, Err(e)) => return report.at(&format!("{prefix}client_key"), e),
-    };
-    if let Err(e) = crate::tls::upstream::client_identity(&pair) {
-        report.at(
-            &format!("{prefix}client_cert"),
-            format!("{} with {}: {e}", cert.display(), key.display()),
-        );
-    }
-}
-
-/// `private_key_file` holds a key tollgate can sign with, `certificate_file` a certificate
-/// (their contents are never shown).
-fn check_key_files(auth: &AuthConfig, report: &mut Report<'_>) {
-    use crate::token::assertion::{thumbprints, Signer};
-    if let Some(path) = &auth.private_key_file {
-        let problem = match std::fs::read(path) {
-            Ok(pem) => match Signer::private_key(&pem) {
-                Ok(signer) => {
-                    if let Err(e) = signer.with_alg(auth.assertion_alg.as_deref()) {
-                        report.at("auth.assertion_alg", e);
-                    }
-                    None
-                }
-                Err(e) => Some(e),
-            },
-            Err(e) => Some(format!("cannot be read ({e})")),
-        };
-        if let Some(problem) = problem {
-            report.at(
-                "auth.private_key_file",
-                format!("{}: {problem}", path.display()),
-            );
-        }
-    }
-    if let Some(path) = &auth.certificate_file {
-        let problem = match std::fs::read(path) {
-            Ok(pem) => thumbprints(&pem).err(),
-            Err(e) => Some(format!("cannot be read ({e})")),
-        };
-        if let Some(problem) = problem {
-            report.at(
-                "auth.certificate_file",
-                format!("{}: {problem}", path.display()),
-            );
-        }
-    }
-}
-
-/// The client's id and secret, as `client_auth` sends them.
-fn check_client(auth: &AuthConfig, report: &mut Report<'_>) {
-    let has_secret = auth
-        .client_secret
-        .as_ref()
-        .is_some_and(|s| !s.expose().is_empty());
-    match auth.client_auth {
-        ClientAuth::Post | ClientAuth::Basic if !has_secret => report.at(
-            "auth.client_secret",
-            format!(
-                "is required with client_auth = \"{}\"; set it, or use client_auth = \"none\" for a public client",
-                auth.client_auth.as_str()
-            ),
-        ),
-        ClientAuth::None if auth.client_secret.is_some() => report.at(
-            "auth.client_secret",
-            "is set but client_auth = \"none\" would not send it; use \"post\" or \"basic\""
-                .into(),
-        ),
-        ClientAuth::ClientSecretJwt => {
-            let secret = auth.client_secret.as_ref().map(|s| s.expose().as_str());
-            if let Err(e) = crate::token::assertion::Signer::secret(secret.unwrap_or_default()) {
-                report.at("auth.client_secret", e);
-            }
-        }
-        ClientAuth::Tls => {
-            if auth.client_secret.is_some() {
-                report.at(
-                    "auth.client_secret",
-                    "is not sent with client_auth = \"tls\" (the certificate proves the client); remove it".into(),
-                );
-            }
-            let files = [
-                ("auth.client_cert", &auth.client_cert),
-                ("auth.client_key", &auth.client_key),
-            ];
-            for (key, path) in files {
-                if path.is_none() {
-                    report.at(
-                        key,
-                        format!("is required with client_auth = \"tls\": the PEM file of the client's {}", if key.ends_with("cert") { "certificate (leaf first)" } else { "private key" }),
-                    );
-                }
-            }
-            check_cert_pair("auth.", auth.client_cert.as_deref(), auth.client_key.as_deref(), report);
-        }
-        ClientAuth::PrivateKeyJwt => {
-            check_key_files(auth, report);
-            if auth.private_key_file.is_none() {
-                report.at(
-                    "auth.private_key_file",
-                    "is required with client_auth = \"private_key_jwt\": the PEM file of the key registered with the identity server".into(),
-                );
-            }
-            if auth.client_secret.is_some() {
-                report.at(
-                    "auth.client_secret",
-                    "is not sent with client_auth = \"private_key_jwt\" (the key proves the client); remove it".into(),
-                );
-            }
-        }
-        _ => {}
-    }
-    let jwt = matches!(
-        auth.client_auth,
-        ClientAuth::PrivateKeyJwt | ClientAuth::ClientSecretJwt
-    );
-    let only_with = [
-        (
-            "private_key_file",
-            auth.private_key_file.is_some(),
-            ClientAuth::PrivateKeyJwt == auth.client_auth,
-        ),
-        (
-            "key_id",
-            auth.key_id.is_some(),
-            ClientAuth::PrivateKeyJwt == auth.client_auth,
-        ),
-        (
-            "assertion_alg",
-            auth.assertion_alg.is_some(),
-            ClientAuth::PrivateKeyJwt == auth.client_auth,
-        ),
-        (
-            "certificate_file",
-            auth.certificate_file.is_some(),
-            ClientAuth::PrivateKeyJwt == auth.client_auth,
-        ),
-        ("assertion_audience", auth.assertion_audience.is_some(), jwt),
-        (
-            "client_cert",
-            auth.client_cert.is_some(),
-            auth.client_auth == ClientAuth::Tls,
-        ),
-        (
-            "client_key",
-            auth.client_key.is_some(),
-            auth.client_auth == ClientAuth::Tls,
-        ),
-    ];
-    for name in ["client_assertion", "client_assertion_type"] {
-        if jwt && auth.params.contains_key(name) {
-            report.at(
-                &format!("auth.params.{name}"),
-                format!(
-                    "is made by tollgate with client_auth = \"{}\"; remove it from params",
-                    auth.client_auth.as_str()
-                ),
-            );
-        }
-    }
-    for (key, set, used) in only_with {
-        if set && !used {
-            let with = match key {
-                "assertion_audience" => "\"private_key_jwt\" or \"client_secret_jwt\"",
-                "client_cert" | "client_key" => "\"tls\" (for the API, set them in [[upstream]])",
-                _ => "\"private_key_jwt\"",
-            };
-            report.at(
-                &format!("auth.{key}"),
-                format!("is only used with client_auth = {with}; set client_auth, or remove it"),
-            );
-        }
-    }
-    if auth.client_id.is_empty() {
-        report.at(
-            "auth.client_id",
-            "is required: the client id the identity server issued".into(),
-        );
     }
 }
 

@@ -1,18 +1,17 @@
-//! Calls to the token endpoint: one function per grant and one place for client
-//! authentication (RFC 6749 §2.3.1); what its answers mean is [`super::answer`].
+//! Calls to the token endpoint: one function per grant; how the client proves itself is
+//! [`super::client_auth`], what the answers mean is [`super::answer`].
 //!
 //! It knows nothing of caches, stores or retries: it sends one request and says what came back,
 //! sorted into "final" answers (the grant or client is refused) and transient failures.
 
 use super::answer::{parse_answer, GrantError, Issued};
-use super::assertion::{self, Assertions, Signer};
+use super::assertion;
+use super::client_auth::ClientProof;
 use super::dpop::DpopKey;
 use super::lock;
 use super::scrub::Scrubber;
-use crate::config::{AuthConfig, ClientAuth, Grant, UpstreamConfig, UpstreamFiles};
+use crate::config::{AuthConfig, Grant, UpstreamConfig, UpstreamFiles};
 use crate::secret::Secret;
-use base64::Engine;
-use std::sync::Arc;
 use std::time::Duration;
 use url::Url;
 
@@ -52,25 +51,13 @@ impl Answer {
     }
 }
 
-/// `auth.private_key_file` made ready to sign, and the thumbprints of `auth.certificate_file`.
-#[derive(Clone, Default)]
-struct PrivateKey {
-    signer: Option<Arc<Signer>>,
-    thumbprints: Option<(String, String)>,
-}
-
 /// The token endpoint of one upstream, with its client credentials.
 pub struct TokenEndpoint {
     http: reqwest::Client,
-    /// The upstream's private key for assertions, shared with its identities.
-    key: PrivateKey,
+    /// How the client proves who it is.
+    client: ClientProof,
     url: Url,
     grant: Grant,
-    client_id: String,
-    client_secret: Option<Secret<String>>,
-    client_auth: ClientAuth,
-    /// What signs the client assertions, with `private_key_jwt` or `client_secret_jwt`.
-    assertions: Option<Assertions>,
     /// `auth.dpop`: tokens bound to the lineage's DPoP key.
     dpop: bool,
     /// `htu` of the token endpoint, for DPoP proofs.
@@ -113,81 +100,27 @@ impl TokenEndpoint {
         let http = builder
             .build()
             .map_err(|e| format!("cannot build the token client: {e}"))?;
-        let signer = match (auth.client_auth, &files.private_key) {
-            (ClientAuth::PrivateKeyJwt, Some(pem)) => {
-                let shown = auth
-                    .private_key_file
-                    .as_deref()
-                    .unwrap_or(std::path::Path::new(""));
-                let signer = Signer::private_key(pem.expose())
-                    .map_err(|e| format!("auth.private_key_file {}: {e}", shown.display()))?
-                    .with_alg(auth.assertion_alg.as_deref())?;
-                Some(Arc::new(signer))
-            }
-            (ClientAuth::PrivateKeyJwt, None) => {
-                return Err("client_auth = \"private_key_jwt\" needs auth.private_key_file".into())
-            }
-            _ => None,
-        };
-        let thumbprints = match &files.certificate {
-            Some(pem) => Some(assertion::thumbprints(pem).map_err(|e| {
-                let shown = auth
-                    .certificate_file
-                    .as_deref()
-                    .unwrap_or(std::path::Path::new(""));
-                format!("auth.certificate_file {}: {e}", shown.display())
-            })?),
-            None => None,
-        };
-        let key = PrivateKey {
-            signer,
-            thumbprints,
-        };
-        TokenEndpoint::over(http, auth, key)
+        let client = ClientProof::new(auth, files)?;
+        Ok(TokenEndpoint::over(http, auth, client))
     }
 
     /// The same endpoint asked with `auth` (an identity's), over this one's client: its TLS
     /// settings, its connections and its private key are the upstream's, shared by every
     /// identity.
     pub fn sharing(&self, auth: &AuthConfig) -> Result<TokenEndpoint, String> {
-        TokenEndpoint::over(self.http.clone(), auth, self.key.clone())
+        let client = self.client.sharing(auth)?;
+        Ok(TokenEndpoint::over(self.http.clone(), auth, client))
     }
 
-    fn over(
-        http: reqwest::Client,
-        auth: &AuthConfig,
-        key: PrivateKey,
-    ) -> Result<TokenEndpoint, String> {
-        let audience = match &auth.assertion_audience {
-            Some(audience) => audience.clone(),
-            None => auth.token_url.to_string(),
-        };
-        let key_id = auth.key_id.as_deref();
-        let assertions = match (auth.client_auth, &key.signer) {
-            (ClientAuth::PrivateKeyJwt, Some(signer)) => {
-                let thumbprints = key.thumbprints.as_ref();
-                let signer = Arc::clone(signer);
-                Some(Assertions::new(signer, key_id, thumbprints, &audience))
-            }
-            (ClientAuth::ClientSecretJwt, _) => {
-                let secret = auth.client_secret.as_ref().map(|s| s.expose().as_str());
-                let signer = Arc::new(Signer::secret(secret.unwrap_or_default())?);
-                Some(Assertions::new(signer, key_id, None, &audience))
-            }
-            _ => None,
-        };
-        Ok(TokenEndpoint {
+    fn over(http: reqwest::Client, auth: &AuthConfig, client: ClientProof) -> TokenEndpoint {
+        TokenEndpoint {
             http,
-            key,
-            assertions,
+            client,
             dpop: auth.dpop,
             htu: super::dpop::htu(&auth.token_url),
             dpop_nonce: std::sync::Mutex::new(None),
             url: auth.token_url.clone(),
             grant: auth.grant,
-            client_id: auth.client_id.clone(),
-            client_secret: auth.client_secret.clone(),
-            client_auth: auth.client_auth,
             scope: auth.scope.clone(),
             username: auth.username.clone(),
             password: auth.password.clone(),
@@ -200,7 +133,7 @@ impl TokenEndpoint {
             default_expires_in: auth.default_expires_in,
             timeout: auth.timeout,
             answer_timeout: auth.answer_timeout,
-        })
+        }
     }
 
     /// The longest a token request may take: connecting, then waiting for the answer to one
@@ -363,62 +296,17 @@ impl TokenEndpoint {
         mut fields: Vec<(&str, &str)>,
         dpop: Option<&DpopKey>,
     ) -> Result<(Answer, Scrubber), GrantError> {
-        let assertion = match &self.assertions {
-            Some(assertions) => Some(
-                assertions
-                    .make(&self.client_id, assertion::unix_now())
-                    .map_err(GrantError::transient)?,
-            ),
-            None => None,
-        };
-        let mut request = self
+        let assertion = self.client.assertion()?;
+        let request = self
             .http
             .post(self.url.clone())
             .header(http::header::ACCEPT, "application/json");
-        let secret = self.client_secret.as_ref().map(|s| s.expose().as_str());
-        if self.grant == Grant::WinbooksExchange {
-            // WinBooks: Basic base64(e-mail), no colon, no password.
-            let email = self.username.as_deref().unwrap_or_default();
-            let mut value = http::HeaderValue::from_str(&format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(email)
-            ))
-            .map_err(|_| GrantError::Refused {
-                code: "invalid_username".into(),
-                description: Some("the e-mail cannot be sent in a header".into()),
-            })?;
-            value.set_sensitive(true);
-            request = request.header(http::header::AUTHORIZATION, value);
-        } else {
-            match self.client_auth {
-                ClientAuth::Post => {
-                    fields.push(("client_id", &self.client_id));
-                    fields.push(("client_secret", secret.unwrap_or_default()));
-                }
-                ClientAuth::Basic => {
-                    request = request.header(
-                        http::header::AUTHORIZATION,
-                        basic_credentials(&self.client_id, secret.unwrap_or_default()),
-                    );
-                }
-                // The certificate proves the client (RFC 8705 §2).
-                ClientAuth::None | ClientAuth::Tls => fields.push(("client_id", &self.client_id)),
-                // RFC 7523 §2.2; client_id too, which RFC 7521 §4.2 allows and some servers
-                // (Entra ID) want.
-                ClientAuth::PrivateKeyJwt | ClientAuth::ClientSecretJwt => {
-                    fields.push(("client_id", &self.client_id));
-                    fields.push(("client_assertion_type", assertion::JWT_BEARER));
-                    let jwt = assertion.as_ref().map(|a| a.expose().as_str());
-                    fields.push(("client_assertion", jwt.unwrap_or_default()));
-                }
-            }
-        }
+        let request = self
+            .client
+            .apply(request, &mut fields, assertion.as_ref())?;
         // Identity servers echo what they were sent: every secret of this request, in every
         // form, is cut from the texts of their answer (the code and the verifier of a login
         // too; `redirect_uri` is no secret, but is harmless to cut).
-        let basic = (self.grant != Grant::WinbooksExchange
-            && self.client_auth == ClientAuth::Basic)
-            .then(|| (self.client_id.as_str(), secret.unwrap_or_default()));
         let scrubber = Scrubber::new(
             fields
                 .iter()
@@ -429,8 +317,8 @@ impl TokenEndpoint {
                     )
                 })
                 .map(|(_, v)| *v)
-                .chain(secret),
-            basic,
+                .chain(self.client.secret()),
+            self.client.basic(),
         );
         // A refresh token or a code is spent once the server has the request, whether or not
         // its answer arrives: such a request is never given up on while its answer may come.
@@ -609,17 +497,6 @@ pub fn encode_form(fields: &[(&str, &str)]) -> String {
     form.finish()
 }
 
-/// `Authorization: Basic` value per RFC 6749 §2.3.1: form-encode id and secret, then base64.
-pub fn basic_credentials(id: &str, secret: &str) -> http::HeaderValue {
-    let user: String = form_urlencoded::byte_serialize(id.as_bytes()).collect();
-    let pass: String = form_urlencoded::byte_serialize(secret.as_bytes()).collect();
-    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
-    let mut value = http::HeaderValue::from_str(&format!("Basic {encoded}"))
-        .expect("base64 is always a valid header value");
-    value.set_sensitive(true);
-    value
-}
-
 /// Why a token response's body was not read whole.
 enum Capped {
     CutOff(String),
@@ -639,23 +516,4 @@ async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, Capped>
         body.extend_from_slice(&chunk);
     }
     Ok(body)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn basic_credentials_form_encode_before_base64() {
-        let v = basic_credentials("my.app/first", "a+b/c%d&e=f g");
-        let b64 = v.to_str().unwrap().strip_prefix("Basic ").unwrap();
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .unwrap();
-        assert_eq!(
-            String::from_utf8(raw).unwrap(),
-            "my.app%2Ffirst:a%2Bb%2Fc%25d%26e%3Df+g"
-        );
-        assert!(v.is_sensitive());
-    }
 }

@@ -53,6 +53,7 @@ pub mod answer;
 pub mod assertion;
 mod backoff;
 mod cache;
+mod client_auth;
 mod current;
 pub mod dpop;
 mod flight;
