@@ -13,8 +13,12 @@
 #           BY_CRATE=1 benches/instructions.sh ...   and where a request's instructions go:
 #           each function's own cost, summed by the crate it belongs to (a generic
 #           function goes to the first crate named in it other than core, alloc and std)
+#           BY_FUNCTION=30 benches/instructions.sh ...   and the 30 functions that cost a
+#           request the most, each by its own instructions
+#           WORKERS=1 benches/instructions.sh ...   with one worker thread (default 2, this
+#           machine's cores; one connection, so one of them serves)
 #
-# For each binary: tollgate (`serve --workers 1`, client_credentials from the simulated
+# For each binary: tollgate (`serve --workers 2`, client_credentials from the simulated
 # identity server) in front of nginx (`return 200`), under callgrind, answers N1 and then,
 # in a fresh run, N2 GETs on one keep-alive connection. (I(N2) - I(N1)) / (N2 - N1) is the
 # cost of one request, start-up and shutdown cancelled out.
@@ -100,7 +104,7 @@ client_secret = "$client_secret"
 $dpop_line
 CONF
   RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" \
-    "$1" serve --workers 1 -c "$work/t.toml" 2> "$work/vg.err" &
+    "$1" serve --workers "${WORKERS:-2}" -c "$work/t.toml" 2> "$work/vg.err" &
   local pid=$!
   for _ in $(seq 300); do curl -fs "http://127.0.0.1:$PROXY_PORT/" >/dev/null 2>&1 && break; sleep 0.2; done
   python3 "$work/client.py" "$PROXY_PORT" "$2"
@@ -112,7 +116,7 @@ CONF
 
 # Instructions per request by crate, from the two runs' profiles.
 by_crate() { # N1-profile N2-profile
-  python3 - "$1" "$2" "$((N2 - N1))" <<'PY'
+  python3 - "$1" "$2" "$((N2 - N1))" "${BY_FUNCTION:-0}" <<'PY'
 import re, subprocess, sys
 CRATES = ["tollgate", "hyper_util", "hyper", "h2", "httparse", "http_body", "http", "rustls",
           "aws_lc", "ring", "webpki", "tokio", "mio", "bytes", "tracing", "futures", "governor",
@@ -137,11 +141,21 @@ def costs(path):
             crate = "other"
         by[crate] = by.get(crate, 0) + n
     return by
-a, b, n = costs(sys.argv[1]), costs(sys.argv[2]), int(sys.argv[3])
+def functions(path):
+    out = subprocess.run(["callgrind_annotate", "--auto=no", "--threshold=100", "--show-percs=no", path],
+                         capture_output=True, text=True).stdout
+    by = {}
+    for line in out.splitlines():
+        m = re.match(r"\s*([\d,]+)\s+\S+:(.*?)( \[.*\])?$", line)
+        if m:
+            by[m.group(2)] = by.get(m.group(2), 0) + int(m.group(1).replace(",", ""))
+    return by
+top = int(sys.argv[4])
+a, b, n = (functions if top else costs)(sys.argv[1]), (functions if top else costs)(sys.argv[2]), int(sys.argv[3])
 rows = sorted(((b.get(k, 0) - a.get(k, 0)) / n, k) for k in set(a) | set(b))
-for per, k in reversed(rows):
-    if abs(per) >= 50:
-        print(f"    {k:<24} {per:10,.0f}")
+for per, k in list(reversed(rows))[: top or None]:
+    if abs(per) >= (5 if top else 50):
+        print(f"    {k[:110]:<110} {per:10,.0f}" if top else f"    {k:<24} {per:10,.0f}")
 PY
 }
 
@@ -150,5 +164,5 @@ for bin in "$@"; do
   a=$(count "$bin" "$N1")
   b=$(count "$bin" "$N2")
   printf '%-40s %14s %14s %12s\n' "$bin" "$a" "$b" "$(( (b - a) / (N2 - N1) ))"
-  if [ -n "${BY_CRATE:-}" ]; then by_crate "$work/cg.$N1.out" "$work/cg.$N2.out"; fi
+  if [ -n "${BY_CRATE:-}${BY_FUNCTION:-}" ]; then by_crate "$work/cg.$N1.out" "$work/cg.$N2.out"; fi
 done

@@ -456,12 +456,51 @@ mod tests {
                 });
             }
         });
+        (pool_to(addr, connections), seen)
+    }
+
+    /// A pool of at most `connections` to `addr`, which closes idle ones after 300 ms.
+    fn pool_to(addr: std::net::SocketAddr, connections: usize) -> Pool {
         let authority: http::uri::Authority = addr.to_string().parse().unwrap();
         let connector = Connector::new(&authority, false, None, Duration::from_secs(5)).unwrap();
-        (
-            Pool::new(connector, connections, Duration::from_millis(300)),
-            seen,
-        )
+        Pool::new(connector, connections, Duration::from_millis(300))
+    }
+
+    /// An upstream written by hand, which `serve`s each connection it accepts.
+    async fn raw_upstream<F, R>(serve: F) -> (std::net::SocketAddr, Arc<Seen>)
+    where
+        F: Fn(tokio::net::TcpStream) -> R + Send + Sync + 'static,
+        R: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Seen::default());
+        let counted = Arc::clone(&seen);
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                counted.accepted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(serve(stream));
+            }
+        });
+        (addr, seen)
+    }
+
+    /// Read one request head from `stream`: what came after it.
+    async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+        use tokio::io::AsyncReadExt;
+        let mut read = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            read.extend_from_slice(&buf[..n]);
+            if let Some(end) = read.windows(4).position(|w| w == b"\r\n\r\n") {
+                return Some(read.split_off(end + 4));
+            }
+        }
     }
 
     /// A GET of `path` once a place is free: its response head.
@@ -599,6 +638,63 @@ mod tests {
         assert_eq!(get(&pool, "/").await.0, 200);
         assert_eq!(get(&pool, "/").await.0, 200);
         assert_eq!(seen.accepted.load(Ordering::SeqCst), 4);
+    }
+
+    /// An upstream that closes each connection soon after its answer, without saying so in
+    /// it: nobody polls an idle connection, so the pool reads the close when it checks the
+    /// connection out, and the next request goes on a new one, unharmed.
+    #[tokio::test]
+    async fn an_idle_connection_the_upstream_closed_is_not_used() {
+        use tokio::io::AsyncWriteExt;
+        let (addr, seen) = raw_upstream(|mut stream| async move {
+            if read_head(&mut stream).await.is_some() {
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                let _ = stream.write_all(answer).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let pool = pool_to(addr, 64);
+        for _ in 0..3 {
+            assert_eq!(get(&pool, "/").await, (200, Bytes::from_static(b"ok")));
+            assert_eq!(pool.idle(), 1);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 3);
+    }
+
+    /// An upstream that answers before it reads the request's body: the response ends while
+    /// the body is still being written, and the connection goes back once it is all written.
+    #[tokio::test]
+    async fn a_connection_still_writing_its_body_goes_back_once_written() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const BODY: usize = 4 * 1024 * 1024;
+        let (addr, seen) = raw_upstream(|mut stream| async move {
+            while let Some(after) = read_head(&mut stream).await {
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                stream.write_all(answer).await.unwrap();
+                let mut rest = vec![0u8; BODY - after.len()];
+                stream.read_exact(&mut rest).await.unwrap();
+            }
+        })
+        .await;
+        let pool = pool_to(addr, 1);
+        for _ in 0..3 {
+            let request = Request::post("/upload")
+                .header("host", "upstream")
+                .header("content-length", BODY)
+                .body(RequestBody::full(crate::body::Buffered {
+                    data: Bytes::from(vec![b'x'; BODY]),
+                    trailers: None,
+                }))
+                .unwrap();
+            let permit = pool.permit().await;
+            let response = pool.send(request, permit, |uri| uri.clone()).await.unwrap();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, Bytes::from_static(b"ok"));
+        }
+        until(|| pool.idle() == 1).await;
+        assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
     }
 
     /// Connections unused for the idle timeout are closed; a pool dropped closes its own.

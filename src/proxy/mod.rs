@@ -91,37 +91,41 @@ struct Task {
 impl Proxy {
     /// Bind the listeners of `config` and serve on the caller's runtime (tests, embedding).
     pub async fn start(config: &Config) -> Result<Proxy, StartError> {
-        Proxy::start_with_workers(config, 1).await
+        Proxy::start_inner(config, None, Clock::system()).await
     }
 
     /// Bind the listeners of `config` and serve them on `workers` threads.
     ///
-    /// With more than one worker, each is an OS thread with its own single-threaded runtime,
+    /// Each worker is an OS thread with its own single-threaded runtime,
     /// its own `SO_REUSEPORT` socket per listener and its own upstream connection pool, so a
     /// request is accepted, forwarded and answered on one thread without cross-thread wakeups
     /// (the event-loop-per-core model nginx uses). The token caches are shared and lock-free.
     pub async fn start_with_workers(config: &Config, workers: usize) -> Result<Proxy, StartError> {
-        Proxy::start_inner(config, workers, Clock::system()).await
+        Proxy::start_inner(config, Some(workers), Clock::system()).await
     }
 
     /// [`Proxy::start`] with quotas that read `clock`: tests move it to pass a day or a minute.
     pub async fn start_with_clock(config: &Config, clock: Clock) -> Result<Proxy, StartError> {
-        Proxy::start_inner(config, 1, clock).await
+        Proxy::start_inner(config, None, clock).await
     }
 
+    /// `workers`: threads of their own, or `None` for the caller's runtime.
     async fn start_inner(
         config: &Config,
-        workers: usize,
+        workers: Option<usize>,
         clock: Clock,
     ) -> Result<Proxy, StartError> {
         let store = store::open(&config.state).map_err(|e| match e {
             store::StoreError::Location(message) => StartError::StoreLocation(message),
             other => StartError::Store(other),
         })?;
-        let workers = Workers::start(workers).map_err(|e| StartError::Upstream {
-            upstream: "*".into(),
-            reason: format!("cannot start the worker threads: {e}"),
-        })?;
+        let workers = match workers {
+            None => Workers::current(),
+            Some(count) => Workers::start(count).map_err(|e| StartError::Upstream {
+                upstream: "*".into(),
+                reason: format!("cannot start the worker threads: {e}"),
+            })?,
+        };
         let heartbeat = match store.health() {
             Some(health) => {
                 tracing::info!(store = %health.store, replica = %health.replica, "sharing the state store with other replicas");

@@ -55,11 +55,12 @@ impl Workers {
         }
     }
 
-    /// `count` threads of their own; with 1, the caller's runtime serves (tests, embedding).
+    /// `count` threads of their own (at least one). One thread serves too, rather than the
+    /// caller's runtime: requests then run on a single-threaded runtime as with more, which
+    /// costs about 1,100 instructions a request less than the caller's multi-threaded one
+    /// (its scheduler times every poll; benches/instructions.sh, BENCHMARKS.md).
     pub fn start(count: usize) -> std::io::Result<Workers> {
-        if count <= 1 {
-            return Ok(Workers::current());
-        }
+        let count = count.max(1);
         let (exit, _) = watch::channel(false);
         let mut workers = Workers {
             handles: Vec::with_capacity(count),
