@@ -641,8 +641,8 @@ mod tests {
     }
 
     /// An upstream that closes each connection soon after its answer, without saying so in
-    /// it: nobody polls an idle connection, so the pool reads the close when it checks the
-    /// connection out, and the next request goes on a new one, unharmed.
+    /// it: the closed connection is not used again, and the next request goes on a new one,
+    /// unharmed.
     #[tokio::test]
     async fn an_idle_connection_the_upstream_closed_is_not_used() {
         use tokio::io::AsyncWriteExt;

@@ -57,7 +57,7 @@ impl Workers {
 
     /// `count` threads of their own (at least one). One thread serves too, rather than the
     /// caller's runtime: requests then run on a single-threaded runtime as with more, which
-    /// costs about 1,100 instructions a request less than the caller's multi-threaded one
+    /// costs 860 to 1,100 instructions a request less than the caller's multi-threaded one
     /// (its scheduler times every poll; benches/instructions.sh, BENCHMARKS.md).
     pub fn start(count: usize) -> std::io::Result<Workers> {
         let count = count.max(1);
