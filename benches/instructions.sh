@@ -121,11 +121,12 @@ import re, subprocess, sys
 CRATES = ["tollgate", "hyper_util", "hyper", "h2", "httparse", "http_body", "http", "rustls",
           "aws_lc", "ring", "webpki", "tokio", "mio", "bytes", "tracing", "futures", "governor",
           "smallvec", "serde", "arc_swap"]
+def annotate(path):
+    return subprocess.run(["callgrind_annotate", "--auto=no", "--threshold=100", "--show-percs=no", path],
+                          capture_output=True, text=True).stdout.splitlines()
 def costs(path):
-    out = subprocess.run(["callgrind_annotate", "--auto=no", "--threshold=100", "--show-percs=no", path],
-                         capture_output=True, text=True).stdout
     by = {}
-    for line in out.splitlines():
+    for line in annotate(path):
         m = re.match(r"\s*([\d,]+)\s+(.*)$", line)
         if not m or ":" not in m.group(2):
             continue
@@ -142,10 +143,8 @@ def costs(path):
         by[crate] = by.get(crate, 0) + n
     return by
 def functions(path):
-    out = subprocess.run(["callgrind_annotate", "--auto=no", "--threshold=100", "--show-percs=no", path],
-                         capture_output=True, text=True).stdout
     by = {}
-    for line in out.splitlines():
+    for line in annotate(path):
         m = re.match(r"\s*([\d,]+)\s+\S+:(.*?)( \[.*\])?$", line)
         if m:
             by[m.group(2)] = by.get(m.group(2), 0) + int(m.group(1).replace(",", ""))

@@ -412,50 +412,36 @@ mod tests {
     async fn upstream_with(connections: usize) -> (Pool, Arc<Seen>) {
         use http_body_util::{Full, StreamBody};
         type Out = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen = Arc::new(Seen::default());
-        let counted = Arc::clone(&seen);
-        tokio::spawn(async move {
-            loop {
-                let (stream, _) = listener.accept().await.unwrap();
-                counted.accepted.fetch_add(1, Ordering::SeqCst);
-                counted.open.fetch_add(1, Ordering::SeqCst);
-                let open = Open(Arc::clone(&counted));
-                tokio::spawn(async move {
-                    let service =
-                        hyper::service::service_fn(|request: Request<Incoming>| async move {
-                            let response = match request.uri().path() {
-                                "/empty" => Response::builder().status(204).body(Out::default()),
-                                "/big" => {
-                                    let chunks = (0..64).map(|_| {
-                                        Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(
-                                            vec![b'x'; 64 * 1024],
-                                        )))
-                                    });
-                                    let stream = futures_util::stream::iter(chunks);
-                                    Response::builder()
-                                        .body(BodyExt::boxed(StreamBody::new(stream)))
-                                }
-                                "/big-head" => Response::builder()
-                                    .header("x-big", "x".repeat(2 * MAX_RESPONSE_HEAD))
-                                    .body(Out::default()),
-                                "/close" => Response::builder()
-                                    .header("connection", "close")
-                                    .body(BodyExt::boxed(Full::new(Bytes::from_static(b"bye")))),
-                                _ => Response::builder()
-                                    .body(BodyExt::boxed(Full::new(Bytes::from_static(b"ok")))),
-                            };
-                            Ok::<_, std::convert::Infallible>(response.unwrap())
-                        });
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, service)
-                        .await;
-                    drop(open);
-                });
-            }
+        let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
+            let response = match request.uri().path() {
+                "/empty" => Response::builder().status(204).body(Out::default()),
+                "/big" => {
+                    let chunks = (0..64).map(|_| {
+                        Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![
+                            b'x';
+                            64 * 1024
+                        ])))
+                    });
+                    let stream = futures_util::stream::iter(chunks);
+                    Response::builder().body(BodyExt::boxed(StreamBody::new(stream)))
+                }
+                "/big-head" => Response::builder()
+                    .header("x-big", "x".repeat(2 * MAX_RESPONSE_HEAD))
+                    .body(Out::default()),
+                "/close" => Response::builder()
+                    .header("connection", "close")
+                    .body(BodyExt::boxed(Full::new(Bytes::from_static(b"bye")))),
+                _ => Response::builder().body(BodyExt::boxed(Full::new(Bytes::from_static(b"ok")))),
+            };
+            Ok::<_, std::convert::Infallible>(response.unwrap())
         });
+        let (addr, seen) = raw_upstream(move |stream| async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await;
+        })
+        .await;
         (pool_to(addr, connections), seen)
     }
 
@@ -466,7 +452,7 @@ mod tests {
         Pool::new(connector, connections, Duration::from_millis(300))
     }
 
-    /// An upstream written by hand, which `serve`s each connection it accepts.
+    /// An upstream on loopback that `serve`s each connection it accepts, counted in [`Seen`].
     async fn raw_upstream<F, R>(serve: F) -> (std::net::SocketAddr, Arc<Seen>)
     where
         F: Fn(tokio::net::TcpStream) -> R + Send + Sync + 'static,
@@ -480,7 +466,13 @@ mod tests {
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
                 counted.accepted.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(serve(stream));
+                counted.open.fetch_add(1, Ordering::SeqCst);
+                let open = Open(Arc::clone(&counted));
+                let served = serve(stream);
+                tokio::spawn(async move {
+                    served.await;
+                    drop(open);
+                });
             }
         });
         (addr, seen)
