@@ -10,8 +10,19 @@ use std::time::{Duration, Instant};
 /// process exits 0.
 #[tokio::test]
 async fn sigterm_drains_in_flight_requests() {
+    drains_in_flight_requests(&[]).await;
+}
+
+/// The same with one worker, which serves on a thread of its own as more do.
+#[tokio::test]
+async fn one_worker_serves_and_drains_too() {
+    drains_in_flight_requests(&["--workers", "1"]).await;
+}
+
+async fn drains_in_flight_requests(serve_args: &[&str]) {
     let h = Harness::start(Setup::default()).await;
-    let mut spawned = common::spawn_serve(&h.write_config("tollgate.toml", &h.config_text));
+    let config = h.write_config("tollgate.toml", &h.config_text);
+    let mut spawned = common::spawn_serve_with(&config, serve_args);
     let base = format!("http://{}", spawned.addr);
     assert_eq!(common::get(format!("{base}/warm")).await.status, 200);
     let seen = h.api.counters().requests;

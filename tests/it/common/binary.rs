@@ -214,7 +214,17 @@ impl std::ops::DerefMut for Spawned {
 
 /// Spawn `tollgate serve -c config` and wait for it to listen.
 pub fn spawn_serve(config: &Path) -> Spawned {
-    let process = Tollgate::new(&["serve", "--log-format", "json"])
+    spawn_serve_with(config, &[])
+}
+
+/// [`spawn_serve`] with more arguments to `serve`.
+pub fn spawn_serve_with(config: &Path, more: &[&str]) -> Spawned {
+    let args: Vec<&str> = ["serve", "--log-format", "json"]
+        .iter()
+        .chain(more)
+        .copied()
+        .collect();
+    let process = Tollgate::new(&args)
         .config_file(config)
         .env("RUST_LOG", "info")
         .spawn();

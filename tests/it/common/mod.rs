@@ -6,7 +6,7 @@ pub mod certs;
 pub mod mtls;
 pub mod redis_server;
 
-pub use binary::{spawn_serve, status_command, Output, Tollgate};
+pub use binary::{spawn_serve, spawn_serve_with, status_command, Output, Tollgate};
 use redis_server::RedisServer;
 
 use bytes::Bytes;
