@@ -69,6 +69,34 @@ async fn a_slow_client_is_cut_off_at_the_header_timeout_while_others_are_served(
     assert_eq!(closed.unwrap_or(0), 0);
 }
 
+/// The header timeout counts from the end of the connection's last request: a connection
+/// asked again and again, each time within the timeout, stays open for longer than the
+/// timeout, and closes once one passes without a head.
+#[tokio::test]
+async fn the_header_timeout_counts_from_the_last_request() {
+    let h = harness("header_timeout = \"400ms\"").await;
+    let mut stream = connect(&h).await;
+    let first = Instant::now();
+    for i in 0..6 {
+        let answer = request(&mut stream, &format!("/again/{i}")).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(first.elapsed() >= Duration::from_millis(1200));
+    let last = Instant::now();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("closed after the timeout");
+    assert_eq!(closed.unwrap_or(0), 0);
+    // 200 ms of the timeout had passed at `last`.
+    assert!(
+        last.elapsed() >= Duration::from_millis(150),
+        "{:?}",
+        last.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn an_oversized_head_gets_431() {
     let h = harness("max_header_size = \"16KiB\"").await;
