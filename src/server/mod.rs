@@ -81,10 +81,7 @@ fn builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        // `connection` closes a connection whose next head has not come within the header
-        // timeout, with one timer per connection; hyper's would arm one per request (1,870
-        // of 39,058 instructions a request: BENCHMARKS.md, issue 26).
-        .header_read_timeout(None::<Duration>)
+        .header_read_timeout(limits.header_timeout)
         // A head that does not fit gets 431; hyper's read buffer is at least 8 KiB.
         .max_buf_size((limits.max_header_size as usize).max(8192))
         .keep_alive(true);
@@ -212,11 +209,11 @@ enum Ending {
 }
 
 /// Serve HTTP/1.1 or HTTP/2 on one connection, until the client closes it, `stop` says so,
-/// or it has been idle — no request in flight — for its `header_timeout`, counted from the
-/// end of its last request (from `started` for the first); one that does not close within
-/// [`IDLE_CLOSE_GRACE`] more is dropped. That covers a head that is slow to come (a request
-/// counts from its whole head), a connection silent before its protocol is known, and an
-/// HTTP/2 connection without streams, whose pings a live client answers.
+/// or it has been idle — no request in flight — for its `header_timeout` (counted from
+/// `started` for the first request; closed within twice that). hyper's own timeout covers an
+/// HTTP/1 head that is slow to come; this covers a connection silent before its protocol is
+/// known, which would otherwise hold its place forever, and an HTTP/2 connection without
+/// streams, whose pings a live client answers.
 async fn connection<H: Handler, IO>(
     io: IO,
     live: Arc<Live<H>>,
@@ -226,7 +223,7 @@ async fn connection<H: Handler, IO>(
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let activity = Arc::new(Activity::new(started));
+    let activity = Arc::new(Activity::default());
     let seen = Arc::clone(&activity);
     let service = service_fn(move |request| {
         let busy = Busy::begin(&seen);
@@ -241,10 +238,8 @@ async fn connection<H: Handler, IO>(
     let idle = settings.header_timeout;
     let check = tokio::time::sleep_until(started + idle);
     let mut check = std::pin::pin!(check);
+    let mut last_seen = 0;
     let mut closing = false;
-    // Closed for idleness: what is still open a moment later is a head still coming (an
-    // HTTP/1 connection closes gracefully only between requests), and is dropped.
-    let mut idle_closed = false;
     let result = loop {
         tokio::select! {
             biased;
@@ -257,20 +252,17 @@ async fn connection<H: Handler, IO>(
                 Ok(Ending::Forced) | Err(_) => return,
                 Ok(_) => {}
             },
-            _ = check.as_mut(), if !closing || idle_closed => {
-                let now = tokio::time::Instant::now();
-                match activity.idle_since() {
-                    Some(_) if idle_closed => break Ok(()),
-                    Some(since) if since + idle <= now => {
-                        tracing::debug!(?idle, "connection idle for the header timeout; closing it");
-                        served.as_mut().graceful_shutdown();
-                        closing = true;
-                        idle_closed = true;
-                        check.as_mut().reset(now + idle.min(IDLE_CLOSE_GRACE));
-                    }
-                    Some(since) => check.as_mut().reset(since + idle),
-                    // A request in flight has its own timeouts; look again after it.
-                    None => check.as_mut().reset(now + idle),
+            _ = check.as_mut(), if !closing => {
+                // Idle when nothing began or ended since the last look and nothing is in
+                // flight: closed between one and two idle times after the last request.
+                let now = activity.0.load(Ordering::Acquire);
+                if now == last_seen && now & IN_FLIGHT == 0 {
+                    tracing::debug!(?idle, "connection idle for the header timeout; closing it");
+                    served.as_mut().graceful_shutdown();
+                    closing = true;
+                } else {
+                    last_seen = now;
+                    check.as_mut().reset(tokio::time::Instant::now() + idle);
                 }
             }
         }
@@ -280,54 +272,28 @@ async fn connection<H: Handler, IO>(
     }
 }
 
-/// How long a connection closed for idleness may take to close before it is dropped.
-const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// The requests of one connection: in flight (low 32 bits), and how many times one began or
+/// ended (the rest), one atomic operation at each.
+#[derive(Default)]
+struct Activity(AtomicU64);
 
-/// The requests of one connection: how many are in flight, and when the last one ended.
-struct Activity {
-    in_flight: AtomicU64,
-    /// Nanoseconds from `opened` to the end of the last request (0: none yet).
-    ended: AtomicU64,
-    opened: tokio::time::Instant,
-}
-
-impl Activity {
-    fn new(opened: tokio::time::Instant) -> Activity {
-        Activity {
-            in_flight: AtomicU64::new(0),
-            ended: AtomicU64::new(0),
-            opened,
-        }
-    }
-
-    /// Since when nothing has been in flight; `None` while something is.
-    fn idle_since(&self) -> Option<tokio::time::Instant> {
-        if self.in_flight.load(Ordering::Acquire) != 0 {
-            return None;
-        }
-        let ended = Duration::from_nanos(self.ended.load(Ordering::Acquire));
-        Some(self.opened + ended)
-    }
-}
+const IN_FLIGHT: u64 = 0xffff_ffff;
+const EVENT: u64 = 1 << 32;
 
 /// One request in flight, from its head until its response body is done (or dropped).
 struct Busy(Arc<Activity>);
 
 impl Busy {
     fn begin(activity: &Arc<Activity>) -> Busy {
-        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        activity.0.fetch_add(EVENT + 1, Ordering::AcqRel);
         Busy(Arc::clone(activity))
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        let activity = &self.0;
-        let ended = tokio::time::Instant::now().saturating_duration_since(activity.opened);
-        let ended = u64::try_from(ended.as_nanos()).unwrap_or(u64::MAX);
-        // The end first: whoever sees nothing in flight sees when it ended.
-        activity.ended.fetch_max(ended, Ordering::AcqRel);
-        activity.in_flight.fetch_sub(1, Ordering::AcqRel);
+        // One more event, one fewer in flight (never below zero: this one was counted).
+        self.0 .0.fetch_add(EVENT - 1, Ordering::AcqRel);
     }
 }
 
