@@ -56,6 +56,7 @@ mod cache;
 mod client_auth;
 mod current;
 pub mod dpop;
+mod exchange;
 mod flight;
 pub mod grant;
 pub mod login;
